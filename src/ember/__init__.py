@@ -1,0 +1,1 @@
+"""Ember: stateful micro-VMs for untrusted code."""

@@ -1,0 +1,5 @@
+"""python -m ember: the CLI."""
+
+from ember.cli import main
+
+main()

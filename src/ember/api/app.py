@@ -1,0 +1,250 @@
+"""Ember's REST API (FastAPI; the OpenAPI schema is served at /openapi.json).
+
+Long-running or streaming answers (exec output, image build progress) are
+NDJSON: one JSON object per line. Errors are ``{"error": KIND, "message":
+...}`` with the status code of the :mod:`ember.errors` class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ember.agent import ExecRequest, ExecResult
+from ember.errors import EmberError, InvalidRequest
+from ember.models import ImageRecord, VmRecord
+from ember.vmm.accel import TCG_WARNING
+
+if TYPE_CHECKING:
+    from ember.daemon import Daemon
+
+log = logging.getLogger(__name__)
+MAX_STDIN = 64 * 1024 * 1024
+
+
+class RunBody(BaseModel):
+    image: str = Field(min_length=1, max_length=200)
+
+
+class SnapshotBody(BaseModel):
+    name: str = Field(min_length=1, max_length=63)
+
+
+class ExecBody(BaseModel):
+    argv: list[str] = Field(min_length=1, max_length=1000)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str = ""
+    user: str = ""
+    timeout_s: float = Field(default=0, ge=0, le=86400)
+    stdin_b64: str | None = None
+
+
+def accel_view(record_accel: str) -> dict[str, Any]:
+    secure = record_accel == "kvm"
+    return {
+        "name": record_accel,
+        "security_boundary": secure,
+        **({} if secure else {"warning": TCG_WARNING}),
+    }
+
+
+def vm_view(vm: VmRecord) -> dict[str, Any]:
+    return {
+        "id": vm.id,
+        "image": vm.image,
+        "state": vm.state.value,
+        "state_reason": vm.state_reason,
+        "accelerator": accel_view(vm.machine.accel.value),
+        "memory_mib": vm.machine.memory_mib,
+        "vcpus": vm.machine.vcpus,
+        "pid": vm.pid or None,
+        "created_at": vm.created_at,
+        "updated_at": vm.updated_at,
+    }
+
+
+def image_view(image: ImageRecord) -> dict[str, Any]:
+    return {
+        "name": image.name,
+        "created_at": image.created_at,
+        "parent": image.parent or None,
+        "disk_bytes": image.disk_bytes,
+        "memory_bytes": image.memory_bytes,
+        "memory_mib": image.machine.memory_mib,
+        "accelerator": image.machine.accel.value,
+        "qemu_version": image.machine.qemu_version,
+    }
+
+
+def ndjson(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    engine, images = daemon.engine, daemon.images
+    app = FastAPI(title="Ember", version="0.1.0", description="Stateful micro-VMs for untrusted code")
+
+    @app.exception_handler(EmberError)
+    async def ember_error(_: Request, exc: EmberError) -> JSONResponse:
+        return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": "InvalidRequest", "message": details}, status_code=400)
+
+    @app.get("/v1/info")
+    async def info() -> dict[str, Any]:
+        return {
+            "accelerator": {**accel_view(images.accel.accel.value), "reason": images.accel.reason},
+            "qemu_version": images.qemu_version,
+        }
+
+    # ---- images ------------------------------------------------------------
+
+    @app.get("/v1/images")
+    async def list_images() -> list[dict[str, Any]]:
+        return [image_view(i) for i in images.list()]
+
+    @app.get("/v1/images/{name}")
+    async def get_image(name: str) -> dict[str, Any]:
+        return image_view(images.get(name))
+
+    @app.post("/v1/images/debian/prepare")
+    async def prepare_base() -> StreamingResponse:
+        """Build the built-in base image if needed; streams progress lines."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def build() -> None:
+            try:
+                image = await images.ensure_base(lambda msg: queue.put_nowait({"progress": msg}))
+                queue.put_nowait({"image": image_view(image)})
+            except EmberError as exc:
+                queue.put_nowait({"error": type(exc).__name__, "message": str(exc)})
+            except Exception as exc:
+                log.exception("base image build failed")
+                queue.put_nowait({"error": "InternalError", "message": str(exc)})
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(build())
+
+        async def stream() -> AsyncIterator[bytes]:
+            while (item := await queue.get()) is not None:
+                yield ndjson(item)
+            await task
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    # ---- VMs -------------------------------------------------------------
+
+    @app.post("/v1/vms", status_code=201)
+    async def run_vm(body: RunBody) -> dict[str, Any]:
+        return vm_view(await engine.run(body.image))
+
+    @app.get("/v1/vms")
+    async def list_vms() -> list[dict[str, Any]]:
+        return [vm_view(v) for v in engine.list_vms()]
+
+    @app.get("/v1/vms/{vm_id}")
+    async def inspect_vm(vm_id: str) -> dict[str, Any]:
+        view = vm_view(engine.get(vm_id))
+        view.update(await engine.inspect(vm_id))
+        return view
+
+    @app.delete("/v1/vms/{vm_id}", status_code=204)
+    async def remove_vm(vm_id: str) -> Response:
+        await engine.remove(vm_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/vms/{vm_id}/suspend")
+    async def suspend_vm(vm_id: str) -> dict[str, Any]:
+        t = await engine.suspend(vm_id)
+        view = vm_view(engine.get(vm_id))
+        return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}
+
+    @app.post("/v1/vms/{vm_id}/resume")
+    async def resume_vm(vm_id: str) -> dict[str, Any]:
+        t = await engine.resume(vm_id)
+        return {**vm_view(engine.get(vm_id)), "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms}
+
+    @app.post("/v1/vms/{vm_id}/snapshot", status_code=201)
+    async def snapshot_vm(vm_id: str, body: SnapshotBody) -> dict[str, Any]:
+        return image_view(await engine.snapshot(vm_id, body.name))
+
+    @app.post("/v1/vms/{vm_id}/exec")
+    async def exec_vm(vm_id: str, body: ExecBody) -> StreamingResponse:
+        stdin_iter = None
+        if body.stdin_b64 is not None:
+            try:
+                data = base64.b64decode(body.stdin_b64, validate=True)
+            except ValueError:
+                raise InvalidRequest("stdin_b64 is not valid base64") from None
+            if len(data) > MAX_STDIN:
+                raise InvalidRequest(f"stdin is limited to {MAX_STDIN} bytes; copy large input with 'ember cp'")
+
+            async def one_chunk() -> AsyncIterator[bytes]:
+                yield data
+
+            stdin_iter = one_chunk()
+        for key in body.env:
+            if not key or "=" in key:
+                raise InvalidRequest(f"bad environment variable name {key!r}")
+        req = ExecRequest(
+            argv=body.argv, env=[f"{k}={v}" for k, v in body.env.items()], cwd=body.cwd, user=body.user,
+            timeout_s=body.timeout_s, stdin=stdin_iter is not None,
+        )  # fmt: skip
+        events = await engine.exec(vm_id, req, stdin_iter)
+        # Fail before the 200 if the command cannot start (bad cwd, unknown user...).
+        first = await anext(events)
+
+        async def stream() -> AsyncIterator[bytes]:
+            item: tuple[str, bytes] | ExecResult | None = first
+            try:
+                while item is not None:
+                    if isinstance(item, ExecResult):
+                        yield ndjson({"exit_code": item.exit_code, "signal": item.signal, "timed_out": item.timed_out})
+                        return
+                    yield ndjson({"stream": item[0], "data": base64.b64encode(item[1]).decode()})
+                    item = await anext(events, None)
+            except EmberError as exc:
+                yield ndjson({"error": type(exc).__name__, "message": str(exc)})
+            finally:
+                with contextlib.suppress(Exception):
+                    await events.aclose()  # type: ignore[attr-defined]
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    @app.put("/v1/vms/{vm_id}/files")
+    async def put_file(
+        vm_id: str, request: Request, path: str = Query(...), mode: int = Query(0o644, ge=0, le=0o7777),
+        mkdirs: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        size = await engine.write_file(vm_id, path, request.stream(), mode, mkdirs)
+        return {"path": path, "bytes": size}
+
+    @app.get("/v1/vms/{vm_id}/files")
+    async def get_file(vm_id: str, path: str = Query(...)) -> StreamingResponse:
+        size, chunks = await engine.read_file(vm_id, path)
+        # the size at open time; the stream ends at EOF even if the file grew
+        return StreamingResponse(chunks, media_type="application/octet-stream", headers={"X-Ember-Size": str(size)})
+
+    @app.get("/v1/vms/{vm_id}/ls")
+    async def list_files(vm_id: str, path: str = Query(...)) -> list[dict[str, Any]]:
+        entries = await engine.list_dir(vm_id, path)
+        return [
+            {"name": e.name, "mode": e.mode, "size": e.size, "mtime": e.mtime}
+            for e in sorted(entries, key=lambda entry: entry.name)
+        ]
+
+    return app

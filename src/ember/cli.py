@@ -1,0 +1,257 @@
+"""The ``ember`` command line: a thin client of the daemon's API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from ember.client import ApiError, Call, Client, call_exec, call_simple
+from ember.config import Settings
+
+CHUNK = 1024 * 1024
+
+
+def _client() -> Client:
+    return Client(os.environ.get("EMBER_URL") or None)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"ember: {message}", err=True)
+    sys.exit(code)
+
+
+class EmberGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ApiError as exc:
+            _fail(str(exc))
+        except httpx.TransportError as exc:
+            sock = Settings.from_env().socket_path
+            _fail(f"cannot reach the Ember daemon at {sock} ({exc}); start it with 'ember serve'")
+
+
+@click.group(cls=EmberGroup)
+def main() -> None:
+    """Ember: stateful micro-VMs for untrusted code."""
+
+
+@main.command()
+@click.option("-v", "--verbose", is_flag=True)
+def serve(verbose: bool) -> None:
+    """Run the daemon (as root) on EMBER_SOCKET and, if set, EMBER_LISTEN."""
+    from ember.daemon import serve as run_daemon
+    from ember.errors import EmberError
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run_daemon(Settings.from_env()))
+    except EmberError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group()
+def image() -> None:
+    """Manage images."""
+
+
+def ensure_base(client: Client, quiet: bool = False) -> None:
+    for event in client.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+        if "progress" in event and not quiet:
+            click.echo(f"[debian] {event['progress']}", err=True)
+
+
+@image.command("ls")
+def image_ls() -> None:
+    """List images (builds the built-in 'debian' image the first time)."""
+    with _client() as c:
+        ensure_base(c)
+        rows = c.send(call_simple("GET", "/v1/images"))
+    click.echo(f"{'NAME':<20} {'DISK':>10} {'MEMORY':>10} {'ACCEL':<6} CREATED")
+    for r in rows:
+        click.echo(
+            f"{r['name']:<20} {r['disk_bytes'] / 2**20:>8.1f}Mi {r['memory_bytes'] / 2**20:>8.0f}Mi "
+            f"{r['accelerator']:<6} {r['created_at']}"
+        )
+
+
+@main.command()
+@click.argument("image_name", metavar="IMAGE")
+def run(image_name: str) -> None:
+    """Launch a VM from IMAGE's snapshot; prints its id."""
+    with _client() as c:
+        if image_name == "debian":
+            ensure_base(c)
+        vm = c.run(image_name)
+    click.echo(vm["id"])
+
+
+@main.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("vm_id")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-e", "--env", multiple=True, help="KEY=VALUE (repeatable)")
+@click.option("-w", "--workdir", default="", help="working directory in the guest")
+@click.option("-u", "--user", default="", help="user name or uid[:gid] in the guest")
+@click.option("-i", "--stdin", "use_stdin", is_flag=True, help="send this process's stdin to the command")
+@click.option("-t", "--timeout", type=float, default=0, help="kill the command after this many seconds")
+def exec_cmd(
+    vm_id: str, argv: tuple[str, ...], env: tuple[str, ...], workdir: str, user: str, use_stdin: bool, timeout: float
+) -> None:
+    """Run a command in a VM, streaming its output; exits with its exit code."""
+    envs = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--env wants KEY=VALUE, not {item!r}", 2)
+        envs[key] = value
+    stdin = sys.stdin.buffer.read() if use_stdin else None
+    call = call_exec(vm_id, list(argv), env=envs, cwd=workdir, user=user, timeout_s=timeout, stdin=stdin)
+    with _client() as c:
+        for event in c.stream_events(call):
+            if "stream" in event:
+                out = sys.stdout.buffer if event["stream"] == "stdout" else sys.stderr.buffer
+                out.write(event["data"])
+                out.flush()
+            elif "exit_code" in event:
+                if event["timed_out"]:
+                    _fail(f"command timed out after {timeout:g} s and was killed", 124)
+                code = event["exit_code"]
+                sys.exit(128 + event["signal"] if event["signal"] else code)
+    _fail("lost the exec stream before the command finished", 255)
+
+
+def _split_remote(spec: str) -> tuple[str, str] | None:
+    vm_id, sep, path = spec.partition(":")
+    if sep and vm_id.startswith("vm-") and path.startswith("/"):
+        return vm_id, path
+    return None
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+def cp(src: str, dst: str) -> None:
+    """Copy a file: 'ember cp ./f ID:/path' or 'ember cp ID:/path ./f'."""
+    remote_src, remote_dst = _split_remote(src), _split_remote(dst)
+    with _client() as c:
+        if remote_dst and not remote_src:
+            local = Path(src)
+            if not local.is_file():
+                _fail(f"{src} is not a regular file")
+            vm_id, path = remote_dst
+            if path.endswith("/"):
+                path += local.name
+            mode = stat.S_IMODE(local.stat().st_mode)
+            r = c.put_file(vm_id, path, _file_chunks(local), mode=mode)
+            click.echo(f"copied {r['bytes']} bytes to {vm_id}:{path}", err=True)
+        elif remote_src and not remote_dst:
+            vm_id, path = remote_src
+            out = Path(dst)
+            if out.is_dir():
+                out = out / Path(path).name
+            n = c.get_file(vm_id, path, out)
+            click.echo(f"copied {n} bytes to {out}", err=True)
+        else:
+            _fail("exactly one side must be VM_ID:/absolute/path")
+
+
+@main.command(name="ls")
+@click.argument("spec", metavar="ID:/DIR")
+def ls_cmd(spec: str) -> None:
+    """List a directory in a VM."""
+    remote = _split_remote(spec)
+    if remote is None:
+        _fail("usage: ember ls VM_ID:/absolute/dir", 2)
+        return
+    with _client() as c:
+        rows = c.send(call_simple("GET", f"/v1/vms/{remote[0]}/ls", path=remote[1]))
+    for r in rows:
+        click.echo(f"{stat.filemode(r['mode'])} {r['size']:>12} {r['name']}")
+
+
+def _lifecycle(action: str, vm_id: str) -> dict[str, Any]:
+    with _client() as c:
+        result: dict[str, Any] = c.send(call_simple("POST", f"/v1/vms/{vm_id}/{action}"))
+    return result
+
+
+@main.command()
+@click.argument("vm_id")
+def suspend(vm_id: str) -> None:
+    """Save a VM's memory, devices and disk; free its host resources."""
+    r = _lifecycle("suspend", vm_id)
+    click.echo(f"{vm_id} suspended in {r['elapsed_ms']:.0f} ms ({r['snapshot_bytes'] / 2**20:.1f} MiB saved)")
+
+
+@main.command()
+@click.argument("vm_id")
+def resume(vm_id: str) -> None:
+    """Bring a suspended VM back, every process and file as it was."""
+    r = _lifecycle("resume", vm_id)
+    click.echo(f"{vm_id} resumed in {r['elapsed_ms']:.0f} ms")
+
+
+@main.command()
+@click.argument("vm_id")
+@click.option("--name", required=True, help="name of the new image")
+def snapshot(vm_id: str, name: str) -> None:
+    """Turn a running VM into a new image (it keeps running)."""
+    with _client() as c:
+        img = c.send(Call("POST", f"/v1/vms/{vm_id}/snapshot", json={"name": name}))
+    click.echo(img["name"])
+
+
+@main.command()
+def ps() -> None:
+    """List VMs."""
+    with _client() as c:
+        rows = c.send(call_simple("GET", "/v1/vms"))
+    click.echo(f"{'ID':<16} {'STATE':<11} {'IMAGE':<16} {'ACCEL':<5} CREATED")
+    for r in rows:
+        click.echo(f"{r['id']:<16} {r['state']:<11} {r['image']:<16} {r['accelerator']['name']:<5} {r['created_at']}")
+
+
+@main.command()
+@click.argument("vm_id")
+def inspect(vm_id: str) -> None:
+    """Show a VM's state, image, accelerator, memory and timestamps (JSON)."""
+    with _client() as c:
+        click.echo(json.dumps(c.send(call_simple("GET", f"/v1/vms/{vm_id}")), indent=2))
+
+
+@main.command()
+@click.argument("vm_ids", nargs=-1, required=True)
+def rm(vm_ids: tuple[str, ...]) -> None:
+    """Remove VMs and everything they use on the host."""
+    with _client() as c:
+        for vm_id in vm_ids:
+            c.send(call_simple("DELETE", f"/v1/vms/{vm_id}"))
+            click.echo(vm_id)
+
+
+@main.command()
+def demo() -> None:
+    """Ember's main job on its embedded defaults (see ember/demo.py)."""
+    from ember.demo import run_demo
+
+    sys.exit(run_demo())

@@ -1,0 +1,74 @@
+"""Ember's configuration: one object, each field beside its variable and default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _env(name: str, default: object) -> Any:
+    return field(default=default, metadata={"env": name})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where Ember keeps its database, images, VM disks and snapshots.
+    data_dir: Path = _env("EMBER_DATA_DIR", Path("/var/lib/ember"))
+    # The daemon's Unix socket (the CLI's default endpoint).
+    socket_path: Path = _env("EMBER_SOCKET", Path("/run/ember/ember.sock"))
+    # Optional TCP listener, e.g. "127.0.0.1:7070"; empty = Unix socket only.
+    listen: str = _env("EMBER_LISTEN", "")
+    # "auto" (hardware KVM if present and it boots, else TCG), "kvm" or "tcg".
+    accel: str = _env("EMBER_ACCEL", "auto")
+    qemu_binary: str = _env("EMBER_QEMU", "qemu-system-x86_64")
+    # Guest size defaults; TCG gets one vCPU (two showed soft lockups here).
+    memory_mib: int = _env("EMBER_MEMORY_MIB", 256)
+    vcpus: int = _env("EMBER_VCPUS", 0)  # 0 = 1 on TCG, 2 on KVM
+    disk_gib: int = _env("EMBER_DISK_GIB", 2)
+    # Each VMM runs as its own uid from this range, in its own cgroup.
+    uid_base: int = _env("EMBER_UID_BASE", 640000)
+    uid_count: int = _env("EMBER_UID_COUNT", 65536)
+    vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
+    # Extra host memory a VMM may use beyond guest RAM (QEMU itself, TCG code cache).
+    vmm_overhead_mib: int = _env("EMBER_VMM_OVERHEAD_MIB", 256)
+    agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
+    boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)
+    debian_mirror: str = _env("EMBER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.metadata["env"] in env:
+                values[f.name] = _coerce(type(f.default), env[f.metadata["env"]], f.metadata["env"])
+        return replace(cls(**values), **overrides)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "ember.db"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def guest_dir(self) -> Path:
+        return self.data_dir / "guest"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+
+def _coerce(kind: type, raw: str, env_name: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env_name}={raw!r} is not a valid {kind.__name__}") from None

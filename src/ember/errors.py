@@ -1,0 +1,93 @@
+"""Ember's exceptions: one root, each message says what to do next.
+
+EmberError
+├── HostSetupError          the host lacks something Ember needs (install it)
+├── NotFound                no such VM / image (HTTP 404)
+│   ├── VmNotFound
+│   └── ImageNotFound
+├── Conflict                the request does not fit the current state (HTTP 409)
+│   ├── InvalidStateTransition   e.g. exec on a suspended VM
+│   ├── NameTaken
+│   └── ImageInUse
+├── InvalidRequest          malformed input (HTTP 400)
+├── GuestError              the guest agent refused or failed a request
+│   └── AgentUnavailable    the agent cannot be reached (VM crashed or hung)
+├── VmmError                QEMU failed (start, QMP, migration)
+├── SnapshotError           a snapshot is missing, corrupt or incompatible
+└── ResourceExhausted       disk full, quota exceeded (HTTP 507/429)
+"""
+
+from __future__ import annotations
+
+
+class EmberError(Exception):
+    """Root of every error Ember raises on purpose."""
+
+    http_status = 500
+
+
+class HostSetupError(EmberError):
+    http_status = 500
+
+
+class NotFound(EmberError):
+    http_status = 404
+
+
+class VmNotFound(NotFound):
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"no VM with id '{vm_id}': list VMs with 'ember ps'")
+        self.vm_id = vm_id
+
+
+class ImageNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no image named '{name}': list images with 'ember image ls'")
+        self.name = name
+
+
+class Conflict(EmberError):
+    http_status = 409
+
+
+class InvalidStateTransition(Conflict):
+    pass
+
+
+class NameTaken(Conflict):
+    pass
+
+
+class ImageInUse(Conflict):
+    pass
+
+
+class InvalidRequest(EmberError):
+    http_status = 400
+
+
+class GuestError(EmberError):
+    http_status = 422
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class AgentUnavailable(GuestError):
+    http_status = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class VmmError(EmberError):
+    http_status = 500
+
+
+class SnapshotError(EmberError):
+    http_status = 500
+
+
+class ResourceExhausted(EmberError):
+    http_status = 507

@@ -1,0 +1,893 @@
+/*
+ * ember-agent: Ember's guest agent. Runs as PID 1 of every micro-VM.
+ *
+ * Stage 1 (from Ember's initramfs): mount /dev, load the virtio modules listed
+ * in /ember/modules, mount the root disk, move into it (the initramfs is
+ * freed; this process keeps running from memory, so nothing is ever copied
+ * into the image).
+ * Stage 2: mount the API filesystems, bring up lo, reap every orphan, and
+ * serve the host over the virtio-serial port "org.ember.agent".
+ *
+ * Wire protocol: see src/ember/guest/protocol.py (the constants below mirror
+ * it). Single-threaded poll loop; output to the host is bounded (OUT_CAP) and
+ * producers (child pipes, file reads) are only read while there is room, so a
+ * slow host back-pressures the guest instead of growing memory.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/random.h>
+#include <net/if.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <grp.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_PAYLOAD (256 * 1024)
+#define HDR 12
+#define CHUNK (64 * 1024)
+#define OUT_CAP (4 * 1024 * 1024)
+#define OUT_RESERVE (512 * 1024) /* kept free for control replies */
+#define IN_CAP (MAX_PAYLOAD + HDR)
+#define MAX_SESS 256
+#define MAX_ORPHANS 1024
+#define PENDING_CAP (1024 * 1024)
+#define PORT_NAME "org.ember.agent"
+
+enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
+       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING };
+enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED };
+enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
+       T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
+       T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS };
+
+enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ };
+
+struct sess {
+    enum kind kind;
+    uint32_t stream;
+    /* exec */
+    pid_t pid;
+    int out_fd, err_fd, in_fd;
+    char *pending; size_t pending_len; int stdin_eof;
+    int64_t deadline_ms; int timed_out; int exited; int status;
+    /* file */
+    int fd; uint64_t bytes;
+};
+
+static struct sess sessions[MAX_SESS];
+static int orphans[MAX_ORPHANS];
+static int n_orphans;
+static int port = -1;
+static int connected;
+static int authed;
+static char token[128];
+static size_t token_len;
+static unsigned char inbuf[IN_CAP];
+static size_t in_len;
+static unsigned char *outbuf;
+static size_t out_head, out_len;
+
+static void logmsg(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("ember-agent: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static void die(const char *what) {
+    logmsg("fatal: %s: %s", what, strerror(errno));
+    sync();
+    reboot(RB_POWER_OFF);
+    _exit(1);
+}
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---------- output buffer ---------- */
+
+static size_t out_free(void) { return OUT_CAP - out_len; }
+
+static int out_frame(uint32_t stream, uint8_t type, const void *a, size_t alen,
+                     const void *b, size_t blen) {
+    size_t total = HDR + alen + blen;
+    if (!connected || alen + blen > MAX_PAYLOAD) return -1;
+    if (total > out_free()) return -1;
+    if (out_head + out_len + total > OUT_CAP) { /* compact */
+        memmove(outbuf, outbuf + out_head, out_len);
+        out_head = 0;
+    }
+    unsigned char *p = outbuf + out_head + out_len;
+    uint32_t len = (uint32_t)(alen + blen);
+    memcpy(p, &len, 4);
+    memcpy(p + 4, &stream, 4);
+    p[8] = type; p[9] = p[10] = p[11] = 0;
+    if (alen) memcpy(p + HDR, a, alen);
+    if (blen) memcpy(p + HDR + alen, b, blen);
+    out_len += total;
+    return 0;
+}
+
+static int producers_may_run(void) { return connected && out_free() >= CHUNK + HDR + OUT_RESERVE; }
+
+/* ---------- TLV ---------- */
+
+struct tlvbuf { unsigned char data[8192]; size_t len; };
+
+static void tlv_put(struct tlvbuf *b, uint8_t tag, const void *v, uint32_t len) {
+    if (b->len + 5 + len > sizeof(b->data)) return;
+    b->data[b->len] = tag;
+    memcpy(b->data + b->len + 1, &len, 4);
+    memcpy(b->data + b->len + 5, v, len);
+    b->len += 5 + len;
+}
+
+static void tlv_u64(struct tlvbuf *b, uint8_t tag, uint64_t v) { tlv_put(b, tag, &v, 8); }
+
+/* Find the n-th field with this tag; returns length or -1. */
+static long tlv_get(const unsigned char *p, size_t n, uint8_t tag, int index, const unsigned char **val) {
+    size_t pos = 0;
+    while (pos + 5 <= n) {
+        uint32_t len;
+        memcpy(&len, p + pos + 1, 4);
+        if (len > n - pos - 5) return -1;
+        if (p[pos] == tag && index-- == 0) { *val = p + pos + 5; return len; }
+        pos += 5 + len;
+    }
+    return -1;
+}
+
+static uint64_t tlv_u(const unsigned char *p, size_t n, uint8_t tag, uint64_t dflt) {
+    const unsigned char *v; long l = tlv_get(p, n, tag, 0, &v);
+    uint64_t out = 0;
+    if (l <= 0 || l > 8) return dflt;
+    memcpy(&out, v, (size_t)l);
+    return out;
+}
+
+/* Copies a string field into a fresh NUL-terminated buffer (caller frees). */
+static char *tlv_str(const unsigned char *p, size_t n, uint8_t tag, int index) {
+    const unsigned char *v; long l = tlv_get(p, n, tag, index, &v);
+    if (l < 0) return NULL;
+    char *s = malloc((size_t)l + 1);
+    if (!s) return NULL;
+    memcpy(s, v, (size_t)l);
+    s[l] = 0;
+    return s;
+}
+
+static void reply_ok(uint32_t stream, struct tlvbuf *b) {
+    out_frame(stream, G_OK, b ? b->data : NULL, b ? b->len : 0, NULL, 0);
+}
+
+static void reply_err(uint32_t stream, int err, const char *fmt, ...) {
+    struct tlvbuf b = {.len = 0};
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    tlv_u64(&b, T_ERRNO, (uint64_t)err);
+    tlv_put(&b, T_MESSAGE, msg, (uint32_t)strlen(msg));
+    out_frame(stream, G_ERROR, b.data, b.len, NULL, 0);
+}
+
+/* ---------- sessions ---------- */
+
+static struct sess *sess_find(uint32_t stream) {
+    for (int i = 0; i < MAX_SESS; i++)
+        if (sessions[i].kind != S_FREE && sessions[i].stream == stream) return &sessions[i];
+    return NULL;
+}
+
+static struct sess *sess_new(uint32_t stream, enum kind k) {
+    if (stream == 0 || sess_find(stream)) return NULL;
+    for (int i = 0; i < MAX_SESS; i++)
+        if (sessions[i].kind == S_FREE) {
+            memset(&sessions[i], 0, sizeof sessions[i]);
+            sessions[i].kind = k;
+            sessions[i].stream = stream;
+            sessions[i].out_fd = sessions[i].err_fd = sessions[i].in_fd = sessions[i].fd = -1;
+            return &sessions[i];
+        }
+    return NULL;
+}
+
+/* A pipe whose reader no longer cares: keep draining it so background
+ * processes never die of SIGPIPE, until they close it. */
+static void orphan_fd(int fd) {
+    if (fd < 0) return;
+    if (n_orphans < MAX_ORPHANS) orphans[n_orphans++] = fd;
+    else close(fd);
+}
+
+static void sess_free(struct sess *s) {
+    orphan_fd(s->out_fd);
+    orphan_fd(s->err_fd);
+    if (s->in_fd >= 0) close(s->in_fd);
+    if (s->fd >= 0) close(s->fd);
+    free(s->pending);
+    memset(s, 0, sizeof *s);
+}
+
+/* ---------- user lookup (the image's /etc/passwd, no NSS) ---------- */
+
+struct ident { uid_t uid; gid_t gid; char home[256]; };
+
+static int lookup_user(const char *spec, struct ident *id) {
+    char name[128] = "", *colon;
+    id->uid = 0; id->gid = 0; strcpy(id->home, "/root");
+    if (!spec || !*spec) return 0;
+    snprintf(name, sizeof name, "%s", spec);
+    colon = strchr(name, ':');
+    if (colon) *colon++ = 0;
+    char *end;
+    long numeric = strtol(name, &end, 10);
+    int by_id = *name && !*end;
+    FILE *f = fopen("/etc/passwd", "re");
+    int found = 0;
+    if (f) {
+        char line[1024];
+        while (fgets(line, sizeof line, f)) {
+            char *fields[7]; int nf = 0; char *save, *tok = line;
+            for (; nf < 7; nf++) { fields[nf] = strsep(&tok, ":"); if (!fields[nf]) break; }
+            if (nf < 6) continue;
+            (void)save;
+            if ((by_id && atol(fields[2]) == numeric) || (!by_id && strcmp(fields[0], name) == 0)) {
+                id->uid = (uid_t)atol(fields[2]);
+                id->gid = (gid_t)atol(fields[3]);
+                snprintf(id->home, sizeof id->home, "%s", fields[5]);
+                found = 1;
+                break;
+            }
+        }
+        fclose(f);
+    }
+    if (!found) {
+        if (!by_id) return -1;
+        id->uid = (uid_t)numeric; id->gid = (gid_t)numeric; strcpy(id->home, "/");
+    }
+    if (colon && *colon) {
+        long g = strtol(colon, &end, 10);
+        if (*end) return -1;
+        id->gid = (gid_t)g;
+    }
+    return 0;
+}
+
+/* ---------- exec ---------- */
+
+static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
+
+static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
+    char *argv[1024]; char *envp[1024]; int argc = 0, envc = 0;
+    char *cwd = tlv_str(p, n, T_CWD, 0), *user = tlv_str(p, n, T_USER, 0);
+    uint64_t timeout = tlv_u(p, n, T_TIMEOUT_MS, 0);
+    int want_stdin = (int)tlv_u(p, n, T_STDIN, 0);
+    struct ident id;
+    int outp[2] = {-1, -1}, errp[2] = {-1, -1}, inp[2] = {-1, -1}, failp[2] = {-1, -1};
+    struct sess *s = NULL;
+
+    while (argc < 1023 && (argv[argc] = tlv_str(p, n, T_ARG, argc))) argc++;
+    argv[argc] = NULL;
+    while (envc < 1023 && (envp[envc] = tlv_str(p, n, T_ENV, envc))) envc++;
+    envp[envc] = NULL;
+    if (argc == 0) { reply_err(stream, EINVAL, "exec needs a command"); goto out; }
+    if (lookup_user(user, &id) < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
+    if (!(s = sess_new(stream, S_EXEC))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); goto out; }
+    if (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC) || pipe2(failp, O_CLOEXEC) ||
+        (want_stdin && pipe2(inp, O_CLOEXEC))) {
+        reply_err(stream, errno, "pipe: %s", strerror(errno));
+        goto fail;
+    }
+    pid_t pid = fork();
+    if (pid < 0) { reply_err(stream, errno, "fork: %s", strerror(errno)); goto fail; }
+    if (pid == 0) {
+        sigset_t all; sigemptyset(&all); sigprocmask(SIG_SETMASK, &all, NULL);
+        signal(SIGPIPE, SIG_DFL);
+        setsid();
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(want_stdin ? inp[0] : devnull, 0);
+        dup2(outp[1], 1);
+        dup2(errp[1], 2);
+        int err = 0;
+        if (cwd && *cwd && chdir(cwd) < 0) err = errno;
+        else if (setgroups(1, &id.gid) < 0 || setgid(id.gid) < 0 || setuid(id.uid) < 0) err = errno;
+        if (!err) {
+            extern char **environ;
+            environ = envp;
+            if (!getenv("HOME")) setenv("HOME", id.home, 0);
+            if (!getenv("PATH")) setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 0);
+            execvp(argv[0], argv);
+            err = errno;
+        }
+        int stage = (cwd && *cwd && access(cwd, X_OK) < 0) ? 1 : 2;
+        int msg[2] = {stage, err};
+        if (write(failp[1], msg, sizeof msg) < 0) _exit(127);
+        _exit(127);
+    }
+    close(outp[1]); close(errp[1]); close(failp[1]);
+    if (want_stdin) close(inp[0]);
+    int msg[2];
+    ssize_t got = read(failp[0], msg, sizeof msg);
+    close(failp[0]);
+    if (got == (ssize_t)sizeof msg) {
+        waitpid(pid, NULL, 0);
+        close(outp[0]); close(errp[0]);
+        if (want_stdin) close(inp[1]);
+        memset(s, 0, sizeof *s);
+        if (msg[0] == 1) reply_err(stream, msg[1], "cannot enter working directory '%s': %s", cwd, strerror(msg[1]));
+        else reply_err(stream, msg[1], "cannot run '%s': %s", argv[0], strerror(msg[1]));
+        goto out;
+    }
+    set_nonblock(outp[0]); set_nonblock(errp[0]);
+    s->pid = pid; s->out_fd = outp[0]; s->err_fd = errp[0];
+    if (want_stdin) { s->in_fd = inp[1]; set_nonblock(inp[1]); }
+    s->deadline_ms = timeout ? now_ms() + (int64_t)timeout : 0;
+    struct tlvbuf b = {.len = 0};
+    tlv_u64(&b, T_PID, (uint64_t)pid);
+    out_frame(stream, G_STARTED, b.data, b.len, NULL, 0);
+    goto out;
+fail:
+    for (int i = 0; i < 2; i++) {
+        if (outp[i] >= 0) close(outp[i]);
+        if (errp[i] >= 0) close(errp[i]);
+        if (inp[i] >= 0) close(inp[i]);
+        if (failp[i] >= 0) close(failp[i]);
+    }
+    memset(s, 0, sizeof *s);
+out:
+    for (int i = 0; i < argc; i++) free(argv[i]);
+    for (int i = 0; i < envc; i++) free(envp[i]);
+    free(cwd); free(user);
+}
+
+static void flush_stdin(struct sess *s) {
+    while (s->pending_len && s->in_fd >= 0) {
+        ssize_t w = write(s->in_fd, s->pending, s->pending_len);
+        if (w < 0) {
+            if (errno == EAGAIN) return;
+            s->pending_len = 0; /* reader went away: drop */
+            break;
+        }
+        memmove(s->pending, s->pending + w, s->pending_len - (size_t)w);
+        s->pending_len -= (size_t)w;
+    }
+    if (!s->pending_len && s->stdin_eof && s->in_fd >= 0) { close(s->in_fd); s->in_fd = -1; }
+}
+
+static void do_stdin(struct sess *s, const unsigned char *p, size_t n) {
+    if (s->in_fd < 0) return;
+    if (s->pending_len + n > PENDING_CAP) return; /* host ignored back-pressure */
+    char *np = realloc(s->pending, s->pending_len + n);
+    if (!np) return;
+    s->pending = np;
+    memcpy(s->pending + s->pending_len, p, n);
+    s->pending_len += n;
+    flush_stdin(s);
+}
+
+/* Read what a pipe has now; returns 1 on EOF/error, 0 otherwise. */
+static int pump_pipe(struct sess *s, int *fd, uint8_t type) {
+    char buf[CHUNK];
+    while (*fd >= 0 && producers_may_run()) {
+        ssize_t r = read(*fd, buf, sizeof buf);
+        if (r > 0) { out_frame(s->stream, type, buf, (size_t)r, NULL, 0); continue; }
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        close(*fd); *fd = -1;
+        return 1;
+    }
+    return 0;
+}
+
+static void finish_exec_if_done(struct sess *s) {
+    if (!s->exited) return;
+    /* The main process is gone: send what its pipes already hold, then hand
+     * them to the orphan drain (background children may still hold them). */
+    if (!producers_may_run()) return;
+    pump_pipe(s, &s->out_fd, G_STDOUT);
+    pump_pipe(s, &s->err_fd, G_STDERR);
+    if (!producers_may_run()) return;
+    struct tlvbuf b = {.len = 0};
+    int code = WIFEXITED(s->status) ? WEXITSTATUS(s->status) : -1;
+    tlv_u64(&b, T_EXIT_CODE, (uint64_t)(int64_t)code);
+    tlv_u64(&b, T_EXIT_SIGNAL, WIFSIGNALED(s->status) ? (uint64_t)WTERMSIG(s->status) : 0);
+    tlv_u64(&b, T_TIMED_OUT, (uint64_t)s->timed_out);
+    out_frame(s->stream, G_EXIT, b.data, b.len, NULL, 0);
+    sess_free(s);
+}
+
+static void reap(void) {
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (int i = 0; i < MAX_SESS; i++)
+            if (sessions[i].kind == S_EXEC && sessions[i].pid == pid) {
+                sessions[i].exited = 1;
+                sessions[i].status = status;
+            }
+    }
+}
+
+/* ---------- files ---------- */
+
+static int mkdirs(const char *path) {
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(tmp, 0755) < 0 && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    return 0;
+}
+
+static void do_write(uint32_t stream, const unsigned char *p, size_t n) {
+    char *path = tlv_str(p, n, T_PATH, 0);
+    uint64_t mode = tlv_u(p, n, T_MODE, 0644);
+    struct sess *s;
+    if (!path || path[0] != '/') { reply_err(stream, EINVAL, "path must be absolute"); goto out; }
+    if (tlv_u(p, n, T_MKDIRS, 0) && mkdirs(path) < 0) { reply_err(stream, errno, "cannot create parents of %s: %s", path, strerror(errno)); goto out; }
+    if (!(s = sess_new(stream, S_WRITE))) { reply_err(stream, EBUSY, "too many concurrent sessions"); goto out; }
+    s->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, (mode_t)(mode & 07777));
+    if (s->fd < 0) { reply_err(stream, errno, "cannot open %s for writing: %s", path, strerror(errno)); memset(s, 0, sizeof *s); goto out; }
+    fchmod(s->fd, (mode_t)(mode & 07777));
+    reply_ok(stream, NULL);
+out:
+    free(path);
+}
+
+static void do_wdata(struct sess *s, const unsigned char *p, size_t n) {
+    while (n) {
+        ssize_t w = write(s->fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            reply_err(s->stream, errno, "write failed: %s", strerror(errno));
+            sess_free(s);
+            return;
+        }
+        p += w; n -= (size_t)w; s->bytes += (uint64_t)w;
+    }
+}
+
+static void do_weof(struct sess *s) {
+    struct tlvbuf b = {.len = 0};
+    if (fsync(s->fd) < 0 && errno != EINVAL) { reply_err(s->stream, errno, "fsync failed: %s", strerror(errno)); sess_free(s); return; }
+    tlv_u64(&b, T_SIZE, s->bytes);
+    reply_ok(s->stream, &b);
+    sess_free(s);
+}
+
+static void do_read(uint32_t stream, const unsigned char *p, size_t n) {
+    char *path = tlv_str(p, n, T_PATH, 0);
+    struct stat st;
+    struct sess *s;
+    if (!path || path[0] != '/') { reply_err(stream, EINVAL, "path must be absolute"); goto out; }
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) { reply_err(stream, errno, "cannot open %s: %s", path, strerror(errno)); goto out; }
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        reply_err(stream, S_ISDIR(st.st_mode) ? EISDIR : EINVAL, "%s is not a regular file", path);
+        goto out;
+    }
+    if (!(s = sess_new(stream, S_READ))) { close(fd); reply_err(stream, EBUSY, "too many concurrent sessions"); goto out; }
+    s->fd = fd;
+    struct tlvbuf b = {.len = 0};
+    tlv_u64(&b, T_SIZE, (uint64_t)st.st_size);
+    reply_ok(stream, &b);
+out:
+    free(path);
+}
+
+static void pump_read(struct sess *s) {
+    char buf[CHUNK];
+    while (producers_may_run()) {
+        ssize_t r = read(s->fd, buf, sizeof buf);
+        if (r > 0) { out_frame(s->stream, G_RDATA, buf, (size_t)r, NULL, 0); s->bytes += (uint64_t)r; continue; }
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) reply_err(s->stream, errno, "read failed: %s", strerror(errno));
+        else {
+            struct tlvbuf b = {.len = 0};
+            tlv_u64(&b, T_SIZE, s->bytes);
+            out_frame(s->stream, G_REOF, b.data, b.len, NULL, 0);
+        }
+        sess_free(s);
+        return;
+    }
+}
+
+static void do_list(uint32_t stream, const unsigned char *p, size_t n) {
+    char *path = tlv_str(p, n, T_PATH, 0);
+    static unsigned char blob[MAX_PAYLOAD];
+    size_t len = 0;
+    DIR *d;
+    if (!path || path[0] != '/') { reply_err(stream, EINVAL, "path must be absolute"); goto out; }
+    if (!(d = opendir(path))) { reply_err(stream, errno, "cannot list %s: %s", path, strerror(errno)); goto out; }
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        struct stat st;
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;
+        uint32_t nl = (uint32_t)strlen(e->d_name);
+        size_t rec = 4 + 4 + 8 + 8 + nl;
+        if (len + rec > MAX_PAYLOAD) {
+            out_frame(stream, G_RDATA, blob, len, NULL, 0);
+            len = 0;
+        }
+        uint32_t mode = st.st_mode; uint64_t size = (uint64_t)st.st_size; int64_t mt = st.st_mtime;
+        memcpy(blob + len, &nl, 4); memcpy(blob + len + 4, &mode, 4);
+        memcpy(blob + len + 8, &size, 8); memcpy(blob + len + 16, &mt, 8);
+        memcpy(blob + len + 24, e->d_name, nl);
+        len += rec;
+    }
+    closedir(d);
+    if (len) out_frame(stream, G_RDATA, blob, len, NULL, 0);
+    out_frame(stream, G_REOF, NULL, 0, NULL, 0);
+out:
+    free(path);
+}
+
+/* ---------- identity after restore ---------- */
+
+static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {
+    const unsigned char *v;
+    long l = tlv_get(p, n, T_ENTROPY, 0, &v);
+    if (l > 0 && l <= 512) {
+        struct { int entropy_count; int buf_size; unsigned char buf[512]; } info;
+        info.entropy_count = (int)l * 8;
+        info.buf_size = (int)l;
+        memcpy(info.buf, v, (size_t)l);
+        int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || ioctl(fd, RNDADDENTROPY, &info) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0) {
+            reply_err(stream, errno, "reseeding the kernel RNG failed: %s", strerror(errno));
+            if (fd >= 0) close(fd);
+            return;
+        }
+        close(fd);
+    }
+    uint64_t t = tlv_u(p, n, T_TIME_NS, 0);
+    if (t) {
+        struct timespec ts = {.tv_sec = (time_t)(t / 1000000000ull), .tv_nsec = (long)(t % 1000000000ull)};
+        if (clock_settime(CLOCK_REALTIME, &ts) < 0) { reply_err(stream, errno, "setting the clock failed"); return; }
+    }
+    l = tlv_get(p, n, T_HOSTNAME, 0, &v);
+    if (l > 0 && l < 64 && sethostname((const char *)v, (size_t)l) < 0) { reply_err(stream, errno, "sethostname failed"); return; }
+    l = tlv_get(p, n, T_NEW_TOKEN, 0, &v);
+    if (l > 0 && (size_t)l <= sizeof token) { memcpy(token, v, (size_t)l); token_len = (size_t)l; }
+    reply_ok(stream, NULL);
+}
+
+/* ---------- dispatch ---------- */
+
+static int ct_equal(const unsigned char *a, size_t al, const unsigned char *b, size_t bl) {
+    unsigned char d = (unsigned char)(al != bl);
+    for (size_t i = 0; i < al && i < bl; i++) d |= a[i] ^ b[i];
+    return d == 0;
+}
+
+static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t n) {
+    struct sess *s;
+    if (type == M_HELLO) {
+        const unsigned char *tok = NULL, *nonce = NULL;
+        long tl = tlv_get(p, n, T_TOKEN, 0, &tok), nl = tlv_get(p, n, T_NONCE, 0, &nonce);
+        if (tl < 0 || nl != 16 || !ct_equal(tok, (size_t)tl, (const unsigned char *)token, token_len)) {
+            authed = 0;
+            logmsg("rejected a session with a bad token");
+            return;
+        }
+        authed = 1;
+        out_frame(0, G_HELLO_ACK, "EMBERACK", 8, nonce, 16);
+        return;
+    }
+    if (!authed) return;
+    switch (type) {
+    case M_EXEC: do_exec(stream, p, n); break;
+    case M_STDIN: if ((s = sess_find(stream)) && s->kind == S_EXEC) do_stdin(s, p, n); break;
+    case M_STDIN_EOF:
+        if ((s = sess_find(stream)) && s->kind == S_EXEC) { s->stdin_eof = 1; flush_stdin(s); }
+        break;
+    case M_SIGNAL:
+        if ((s = sess_find(stream)) && s->kind == S_EXEC && !s->exited) {
+            int sig = (int)tlv_u(p, n, T_SIGNAL, SIGKILL);
+            if (sig > 0 && sig < 65) kill(-s->pid, sig);
+        }
+        break;
+    case M_WRITE: do_write(stream, p, n); break;
+    case M_WDATA: if ((s = sess_find(stream)) && s->kind == S_WRITE) do_wdata(s, p, n); break;
+    case M_WEOF: if ((s = sess_find(stream)) && s->kind == S_WRITE) do_weof(s); break;
+    case M_READ: do_read(stream, p, n); break;
+    case M_LIST: do_list(stream, p, n); break;
+    case M_RESTORE: do_restore(stream, p, n); break;
+    case M_SYNC: sync(); reply_ok(stream, NULL); break;
+    case M_PING: reply_ok(stream, NULL); break;
+    default: reply_err(stream, ENOSYS, "unknown request type %u", type);
+    }
+}
+
+static void disconnect(void) {
+    connected = 0; authed = 0; in_len = 0; out_head = out_len = 0;
+    for (int i = 0; i < MAX_SESS; i++) {
+        if (sessions[i].kind == S_EXEC) { /* keep reaping; output goes nowhere */
+            orphan_fd(sessions[i].out_fd); orphan_fd(sessions[i].err_fd);
+            sessions[i].out_fd = sessions[i].err_fd = -1;
+            if (sessions[i].in_fd >= 0) { close(sessions[i].in_fd); sessions[i].in_fd = -1; }
+            sessions[i].kind = S_FREE;
+        } else if (sessions[i].kind != S_FREE) sess_free(&sessions[i]);
+    }
+}
+
+/* Handle every complete frame in inbuf; keeps a partial tail. */
+static void parse_frames(void) {
+    size_t pos = 0;
+    while (in_len - pos >= HDR) {
+        uint32_t len, stream;
+        memcpy(&len, inbuf + pos, 4);
+        memcpy(&stream, inbuf + pos + 4, 4);
+        if (len > MAX_PAYLOAD) { logmsg("oversized frame from host"); disconnect(); return; }
+        if (in_len - pos < HDR + len) break;
+        handle(stream, inbuf[pos + 8], inbuf + pos + HDR, len);
+        if (!connected) return;
+        pos += HDR + len;
+    }
+    memmove(inbuf, inbuf + pos, in_len - pos);
+    in_len -= pos;
+}
+
+static void read_port(void) {
+    for (;;) {
+        ssize_t r = read(port, inbuf + in_len, sizeof inbuf - in_len);
+        if (r == 0) { disconnect(); return; }
+        if (r < 0) { if (errno != EAGAIN && errno != EINTR) disconnect(); return; }
+        in_len += (size_t)r;
+        parse_frames();
+        if (!connected) return;
+    }
+}
+
+static void write_port(void) {
+    while (out_len) {
+        ssize_t w = write(port, outbuf + out_head, out_len);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EINTR) return;
+            disconnect();
+            return;
+        }
+        out_head += (size_t)w; out_len -= (size_t)w;
+    }
+    out_head = 0;
+}
+
+/* The port reads 0 while no host is attached and -EAGAIN once one is. */
+static void probe_connection(void) {
+    ssize_t r = read(port, inbuf, sizeof inbuf);
+    if (r == 0) return;
+    connected = 1;
+    authed = 0;
+    in_len = r > 0 ? (size_t)r : 0;
+    parse_frames();
+}
+
+static void drain_orphans(void) {
+    char buf[CHUNK];
+    for (int i = 0; i < n_orphans;) {
+        ssize_t r = read(orphans[i], buf, sizeof buf);
+        if (r > 0 || (r < 0 && (errno == EAGAIN || errno == EINTR))) { i++; continue; }
+        close(orphans[i]);
+        orphans[i] = orphans[--n_orphans];
+    }
+}
+
+static void serve(void) {
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (sfd < 0) die("signalfd");
+    outbuf = malloc(OUT_CAP);
+    if (!outbuf) die("malloc");
+
+    struct pollfd fds[2 + MAX_SESS * 3 + MAX_ORPHANS];
+    struct { struct sess *s; int which; } map[sizeof fds / sizeof fds[0]];
+    for (;;) {
+        if (!connected) probe_connection();
+        int nf = 0, timeout = -1;
+        fds[nf].fd = sfd; fds[nf].events = POLLIN; map[nf].s = NULL; map[nf].which = 0; nf++;
+        if (connected) {
+            fds[nf].fd = port; fds[nf].events = (short)(POLLIN | (out_len ? POLLOUT : 0));
+            map[nf].s = NULL; map[nf].which = 1; nf++;
+        } else timeout = 20;
+        int64_t now = now_ms();
+        for (int i = 0; i < MAX_SESS; i++) {
+            struct sess *s = &sessions[i];
+            if (s->kind == S_EXEC) {
+                if (s->deadline_ms && !s->exited && !s->timed_out) {
+                    if (now >= s->deadline_ms) { s->timed_out = 1; kill(-s->pid, SIGKILL); }
+                    else {
+                        int left = (int)(s->deadline_ms - now);
+                        if (timeout < 0 || left < timeout) timeout = left;
+                    }
+                }
+                if (s->exited) { if (timeout < 0 || timeout > 5) timeout = 5; continue; }
+                if (producers_may_run()) {
+                    if (s->out_fd >= 0) { fds[nf].fd = s->out_fd; fds[nf].events = POLLIN; map[nf].s = s; map[nf].which = 2; nf++; }
+                    if (s->err_fd >= 0) { fds[nf].fd = s->err_fd; fds[nf].events = POLLIN; map[nf].s = s; map[nf].which = 3; nf++; }
+                }
+                if (s->in_fd >= 0 && s->pending_len) { fds[nf].fd = s->in_fd; fds[nf].events = POLLOUT; map[nf].s = s; map[nf].which = 4; nf++; }
+            } else if (s->kind == S_READ && producers_may_run()) timeout = 0;
+        }
+        for (int i = 0; i < n_orphans; i++) { fds[nf].fd = orphans[i]; fds[nf].events = POLLIN; map[nf].s = NULL; map[nf].which = 5; nf++; }
+
+        int r = poll(fds, (nfds_t)nf, timeout);
+        if (r < 0 && errno != EINTR) die("poll");
+        int orphan_ready = 0;
+        for (int i = 0; r > 0 && i < nf; i++) {
+            if (!fds[i].revents) continue;
+            struct sess *s = map[i].s;
+            switch (map[i].which) {
+            case 0: { struct signalfd_siginfo si; while (read(sfd, &si, sizeof si) > 0) {} reap(); break; }
+            case 1:
+                if (fds[i].revents & POLLIN) read_port();
+                else if (fds[i].revents & (POLLHUP | POLLERR)) { disconnect(); break; }
+                if (connected && (fds[i].revents & POLLOUT)) write_port();
+                break;
+            case 2: if (s->kind == S_EXEC) pump_pipe(s, &s->out_fd, G_STDOUT); break;
+            case 3: if (s->kind == S_EXEC) pump_pipe(s, &s->err_fd, G_STDERR); break;
+            case 4: if (s->kind == S_EXEC) flush_stdin(s); break;
+            case 5: orphan_ready = 1; break;
+            }
+        }
+        if (orphan_ready) drain_orphans();
+        reap();
+        for (int i = 0; i < MAX_SESS; i++) {
+            if (sessions[i].kind == S_EXEC) finish_exec_if_done(&sessions[i]);
+            else if (sessions[i].kind == S_READ) pump_read(&sessions[i]);
+        }
+        if (connected && out_len) write_port();
+    }
+}
+
+/* ---------- boot ---------- */
+
+static void mount_or_die(const char *src, const char *dst, const char *type, unsigned long flags, const char *data) {
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, flags, data) < 0 && errno != EBUSY) die(dst);
+}
+
+static char cmdline[4096];
+
+static const char *cmdline_arg(const char *key) {
+    static char val[256];
+    size_t kl = strlen(key);
+    for (char *p = cmdline; (p = strstr(p, key)); p += kl) {
+        if ((p == cmdline || p[-1] == ' ') && p[kl] == '=') {
+            size_t i = 0;
+            p += kl + 1;
+            while (p[i] && p[i] != ' ' && p[i] != '\n' && i < sizeof val - 1) { val[i] = p[i]; i++; }
+            val[i] = 0;
+            return val;
+        }
+    }
+    return NULL;
+}
+
+static void load_modules(void) {
+    FILE *f = fopen("/ember/modules", "re");
+    char line[512];
+    if (!f) return;
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = 0;
+        if (!*line) continue;
+        int fd = open(line, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) die(line);
+        if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST) die(line);
+        close(fd);
+        unlink(line);
+    }
+    fclose(f);
+}
+
+static void wait_for(const char *path) {
+    for (int i = 0; i < 5000; i++) {
+        if (access(path, F_OK) == 0) return;
+        usleep(1000);
+    }
+    errno = ENODEV;
+    die(path);
+}
+
+static void stage1(void) {
+    mount_or_die("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) { ssize_t r = read(fd, cmdline, sizeof cmdline - 1); if (r > 0) cmdline[r] = 0; close(fd); }
+    load_modules();
+    const char *root = cmdline_arg("ember.root");
+    if (!root) root = "/dev/vda";
+    wait_for(root);
+    mount_or_die(root, "/newroot", "ext4", 0, NULL);
+    if (umount2("/proc", MNT_DETACH) < 0) die("umount /proc");
+    mkdir("/newroot/dev", 0755);
+    if (mount("/dev", "/newroot/dev", NULL, MS_MOVE, NULL) < 0) die("move /dev");
+    unlink("/ember/modules"); unlink("/init");
+    if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
+        die("switch root");
+}
+
+static void stage2(void) {
+    mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+    mount_or_die("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    if (!cmdline[0]) {
+        int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) { ssize_t r = read(fd, cmdline, sizeof cmdline - 1); if (r > 0) cmdline[r] = 0; close(fd); }
+    }
+    const char *tok = cmdline_arg("ember.token");
+    if (!tok) { errno = EINVAL; die("no ember.token on the kernel command line"); }
+    token_len = strlen(tok) < sizeof token ? strlen(tok) : sizeof token;
+    memcpy(token, tok, token_len);
+    sethostname("ember", 5);
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s >= 0) {
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        strcpy(ifr.ifr_name, "lo");
+        if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) { ifr.ifr_flags |= IFF_UP; ioctl(s, SIOCSIFFLAGS, &ifr); }
+        close(s);
+    }
+    /* Find our virtio-serial port by name. */
+    char dev[300] = "";
+    for (int tries = 0; tries < 5000 && !dev[0]; tries++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            char path[300], name[64] = "";
+            snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            ssize_t r = read(fd, name, sizeof name - 1);
+            close(fd);
+            if (r > 0 && strncmp(name, PORT_NAME, strlen(PORT_NAME)) == 0) snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
+        }
+        if (d) closedir(d);
+        if (!dev[0]) usleep(1000);
+    }
+    if (!dev[0]) { errno = ENODEV; die("agent port " PORT_NAME); }
+    wait_for(dev);
+    port = open(dev, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (port < 0) die(dev);
+    logmsg("ready on %s", dev);
+}
+
+int main(void) {
+    if (getpid() != 1) { fprintf(stderr, "ember-agent must run as PID 1 of an Ember VM\n"); return 2; }
+    if (access("/ember/modules", F_OK) == 0) stage1();
+    stage2();
+    serve();
+    return 0;
+}

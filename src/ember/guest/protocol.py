@@ -1,0 +1,198 @@
+"""Ember's host <-> guest-agent wire protocol (pure encoding, no I/O).
+
+The channel is a virtio-serial port. Every message is a frame::
+
+    u32 payload_length | u32 stream | u8 type | 3 reserved bytes | payload
+
+little-endian, payload at most ``MAX_PAYLOAD`` bytes. Control payloads are a
+sequence of TLV fields ``u8 tag | u32 length | value``; data payloads are raw.
+Stream 0 carries the session handshake; every other request picks a fresh
+stream id and all replies for it carry that id.
+
+The host treats every byte from the guest as hostile: lengths are bounded
+before anything is allocated, unknown types or tags are protocol errors, and
+integer fields are checked for size. ``agent.c`` mirrors these constants.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+HEADER = struct.Struct("<IIB3x")
+MAX_PAYLOAD = 256 * 1024
+ACK_MAGIC = b"EMBERACK"
+NONCE_LEN = 16
+ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that do not follow the protocol."""
+
+
+class Msg(enum.IntEnum):
+    # host -> guest
+    HELLO = 1
+    EXEC = 2
+    STDIN = 3
+    STDIN_EOF = 4
+    SIGNAL = 5
+    WRITE = 6
+    WDATA = 7
+    WEOF = 8
+    READ = 9
+    LIST = 10
+    RESTORE = 11
+    SYNC = 12
+    PING = 13
+    # guest -> host
+    HELLO_ACK = 64
+    OK = 65
+    ERROR = 66
+    STDOUT = 67
+    STDERR = 68
+    EXIT = 69
+    RDATA = 70
+    REOF = 71
+    STARTED = 72
+
+
+GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
+
+
+class Tag(enum.IntEnum):
+    ARG = 1
+    ENV = 2
+    CWD = 3
+    USER = 4
+    TIMEOUT_MS = 5
+    PATH = 6
+    MODE = 7
+    TOKEN = 8
+    NONCE = 9
+    ENTROPY = 10
+    TIME_NS = 11
+    HOSTNAME = 12
+    NEW_TOKEN = 13
+    STDIN = 14
+    SIGNAL = 15
+    ERRNO = 17
+    MESSAGE = 18
+    EXIT_CODE = 19
+    EXIT_SIGNAL = 20
+    TIMED_OUT = 21
+    PID = 22
+    SIZE = 23
+    MKDIRS = 24
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: Msg
+    stream: int
+    payload: bytes = b""
+
+
+def encode_frame(type_: Msg, stream: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(len(payload), stream, int(type_)) + payload
+
+
+def decode_header(raw: bytes) -> tuple[int, int, Msg]:
+    """Validate a guest frame header; returns (length, stream, type)."""
+    length, stream, type_ = HEADER.unpack(raw)
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_PAYLOAD} limit")
+    if type_ not in GUEST_TYPES:
+        raise ProtocolError(f"unknown guest message type {type_}")
+    return length, stream, Msg(type_)
+
+
+Field = tuple[Tag, bytes | str | int]
+
+
+def encode_fields(fields: Iterable[Field]) -> bytes:
+    out = bytearray()
+    for tag, value in fields:
+        if isinstance(value, bool):
+            raw = b"\x01" if value else b"\x00"
+        elif isinstance(value, int):
+            raw = struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF)
+        elif isinstance(value, str):
+            raw = value.encode()
+        else:
+            raw = bytes(value)
+        if b"\x00" in raw and tag in _STRING_TAGS:
+            raise ValueError(f"{tag.name.lower()} must not contain NUL bytes")
+        out += struct.pack("<BI", int(tag), len(raw)) + raw
+    return bytes(out)
+
+
+_STRING_TAGS = frozenset({Tag.ARG, Tag.ENV, Tag.CWD, Tag.USER, Tag.PATH, Tag.HOSTNAME})
+
+
+def decode_fields(payload: bytes) -> dict[Tag, list[bytes]]:
+    fields: dict[Tag, list[bytes]] = {}
+    pos = 0
+    while pos < len(payload):
+        if pos + 5 > len(payload):
+            raise ProtocolError("truncated field header")
+        tag, length = struct.unpack_from("<BI", payload, pos)
+        pos += 5
+        if length > len(payload) - pos:
+            raise ProtocolError("field runs past the end of the frame")
+        try:
+            key = Tag(tag)
+        except ValueError:
+            raise ProtocolError(f"unknown field tag {tag}") from None
+        fields.setdefault(key, []).append(payload[pos : pos + length])
+        pos += length
+    return fields
+
+
+def field_int(fields: dict[Tag, list[bytes]], tag: Tag, default: int | None = None) -> int:
+    values = fields.get(tag)
+    if not values:
+        if default is None:
+            raise ProtocolError(f"missing field {tag.name}")
+        return default
+    raw = values[0]
+    if len(raw) not in (1, 4, 8):
+        raise ProtocolError(f"field {tag.name} has bad size {len(raw)}")
+    return int.from_bytes(raw, "little")
+
+
+def field_str(fields: dict[Tag, list[bytes]], tag: Tag, default: str = "") -> str:
+    values = fields.get(tag)
+    if not values:
+        return default
+    return values[0].decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: str
+    mode: int
+    size: int
+    mtime: int
+
+
+def decode_entries(blob: bytes) -> list[DirEntry]:
+    """Entries arrive as ``u32 name_len | mode | size | mtime | name`` records."""
+    entries = []
+    pos = 0
+    while pos < len(blob):
+        if pos + 4 + ENTRY_HEADER.size > len(blob):
+            raise ProtocolError("truncated directory entry")
+        (name_len,) = struct.unpack_from("<I", blob, pos)
+        mode, size, mtime = ENTRY_HEADER.unpack_from(blob, pos + 4)
+        start = pos + 4 + ENTRY_HEADER.size
+        if name_len > 4096 or start + name_len > len(blob):
+            raise ProtocolError("directory entry name out of bounds")
+        name = blob[start : start + name_len].decode("utf-8", errors="replace")
+        entries.append(DirEntry(name=name, mode=mode, size=size, mtime=mtime))
+        pos = start + name_len
+    return entries

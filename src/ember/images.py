@@ -1,0 +1,300 @@
+"""Images: a frozen disk plus a running guest's memory, ready to clone.
+
+An image directory holds ``disk.qcow2`` (never written again), ``ram`` (the
+template guest RAM that clones map copy-on-write), ``state`` (device state,
+~60 KB) and ``manifest.json``. Images come from the built-in Debian base
+(mmdebstrap, booted once) or from a running VM (``ember snapshot``).
+
+Known limit: QEMU 7.2 opens a file-backed RAM template read-write even for a
+private (``share=off``) mapping, so clone VMMs get write permission on their
+image's RAM file through the image's group. QEMU >= 8.2 can map it from a
+read-only file (``readonly=on,rom=off``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.agent import AgentConnection
+from ember.config import Settings
+from ember.errors import EmberError, HostSetupError, ImageNotFound, SnapshotError
+from ember.guest.artifacts import GuestArtifacts
+from ember.models import FileDigest, ImageRecord, VmRecord
+from ember.runtime import Host
+from ember.snapshot import (
+    SnapshotManifest,
+    StreamTap,
+    check_digest,
+    hash_file,
+    load_manifest,
+    new_manifest,
+    staging,
+    verify,
+    write_manifest,
+)
+from ember.store import Store
+from ember.vmm.accel import AccelChoice
+from ember.vmm.machine import Accel, MachineConfig, RamMode, RunPaths, kernel_cmdline
+
+log = logging.getLogger(__name__)
+
+BASE_IMAGE = "debian"
+BASE_PACKAGES = ("python3",)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class VerifiedSnapshot:
+    manifest: SnapshotManifest
+    state_file: Path
+
+
+def qemu_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise HostSetupError(f"cannot run {binary}: install QEMU with 'apt-get install qemu-system-x86'") from exc
+    return out.splitlines()[0].strip()
+
+
+class ImageStore:
+    def __init__(self, settings: Settings, store: Store, host: Host, guest: GuestArtifacts, accel: AccelChoice) -> None:
+        self.settings = settings
+        self.store = store
+        self.host = host
+        self.guest = guest
+        self.accel = accel
+        self.qemu_version = qemu_version(settings.qemu_binary)
+        self._verified: dict[tuple[str, str], VerifiedSnapshot] = {}
+        self._build_lock = asyncio.Lock()
+
+    # ---- lookup ------------------------------------------------------------
+
+    def dir(self, image: ImageRecord) -> Path:
+        return self.settings.images_dir / image.name
+
+    def disk(self, image: ImageRecord) -> Path:
+        return self.dir(image) / "disk.qcow2"
+
+    def ram(self, image: ImageRecord) -> Path:
+        return self.dir(image) / "ram"
+
+    def get(self, name: str) -> ImageRecord:
+        record = self.store.get_image(name)
+        if record is None:
+            hint = " (it is built on first use: run 'ember image ls')" if name == BASE_IMAGE else ""
+            raise ImageNotFound(name + hint if hint else name)
+        return record
+
+    def list(self) -> list[ImageRecord]:
+        return self.store.list_images()
+
+    def verified_snapshot(self, image: ImageRecord) -> VerifiedSnapshot:
+        """Check an image's files once per daemon (RAM and disk are immutable afterwards).
+
+        The small state file is re-checked on every launch while it streams.
+        """
+        key = (image.name, image.created_at)
+        if key not in self._verified:
+            directory = self.dir(image)
+            manifest = load_manifest(directory)
+            if manifest.machine != image.machine:
+                raise SnapshotError(f"image {image.name}: its snapshot was taken on a different machine config")
+            verify(directory, manifest, ["ram", "disk.qcow2"])
+            self._verified[key] = VerifiedSnapshot(manifest, directory / "state")
+        return self._verified[key]
+
+    def staging_stream(self, name: str) -> Path:
+        return self.settings.images_dir / f".{name}.stream-{secrets.token_hex(4)}"
+
+    def clean_staging(self) -> None:
+        if self.settings.images_dir.exists():
+            for stray in self.settings.images_dir.glob(".*"):
+                log.warning("removing unfinished image files %s", stray.name)
+                if stray.is_dir():
+                    shutil.rmtree(stray, ignore_errors=True)
+                else:
+                    stray.unlink(missing_ok=True)
+
+    # ---- building ------------------------------------------------------
+
+    def machine(self, token: str) -> MachineConfig:
+        accel = self.accel.accel
+        vcpus = self.settings.vcpus or (1 if accel is Accel.TCG else 2)
+        return MachineConfig(
+            accel=accel, memory_mib=self.settings.memory_mib, vcpus=vcpus, kernel=str(self.guest.kernel),
+            initramfs=str(self.guest.initramfs), cmdline=kernel_cmdline(accel, token), qemu_version=self.qemu_version,
+        )  # fmt: skip
+
+    async def ensure_base(self, progress: Progress) -> ImageRecord:
+        """Build the built-in ``debian`` image if it does not exist yet."""
+        async with self._build_lock:
+            existing = self.store.get_image(BASE_IMAGE)
+            if existing is not None:
+                return existing
+            started = time.perf_counter()
+            tarball = await self._base_tarball(progress)
+            token = secrets.token_hex(16)
+            with staging(self.settings.images_dir / BASE_IMAGE) as tmp:
+                progress("creating the root filesystem (ext4)")
+                await asyncio.to_thread(self._make_disk, tarball, tmp / "disk.qcow2")
+                progress("booting it once to start the guest agent (cold boot)")
+                machine = self.machine(token)
+                boot_started = time.perf_counter()
+                image = await self._capture(BASE_IMAGE, tmp, machine, token, stream=None, parent="")
+                progress(f"guest agent ready after {time.perf_counter() - boot_started:.1f} s; snapshot taken")
+            self.store.put_image(image)
+            progress(f"image '{BASE_IMAGE}' ready in {time.perf_counter() - started:.1f} s")
+            return image
+
+    async def _base_tarball(self, progress: Progress) -> Path:
+        cache = self.settings.cache_dir / f"debian-bookworm-{'-'.join(BASE_PACKAGES)}.tar"
+        if cache.exists():
+            progress(f"reusing the cached Debian bookworm tree {cache}")
+            return cache
+        if shutil.which("mmdebstrap") is None:
+            raise HostSetupError("mmdebstrap is missing: apt-get install mmdebstrap (scripts/install.sh does this)")
+        progress("building Debian bookworm minbase + python3 with mmdebstrap (about 20 s)")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".partial")
+        cmd = [
+            "mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+            "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", "bookworm", str(partial),
+            f"deb {self.settings.debian_mirror} bookworm main",
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            partial.unlink(missing_ok=True)
+            tail = out.decode(errors="replace")[-3000:]
+            raise HostSetupError(f"mmdebstrap failed (is the Debian mirror reachable?):\n{tail}")
+        os.replace(partial, cache)
+        return cache
+
+    def _make_disk(self, tarball: Path, out: Path) -> None:
+        work = out.parent / "rootfs"
+        raw = out.parent / "disk.raw"
+        try:
+            work.mkdir()
+            with tarfile.open(tarball) as tar:
+                tar.extractall(work, filter="fully_trusted")  # our own mmdebstrap output
+            (work / "etc/resolv.conf").unlink(missing_ok=True)
+            (work / "etc/resolv.conf").write_text("")
+            (work / "etc/hostname").write_text("ember\n")
+            size = f"{self.settings.disk_gib}G"
+            for cmd in (
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-b",
+                    "4096",
+                    "-m",
+                    "0",
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                    str(work),
+                    "-F",
+                    str(raw),
+                    size,
+                ],
+                ["qemu-img", "convert", "-O", "qcow2", str(raw), str(out)],
+            ):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise HostSetupError(f"{cmd[0]} failed: {proc.stderr.strip()}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            raw.unlink(missing_ok=True)
+
+    async def _capture(
+        self, name: str, tmp: Path, machine: MachineConfig, token: str, stream: tuple[Path, FileDigest] | None,
+        parent: str,
+    ) -> ImageRecord:  # fmt: skip
+        """Run the image's disk in a template VM (cold boot, or restore ``stream``) and freeze it."""
+        gid = self.store.next_gid(self.settings.uid_base + self.settings.uid_count)
+        builder_uid = self.settings.uid_base - 1
+        disk, ram = tmp / "disk.qcow2", tmp / "ram"
+        os.chmod(tmp, 0o750)
+        os.chown(tmp, 0, gid)
+        with open(ram, "wb") as f:
+            f.truncate(machine.memory_mib * 1024 * 1024)
+        for path in (disk, ram):
+            os.chown(path, 0, gid)
+            os.chmod(path, 0o660)
+        run_dir = self.settings.data_dir / "run" / f"build-{name}"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(mode=0o700)
+        os.chown(run_dir, builder_uid, builder_uid)
+        paths = RunPaths(run_dir=run_dir, disk=disk, ram_file=ram)
+        build_id = f"build-{name}"
+        vmm = await self.host.start_vmm(
+            build_id, machine, paths, RamMode.TEMPLATE, stream is not None, builder_uid, gid
+        )
+        try:
+            if stream is None:
+                agent = await AgentConnection.connect(paths.agent_socket, token, self.settings.boot_timeout_s)
+                await agent.sync()
+                await agent.close()
+            else:
+                tap_in = StreamTap.source(stream[0])
+                try:
+                    await vmm.load_state(tap_in.fd, ignore_shared=False)
+                finally:
+                    digest = tap_in.finish()
+                check_digest(stream[0], stream[1], digest)
+            tap = StreamTap.sink(tmp / "state")
+            try:
+                await vmm.save_state(tap.fd, ignore_shared=True)
+            finally:
+                state = tap.finish()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                log.error("template VM log: %s", (run_dir / "serial.log").read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            await vmm.shutdown()
+            await asyncio.to_thread(self.host.cgroups.destroy, build_id)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        os.chmod(disk, 0o640)
+        files = {"state": state}
+        files["ram"], files["disk.qcow2"] = await asyncio.gather(
+            asyncio.to_thread(hash_file, ram), asyncio.to_thread(hash_file, disk)
+        )
+        write_manifest(tmp, new_manifest("image", machine, files, ignore_shared=True))
+        return ImageRecord(
+            name=name, machine=machine, gid=gid, token=token, disk_bytes=files["disk.qcow2"].size,
+            memory_bytes=files["ram"].size, parent=parent,
+        )  # fmt: skip
+
+    async def from_stream(
+        self, name: str, source: VmRecord, stream: Path, digest: FileDigest, disk_copy: Path
+    ) -> ImageRecord:
+        """Turn a full migration stream of a running VM plus a copy of its disk into an image."""
+        async with self._build_lock:
+            with staging(self.settings.images_dir / name) as tmp:
+                proc = await asyncio.create_subprocess_exec(
+                    "qemu-img", "convert", "-O", "qcow2", str(disk_copy), str(tmp / "disk.qcow2"),
+                    stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                _, err = await proc.communicate()
+                if proc.returncode != 0:
+                    raise EmberError(f"flattening the VM disk failed: {err.decode(errors='replace')}")
+                image = await self._capture(name, tmp, source.machine, source.token, (stream, digest), source.image)
+            self.store.put_image(image)
+            return image

@@ -1,0 +1,113 @@
+"""Ember's value objects and the VM lifecycle (pure, no I/O).
+
+Records are frozen: a change is ``dataclasses.replace`` plus a store write.
+The allowed state transitions live in one table, :data:`TRANSITIONS`; asking
+for any other one raises :class:`InvalidStateTransition` with a message that
+says what the caller can do instead.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from ember.errors import InvalidStateTransition
+from ember.vmm.machine import MachineConfig, RamMode
+
+
+class VmState(enum.StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUSPENDING = "SUSPENDING"
+    SUSPENDED = "SUSPENDED"
+    RESUMING = "RESUMING"
+    TERMINATING = "TERMINATING"
+    FAILED = "FAILED"
+
+
+TRANSITIONS: dict[VmState, frozenset[VmState]] = {
+    VmState.PENDING: frozenset({VmState.RUNNING, VmState.FAILED, VmState.TERMINATING}),
+    VmState.RUNNING: frozenset({VmState.SUSPENDING, VmState.TERMINATING, VmState.FAILED}),
+    # a failed suspend leaves the VM running (e.g. disk full): retry later
+    VmState.SUSPENDING: frozenset({VmState.SUSPENDED, VmState.RUNNING, VmState.FAILED}),
+    VmState.SUSPENDED: frozenset({VmState.RESUMING, VmState.TERMINATING}),
+    # a failed resume leaves the saved state untouched: still SUSPENDED
+    VmState.RESUMING: frozenset({VmState.RUNNING, VmState.SUSPENDED, VmState.FAILED}),
+    VmState.FAILED: frozenset({VmState.TERMINATING}),
+    VmState.TERMINATING: frozenset(),
+}
+
+_HINTS = {
+    VmState.SUSPENDED: "resume it first with 'ember resume {id}'",
+    VmState.FAILED: "it has failed; inspect it with 'ember inspect {id}' and remove it with 'ember rm {id}'",
+    VmState.PENDING: "it is still starting; retry in a moment",
+    VmState.SUSPENDING: "it is being suspended; retry when that finishes",
+    VmState.RESUMING: "it is being resumed; retry when that finishes",
+    VmState.TERMINATING: "it is being removed",
+    VmState.RUNNING: "it is already running",
+}
+
+
+def check_transition(vm_id: str, current: VmState, target: VmState, action: str) -> None:
+    if target not in TRANSITIONS[current]:
+        hint = _HINTS[current].format(id=vm_id)
+        raise InvalidStateTransition(f"cannot {action} VM {vm_id} while it is {current.value}: {hint}")
+
+
+def require_running(vm_id: str, current: VmState, action: str) -> None:
+    if current is not VmState.RUNNING:
+        raise InvalidStateTransition(
+            f"cannot {action} VM {vm_id} while it is {current.value}: {_HINTS[current].format(id=vm_id)}"
+        )
+
+
+class StopReason(enum.StrEnum):
+    """Why a VM left RUNNING (a closed set: used in logs and metrics)."""
+
+    USER = "user"
+    VMM_EXITED = "vmm_exited"
+    DAEMON_RESTART = "daemon_restart"
+    RESTORE_FAILED = "restore_failed"
+    SNAPSHOT_CORRUPT = "snapshot_corrupt"
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    machine: MachineConfig
+    gid: int
+    token: str  # the agent token baked into the template's memory
+    disk_bytes: int
+    memory_bytes: int
+    created_at: str = field(default_factory=utcnow)
+    parent: str = ""
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    id: str
+    image: str
+    state: VmState
+    machine: MachineConfig
+    uid: int
+    token: str
+    ram: RamMode = RamMode.CLONE
+    pid: int = 0
+    state_reason: str = ""
+    next_token: str = ""  # set while a token rotation is in flight
+    created_at: str = field(default_factory=utcnow)
+    updated_at: str = field(default_factory=utcnow)
+
+    def moved(self, state: VmState, reason: str = "", **changes: object) -> VmRecord:
+        return replace(self, state=state, state_reason=reason, updated_at=utcnow(), **changes)  # type: ignore[arg-type]

@@ -1,0 +1,121 @@
+"""The one owner of everything a VM uses on the host.
+
+:class:`Host` knows where each VM's files live, which cgroup and uid it has,
+and how to start a jailed QEMU for it; :class:`VmRuntime` holds a running
+VM's QEMU process and agent connection. ``Host.teardown`` removes all of it
+(process, cgroup, sockets, run directory) and is safe to call repeatedly,
+including after a daemon restart, when only the files and cgroup remain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.agent import AgentConnection
+from ember.config import Settings
+from ember.errors import VmmError
+from ember.host.cgroup import Cgroups
+from ember.vmm.machine import MachineConfig, RamMode, RunPaths
+from ember.vmm.qemu import Jail, QemuVmm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VmLayout:
+    root: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def disk(self) -> Path:
+        return self.root / "disk.qcow2"
+
+    @property
+    def suspend_dir(self) -> Path:
+        return self.root / "suspend"
+
+    def run_paths(self, ram_file: Path | None, disk: Path | None = None) -> RunPaths:
+        return RunPaths(run_dir=self.run_dir, disk=disk or self.disk, ram_file=ram_file)
+
+
+@dataclass
+class VmRuntime:
+    """A running VM: its VMM process and its authenticated agent channel."""
+
+    vm_id: str
+    vmm: QemuVmm
+    agent: AgentConnection
+
+
+def create_overlay(backing: Path, out: Path, owner_uid: int) -> None:
+    proc = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise VmmError(f"creating the VM disk failed: {proc.stderr.strip()}")
+    os.chown(out, owner_uid, 0)
+    os.chmod(out, 0o600)
+
+
+class Host:
+    def __init__(self, settings: Settings, cgroups: Cgroups, jailer: Path) -> None:
+        self.settings = settings
+        self.cgroups = cgroups
+        self.jailer = jailer
+
+    def layout(self, vm_id: str) -> VmLayout:
+        return VmLayout(self.settings.vms_dir / vm_id)
+
+    def cgroup_name(self, vm_id: str) -> str:
+        return vm_id
+
+    def prepare_run_dir(self, layout: VmLayout, uid: int) -> None:
+        layout.root.mkdir(mode=0o711, exist_ok=True)
+        if layout.run_dir.exists():
+            shutil.rmtree(layout.run_dir)
+        layout.run_dir.mkdir(mode=0o700)
+        os.chown(layout.run_dir, uid, uid)
+
+    async def start_vmm(
+        self,
+        vm_id: str,
+        machine: MachineConfig,
+        paths: RunPaths,
+        ram: RamMode,
+        incoming: bool,
+        uid: int,
+        extra_gid: int,
+    ) -> QemuVmm:
+        memory = (machine.memory_mib + self.settings.vmm_overhead_mib) * 1024 * 1024
+        procs = self.cgroups.create(self.cgroup_name(vm_id), memory, self.settings.vmm_pids_max)
+        jail = Jail(self.jailer, uid=uid, gid=uid, extra_gid=extra_gid, cgroup_procs=tuple(procs))
+        return await QemuVmm.start(self.settings.qemu_binary, machine, paths, ram, incoming, jail)
+
+    async def stop(self, vm_id: str, runtime: VmRuntime | None) -> None:
+        """Stop the VM's processes and free its cgroup and run directory (disk stays)."""
+        if runtime is not None:
+            await runtime.agent.close()
+            await runtime.vmm.shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, self.cgroups.destroy, self.cgroup_name(vm_id))
+        shutil.rmtree(self.layout(vm_id).run_dir, ignore_errors=True)
+
+    async def teardown(self, vm_id: str, runtime: VmRuntime | None) -> None:
+        """Remove every trace of the VM on the host."""
+        await self.stop(vm_id, runtime)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.layout(vm_id).root)
+
+    def cgroup_pids(self, vm_id: str) -> list[int]:
+        return self.cgroups.pids(self.cgroup_name(vm_id))

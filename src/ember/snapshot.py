@@ -1,0 +1,228 @@
+"""Snapshot directories: atomic, checksummed, refused when damaged.
+
+A snapshot is a directory holding VMM state, optional RAM and disk files, and
+``manifest.json`` (SHA-256 and size of every file, the exact machine config,
+QEMU's version). It is assembled in a temporary sibling directory, every file
+and the directory are fsynced, and only then is it renamed into place, so a
+crash leaves either the old snapshot or the new one, never a mix.
+
+Migration streams are hashed while they flow (QEMU -> pipe -> hasher -> file,
+and back on restore), so integrity costs no extra pass over the data; a
+mismatch found at the end of a restore stops the VM before it ever runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ember.errors import ResourceExhausted, SnapshotError
+from ember.models import FileDigest, utcnow
+from ember.vmm.machine import MachineConfig
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+BUF = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SnapshotManifest:
+    kind: str  # "image" or "suspend"
+    machine: MachineConfig
+    files: dict[str, FileDigest]
+    ignore_shared: bool
+    created_at: str
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["machine"] = json.loads(self.machine.to_json())
+        data["format"] = FORMAT
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> SnapshotManifest:
+        data = json.loads(raw)
+        if data.get("format") != FORMAT:
+            raise SnapshotError(f"unsupported snapshot format {data.get('format')!r}")
+        return cls(
+            kind=data["kind"],
+            machine=MachineConfig.from_json(json.dumps(data["machine"])),
+            files={k: FileDigest(**v) for k, v in data["files"].items()},
+            ignore_shared=bool(data["ignore_shared"]),
+            created_at=data["created_at"],
+        )
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: Path) -> FileDigest:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(BUF):
+            h.update(chunk)
+            size += len(chunk)
+    return FileDigest(h.hexdigest(), size)
+
+
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def raise_storage(exc: OSError, what: str) -> None:
+    if _disk_full(exc):
+        raise ResourceExhausted(f"{what} failed: the host disk is full; free space and retry") from exc
+    raise SnapshotError(f"{what} failed: {exc}") from exc
+
+
+class StreamTap:
+    """A pipe whose far end is handed to QEMU; a thread hashes what crosses it.
+
+    ``StreamTap.sink(path)``: QEMU writes into :attr:`fd`, the thread writes
+    ``path``. ``StreamTap.source(path)``: the thread reads ``path`` into the
+    pipe, QEMU reads :attr:`fd`. :meth:`finish` joins and returns the digest.
+    """
+
+    def __init__(self, path: Path, writing: bool) -> None:
+        self.path = path
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.fd, own = (w, r) if writing else (r, w)
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(own, writing), daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def sink(cls, path: Path) -> StreamTap:
+        return cls(path, writing=True)
+
+    @classmethod
+    def source(cls, path: Path) -> StreamTap:
+        return cls(path, writing=False)
+
+    def _run(self, own: int, writing: bool) -> None:
+        try:
+            if writing:
+                with open(self.path, "wb") as out:
+                    while chunk := os.read(own, BUF):
+                        self._hash.update(chunk)
+                        self._size += len(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+            else:
+                with open(self.path, "rb") as src:
+                    while chunk := src.read(BUF):
+                        self._hash.update(chunk)
+                        self._size += len(chunk)
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(own, view) :]
+        except BaseException as exc:  # reported by finish()
+            self._error = exc
+        finally:
+            os.close(own)
+
+    def close_fd(self) -> None:
+        """Drop our copy of QEMU's end (after QEMU received it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def finish(self, timeout: float = 120) -> FileDigest:
+        self.close_fd()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise SnapshotError(f"stream {self.path.name} did not finish")
+        if isinstance(self._error, OSError):
+            raise_storage(self._error, f"writing {self.path.name}")
+        if self._error is not None:
+            raise SnapshotError(f"stream {self.path.name} failed: {self._error}")
+        return FileDigest(self._hash.hexdigest(), self._size)
+
+
+@contextlib.contextmanager
+def staging(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; on success it atomically becomes ``final``."""
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(mode=0o700, parents=True)
+    try:
+        yield tmp
+        commit(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def commit(tmp: Path, final: Path) -> None:
+    for child in tmp.iterdir():
+        fsync_path(child)
+    fsync_path(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(directory: Path, manifest: SnapshotManifest) -> None:
+    (directory / MANIFEST).write_text(manifest.to_json())
+
+
+def new_manifest(
+    kind: str, machine: MachineConfig, files: dict[str, FileDigest], ignore_shared: bool
+) -> SnapshotManifest:
+    return SnapshotManifest(kind=kind, machine=machine, files=files, ignore_shared=ignore_shared, created_at=utcnow())
+
+
+def load_manifest(directory: Path) -> SnapshotManifest:
+    """Read and sanity-check a manifest; every listed file must exist with its size."""
+    path = directory / MANIFEST
+    try:
+        manifest = SnapshotManifest.from_json(path.read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot {directory} is incomplete (no manifest): it cannot be restored") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"snapshot manifest {path} is corrupt: {exc}") from None
+    for name, digest in manifest.files.items():
+        if "/" in name or name.startswith("."):
+            raise SnapshotError(f"snapshot manifest {path} names a bad file {name!r}")
+        try:
+            size = (directory / name).stat().st_size
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot {directory} is missing {name}: it cannot be restored") from None
+        if size != digest.size:
+            raise SnapshotError(
+                f"snapshot file {directory / name} is {size} bytes, the manifest says {digest.size}: it is damaged"
+            )
+    return manifest
+
+
+def verify(directory: Path, manifest: SnapshotManifest, names: list[str]) -> None:
+    for name in names:
+        if hash_file(directory / name) != manifest.files[name]:
+            raise SnapshotError(f"snapshot file {directory / name} fails its SHA-256 check: it is damaged")
+
+
+def check_digest(path: Path, expected: FileDigest, actual: FileDigest) -> None:
+    if expected != actual:
+        raise SnapshotError(f"snapshot file {path} fails its SHA-256 check: it is damaged")
