@@ -16,6 +16,8 @@ def _env(name: str, default: object) -> Any:
 class Settings:
     # Where Ember keeps its database, images, VM disks and snapshots.
     data_dir: Path = _env("EMBER_DATA_DIR", Path("/var/lib/ember"))
+    # Downloaded/built inputs that can be rebuilt (base root filesystem tarballs).
+    cache_dir_override: str = _env("EMBER_CACHE_DIR", "")
     # The daemon's Unix socket (the CLI's default endpoint).
     socket_path: Path = _env("EMBER_SOCKET", Path("/run/ember/ember.sock"))
     # Optional TCP listener, e.g. "127.0.0.1:7070"; empty = Unix socket only.
@@ -64,7 +66,7 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
-        return self.data_dir / "cache"
+        return Path(self.cache_dir_override) if self.cache_dir_override else self.data_dir / "cache"
 
 
 def _coerce(kind: type, raw: str, env_name: str) -> Any:

@@ -167,7 +167,7 @@ class ImageStore:
             raise HostSetupError("mmdebstrap is missing: apt-get install mmdebstrap (scripts/install.sh does this)")
         progress("building Debian bookworm minbase + python3 with mmdebstrap (about 20 s)")
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".partial")
+        partial = cache.with_name(f".{cache.name}")  # mmdebstrap picks the format from the .tar suffix
         cmd = [
             "mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
             "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", "bookworm", str(partial),

@@ -1,0 +1,167 @@
+"""Shared fixtures. VM tests talk to a real daemon process booting real micro-VMs.
+
+Layers (as in Firecracker's test framework): ``daemon`` (a real ``ember serve``
+with its own data directory), ``base_image`` (the built-in image, built once
+per run), and ``vm``: a VM launched from the image's snapshot, parametrized
+as ``launched`` (fresh clone) and ``resumed`` (after a suspend/resume
+cycle), so every guest test runs on both. When a test fails, the serial and
+VMM logs of every VM and the daemon log are copied to ``artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.client import ApiError, Client, call_simple
+from ember.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+
+
+class DaemonProcess:
+    """A real ``ember serve`` process with its own data directory."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "EMBER_DATA_DIR": str(self.settings.data_dir),
+            "EMBER_SOCKET": str(self.settings.socket_path),
+            "EMBER_CACHE_DIR": str(self.settings.cache_dir),
+        }
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ember", "serve", "-v"], stdout=log, stderr=log, env=self.env
+            )
+        deadline = time.monotonic() + 120
+        while not self._accepting():
+            assert self.proc.poll() is None, f"daemon exited at start-up:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.1)
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.settings.socket_path))
+            except OSError:
+                return False
+        return True
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def process_alive(pid: int) -> bool:
+    """True for a live process; a zombie (dead, awaiting its reaper) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def vm_tests_possible() -> str | None:
+    if os.geteuid() != 0:
+        return "VM tests need root"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "QEMU is not installed (scripts/install.sh)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def settings() -> Iterator[Settings]:
+    reason = vm_tests_possible()
+    if reason:
+        pytest.fail(reason)  # never skip silently: CI must boot real VMs
+    data = Path(tempfile.mkdtemp(prefix="ember-test-"))
+    cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
+    yield Settings.from_env(
+        {"EMBER_DATA_DIR": str(data), "EMBER_SOCKET": str(data / "ember.sock"), "EMBER_CACHE_DIR": cache}
+    )
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon(settings: Settings) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(settings, settings.data_dir.parent / f"{settings.data_dir.name}-daemon.log")
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def client(daemon: DaemonProcess) -> Iterator[Client]:
+    with Client(settings=daemon.settings) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def base_image(client: Client) -> str:
+    for event in client.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+        if "error" in event:
+            pytest.fail(f"building the base image failed: {event}")
+    return "debian"
+
+
+def remove_quietly(client: Client, vm_id: str) -> None:
+    try:
+        client.send(call_simple("DELETE", f"/v1/vms/{vm_id}"))
+    except ApiError as exc:
+        assert exc.status == 404, exc
+
+
+@pytest.fixture(params=["launched", "resumed"])
+def vm(request: pytest.FixtureRequest, client: Client, base_image: str) -> Iterator[str]:
+    vm_id = client.run(base_image)["id"]
+    if request.param == "resumed":
+        client.send(call_simple("POST", f"/v1/vms/{vm_id}/suspend"))
+        client.send(call_simple("POST", f"/v1/vms/{vm_id}/resume"))
+    yield vm_id
+    remove_quietly(client, vm_id)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.failed and "settings" in getattr(item, "fixturenames", ()):
+        settings = item.funcargs.get("settings")  # type: ignore[attr-defined]
+        if not isinstance(settings, Settings):
+            return report
+        out = ARTIFACTS / item.nodeid.replace("/", "_").replace("::", "__")
+        out.mkdir(parents=True, exist_ok=True)
+        for log in settings.data_dir.glob("**/run/*.log"):
+            shutil.copy(log, out / f"{log.parent.parent.name}-{log.name}")
+        daemon_log = settings.data_dir.parent / f"{settings.data_dir.name}-daemon.log"
+        if daemon_log.exists():
+            shutil.copy(daemon_log, out / "daemon.log")
+    return report

@@ -1,0 +1,34 @@
+"""Lifecycle transitions and configuration (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.config import Settings
+from ember.errors import InvalidStateTransition
+from ember.models import TRANSITIONS, VmState, check_transition, require_running
+
+
+def test_every_state_has_a_transition_entry() -> None:
+    assert set(TRANSITIONS) == set(VmState)
+
+
+def test_out_of_phase_calls_name_the_fix() -> None:
+    with pytest.raises(InvalidStateTransition, match="resume it first with 'ember resume vm-1'"):
+        require_running("vm-1", VmState.SUSPENDED, "exec in")
+    with pytest.raises(InvalidStateTransition, match="cannot resume VM vm-1 while it is RUNNING"):
+        check_transition("vm-1", VmState.RUNNING, VmState.RESUMING, "resume")
+    check_transition("vm-1", VmState.SUSPENDED, VmState.RESUMING, "resume")
+
+
+def test_failed_suspend_and_resume_fall_back_safely() -> None:
+    assert VmState.RUNNING in TRANSITIONS[VmState.SUSPENDING]
+    assert VmState.SUSPENDED in TRANSITIONS[VmState.RESUMING]
+
+
+def test_settings_from_env() -> None:
+    s = Settings.from_env({"EMBER_MEMORY_MIB": "512", "EMBER_DATA_DIR": "/x", "EMBER_AGENT_TIMEOUT": "2.5"})
+    assert (s.memory_mib, str(s.data_dir), s.agent_timeout_s) == (512, "/x", 2.5)
+    assert s.db_path.name == "ember.db" and s.cache_dir == s.data_dir / "cache"
+    with pytest.raises(ValueError, match="EMBER_MEMORY_MIB='lots' is not a valid int"):
+        Settings.from_env({"EMBER_MEMORY_MIB": "lots"})

@@ -1,0 +1,70 @@
+"""The wire protocol treats every guest byte as hostile."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from ember.guest.protocol import (
+    HEADER,
+    MAX_PAYLOAD,
+    Msg,
+    ProtocolError,
+    Tag,
+    decode_entries,
+    decode_fields,
+    decode_header,
+    encode_fields,
+    encode_frame,
+    field_int,
+    field_str,
+)
+
+
+def test_fields_round_trip() -> None:
+    raw = encode_fields([(Tag.ARG, "sh"), (Tag.ARG, "-c"), (Tag.TIMEOUT_MS, 1500), (Tag.STDIN, True)])
+    fields = decode_fields(raw)
+    assert fields[Tag.ARG] == [b"sh", b"-c"]
+    assert field_int(fields, Tag.TIMEOUT_MS) == 1500
+    assert field_int(fields, Tag.STDIN) == 1
+    assert field_str(fields, Tag.CWD, "/") == "/"
+
+
+def test_oversized_and_unknown_frames_are_rejected() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode_header(HEADER.pack(MAX_PAYLOAD + 1, 1, Msg.STDOUT))
+    with pytest.raises(ProtocolError, match="unknown guest message"):
+        decode_header(HEADER.pack(0, 1, Msg.EXEC))  # a host->guest type coming back
+    with pytest.raises(ValueError):
+        encode_frame(Msg.WDATA, 1, b"x" * (MAX_PAYLOAD + 1))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x01\x05\x00",  # truncated header
+        b"\x01" + struct.pack("<I", 100) + b"short",  # length past the end
+        b"\xee" + struct.pack("<I", 0),  # unknown tag
+    ],
+)
+def test_malformed_fields_are_rejected(payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_fields(payload)
+
+
+def test_bad_integer_sizes_and_nul_in_strings() -> None:
+    fields = decode_fields(bytes([Tag.EXIT_CODE]) + struct.pack("<I", 3) + b"abc")
+    with pytest.raises(ProtocolError, match="bad size"):
+        field_int(fields, Tag.EXIT_CODE)
+    with pytest.raises(ValueError, match="NUL"):
+        encode_fields([(Tag.ARG, "a\x00b")])
+
+
+def test_directory_entries_are_bounds_checked() -> None:
+    good = struct.pack("<I", 3) + struct.pack("<IQq", 0o100644, 10, 0) + b"abc"
+    assert decode_entries(good)[0].name == "abc"
+    with pytest.raises(ProtocolError):
+        decode_entries(struct.pack("<I", 9999) + struct.pack("<IQq", 0, 0, 0) + b"abc")
+    with pytest.raises(ProtocolError):
+        decode_entries(good[:-1] + b"")

@@ -1,0 +1,68 @@
+"""Snapshot directories are atomic and refuse damage (real files, no VM)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ember.errors import SnapshotError
+from ember.snapshot import StreamTap, hash_file, load_manifest, new_manifest, staging, verify, write_manifest
+from ember.vmm.machine import Accel, MachineConfig
+
+MACHINE = MachineConfig(Accel.TCG, 256, 1, "/boot/k", "/i", "console=ttyS0", "QEMU 7.2")
+
+
+def make(tmp_path: Path) -> Path:
+    final = tmp_path / "snap"
+    with staging(final) as tmp:
+        (tmp / "state").write_bytes(os.urandom(1000))
+        write_manifest(tmp, new_manifest("suspend", MACHINE, {"state": hash_file(tmp / "state")}, False))
+    return final
+
+
+def test_round_trip_and_machine_config(tmp_path: Path) -> None:
+    final = make(tmp_path)
+    manifest = load_manifest(final)
+    assert manifest.machine == MACHINE and manifest.kind == "suspend"
+    verify(final, manifest, ["state"])
+    assert [p.name for p in tmp_path.iterdir()] == ["snap"], "staging left files behind"
+
+
+def test_failed_staging_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), staging(tmp_path / "snap") as tmp:
+        (tmp / "state").write_bytes(b"x")
+        raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_damage_is_detected(tmp_path: Path) -> None:
+    final = make(tmp_path)
+    state = final / "state"
+    data = bytearray(state.read_bytes())
+    data[10] ^= 1
+    state.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="SHA-256"):
+        verify(final, load_manifest(final), ["state"])
+    state.write_bytes(bytes(data[:-1]))
+    with pytest.raises(SnapshotError, match="manifest says"):
+        load_manifest(final)
+    (final / "manifest.json").unlink()
+    with pytest.raises(SnapshotError, match="incomplete"):
+        load_manifest(final)
+
+
+def test_stream_tap_hashes_what_crosses_it(tmp_path: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 5)
+    sink = StreamTap.sink(tmp_path / "out")
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(sink.fd, view[: 1 << 16]) :]
+    digest = sink.finish()
+    assert digest == hash_file(tmp_path / "out") and digest.size == len(payload)
+    source = StreamTap.source(tmp_path / "out")
+    got = b""
+    while chunk := os.read(source.fd, 1 << 20):
+        got += chunk
+    assert source.finish() == digest and got == payload
