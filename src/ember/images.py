@@ -22,9 +22,9 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ember.agent import AgentConnection
 from ember.config import Settings
@@ -51,7 +51,12 @@ log = logging.getLogger(__name__)
 
 BASE_IMAGE = "debian"
 BASE_PACKAGES = ("python3",)
-Progress = Callable[[str], None]
+
+
+class Progress(Protocol):
+    """Reports a build step; ``metrics`` carries numbers worth keeping (e.g. cold_boot_ms)."""
+
+    def __call__(self, message: str, metrics: dict[str, float] | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -151,9 +156,8 @@ class ImageStore:
                 await asyncio.to_thread(self._make_disk, tarball, tmp / "disk.qcow2")
                 progress("booting it once to start the guest agent (cold boot)")
                 machine = self.machine(token)
-                boot_started = time.perf_counter()
-                image = await self._capture(BASE_IMAGE, tmp, machine, token, stream=None, parent="")
-                progress(f"guest agent ready after {time.perf_counter() - boot_started:.1f} s; snapshot taken")
+                image = await self._capture(BASE_IMAGE, tmp, machine, token, None, "", progress)
+                progress("snapshot of the running guest taken")
             self.store.put_image(image)
             progress(f"image '{BASE_IMAGE}' ready in {time.perf_counter() - started:.1f} s")
             return image
@@ -223,7 +227,7 @@ class ImageStore:
 
     async def _capture(
         self, name: str, tmp: Path, machine: MachineConfig, token: str, stream: tuple[Path, FileDigest] | None,
-        parent: str,
+        parent: str, progress: Progress | None = None,
     ) -> ImageRecord:  # fmt: skip
         """Run the image's disk in a template VM (cold boot, or restore ``stream``) and freeze it."""
         gid = self.store.next_gid(self.settings.uid_base + self.settings.uid_count)
@@ -243,12 +247,16 @@ class ImageStore:
         os.chown(run_dir, builder_uid, builder_uid)
         paths = RunPaths(run_dir=run_dir, disk=disk, ram_file=ram)
         build_id = f"build-{name}"
+        boot_started = time.perf_counter()
         vmm = await self.host.start_vmm(
             build_id, machine, paths, RamMode.TEMPLATE, stream is not None, builder_uid, gid
         )
         try:
             if stream is None:
                 agent = await AgentConnection.connect(paths.agent_socket, token, self.settings.boot_timeout_s)
+                boot_ms = (time.perf_counter() - boot_started) * 1000
+                if progress is not None:
+                    progress(f"cold boot to guest agent ready: {boot_ms / 1000:.2f} s", {"cold_boot_ms": boot_ms})
                 await agent.sync()
                 await agent.close()
             else:

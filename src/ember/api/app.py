@@ -127,7 +127,9 @@ def create_app(daemon: Daemon) -> FastAPI:
 
         async def build() -> None:
             try:
-                image = await images.ensure_base(lambda msg: queue.put_nowait({"progress": msg}))
+                image = await images.ensure_base(
+                    lambda msg, metrics=None: queue.put_nowait({"progress": msg, **(metrics or {})})
+                )
                 queue.put_nowait({"image": image_view(image)})
             except EmberError as exc:
                 queue.put_nowait({"error": type(exc).__name__, "message": str(exc)})

@@ -1,0 +1,152 @@
+"""Lifecycle benchmark: measures Ember on this machine and prints JSON (last line).
+
+    sudo .venv/bin/python bench/lifecycle.py [--launches 20] [--clones 20] [--cycles 10]
+
+Starts its own daemon (fresh data directory; the Debian tarball cache is
+shared with the tests), builds the base image (its cold boot is timed), then
+measures launch, exec, suspend/resume, host-to-guest copy and the memory of
+idle clones. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ember.client import Client, call_simple
+from ember.config import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.conftest import DaemonProcess  # the same real-daemon harness as the tests
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
+
+
+def pss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no Pss for {pid}")
+
+
+def ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--launches", type=int, default=20)
+    parser.add_argument("--clones", type=int, default=20)
+    parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--copy-mib", type=int, default=64)
+    args = parser.parse_args()
+
+    data = Path(tempfile.mkdtemp(prefix="ember-bench-"))
+    cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
+    settings = Settings.from_env(
+        {"EMBER_DATA_DIR": str(data), "EMBER_SOCKET": str(data / "ember.sock"), "EMBER_CACHE_DIR": cache}
+    )
+    daemon = DaemonProcess(settings, data.parent / f"{data.name}-daemon.log")
+    result: dict[str, Any] = {}
+    try:
+        daemon.start()
+        with Client(settings=settings) as c:
+            info = c.send(call_simple("GET", "/v1/info"))
+            result["accel"] = info["accelerator"]["name"]
+            log(f"accelerator: {result['accel']} ({info['accelerator']['reason']})")
+            for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+                if "cold_boot_ms" in event:
+                    result["cold_boot_ms"] = round(event["cold_boot_ms"], 1)
+                if "progress" in event:
+                    log(f"  {event['progress']}")
+
+            log(f"launching {args.launches} VMs one after another")
+            launches, vms = [], []
+            for _ in range(args.launches):
+                time.sleep(0.3)  # an idle moment between requests, as between users
+                start = time.perf_counter()
+                vms.append(c.run("debian")["id"])  # returns once the agent answered
+                launches.append(ms_since(start))
+            result["launch_ms"] = {"p50": pct(launches, 0.5), "p95": pct(launches, 0.95), "n": len(launches)}
+
+            target = vms[0]
+            c.exec(target, ["true"])
+            execs = []
+            for _ in range(20):
+                start = time.perf_counter()
+                c.exec(target, ["true"])
+                execs.append(ms_since(start))
+            result["exec_ms"] = {"p50": pct(execs, 0.5)}
+
+            log(f"clone memory with {args.clones} idle clones")
+            while len(vms) < args.clones:
+                vms.append(c.run("debian")["id"])
+            time.sleep(3)
+            pids = [c.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"] for vm in vms[: args.clones]]
+            result["clone_pss_mib"] = round(statistics.mean(pss_mib(p) for p in pids), 1)
+            for vm in vms[1:]:
+                c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+
+            log(f"copying {args.copy_mib} MiB host -> guest")
+            blob = data / "blob.bin"
+            with open(blob, "wb") as f:
+                f.write(os.urandom(args.copy_mib * 1024 * 1024))
+            start = time.perf_counter()
+            with open(blob, "rb") as f:
+                c.put_file(target, "/root/blob.bin", iter(lambda: f.read(1 << 20), b""))
+            result["file_copy_mib_s"] = round(args.copy_mib / (ms_since(start) / 1000), 1)
+            c.exec(target, ["rm", "/root/blob.bin"])
+
+            log(f"{args.cycles} suspend/resume cycles")
+            suspends, resumes, sizes, phases = [], [], [], []
+            for _ in range(args.cycles):
+                start = time.perf_counter()
+                r = c.send(call_simple("POST", f"/v1/vms/{target}/suspend"))
+                suspends.append(ms_since(start))
+                sizes.append(r["snapshot_bytes"])
+                start = time.perf_counter()
+                back = c.send(call_simple("POST", f"/v1/vms/{target}/resume"))
+                resumes.append(ms_since(start))
+                phases.append({"suspend": r["phases_ms"], "resume": back["phases_ms"]})
+                assert c.exec(target, ["true"]).exit_code == 0
+            result["suspend_ms"] = {"p50": pct(suspends, 0.5), "first": round(suspends[0], 1)}
+            result["resume_ms"] = {"p50": pct(resumes, 0.5), "first": round(resumes[0], 1)}
+            result["snapshot_bytes_per_suspend"] = int(statistics.median(sizes))
+            result["suspend_resume_phases_ms"] = {"first": phases[0], "last": phases[-1]}
+            if "cold_boot_ms" in result:
+                result["launch_speedup_vs_cold_boot"] = round(result["cold_boot_ms"] / result["launch_ms"]["p50"], 1)
+            c.send(call_simple("DELETE", f"/v1/vms/{target}"))
+    finally:
+        daemon.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    result["machine"] = {
+        "cpus": os.cpu_count(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        "kernel": platform.release(),
+        "qemu": subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[
+            0
+        ],
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
