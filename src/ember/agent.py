@@ -68,6 +68,12 @@ def _raise_for(frame: Frame) -> None:
         raise GuestError(field_str(fields, Tag.MESSAGE, "guest error")[:1000], field_int(fields, Tag.ERRNO, 0))
 
 
+def identity_request(hostname: str, new_token: str, entropy: bytes, time_ns: int) -> tuple[Msg, list[Field]]:
+    """After a restore: reseed the guest RNG, set its clock and hostname, rotate the token."""
+    fields: list[Field] = [(Tag.ENTROPY, entropy), (Tag.TIME_NS, time_ns), (Tag.HOSTNAME, hostname)]
+    return Msg.RESTORE, [*fields, (Tag.NEW_TOKEN, new_token)]
+
+
 class AgentConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float) -> None:
         self._reader = reader
@@ -95,10 +101,23 @@ class AgentConnection:
                     raise AgentUnavailable(f"cannot reach the guest agent socket: {exc}") from None
                 await asyncio.sleep(0.002)
 
-    async def authenticate(self, token: str, timeout_s: float) -> None:
-        """Prove the token, resynchronize the stream, start routing frames."""
+    async def authenticate(
+        self, token: str, timeout_s: float, then: tuple[Msg, list[Field]] | None = None
+    ) -> Frame | None:
+        """Prove the token, resynchronize the stream, start routing frames.
+
+        ``then`` is a request pipelined right behind the HELLO (one round trip
+        instead of two: it matters on a freshly restored TCG guest); its
+        reply is returned.
+        """
+        stream = 0
+        if then is not None:
+            stream = next(self._ids)
+            self._streams[stream] = asyncio.Queue(QUEUE_FRAMES)
         try:
-            await asyncio.wait_for(self._handshake(token), timeout_s)
+            await asyncio.wait_for(
+                self._handshake(token, then and encode_frame(then[0], stream, encode_fields(then[1]))), timeout_s
+            )
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             self._writer.close()
             raise AgentUnavailable(f"the guest agent did not answer ({type(exc).__name__ or 'timeout'})") from None
@@ -106,6 +125,14 @@ class AgentConnection:
             self._writer.close()
             raise
         self._task = asyncio.create_task(self._read_loop(), name="agent-reader")
+        if then is None:
+            return None
+        try:
+            reply = await self._recv(stream)
+            _raise_for(reply)
+            return reply
+        finally:
+            self._close(stream)
 
     @classmethod
     async def connect(cls, sock: Path, token: str, timeout_s: float) -> AgentConnection:
@@ -113,9 +140,11 @@ class AgentConnection:
         await conn.authenticate(token, timeout_s)
         return conn
 
-    async def _handshake(self, token: str) -> None:
+    async def _handshake(self, token: str, pipelined: bytes | None = None) -> None:
         nonce = os.urandom(NONCE_LEN)
         self._writer.write(encode_frame(Msg.HELLO, 0, encode_fields([(Tag.TOKEN, token), (Tag.NONCE, nonce)])))
+        if pipelined:
+            self._writer.write(pipelined)
         await self._writer.drain()
         expected = encode_frame(Msg.HELLO_ACK, 0, ACK_MAGIC + nonce)
         buf = b""
@@ -220,10 +249,7 @@ class AgentConnection:
         await self._call(Msg.SYNC, [])
 
     async def restore_identity(self, hostname: str, new_token: str, entropy: bytes, time_ns: int) -> None:
-        await self._call(
-            Msg.RESTORE,
-            [(Tag.ENTROPY, entropy), (Tag.TIME_NS, time_ns), (Tag.HOSTNAME, hostname), (Tag.NEW_TOKEN, new_token)],
-        )
+        await self._call(*identity_request(hostname, new_token, entropy, time_ns))
 
     async def exec(
         self, req: ExecRequest, stdin: AsyncIterator[bytes] | None = None

@@ -35,6 +35,8 @@ class Settings:
     vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
     # Extra host memory a VMM may use beyond guest RAM (QEMU itself, TCG code cache).
     vmm_overhead_mib: int = _env("EMBER_VMM_OVERHEAD_MIB", 256)
+    # Pre-started VMMs kept per launched image (0 disables the pool).
+    pool_size: int = _env("EMBER_POOL_SIZE", 2)
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)
     debian_mirror: str = _env("EMBER_DEBIAN_MIRROR", "http://deb.debian.org/debian")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ember.agent import AgentConnection, ExecRequest, ExecResult
+from ember.agent import AgentConnection, ExecRequest, ExecResult, identity_request
 from ember.config import Settings
 from ember.errors import (
     AgentUnavailable,
@@ -35,13 +35,14 @@ from ember.errors import (
 )
 from ember.guest.protocol import DirEntry
 from ember.images import ImageStore
-from ember.models import ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
+from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
+from ember.pool import WarmPool, new_vm_id
 from ember.runtime import Host, VmRuntime, create_overlay
 from ember.snapshot import (
     StreamTap,
-    check_digest,
     hash_file,
     load_manifest,
+    load_verified,
     new_manifest,
     raise_storage,
     staging,
@@ -50,16 +51,12 @@ from ember.snapshot import (
 )
 from ember.store import Store
 from ember.vmm.accel import AccelChoice
-from ember.vmm.machine import RamMode
+from ember.vmm.machine import MachineConfig, RamMode
 from ember.vmm.qemu import QemuVmm
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-
-
-def new_vm_id() -> str:
-    return "vm-" + secrets.token_hex(6)
 
 
 class Phases:
@@ -105,6 +102,8 @@ class Engine:
         self._runtimes: dict[str, VmRuntime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._reserved_uids: set[int] = set()  # handed to pooled VMMs, not yet in the store
+        self.pool = WarmPool(host, settings.pool_size, self._allocate_uid, self._reserved_uids.discard)
 
     # ---- helpers ---------------------------------------------------------
 
@@ -153,80 +152,127 @@ class Engine:
         if task is not None:
             task.cancel()
 
-    async def _restore_vmm(
-        self, record: VmRecord, state_file: Path, expected: Any, ram: RamMode, ram_file: Path | None,
-        ignore_shared: bool, extra_gid: int, phases: Phases,
+    async def _start_paused(
+        self, vm_id: str, uid: int, machine: MachineConfig, ram: RamMode, ram_file: Path | None, extra_gid: int
+    ) -> tuple[QemuVmm, AgentConnection]:
+        """Start a jailed QEMU waiting for a snapshot, and open (not yet use) its agent socket."""
+        layout = self.host.layout(vm_id)
+        self.host.prepare_run_dir(layout, uid)
+        paths = layout.run_paths(ram_file)
+        vmm = await self.host.start_vmm(vm_id, machine, paths, ram, True, uid, extra_gid)
+        try:
+            # connected before the guest runs, the port is never seen closed by the guest
+            return vmm, await AgentConnection.open(paths.agent_socket, self.settings.agent_timeout_s)
+        except BaseException:
+            await vmm.shutdown()
+            raise
+
+    async def _start_clone(self, vm_id: str, uid: int, image: ImageRecord) -> tuple[QemuVmm, AgentConnection]:
+        layout = self.host.layout(vm_id)
+        layout.root.mkdir(mode=0o711)
+        create_overlay(self.images.disk(image), layout.disk, uid)
+        return await self._start_paused(vm_id, uid, image.machine, RamMode.CLONE, self.images.ram(image), image.gid)
+
+    async def _activate(
+        self, record: VmRecord, vmm: QemuVmm, agent: AgentConnection, state_file: Path, expected: FileDigest,
+        ignore_shared: bool, phases: Phases,
     ) -> tuple[VmRuntime, str]:  # fmt: skip
-        """Start QEMU paused, load a snapshot into it, run it, and give the guest a fresh identity.
+        """Load a snapshot into a paused VMM, run it, and give the guest a fresh identity.
 
         ``record.token`` is the token the snapshot's agent knows; a new one is
         minted, recorded as ``next_token`` before it is sent (so a daemon
-        killed mid-way can still authenticate) and returned.
+        killed mid-way can still authenticate) and returned. On failure the
+        VMM is stopped and its cgroup and run directory are freed.
         """
-        layout = self.host.layout(record.id)
-        self.host.prepare_run_dir(layout, record.uid)
-        paths = layout.run_paths(ram_file)
-        vmm = await self.host.start_vmm(record.id, record.machine, paths, ram, True, record.uid, extra_gid)
-        phases.mark("start_vmm")
-        agent: AgentConnection | None = None
         try:
-            # connect before the guest runs: the port is then never seen closed
-            agent = await AgentConnection.open(paths.agent_socket, self.settings.agent_timeout_s)
-            tap = StreamTap.source(state_file)
-            try:
-                await vmm.load_state(tap.fd, ignore_shared)
-            finally:
-                digest = tap.finish()
-            check_digest(state_file, expected, digest)  # refuse before the guest runs
+            await load_verified(vmm, state_file, expected, ignore_shared)
             phases.mark("load_state")
-            await vmm.resume()
-            await agent.authenticate(record.token, self.settings.agent_timeout_s)
-            phases.mark("agent_ready")
             new_token = secrets.token_hex(16)
             self._save(replace(record, next_token=new_token))
-            await agent.restore_identity(
-                hostname=record.id, new_token=new_token, entropy=os.urandom(64), time_ns=time.time_ns()
-            )
-            phases.mark("new_identity")
+            await vmm.resume()
+            identity = identity_request(record.id, new_token, os.urandom(64), time.time_ns())
+            await agent.authenticate(record.token, self.settings.agent_timeout_s, then=identity)
+            phases.mark("agent_ready")
             return VmRuntime(record.id, vmm, agent), new_token
         except BaseException:
-            await self.host.stop(record.id, VmRuntime(record.id, vmm, agent) if agent else None)
-            if agent is None:
-                await vmm.shutdown()
+            await self.host.stop(record.id, VmRuntime(record.id, vmm, agent))
             raise
 
     # ---- launch ------------------------------------------------------------
 
+    def _allocate_uid(self) -> int:
+        uid = self.store.free_uid(self.settings.uid_base, self.settings.uid_count, exclude=self._reserved_uids)
+        self._reserved_uids.add(uid)
+        return uid
+
+    async def _prewarm(self, vm_id: str, uid: int, image: ImageRecord) -> tuple[QemuVmm, AgentConnection]:
+        """A pool entry: a clone already restored and run once (TCG has translated the
+        agent's paths), then paused before it gets an identity of its own."""
+        vmm, agent = await self._start_clone(vm_id, uid, image)
+        try:
+            snap = self.images.verified_snapshot(image)
+            await load_verified(vmm, snap.state_file, snap.manifest.files["state"], True)
+            await vmm.resume()
+            await agent.authenticate(image.token, self.settings.agent_timeout_s)
+            await agent.restore_identity("ember", image.token, os.urandom(64), time.time_ns())
+            await vmm.pause()
+            return vmm, agent
+        except BaseException:
+            await agent.close()
+            await vmm.shutdown()
+            raise
+
     async def run(self, image_name: str) -> VmRecord:
         image = self.images.get(image_name)
         snap = self.images.verified_snapshot(image)
-        vm_id = new_vm_id()
-        uid = self.store.free_uid(self.settings.uid_base, self.settings.uid_count)
+        phases = Phases()
+        warm = self.pool.take(image)
+        if warm is None:
+            vm_id, uid = new_vm_id(), self._allocate_uid()
+        else:
+            vm_id, uid = warm.vm_id, warm.uid
         record = VmRecord(
             id=vm_id, image=image.name, state=VmState.PENDING, machine=image.machine, uid=uid,
             token=image.token, ram=RamMode.CLONE,
         )  # fmt: skip
         self.store.insert_vm(record)
-        layout = self.host.layout(vm_id)
-        phases = Phases()
+        self._reserved_uids.discard(uid)
         async with self._lock(vm_id):
             try:
-                self.host.prepare_run_dir(layout, uid)
-                create_overlay(self.images.disk(image), layout.disk, uid)
-                phases.mark("disk_overlay")
-                runtime, token = await self._restore_vmm(
-                    record, snap.state_file, snap.manifest.files["state"], RamMode.CLONE,
-                    self.images.ram(image), True, image.gid, phases,
-                )  # fmt: skip
+                if warm is None:
+                    vmm, agent = await self._start_clone(vm_id, uid, image)
+                    phases.mark("start_vmm")
+                    runtime, token = await self._activate(
+                        record, vmm, agent, snap.state_file, snap.manifest.files["state"], True, phases
+                    )
+                else:
+                    runtime, token = await self._hand_over(record, warm.vmm, warm.agent, phases)
             except BaseException:
                 await self.host.teardown(vm_id, None)
                 self.store.delete_vm(vm_id)
                 raise
+            finally:
+                self.pool.refill(image, self._prewarm)
             self._runtimes[vm_id] = runtime
             self._watch(vm_id, runtime.vmm)
             record = self._save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, token=token, next_token=""))
         vlog(vm_id).info("launched from %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
         return record
+
+    async def _hand_over(
+        self, record: VmRecord, vmm: QemuVmm, agent: AgentConnection, phases: Phases
+    ) -> tuple[VmRuntime, str]:
+        """Run a pooled clone and give it this VM's identity."""
+        try:
+            new_token = secrets.token_hex(16)
+            self._save(replace(record, next_token=new_token))
+            await vmm.resume()
+            await agent.restore_identity(record.id, new_token, os.urandom(64), time.time_ns())
+            phases.mark("identity")
+            return VmRuntime(record.id, vmm, agent), new_token
+        except BaseException:
+            await self.host.stop(record.id, VmRuntime(record.id, vmm, agent))
+            raise
 
     # ---- guest operations --------------------------------------------------
 
@@ -324,10 +370,13 @@ class Engine:
             try:
                 # the disk overlay still reads its image's disk: keep the image's group
                 image = self.images.get(record.image)
-                runtime, token = await self._restore_vmm(
-                    record, layout.suspend_dir / "state", manifest.files["state"], RamMode.PRIVATE, None, False,
-                    image.gid, phases,
-                )  # fmt: skip
+                vmm, agent = await self._start_paused(
+                    vm_id, record.uid, record.machine, RamMode.PRIVATE, None, image.gid
+                )
+                phases.mark("start_vmm")
+                runtime, token = await self._activate(
+                    record, vmm, agent, layout.suspend_dir / "state", manifest.files["state"], False, phases
+                )
             except BaseException as exc:
                 os.rename(layout.disk, layout.suspend_dir / "disk.qcow2")
                 reason = f"resume failed: {exc}"
@@ -468,6 +517,7 @@ class Engine:
 
     async def close(self) -> None:
         """Daemon shutdown: detach from VMs but leave them running for the next daemon."""
+        await self.pool.close()
         for vm_id in list(self._watchers):
             self._unwatch(vm_id)
         for runtime in self._runtimes.values():

@@ -35,9 +35,9 @@ from ember.runtime import Host
 from ember.snapshot import (
     SnapshotManifest,
     StreamTap,
-    check_digest,
     hash_file,
     load_manifest,
+    load_verified,
     new_manifest,
     staging,
     verify,
@@ -260,12 +260,7 @@ class ImageStore:
                 await agent.sync()
                 await agent.close()
             else:
-                tap_in = StreamTap.source(stream[0])
-                try:
-                    await vmm.load_state(tap_in.fd, ignore_shared=False)
-                finally:
-                    digest = tap_in.finish()
-                check_digest(stream[0], stream[1], digest)
+                await load_verified(vmm, stream[0], stream[1], ignore_shared=False)
             tap = StreamTap.sink(tmp / "state")
             try:
                 await vmm.save_state(tap.fd, ignore_shared=True)

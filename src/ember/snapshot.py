@@ -28,6 +28,7 @@ from pathlib import Path
 from ember.errors import ResourceExhausted, SnapshotError
 from ember.models import FileDigest, utcnow
 from ember.vmm.machine import MachineConfig
+from ember.vmm.qemu import Vmm
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -105,6 +106,7 @@ class StreamTap:
         self._hash = hashlib.sha256()
         self._size = 0
         self._error: BaseException | None = None
+        self._writing = writing
         self._thread = threading.Thread(target=self._run, args=(own, writing), daemon=True)
         self._thread.start()
 
@@ -127,13 +129,17 @@ class StreamTap:
                     out.flush()
                     os.fsync(out.fileno())
             else:
+                reader_gone = False  # QEMU stops reading a stream it rejects: keep hashing
                 with open(self.path, "rb") as src:
                     while chunk := src.read(BUF):
                         self._hash.update(chunk)
                         self._size += len(chunk)
                         view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(own, view) :]
+                        while view and not reader_gone:
+                            try:
+                                view = view[os.write(own, view) :]
+                            except BrokenPipeError:
+                                reader_gone = True
         except BaseException as exc:  # reported by finish()
             self._error = exc
         finally:
@@ -151,7 +157,7 @@ class StreamTap:
         if self._thread.is_alive():
             raise SnapshotError(f"stream {self.path.name} did not finish")
         if isinstance(self._error, OSError):
-            raise_storage(self._error, f"writing {self.path.name}")
+            raise_storage(self._error, f"{'writing' if self._writing else 'reading'} {self.path.name}")
         if self._error is not None:
             raise SnapshotError(f"stream {self.path.name} failed: {self._error}")
         return FileDigest(self._hash.hexdigest(), self._size)
@@ -226,3 +232,19 @@ def verify(directory: Path, manifest: SnapshotManifest, names: list[str]) -> Non
 def check_digest(path: Path, expected: FileDigest, actual: FileDigest) -> None:
     if expected != actual:
         raise SnapshotError(f"snapshot file {path} fails its SHA-256 check: it is damaged")
+
+
+async def load_verified(vmm: Vmm, path: Path, expected: FileDigest, ignore_shared: bool) -> None:
+    """Stream a saved state into a paused VMM, checking its SHA-256 on the way.
+
+    The guest has not run when this returns or raises: a damaged file is
+    reported as damaged (even when QEMU gave up on it first) and the caller
+    must not resume the VMM.
+    """
+    tap = StreamTap.source(path)
+    try:
+        await vmm.load_state(tap.fd, ignore_shared)
+    except BaseException:
+        check_digest(path, expected, tap.finish())
+        raise
+    check_digest(path, expected, tap.finish())

@@ -139,9 +139,9 @@ class Store:
         with self.engine.begin() as c:
             c.execute(delete(vms).where(vms.c.id == vm_id))
 
-    def free_uid(self, base: int, count: int) -> int:
+    def free_uid(self, base: int, count: int, exclude: set[int] | None = None) -> int:
         with self.engine.connect() as c:
-            used = {r[0] for r in c.execute(select(vms.c.uid))}
+            used = {r[0] for r in c.execute(select(vms.c.uid))} | (exclude or set())
         for uid in range(base, base + count):
             if uid not in used:
                 return uid

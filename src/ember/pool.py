@@ -1,0 +1,109 @@
+"""Pre-started VMMs: a launch skips QEMU's start-up (the largest part of it).
+
+For each image that has been launched, the pool keeps ``EMBER_POOL_SIZE``
+jailed clones: id, uid, cgroup and disk overlay in place, the image's
+snapshot restored, run for one agent round trip (under TCG the first one
+after a restore pays for translating the guest's code) and paused. A launch
+takes one, lets it run and gives it its identity (fresh RNG seed, clock,
+hostname, token); a background task refills the pool. Entries are not VMs yet:
+they are not in the database, so a restarted daemon reaps them like any
+other leftover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ember.agent import AgentConnection
+from ember.models import ImageRecord
+from ember.runtime import Host
+from ember.vmm.qemu import QemuVmm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Warm:
+    vm_id: str
+    uid: int
+    image_key: tuple[str, str]
+    vmm: QemuVmm
+    agent: AgentConnection
+
+
+# (vm_id, uid, image) -> a restored, paused VMM and its authenticated agent connection
+Starter = Callable[[str, int, ImageRecord], Awaitable[tuple[QemuVmm, AgentConnection]]]
+
+
+def new_vm_id() -> str:
+    return "vm-" + secrets.token_hex(6)
+
+
+class WarmPool:
+    def __init__(
+        self, host: Host, size: int, allocate_uid: Callable[[], int], release_uid: Callable[[int], None]
+    ) -> None:
+        self.host = host
+        self.size = size
+        self._allocate_uid = allocate_uid
+        self._release_uid = release_uid
+        self._entries: dict[tuple[str, str], list[Warm]] = {}
+        self._fillers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._discards: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def key(image: ImageRecord) -> tuple[str, str]:
+        return (image.name, image.created_at)
+
+    def take(self, image: ImageRecord) -> Warm | None:
+        entries = self._entries.get(self.key(image), [])
+        while entries:
+            warm = entries.pop(0)
+            if warm.vmm.alive() and not warm.agent.closed:
+                return warm
+            task = asyncio.create_task(self._discard(warm))
+            self._discards.add(task)
+            task.add_done_callback(self._discards.discard)
+        return None
+
+    def refill(self, image: ImageRecord, start: Starter) -> None:
+        key = self.key(image)
+        if self.size <= 0 or (key in self._fillers and not self._fillers[key].done()):
+            return
+        self._fillers[key] = asyncio.create_task(self._fill(image, start), name=f"pool-{image.name}")
+
+    async def _fill(self, image: ImageRecord, start: Starter) -> None:
+        key = self.key(image)
+        entries = self._entries.setdefault(key, [])
+        while len(entries) < self.size:
+            vm_id, uid = new_vm_id(), self._allocate_uid()
+            try:
+                vmm, agent = await start(vm_id, uid, image)
+            except Exception as exc:
+                log.warning("could not pre-start a VMM for image %s: %s", image.name, exc)
+                await self.host.teardown(vm_id, None)
+                self._release_uid(uid)
+                return
+            entries.append(Warm(vm_id, uid, key, vmm, agent))
+
+    async def _discard(self, warm: Warm) -> None:
+        with contextlib.suppress(Exception):
+            await warm.agent.close()
+        await warm.vmm.shutdown()
+        await self.host.teardown(warm.vm_id, None)
+        self._release_uid(warm.uid)
+
+    async def close(self) -> None:
+        for task in self._fillers.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for entries in self._entries.values():
+            for warm in entries:
+                await self._discard(warm)
+        self._entries.clear()
