@@ -16,7 +16,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,16 +37,18 @@ from ember.guest.protocol import DirEntry
 from ember.images import ImageStore
 from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
 from ember.pool import WarmPool, new_vm_id
-from ember.runtime import Host, VmRuntime, create_overlay
+from ember.runtime import VM_FILES, Host, VmRuntime, create_overlay, move_files, new_ram_file
 from ember.snapshot import (
     StreamTap,
+    durable,
+    evict,
     hash_file,
     load_manifest,
     load_verified,
     new_manifest,
     raise_storage,
     staging,
-    verify,
+    verify_files,
     write_manifest,
 )
 from ember.store import Store
@@ -102,6 +104,7 @@ class Engine:
         self._runtimes: dict[str, VmRuntime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._chores: set[asyncio.Task[Any]] = set()
         self._reserved_uids: set[int] = set()  # handed to pooled VMMs, not yet in the store
         self.pool = WarmPool(host, settings.pool_size, self._allocate_uid, self._reserved_uids.discard)
 
@@ -147,13 +150,18 @@ class Engine:
 
         self._watchers[vm_id] = asyncio.create_task(watch(), name=f"watch-{vm_id}")
 
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
     def _unwatch(self, vm_id: str) -> None:
         task = self._watchers.pop(vm_id, None)
         if task is not None:
             task.cancel()
 
     async def _start_paused(
-        self, vm_id: str, uid: int, machine: MachineConfig, ram: RamMode, ram_file: Path | None, extra_gid: int
+        self, vm_id: str, uid: int, machine: MachineConfig, ram: RamMode, ram_file: Path, extra_gid: int
     ) -> tuple[QemuVmm, AgentConnection]:
         """Start a jailed QEMU waiting for a snapshot, and open (not yet use) its agent socket."""
         layout = self.host.layout(vm_id)
@@ -309,11 +317,18 @@ class Engine:
     # ---- suspend / resume ------------------------------------------------
 
     async def suspend(self, vm_id: str) -> Timings:
+        """Save memory, devices and disk durably; the VMM exits and the VM holds no host RAM.
+
+        A VM with its own RAM file (any VM resumed before) saves only device
+        state (``x-ignore-shared``, ~60 KB) and makes the RAM file durable; a
+        clone still mapping its image's template saves a full migration stream.
+        """
         async with self._lock(vm_id):
             record = self.get(vm_id)
             check_transition(vm_id, record.state, VmState.SUSPENDING, "suspend")
             runtime = self._runtime(record, "suspend")
             phases = Phases()
+            own_ram = record.ram is RamMode.OWN
             record = self._save(record.moved(VmState.SUSPENDING))
             layout = self.host.layout(vm_id)
             try:
@@ -322,7 +337,7 @@ class Engine:
                 with staging(layout.suspend_dir) as tmp:
                     tap = StreamTap.sink(tmp / "state")
                     try:
-                        await runtime.vmm.save_state(tap.fd, ignore_shared=False)
+                        await runtime.vmm.save_state(tap.fd, ignore_shared=own_ram)
                     finally:
                         state = tap.finish()
                     phases.mark("save_state")
@@ -330,18 +345,23 @@ class Engine:
                     self._runtimes.pop(vm_id, None)
                     await self.host.stop(vm_id, runtime)
                     phases.mark("stop_vmm")
-                    os.rename(layout.disk, tmp / "disk.qcow2")
-                    disk = await asyncio.to_thread(hash_file, tmp / "disk.qcow2")
-                    phases.mark("hash_disk")
-                    manifest = new_manifest("suspend", record.machine, {"state": state, "disk.qcow2": disk}, False)
-                    write_manifest(tmp, manifest)
+                    moved = move_files(layout.root, tmp, VM_FILES)
+                    await asyncio.to_thread(durable, [tmp / name for name in moved])
+                    phases.mark("fsync")
+                    digests = await asyncio.gather(
+                        *(asyncio.to_thread(hash_file, tmp / name, name == "ram") for name in moved)
+                    )
+                    phases.mark("hash")
+                    files = {"state": state, **dict(zip(moved, digests, strict=True))}
+                    write_manifest(tmp, new_manifest("suspend", record.machine, files, own_ram))
                 phases.mark("commit")
+                evict([layout.suspend_dir / name for name in files])  # the suspended VM holds no host RAM
             except BaseException as exc:
                 await self._suspend_failed(record, runtime, exc)
                 raise
             self._save(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
             vlog(vm_id).info("suspended in %.0f ms (%d bytes of state) %s", phases.total_ms, state.size, phases.ms)
-            return Timings(phases.total_ms, phases.ms, state.size)
+            return Timings(phases.total_ms, phases.ms, sum(f.size for n, f in files.items() if n != "disk.qcow2"))
 
     async def _suspend_failed(self, record: VmRecord, runtime: VmRuntime, exc: BaseException) -> None:
         layout = self.host.layout(record.id)
@@ -351,44 +371,59 @@ class Engine:
                 await runtime.vmm.resume()
             self._save(record.moved(VmState.RUNNING, f"suspend failed: {exc}"))
             return
-        # The VMM already stopped: put the disk back and give up on this VM.
-        for stray in layout.root.glob(".suspend.tmp-*/disk.qcow2"):
-            os.rename(stray, layout.disk)
+        # The VMM already stopped: put its files back and give up on this VM.
+        for stray in layout.root.glob(".suspend.tmp-*"):
+            move_files(stray, layout.root, VM_FILES)
         self._save(record.moved(VmState.FAILED, f"suspend failed after the VMM stopped: {exc}", pid=0))
 
     async def resume(self, vm_id: str) -> Timings:
+        """Restore a suspended VM under the same id, into its own RAM file."""
         async with self._lock(vm_id):
             record = self.get(vm_id)
             check_transition(vm_id, record.state, VmState.RESUMING, "resume")
             phases = Phases()
             layout = self.host.layout(vm_id)
             manifest = load_manifest(layout.suspend_dir)
-            await asyncio.to_thread(verify, layout.suspend_dir, manifest, ["disk.qcow2"])
-            phases.mark("verify_disk")
+            own_ram = "ram" in manifest.files
+            # the disk overlay still reads its image's disk: keep the image's group
+            image = self.images.get(record.image)
             record = self._save(record.moved(VmState.RESUMING))
-            os.rename(layout.suspend_dir / "disk.qcow2", layout.disk)
+            moved = move_files(layout.suspend_dir, layout.root, VM_FILES)
+            started: VmRuntime | None = None
             try:
-                # the disk overlay still reads its image's disk: keep the image's group
-                image = self.images.get(record.image)
-                vmm, agent = await self._start_paused(
-                    vm_id, record.uid, record.machine, RamMode.PRIVATE, None, image.gid
+                if not own_ram:  # a full stream: it is loaded into a fresh RAM file
+                    new_ram_file(layout.ram, record.machine.memory_mib, record.uid)
+                # hash the disk and RAM files on the other core while QEMU starts
+                checking = asyncio.create_task(
+                    asyncio.to_thread(verify_files, manifest, {name: layout.root / name for name in moved})
                 )
-                phases.mark("start_vmm")
+                try:
+                    vmm, agent = await self._start_paused(
+                        vm_id, record.uid, record.machine, RamMode.OWN, layout.ram, image.gid
+                    )
+                    started = VmRuntime(vm_id, vmm, agent)
+                finally:
+                    await asyncio.gather(checking, return_exceptions=True)
+                checking.result()  # a damaged file stops us here, before the guest runs
+                phases.mark("start_vmm+verify")
                 runtime, token = await self._activate(
-                    record, vmm, agent, layout.suspend_dir / "state", manifest.files["state"], False, phases
+                    record, vmm, agent, layout.suspend_dir / "state", manifest.files["state"], own_ram, phases
                 )
             except BaseException as exc:
-                os.rename(layout.disk, layout.suspend_dir / "disk.qcow2")
+                await self.host.stop(vm_id, started)
+                if not own_ram:
+                    layout.ram.unlink(missing_ok=True)
+                move_files(layout.root, layout.suspend_dir, moved)
                 reason = f"resume failed: {exc}"
                 vlog(vm_id).error(reason)
                 self._save(record.moved(VmState.SUSPENDED, reason))
                 raise
-            shutil.rmtree(layout.suspend_dir)
+            # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
+            consumed = layout.suspend_dir.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
+            self._background(asyncio.to_thread(shutil.rmtree, consumed, True))
             self._runtimes[vm_id] = runtime
             self._watch(vm_id, runtime.vmm)
-            self._save(
-                record.moved(VmState.RUNNING, pid=runtime.vmm.pid, ram=RamMode.PRIVATE, token=token, next_token="")
-            )
+            self._save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, ram=RamMode.OWN, token=token, next_token=""))
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)
@@ -465,9 +500,10 @@ class Engine:
 
     async def _recover_one(self, record: VmRecord) -> bool:
         layout = self.host.layout(record.id)
-        for stray in layout.root.glob(".suspend.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(stray / "disk.qcow2", layout.disk)
+        for consumed in layout.root.glob(".consumed-*"):
+            shutil.rmtree(consumed, ignore_errors=True)
+        for stray in layout.root.glob(".suspend.tmp-*"):  # a suspend cut short
+            move_files(stray, layout.root, VM_FILES)
             shutil.rmtree(stray, ignore_errors=True)
         alive = record.pid > 0 and record.pid in self.host.cgroup_pids(record.id)
         if record.state is VmState.SUSPENDED:
@@ -483,15 +519,18 @@ class Engine:
                 record.state in (VmState.SUSPENDING, VmState.RESUMING)
                 and (layout.suspend_dir / "manifest.json").exists()
             ):
-                if layout.disk.exists() and not (layout.suspend_dir / "disk.qcow2").exists():
-                    os.rename(layout.disk, layout.suspend_dir / "disk.qcow2")  # checked against its hash on resume
+                # a resume cut short: its files go back (checked against their hashes on the next resume)
+                manifest = load_manifest(layout.suspend_dir)
+                move_files(layout.root, layout.suspend_dir, [n for n in VM_FILES if n in manifest.files])
+                if "ram" not in manifest.files:
+                    layout.ram.unlink(missing_ok=True)
                 self._save(record.moved(VmState.SUSPENDED, StopReason.DAEMON_RESTART.value, pid=0))
             elif record.state is not VmState.FAILED:
                 vlog(record.id).error("VMM gone after a daemon restart; marking FAILED")
                 self._save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
             return False
         # The VMM is alive: ask it, then re-attach to the agent.
-        paths = layout.run_paths(None)
+        paths = layout.run_paths(layout.ram)
         vmm = await QemuVmm.adopt(record.pid, paths)
         status = await vmm.status()
         if status != "running":

@@ -40,7 +40,7 @@ from ember.snapshot import (
     load_verified,
     new_manifest,
     staging,
-    verify,
+    verify_files,
     write_manifest,
 )
 from ember.store import Store
@@ -116,7 +116,7 @@ class ImageStore:
             manifest = load_manifest(directory)
             if manifest.machine != image.machine:
                 raise SnapshotError(f"image {image.name}: its snapshot was taken on a different machine config")
-            verify(directory, manifest, ["ram", "disk.qcow2"])
+            verify_files(manifest, {name: directory / name for name in ("ram", "disk.qcow2")})
             self._verified[key] = VerifiedSnapshot(manifest, directory / "state")
         return self._verified[key]
 
@@ -248,9 +248,7 @@ class ImageStore:
         paths = RunPaths(run_dir=run_dir, disk=disk, ram_file=ram)
         build_id = f"build-{name}"
         boot_started = time.perf_counter()
-        vmm = await self.host.start_vmm(
-            build_id, machine, paths, RamMode.TEMPLATE, stream is not None, builder_uid, gid
-        )
+        vmm = await self.host.start_vmm(build_id, machine, paths, RamMode.OWN, stream is not None, builder_uid, gid)
         try:
             if stream is None:
                 agent = await AgentConnection.connect(paths.agent_socket, token, self.settings.boot_timeout_s)

@@ -80,6 +80,8 @@ def utcnow() -> str:
 class FileDigest:
     sha256: str
     size: int
+    # sparse: SHA-256 over (offset, length, bytes) of each data extent; holes read as zeros
+    sparse: bool = False
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,15 @@ class VmLayout:
         return self.root / "disk.qcow2"
 
     @property
+    def ram(self) -> Path:
+        return self.root / "ram"
+
+    @property
     def suspend_dir(self) -> Path:
         return self.root / "suspend"
 
-    def run_paths(self, ram_file: Path | None, disk: Path | None = None) -> RunPaths:
-        return RunPaths(run_dir=self.run_dir, disk=disk or self.disk, ram_file=ram_file)
+    def run_paths(self, ram_file: Path) -> RunPaths:
+        return RunPaths(run_dir=self.run_dir, disk=self.disk, ram_file=ram_file)
 
 
 @dataclass
@@ -55,6 +59,35 @@ class VmRuntime:
     vm_id: str
     vmm: QemuVmm
     agent: AgentConnection
+
+
+# A VM's own files: they move into its suspend snapshot and back out on resume.
+VM_FILES = ("disk.qcow2", "ram")
+
+
+def move_files(src: Path, dst: Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Rename the named files that exist in ``src`` into ``dst`` (same filesystem); returns them."""
+    moved = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(src / name, dst / name)
+            moved.append(name)
+    return moved
+
+
+def new_ram_file(path: Path, memory_mib: int, uid: int) -> None:
+    """A guest RAM file only the VM's VMM can open, its blocks reserved up front.
+
+    Preallocated (unwritten extents read as holes), a first write to a guest
+    page costs what anonymous memory costs (54 ms vs 163 ms for 90 MB here),
+    and a full disk is found now rather than as a SIGBUS in the VMM.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, memory_mib * 1024 * 1024)
+        os.fchown(fd, uid, uid)
+    finally:
+        os.close(fd)
 
 
 def create_overlay(backing: Path, out: Path, owner_uid: int) -> None:

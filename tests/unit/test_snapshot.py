@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ember.errors import SnapshotError
-from ember.snapshot import StreamTap, hash_file, load_manifest, new_manifest, staging, verify, write_manifest
+from ember.snapshot import StreamTap, hash_file, load_manifest, new_manifest, staging, verify_files, write_manifest
 from ember.vmm.machine import Accel, MachineConfig
 
 MACHINE = MachineConfig(Accel.TCG, 256, 1, "/boot/k", "/i", "console=ttyS0", "QEMU 7.2")
@@ -26,7 +26,7 @@ def test_round_trip_and_machine_config(tmp_path: Path) -> None:
     final = make(tmp_path)
     manifest = load_manifest(final)
     assert manifest.machine == MACHINE and manifest.kind == "suspend"
-    verify(final, manifest, ["state"])
+    verify_files(manifest, {"state": final / "state"})
     assert [p.name for p in tmp_path.iterdir()] == ["snap"], "staging left files behind"
 
 
@@ -44,7 +44,7 @@ def test_damage_is_detected(tmp_path: Path) -> None:
     data[10] ^= 1
     state.write_bytes(bytes(data))
     with pytest.raises(SnapshotError, match="SHA-256"):
-        verify(final, load_manifest(final), ["state"])
+        verify_files(load_manifest(final), {"state": final / "state"})
     state.write_bytes(bytes(data[:-1]))
     with pytest.raises(SnapshotError, match="manifest says"):
         load_manifest(final)
@@ -66,3 +66,23 @@ def test_stream_tap_hashes_what_crosses_it(tmp_path: Path) -> None:
     while chunk := os.read(source.fd, 1 << 20):
         got += chunk
     assert source.finish() == digest and got == payload
+
+
+def test_sparse_hash_covers_data_and_layout(tmp_path: Path) -> None:
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+        f.seek(8 * 1024 * 1024)
+        f.write(b"guest page" * 400)
+    digest = hash_file(ram, sparse=True)
+    assert digest.sparse and digest.size == 64 * 1024 * 1024
+    with open(ram, "r+b") as f:
+        f.seek(8 * 1024 * 1024 + 5)
+        f.write(b"X")
+    changed = hash_file(ram, sparse=True)
+    assert changed != digest, "a changed byte must change the sparse digest"
+    # the same bytes laid out differently (zeros written instead of a hole) hash the same
+    with open(ram, "r+b") as f:
+        f.seek(40 * 1024 * 1024)
+        f.write(bytes(3 * 1024 * 1024))
+    assert hash_file(ram, sparse=True) == changed

@@ -31,9 +31,8 @@ class Accel(enum.StrEnum):
 class RamMode(enum.StrEnum):
     """How guest RAM is backed for one QEMU run."""
 
-    TEMPLATE = "template"  # shared file, written by this VM (cold boot of an image)
+    OWN = "own"  # a RAM file this VMM owns and writes (template capture; resumed VMs)
     CLONE = "clone"  # private copy-on-write view of an image's template file
-    PRIVATE = "private"  # anonymous memory (resumed from a full migration stream)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class RunPaths:
 
     run_dir: Path
     disk: Path
-    ram_file: Path | None
+    ram_file: Path
 
     @property
     def qmp_socket(self) -> Path:
@@ -86,13 +85,8 @@ def kernel_cmdline(accel: Accel, token: str) -> str:
 
 def qemu_argv(binary: str, machine: MachineConfig, paths: RunPaths, ram: RamMode, incoming: bool) -> list[str]:
     mem = f"{machine.memory_mib}M"
-    if ram is RamMode.PRIVATE:
-        backend = f"memory-backend-ram,id=mem,size={mem}"
-    else:
-        if paths.ram_file is None:
-            raise ValueError(f"RAM mode {ram.value} needs a RAM file")
-        share = "on" if ram is RamMode.TEMPLATE else "off"
-        backend = f"memory-backend-file,id=mem,size={mem},mem-path={paths.ram_file},share={share}"
+    share = "on" if ram is RamMode.OWN else "off"
+    backend = f"memory-backend-file,id=mem,size={mem},mem-path={paths.ram_file},share={share}"
     argv = [
         binary,
         "-M", f"microvm,accel={machine.accel.value},isa-serial=on,memory-backend=mem",
