@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,10 @@ class DaemonProcess:
 
     @property
     def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "EMBER_DATA_DIR": str(self.settings.data_dir),
-            "EMBER_SOCKET": str(self.settings.socket_path),
-            "EMBER_CACHE_DIR": str(self.settings.cache_dir),
-        }
+        env = dict(os.environ)
+        for f in fields(Settings):
+            env[f.metadata["env"]] = str(getattr(self.settings, f.name))
+        return env
 
     def start(self) -> None:
         with open(self.log, "ab") as log:

@@ -134,10 +134,13 @@ class Engine:
         return runtime
 
     def _watch(self, vm_id: str, vmm: QemuVmm) -> None:
-        """Notice a VMM that dies on its own (crash, OOM kill) and mark the VM failed."""
+        """Notice a VMM that dies on its own (crash, OOM kill) and mark the VM failed;
+        keep its serial log bounded."""
 
         async def watch() -> None:
             while vmm.alive():
+                if self.host.cap_serial_log(vm_id):
+                    vlog(vm_id).warning("guest serial output passed 1 MiB; log truncated")
                 await asyncio.sleep(0.25)
             async with self._lock(vm_id):
                 record = self.store.get_vm(vm_id)

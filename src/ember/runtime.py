@@ -22,6 +22,7 @@ from ember.agent import AgentConnection
 from ember.config import Settings
 from ember.errors import VmmError
 from ember.host.cgroup import Cgroups
+from ember.snapshot import raise_storage
 from ember.vmm.machine import MachineConfig, RamMode, RunPaths
 from ember.vmm.qemu import Jail, QemuVmm
 
@@ -61,6 +62,8 @@ class VmRuntime:
     agent: AgentConnection
 
 
+SERIAL_LOG_CAP = 1024 * 1024
+
 # A VM's own files: they move into its suspend snapshot and back out on resume.
 VM_FILES = ("disk.qcow2", "ram")
 
@@ -86,6 +89,9 @@ def new_ram_file(path: Path, memory_mib: int, uid: int) -> None:
     try:
         os.posix_fallocate(fd, 0, memory_mib * 1024 * 1024)
         os.fchown(fd, uid, uid)
+    except OSError as exc:
+        path.unlink()
+        raise_storage(exc, "reserving the VM's RAM file")
     finally:
         os.close(fd)
 
@@ -149,6 +155,18 @@ class Host:
         await self.stop(vm_id, runtime)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.layout(vm_id).root)
+
+    def cap_serial_log(self, vm_id: str, cap: int = SERIAL_LOG_CAP) -> bool:
+        """Truncate a guest's serial log that outgrew ``cap`` (a guest can write its
+        console as fast as it likes); returns True when it did."""
+        log_path = self.layout(vm_id).run_dir / "serial.log"
+        try:
+            if log_path.stat().st_size <= cap:
+                return False
+            os.truncate(log_path, 0)
+        except FileNotFoundError:
+            return False
+        return True
 
     def cgroup_pids(self, vm_id: str) -> list[int]:
         return self.cgroups.pids(self.cgroup_name(vm_id))

@@ -98,6 +98,12 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def ember_error(_: Request, exc: EmberError) -> JSONResponse:
         return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=exc.http_status)
 
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        message = f"internal error ({type(exc).__name__}: {exc}); the daemon log has the details"
+        return JSONResponse({"error": "InternalError", "message": message}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

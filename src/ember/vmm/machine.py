@@ -103,7 +103,9 @@ def qemu_argv(binary: str, machine: MachineConfig, paths: RunPaths, ram: RamMode
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
-        "-serial", f"file:{paths.serial_log}",
+        # append mode: the daemon may truncate the log under QEMU (see Host.cap_serial_log)
+        "-chardev", f"file,id=serial,path={paths.serial_log},append=on",
+        "-serial", "chardev:serial",
         "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
         # seccomp: no spawning (migration goes through passed fds), no setuid.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",

@@ -1,0 +1,110 @@
+"""Failures as features: a full host disk, a hostile or greedy guest."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.client import ApiError, Client, call_simple
+from ember.config import Settings
+from ember.runtime import SERIAL_LOG_CAP
+from tests.conftest import DaemonProcess, remove_quietly
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def small_disk_daemon(settings: Settings) -> Iterator[DaemonProcess]:
+    """A second daemon whose data directory is a 900 MiB filesystem we can fill."""
+    mount = Path(tempfile.mkdtemp(prefix="ember-small-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900M,mode=0711", "tmpfs", str(mount)], check=True)
+    small = Settings.from_env(
+        {
+            "EMBER_DATA_DIR": str(mount / "data"),
+            "EMBER_SOCKET": str(mount / "ember.sock"),
+            "EMBER_CACHE_DIR": str(settings.cache_dir),
+            "EMBER_POOL_SIZE": "0",
+        }
+    )
+    daemon = DaemonProcess(small, mount.parent / f"{mount.name}-daemon.log")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        with contextlib.suppress(OSError):
+            mount.rmdir()
+
+
+def fill(path: Path, leave_mib: int) -> Path:
+    """Use up a filesystem's space but ``leave_mib``."""
+    st = os.statvfs(path)
+    filler = path / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - leave_mib * 1024 * 1024)
+    return filler
+
+
+def test_full_disk_suspend_keeps_the_vm_running(small_disk_daemon: DaemonProcess) -> None:
+    settings = small_disk_daemon.settings
+    with Client(settings=settings) as c:
+        for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+            assert "error" not in event, event
+        vm = c.run("debian")["id"]
+        try:
+            c.exec(vm, ["sh", "-c", "echo before > /root/f"])
+            filler = fill(settings.data_dir, leave_mib=20)  # the first suspend writes a ~90 MB stream
+            with pytest.raises(ApiError, match="disk is full") as err:
+                c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))
+            assert err.value.status == 507
+            view = c.send(call_simple("GET", f"/v1/vms/{vm}"))
+            assert view["state"] == "RUNNING" and "suspend failed" in view["state_reason"]
+            assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n", "the VM must keep running"
+            assert not list((settings.vms_dir / vm).glob(".suspend*")), "a failed suspend left files behind"
+            filler.unlink()
+            assert c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))["state"] == "SUSPENDED"
+            # resuming needs room for the VM's RAM file: refused cleanly, the VM stays suspended
+            filler = fill(settings.data_dir, leave_mib=20)
+            with pytest.raises(ApiError, match="disk is full"):
+                c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))
+            assert c.send(call_simple("GET", f"/v1/vms/{vm}"))["state"] == "SUSPENDED"
+            filler.unlink()
+            assert c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))["state"] == "RUNNING"
+            assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
+        finally:
+            remove_quietly(c, vm)
+
+
+def test_guest_memory_hog_stays_inside_its_vm(client: Client, base_image: str) -> None:
+    hog, neighbour = client.run(base_image)["id"], client.run(base_image)["id"]
+    try:
+        out = client.exec(hog, ["python3", "-c", "a = bytearray(600 * 2**20)"], timeout_s=60)
+        assert out.exit_code != 0, "a 600 MiB allocation cannot succeed in a 256 MiB guest"
+        assert client.exec(hog, ["true"]).exit_code == 0, "the guest kernel, not the VM, should stop the hog"
+        assert client.exec(neighbour, ["true"]).exit_code == 0
+    finally:
+        remove_quietly(client, hog)
+        remove_quietly(client, neighbour)
+
+
+def test_serial_flood_is_bounded(client: Client, daemon: DaemonProcess, base_image: str) -> None:
+    vm = client.run(base_image)["id"]
+    log = daemon.settings.vms_dir / vm / "run" / "serial.log"
+    try:
+        client.exec(vm, ["sh", "-c", "yes flood-the-host-disk > /dev/ttyS0 &"])
+        deadline = time.monotonic() + 60
+        while f"[{vm}] guest serial output passed 1 MiB" not in daemon.log.read_text():
+            assert time.monotonic() < deadline, "the flood never reached the cap"
+            assert log.stat().st_size <= SERIAL_LOG_CAP + 2 * 1024 * 1024, "serial log grew without bound"
+            time.sleep(0.2)
+        assert client.exec(vm, ["true"]).exit_code == 0
+    finally:
+        remove_quietly(client, vm)
