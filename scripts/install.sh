@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-    echo "install.sh: run as root (sudo $0): Ember gives every VMM its own uid and cgroup" >&2
+    echo "install.sh: run as root: Ember gives every VMM its own uid and cgroup" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -16,7 +19,7 @@ from ember.errors import HostSetupError
 from ember.guest.artifacts import ensure_artifacts
 from ember.host import cgroup
 from ember.host.binaries import ensure_jailer
-from ember.images import ImageStore
+from ember.images import BASE_IMAGE, ImageStore
 from ember.runtime import Host
 from ember.store import Store
 from ember.vmm import accel as accel_mod
@@ -29,6 +32,23 @@ class Daemon:
     settings: Settings
     engine: Engine
     images: ImageStore
+    uid_lock: int  # held for the daemon's lifetime
+
+
+def lock_uid_range(settings: Settings) -> int:
+    """Two daemons must never give the same uid to two VMMs: one daemon per uid range."""
+    path = Path("/run/ember") / f"uids-{settings.uid_base}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HostSetupError(
+            f"another Ember daemon uses VMM uids from {settings.uid_base}: stop it, or give this one "
+            "its own range with EMBER_UID_BASE"
+        ) from None
+    return fd
 
 
 async def assemble(settings: Settings) -> Daemon:
@@ -49,11 +69,30 @@ async def assemble(settings: Settings) -> Daemon:
         log.info("accelerator: KVM (%s)", choice.reason)
     else:
         log.warning("accelerator: TCG (%s); %s", choice.reason, accel_mod.TCG_WARNING)
-    host = Host(settings, cgroup.detect(), jailer)
+    uid_lock = lock_uid_range(settings)
+    host = Host(settings, cgroup.detect(cgroup.group_for(settings.data_dir)), jailer)
     images = ImageStore(settings, store, host, guest, choice)
     engine = Engine(settings, store, host, images, choice)
     await engine.recover()
-    return Daemon(settings, engine, images)
+    base = store.get_image(BASE_IMAGE)
+    if base is not None:
+        engine.warm_up(base)
+    return Daemon(settings, engine, images, uid_lock)
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """The API socket, owner-only from the start (the daemon runs VMs as root)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(128)
+    return sock
 
 
 async def serve(settings: Settings) -> None:
@@ -61,15 +100,16 @@ async def serve(settings: Settings) -> None:
 
     daemon = await assemble(settings)
     app = create_app(daemon)
-    settings.socket_path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        settings.socket_path.unlink()
-    servers = [uvicorn.Server(uvicorn.Config(app, uds=str(settings.socket_path), log_level="warning"))]
+    unix = bind_unix_socket(settings.socket_path)
+    servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [
+        (uvicorn.Server(uvicorn.Config(app, log_level="warning")), [unix])
+    ]
     if settings.listen:
         host, _, port = settings.listen.rpartition(":")
-        servers.append(uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning")))
+        log.warning("also listening on %s without authentication: keep it on loopback", settings.listen)
+        servers.append((uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning")), None))
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")
     try:
-        await asyncio.gather(*(s.serve() for s in servers))
+        await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))
     finally:
         await daemon.engine.close()

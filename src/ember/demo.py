@@ -119,9 +119,19 @@ def run_demo() -> int:
                     say("FAILED: state did not survive suspend/resume")
                     return 1
                 say("state survived suspend/resume")
+                say("6. a second cycle: the VM now has its own RAM file; only state and changed pages are written")
+                r = timed("suspend", c.send, call_simple("POST", f"/v1/vms/{vm_id}/suspend"))
+                say(f"  written: {r['snapshot_bytes'] / 2**20:.1f} MiB; steps (ms): {r['phases_ms']}")
+                r = timed("resume", c.send, call_simple("POST", f"/v1/vms/{vm_id}/resume"))
+                say(f"  steps (ms): {r['phases_ms']}")
+                again = c.exec(vm_id, ["python3", "-c", ASK]).stdout.decode().strip()
+                if again != before:
+                    say("FAILED: state did not survive the second cycle")
+                    return 1
+                say(f"  the process still answers {again}")
             finally:
                 c.send(call_simple("DELETE", f"/v1/vms/{vm_id}"))
-                say(f"6. removed {vm_id} and everything it used on the host")
+                say(f"7. removed {vm_id} and everything it used on the host")
     except ApiError as exc:
         say(f"FAILED: {exc}")
         return 1

@@ -48,6 +48,7 @@ from ember.snapshot import (
     new_manifest,
     raise_storage,
     staging,
+    unwritten_bytes,
     verify_files,
     write_manifest,
 )
@@ -221,7 +222,7 @@ class Engine:
         agent's paths), then paused before it gets an identity of its own."""
         vmm, agent = await self._start_clone(vm_id, uid, image)
         try:
-            snap = self.images.verified_snapshot(image)
+            snap = await self.images.verified_snapshot(image)
             await load_verified(vmm, snap.state_file, snap.manifest.files["state"], True)
             await vmm.resume()
             await agent.authenticate(image.token, self.settings.agent_timeout_s)
@@ -235,9 +236,9 @@ class Engine:
 
     async def run(self, image_name: str) -> VmRecord:
         image = self.images.get(image_name)
-        snap = self.images.verified_snapshot(image)
+        snap = await self.images.verified_snapshot(image)
         phases = Phases()
-        warm = self.pool.take(image)
+        warm = await self.pool.take(image)
         if warm is None:
             vm_id, uid = new_vm_id(), self._allocate_uid()
         else:
@@ -349,6 +350,8 @@ class Engine:
                     await self.host.stop(vm_id, runtime)
                     phases.mark("stop_vmm")
                     moved = move_files(layout.root, tmp, VM_FILES)
+                    # what this suspend writes: the state stream, plus the RAM pages fsync must flush
+                    written = state.size + ((unwritten_bytes(tmp / "ram") or 0) if "ram" in moved else 0)
                     await asyncio.to_thread(durable, [tmp / name for name in moved])
                     phases.mark("fsync")
                     digests = await asyncio.gather(
@@ -363,8 +366,8 @@ class Engine:
                 await self._suspend_failed(record, runtime, exc)
                 raise
             self._save(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
-            vlog(vm_id).info("suspended in %.0f ms (%d bytes of state) %s", phases.total_ms, state.size, phases.ms)
-            return Timings(phases.total_ms, phases.ms, sum(f.size for n, f in files.items() if n != "disk.qcow2"))
+            vlog(vm_id).info("suspended in %.0f ms (%d bytes written) %s", phases.total_ms, written, phases.ms)
+            return Timings(phases.total_ms, phases.ms, written)
 
     async def _suspend_failed(self, record: VmRecord, runtime: VmRuntime, exc: BaseException) -> None:
         layout = self.host.layout(record.id)
@@ -477,6 +480,11 @@ class Engine:
         vlog(vm_id).info("removed")
 
     # ---- daemon start / stop -------------------------------------------
+
+    def warm_up(self, image: ImageRecord) -> None:
+        """Verify an image and pre-start its pool in the background, so that even
+        the first launch after a daemon start or an image build is a warm one."""
+        self.pool.refill(image, self._prewarm)
 
     async def recover(self) -> None:
         """Re-adopt what a previous daemon left running; reap or fail the rest."""

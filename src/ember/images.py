@@ -83,6 +83,7 @@ class ImageStore:
         self.qemu_version = qemu_version(settings.qemu_binary)
         self._verified: dict[tuple[str, str], VerifiedSnapshot] = {}
         self._build_lock = asyncio.Lock()
+        self._verify_lock = asyncio.Lock()
 
     # ---- lookup ------------------------------------------------------------
 
@@ -105,19 +106,21 @@ class ImageStore:
     def list(self) -> list[ImageRecord]:
         return self.store.list_images()
 
-    def verified_snapshot(self, image: ImageRecord) -> VerifiedSnapshot:
+    async def verified_snapshot(self, image: ImageRecord) -> VerifiedSnapshot:
         """Check an image's files once per daemon (RAM and disk are immutable afterwards).
 
         The small state file is re-checked on every launch while it streams.
         """
         key = (image.name, image.created_at)
-        if key not in self._verified:
-            directory = self.dir(image)
-            manifest = load_manifest(directory)
-            if manifest.machine != image.machine:
-                raise SnapshotError(f"image {image.name}: its snapshot was taken on a different machine config")
-            verify_files(manifest, {name: directory / name for name in ("ram", "disk.qcow2")})
-            self._verified[key] = VerifiedSnapshot(manifest, directory / "state")
+        async with self._verify_lock:
+            if key not in self._verified:
+                directory = self.dir(image)
+                manifest = load_manifest(directory)
+                if manifest.machine != image.machine:
+                    raise SnapshotError(f"image {image.name}: its snapshot was taken on a different machine config")
+                paths = {name: directory / name for name in ("ram", "disk.qcow2")}
+                await asyncio.to_thread(verify_files, manifest, paths)
+                self._verified[key] = VerifiedSnapshot(manifest, directory / "state")
         return self._verified[key]
 
     def staging_stream(self, name: str) -> Path:
@@ -275,7 +278,7 @@ class ImageStore:
         os.chmod(disk, 0o640)
         files = {"state": state}
         files["ram"], files["disk.qcow2"] = await asyncio.gather(
-            asyncio.to_thread(hash_file, ram), asyncio.to_thread(hash_file, disk)
+            asyncio.to_thread(hash_file, ram, True), asyncio.to_thread(hash_file, disk)
         )
         write_manifest(tmp, new_manifest("image", machine, files, ignore_shared=True))
         return ImageRecord(

@@ -55,21 +55,33 @@ class WarmPool:
         self._entries: dict[tuple[str, str], list[Warm]] = {}
         self._fillers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._discards: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()
 
     @staticmethod
     def key(image: ImageRecord) -> tuple[str, str]:
         return (image.name, image.created_at)
 
-    def take(self, image: ImageRecord) -> Warm | None:
-        entries = self._entries.get(self.key(image), [])
-        while entries:
-            warm = entries.pop(0)
-            if warm.vmm.alive() and not warm.agent.closed:
-                return warm
-            task = asyncio.create_task(self._discard(warm))
-            self._discards.add(task)
-            task.add_done_callback(self._discards.discard)
-        return None
+    async def take(self, image: ImageRecord, wait_s: float = 1.0) -> Warm | None:
+        """A warm entry for ``image``; waits up to ``wait_s`` for one being made
+        (right after a daemon start or an image build) rather than starting cold."""
+        key = self.key(image)
+        deadline = asyncio.get_running_loop().time() + wait_s
+        async with self._changed:
+            while True:
+                entries = self._entries.get(key, [])
+                while entries:
+                    warm = entries.pop(0)
+                    if warm.vmm.alive() and not warm.agent.closed:
+                        return warm
+                    task = asyncio.create_task(self._discard(warm))
+                    self._discards.add(task)
+                    task.add_done_callback(self._discards.discard)
+                filler = self._fillers.get(key)
+                left = deadline - asyncio.get_running_loop().time()
+                if filler is None or filler.done() or left <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
 
     def refill(self, image: ImageRecord, start: Starter) -> None:
         key = self.key(image)
@@ -88,8 +100,12 @@ class WarmPool:
                 log.warning("could not pre-start a VMM for image %s: %s", image.name, exc)
                 await self.host.teardown(vm_id, None)
                 self._release_uid(uid)
+                async with self._changed:
+                    self._changed.notify_all()  # nobody should wait for an entry that will not come
                 return
             entries.append(Warm(vm_id, uid, key, vmm, agent))
+            async with self._changed:
+                self._changed.notify_all()
 
     async def _discard(self, warm: Warm) -> None:
         with contextlib.suppress(Exception):

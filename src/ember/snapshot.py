@@ -14,9 +14,11 @@ mismatch found at the end of a restore stops the VM before it ever runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -264,6 +266,31 @@ def verify_files(manifest: SnapshotManifest, paths: dict[str, Path]) -> None:
         expected = manifest.files[name]
         if hash_file(path, expected.sparse) != expected:
             raise SnapshotError(f"snapshot file {path} fails its SHA-256 check: it is damaged")
+
+
+_SYS_CACHESTAT = 451  # x86_64, Linux >= 6.5
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+def unwritten_bytes(path: Path) -> int | None:
+    """Bytes of ``path`` still to reach the disk (dirty or under writeback); None if
+    the kernel cannot tell (``cachestat`` needs Linux 6.5)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        stat, whole = _Cachestat(), _CachestatRange(0, 0)
+        if libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(stat), 0) != 0:
+            return None
+        return int(stat.dirty + stat.writeback) * mmap.PAGESIZE
+    finally:
+        os.close(fd)
 
 
 def durable(paths: list[Path]) -> None:

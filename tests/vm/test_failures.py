@@ -31,6 +31,7 @@ def small_disk_daemon(settings: Settings) -> Iterator[DaemonProcess]:
             "EMBER_SOCKET": str(mount / "ember.sock"),
             "EMBER_CACHE_DIR": str(settings.cache_dir),
             "EMBER_POOL_SIZE": "0",
+            "EMBER_UID_BASE": str(settings.uid_base + settings.uid_count),  # its own VMM uids
         }
     )
     daemon = DaemonProcess(small, mount.parent / f"{mount.name}-daemon.log")

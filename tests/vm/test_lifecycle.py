@@ -118,7 +118,7 @@ def test_rm_leaves_nothing_behind(client: Client, vms: list[str], settings: Sett
     client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
     assert not process_alive(pid), "QEMU survived rm"
     assert not (settings.vms_dir / vm).exists(), "VM files survived rm"
-    assert not any(p.name == vm for p in Path("/sys/fs/cgroup").glob("**/ember/*")), "cgroup survived rm"
+    assert not any(p.name == vm for p in Path("/sys/fs/cgroup").glob("**/ember-*/*")), "cgroup survived rm"
     with pytest.raises(ApiError) as err:
         inspect(client, vm)
     assert err.value.status == 404 and "ember ps" in str(err.value)

@@ -27,6 +27,9 @@ def test_daemon_kill9_readopts_running_vms(client: Client, daemon: DaemonProcess
     client.send(call_simple("POST", f"/v1/vms/{suspended}/suspend"))
     pids = {vm: client.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"] for vm in (running, doomed)}
 
+    marker = str(daemon.settings.vms_dir).encode()
+    before = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_qemu_under(p, marker)}
+    assert before >= {pids[running], pids[doomed]}
     daemon.kill9()
     # while the daemon is down, one VMM dies too: it must be marked FAILED, not lost
     os.kill(pids[doomed], signal.SIGKILL)
@@ -41,13 +44,14 @@ def test_daemon_kill9_readopts_running_vms(client: Client, daemon: DaemonProcess
     failed = client.send(call_simple("GET", f"/v1/vms/{doomed}"))
     assert failed["state"] == "FAILED" and failed["state_reason"] == "vmm_exited"
 
+    # everything the killed daemon ran and the new one did not adopt (its warm pool too) is gone
+    orphans = [pid for pid in before - {pids[running]} if process_alive(pid)]
+    assert not orphans, f"QEMU processes of the killed daemon survived: {orphans}"
+
     client.send(call_simple("POST", f"/v1/vms/{suspended}/resume"))
     for vm in (running, suspended, doomed):
         client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
     assert not process_alive(pids[running]), "orphan QEMU after rm"
-    marker = str(daemon.settings.vms_dir).encode()
-    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_qemu_under(p, marker)]
-    assert not leftover, f"orphan QEMU processes: {leftover}"
 
 
 def _is_qemu_under(proc: Path, marker: bytes) -> bool:

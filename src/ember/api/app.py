@@ -136,6 +136,7 @@ def create_app(daemon: Daemon) -> FastAPI:
                 image = await images.ensure_base(
                     lambda msg, metrics=None: queue.put_nowait({"progress": msg, **(metrics or {})})
                 )
+                engine.warm_up(image)
                 queue.put_nowait({"image": image_view(image)})
             except EmberError as exc:
                 queue.put_nowait({"error": type(exc).__name__, "message": str(exc)})

@@ -9,6 +9,7 @@ still inside a cgroup Ember does not re-adopt is killed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import time
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Protocol
 
 ROOT = Path("/sys/fs/cgroup")
-GROUP = "ember"
 
 
 class Cgroups(Protocol):
@@ -55,8 +55,8 @@ def _kill_and_rmdir(dirs: list[Path]) -> None:
 
 
 class CgroupsV2:
-    def __init__(self, root: Path = ROOT) -> None:
-        self.base = root / GROUP
+    def __init__(self, group: str, root: Path = ROOT) -> None:
+        self.base = root / group
         self.base.mkdir(exist_ok=True)
         controllers = (root / "cgroup.subtree_control").read_text().split()
         for c in ("memory", "pids"):
@@ -84,9 +84,9 @@ class CgroupsV2:
 
 
 class CgroupsV1:
-    def __init__(self, root: Path = ROOT) -> None:
-        self.memory = root / "memory" / GROUP
-        self.pids_root = root / "pids" / GROUP
+    def __init__(self, group: str, root: Path = ROOT) -> None:
+        self.memory = root / "memory" / group
+        self.pids_root = root / "pids" / group
         self.memory.mkdir(exist_ok=True)
         self.pids_root.mkdir(exist_ok=True)
 
@@ -111,11 +111,16 @@ class CgroupsV1:
         _kill_and_rmdir([self.memory / name, self.pids_root / name])
 
 
-def detect(root: Path = ROOT) -> Cgroups:
+def group_for(data_dir: Path) -> str:
+    """Each daemon (data directory) owns one parent cgroup and reaps only inside it."""
+    return "ember-" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def detect(group: str, root: Path = ROOT) -> Cgroups:
     if (root / "cgroup.controllers").exists():
-        return CgroupsV2(root)
+        return CgroupsV2(group, root)
     if (root / "memory").is_dir() and (root / "pids").is_dir():
-        return CgroupsV1(root)
+        return CgroupsV1(group, root)
     from ember.errors import HostSetupError
 
     raise HostSetupError("no usable cgroup hierarchy (need v2, or v1 memory and pids) under /sys/fs/cgroup")
