@@ -61,7 +61,13 @@ def main() -> int:
     data = Path(tempfile.mkdtemp(prefix="ember-bench-"))
     cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
     settings = Settings.from_env(
-        {"EMBER_DATA_DIR": str(data), "EMBER_SOCKET": str(data / "ember.sock"), "EMBER_CACHE_DIR": cache}
+        {
+            "EMBER_DATA_DIR": str(data),
+            "EMBER_SOCKET": str(data / "ember.sock"),
+            "EMBER_CACHE_DIR": cache,
+            "EMBER_UID_BASE": "760000",  # not the default range: a developer's daemon may be running
+            "EMBER_UID_COUNT": "4096",
+        }
     )
     daemon = DaemonProcess(settings, data.parent / f"{data.name}-daemon.log")
     result: dict[str, Any] = {}

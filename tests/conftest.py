@@ -28,6 +28,8 @@ from ember.client import ApiError, Client, call_simple
 from ember.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+AGENT_TIMEOUT_S = 10  # the test daemon's limit on one agent request
+TEST_UID_BLOCK_BASE, TEST_UID_BLOCK = 800000, 2048
 ARTIFACTS = ROOT / "artifacts"
 
 
@@ -105,7 +107,15 @@ def settings() -> Iterator[Settings]:
     data = Path(tempfile.mkdtemp(prefix="ember-test-"))
     cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
     yield Settings.from_env(
-        {"EMBER_DATA_DIR": str(data), "EMBER_SOCKET": str(data / "ember.sock"), "EMBER_CACHE_DIR": cache}
+        {
+            "EMBER_DATA_DIR": str(data),
+            "EMBER_SOCKET": str(data / "ember.sock"),
+            "EMBER_CACHE_DIR": cache,
+            "EMBER_AGENT_TIMEOUT": str(AGENT_TIMEOUT_S),
+            # a block of host ids of its own: a developer's daemon or another run may be up
+            "EMBER_UID_BASE": str(TEST_UID_BLOCK_BASE + (os.getpid() % 200) * 2 * TEST_UID_BLOCK),
+            "EMBER_UID_COUNT": str(TEST_UID_BLOCK),
+        }
     )
     shutil.rmtree(data, ignore_errors=True)
 

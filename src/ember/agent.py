@@ -52,7 +52,6 @@ class ExecRequest:
     cwd: str = ""
     user: str = ""
     timeout_s: float = 0.0
-    stdin: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,10 +219,12 @@ class AgentConnection:
             except (ConnectionError, OSError) as exc:
                 raise AgentUnavailable(f"lost the guest agent channel: {exc}") from None
 
-    async def _recv(self, stream: int, timeout: float | None = None) -> Frame:
+    async def _recv(self, stream: int, timeout: float | None = 0) -> Frame:
+        """The next frame of a stream; ``timeout`` 0 = the agent's default, None = no limit
+        (exec output: the command's own timeout is enforced by the agent)."""
         queue = self._streams[stream]
         try:
-            frame = await asyncio.wait_for(queue.get(), self._timeout if timeout is None else timeout)
+            frame = await asyncio.wait_for(queue.get(), self._timeout if timeout == 0 else timeout)
         except TimeoutError:
             raise AgentUnavailable("the guest agent did not answer in time") from None
         if frame is None:
@@ -266,16 +267,18 @@ class AgentConnection:
         fields.append((Tag.STDIN, stdin is not None))
         stream = self._open()
         feeder: asyncio.Task[None] | None = None
+        running = False
         try:
             await self._send(Msg.EXEC, stream, encode_fields(fields))
             first = await self._recv(stream)
             _raise_for(first)
             if first.type is not Msg.STARTED:
                 raise GuestError(f"unexpected agent reply {first.type.name} to exec")
+            running = True
             if stdin is not None:
                 feeder = asyncio.create_task(self._feed_stdin(stream, stdin))
             while True:
-                frame = await self._recv(stream, timeout=None if req.timeout_s else 86400)
+                frame = await self._recv(stream, timeout=None)
                 if frame.type is Msg.STDOUT:
                     yield ("stdout", frame.payload)
                 elif frame.type is Msg.STDERR:
@@ -283,6 +286,7 @@ class AgentConnection:
                 elif frame.type is Msg.EXIT:
                     f = decode_fields(frame.payload)
                     code = field_int(f, Tag.EXIT_CODE)
+                    running = False
                     yield ExecResult(
                         exit_code=code - (1 << 64) if code >= 1 << 63 else code,
                         signal=field_int(f, Tag.EXIT_SIGNAL, 0),
@@ -295,6 +299,10 @@ class AgentConnection:
         finally:
             if feeder is not None:
                 feeder.cancel()
+            if running and not self.closed:
+                # the caller went away (client disconnected, Ctrl-C): stop the command
+                with contextlib.suppress(AgentUnavailable):
+                    await self._send(Msg.SIGNAL, stream, encode_fields([(Tag.SIGNAL, 9)]))
             self._close(stream)
 
     async def _feed_stdin(self, stream: int, stdin: AsyncIterator[bytes]) -> None:
@@ -302,9 +310,6 @@ class AgentConnection:
             for i in range(0, len(chunk), CHUNK):
                 await self._send(Msg.STDIN, stream, chunk[i : i + CHUNK])
         await self._send(Msg.STDIN_EOF, stream)
-
-    async def signal(self, stream: int, signum: int) -> None:
-        await self._send(Msg.SIGNAL, stream, encode_fields([(Tag.SIGNAL, signum)]))
 
     async def write_file(self, path: str, data: AsyncIterator[bytes], mode: int = 0o644, mkdirs: bool = False) -> int:
         stream = self._open()
@@ -319,7 +324,7 @@ class AgentConnection:
                 if not self._streams[stream].empty():
                     _raise_for(await self._recv(stream))
             await self._send(Msg.WEOF, stream)
-            done = await self._recv(stream, timeout=max(self._timeout, 300))
+            done = await self._recv(stream, timeout=max(self._timeout, 300))  # fsync of a large file
             _raise_for(done)
             return field_int(decode_fields(done.payload), Tag.SIZE, 0)
         finally:

@@ -29,7 +29,9 @@ class Settings:
     memory_mib: int = _env("EMBER_MEMORY_MIB", 256)
     vcpus: int = _env("EMBER_VCPUS", 0)  # 0 = 1 on TCG, 2 on KVM
     disk_gib: int = _env("EMBER_DISK_GIB", 2)
-    # Each VMM runs as its own uid from this range, in its own cgroup.
+    # All host ids of this daemon come from [uid_base, uid_base + uid_count): the lower half are
+    # VMM uids (each VMM its own uid and primary gid), the upper half image group ids, the last
+    # one the image builder's uid. Daemons on one host need ranges that do not overlap.
     uid_base: int = _env("EMBER_UID_BASE", 640000)
     uid_count: int = _env("EMBER_UID_COUNT", 65536)
     vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
@@ -49,6 +51,18 @@ class Settings:
             if f.metadata["env"] in env:
                 values[f.name] = _coerce(type(f.default), env[f.metadata["env"]], f.metadata["env"])
         return replace(cls(**values), **overrides)
+
+    @property
+    def vmm_uids(self) -> range:
+        return range(self.uid_base, self.uid_base + self.uid_count // 2)
+
+    @property
+    def image_gids(self) -> range:
+        return range(self.uid_base + self.uid_count // 2, self.uid_base + self.uid_count - 1)
+
+    @property
+    def builder_uid(self) -> int:
+        return self.uid_base + self.uid_count - 1
 
     @property
     def db_path(self) -> Path:

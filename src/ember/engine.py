@@ -212,7 +212,7 @@ class Engine:
     # ---- launch ------------------------------------------------------------
 
     def _allocate_uid(self) -> int:
-        uid = self.store.free_uid(self.settings.uid_base, self.settings.uid_count, exclude=self._reserved_uids)
+        uid = self.store.free_uid(self.settings.vmm_uids, exclude=self._reserved_uids)
         self._reserved_uids.add(uid)
         return uid
 

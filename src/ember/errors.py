@@ -7,14 +7,13 @@ EmberError
 │   └── ImageNotFound
 ├── Conflict                the request does not fit the current state (HTTP 409)
 │   ├── InvalidStateTransition   e.g. exec on a suspended VM
-│   ├── NameTaken
-│   └── ImageInUse
+│   └── NameTaken               an image name already in use
 ├── InvalidRequest          malformed input (HTTP 400)
-├── GuestError              the guest agent refused or failed a request
-│   └── AgentUnavailable    the agent cannot be reached (VM crashed or hung)
+├── GuestError              the guest agent refused or failed a request (HTTP 422)
+│   └── AgentUnavailable    the agent cannot be reached (VM crashed or hung; HTTP 503)
 ├── VmmError                QEMU failed (start, QMP, migration)
 ├── SnapshotError           a snapshot is missing, corrupt or incompatible
-└── ResourceExhausted       disk full, quota exceeded (HTTP 507/429)
+└── ResourceExhausted       host disk full, VMM uids used up (HTTP 507)
 """
 
 from __future__ import annotations
@@ -55,10 +54,6 @@ class InvalidStateTransition(Conflict):
 
 
 class NameTaken(Conflict):
-    pass
-
-
-class ImageInUse(Conflict):
     pass
 
 

@@ -233,8 +233,8 @@ class ImageStore:
         parent: str, progress: Progress | None = None,
     ) -> ImageRecord:  # fmt: skip
         """Run the image's disk in a template VM (cold boot, or restore ``stream``) and freeze it."""
-        gid = self.store.next_gid(self.settings.uid_base + self.settings.uid_count)
-        builder_uid = self.settings.uid_base - 1
+        gid = self.store.next_gid(self.settings.image_gids)
+        builder_uid = self.settings.builder_uid
         disk, ram = tmp / "disk.qcow2", tmp / "ram"
         os.chmod(tmp, 0o750)
         os.chown(tmp, 0, gid)

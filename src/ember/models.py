@@ -68,8 +68,6 @@ class StopReason(enum.StrEnum):
     USER = "user"
     VMM_EXITED = "vmm_exited"
     DAEMON_RESTART = "daemon_restart"
-    RESTORE_FAILED = "restore_failed"
-    SNAPSHOT_CORRUPT = "snapshot_corrupt"
 
 
 def utcnow() -> str:

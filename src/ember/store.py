@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, RowMapping
 
+from ember.errors import ResourceExhausted
 from ember.models import ImageRecord, VmRecord, VmState
 from ember.vmm.machine import MachineConfig, RamMode
 
@@ -112,10 +113,13 @@ class Store:
         with self.engine.begin() as c:
             c.execute(delete(images).where(images.c.name == name))
 
-    def next_gid(self, base: int) -> int:
+    def next_gid(self, gids: range) -> int:
         with self.engine.connect() as c:
             used = {r[0] for r in c.execute(select(images.c.gid))}
-        return next(g for g in range(base, base + 1_000_000) if g not in used)
+        for gid in gids:
+            if gid not in used:
+                return gid
+        raise ResourceExhausted(f"all {len(gids)} image group ids are in use: remove images or raise EMBER_UID_COUNT")
 
     # vms
     def insert_vm(self, record: VmRecord) -> None:
@@ -139,15 +143,13 @@ class Store:
         with self.engine.begin() as c:
             c.execute(delete(vms).where(vms.c.id == vm_id))
 
-    def free_uid(self, base: int, count: int, exclude: set[int] | None = None) -> int:
+    def free_uid(self, uids: range, exclude: set[int] | None = None) -> int:
         with self.engine.connect() as c:
             used = {r[0] for r in c.execute(select(vms.c.uid))} | (exclude or set())
-        for uid in range(base, base + count):
+        for uid in uids:
             if uid not in used:
                 return uid
-        from ember.errors import ResourceExhausted
-
-        raise ResourceExhausted(f"all {count} VMM uids are in use: remove VMs or raise EMBER_UID_COUNT")
+        raise ResourceExhausted(f"all {len(uids)} VMM uids are in use: remove VMs or raise EMBER_UID_COUNT")
 
 
 def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:

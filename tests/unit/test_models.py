@@ -32,3 +32,9 @@ def test_settings_from_env() -> None:
     assert s.db_path.name == "ember.db" and s.cache_dir == s.data_dir / "cache"
     with pytest.raises(ValueError, match="EMBER_MEMORY_MIB='lots' is not a valid int"):
         Settings.from_env({"EMBER_MEMORY_MIB": "lots"})
+
+
+def test_host_id_layout_is_disjoint() -> None:
+    s = Settings.from_env({"EMBER_UID_BASE": "1000", "EMBER_UID_COUNT": "100"})
+    assert s.vmm_uids == range(1000, 1050) and s.image_gids == range(1050, 1099) and s.builder_uid == 1099
+    assert not set(s.vmm_uids) & set(s.image_gids) and s.builder_uid not in s.vmm_uids

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import ApiError, Client, call_exec, call_simple
+from ember.client import ApiError, AsyncClient, Client, call_exec, call_simple
+from ember.config import Settings
+from tests.conftest import AGENT_TIMEOUT_S
 
 pytestmark = pytest.mark.vm
 
@@ -96,3 +98,27 @@ def test_file_errors_are_clear(client: Client, vm: str, tmp_path: Path) -> None:
         client.get_file(vm, "/etc", tmp_path / "x")
     with pytest.raises(ApiError, match="cannot list /nope"):
         client.send(call_simple("GET", f"/v1/vms/{vm}/ls", path="/nope"))
+
+
+def test_disconnecting_client_stops_the_command(client: Client, vm: str) -> None:
+    events = client.stream_events(call_exec(vm, ["sh", "-c", "echo $$; exec sleep 1000"]))
+    pid = next(events)["data"].decode().strip()
+    events.close()  # the client goes away mid-command (Ctrl-C)
+    deadline = time.monotonic() + 10
+    while sh(client, vm, f"kill -0 {pid}")[0] == 0:
+        assert time.monotonic() < deadline, "the command outlived its disconnected client"
+        time.sleep(0.2)
+
+
+def test_quiet_command_may_outlast_the_agent_call_timeout(client: Client, vm: str) -> None:
+    # no output for longer than a request to the agent may take: only the exec timeout counts
+    out = client.exec(vm, ["sh", "-c", f"sleep {AGENT_TIMEOUT_S + 2}; echo done"], timeout_s=60)
+    assert out.stdout == b"done\n" and not out.timed_out
+
+
+async def test_async_client(settings: Settings, vm: str) -> None:
+    async with AsyncClient(settings=settings) as c:
+        out = await c.exec(vm, ["sh", "-c", "echo async"])
+        assert (out.exit_code, out.stdout) == (0, b"async\n")
+        info = await c.send(call_simple("GET", f"/v1/vms/{vm}"))
+        assert info["state"] == "RUNNING"

@@ -211,7 +211,7 @@ def create_app(daemon: Daemon) -> FastAPI:
                 raise InvalidRequest(f"bad environment variable name {key!r}")
         req = ExecRequest(
             argv=body.argv, env=[f"{k}={v}" for k, v in body.env.items()], cwd=body.cwd, user=body.user,
-            timeout_s=body.timeout_s, stdin=stdin_iter is not None,
+            timeout_s=body.timeout_s,
         )  # fmt: skip
         events = await engine.exec(vm_id, req, stdin_iter)
         # Fail before the 200 if the command cannot start (bad cwd, unknown user...).
