@@ -310,11 +310,12 @@ class Engine:
 
     async def inspect(self, vm_id: str) -> dict[str, Any]:
         record = self.get(vm_id)
-        info: dict[str, Any] = {"vmm_status": None}
+        info: dict[str, Any] = {"vmm_status": None, "host_pss_mib": None}
         runtime = self._runtimes.get(vm_id)
         if record.state is VmState.RUNNING and runtime is not None:
             with contextlib.suppress(VmmError):
                 info["vmm_status"] = await runtime.vmm.status()
+            info["host_pss_mib"] = host_pss_mib(runtime.vmm.pid)
         return info
 
     # ---- suspend / resume ------------------------------------------------
@@ -577,6 +578,17 @@ class Engine:
             await runtime.agent.close()
             await runtime.vmm.disconnect()
         self._runtimes.clear()
+
+
+def host_pss_mib(pid: int) -> float | None:
+    """The VMM's proportional share of host memory (shared template pages split among clones)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _check_guest_path(path: str) -> None:

@@ -68,6 +68,7 @@ def test_clones_are_independent_and_unique(client: Client, vms: list[str]) -> No
         assert abs(guest_now - time.time()) < 5, "guest clock not set from the host after restore"
         view = inspect(client, vm)
         assert view["state"] == "RUNNING" and view["vmm_status"] == "running"
+        assert 0 < view["host_pss_mib"] < 256, "a clone should share most of its image's memory"  # type: ignore[operator]
         assert view["accelerator"]["name"] in ("tcg", "kvm")  # type: ignore[index]
 
 

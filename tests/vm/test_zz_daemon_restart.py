@@ -5,8 +5,10 @@ Named to run last: it restarts the session's daemon.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -60,3 +62,34 @@ def _is_qemu_under(proc: Path, marker: bytes) -> bool:
     except OSError:
         return False
     return b"qemu-system" in cmdline and marker in cmdline and process_alive(int(proc.name))
+
+
+def test_daemon_kill9_mid_suspend_loses_nothing(client: Client, daemon: DaemonProcess, base_image: str) -> None:
+    vm = client.run(base_image)["id"]
+    client.exec(vm, ["sh", "-c", "echo kept > /root/f; sleep 1000 & echo $! > /root/pid"])
+    pid = client.exec(vm, ["cat", "/root/pid"]).stdout.decode().strip()
+
+    def suspend() -> None:
+        # the daemon dies under this request
+        with contextlib.suppress(Exception), Client(settings=daemon.settings) as c:
+            c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))
+
+    worker = threading.Thread(target=suspend)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while client.send(call_simple("GET", f"/v1/vms/{vm}"))["state"] != "SUSPENDING":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.15)  # inside the ~0.8 s full-stream save of a clone's first suspend
+    daemon.kill9()
+    worker.join()
+    daemon.start()
+
+    state = client.send(call_simple("GET", f"/v1/vms/{vm}"))["state"]
+    assert state in ("RUNNING", "SUSPENDED"), f"an interrupted suspend left the VM {state}"
+    if state == "SUSPENDED":
+        client.send(call_simple("POST", f"/v1/vms/{vm}/resume"))
+    assert client.exec(vm, ["cat", "/root/f"]).stdout == b"kept\n"
+    assert client.exec(vm, ["sh", "-c", f"kill -0 {pid}"]).exit_code == 0, "a guest process was lost"
+    assert not list((daemon.settings.vms_dir / vm).glob(".suspend*")), "half-written snapshot left behind"
+    client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
