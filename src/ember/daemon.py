@@ -20,6 +20,7 @@ from ember.guest.artifacts import ensure_artifacts
 from ember.host import cgroup
 from ember.host.binaries import ensure_jailer
 from ember.images import BASE_IMAGE, ImageStore
+from ember.recovery import recover
 from ember.runtime import Host
 from ember.store import Store
 from ember.vmm import accel as accel_mod
@@ -73,7 +74,7 @@ async def assemble(settings: Settings) -> Daemon:
     host = Host(settings, cgroup.detect(cgroup.group_for(settings.data_dir)), jailer)
     images = ImageStore(settings, store, host, guest, choice)
     engine = Engine(settings, store, host, images, choice)
-    await engine.recover()
+    await recover(engine)
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)

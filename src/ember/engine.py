@@ -29,12 +29,12 @@ from ember.errors import (
     ImageNotFound,
     InvalidRequest,
     NameTaken,
-    SnapshotError,
     VmmError,
     VmNotFound,
 )
 from ember.guest.protocol import DirEntry
 from ember.images import ImageStore
+from ember.logs import vlog
 from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
 from ember.pool import WarmPool, new_vm_id
 from ember.runtime import VM_FILES, Host, VmRuntime, create_overlay, move_files, new_ram_file
@@ -85,15 +85,6 @@ class Timings:
     bytes_written: int = 0
 
 
-class VmLog(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['vm'] if self.extra else '-'}] {msg}", kwargs
-
-
-def vlog(vm_id: str) -> VmLog:
-    return VmLog(log, {"vm": vm_id})
-
-
 class Engine:
     def __init__(self, settings: Settings, store: Store, host: Host, images: ImageStore, accel: AccelChoice) -> None:
         self.settings = settings
@@ -122,7 +113,7 @@ class Engine:
     def list_vms(self) -> list[VmRecord]:
         return self.store.list_vms()
 
-    def _save(self, record: VmRecord) -> VmRecord:
+    def save(self, record: VmRecord) -> VmRecord:
         self.store.update_vm(record)
         return record
 
@@ -149,7 +140,7 @@ class Engine:
                 vlog(vm_id).error("VMM exited unexpectedly; marking the VM FAILED")
                 runtime = self._runtimes.pop(vm_id)
                 await self.host.stop(vm_id, runtime)
-                self._save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
+                self.save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
 
         self._watchers[vm_id] = asyncio.create_task(watch(), name=f"watch-{vm_id}")
 
@@ -199,7 +190,7 @@ class Engine:
             await load_verified(vmm, state_file, expected, ignore_shared)
             phases.mark("load_state")
             new_token = secrets.token_hex(16)
-            self._save(replace(record, next_token=new_token))
+            self.save(replace(record, next_token=new_token))
             await vmm.resume()
             identity = identity_request(record.id, new_token, os.urandom(64), time.time_ns())
             await agent.authenticate(record.token, self.settings.agent_timeout_s, then=identity)
@@ -266,7 +257,7 @@ class Engine:
                 self.pool.refill(image, self._prewarm)
             self._runtimes[vm_id] = runtime
             self._watch(vm_id, runtime.vmm)
-            record = self._save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, token=token, next_token=""))
+            record = self.save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, token=token, next_token=""))
         vlog(vm_id).info("launched from %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
         return record
 
@@ -276,7 +267,7 @@ class Engine:
         """Run a pooled clone and give it this VM's identity."""
         try:
             new_token = secrets.token_hex(16)
-            self._save(replace(record, next_token=new_token))
+            self.save(replace(record, next_token=new_token))
             await vmm.resume()
             await agent.restore_identity(record.id, new_token, os.urandom(64), time.time_ns())
             phases.mark("identity")
@@ -337,7 +328,7 @@ class Engine:
             runtime = self._runtime(record, "suspend")
             phases = Phases()
             own_ram = record.ram is RamMode.OWN
-            record = self._save(record.moved(VmState.SUSPENDING))
+            record = self.save(record.moved(VmState.SUSPENDING))
             layout = self.host.layout(vm_id)
             try:
                 await runtime.agent.sync()
@@ -369,7 +360,7 @@ class Engine:
             except BaseException as exc:
                 await self._suspend_failed(record, runtime, exc)
                 raise
-            self._save(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
+            self.save(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
             vlog(vm_id).info("suspended in %.0f ms (%d bytes written) %s", phases.total_ms, written, phases.ms)
             return Timings(phases.total_ms, phases.ms, written)
 
@@ -379,12 +370,12 @@ class Engine:
             vlog(record.id).warning("suspend failed (%s); the VM keeps running", exc)
             with contextlib.suppress(EmberError):
                 await runtime.vmm.resume()
-            self._save(record.moved(VmState.RUNNING, f"suspend failed: {exc}"))
+            self.save(record.moved(VmState.RUNNING, f"suspend failed: {exc}"))
             return
         # The VMM already stopped: put its files back and give up on this VM.
         for stray in layout.root.glob(".suspend.tmp-*"):
             move_files(stray, layout.root, VM_FILES)
-        self._save(record.moved(VmState.FAILED, f"suspend failed after the VMM stopped: {exc}", pid=0))
+        self.save(record.moved(VmState.FAILED, f"suspend failed after the VMM stopped: {exc}", pid=0))
 
     async def resume(self, vm_id: str) -> Timings:
         """Restore a suspended VM under the same id, into its own RAM file."""
@@ -397,7 +388,7 @@ class Engine:
             own_ram = "ram" in manifest.files
             # the disk overlay still reads its image's disk: keep the image's group
             image = self.images.get(record.image)
-            record = self._save(record.moved(VmState.RESUMING))
+            record = self.save(record.moved(VmState.RESUMING))
             moved = move_files(layout.suspend_dir, layout.root, VM_FILES)
             started: VmRuntime | None = None
             try:
@@ -426,14 +417,14 @@ class Engine:
                 move_files(layout.root, layout.suspend_dir, moved)
                 reason = f"resume failed: {exc}"
                 vlog(vm_id).error(reason)
-                self._save(record.moved(VmState.SUSPENDED, reason))
+                self.save(record.moved(VmState.SUSPENDED, reason))
                 raise
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
             consumed = layout.suspend_dir.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
             self._background(asyncio.to_thread(shutil.rmtree, consumed, True))
             self._runtimes[vm_id] = runtime
             self._watch(vm_id, runtime.vmm)
-            self._save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, ram=RamMode.OWN, token=token, next_token=""))
+            self.save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, ram=RamMode.OWN, token=token, next_token=""))
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)
@@ -476,7 +467,7 @@ class Engine:
     async def remove(self, vm_id: str) -> None:
         async with self._lock(vm_id):
             record = self.get(vm_id)
-            self._save(record.moved(VmState.TERMINATING, StopReason.USER.value))
+            self.save(record.moved(VmState.TERMINATING, StopReason.USER.value))
             self._unwatch(vm_id)
             await self.host.teardown(vm_id, self._runtimes.pop(vm_id, None))
             self.store.delete_vm(vm_id)
@@ -490,84 +481,11 @@ class Engine:
         the first launch after a daemon start or an image build is a warm one."""
         self.pool.refill(image, self._prewarm)
 
-    async def recover(self) -> None:
-        """Re-adopt what a previous daemon left running; reap or fail the rest."""
-        keep: set[str] = set()
-        for record in self.store.list_vms():
-            try:
-                if await self._recover_one(record):
-                    keep.add(record.id)
-            except Exception as exc:  # one broken VM must not stop the daemon
-                vlog(record.id).exception("recovery failed: %s", exc)
-                await self.host.stop(record.id, None)
-                self._save(record.moved(VmState.FAILED, f"recovery failed: {exc}", pid=0))
-        for name in self.host.cgroups.names():
-            if name not in keep:
-                log.warning("reaping leftover VMM cgroup %s", name)
-                await asyncio.get_running_loop().run_in_executor(None, self.host.cgroups.destroy, name)
-        known = {vm.id for vm in self.store.list_vms()}
-        if self.settings.vms_dir.exists():
-            for stray in self.settings.vms_dir.iterdir():
-                if stray.name not in known:
-                    log.warning("removing files of unknown VM %s", stray.name)
-                    shutil.rmtree(stray, ignore_errors=True)
-        self.images.clean_staging()
-
-    async def _recover_one(self, record: VmRecord) -> bool:
-        layout = self.host.layout(record.id)
-        for consumed in layout.root.glob(".consumed-*"):
-            shutil.rmtree(consumed, ignore_errors=True)
-        for stray in layout.root.glob(".suspend.tmp-*"):  # a suspend cut short
-            move_files(stray, layout.root, VM_FILES)
-            shutil.rmtree(stray, ignore_errors=True)
-        alive = record.pid > 0 and record.pid in self.host.cgroup_pids(record.id)
-        if record.state is VmState.SUSPENDED:
-            await self.host.stop(record.id, None)
-            return False
-        if record.state in (VmState.TERMINATING, VmState.PENDING):
-            await self.host.teardown(record.id, None)
-            self.store.delete_vm(record.id)
-            return False
-        if record.state is VmState.FAILED or not alive:
-            await self.host.stop(record.id, None)
-            if (
-                record.state in (VmState.SUSPENDING, VmState.RESUMING)
-                and (layout.suspend_dir / "manifest.json").exists()
-            ):
-                # a resume cut short: its files go back (checked against their hashes on the next resume)
-                manifest = load_manifest(layout.suspend_dir)
-                move_files(layout.root, layout.suspend_dir, [n for n in VM_FILES if n in manifest.files])
-                if "ram" not in manifest.files:
-                    layout.ram.unlink(missing_ok=True)
-                self._save(record.moved(VmState.SUSPENDED, StopReason.DAEMON_RESTART.value, pid=0))
-            elif record.state is not VmState.FAILED:
-                vlog(record.id).error("VMM gone after a daemon restart; marking FAILED")
-                self._save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
-            return False
-        # The VMM is alive: ask it, then re-attach to the agent.
-        paths = layout.run_paths(layout.ram)
-        vmm = await QemuVmm.adopt(record.pid, paths)
-        status = await vmm.status()
-        if status != "running":
-            await vmm.resume()  # an interrupted suspend or resume left it paused
-        agent, token = None, ""
-        for token in filter(None, (record.next_token, record.token)):
-            with contextlib.suppress(AgentUnavailable):
-                agent = await AgentConnection.connect(paths.agent_socket, token, 5)
-                break
-        if agent is None:
-            await vmm.shutdown()
-            raise SnapshotError("the guest agent did not accept this VM's token")
-        if record.state is VmState.RESUMING:
-            # the interrupted restore may not have reached the identity step
-            await agent.restore_identity(record.id, token, os.urandom(64), time.time_ns())
-            shutil.rmtree(layout.suspend_dir, ignore_errors=True)
-        self._runtimes[record.id] = VmRuntime(record.id, vmm, agent)
-        self._watch(record.id, vmm)
-        reason = StopReason.DAEMON_RESTART.value if status != "running" else ""
-        self._save(record.moved(VmState.RUNNING, reason, token=token, next_token=""))
-        vlog(record.id).info("re-adopted running VM (pid %d)", record.pid)
-        return True
+    def adopt(self, record: VmRecord, runtime: VmRuntime, token: str, reason: str) -> None:
+        """Take charge of a VM found running after a daemon restart (see recovery.py)."""
+        self._runtimes[record.id] = runtime
+        self._watch(record.id, runtime.vmm)
+        self.save(record.moved(VmState.RUNNING, reason, token=token, next_token=""))
 
     async def close(self) -> None:
         """Daemon shutdown: detach from VMs but leave them running for the next daemon."""
