@@ -231,7 +231,8 @@ class AgentConnection:
             raise AgentUnavailable(self.error or "the guest agent channel closed")
         return frame
 
-    async def _call(self, type_: Msg, fields: list[Field]) -> Frame:
+    async def request(self, type_: Msg, fields: list[Field]) -> Frame:
+        """One request, one reply (raises the agent's error as GuestError)."""
         stream = self._open()
         try:
             await self._send(type_, stream, encode_fields(fields))
@@ -244,13 +245,13 @@ class AgentConnection:
     # ---- operations ------------------------------------------------------
 
     async def ping(self) -> None:
-        await self._call(Msg.PING, [])
+        await self.request(Msg.PING, [])
 
     async def sync(self) -> None:
-        await self._call(Msg.SYNC, [])
+        await self.request(Msg.SYNC, [])
 
     async def restore_identity(self, hostname: str, new_token: str, entropy: bytes, time_ns: int) -> None:
-        await self._call(*identity_request(hostname, new_token, entropy, time_ns))
+        await self.request(*identity_request(hostname, new_token, entropy, time_ns))
 
     async def exec(
         self, req: ExecRequest, stdin: AsyncIterator[bytes] | None = None

@@ -73,7 +73,7 @@ async def assemble(settings: Settings) -> Daemon:
     uid_lock = lock_uid_range(settings)
     host = Host(settings, cgroup.detect(cgroup.group_for(settings.data_dir)), jailer)
     images = ImageStore(settings, store, host, guest, choice)
-    engine = Engine(settings, store, host, images, choice)
+    engine = Engine(settings, store, host, images)
     await recover(engine)
     base = store.get_image(BASE_IMAGE)
     if base is not None:

@@ -26,6 +26,7 @@ from ember.config import Settings
 from ember.errors import (
     AgentUnavailable,
     EmberError,
+    GuestError,
     ImageNotFound,
     InvalidRequest,
     NameTaken,
@@ -52,7 +53,6 @@ from ember.snapshot import (
     write_manifest,
 )
 from ember.store import Store
-from ember.vmm.accel import AccelChoice
 from ember.vmm.machine import MachineConfig, RamMode
 from ember.vmm.qemu import QemuVmm
 
@@ -86,12 +86,11 @@ class Timings:
 
 
 class Engine:
-    def __init__(self, settings: Settings, store: Store, host: Host, images: ImageStore, accel: AccelChoice) -> None:
+    def __init__(self, settings: Settings, store: Store, host: Host, images: ImageStore) -> None:
         self.settings = settings
         self.store = store
         self.host = host
         self.images = images
-        self.accel = accel
         self._runtimes: dict[str, VmRuntime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -179,22 +178,38 @@ class Engine:
         self, record: VmRecord, vmm: QemuVmm, agent: AgentConnection, state_file: Path, expected: FileDigest,
         ignore_shared: bool, phases: Phases,
     ) -> tuple[VmRuntime, str]:  # fmt: skip
-        """Load a snapshot into a paused VMM, run it, and give the guest a fresh identity.
-
-        ``record.token`` is the token the snapshot's agent knows; a new one is
-        minted, recorded as ``next_token`` before it is sent (so a daemon
-        killed mid-way can still authenticate) and returned. On failure the
-        VMM is stopped and its cgroup and run directory are freed.
-        """
+        """Load a snapshot into a paused VMM, then run it with a fresh identity (see _give_identity)."""
         try:
             await load_verified(vmm, state_file, expected, ignore_shared)
-            phases.mark("load_state")
+        except BaseException:
+            await self.host.stop(record.id, VmRuntime(record.id, vmm, agent))
+            raise
+        phases.mark("load_state")
+        return await self._give_identity(record, vmm, agent, phases, first_contact=True)
+
+    async def _give_identity(
+        self, record: VmRecord, vmm: QemuVmm, agent: AgentConnection, phases: Phases, first_contact: bool
+    ) -> tuple[VmRuntime, str]:
+        """Let a restored, paused guest run and give it this VM's identity: a fresh RNG seed,
+        the host's clock, the VM id as hostname, and a new agent token.
+
+        ``record.token`` is the token the guest's agent knows; the new one is
+        recorded as ``next_token`` before it is sent (so a daemon killed
+        mid-way can still authenticate) and returned. ``first_contact``
+        pipelines the agent handshake with the identity request (one round
+        trip). On failure the VMM is stopped and its cgroup and run directory
+        are freed.
+        """
+        try:
             new_token = secrets.token_hex(16)
             self.save(replace(record, next_token=new_token))
             await vmm.resume()
             identity = identity_request(record.id, new_token, os.urandom(64), time.time_ns())
-            await agent.authenticate(record.token, self.settings.agent_timeout_s, then=identity)
-            phases.mark("agent_ready")
+            if first_contact:
+                await agent.authenticate(record.token, self.settings.agent_timeout_s, then=identity)
+            else:
+                await agent.request(*identity)
+            phases.mark("identity")
             return VmRuntime(record.id, vmm, agent), new_token
         except BaseException:
             await self.host.stop(record.id, VmRuntime(record.id, vmm, agent))
@@ -248,7 +263,8 @@ class Engine:
                         record, vmm, agent, snap.state_file, snap.manifest.files["state"], True, phases
                     )
                 else:
-                    runtime, token = await self._hand_over(record, warm.vmm, warm.agent, phases)
+                    phases.mark("warm_vmm")
+                    runtime, token = await self._give_identity(record, warm.vmm, warm.agent, phases, False)
             except BaseException:
                 await self.host.teardown(vm_id, None)
                 self.store.delete_vm(vm_id)
@@ -260,21 +276,6 @@ class Engine:
             record = self.save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, token=token, next_token=""))
         vlog(vm_id).info("launched from %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
         return record
-
-    async def _hand_over(
-        self, record: VmRecord, vmm: QemuVmm, agent: AgentConnection, phases: Phases
-    ) -> tuple[VmRuntime, str]:
-        """Run a pooled clone and give it this VM's identity."""
-        try:
-            new_token = secrets.token_hex(16)
-            self.save(replace(record, next_token=new_token))
-            await vmm.resume()
-            await agent.restore_identity(record.id, new_token, os.urandom(64), time.time_ns())
-            phases.mark("identity")
-            return VmRuntime(record.id, vmm, agent), new_token
-        except BaseException:
-            await self.host.stop(record.id, VmRuntime(record.id, vmm, agent))
-            raise
 
     # ---- guest operations --------------------------------------------------
 
@@ -301,12 +302,16 @@ class Engine:
 
     async def inspect(self, vm_id: str) -> dict[str, Any]:
         record = self.get(vm_id)
-        info: dict[str, Any] = {"vmm_status": None, "host_pss_mib": None}
+        info: dict[str, Any] = {"vmm_status": None, "host_pss_mib": None, "agent_ping_ms": None}
         runtime = self._runtimes.get(vm_id)
         if record.state is VmState.RUNNING and runtime is not None:
             with contextlib.suppress(VmmError):
                 info["vmm_status"] = await runtime.vmm.status()
             info["host_pss_mib"] = host_pss_mib(runtime.vmm.pid)
+            with contextlib.suppress(GuestError):
+                start = time.perf_counter()
+                await runtime.agent.ping()
+                info["agent_ping_ms"] = round((time.perf_counter() - start) * 1000, 2)
         return info
 
     # ---- suspend / resume ------------------------------------------------

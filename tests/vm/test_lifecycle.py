@@ -69,6 +69,7 @@ def test_clones_are_independent_and_unique(client: Client, vms: list[str]) -> No
         view = inspect(client, vm)
         assert view["state"] == "RUNNING" and view["vmm_status"] == "running"
         assert 0 < view["host_pss_mib"] < 256, "a clone should share most of its image's memory"  # type: ignore[operator]
+        assert view["agent_ping_ms"] is not None, "the guest agent did not answer a ping"
         assert view["accelerator"]["name"] in ("tcg", "kvm")  # type: ignore[index]
 
 
