@@ -125,6 +125,10 @@ def daemon(settings: Settings) -> Iterator[DaemonProcess]:
     d = DaemonProcess(settings, settings.data_dir.parent / f"{settings.data_dir.name}-daemon.log")
     d.start()
     yield d
+    # a stopped daemon leaves VMs running for its successor: remove them all first
+    with Client(settings=settings) as c:
+        for vm in c.send(call_simple("GET", "/v1/vms")):
+            remove_quietly(c, vm["id"])
     d.stop()
 
 

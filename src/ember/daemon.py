@@ -110,7 +110,4 @@ async def serve(settings: Settings) -> None:
         log.warning("also listening on %s without authentication: keep it on loopback", settings.listen)
         servers.append((uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning")), None))
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")
-    try:
-        await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))
-    finally:
-        await daemon.engine.close()
+    await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))

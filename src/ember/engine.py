@@ -493,7 +493,8 @@ class Engine:
         self.save(record.moved(VmState.RUNNING, reason, token=token, next_token=""))
 
     async def close(self) -> None:
-        """Daemon shutdown: detach from VMs but leave them running for the next daemon."""
+        """Daemon shutdown: discard the warm pool, detach from VMs but leave them running
+        for the next daemon to re-adopt. Safe to call more than once."""
         await self.pool.close()
         for vm_id in list(self._watchers):
             self._unwatch(vm_id)

@@ -93,3 +93,20 @@ def test_daemon_kill9_mid_suspend_loses_nothing(client: Client, daemon: DaemonPr
     assert client.exec(vm, ["sh", "-c", f"kill -0 {pid}"]).exit_code == 0, "a guest process was lost"
     assert not list((daemon.settings.vms_dir / vm).glob(".suspend*")), "half-written snapshot left behind"
     client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+
+
+def test_graceful_restart_keeps_vms_and_drops_the_pool(client: Client, daemon: DaemonProcess, base_image: str) -> None:
+    vm = client.run(base_image)["id"]
+    pid = client.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"]
+    marker = str(daemon.settings.vms_dir).encode()
+    time.sleep(2)  # let the pool refill behind the launch
+    pooled = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_qemu_under(p, marker)} - {pid}
+    assert pooled, "expected warm clones in the pool"
+    daemon.stop()  # SIGTERM
+    assert process_alive(pid), "a graceful stop must leave running VMs for the next daemon"
+    assert not [p for p in pooled if process_alive(p)], "warm clones outlived their daemon"
+    daemon.start()
+    view = client.send(call_simple("GET", f"/v1/vms/{vm}"))
+    assert view["state"] == "RUNNING" and view["pid"] == pid
+    assert client.exec(vm, ["true"]).exit_code == 0
+    client.send(call_simple("DELETE", f"/v1/vms/{vm}"))

@@ -92,7 +92,16 @@ def ndjson(obj: dict[str, Any]) -> bytes:
 
 def create_app(daemon: Daemon) -> FastAPI:
     engine, images = daemon.engine, daemon.images
-    app = FastAPI(title="Ember", version="0.1.0", description="Stateful micro-VMs for untrusted code")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # inside uvicorn's graceful shutdown: it re-raises SIGTERM afterwards, so later
+        # cleanup would never run. Running VMs are left for the next daemon to re-adopt.
+        await engine.close()
+
+    app = FastAPI(
+        title="Ember", version="0.1.0", description="Stateful micro-VMs for untrusted code", lifespan=lifespan
+    )
 
     @app.exception_handler(EmberError)
     async def ember_error(_: Request, exc: EmberError) -> JSONResponse:
