@@ -92,6 +92,7 @@ def ndjson(obj: dict[str, Any]) -> bytes:
 
 def create_app(daemon: Daemon) -> FastAPI:
     engine, images = daemon.engine, daemon.images
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
