@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import ApiError, Client, call_simple
+from ember.client import ApiError, Client, call_exec, call_simple
 from ember.config import Settings
 from ember.runtime import SERIAL_LOG_CAP
 from tests.conftest import DaemonProcess, remove_quietly
@@ -109,3 +109,33 @@ def test_serial_flood_is_bounded(client: Client, daemon: DaemonProcess, base_ima
         assert client.exec(vm, ["true"]).exit_code == 0
     finally:
         remove_quietly(client, vm)
+
+
+def test_output_flood_streams_with_bounded_daemon_memory(
+    client: Client, daemon: DaemonProcess, base_image: str
+) -> None:
+    vm = client.run(base_image)["id"]
+    assert daemon.proc is not None
+    rss_before = _rss_mib(daemon.proc.pid)
+    try:
+        received, peak = 0, rss_before
+        # 150 MB of output, read slowly: the guest must be held back, not buffered on the host
+        for event in client.stream_events(call_exec(vm, ["head", "-c", "150000000", "/dev/zero"])):
+            if "stream" in event:
+                received += len(event["data"])
+                if received % (16 * 1024 * 1024) < len(event["data"]):
+                    time.sleep(0.5)
+                    peak = max(peak, _rss_mib(daemon.proc.pid))
+            elif "exit_code" in event:
+                assert event["exit_code"] == 0
+        assert received == 150_000_000
+        assert peak - rss_before < 64, f"daemon grew by {peak - rss_before:.0f} MiB while streaming"
+    finally:
+        remove_quietly(client, vm)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
