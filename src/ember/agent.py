@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import AgentUnavailable, GuestError
+from ember.errors import AgentUnavailable, GuestError, InvalidRequest
 from ember.guest.protocol import (
     ACK_MAGIC,
     HEADER,
@@ -43,6 +43,7 @@ from ember.guest.protocol import (
 QUEUE_FRAMES = 64
 RESYNC_LIMIT = 8 * 1024 * 1024  # stale bytes we are willing to skip while resyncing
 CHUNK = 128 * 1024
+MAX_ARGS = 1000  # the agent takes at most 1023 arguments and 1023 environment entries
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,17 @@ class AgentConnection:
         if req.timeout_s:
             fields.append((Tag.TIMEOUT_MS, max(1, int(req.timeout_s * 1000))))
         fields.append((Tag.STDIN, stdin is not None))
+        payload = encode_fields(fields)
+        if len(payload) > MAX_PAYLOAD or len(req.argv) > MAX_ARGS or len(req.env) > MAX_ARGS:
+            raise InvalidRequest(
+                f"the command line and environment must fit in {MAX_PAYLOAD // 1024} KiB and {MAX_ARGS} entries "
+                "each: pass large input through stdin or a file ('ember cp')"
+            )
         stream = self._open()
         feeder: asyncio.Task[None] | None = None
         running = False
         try:
-            await self._send(Msg.EXEC, stream, encode_fields(fields))
+            await self._send(Msg.EXEC, stream, payload)
             first = await self._recv(stream)
             _raise_for(first)
             if first.type is not Msg.STARTED:

@@ -170,7 +170,16 @@ def test_bad_input_gets_clear_errors(client: Client, base_image: str) -> None:
         (lambda: client.send(Call("POST", "/v1/vms", json={})), 400, "image"),
         (lambda: client.send(Call("POST", "/v1/vms/x/exec", json={"argv": []})), 400, "argv"),
     ]
-    for call, status, hint in cases:
-        with pytest.raises(ApiError) as err:
-            call()
-        assert err.value.status == status and hint in str(err.value), (status, str(err.value))
+    vm = client.run(base_image)["id"]
+    cases += [
+        (lambda: client.exec(vm, ["echo", "x" * 300_000]), 400, "must fit in 256 KiB"),
+        (lambda: client.exec(vm, ["true"], env={f"V{i}": "1" for i in range(1500)}), 400, "1000 entries"),
+    ]
+    try:
+        for call, status, hint in cases:
+            with pytest.raises(ApiError) as err:
+                call()
+            assert err.value.status == status and hint in str(err.value), (status, str(err.value))
+        assert client.exec(vm, ["true"]).exit_code == 0, "bad requests must not disturb the VM"
+    finally:
+        remove_quietly(client, vm)
