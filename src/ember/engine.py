@@ -502,6 +502,7 @@ class Engine:
             await runtime.agent.close()
             await runtime.vmm.disconnect()
         self._runtimes.clear()
+        await asyncio.to_thread(self.host.cgroups.release)
 
 
 def host_pss_mib(pid: int) -> float | None:

@@ -96,10 +96,12 @@ class WarmPool:
             vm_id, uid = new_vm_id(), self._allocate_uid()
             try:
                 vmm, agent = await start(vm_id, uid, image)
-            except Exception as exc:
-                log.warning("could not pre-start a VMM for image %s: %s", image.name, exc)
+            except BaseException as exc:  # cancelled by close() too: never leave a half-started VMM
                 await self.host.teardown(vm_id, None)
                 self._release_uid(uid)
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("could not pre-start a VMM for image %s: %s", image.name, exc)
                 async with self._changed:
                     self._changed.notify_all()  # nobody should wait for an entry that will not come
                 return
@@ -119,6 +121,7 @@ class WarmPool:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await asyncio.gather(*self._discards, return_exceptions=True)
         for entries in self._entries.values():
             for warm in entries:
                 await self._discard(warm)

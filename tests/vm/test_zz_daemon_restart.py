@@ -110,3 +110,17 @@ def test_graceful_restart_keeps_vms_and_drops_the_pool(client: Client, daemon: D
     assert view["state"] == "RUNNING" and view["pid"] == pid
     assert client.exec(vm, ["true"]).exit_code == 0
     client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+
+
+def test_stopped_daemon_without_vms_leaves_no_cgroup(daemon: DaemonProcess, client: Client, base_image: str) -> None:
+    from ember.host.cgroup import group_for
+
+    assert not client.send(call_simple("GET", "/v1/vms")), "this test needs a daemon without VMs"
+    group = group_for(daemon.settings.data_dir)
+    assert list(Path("/sys/fs/cgroup").glob(f"*/{group}")) or Path(f"/sys/fs/cgroup/{group}").exists()
+    daemon.stop()
+    try:
+        leftover = [*Path("/sys/fs/cgroup").glob(f"*/{group}"), *Path("/sys/fs/cgroup").glob(group)]
+        assert not leftover, f"cgroups left behind: {leftover}"
+    finally:
+        daemon.start()

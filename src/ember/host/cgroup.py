@@ -30,6 +30,9 @@ class Cgroups(Protocol):
     def destroy(self, name: str) -> None:
         """Kill whatever is left inside, then remove the cgroup."""
 
+    def release(self) -> None:
+        """Remove this daemon's parent cgroup if no VM cgroup is left in it."""
+
 
 def _read_pids(procs: Path) -> list[int]:
     try:
@@ -52,6 +55,12 @@ def _kill_and_rmdir(dirs: list[Path]) -> None:
                 break
             except OSError:
                 time.sleep(0.01)  # busy until the killed processes are gone
+
+
+def _rmdir_if_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        with contextlib.suppress(OSError):  # busy (VMs left for the next daemon) or already gone
+            d.rmdir()
 
 
 class CgroupsV2:
@@ -82,6 +91,9 @@ class CgroupsV2:
     def destroy(self, name: str) -> None:
         _kill_and_rmdir([self.base / name])
 
+    def release(self) -> None:
+        _rmdir_if_empty([self.base])
+
 
 class CgroupsV1:
     def __init__(self, group: str, root: Path = ROOT) -> None:
@@ -109,6 +121,9 @@ class CgroupsV1:
 
     def destroy(self, name: str) -> None:
         _kill_and_rmdir([self.memory / name, self.pids_root / name])
+
+    def release(self) -> None:
+        _rmdir_if_empty([self.memory, self.pids_root])
 
 
 def group_for(data_dir: Path) -> str:
