@@ -80,19 +80,23 @@ _ZERO_CHUNK = hashlib.sha256(_ZEROS).digest()
 _hashers = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ember-hash")
 
 
+def _zeros_digest(length: int) -> bytes:
+    return _ZERO_CHUNK if length == TREE_CHUNK else hashlib.sha256(bytes(length)).digest()
+
+
 def _chunk_digest(fd: int, offset: int, length: int) -> bytes:
     try:
         if os.lseek(fd, offset, os.SEEK_DATA) >= offset + length:
-            return _ZERO_CHUNK if length == TREE_CHUNK else hashlib.sha256(bytes(length)).digest()
+            return _zeros_digest(length)  # all hole
     except OSError as exc:
         if exc.errno != errno.ENXIO:  # ENXIO: nothing but holes from here on
             raise
-        return _ZERO_CHUNK if length == TREE_CHUNK else hashlib.sha256(bytes(length)).digest()
+        return _zeros_digest(length)
     data = os.pread(fd, length, offset)
     if len(data) != length:
         raise SnapshotError("a file shrank while it was being hashed")
     if data == _ZEROS[:length]:  # a memcmp, far cheaper than hashing: most of a guest's RAM is zero
-        return _ZERO_CHUNK if length == TREE_CHUNK else hashlib.sha256(data).digest()
+        return _zeros_digest(length)
     return hashlib.sha256(data).digest()
 
 
@@ -217,9 +221,7 @@ def staging(final: Path) -> Iterator[Path]:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    for child in tmp.iterdir():
-        fsync_path(child)
-    fsync_path(tmp)
+    durable([*tmp.iterdir(), tmp])
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
@@ -267,8 +269,7 @@ def verify_files(manifest: SnapshotManifest, paths: dict[str, Path]) -> None:
     """Check the named manifest entries against the files at ``paths``."""
     for name, path in paths.items():
         expected = manifest.files[name]
-        if hash_file(path, expected.sparse) != expected:
-            raise SnapshotError(f"snapshot file {path} fails its SHA-256 check: it is damaged")
+        check_digest(path, expected, hash_file(path, expected.sparse))
 
 
 _SYS_CACHESTAT = 451  # x86_64, Linux >= 6.5
