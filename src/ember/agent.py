@@ -101,14 +101,12 @@ class AgentConnection:
                     raise AgentUnavailable(f"cannot reach the guest agent socket: {exc}") from None
                 await asyncio.sleep(0.002)
 
-    async def authenticate(
-        self, token: str, timeout_s: float, then: tuple[Msg, list[Field]] | None = None
-    ) -> Frame | None:
+    async def authenticate(self, token: str, timeout_s: float, then: tuple[Msg, list[Field]] | None = None) -> None:
         """Prove the token, resynchronize the stream, start routing frames.
 
         ``then`` is a request pipelined right behind the HELLO (one round trip
-        instead of two: it matters on a freshly restored TCG guest); its
-        reply is returned.
+        instead of two: it matters on a freshly restored TCG guest); an error
+        reply to it raises GuestError.
         """
         stream = 0
         if then is not None:
@@ -126,11 +124,9 @@ class AgentConnection:
             raise
         self._task = asyncio.create_task(self._read_loop(), name="agent-reader")
         if then is None:
-            return None
+            return
         try:
-            reply = await self._recv(stream)
-            _raise_for(reply)
-            return reply
+            _raise_for(await self._recv(stream))
         finally:
             self._close(stream)
 

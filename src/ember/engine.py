@@ -143,6 +143,19 @@ class Engine:
 
         self._watchers[vm_id] = asyncio.create_task(watch(), name=f"watch-{vm_id}")
 
+    def take_charge(
+        self, record: VmRecord, runtime: VmRuntime, token: str, reason: str = "", ram: RamMode | None = None
+    ) -> VmRecord:
+        """A VM now runs in ``runtime`` (launched, resumed, or re-adopted after a daemon
+        restart): watch its VMM and record it RUNNING with the agent's current token."""
+        self._runtimes[record.id] = runtime
+        self._watch(record.id, runtime.vmm)
+        return self.save(
+            record.moved(
+                VmState.RUNNING, reason, pid=runtime.vmm.pid, token=token, next_token="", ram=ram or record.ram
+            )
+        )
+
     def _background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)
         self._chores.add(task)
@@ -271,9 +284,7 @@ class Engine:
                 raise
             finally:
                 self.pool.refill(image, self._prewarm)
-            self._runtimes[vm_id] = runtime
-            self._watch(vm_id, runtime.vmm)
-            record = self.save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, token=token, next_token=""))
+            record = self.take_charge(record, runtime, token)
         vlog(vm_id).info("launched from %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
         return record
 
@@ -427,9 +438,7 @@ class Engine:
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
             consumed = layout.suspend_dir.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
             self._background(asyncio.to_thread(shutil.rmtree, consumed, True))
-            self._runtimes[vm_id] = runtime
-            self._watch(vm_id, runtime.vmm)
-            self.save(record.moved(VmState.RUNNING, pid=runtime.vmm.pid, ram=RamMode.OWN, token=token, next_token=""))
+            self.take_charge(record, runtime, token, ram=RamMode.OWN)
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)
@@ -485,12 +494,6 @@ class Engine:
         """Verify an image and pre-start its pool in the background, so that even
         the first launch after a daemon start or an image build is a warm one."""
         self.pool.refill(image, self._prewarm)
-
-    def adopt(self, record: VmRecord, runtime: VmRuntime, token: str, reason: str) -> None:
-        """Take charge of a VM found running after a daemon restart (see recovery.py)."""
-        self._runtimes[record.id] = runtime
-        self._watch(record.id, runtime.vmm)
-        self.save(record.moved(VmState.RUNNING, reason, token=token, next_token=""))
 
     async def close(self) -> None:
         """Daemon shutdown: discard the warm pool, detach from VMs but leave them running

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 class Warm:
     vm_id: str
     uid: int
-    image_key: tuple[str, str]
     vmm: QemuVmm
     agent: AgentConnection
 
@@ -105,7 +104,7 @@ class WarmPool:
                 async with self._changed:
                     self._changed.notify_all()  # nobody should wait for an entry that will not come
                 return
-            entries.append(Warm(vm_id, uid, key, vmm, agent))
+            entries.append(Warm(vm_id, uid, vmm, agent))
             async with self._changed:
                 self._changed.notify_all()
 

@@ -110,6 +110,6 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
         await agent.restore_identity(record.id, token, os.urandom(64), time.time_ns())
         shutil.rmtree(layout.suspend_dir, ignore_errors=True)
     reason = StopReason.DAEMON_RESTART.value if status != "running" else ""
-    engine.adopt(record, VmRuntime(record.id, vmm, agent), token, reason)
+    engine.take_charge(record, VmRuntime(record.id, vmm, agent), token, reason)
     vlog(record.id).info("re-adopted running VM (pid %d)", record.pid)
     return True
