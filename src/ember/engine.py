@@ -450,27 +450,27 @@ class Engine:
             raise InvalidRequest(f"bad image name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
         if self.store.get_image(name) is not None:
             raise NameTaken(f"an image named '{name}' exists: pick another name or remove it first")
-        async with self._lock(vm_id):
-            record = self.get(vm_id)
-            runtime = self._runtime(record, "snapshot")
-            await runtime.agent.sync()
-            stream = self.images.staging_stream(name)
-            try:
-                tap = StreamTap.sink(stream)
-                try:
-                    await runtime.vmm.save_state(tap.fd, ignore_shared=False)
-                finally:
-                    digest = tap.finish()
-                disk_copy = stream.with_name(stream.name + ".disk")
-                shutil.copyfile(self.host.layout(vm_id).disk, disk_copy)
-            except OSError as exc:
-                raise_storage(exc, "snapshotting the VM")
-            finally:
-                with contextlib.suppress(EmberError):
-                    await runtime.vmm.resume()
+        stream = self.images.staging_stream(name)
+        disk_copy = stream.with_name(stream.name + ".disk")
         try:
+            async with self._lock(vm_id):
+                record = self.get(vm_id)
+                runtime = self._runtime(record, "snapshot")
+                await runtime.agent.sync()
+                try:
+                    tap = StreamTap.sink(stream)
+                    try:
+                        await runtime.vmm.save_state(tap.fd, ignore_shared=False)
+                    finally:
+                        digest = tap.finish()
+                    shutil.copyfile(self.host.layout(vm_id).disk, disk_copy)
+                except OSError as exc:
+                    raise_storage(exc, "snapshotting the VM")
+                finally:
+                    with contextlib.suppress(EmberError):
+                        await runtime.vmm.resume()
             image = await self.images.from_stream(name, record, stream, digest, disk_copy)
-        finally:
+        finally:  # the staged stream and disk copy never outlive the request, failed or not
             stream.unlink(missing_ok=True)
             disk_copy.unlink(missing_ok=True)
         vlog(vm_id).info("snapshotted into image %s", name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import ApiError, Client, call_exec, call_simple
+from ember.client import ApiError, Call, Client, call_exec, call_simple
 from ember.config import Settings
 from ember.runtime import SERIAL_LOG_CAP
 from tests.conftest import DaemonProcess, remove_quietly
@@ -80,6 +80,13 @@ def test_full_disk_suspend_keeps_the_vm_running(small_disk_daemon: DaemonProcess
             filler.unlink()
             assert c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))["state"] == "RUNNING"
             assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
+            # a fork that cannot be written is refused; its staged files go, the VM runs on
+            filler = fill(settings.data_dir, leave_mib=20)
+            with pytest.raises(ApiError, match="disk is full"):
+                c.send(Call("POST", f"/v1/vms/{vm}/snapshot", json={"name": "nospace"}))
+            assert not list(settings.images_dir.glob(".*")), "a failed fork left staged files"
+            assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
+            filler.unlink()
         finally:
             remove_quietly(c, vm)
 
