@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import (
@@ -18,7 +20,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.exc import OperationalError
 
 from ember.errors import ResourceExhausted
 from ember.models import ImageRecord, VmRecord, VmState
@@ -94,9 +97,22 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction; a full disk is reported like every other full disk."""
+        try:
+            with self.engine.begin() as c:
+                yield c
+        except OperationalError as exc:
+            if "disk is full" in str(exc) or "disk I/O error" in str(exc):
+                raise ResourceExhausted(
+                    "the host disk is full: Ember cannot record the change; free space and retry"
+                ) from exc
+            raise
+
     # images
     def put_image(self, record: ImageRecord) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             c.execute(delete(images).where(images.c.name == record.name))
             c.execute(insert(images).values(**_image_row(record)))
 
@@ -110,7 +126,7 @@ class Store:
             return [_image(r) for r in c.execute(select(images).order_by(images.c.name)).mappings()]
 
     def delete_image(self, name: str) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             c.execute(delete(images).where(images.c.name == name))
 
     def next_gid(self, gids: range) -> int:
@@ -123,11 +139,11 @@ class Store:
 
     # vms
     def insert_vm(self, record: VmRecord) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             c.execute(insert(vms).values(**_vm_row(record)))
 
     def update_vm(self, record: VmRecord) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             c.execute(update(vms).where(vms.c.id == record.id).values(**_vm_row(record)))
 
     def get_vm(self, vm_id: str) -> VmRecord | None:
@@ -140,7 +156,7 @@ class Store:
             return [_vm(r) for r in c.execute(select(vms).order_by(vms.c.created_at)).mappings()]
 
     def delete_vm(self, vm_id: str) -> None:
-        with self.engine.begin() as c:
+        with self._write() as c:
             c.execute(delete(vms).where(vms.c.id == vm_id))
 
     def free_uid(self, uids: range, exclude: set[int] | None = None) -> int:

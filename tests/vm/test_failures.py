@@ -60,9 +60,10 @@ def test_full_disk_suspend_keeps_the_vm_running(small_disk_daemon: DaemonProcess
         for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
             assert "error" not in event, event
         vm = c.run("debian")["id"]
+        filler = settings.data_dir / "filler"
         try:
             c.exec(vm, ["sh", "-c", "echo before > /root/f"])
-            filler = fill(settings.data_dir, leave_mib=20)  # the first suspend writes a ~90 MB stream
+            fill(settings.data_dir, leave_mib=20)  # the first suspend writes a ~90 MB stream
             with pytest.raises(ApiError, match="disk is full") as err:
                 c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))
             assert err.value.status == 507
@@ -73,7 +74,7 @@ def test_full_disk_suspend_keeps_the_vm_running(small_disk_daemon: DaemonProcess
             filler.unlink()
             assert c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))["state"] == "SUSPENDED"
             # resuming needs room for the VM's RAM file: refused cleanly, the VM stays suspended
-            filler = fill(settings.data_dir, leave_mib=20)
+            fill(settings.data_dir, leave_mib=20)
             with pytest.raises(ApiError, match="disk is full"):
                 c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))
             assert c.send(call_simple("GET", f"/v1/vms/{vm}"))["state"] == "SUSPENDED"
@@ -81,13 +82,21 @@ def test_full_disk_suspend_keeps_the_vm_running(small_disk_daemon: DaemonProcess
             assert c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))["state"] == "RUNNING"
             assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
             # a fork that cannot be written is refused; its staged files go, the VM runs on
-            filler = fill(settings.data_dir, leave_mib=20)
+            fill(settings.data_dir, leave_mib=20)
             with pytest.raises(ApiError, match="disk is full"):
                 c.send(Call("POST", f"/v1/vms/{vm}/snapshot", json={"name": "nospace"}))
             assert not list(settings.images_dir.glob(".*")), "a failed fork left staged files"
             assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
             filler.unlink()
+            # not even the database can be written: a clear 507, and nothing changed
+            fill(settings.data_dir, leave_mib=0)
+            with pytest.raises(ApiError, match="cannot record the change") as err:
+                c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+            assert err.value.status == 507
+            filler.unlink()
+            assert c.send(call_simple("GET", f"/v1/vms/{vm}"))["state"] == "RUNNING"
         finally:
+            filler.unlink(missing_ok=True)  # a failed assertion must not leave the disk full
             remove_quietly(c, vm)
 
 
