@@ -53,6 +53,8 @@ class ExecRequest:
     cwd: str = ""
     user: str = ""
     timeout_s: float = 0.0
+    root: str = ""  # build VMs only: run chrooted into this directory
+    tool: bool = False  # build VMs only: argv[0] is an Ember tool outside ``root``
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,12 @@ class AgentConnection:
     async def sync(self) -> None:
         await self.request(Msg.SYNC, [])
 
+    async def probe(self, port: int, http: bool) -> int:
+        """Connect to the guest's 127.0.0.1:``port``; with ``http`` POST the ready hook
+        and return its HTTP status. Raises GuestError while nothing listens."""
+        reply = await self.request(Msg.PROBE, [(Tag.PORT, port), (Tag.HTTP, http)])
+        return field_int(decode_fields(reply.payload), Tag.EXIT_CODE, 0)
+
     async def restore_identity(self, hostname: str, new_token: str, entropy: bytes, time_ns: int) -> None:
         await self.request(*identity_request(hostname, new_token, entropy, time_ns))
 
@@ -262,6 +270,10 @@ class AgentConnection:
             fields.append((Tag.USER, req.user))
         if req.timeout_s:
             fields.append((Tag.TIMEOUT_MS, max(1, int(req.timeout_s * 1000))))
+        if req.root:
+            fields.append((Tag.ROOT, req.root))
+        if req.tool:
+            fields.append((Tag.TOOL, True))
         fields.append((Tag.STDIN, stdin is not None))
         payload = encode_fields(fields)
         if len(payload) > MAX_PAYLOAD or len(req.argv) > MAX_ARGS or len(req.env) > MAX_ARGS:

@@ -136,11 +136,15 @@ class Host:
         incoming: bool,
         uid: int,
         extra_gid: int,
+        extra: tuple[str, ...] = (),
+        network: bool = False,
     ) -> QemuVmm:
+        """Start a jailed VMM; ``network`` keeps it in the host's network namespace
+        (image builds: egress is then filtered by uid, see ember.build.egress)."""
         memory = (machine.memory_mib + self.settings.vmm_overhead_mib) * 1024 * 1024
         procs = self.cgroups.create(self.cgroup_name(vm_id), memory, self.settings.vmm_pids_max)
-        jail = Jail(self.jailer, uid=uid, gid=uid, extra_gid=extra_gid, cgroup_procs=tuple(procs))
-        return await QemuVmm.start(self.settings.qemu_binary, machine, paths, ram, incoming, jail)
+        jail = Jail(self.jailer, uid, uid, extra_gid, tuple(procs), new_netns=not network)
+        return await QemuVmm.start(self.settings.qemu_binary, machine, paths, ram, incoming, jail, extra)
 
     async def stop(self, vm_id: str, runtime: VmRuntime | None) -> None:
         """Stop the VM's processes and free its cgroup and run directory (disk stays)."""

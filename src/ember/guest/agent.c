@@ -7,6 +7,10 @@
  * into the image).
  * Stage 2: mount the API filesystems, bring up lo, reap every orphan, and
  * serve the host over the virtio-serial port "org.ember.agent".
+ * Build mode (ember.build=1 on the kernel command line, image builds only):
+ * the root disk is mounted at /newroot but not entered; commands run chrooted
+ * into it (T_ROOT), and Ember's own tools (busybox in the build initramfs) run
+ * there without being part of the image (T_TOOL: opened before the chroot).
  *
  * Wire protocol: see src/ember/guest/protocol.py (the constants below mirror
  * it). Single-threaded poll loop; output to the host is bounded (OUT_CAP) and
@@ -19,6 +23,8 @@
 #include <fcntl.h>
 #include <linux/random.h>
 #include <net/if.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -51,11 +57,12 @@
 #define PORT_NAME "org.ember.agent"
 
 enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
-       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING };
+       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE };
 enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED };
 enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
-       T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS };
+       T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
+       T_TOOL, T_PORT, T_HTTP };
 
 enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ };
 
@@ -236,7 +243,7 @@ static void sess_free(struct sess *s) {
 
 struct ident { uid_t uid; gid_t gid; char home[256]; };
 
-static int lookup_user(const char *spec, struct ident *id) {
+static int lookup_user(const char *root, const char *spec, struct ident *id) {
     char name[128] = "", *colon;
     id->uid = 0; id->gid = 0; strcpy(id->home, "/root");
     if (!spec || !*spec) return 0;
@@ -246,7 +253,9 @@ static int lookup_user(const char *spec, struct ident *id) {
     char *end;
     long numeric = strtol(name, &end, 10);
     int by_id = *name && !*end;
-    FILE *f = fopen("/etc/passwd", "re");
+    char passwd[4200];
+    snprintf(passwd, sizeof passwd, "%s/etc/passwd", root ? root : "");
+    FILE *f = fopen(passwd, "re");
     int found = 0;
     if (f) {
         char line[1024];
@@ -283,7 +292,8 @@ static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NON
 
 static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     char *argv[1024]; char *envp[1024]; int argc = 0, envc = 0;
-    char *cwd = tlv_str(p, n, T_CWD, 0), *user = tlv_str(p, n, T_USER, 0);
+    char *cwd = tlv_str(p, n, T_CWD, 0), *user = tlv_str(p, n, T_USER, 0), *root = tlv_str(p, n, T_ROOT, 0);
+    int tool_fd = -1;
     uint64_t timeout = tlv_u(p, n, T_TIMEOUT_MS, 0);
     int want_stdin = (int)tlv_u(p, n, T_STDIN, 0);
     struct ident id;
@@ -295,7 +305,12 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     while (envc < 1023 && (envp[envc] = tlv_str(p, n, T_ENV, envc))) envc++;
     envp[envc] = NULL;
     if (argc == 0) { reply_err(stream, EINVAL, "exec needs a command"); goto out; }
-    if (lookup_user(user, &id) < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
+    if (root && (!*root || root[0] != '/')) { reply_err(stream, EINVAL, "root must be an absolute path"); goto out; }
+    if (tlv_u(p, n, T_TOOL, 0) && (tool_fd = open(argv[0], O_PATH | O_CLOEXEC)) < 0) {
+        reply_err(stream, errno, "no tool '%s' in this VM: %s", argv[0], strerror(errno));
+        goto out;
+    }
+    if (lookup_user(root, user, &id) < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
     if (!(s = sess_new(stream, S_EXEC))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); goto out; }
     if (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC) || pipe2(failp, O_CLOEXEC) ||
         (want_stdin && pipe2(inp, O_CLOEXEC))) {
@@ -313,14 +328,16 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
         dup2(outp[1], 1);
         dup2(errp[1], 2);
         int err = 0;
-        if (cwd && *cwd && chdir(cwd) < 0) err = errno;
+        if (root && (chroot(root) < 0 || chdir("/") < 0)) err = errno;
+        else if (cwd && *cwd && chdir(cwd) < 0) err = errno;
         else if (setgroups(1, &id.gid) < 0 || setgid(id.gid) < 0 || setuid(id.uid) < 0) err = errno;
         if (!err) {
             extern char **environ;
             environ = envp;
             if (!getenv("HOME")) setenv("HOME", id.home, 0);
             if (!getenv("PATH")) setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 0);
-            execvp(argv[0], argv);
+            if (tool_fd >= 0) syscall(SYS_execveat, tool_fd, "", argv, environ, AT_EMPTY_PATH);
+            else execvp(argv[0], argv);
             err = errno;
         }
         int stage = (cwd && *cwd && access(cwd, X_OK) < 0) ? 1 : 2;
@@ -361,7 +378,8 @@ fail:
 out:
     for (int i = 0; i < argc; i++) free(argv[i]);
     for (int i = 0; i < envc; i++) free(envp[i]);
-    free(cwd); free(user);
+    if (tool_fd >= 0) close(tool_fd);
+    free(cwd); free(user); free(root);
 }
 
 static void flush_stdin(struct sess *s) {
@@ -582,6 +600,52 @@ static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {
 
 /* ---------- dispatch ---------- */
 
+/* ---------- readiness probe ---------- */
+
+/* Connect to 127.0.0.1:port; with T_HTTP also POST the ready hook and report
+ * the HTTP status. Bounded by short socket timeouts (only used while an image
+ * is being captured). */
+static void do_probe(uint32_t stream, const unsigned char *p, size_t n) {
+    uint64_t port_no = tlv_u(p, n, T_PORT, 0), http = tlv_u(p, n, T_HTTP, 0);
+    if (port_no == 0 || port_no > 65535) { reply_err(stream, EINVAL, "probe needs a port 1-65535"); return; }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) { reply_err(stream, errno, "socket: %s", strerror(errno)); return; }
+    struct timeval tv = {.tv_sec = 2};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port_no)};
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        reply_err(stream, errno, "port %u: %s", (unsigned)port_no, strerror(errno));
+        close(fd);
+        return;
+    }
+    uint64_t status = 0;
+    if (http) {
+        static const char req[] = "POST /ember/v1/ready HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n";
+        char buf[64] = "";
+        size_t got = 0;
+        if (write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1))
+            while (got < sizeof buf - 1) {
+                ssize_t r = read(fd, buf + got, sizeof buf - 1 - got);
+                if (r <= 0) break;
+                got += (size_t)r;
+            }
+        buf[got] = 0;
+        unsigned code = 0;
+        if (sscanf(buf, "HTTP/%*d.%*d %u", &code) != 1) {
+            reply_err(stream, EPROTO, "port %u did not answer POST /ember/v1/ready with HTTP", (unsigned)port_no);
+            close(fd);
+            return;
+        }
+        status = code;
+    }
+    close(fd);
+    struct tlvbuf b = {.len = 0};
+    tlv_u64(&b, T_EXIT_CODE, status);
+    reply_ok(stream, &b);
+}
+
 static int ct_equal(const unsigned char *a, size_t al, const unsigned char *b, size_t bl) {
     unsigned char d = (unsigned char)(al != bl);
     for (size_t i = 0; i < al && i < bl; i++) d |= a[i] ^ b[i];
@@ -623,6 +687,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
     case M_RESTORE: do_restore(stream, p, n); break;
     case M_SYNC: sync(); reply_ok(stream, NULL); break;
     case M_PING: reply_ok(stream, NULL); break;
+    case M_PROBE: do_probe(stream, p, n); break;
     default: reply_err(stream, ENOSYS, "unknown request type %u", type);
     }
 }
@@ -779,6 +844,7 @@ static void mount_or_die(const char *src, const char *dst, const char *type, uns
 }
 
 static char cmdline[4096];
+static int build_mode;
 
 static const char *cmdline_arg(const char *key) {
     static char val[256];
@@ -831,11 +897,33 @@ static void stage1(void) {
     wait_for(root);
     mount_or_die(root, "/newroot", "ext4", 0, NULL);
     if (umount2("/proc", MNT_DETACH) < 0) die("umount /proc");
+    if (cmdline_arg("ember.build")) { build_mode = 1; return; }
     mkdir("/newroot/dev", 0755);
     if (mount("/dev", "/newroot/dev", NULL, MS_MOVE, NULL) < 0) die("move /dev");
     unlink("/ember/modules"); unlink("/init");
     if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
         die("switch root");
+}
+
+/* Build mode: what a RUN step expects inside the image (Docker provides the same). */
+static void build_mounts(void) {
+    mount_or_die("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_die("sysfs", "/newroot/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_die("devtmpfs", "/newroot/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    mount_or_die("devpts", "/newroot/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,gid=5,mode=620,ptmxmode=666");
+    mount_or_die("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    /* DNS comes from the VMM's user-mode network; the image's own file stays underneath. */
+    int fd = open("/ember/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 || write(fd, "nameserver 10.0.2.3\n", 20) != 20) die("/ember/resolv.conf");
+    close(fd);
+    struct stat st;
+    if (lstat("/newroot/etc", &st) == 0 && S_ISDIR(st.st_mode)) {
+        fd = open("/newroot/etc/resolv.conf", O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            close(fd);
+            if (mount("/ember/resolv.conf", "/newroot/etc/resolv.conf", NULL, MS_BIND, NULL) < 0) logmsg("resolv.conf: %s", strerror(errno));
+        }
+    }
 }
 
 static void stage2(void) {
@@ -851,6 +939,7 @@ static void stage2(void) {
     if (!tok) { errno = EINVAL; die("no ember.token on the kernel command line"); }
     token_len = strlen(tok) < sizeof token ? strlen(tok) : sizeof token;
     memcpy(token, tok, token_len);
+    if (build_mode) build_mounts();
     sethostname("ember", 5);
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s >= 0) {

@@ -22,6 +22,11 @@ from ember.host.binaries import compile_static
 
 # Loaded in dependency order by the agent's stage 1 (modules.dep adds the rest).
 GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console")
+# Image-build VMs also get a network card and Ember's tools (a static busybox:
+# tar for COPY, ip, fsfreeze), kept outside the image being built.
+BUILD_MODULES = (*GUEST_MODULES, "virtio_net")
+BUSYBOX = Path("/bin/busybox")
+BUILD_TOOL = "/ember/busybox"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class GuestArtifacts:
     initramfs: Path
     agent: Path
     fingerprint: str
+    build_initramfs: Path
 
 
 def find_kernel(boot_dir: Path = Path("/boot"), modules_root: Path = Path("/lib/modules")) -> GuestKernel:
@@ -99,12 +105,42 @@ def _agent_source() -> bytes:
     return resources.files("ember.guest").joinpath("agent.c").read_bytes()
 
 
+def _initramfs(out: Path, agent: bytes, modules: list[Path], tools: dict[str, bytes]) -> None:
+    entries: list[tuple[str, int, bytes]] = [
+        (d, stat.S_IFDIR | 0o755, b"") for d in ("dev", "proc", "newroot", "ember", "ember/mods")
+    ]
+    listing = []
+    for mod in modules:
+        entries.append((f"ember/mods/{mod.name}", stat.S_IFREG | 0o644, mod.read_bytes()))
+        listing.append(f"/ember/mods/{mod.name}")
+    entries.append(("ember/modules", stat.S_IFREG | 0o644, ("\n".join(listing) + "\n").encode()))
+    entries += [(name.lstrip("/"), stat.S_IFREG | 0o755, data) for name, data in tools.items()]
+    entries.append(("init", stat.S_IFREG | 0o755, agent))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(_cpio_newc(entries))
+    os.replace(tmp, out)
+
+
+def _static_busybox() -> bytes:
+    try:
+        data = BUSYBOX.read_bytes()
+    except OSError:
+        data = b""
+    if not data.startswith(b"\x7fELF") or b"/lib64/ld-linux" in data[:4096]:
+        raise HostSetupError(
+            f"{BUSYBOX} is missing or not static: 'apt-get install busybox-static' (scripts/install.sh does this)"
+        )
+    return data
+
+
 def ensure_artifacts(guest_dir: Path) -> GuestArtifacts:
     """Build (or reuse) the agent and initramfs for the installed guest kernel."""
     if platform.machine() != "x86_64":
         raise HostSetupError(f"Ember's guests are x86_64; this host is {platform.machine()}")
     kernel = find_kernel()
     modules = resolve_modules(kernel.modules, GUEST_MODULES)
+    build_modules = resolve_modules(kernel.modules, BUILD_MODULES)
+    busybox = _static_busybox()
     source = _agent_source()
     digest = hashlib.sha256(source)
     digest.update(kernel.release.encode())
@@ -117,16 +153,10 @@ def ensure_artifacts(guest_dir: Path) -> GuestArtifacts:
     if not initramfs.exists():
         target.mkdir(parents=True, exist_ok=True)
         compile_static(source, agent)
-        entries: list[tuple[str, int, bytes]] = [
-            (d, stat.S_IFDIR | 0o755, b"") for d in ("dev", "proc", "newroot", "ember", "ember/mods")
-        ]
-        listing = []
-        for mod in modules:
-            entries.append((f"ember/mods/{mod.name}", stat.S_IFREG | 0o644, mod.read_bytes()))
-            listing.append(f"/ember/mods/{mod.name}")
-        entries.append(("ember/modules", stat.S_IFREG | 0o644, ("\n".join(listing) + "\n").encode()))
-        entries.append(("init", stat.S_IFREG | 0o755, agent.read_bytes()))
-        tmp = initramfs.with_suffix(".tmp")
-        tmp.write_bytes(_cpio_newc(entries))
-        os.replace(tmp, initramfs)
-    return GuestArtifacts(kernel=kernel.image, initramfs=initramfs, agent=agent, fingerprint=fingerprint)
+        _initramfs(initramfs, agent.read_bytes(), modules, {})
+    build_initramfs = target / f"build-{hashlib.sha256(busybox).hexdigest()[:12]}.cpio"
+    if not build_initramfs.exists():
+        _initramfs(build_initramfs, agent.read_bytes(), build_modules, {BUILD_TOOL: busybox})
+    return GuestArtifacts(
+        kernel=kernel.image, initramfs=initramfs, agent=agent, fingerprint=fingerprint, build_initramfs=build_initramfs
+    )

@@ -47,6 +47,7 @@ class Msg(enum.IntEnum):
     RESTORE = 11
     SYNC = 12
     PING = 13
+    PROBE = 14
     # guest -> host
     HELLO_ACK = 64
     OK = 65
@@ -86,6 +87,10 @@ class Tag(enum.IntEnum):
     PID = 22
     SIZE = 23
     MKDIRS = 24
+    ROOT = 25  # build VMs: chroot into this directory first
+    TOOL = 26  # build VMs: argv[0] is one of Ember's tools, outside the image
+    PORT = 27
+    HTTP = 28
 
 
 @dataclass(frozen=True)

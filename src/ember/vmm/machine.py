@@ -87,7 +87,9 @@ def kernel_cmdline(accel: Accel, token: str) -> str:
     return " ".join(parts)
 
 
-def qemu_argv(binary: str, machine: MachineConfig, paths: RunPaths, ram: RamMode, incoming: bool) -> list[str]:
+def qemu_argv(
+    binary: str, machine: MachineConfig, paths: RunPaths, ram: RamMode, incoming: bool, extra: tuple[str, ...] = ()
+) -> list[str]:
     mem = f"{machine.memory_mib}M"
     share = "on" if ram is RamMode.OWN else "off"
     backend = f"memory-backend-file,id=mem,size={mem},mem-path={paths.ram_file},share={share}"
@@ -116,4 +118,21 @@ def qemu_argv(binary: str, machine: MachineConfig, paths: RunPaths, ram: RamMode
     ]  # fmt: skip
     if incoming:
         argv += ["-incoming", "defer"]
-    return argv
+    return argv + list(extra)
+
+
+def user_network_args() -> tuple[str, ...]:
+    """A NIC on QEMU's user-mode network (10.0.2.15/24, gateway .2, DNS .3): egress
+    leaves as the VMM's own sockets, which the host filters by the VMM's uid."""
+    return (
+        "-netdev", "user,id=net0,ipv6=off",
+        "-device", "virtio-net-device,netdev=net0",
+    )  # fmt: skip
+
+
+def readonly_disk_args(index: int, path: Path) -> tuple[str, ...]:
+    """An extra read-only disk (e.g. another build stage for COPY --from)."""
+    return (
+        "-drive", f"id=ro{index},file={path},format=qcow2,if=none,read-only=on",
+        "-device", f"virtio-blk-device,drive=ro{index},serial=ember-ro{index}",
+    )  # fmt: skip

@@ -76,12 +76,19 @@ class QemuVmm:
 
     @classmethod
     async def start(
-        cls, binary: str, machine: MachineConfig, paths: RunPaths, ram: RamMode, incoming: bool, jail: Jail
+        cls,
+        binary: str,
+        machine: MachineConfig,
+        paths: RunPaths,
+        ram: RamMode,
+        incoming: bool,
+        jail: Jail,
+        extra: tuple[str, ...] = (),
     ) -> QemuVmm:
         resolved = shutil.which(binary)
         if resolved is None:
             raise VmmError(f"QEMU binary {binary!r} not found: apt-get install qemu-system-x86 or set EMBER_QEMU")
-        argv = qemu_argv(resolved, machine, paths, ram, incoming)
+        argv = qemu_argv(resolved, machine, paths, ram, incoming, extra)
         full = [
             str(jail.jailer), str(jail.uid), str(jail.gid), str(jail.extra_gid), str(paths.run_dir),
             "1" if jail.new_netns else "0", *map(str, jail.cgroup_procs), "--", *argv,
@@ -196,6 +203,14 @@ class QemuVmm:
                 if not self.alive() or time.monotonic() > deadline:
                     raise VmmError("restoring VM state failed: QEMU exited or timed out (see vmm.log)")
                 await asyncio.sleep(0.001)
+
+    async def switch_disk(self, overlay: Path) -> None:
+        """Make ``overlay`` (an existing qcow2 whose backing file is the current
+        top) the root disk's new top: the old top is frozen from now on."""
+        await self._cmd(
+            "blockdev-snapshot-sync",
+            {"device": "root", "snapshot-file": str(overlay), "format": "qcow2", "mode": "existing"},
+        )
 
     async def shutdown(self) -> None:
         """Stop QEMU for good: QMP quit, then SIGKILL if it lingers; always reaps."""
