@@ -13,6 +13,7 @@ apt_packages=(
     linux-image-cloud-amd64             # the guest kernel (virtio, small)
     mmdebstrap e2fsprogs                # the built-in Debian base image
     gcc libc6-dev                       # static guest agent and jailer
+    busybox-static nftables             # image builds: tools in the build VM, its egress filter
     python3 python3-venv python3-dev
 )
 missing=()

@@ -15,8 +15,9 @@ from typing import Any
 import click
 import httpx
 
-from ember.client import ApiError, Call, Client, call_exec, call_simple
+from ember.client import ApiError, Call, Client, call_build, call_exec, call_simple, context_tar
 from ember.config import Settings
+from ember.errors import EmberError
 
 CHUNK = 1024 * 1024
 
@@ -51,7 +52,6 @@ def main() -> None:
 def serve(verbose: bool) -> None:
     """Run the daemon (as root) on EMBER_SOCKET and, if set, EMBER_LISTEN."""
     from ember.daemon import serve as run_daemon
-    from ember.errors import EmberError
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -77,16 +77,75 @@ def ensure_base(client: Client, quiet: bool = False) -> None:
 
 @image.command("ls")
 def image_ls() -> None:
-    """List images (builds the built-in 'debian' image the first time)."""
+    """List images and builds (builds the built-in 'debian' image the first time)."""
     with _client() as c:
         ensure_base(c)
         rows = c.send(call_simple("GET", "/v1/images"))
-    click.echo(f"{'NAME':<20} {'DISK':>10} {'MEMORY':>10} {'ACCEL':<6} CREATED")
+    click.echo(f"{'NAME':<24} {'STATE':<14} {'DISK':>10} {'MEMORY':>10} CREATED")
     for r in rows:
         click.echo(
-            f"{r['name']:<20} {r['disk_bytes'] / 2**20:>8.1f}Mi {r['memory_bytes'] / 2**20:>8.0f}Mi "
-            f"{r['accelerator']:<6} {r['created_at']}"
+            f"{r['name']:<24} {r.get('state', 'CREATED'):<14} {r.get('disk_bytes', 0) / 2**20:>8.1f}Mi "
+            f"{r.get('memory_bytes', 0) / 2**20:>8.0f}Mi {r['created_at']}"
         )
+
+
+@image.command("build")
+@click.argument("context", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", "-t", required=True, help="image name, optionally name:tag (default tag: next version)")
+@click.option("--file", "-f", "dockerfile", default="Dockerfile", help="Dockerfile path inside the context")
+@click.option("--build-arg", multiple=True, help="NAME=VALUE for an ARG (repeatable)")
+@click.option("--target", default="", help="build this stage instead of the last")
+@click.option("--ready-cmd", default="", help="shell command that exits 0 once the app is ready")
+@click.option("--ready-timeout", default=120.0, show_default=True, help="seconds to wait for the app to be ready")
+@click.option("--no-cache", is_flag=True, help="run every step again")
+@click.option("--no-network", is_flag=True, help="RUN steps get no network at all")
+@click.option("--host-ca-certs", is_flag=True, help="hand the host's CA bundle to RUN steps (TLS-inspecting proxies)")
+def image_build(
+    context: Path, name: str, dockerfile: str, build_arg: tuple[str, ...], target: str, ready_cmd: str,
+    ready_timeout: float, no_cache: bool, no_network: bool, host_ca_certs: bool,
+) -> None:  # fmt: skip
+    """Build an image from CONTEXT/Dockerfile: the app is started and snapshotted running."""
+    try:
+        tar = context_tar(context, dockerfile)
+    except EmberError as exc:
+        _fail(str(exc))
+    call = call_build(
+        name, tar, dockerfile, build_arg=list(build_arg), target=target, ready_cmd=ready_cmd,
+        ready_timeout=ready_timeout, no_cache=no_cache, network=not no_network, host_ca_certs=host_ca_certs,
+    )  # fmt: skip
+    with _client() as c:
+        for event in c.stream_events(call):
+            if "log" in event:
+                click.echo(event["log"], err=True)
+            elif "build" in event:
+                build = event["build"]
+                if build["state"] != "CREATED":
+                    _fail(f"{build['name']} CREATE_FAILED: {build['error']}")
+                click.echo(build["name"])
+
+
+@image.command("inspect")
+@click.argument("name")
+def image_inspect(name: str) -> None:
+    """Show an image: state, sizes, Dockerfile config, build time per step (JSON)."""
+    with _client() as c:
+        click.echo(json.dumps(c.send(call_simple("GET", f"/v1/images/{name}")), indent=2))
+
+
+@image.command("logs")
+@click.argument("name")
+def image_logs(name: str) -> None:
+    """Print an image's build log."""
+    with _client() as c:
+        click.echo(c.text(call_simple("GET", f"/v1/images/{name}/logs")), nl=False)
+
+
+@image.command("rm")
+@click.argument("name")
+def image_rm(name: str) -> None:
+    """Remove an image version (refused while VMs use it)."""
+    with _client() as c:
+        c.send(call_simple("DELETE", f"/v1/images/{name}"))
 
 
 @main.command()

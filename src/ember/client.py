@@ -14,7 +14,9 @@ Every request is described once by a :class:`Call`; :class:`Client` and
 from __future__ import annotations
 
 import base64
+import io
 import json
+import tarfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from ember.build.context import BuildContext
 from ember.config import Settings
 
 TIMEOUT = httpx.Timeout(30.0, read=None)
@@ -40,6 +43,7 @@ class Call:
     path: str
     params: dict[str, Any] = field(default_factory=dict)
     json: Any = None
+    content: bytes | None = None  # a raw body (e.g. a build context tar) instead of JSON
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,25 @@ def call_exec(
     if stdin is not None:
         body["stdin_b64"] = base64.b64encode(stdin).decode()
     return Call("POST", f"/v1/vms/{vm_id}/exec", json=body)
+
+
+def call_build(name: str, context_tar: bytes, dockerfile: str = "Dockerfile", **options: Any) -> Call:
+    """Build an image from a tar of its context; ``options``: build_arg (list of NAME=VALUE),
+    target, ready_cmd, ready_timeout, no_cache, network, host_ca_certs."""
+    params = {"name": name, "dockerfile": dockerfile, **{k: v for k, v in options.items() if v not in (None, "")}}
+    return Call("POST", "/v1/images/build", params=params, content=context_tar)
+
+
+def context_tar(root: Path, dockerfile: str = "Dockerfile") -> bytes:
+    """The build context as a tar, without what its .dockerignore excludes (the daemon applies it again)."""
+    ctx = BuildContext(root, dockerfile)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for rel in ctx.walk("")[1:]:
+            tar.add(ctx.path(rel), arcname=rel, recursive=False)
+        if ctx.excluded(dockerfile):
+            tar.add(ctx.path(dockerfile), arcname=dockerfile, recursive=False)
+    return buf.getvalue()
 
 
 def call_simple(method: str, url: str, **params: Any) -> Call:
@@ -126,12 +149,17 @@ class Client:
         self._http.close()
 
     def send(self, call: Call) -> Any:
-        r = self._http.request(call.method, call.path, params=call.params, json=call.json)
+        r = self._http.request(call.method, call.path, params=call.params, json=call.json, content=call.content)
         raise_for(r.status_code, r.content)
         return r.json() if r.content else None
 
+    def text(self, call: Call) -> str:
+        r = self._http.request(call.method, call.path, params=call.params)
+        raise_for(r.status_code, r.content)
+        return r.text
+
     def stream_events(self, call: Call) -> Iterator[dict[str, Any]]:
-        with self._http.stream(call.method, call.path, params=call.params, json=call.json) as r:
+        with self._http.stream(call.method, call.path, params=call.params, json=call.json, content=call.content) as r:
             if r.status_code >= 400:
                 raise_for(r.status_code, r.read())
             for line in r.iter_lines():
@@ -178,12 +206,14 @@ class AsyncClient:
         await self._http.aclose()
 
     async def send(self, call: Call) -> Any:
-        r = await self._http.request(call.method, call.path, params=call.params, json=call.json)
+        r = await self._http.request(call.method, call.path, params=call.params, json=call.json, content=call.content)
         raise_for(r.status_code, r.content)
         return r.json() if r.content else None
 
     async def stream_events(self, call: Call) -> AsyncIterator[dict[str, Any]]:
-        async with self._http.stream(call.method, call.path, params=call.params, json=call.json) as r:
+        async with self._http.stream(
+            call.method, call.path, params=call.params, json=call.json, content=call.content
+        ) as r:
             if r.status_code >= 400:
                 raise_for(r.status_code, await r.aread())
             async for line in r.aiter_lines():

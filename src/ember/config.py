@@ -29,6 +29,8 @@ class Settings:
     memory_mib: int = _env("EMBER_MEMORY_MIB", 256)
     vcpus: int = _env("EMBER_VCPUS", 0)  # 0 = 1 on TCG, 2 on KVM
     disk_gib: int = _env("EMBER_DISK_GIB", 2)
+    # Image-build VMs (RUN steps: package installs, compilers) get more memory than app VMs.
+    build_memory_mib: int = _env("EMBER_BUILD_MEMORY_MIB", 1024)
     # All host ids of this daemon come from [uid_base, uid_base + uid_count): the lower half are
     # VMM uids (each VMM its own uid and primary gid), the upper half image group ids, the last
     # one the image builder's uid. Daemons on one host need ranges that do not overlap.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ember.build.service import BuildService
 from ember.config import Settings
 from ember.engine import Engine
 from ember.errors import HostSetupError
@@ -33,6 +34,7 @@ class Daemon:
     settings: Settings
     engine: Engine
     images: ImageStore
+    builds: BuildService
     uid_lock: int  # held for the daemon's lifetime
 
 
@@ -62,7 +64,7 @@ async def assemble(settings: Settings) -> Daemon:
     store = Store(settings.db_path)
     os.chmod(settings.db_path, 0o600)
     guest = await asyncio.to_thread(ensure_artifacts, settings.guest_dir)
-    for path in (guest.initramfs, guest.initramfs.parent):
+    for path in (guest.initramfs, guest.build_initramfs, guest.initramfs.parent):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     jailer = await asyncio.to_thread(ensure_jailer, settings.data_dir / "bin")
     choice = await asyncio.to_thread(accel_mod.choose, settings.accel, settings.qemu_binary)
@@ -74,11 +76,13 @@ async def assemble(settings: Settings) -> Daemon:
     host = Host(settings, cgroup.detect(cgroup.group_for(settings.data_dir)), jailer)
     images = ImageStore(settings, store, host, guest, choice)
     engine = Engine(settings, store, host, images)
+    builds = BuildService(store, images)
+    builds.interrupted()
     await recover(engine)
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)
-    return Daemon(settings, engine, images, uid_lock)
+    return Daemon(settings, engine, images, builds, uid_lock)
 
 
 def bind_unix_socket(path: Path) -> socket.socket:

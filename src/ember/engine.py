@@ -25,6 +25,7 @@ from ember.agent import AgentConnection, ExecRequest, ExecResult, identity_reque
 from ember.config import Settings
 from ember.errors import (
     AgentUnavailable,
+    Conflict,
     EmberError,
     GuestError,
     ImageNotFound,
@@ -489,6 +490,19 @@ class Engine:
         vlog(vm_id).info("removed")
 
     # ---- daemon start / stop -------------------------------------------
+
+    async def remove_image(self, name: str) -> None:
+        """Remove an image and its files; refused while VMs use it."""
+        build = self.store.get_build(name)
+        image = self.store.get_image(name) if build is not None else self.images.get(name)
+        users = [vm.id for vm in self.store.list_vms() if image is not None and vm.image == image.name]
+        if users:
+            raise Conflict(f"image {name} is used by {len(users)} VM(s): {', '.join(users[:10])}; remove them first")
+        if image is not None:
+            await self.pool.drop(image)
+            self.store.delete_image(image.name)
+            await asyncio.to_thread(shutil.rmtree, self.images.dir(image), True)
+        self.store.delete_build(image.name if image is not None else name)
 
     def warm_up(self, image: ImageRecord) -> None:
         """Verify an image and pre-start its pool in the background, so that even

@@ -13,6 +13,7 @@ EmberError
 │   └── AgentUnavailable    the agent cannot be reached (VM crashed or hung; HTTP 503)
 ├── VmmError                QEMU failed (start, QMP, migration)
 ├── SnapshotError           a snapshot is missing, corrupt or incompatible
+├── BuildFailed             an image build step failed (HTTP 422; the image is CREATE_FAILED)
 └── ResourceExhausted       host disk full, VMM uids used up (HTTP 507)
 """
 
@@ -86,3 +87,13 @@ class SnapshotError(EmberError):
 
 class ResourceExhausted(EmberError):
     http_status = 507
+
+
+class BuildFailed(EmberError):
+    """A build step failed; ``step`` names it, the message carries its output's tail."""
+
+    http_status = 422
+
+    def __init__(self, message: str, step: str = "") -> None:
+        self.step = step
+        super().__init__(f"{step}: {message}" if step else message)

@@ -20,13 +20,14 @@ import os
 import secrets
 import shutil
 import subprocess
-import tarfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ember.agent import AgentConnection
+from ember.build import rootfs
 from ember.config import Settings
 from ember.errors import EmberError, HostSetupError, ImageNotFound, SnapshotError
 from ember.guest.artifacts import GuestArtifacts
@@ -50,7 +51,10 @@ from ember.vmm.machine import Accel, MachineConfig, RamMode, RunPaths, kernel_cm
 log = logging.getLogger(__name__)
 
 BASE_IMAGE = "debian"
-BASE_PACKAGES = ("python3",)
+BUILTIN_BASE = "ember:debian-python3"  # Debian bookworm minbase + python3
+
+
+Prepare = Callable[[AgentConnection], Awaitable[None]]
 
 
 class Progress(Protocol):
@@ -97,7 +101,10 @@ class ImageStore:
         return self.dir(image) / "ram"
 
     def get(self, name: str) -> ImageRecord:
+        """An image by name; a built repo name without a tag means its newest version."""
         record = self.store.get_image(name)
+        if record is None and ":" not in name:
+            record = self.store.latest_image(name)
         if record is None:
             hint = " (it is built on first use: run 'ember image ls')" if name == BASE_IMAGE else ""
             raise ImageNotFound(name + hint if hint else name)
@@ -166,73 +173,28 @@ class ImageStore:
             return image
 
     async def _base_tarball(self, progress: Progress) -> Path:
-        cache = self.settings.cache_dir / f"debian-bookworm-{'-'.join(BASE_PACKAGES)}.tar"
-        if cache.exists():
-            progress(f"reusing the cached Debian bookworm tree {cache}")
-            return cache
-        if shutil.which("mmdebstrap") is None:
-            raise HostSetupError("mmdebstrap is missing: apt-get install mmdebstrap (scripts/install.sh does this)")
-        progress("building Debian bookworm minbase + python3 with mmdebstrap (about 20 s)")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f".{cache.name}")  # mmdebstrap picks the format from the .tar suffix
-        cmd = [
-            "mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-            "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr", "bookworm", str(partial),
-            f"deb {self.settings.debian_mirror} bookworm main",
-        ]  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            partial.unlink(missing_ok=True)
-            tail = out.decode(errors="replace")[-3000:]
-            raise HostSetupError(f"mmdebstrap failed (is the Debian mirror reachable?):\n{tail}")
-        os.replace(partial, cache)
-        return cache
+        base = rootfs.BUILTIN[BUILTIN_BASE]
+        if not (self.settings.cache_dir / f"{base.key}.tar").exists():
+            progress("building Debian bookworm minbase + python3 with mmdebstrap (about 20 s)")
+        return await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror, [])
 
     def _make_disk(self, tarball: Path, out: Path) -> None:
         work = out.parent / "rootfs"
-        raw = out.parent / "disk.raw"
         try:
             work.mkdir()
-            with tarfile.open(tarball) as tar:
-                tar.extractall(work, filter="fully_trusted")  # our own mmdebstrap output
-            (work / "etc/resolv.conf").unlink(missing_ok=True)
-            (work / "etc/resolv.conf").write_text("")
-            (work / "etc/hostname").write_text("ember\n")
-            size = f"{self.settings.disk_gib}G"
-            for cmd in (
-                [
-                    "mkfs.ext4",
-                    "-q",
-                    "-b",
-                    "4096",
-                    "-m",
-                    "0",
-                    "-E",
-                    "root_owner=0:0",
-                    "-d",
-                    str(work),
-                    "-F",
-                    str(raw),
-                    size,
-                ],
-                ["qemu-img", "convert", "-O", "qcow2", str(raw), str(out)],
-            ):
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise HostSetupError(f"{cmd[0]} failed: {proc.stderr.strip()}")
+            rootfs.unpack_trusted(tarball, work)
+            rootfs.tree_to_qcow2(work, out, self.settings.disk_gib)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            raw.unlink(missing_ok=True)
 
     async def _capture(
         self, name: str, tmp: Path, machine: MachineConfig, token: str, stream: tuple[Path, FileDigest] | None,
-        parent: str, progress: Progress | None = None,
+        parent: str, progress: Progress | None = None, prepare: Prepare | None = None,
     ) -> ImageRecord:  # fmt: skip
-        """Run the image's disk in a template VM (cold boot, or restore ``stream``) and freeze it."""
+        """Run the image's disk in a template VM (cold boot, or restore ``stream``) and freeze it.
+
+        ``prepare`` runs after a cold boot with the agent connected (e.g. starts the app,
+        waits until it is ready, syncs); the connection is closed before the snapshot."""
         gid = self.store.next_gid(self.settings.image_gids)
         builder_uid = self.settings.builder_uid
         disk, ram = tmp / "disk.qcow2", tmp / "ram"
@@ -258,8 +220,10 @@ class ImageStore:
                 boot_ms = (time.perf_counter() - boot_started) * 1000
                 if progress is not None:
                     progress(f"cold boot to guest agent ready: {boot_ms / 1000:.2f} s", {"cold_boot_ms": boot_ms})
-                await agent.sync()
-                await agent.close()
+                try:
+                    await (prepare(agent) if prepare is not None else agent.sync())
+                finally:
+                    await agent.close()
             else:
                 await load_verified(vmm, stream[0], stream[1], ignore_shared=False)
             tap = StreamTap.sink(tmp / "state")
@@ -285,6 +249,20 @@ class ImageStore:
             name=name, machine=machine, gid=gid, token=token, disk_bytes=files["disk.qcow2"].size,
             memory_bytes=files["ram"].size, parent=parent,
         )  # fmt: skip
+
+    async def from_disk(
+        self, name: str, top: Path, parent: str, progress: Progress, prepare: Prepare | None
+    ) -> ImageRecord:
+        """An image from a built disk (a qcow2 chain, flattened here) with its app started by ``prepare``."""
+        async with self._build_lock:
+            with staging(self.settings.images_dir / name) as tmp:
+                progress("flattening the layers into the image disk")
+                await asyncio.to_thread(rootfs.flatten, top, tmp / "disk.qcow2")
+                progress("booting the image to start the app (cold boot)")
+                token = secrets.token_hex(16)
+                image = await self._capture(name, tmp, self.machine(token), token, None, parent, progress, prepare)
+            self.store.put_image(image)
+            return image
 
     async def from_stream(
         self, name: str, source: VmRecord, stream: Path, digest: FileDigest, disk_copy: Path

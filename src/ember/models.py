@@ -111,3 +111,28 @@ class VmRecord:
 
     def moved(self, state: VmState, reason: str = "", **changes: object) -> VmRecord:
         return replace(self, state=state, state_reason=reason, updated_at=utcnow(), **changes)  # type: ignore[arg-type]
+
+
+class BuildState(enum.StrEnum):
+    BUILDING = "BUILDING"
+    CREATED = "CREATED"
+    CREATE_FAILED = "CREATE_FAILED"
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """One build of an image version (``repo:version``); kept after it ends, like its log."""
+
+    name: str
+    repo: str
+    version: int
+    state: BuildState
+    error: str = ""
+    step: str = ""  # the failing step
+    config: str = ""  # ImageConfig JSON
+    steps: str = ""  # per-step times and readiness (JSON)
+    disk_bytes: int = 0
+    memory_bytes: int = 0
+    seconds: float = 0.0
+    created_at: str = field(default_factory=utcnow)
+    finished_at: str = ""

@@ -115,6 +115,17 @@ class WarmPool:
         await self.host.teardown(warm.vm_id, None)
         self._release_uid(warm.uid)
 
+    async def drop(self, image: ImageRecord) -> None:
+        """Discard every warm entry of ``image`` (it is being removed)."""
+        key = self.key(image)
+        filler = self._fillers.pop(key, None)
+        if filler is not None:
+            filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await filler
+        for warm in self._entries.pop(key, []):
+            await self._discard(warm)
+
     async def close(self) -> None:
         for task in self._fillers.values():
             task.cancel()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import (
     Column,
+    Float,
     Integer,
     MetaData,
     String,
@@ -24,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import OperationalError
 
 from ember.errors import ResourceExhausted
-from ember.models import ImageRecord, VmRecord, VmState
+from ember.models import BuildRecord, BuildState, ImageRecord, VmRecord, VmState
 from ember.vmm.machine import MachineConfig, RamMode
 
 metadata = MetaData()
@@ -40,6 +42,24 @@ images = Table(
     Column("memory_bytes", Integer, nullable=False),
     Column("created_at", String, nullable=False),
     Column("parent", String, nullable=False),
+)
+
+builds = Table(
+    "builds",
+    metadata,
+    Column("name", String, primary_key=True),
+    Column("repo", String, nullable=False, index=True),
+    Column("version", Integer, nullable=False),
+    Column("state", String, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("step", Text, nullable=False),
+    Column("config", Text, nullable=False),
+    Column("steps", Text, nullable=False),
+    Column("disk_bytes", Integer, nullable=False),
+    Column("memory_bytes", Integer, nullable=False),
+    Column("seconds", Float, nullable=False),
+    Column("created_at", String, nullable=False),
+    Column("finished_at", String, nullable=False),
 )
 
 vms = Table(
@@ -128,6 +148,42 @@ class Store:
     def delete_image(self, name: str) -> None:
         with self._write() as c:
             c.execute(delete(images).where(images.c.name == name))
+
+    def latest_image(self, repo: str) -> ImageRecord | None:
+        """The newest CREATED version of ``repo``."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                select(images).join(builds, builds.c.name == images.c.name)
+                .where(builds.c.repo == repo, builds.c.state == BuildState.CREATED.value)
+                .order_by(builds.c.version.desc()).limit(1)
+            ).mappings().first()  # fmt: skip
+        return _image(row) if row else None
+
+    # builds
+    def put_build(self, record: BuildRecord) -> None:
+        row = dataclasses.asdict(record) | {"state": record.state.value}
+        with self._write() as c:
+            c.execute(delete(builds).where(builds.c.name == record.name))
+            c.execute(insert(builds).values(**row))
+
+    def get_build(self, name: str) -> BuildRecord | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(builds).where(builds.c.name == name)).mappings().first()
+        return BuildRecord(**{**row, "state": BuildState(row["state"])}) if row else None
+
+    def list_builds(self) -> list[BuildRecord]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(builds).order_by(builds.c.repo, builds.c.version)).mappings().all()
+        return [BuildRecord(**{**r, "state": BuildState(r["state"])}) for r in rows]
+
+    def delete_build(self, name: str) -> None:
+        with self._write() as c:
+            c.execute(delete(builds).where(builds.c.name == name))
+
+    def next_version(self, repo: str) -> int:
+        with self.engine.connect() as c:
+            rows = c.execute(select(builds.c.version).where(builds.c.repo == repo)).all()
+        return max((r[0] for r in rows), default=0) + 1
 
     def next_gid(self, gids: range) -> int:
         with self.engine.connect() as c:

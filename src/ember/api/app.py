@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ember.agent import ExecRequest, ExecResult
+from ember.api.builds import add_build_routes, build_view
 from ember.errors import EmberError, InvalidRequest
-from ember.models import ImageRecord, VmRecord
+from ember.models import BuildRecord, ImageRecord, VmRecord
 from ember.vmm.accel import TCG_WARNING
 
 if TYPE_CHECKING:
@@ -130,11 +131,25 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/v1/images")
     async def list_images() -> list[dict[str, Any]]:
-        return [image_view(i) for i in images.list()]
+        built = {b.name: b for b in daemon.builds.store.list_builds()}
+        plain = [{**image_view(i), "state": "CREATED"} for i in images.list() if i.name not in built]
+        return plain + [_with_image(b) for b in built.values()]
+
+    def _with_image(build: BuildRecord) -> dict[str, Any]:
+        image = images.store.get_image(build.name)
+        return {**(image_view(image) if image else {}), **build_view(build)}
 
     @app.get("/v1/images/{name}")
     async def get_image(name: str) -> dict[str, Any]:
-        return image_view(images.get(name))
+        build = daemon.builds.store.get_build(name)
+        if build is None:
+            image = images.get(name)
+            build = daemon.builds.store.get_build(image.name)
+            if build is None:
+                return {**image_view(image), "state": "CREATED"}
+        return _with_image(build)
+
+    add_build_routes(app, engine, daemon.builds)
 
     @app.post("/v1/images/debian/prepare")
     async def prepare_base() -> StreamingResponse:

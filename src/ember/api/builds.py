@@ -1,0 +1,144 @@
+"""Image build routes: upload a context tar, stream the build log, logs/rm afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from ember.build.builder import BuildOptions
+from ember.build.context import BuildContext
+from ember.build.dockerfile import parse
+from ember.build.service import BuildRequest, BuildService, split_name
+from ember.engine import Engine
+from ember.errors import EmberError, ImageNotFound, InvalidRequest, ResourceExhausted
+from ember.models import BuildRecord
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXT_BYTES = 2 * 1024**3
+
+
+def build_view(record: BuildRecord) -> dict[str, Any]:
+    return {
+        "name": record.name, "repo": record.repo, "version": record.version, "state": record.state.value,
+        "error": record.error or None, "failed_step": record.step or None,
+        "config": json.loads(record.config) if record.config else None,
+        "build": json.loads(record.steps) if record.steps else None,
+        "disk_bytes": record.disk_bytes, "memory_bytes": record.memory_bytes, "build_seconds": round(record.seconds, 2),
+        "created_at": record.created_at, "finished_at": record.finished_at or None,
+    }  # fmt: skip
+
+
+async def _receive_context(request: Request, into: Path) -> None:
+    upload = into / "context.tar"
+    size = 0
+    with open(upload, "wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_CONTEXT_BYTES:
+                raise InvalidRequest("the build context is larger than 2 GiB: exclude files with .dockerignore")
+            f.write(chunk)
+    root = into / "context"
+    root.mkdir()
+    try:
+        with tarfile.open(upload) as tar:
+            await asyncio.to_thread(tar.extractall, root, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno == 28:
+            raise ResourceExhausted("the host disk is full: free space and retry") from exc
+        raise InvalidRequest(f"the build context must be a tar archive (optionally gzip): {exc}") from exc
+    finally:
+        upload.unlink(missing_ok=True)
+
+
+def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None:
+    @app.post("/v1/images/build")
+    async def build_image(
+        request: Request,
+        name: str,
+        dockerfile: str = "Dockerfile",
+        build_arg: list[str] = Query(default=[]),  # noqa: B008 (FastAPI's way)
+        target: str = "",
+        ready_cmd: str = "",
+        ready_timeout: float = 120.0,
+        no_cache: bool = False,
+        network: bool = True,
+        host_ca_certs: bool = False,
+    ) -> StreamingResponse:
+        """Build an image from a context tar (request body); streams the build log as NDJSON."""
+        split_name(name)
+        args = []
+        for item in build_arg:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise InvalidRequest(f"--build-arg {item!r}: expected NAME=VALUE")
+            args.append((key, value))
+        tmp = Path(tempfile.mkdtemp(prefix="build-", dir=builds.settings.data_dir))
+        try:
+            await _receive_context(request, tmp)
+            ctx = BuildContext(tmp / "context", dockerfile)
+            parse(ctx.dockerfile_text(), dict(args))  # a bad Dockerfile is a 400 before anything starts
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        req = BuildRequest(
+            name=name, dockerfile=dockerfile,
+            options=BuildOptions(build_args=tuple(args), target=target, no_cache=no_cache, network=network,
+                                 host_ca_certs=host_ca_certs),
+            ready_cmd=("/bin/sh", "-c", ready_cmd) if ready_cmd else (), ready_timeout_s=ready_timeout,
+        )  # fmt: skip
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def run() -> None:
+            try:
+                record = await builds.build(req, tmp / "context", lambda line: queue.put_nowait({"log": line}))
+                if record.state.value == "CREATED":
+                    image = builds.store.get_image(record.name)
+                    if image is not None:
+                        engine.warm_up(image)
+                queue.put_nowait({"build": build_view(record)})
+            except EmberError as exc:
+                queue.put_nowait({"error": type(exc).__name__, "message": str(exc)})
+            except Exception as exc:
+                log.exception("image build failed")
+                queue.put_nowait({"error": "InternalError", "message": str(exc)})
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(run())
+
+        async def stream() -> AsyncIterator[bytes]:
+            while (item := await queue.get()) is not None:
+                yield (json.dumps(item) + "\n").encode()
+            await task
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    @app.get("/v1/images/{name}/logs", response_class=PlainTextResponse)
+    async def image_logs(name: str) -> str:
+        record = builds.store.get_build(name)
+        if record is None and ":" not in name:
+            latest = builds.store.latest_image(name)
+            record = builds.store.get_build(latest.name) if latest else None
+        if record is None:
+            raise ImageNotFound(f"{name} (no build of that name: 'ember image ls' lists them)")
+        try:
+            return builds.log_path(record.name).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @app.delete("/v1/images/{name}", status_code=204)
+    async def remove_image(name: str) -> None:
+        await engine.remove_image(name)
+        builds.log_path(name).unlink(missing_ok=True)

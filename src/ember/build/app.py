@@ -1,0 +1,173 @@
+"""Start an image's app under the agent and wait until it is ready (pure policy + agent calls).
+
+What "ready" means, first match wins: ``--ready-cmd`` exits 0; the image's
+HEALTHCHECK exits 0; ``LABEL ember.ready.http=PORT`` answers
+``POST /ember/v1/ready`` with 2xx; every EXPOSEd TCP port accepts a
+connection; with none of these, the app counts as ready once started. Probes
+run inside the guest (the agent connects to the guest's loopback), so images
+without a shell or Python work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ember.agent import AgentConnection, ExecRequest, ExecResult
+from ember.build.dockerfile import ImageConfig
+from ember.errors import AgentUnavailable, BuildFailed, GuestError
+
+READY_LABEL = "ember.ready.http"
+PROBE_INTERVAL_S = 0.25
+TAIL = 3000
+
+
+class ReadyKind(enum.StrEnum):
+    CMD = "ready-cmd"
+    HEALTHCHECK = "healthcheck"
+    HTTP = "http-hook"
+    TCP = "tcp-ports"
+    STARTED = "started"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    kind: ReadyKind
+    argv: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind in (ReadyKind.CMD, ReadyKind.HEALTHCHECK):
+            return f"{self.kind.value} {' '.join(self.argv)[:100]!r} exits 0"
+        if self.kind is ReadyKind.HTTP:
+            return f"POST /ember/v1/ready on port {self.ports[0]} answers 2xx"
+        if self.kind is ReadyKind.TCP:
+            return f"port(s) {', '.join(map(str, self.ports))} accept connections"
+        return "the app has started"
+
+
+def choose(config: ImageConfig, ready_cmd: tuple[str, ...]) -> Readiness:
+    if ready_cmd:
+        return Readiness(ReadyKind.CMD, ready_cmd)
+    if config.healthcheck is not None and config.healthcheck.argv:
+        return Readiness(ReadyKind.HEALTHCHECK, config.healthcheck.argv)
+    labels = dict(config.labels)
+    if READY_LABEL in labels:
+        port = labels[READY_LABEL]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise BuildFailed(f"LABEL {READY_LABEL}={port}: expected a port number")
+        return Readiness(ReadyKind.HTTP, ports=(int(port),))
+    tcp = tuple(int(p.split("/")[0]) for p in config.exposed if p.endswith("/tcp"))
+    if tcp:
+        return Readiness(ReadyKind.TCP, ports=tcp)
+    return Readiness(ReadyKind.STARTED)
+
+
+class AppRun:
+    """The app's process, started through the agent; its output is kept (tail) and echoed."""
+
+    def __init__(self, agent: AgentConnection, config: ImageConfig, echo: Callable[[str], None]) -> None:
+        self.agent = agent
+        self.config = config
+        self.echo = echo
+        self.tail = ""
+        self.result: ExecResult | None = None
+        self.pid = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def _env(self) -> list[str]:
+        return [f"{k}={v}" for k, v in self.config.env]
+
+    def start(self) -> None:
+        req = ExecRequest(
+            argv=list(self.config.app_argv()), env=self._env(), cwd=self.config.workdir, user=self.config.user
+        )
+        self._task = asyncio.create_task(self._pump(req))
+
+    async def _pump(self, req: ExecRequest) -> None:
+        with contextlib.suppress(AgentUnavailable):
+            async for item in self.agent.exec(req):
+                if isinstance(item, ExecResult):
+                    self.result = item
+                else:
+                    text = item[1].decode(errors="replace")
+                    self.tail = (self.tail + text)[-TAIL:]
+                    for line in text.splitlines():
+                        self.echo(f"  app| {line}")
+
+    def failed_to_start(self) -> BaseException | None:
+        if self._task is not None and self._task.done():
+            return self._task.exception()
+        return None
+
+    async def detach(self) -> None:
+        """Stop following the app (it keeps running in the guest once the agent connection closes)."""
+        if self._task is not None:
+            await self.agent.close()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+async def wait_ready(
+    agent: AgentConnection, app: AppRun | None, readiness: Readiness, config: ImageConfig, timeout_s: float
+) -> float:
+    """Poll until ready; returns seconds waited. Fails at the timeout with the app's last output."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    last = ""
+    while True:
+        if app is not None:
+            error = app.failed_to_start()
+            if error is not None:
+                raise BuildFailed(f"the app could not be started: {error}", "start")
+            if app.result is not None:
+                r = app.result
+                raise BuildFailed(
+                    f"the app exited (code {r.exit_code}, signal {r.signal}) before it was ready; "
+                    f"its last output:\n{app.tail.strip()[-2000:]}",
+                    "start",
+                )
+        ok, last = await _probe(agent, readiness, config)
+        if ok:
+            return time.monotonic() - started
+        if time.monotonic() > deadline:
+            output = app.tail.strip()[-2000:] if app is not None else ""
+            raise BuildFailed(
+                f"not ready after {timeout_s:.0f} s (waiting until {readiness.describe()}; last check: {last}); "
+                f"the app's last output:\n{output}",
+                "ready",
+            )
+        await asyncio.sleep(PROBE_INTERVAL_S)
+
+
+async def _probe(agent: AgentConnection, readiness: Readiness, config: ImageConfig) -> tuple[bool, str]:
+    if readiness.kind is ReadyKind.STARTED:
+        return True, "started"
+    try:
+        if readiness.kind in (ReadyKind.CMD, ReadyKind.HEALTHCHECK):
+            hc = config.healthcheck
+            timeout = hc.timeout_s if hc is not None and readiness.kind is ReadyKind.HEALTHCHECK else 30.0
+            req = ExecRequest(
+                argv=list(readiness.argv), env=[f"{k}={v}" for k, v in config.env], cwd=config.workdir,
+                user=config.user, timeout_s=timeout,
+            )  # fmt: skip
+            tail = ""
+            async for item in agent.exec(req):
+                if isinstance(item, ExecResult):
+                    return item.exit_code == 0 and not item.signal, f"exit {item.exit_code}: {tail.strip()[-200:]}"
+                tail = (tail + item[1].decode(errors="replace"))[-400:]
+            return False, "no exit status"
+        if readiness.kind is ReadyKind.HTTP:
+            status = await agent.probe(readiness.ports[0], http=True)
+            return 200 <= status < 300, f"HTTP {status}"
+        for port in readiness.ports:
+            await agent.probe(port, http=False)
+        return True, "connected"
+    except GuestError as exc:
+        if isinstance(exc, AgentUnavailable):
+            raise
+        return False, str(exc)

@@ -1,0 +1,517 @@
+"""Dockerfile -> root filesystem: stages, steps, the layer cache, the build VMs.
+
+Metadata instructions (ENV, CMD, USER, ...) only change the image config.
+Filesystem steps (RUN, COPY, ADD, WORKDIR) look up the layer cache first; on a
+miss the stage's build VM starts (once per stage, on the first miss) and the
+step runs in it. Only the stages the target needs are built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import os
+import posixpath
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ember.build import rootfs
+from ember.build.buildvm import ROOT, BuildVm, step_failed
+from ember.build.context import BuildContext, Owner, TarWriter, dest_path, is_archive, parse_chmod
+from ember.build.dockerfile import (
+    Dockerfile,
+    ImageConfig,
+    Instruction,
+    Stage,
+    StageEnv,
+    arg_pairs,
+    command,
+    expand,
+    expand_words,
+    pairs,
+    parse_healthcheck,
+    parse_shell,
+    run_argv,
+)
+from ember.build.layers import Layer, LayerCache, step_key
+from ember.config import Settings
+from ember.errors import BuildFailed, EmberError, InvalidRequest
+from ember.runtime import Host, create_overlay
+from ember.vmm.machine import MachineConfig
+
+FS_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
+CA_PATH = "/run/ember-ca/ca.crt"
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    build_args: tuple[tuple[str, str], ...] = ()
+    target: str = ""
+    no_cache: bool = False
+    network: bool = True  # egress for RUN steps (package installs)
+    host_ca_certs: bool = False  # hand the host's CA bundle to RUN steps (TLS-inspecting proxies)
+    step_timeout_s: float = 1800.0
+
+
+@dataclass(frozen=True)
+class StepReport:
+    stage: int
+    line: int
+    text: str
+    seconds: float
+    cached: bool
+
+
+@dataclass(frozen=True)
+class BuiltFs:
+    layer: Layer
+    steps: tuple[StepReport, ...]
+
+
+Log = Callable[[str], None]
+
+
+class Builder:
+    def __init__(
+        self, settings: Settings, host: Host, machine: Callable[[str], MachineConfig], bases: BaseLayers, log: Log
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.machine = machine  # token -> build VM machine config
+        self.bases = bases
+        self.log = log
+        self.cache = LayerCache(settings.data_dir / "layers")
+        self.steps: list[StepReport] = []
+
+    async def build(self, dockerfile: Dockerfile, ctx: BuildContext, opts: BuildOptions) -> BuiltFs:
+        target = dockerfile.stage(opts.target) if opts.target else dockerfile.stages[-1]
+        if target is None:
+            raise InvalidRequest(f"no stage named '{opts.target}' in the Dockerfile")
+        done: dict[int, Layer] = {}
+        for stage in _needed(dockerfile, target):
+            done[stage.index] = await StageBuild(self, dockerfile, stage, ctx, opts, done).run()
+        return BuiltFs(done[target.index], tuple(self.steps))
+
+
+def _stage_ref(dockerfile: Dockerfile, ref: str, before: int) -> Stage | None:
+    stage = dockerfile.stage(ref)
+    return stage if stage is not None and stage.index < before else None
+
+
+def _needed(dockerfile: Dockerfile, target: Stage) -> list[Stage]:
+    needed: set[int] = set()
+
+    def visit(stage: Stage) -> None:
+        if stage.index in needed:
+            return
+        needed.add(stage.index)
+        refs = [stage.base] + [ins.flag("from") for ins in stage.instructions if ins.name == "COPY"]
+        for ref in refs:
+            dep = _stage_ref(dockerfile, ref, stage.index) if ref else None
+            if dep is not None:
+                visit(dep)
+
+    visit(target)
+    return [s for s in dockerfile.stages if s.index in needed]
+
+
+class StageBuild:
+    """One stage: walks its instructions, starting its build VM on the first cache miss."""
+
+    def __init__(
+        self, b: Builder, dockerfile: Dockerfile, stage: Stage, ctx: BuildContext, opts: BuildOptions,
+        done: dict[int, Layer],
+    ) -> None:  # fmt: skip
+        self.b, self.df, self.stage, self.ctx, self.opts, self.done = b, dockerfile, stage, ctx, opts, done
+        self.build_args = dict(opts.build_args)
+        self.vm: BuildVm | None = None
+        self.from_disks: list[Path] = []
+        self.from_index: dict[str, int] = {}
+
+    async def run(self) -> Layer:
+        base_stage = _stage_ref(self.df, self.stage.base, self.stage.index)
+        if base_stage is not None:
+            layer = self.done[base_stage.index]
+        else:
+            layer = await self.b.bases.layer(self.stage.base, self.b.log)
+        self.b.log(f"[stage {self.stage.index}] FROM {self.stage.base}")
+        env = StageEnv(layer.config)
+        for ins in self.stage.instructions:
+            if ins.name == "COPY" and ins.flag("from"):
+                await self._from_disk(ins)
+        try:
+            for ins in self.stage.instructions:
+                started = time.perf_counter()
+                layer, cached = await self._step(ins, layer, env)
+                env.config = layer.config
+                seconds = time.perf_counter() - started
+                self.b.steps.append(StepReport(self.stage.index, ins.line, ins.original[:200], seconds, cached))
+                if ins.name in FS_STEPS:
+                    self.b.log(f"[stage {self.stage.index}] {'CACHED ' if cached else ''}{ins.original[:120]}"
+                               f"  ({seconds:.2f} s)")  # fmt: skip
+        finally:
+            if self.vm is not None:
+                await self.vm.stop()
+            self.b.cache.clean_unfinished()
+        return layer
+
+    async def _from_disk(self, ins: Instruction) -> None:
+        ref = ins.flag("from")
+        if ref in self.from_index:
+            return
+        dep = _stage_ref(self.df, ref, self.stage.index)
+        disk = self.done[dep.index].disk if dep is not None else (await self.b.bases.layer(ref, self.b.log)).disk
+        self.from_index[ref] = len(self.from_disks)
+        self.from_disks.append(disk)
+
+    # ---- steps -------------------------------------------------------------
+
+    async def _step(self, ins: Instruction, layer: Layer, env: StageEnv) -> tuple[Layer, bool]:
+        variables = env.variables()
+        esc = self.df.escape
+        cfg = layer.config
+        if ins.name == "ARG":
+            meta = dict(self.df.meta_args)
+            for key, default in arg_pairs(ins):
+                value = self.build_args.get(key, default if default is not None else meta.get(key))
+                if value is not None:
+                    env.args[key] = value
+            return replace(layer, key=step_key(layer.key, "ARG", sorted(env.args.items()))), True
+        if ins.name not in FS_STEPS:
+            new = self._metadata(ins, cfg, variables, esc)
+            return Layer(step_key(layer.key, ins.name, new.to_json()), layer.disk, new), True
+        if ins.name == "WORKDIR":
+            path = expand(" ".join(ins.args), variables, esc)
+            workdir = posixpath.normpath(posixpath.join(cfg.workdir, path))
+            new_cfg = replace(cfg, workdir=workdir)
+            key = step_key(layer.key, "WORKDIR", workdir)
+            return await self._fs(key, layer, new_cfg, lambda vm: self._mkdir(vm, workdir))
+        if ins.name == "RUN":
+            argv = list(run_argv(ins, cfg.shell))
+            run_env = env.run_env()
+            key = step_key(layer.key, "RUN", argv, run_env, cfg.user, cfg.workdir)
+            return await self._fs(key, layer, cfg, lambda vm: self._run(vm, ins, argv, run_env, cfg))
+        return await self._copy(ins, layer, variables)
+
+    def _metadata(self, ins: Instruction, cfg: ImageConfig, variables: dict[str, str], esc: str) -> ImageConfig:
+        if ins.name == "ENV":
+            for key, value in pairs(ins, variables, esc):
+                cfg = cfg.with_env(key, value)
+                variables[key] = value
+            return cfg
+        if ins.name == "LABEL":
+            for key, value in pairs(ins, variables, esc):
+                cfg = cfg.with_label(key, value)
+            return cfg
+        if ins.name == "USER":
+            return replace(cfg, user=expand(" ".join(ins.args), variables, esc))
+        if ins.name == "CMD":
+            return replace(cfg, cmd=command(ins, cfg.shell))
+        if ins.name == "ENTRYPOINT":
+            return replace(cfg, entrypoint=command(ins, cfg.shell), cmd=())
+        if ins.name == "SHELL":
+            return replace(cfg, shell=parse_shell(ins))
+        if ins.name == "STOPSIGNAL":
+            return replace(cfg, stopsignal=expand(" ".join(ins.args), variables, esc))
+        if ins.name == "HEALTHCHECK":
+            return replace(cfg, healthcheck=parse_healthcheck(ins, cfg.shell))
+        if ins.name == "EXPOSE":
+            ports = list(cfg.exposed)
+            for word in expand_words(ins.args, variables, esc, False):
+                port, _, proto = word.partition("/")
+                if not port.isdigit() or not 0 < int(port) < 65536 or proto not in ("", "tcp", "udp"):
+                    raise ins.error(f"'{word}' is not a port like 8080 or 8080/tcp")
+                if f"{port}/{proto or 'tcp'}" not in ports:
+                    ports.append(f"{port}/{proto or 'tcp'}")
+            return replace(cfg, exposed=tuple(ports))
+        raise ins.error("is not supported by Ember")
+
+    async def _fs(
+        self, key: str, layer: Layer, config: ImageConfig, action: Callable[[BuildVm], object]
+    ) -> tuple[Layer, bool]:
+        hit = None if self.opts.no_cache else self.b.cache.get(key)
+        if hit is not None:
+            return Layer(hit.key, hit.disk, config), True
+        disk = self.b.cache.disk(key)
+        disk.unlink(missing_ok=True)
+        try:
+            if self.vm is None:
+                create_overlay(layer.disk, disk, self.b.settings.builder_uid)
+                self.vm = await self._start_vm(disk)
+            else:
+                await self.vm.new_layer(disk)
+            result = action(self.vm)
+            if asyncio.iscoroutine(result):
+                await result
+            await self.vm.sync()
+        except BaseException:
+            if self.vm is not None:
+                await self.vm.stop()
+                self.vm = None
+            self.b.cache.discard(key)
+            raise
+        return self.b.cache.put(key, config, layer.key), False
+
+    async def _start_vm(self, top: Path) -> BuildVm:
+        token = secrets.token_hex(16)
+        self.b.log(f"[stage {self.stage.index}] starting the build VM (cold boot)")
+        started = time.perf_counter()
+        vm = await BuildVm.start(
+            self.b.host, self.b.machine(token), token, top, self.from_disks, self.opts.network,
+            self.b.settings.builder_uid, self._builder_gid(), self.b.settings.boot_timeout_s,
+        )  # fmt: skip
+        try:
+            if self.opts.host_ca_certs:
+                await self._hand_in_ca(vm)
+        except BaseException:
+            await vm.stop()
+            raise
+        self.b.log(f"[stage {self.stage.index}] build VM ready in {time.perf_counter() - started:.1f} s")
+        return vm
+
+    def _builder_gid(self) -> int:
+        return self.b.settings.builder_uid
+
+    async def _hand_in_ca(self, vm: BuildVm) -> None:
+        try:
+            bundle = HOST_CA_BUNDLE.read_bytes()
+        except OSError as exc:
+            raise EmberError(f"--host-ca-certs: cannot read {HOST_CA_BUNDLE}: {exc}") from exc
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield bundle
+
+        await vm.agent.write_file("/ember/ca.crt", chunks(), 0o644)
+        folder = posixpath.dirname(CA_PATH)
+        await vm.tool_ok(["sh", "-c", f"mkdir -p {ROOT}{folder} && mount -t tmpfs -o size=8m,mode=755 ember-ca "
+                          f"{ROOT}{folder} && cp /ember/ca.crt {ROOT}{CA_PATH}"])  # fmt: skip
+
+    async def _mkdir(self, vm: BuildVm, path: str) -> None:
+        await vm.tool_ok(["mkdir", "-p", path], root=ROOT)
+
+    def _what(self, ins: Instruction) -> str:
+        return f"step at line {ins.line} ({ins.original[:80]})"
+
+    async def _run(self, vm: BuildVm, ins: Instruction, argv: list[str], env: list[str], cfg: ImageConfig) -> None:
+        if cfg.workdir != "/":
+            await self._mkdir(vm, cfg.workdir)
+        if self.opts.host_ca_certs:
+            env = [*env, *(f"{name}={CA_PATH}" for name in CA_ENV)]
+        out = await vm.run(argv, env, cfg.workdir, cfg.user, self.opts.step_timeout_s, self._echo)
+        if out.result.exit_code != 0 or out.result.signal or out.result.timed_out:
+            raise step_failed(self._what(ins), out)
+
+    def _echo(self, text: str) -> None:
+        for line in text.splitlines():
+            self.b.log(f"  | {line}")
+
+    # ---- COPY / ADD --------------------------------------------------------
+
+    async def _copy(self, ins: Instruction, layer: Layer, variables: dict[str, str]) -> tuple[Layer, bool]:
+        words = expand_words(ins.args, variables, self.df.escape, ins.json)
+        if len(words) < 2:
+            raise ins.error("expected at least one source and a destination")
+        *sources, dest_word = words
+        cfg = layer.config
+        dest = dest_path(dest_word, cfg.workdir)
+        chmod = parse_chmod(ins.flag("chmod"), ins)
+        chown = expand(ins.flag("chown"), variables, self.df.escape)
+        heredocs = {name: (content, expand_ok) for name, content, expand_ok in ins.heredocs}
+        src_from = ins.flag("from")
+        if ins.name == "ADD":
+            for s in sources:
+                if "://" in s or s.startswith("git@"):
+                    raise ins.error(f"'{s}': ADD from a URL is not supported by Ember; use RUN with curl/wget")
+        if src_from:
+            rels = [posixpath.normpath("/" + s).lstrip("/") for s in sources]
+            digest = step_key("", "from", src_from, self.from_disks[self.from_index[src_from]].name, rels)
+        else:
+            rels = []
+            for s in sources:
+                name = s.lstrip("<-").strip("'\"")
+                rels += [f"<<{name}"] if s.startswith("<<") and name in heredocs else self.ctx.resolve(s, ins)
+            files = [f for r in rels if not r.startswith("<<") for f in self.ctx.walk(r)]
+            digest = await asyncio.to_thread(self.ctx.file_digest, files)
+            digest = step_key(digest, [heredocs.get(r[2:], ("", False))[0] for r in rels if r.startswith("<<")])
+        key = step_key(layer.key, ins.name, dest, chown, chmod, sorted(ins.flags), rels, digest)
+        plan = _CopyPlan(ins, rels, dest, chown, chmod, src_from, heredocs)
+        return await self._fs(key, layer, cfg, lambda vm: self._do_copy(vm, plan))
+
+    async def _do_copy(self, vm: BuildVm, plan: _CopyPlan) -> None:
+        owner = await _owner(vm, plan.chown, plan.ins) if plan.chown else None
+        dest_is_dir = plan.dest.endswith("/") or len(plan.sources) > 1
+        if not dest_is_dir:
+            probe = await vm.tool(["test", "-d", plan.dest], root=ROOT)
+            dest_is_dir = probe.result.exit_code == 0
+        dest_dir = plan.dest.rstrip("/") or "/"
+        with tempfile.TemporaryDirectory(dir=self.b.settings.data_dir) as tmp:
+            stream = Path(tmp) / "copy.tar"
+            if plan.src_from:
+                fetched = Path(tmp) / "from.tar"
+                await _fetch_from(vm, self.from_index[plan.src_from], plan.sources, fetched, plan.ins)
+                await asyncio.to_thread(
+                    _write_from_tar, fetched, stream, plan, dest_dir, dest_is_dir, owner
+                )  # fmt: skip
+            else:
+                await asyncio.to_thread(self._write_context_tar, stream, plan, dest_dir, dest_is_dir, owner)
+            out = await vm.tool(["tar", "-x", "-f", "-", "-C", "/", "--numeric-owner"], root=ROOT,
+                                stdin=_file_chunks(stream))  # fmt: skip
+        if out.result.exit_code != 0:
+            raise BuildFailed(f"unpacking the files in the build VM failed: {out.tail.strip()}", self._what(plan.ins))
+
+    def _write_context_tar(
+        self, out_path: Path, plan: _CopyPlan, dest_dir: str, dest_is_dir: bool, owner: Owner | None
+    ) -> None:
+        with open(out_path, "wb") as out:
+            w = TarWriter(out, owner, plan.chmod)
+            if owner is not None and dest_is_dir and dest_dir != "/":
+                w.add_dir(dest_dir)
+            for rel in plan.sources:
+                if rel.startswith("<<"):
+                    content, _ = plan.heredocs[rel[2:]]
+                    target = posixpath.join(dest_dir, rel[2:]) if dest_is_dir else dest_dir
+                    w.add_bytes(content.encode(), target)
+                    continue
+                path = self.ctx.path(rel)
+                if plan.ins.name == "ADD" and is_archive(path):
+                    w.add_archive(path, dest_dir)
+                elif path.is_dir() and not path.is_symlink():
+                    for sub in self.ctx.walk(rel)[1:]:
+                        w.add_path(self.ctx.path(sub), posixpath.join(dest_dir, posixpath.relpath(sub, rel or ".")))
+                else:
+                    target = posixpath.join(dest_dir, posixpath.basename(rel)) if dest_is_dir else dest_dir
+                    w.add_path(path, target)
+            w.close()
+
+
+@dataclass(frozen=True)
+class _CopyPlan:
+    ins: Instruction
+    sources: list[str]
+    dest: str
+    chown: str
+    chmod: int | None
+    src_from: str
+    heredocs: dict[str, tuple[str, bool]]
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, 1 << 20):
+            yield chunk
+
+
+async def _owner(vm: BuildVm, spec: str, ins: Instruction) -> Owner:
+    user, _, group = spec.partition(":")
+
+    async def lookup(name: str, file: str, field: int) -> int:
+        if name.isdigit():
+            return int(name)
+        _, data = await vm.agent.read_file(f"{ROOT}/etc/{file}")
+        text = b"".join([c async for c in data]).decode(errors="replace")
+        for line in text.splitlines():
+            parts = line.split(":")
+            if len(parts) > field and parts[0] == name:
+                return int(parts[field])
+        raise ins.error(f"--chown={spec}: no {'user' if file == 'passwd' else 'group'} '{name}' in the image")
+
+    uid = await lookup(user, "passwd", 2)
+    if group:
+        gid = await lookup(group, "group", 2)
+    elif user.isdigit():
+        gid = uid
+    else:
+        gid = await lookup(user, "passwd", 3)
+    return Owner(uid, gid)
+
+
+async def _fetch_from(vm: BuildVm, index: int, sources: list[str], out: Path, ins: Instruction) -> None:
+    with open(out, "wb") as f:
+        result = await vm.tool(["tar", "-c", "-f", "-", "-C", f"/ember/from{index}", *sources], sink=f.write)
+    if result.result.exit_code != 0:
+        raise ins.error(f"COPY --from: {result.tail.strip()[-500:]}")
+
+
+def _write_from_tar(
+    fetched: Path, out_path: Path, plan: _CopyPlan, dest_dir: str, dest_is_dir: bool, owner: Owner | None
+) -> None:
+    import tarfile
+
+    with tarfile.open(fetched, "r|") as src, open(out_path, "wb") as out:
+        w = TarWriter(out, owner, plan.chmod)
+        for member in src:
+            name = posixpath.normpath(member.name)
+            root = next((s for s in plan.sources if name == s or name.startswith(s + "/")), None)
+            if root is None:
+                continue
+            if name == root:
+                if member.isdir():
+                    continue
+                target = posixpath.join(dest_dir, posixpath.basename(root)) if dest_is_dir else dest_dir
+            else:
+                target = posixpath.join(dest_dir, posixpath.relpath(name, root))
+            member.name = target.lstrip("/")
+            if owner is not None:
+                member.uid, member.gid = owner.uid, owner.gid
+            if plan.chmod is not None and not member.issym():
+                member.mode = plan.chmod
+            member.uname = member.gname = ""
+            w.tar.addfile(member, src.extractfile(member) if member.isreg() else None)
+        w.close()
+
+
+class BaseLayers:
+    """FROM references -> base layers (built-in Debian trees, scratch; registries in ember.build.oci)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = LayerCache(settings.data_dir / "layers")
+        self._lock = asyncio.Lock()
+
+    async def layer(self, ref: str, log: Log) -> Layer:
+        async with self._lock:
+            if ref == "scratch":
+                return await self._from_tree("scratch", None, log)
+            base = rootfs.builtin_base(ref)
+            if base is None:
+                raise InvalidRequest(
+                    f"FROM {ref}: not a built-in base (debian:bookworm, debian:bookworm-slim, python:3.11, scratch) "
+                    "and pulling from registries is not available in this build"
+                )
+            tarball = await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror, [])
+            st = tarball.stat()
+            return await self._from_tree(f"{base.key}:{st.st_size}:{st.st_mtime_ns}", tarball, log)
+
+    async def _from_tree(self, identity: str, tarball: Path | None, log: Log) -> Layer:
+        key = step_key("base", identity, self.settings.disk_gib)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        log(f"making the base disk for {identity.split(':')[0]}")
+        disk = self.cache.disk(key)
+        tree = Path(tempfile.mkdtemp(dir=self.settings.data_dir, prefix=".base-"))
+        try:
+            if tarball is not None:
+                await asyncio.to_thread(rootfs.unpack_trusted, tarball, tree)
+            await asyncio.to_thread(rootfs.tree_to_qcow2, tree, disk, self.settings.disk_gib)
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
+        os.chown(disk, self.settings.builder_uid, _gid_or(self.settings.builder_uid))
+        config = ImageConfig(env=(("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),))
+        if identity == "scratch":
+            config = ImageConfig()
+        return self.cache.put(key, config, "")
+
+
+def _gid_or(default: int) -> int:
+    try:
+        return grp.getgrgid(default).gr_gid
+    except KeyError:
+        return default

@@ -1,0 +1,160 @@
+"""The micro-VM a build stage runs in: RUN steps are untrusted code, so they run here.
+
+The VM boots Ember's build initramfs (agent in build mode plus a static
+busybox) with the stage's layer chain as its root disk, mounted at /newroot
+and never entered by the agent itself: steps run chrooted into it, Ember's
+tools run from outside it. Each finished step becomes a layer: the guest
+syncs and freezes the filesystem, QEMU switches the disk to a new qcow2
+overlay (the old top is never written again), the guest thaws.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ember.agent import AgentConnection, ExecRequest, ExecResult
+from ember.errors import BuildFailed, EmberError
+from ember.guest.artifacts import BUILD_TOOL
+from ember.runtime import Host, create_overlay, new_ram_file
+from ember.vmm.machine import MachineConfig, RamMode, RunPaths, readonly_disk_args, user_network_args
+from ember.vmm.qemu import QemuVmm
+
+log = logging.getLogger(__name__)
+
+ROOT = "/newroot"
+OUTPUT_TAIL = 4000
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    result: ExecResult
+    tail: str
+
+
+class BuildVm:
+    def __init__(self, vm_id: str, host: Host, vmm: QemuVmm, agent: AgentConnection, paths: RunPaths, uid: int) -> None:
+        self.vm_id = vm_id
+        self.host = host
+        self.vmm = vmm
+        self.agent = agent
+        self.paths = paths
+        self.uid = uid
+
+    @classmethod
+    async def start(
+        cls, host: Host, machine: MachineConfig, token: str, top: Path, readonly: list[Path], network: bool,
+        uid: int, gid: int, boot_timeout_s: float,
+    ) -> BuildVm:  # fmt: skip
+        """Boot a build VM; ``machine`` must use the build initramfs and ``ember.build=1``."""
+        vm_id = f"build-{secrets.token_hex(4)}"
+        run_dir = host.settings.data_dir / "run" / vm_id
+        run_dir.mkdir(parents=True, mode=0o700)
+        os.chown(run_dir, uid, uid)
+        paths = RunPaths(run_dir=run_dir, disk=top, ram_file=run_dir / "ram")
+        new_ram_file(paths.ram_file, machine.memory_mib, uid)
+        extra: tuple[str, ...] = user_network_args() if network else ()
+        for i, disk in enumerate(readonly):
+            extra += readonly_disk_args(i, disk)
+        vmm = await host.start_vmm(vm_id, machine, paths, RamMode.OWN, False, uid, gid, extra, network)
+        try:
+            agent = await AgentConnection.connect(paths.agent_socket, token, boot_timeout_s)
+        except BaseException:
+            await vmm.shutdown()
+            await asyncio.to_thread(host.cgroups.destroy, vm_id)
+            log.error("build VM did not start: %s", serial_tail(paths))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        vm = cls(vm_id, host, vmm, agent, paths, uid)
+        if network:
+            await vm.tool_ok(["sh", "-c", "ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && "
+                              "ip link set eth0 up && ip route add default via 10.0.2.2"])  # fmt: skip
+        for i in range(len(readonly)):
+            script = (
+                f'for d in /sys/block/vd*; do if [ "$(cat $d/serial 2>/dev/null)" = ember-ro{i} ]; then '
+                f"mkdir -p /ember/from{i} && exec mount -t ext4 -o ro,noload /dev/${{d##*/}} /ember/from{i}; fi; done; "
+                "exit 1"
+            )
+            await vm.tool_ok(["sh", "-c", script])
+        return vm
+
+    async def tool(
+        self, argv: list[str], root: str = "", stdin: AsyncIterator[bytes] | None = None,
+        sink: Callable[[bytes], object] | None = None,
+    ) -> StepOutput:  # fmt: skip
+        """Run Ember's busybox applet ``argv`` (chrooted into the image if ``root``)."""
+        req = ExecRequest(argv=[BUILD_TOOL, *argv], root=root, tool=True)
+        return await self._exec(req, stdin, sink)
+
+    async def tool_ok(self, argv: list[str], root: str = "", stdin: AsyncIterator[bytes] | None = None) -> None:
+        out = await self.tool(argv, root, stdin)
+        if out.result.exit_code != 0:
+            raise EmberError(f"build VM tool {argv[0]} failed: {out.tail.strip()[-1000:]}")
+
+    async def run(
+        self, argv: list[str], env: list[str], cwd: str, user: str, timeout_s: float, on_output: Callable[[str], None]
+    ) -> StepOutput:
+        req = ExecRequest(argv=argv, env=env, cwd=cwd, user=user, timeout_s=timeout_s, root=ROOT)
+        out = await self._exec(req, None, None, on_output)
+        # the step is over: as when a container exits, nothing it started keeps running
+        await self.tool(["kill", "-9", "-1"])
+        return out
+
+    async def _exec(
+        self, req: ExecRequest, stdin: AsyncIterator[bytes] | None, sink: Callable[[bytes], object] | None,
+        on_output: Callable[[str], None] | None = None,
+    ) -> StepOutput:  # fmt: skip
+        tail = ""
+        result: ExecResult | None = None
+        async for item in self.agent.exec(req, stdin):
+            if isinstance(item, ExecResult):
+                result = item
+            elif sink is not None and item[0] == "stdout":
+                sink(item[1])
+            else:
+                text = item[1].decode(errors="replace")
+                tail = (tail + text)[-OUTPUT_TAIL:]
+                if on_output is not None:
+                    on_output(text)
+        assert result is not None
+        return StepOutput(result, tail)
+
+    async def sync(self) -> None:
+        await self.agent.sync()
+
+    async def new_layer(self, overlay: Path) -> None:
+        """Freeze the current top as a finished layer and continue on ``overlay``."""
+        create_overlay(self.paths.disk, overlay, self.uid)
+        await self.tool_ok(["fsfreeze", "--freeze", ROOT])
+        try:
+            await self.vmm.switch_disk(overlay)
+        finally:
+            await self.tool_ok(["fsfreeze", "--unfreeze", ROOT])
+        self.paths = replace(self.paths, disk=overlay)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.agent.close()
+        await self.vmm.shutdown()
+        await asyncio.to_thread(self.host.cgroups.destroy, self.vm_id)
+        shutil.rmtree(self.paths.run_dir, ignore_errors=True)
+
+
+def serial_tail(paths: RunPaths) -> str:
+    try:
+        return paths.serial_log.read_text(errors="replace")[-2000:]
+    except OSError:
+        return ""
+
+
+def step_failed(what: str, out: StepOutput) -> BuildFailed:
+    r = out.result
+    why = "timed out" if r.timed_out else f"killed by signal {r.signal}" if r.signal else f"exit code {r.exit_code}"
+    return BuildFailed(f"{why}; its last output:\n{out.tail.strip()[-2000:]}", what)

@@ -1,0 +1,125 @@
+"""Root filesystem trees on the host: Debian bases (mmdebstrap) and tree -> disk.
+
+A tree becomes an ext4 filesystem (``mkfs.ext4 -d``, owners, modes and times
+kept) in a qcow2 file. Built-in bases are Debian bookworm made by mmdebstrap
+and cached as tarballs; Docker Hub is not used (and not reachable here), so
+``debian:bookworm``, ``debian:bookworm-slim`` and ``python:3.11`` resolve to
+these. Debian bookworm ships Python 3.11 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import HostSetupError, InvalidRequest
+
+SLIM_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*")
+PYTHON_PACKAGES = ("python3", "python3-pip", "python-is-python3", "ca-certificates")
+
+
+@dataclass(frozen=True)
+class DebianBase:
+    key: str  # cache name
+    packages: tuple[str, ...]
+    slim: bool
+    python: bool = False
+
+
+BUILTIN = {
+    "debian:bookworm": DebianBase("debian-bookworm", (), slim=False),
+    "debian:bookworm-slim": DebianBase("debian-bookworm-slim", (), slim=True),
+    "debian:12": DebianBase("debian-bookworm", (), slim=False),
+    "debian:12-slim": DebianBase("debian-bookworm-slim", (), slim=True),
+    "debian:latest": DebianBase("debian-bookworm", (), slim=False),
+    "debian": DebianBase("debian-bookworm", (), slim=False),
+    "ember:debian-python3": DebianBase("debian-bookworm-python3", ("python3",), slim=False),
+}
+PYTHON = DebianBase("python-3.11-bookworm", PYTHON_PACKAGES, slim=True, python=True)
+PYTHON_TAGS = ("", "latest", "3", "3.11", "3-slim", "3.11-slim", "3-bookworm", "3.11-bookworm")
+
+
+def builtin_base(ref: str) -> DebianBase | None:
+    """The built-in base for a Docker Hub-style reference, None if it is not one."""
+    ref = ref.removeprefix("docker.io/").removeprefix("library/")
+    if ref in BUILTIN:
+        return BUILTIN[ref]
+    name, _, tag = ref.partition(":")
+    if name != "python":
+        return None
+    if tag in PYTHON_TAGS or tag in ("3.11-slim-bookworm", "3-slim-bookworm"):
+        return PYTHON
+    raise InvalidRequest(
+        f"FROM {ref}: Ember's built-in python base is Debian bookworm's Python 3.11; "
+        "use python:3.11 or an image from a registry you run"
+    )
+
+
+async def debian_tarball(base: DebianBase, cache_dir: Path, mirror: str, log: list[str]) -> Path:
+    cache = cache_dir / f"{base.key}.tar"
+    if cache.exists():
+        return cache
+    if shutil.which("mmdebstrap") is None:
+        raise HostSetupError("mmdebstrap is missing: apt-get install mmdebstrap (scripts/install.sh does this)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.name}")  # mmdebstrap picks the format from the .tar suffix
+    cmd = ["mmdebstrap", "--mode=root", "--variant=minbase", "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr"]
+    if base.packages:
+        cmd.append(f"--include={','.join(base.packages)}")
+    if base.slim:
+        cmd += [f"--dpkgopt=path-exclude={p}" for p in SLIM_EXCLUDES]
+    if base.python:
+        # Like the python image: pip installs into the system Python without a venv.
+        cmd.append("--customize-hook=rm -f $1/usr/lib/python3*/EXTERNALLY-MANAGED")
+    cmd += ["bookworm", str(partial), f"deb {mirror} bookworm main"]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        tail = out.decode(errors="replace")[-3000:]
+        raise HostSetupError(f"mmdebstrap failed (is the Debian mirror reachable?):\n{tail}")
+    os.replace(partial, cache)
+    log.append(f"built {base.key} with mmdebstrap")
+    return cache
+
+
+def unpack_trusted(tarball: Path, tree: Path) -> None:
+    """Unpack a tarball Ember made itself (mmdebstrap output)."""
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tree, filter="fully_trusted")
+    etc = tree / "etc"
+    if etc.is_dir():
+        # mmdebstrap copies the host's files in: a guest gets its own
+        (etc / "resolv.conf").unlink(missing_ok=True)
+        (etc / "resolv.conf").write_text("")
+        (etc / "hostname").write_text("ember\n")
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise HostSetupError(f"{cmd[0]} failed: {proc.stderr.strip()[-2000:]}")
+
+
+def tree_to_qcow2(tree: Path, out: Path, size_gib: int) -> None:
+    """An ext4 filesystem of ``tree`` (owners, modes, times kept) in a qcow2 file."""
+    raw = out.with_name(out.name + ".raw")
+    try:
+        _run(["mkfs.ext4", "-q", "-b", "4096", "-m", "0", "-E", "root_owner=0:0", "-d", str(tree), "-F", str(raw),
+              f"{size_gib}G"])  # fmt: skip
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out)])
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def flatten(top: Path, out: Path) -> None:
+    """One self-contained qcow2 from a layer chain."""
+    _run(["qemu-img", "convert", "-O", "qcow2", str(top), str(out)])
