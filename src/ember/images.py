@@ -163,7 +163,9 @@ class ImageStore:
             token = secrets.token_hex(16)
             with staging(self.settings.images_dir / BASE_IMAGE) as tmp:
                 progress("creating the root filesystem (ext4)")
-                await asyncio.to_thread(self._make_disk, tarball, tmp / "disk.qcow2")
+                await asyncio.to_thread(
+                    rootfs.disk_from_tarball, tarball, tmp / "disk.qcow2", self.settings.disk_gib, tmp
+                )
                 progress("booting it once to start the guest agent (cold boot)")
                 machine = self.machine(token)
                 image = await self._capture(BASE_IMAGE, tmp, machine, token, None, "", progress)
@@ -176,16 +178,7 @@ class ImageStore:
         base = rootfs.BUILTIN[BUILTIN_BASE]
         if not (self.settings.cache_dir / f"{base.key}.tar").exists():
             progress("building Debian bookworm minbase + python3 with mmdebstrap (about 20 s)")
-        return await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror, [])
-
-    def _make_disk(self, tarball: Path, out: Path) -> None:
-        work = out.parent / "rootfs"
-        try:
-            work.mkdir()
-            rootfs.unpack_trusted(tarball, work)
-            rootfs.tree_to_qcow2(work, out, self.settings.disk_gib)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        return await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror)
 
     async def _capture(
         self, name: str, tmp: Path, machine: MachineConfig, token: str, stream: tuple[Path, FileDigest] | None,

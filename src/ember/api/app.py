@@ -7,10 +7,8 @@ NDJSON: one JSON object per line. Errors are ``{"error": KIND, "message":
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -22,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from ember.agent import ExecRequest, ExecResult
 from ember.api.builds import add_build_routes, build_view
+from ember.api.streaming import Emit, ndjson, stream_job
 from ember.errors import EmberError, InvalidRequest
 from ember.models import BuildRecord, ImageRecord, VmRecord
 from ember.vmm.accel import TCG_WARNING
@@ -87,10 +86,6 @@ def image_view(image: ImageRecord) -> dict[str, Any]:
     }
 
 
-def ndjson(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj) + "\n").encode()
-
-
 def create_app(daemon: Daemon) -> FastAPI:
     engine, images = daemon.engine, daemon.images
 
@@ -154,31 +149,13 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.post("/v1/images/debian/prepare")
     async def prepare_base() -> StreamingResponse:
         """Build the built-in base image if needed; streams progress lines."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        async def build() -> None:
-            try:
-                image = await images.ensure_base(
-                    lambda msg, metrics=None: queue.put_nowait({"progress": msg, **(metrics or {})})
-                )
-                engine.warm_up(image)
-                queue.put_nowait({"image": image_view(image)})
-            except EmberError as exc:
-                queue.put_nowait({"error": type(exc).__name__, "message": str(exc)})
-            except Exception as exc:
-                log.exception("base image build failed")
-                queue.put_nowait({"error": "InternalError", "message": str(exc)})
-            finally:
-                queue.put_nowait(None)
+        async def build(emit: Emit) -> dict[str, Any]:
+            image = await images.ensure_base(lambda msg, metrics=None: emit({"progress": msg, **(metrics or {})}))
+            engine.warm_up(image)
+            return {"image": image_view(image)}
 
-        task = asyncio.create_task(build())
-
-        async def stream() -> AsyncIterator[bytes]:
-            while (item := await queue.get()) is not None:
-                yield ndjson(item)
-            await task
-
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        return stream_job(build, "base image build")
 
     # ---- VMs -------------------------------------------------------------
 

@@ -8,20 +8,20 @@ import logging
 import shutil
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from ember.api.streaming import Emit, stream_job
 from ember.build.builder import BuildOptions
 from ember.build.context import BuildContext
 from ember.build.dockerfile import parse
 from ember.build.service import BuildRequest, BuildService, split_name
 from ember.engine import Engine
-from ember.errors import EmberError, ImageNotFound, InvalidRequest, ResourceExhausted
-from ember.models import BuildRecord
+from ember.errors import ImageNotFound, InvalidRequest, ResourceExhausted
+from ember.models import BuildRecord, BuildState
 
 log = logging.getLogger(__name__)
 
@@ -97,33 +97,18 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
                                  host_ca_certs=host_ca_certs),
             ready_cmd=("/bin/sh", "-c", ready_cmd) if ready_cmd else (), ready_timeout_s=ready_timeout,
         )  # fmt: skip
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        async def run() -> None:
+        async def run(emit: Emit) -> dict[str, Any]:
             try:
-                record = await builds.build(req, tmp / "context", lambda line: queue.put_nowait({"log": line}))
-                if record.state.value == "CREATED":
-                    image = builds.store.get_image(record.name)
-                    if image is not None:
-                        engine.warm_up(image)
-                queue.put_nowait({"build": build_view(record)})
-            except EmberError as exc:
-                queue.put_nowait({"error": type(exc).__name__, "message": str(exc)})
-            except Exception as exc:
-                log.exception("image build failed")
-                queue.put_nowait({"error": "InternalError", "message": str(exc)})
+                record = await builds.build(req, tmp / "context", lambda line: emit({"log": line}))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-                queue.put_nowait(None)
+            image = builds.store.get_image(record.name) if record.state is BuildState.CREATED else None
+            if image is not None:
+                engine.warm_up(image)
+            return {"build": build_view(record)}
 
-        task = asyncio.create_task(run())
-
-        async def stream() -> AsyncIterator[bytes]:
-            while (item := await queue.get()) is not None:
-                yield (json.dumps(item) + "\n").encode()
-            await task
-
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        return stream_job(run, "image build")
 
     @app.get("/v1/images/{name}/logs", response_class=PlainTextResponse)
     async def image_logs(name: str) -> str:

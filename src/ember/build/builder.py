@@ -9,14 +9,13 @@ step runs in it. Only the stages the target needs are built.
 from __future__ import annotations
 
 import asyncio
-import grp
 import os
 import posixpath
 import secrets
-import shutil
+import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ember.build import rootfs
 from ember.build.buildvm import ROOT, BuildVm, step_failed
 from ember.build.context import BuildContext, Owner, TarWriter, dest_path, is_archive, parse_chmod
 from ember.build.dockerfile import (
+    DEFAULT_PATH,
     Dockerfile,
     ImageConfig,
     Instruction,
@@ -234,7 +234,7 @@ class StageBuild:
         raise ins.error("is not supported by Ember")
 
     async def _fs(
-        self, key: str, layer: Layer, config: ImageConfig, action: Callable[[BuildVm], object]
+        self, key: str, layer: Layer, config: ImageConfig, action: Callable[[BuildVm], Awaitable[None]]
     ) -> tuple[Layer, bool]:
         hit = None if self.opts.no_cache else self.b.cache.get(key)
         if hit is not None:
@@ -247,9 +247,7 @@ class StageBuild:
                 self.vm = await self._start_vm(disk)
             else:
                 await self.vm.new_layer(disk)
-            result = action(self.vm)
-            if asyncio.iscoroutine(result):
-                await result
+            await action(self.vm)
             await self.vm.sync()
         except BaseException:
             if self.vm is not None:
@@ -265,7 +263,7 @@ class StageBuild:
         started = time.perf_counter()
         vm = await BuildVm.start(
             self.b.host, self.b.machine(token), token, top, self.from_disks, self.opts.network,
-            self.b.settings.builder_uid, self._builder_gid(), self.b.settings.boot_timeout_s,
+            self.b.settings.builder_uid, self.b.settings.builder_uid, self.b.settings.boot_timeout_s,
         )  # fmt: skip
         try:
             if self.opts.host_ca_certs:
@@ -275,9 +273,6 @@ class StageBuild:
             raise
         self.b.log(f"[stage {self.stage.index}] build VM ready in {time.perf_counter() - started:.1f} s")
         return vm
-
-    def _builder_gid(self) -> int:
-        return self.b.settings.builder_uid
 
     async def _hand_in_ca(self, vm: BuildVm) -> None:
         try:
@@ -442,8 +437,6 @@ async def _fetch_from(vm: BuildVm, index: int, sources: list[str], out: Path, in
 def _write_from_tar(
     fetched: Path, out_path: Path, plan: _CopyPlan, dest_dir: str, dest_is_dir: bool, owner: Owner | None
 ) -> None:
-    import tarfile
-
     with tarfile.open(fetched, "r|") as src, open(out_path, "wb") as out:
         w = TarWriter(out, owner, plan.chmod)
         for member in src:
@@ -485,7 +478,7 @@ class BaseLayers:
                     f"FROM {ref}: not a built-in base (debian:bookworm, debian:bookworm-slim, python:3.11, scratch) "
                     "and pulling from registries is not available in this build"
                 )
-            tarball = await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror, [])
+            tarball = await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror)
             st = tarball.stat()
             return await self._from_tree(f"{base.key}:{st.st_size}:{st.st_mtime_ns}", tarball, log)
 
@@ -496,22 +489,9 @@ class BaseLayers:
             return hit
         log(f"making the base disk for {identity.split(':')[0]}")
         disk = self.cache.disk(key)
-        tree = Path(tempfile.mkdtemp(dir=self.settings.data_dir, prefix=".base-"))
-        try:
-            if tarball is not None:
-                await asyncio.to_thread(rootfs.unpack_trusted, tarball, tree)
-            await asyncio.to_thread(rootfs.tree_to_qcow2, tree, disk, self.settings.disk_gib)
-        finally:
-            shutil.rmtree(tree, ignore_errors=True)
-        os.chown(disk, self.settings.builder_uid, _gid_or(self.settings.builder_uid))
-        config = ImageConfig(env=(("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),))
+        await asyncio.to_thread(rootfs.disk_from_tarball, tarball, disk, self.settings.disk_gib, self.settings.data_dir)
+        os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
+        config = ImageConfig(env=(("PATH", DEFAULT_PATH),))
         if identity == "scratch":
             config = ImageConfig()
         return self.cache.put(key, config, "")
-
-
-def _gid_or(default: int) -> int:
-    try:
-        return grp.getgrgid(default).gr_gid
-    except KeyError:
-        return default

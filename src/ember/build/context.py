@@ -33,16 +33,6 @@ class Owner:
     gid: int
 
 
-@dataclass(frozen=True)
-class CopyPlan:
-    """A COPY/ADD resolved on the host: what the tar stream will hold."""
-
-    sources: tuple[str, ...]  # context-relative paths ("" = heredoc)
-    dest: str  # absolute path in the image
-    dest_is_dir: bool
-    digest: str  # of every source's path, mode and content: the cache key part
-
-
 class BuildContext:
     def __init__(self, root: Path, dockerfile: str = "Dockerfile") -> None:
         self.root = root.resolve()
@@ -117,9 +107,6 @@ class BuildContext:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
         return h.hexdigest()
-
-    def open(self, rel: str) -> BinaryIO:
-        return open(self._inside(rel), "rb")
 
     def path(self, rel: str) -> Path:
         return self._inside(rel)

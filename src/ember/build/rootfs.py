@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def builtin_base(ref: str) -> DebianBase | None:
     )
 
 
-async def debian_tarball(base: DebianBase, cache_dir: Path, mirror: str, log: list[str]) -> Path:
+async def debian_tarball(base: DebianBase, cache_dir: Path, mirror: str) -> Path:
     cache = cache_dir / f"{base.key}.tar"
     if cache.exists():
         return cache
@@ -87,7 +88,6 @@ async def debian_tarball(base: DebianBase, cache_dir: Path, mirror: str, log: li
         tail = out.decode(errors="replace")[-3000:]
         raise HostSetupError(f"mmdebstrap failed (is the Debian mirror reachable?):\n{tail}")
     os.replace(partial, cache)
-    log.append(f"built {base.key} with mmdebstrap")
     return cache
 
 
@@ -118,6 +118,17 @@ def tree_to_qcow2(tree: Path, out: Path, size_gib: int) -> None:
         _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out)])
     finally:
         raw.unlink(missing_ok=True)
+
+
+def disk_from_tarball(tarball: Path | None, out: Path, size_gib: int, work_parent: Path) -> None:
+    """A qcow2 disk holding an Ember-made tarball's tree (an empty filesystem for None)."""
+    tree = Path(tempfile.mkdtemp(dir=work_parent, prefix=".rootfs-"))
+    try:
+        if tarball is not None:
+            unpack_trusted(tarball, tree)
+        tree_to_qcow2(tree, out, size_gib)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 def flatten(top: Path, out: Path) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import logging
 import re
 import time
 from collections.abc import Callable
@@ -29,8 +28,6 @@ from ember.images import ImageStore
 from ember.models import BuildRecord, BuildState, utcnow
 from ember.store import Store
 from ember.vmm.machine import MachineConfig
-
-log = logging.getLogger(__name__)
 
 REPO = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
