@@ -14,6 +14,7 @@ apt_packages=(
     mmdebstrap e2fsprogs                # the built-in Debian base image
     gcc libc6-dev                       # static guest agent and jailer
     busybox-static nftables             # image builds: tools in the build VM, its egress filter
+    docker-registry skopeo              # tests: a real registry on 127.0.0.1 and a way to push to it
     python3 python3-venv python3-dev
 )
 missing=()

@@ -21,10 +21,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ember.client import ApiError, Client, call_simple
+from ember.client import ApiError, Client, call_build, call_simple, context_tar
 from ember.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +145,18 @@ def base_image(client: Client) -> str:
         if "error" in event:
             pytest.fail(f"building the base image failed: {event}")
     return "debian"
+
+
+def build(client: Client, ctx: Path, name: str, **options: Any) -> tuple[dict[str, Any], list[str]]:
+    """An image build through the API: (the final build record, the streamed log lines)."""
+    logs: list[str] = []
+    result: dict[str, Any] = {}
+    for event in client.stream_events(call_build(name, context_tar(ctx), **options)):
+        if "log" in event:
+            logs.append(event["log"])
+        elif "build" in event:
+            result = event["build"]
+    return result, logs
 
 
 def remove_quietly(client: Client, vm_id: str) -> None:

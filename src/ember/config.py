@@ -44,6 +44,8 @@ class Settings:
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)
     debian_mirror: str = _env("EMBER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+    # Registries (host[:port], comma-separated) pulled from over plain HTTP; loopback ones always are.
+    insecure_registries: tuple[str, ...] = _env("EMBER_INSECURE_REGISTRIES", ())
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -88,6 +90,8 @@ class Settings:
 
 
 def _coerce(kind: type, raw: str, env_name: str) -> Any:
+    if kind is tuple:
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     try:
         return kind(raw)
     except ValueError:

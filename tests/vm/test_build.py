@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from ember.client import ApiError, Client, call_build, call_simple, context_tar
+from ember.client import ApiError, Client, call_simple
 from ember.host.binaries import compile_static
-from tests.conftest import remove_quietly
+from tests.conftest import build, remove_quietly
 
 pytestmark = pytest.mark.vm
 
@@ -50,17 +49,6 @@ CMD ["python3", "/app/app.py"]
 """
 
 GET = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/').read().decode())"
-
-
-def build(client: Client, ctx: Path, name: str, **options: Any) -> tuple[dict[str, Any], list[str]]:
-    logs: list[str] = []
-    result: dict[str, Any] = {}
-    for event in client.stream_events(call_build(name, context_tar(ctx), **options)):
-        if "log" in event:
-            logs.append(event["log"])
-        elif "build" in event:
-            result = event["build"]
-    return result, logs
 
 
 def python_ctx(root: Path) -> Path:

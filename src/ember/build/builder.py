@@ -9,7 +9,6 @@ step runs in it. Only the stages the target needs are built.
 from __future__ import annotations
 
 import asyncio
-import os
 import posixpath
 import secrets
 import tarfile
@@ -19,11 +18,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ember.build import rootfs
+from ember.build.bases import BaseLayers, Log
 from ember.build.buildvm import ROOT, BuildVm, step_failed
 from ember.build.context import BuildContext, Owner, TarWriter, dest_path, is_archive, parse_chmod
 from ember.build.dockerfile import (
-    DEFAULT_PATH,
     Dockerfile,
     ImageConfig,
     Instruction,
@@ -73,9 +71,6 @@ class StepReport:
 class BuiltFs:
     layer: Layer
     steps: tuple[StepReport, ...]
-
-
-Log = Callable[[str], None]
 
 
 class Builder:
@@ -140,7 +135,7 @@ class StageBuild:
         if base_stage is not None:
             layer = self.done[base_stage.index]
         else:
-            layer = await self.b.bases.layer(self.stage.base, self.b.log)
+            layer = await self.b.bases.layer(self.stage.base, self.ctx, self.b.log)
         self.b.log(f"[stage {self.stage.index}] FROM {self.stage.base}")
         env = StageEnv(layer.config)
         for ins in self.stage.instructions:
@@ -167,7 +162,9 @@ class StageBuild:
         if ref in self.from_index:
             return
         dep = _stage_ref(self.df, ref, self.stage.index)
-        disk = self.done[dep.index].disk if dep is not None else (await self.b.bases.layer(ref, self.b.log)).disk
+        disk = (
+            self.done[dep.index].disk if dep is not None else (await self.b.bases.layer(ref, self.ctx, self.b.log)).disk
+        )
         self.from_index[ref] = len(self.from_disks)
         self.from_disks.append(disk)
 
@@ -458,40 +455,3 @@ def _write_from_tar(
             member.uname = member.gname = ""
             w.tar.addfile(member, src.extractfile(member) if member.isreg() else None)
         w.close()
-
-
-class BaseLayers:
-    """FROM references -> base layers (built-in Debian trees, scratch; registries in ember.build.oci)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.cache = LayerCache(settings.data_dir / "layers")
-        self._lock = asyncio.Lock()
-
-    async def layer(self, ref: str, log: Log) -> Layer:
-        async with self._lock:
-            if ref == "scratch":
-                return await self._from_tree("scratch", None, log)
-            base = rootfs.builtin_base(ref)
-            if base is None:
-                raise InvalidRequest(
-                    f"FROM {ref}: not a built-in base (debian:bookworm, debian:bookworm-slim, python:3.11, scratch) "
-                    "and pulling from registries is not available in this build"
-                )
-            tarball = await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror)
-            st = tarball.stat()
-            return await self._from_tree(f"{base.key}:{st.st_size}:{st.st_mtime_ns}", tarball, log)
-
-    async def _from_tree(self, identity: str, tarball: Path | None, log: Log) -> Layer:
-        key = step_key("base", identity, self.settings.disk_gib)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        log(f"making the base disk for {identity.split(':')[0]}")
-        disk = self.cache.disk(key)
-        await asyncio.to_thread(rootfs.disk_from_tarball, tarball, disk, self.settings.disk_gib, self.settings.data_dir)
-        os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
-        config = ImageConfig(env=(("PATH", DEFAULT_PATH),))
-        if identity == "scratch":
-            config = ImageConfig()
-        return self.cache.put(key, config, "")

@@ -2,9 +2,10 @@
 
 A tree becomes an ext4 filesystem (``mkfs.ext4 -d``, owners, modes and times
 kept) in a qcow2 file. Built-in bases are Debian bookworm made by mmdebstrap
-and cached as tarballs; Docker Hub is not used (and not reachable here), so
+and cached as tarballs; these Docker Hub names never go to Docker Hub:
 ``debian:bookworm``, ``debian:bookworm-slim`` and ``python:3.11`` resolve to
-these. Debian bookworm ships Python 3.11 only.
+these (other Docker Hub names are pulled, see ember.build.bases). Debian
+bookworm ships Python 3.11 only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import HostSetupError, InvalidRequest
+from ember.errors import HostSetupError
 
 SLIM_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*")
 PYTHON_PACKAGES = ("python3", "python3-pip", "python-is-python3", "ca-certificates")
@@ -42,23 +43,29 @@ BUILTIN = {
     "ember:debian-python3": DebianBase("debian-bookworm-python3", ("python3",), slim=False),
 }
 PYTHON = DebianBase("python-3.11-bookworm", PYTHON_PACKAGES, slim=True, python=True)
-PYTHON_TAGS = ("", "latest", "3", "3.11", "3-slim", "3.11-slim", "3-bookworm", "3.11-bookworm")
+PYTHON_TAGS = (
+    "",
+    "latest",
+    "3",
+    "3.11",
+    "3-slim",
+    "3.11-slim",
+    "3-bookworm",
+    "3.11-bookworm",
+    "3-slim-bookworm",
+    "3.11-slim-bookworm",
+)
 
 
 def builtin_base(ref: str) -> DebianBase | None:
-    """The built-in base for a Docker Hub-style reference, None if it is not one."""
+    """The built-in base standing in for a Docker Hub reference, None if there is none."""
     ref = ref.removeprefix("docker.io/").removeprefix("library/")
     if ref in BUILTIN:
         return BUILTIN[ref]
     name, _, tag = ref.partition(":")
-    if name != "python":
-        return None
-    if tag in PYTHON_TAGS or tag in ("3.11-slim-bookworm", "3-slim-bookworm"):
+    if name == "python" and tag in PYTHON_TAGS:
         return PYTHON
-    raise InvalidRequest(
-        f"FROM {ref}: Ember's built-in python base is Debian bookworm's Python 3.11; "
-        "use python:3.11 or an image from a registry you run"
-    )
+    return None
 
 
 async def debian_tarball(base: DebianBase, cache_dir: Path, mirror: str) -> Path:

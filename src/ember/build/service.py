@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ember.agent import AgentConnection
 from ember.build import app as app_mod
-from ember.build.builder import BaseLayers, Builder, BuildOptions
+from ember.build.bases import BaseLayers
+from ember.build.builder import Builder, BuildOptions
 from ember.build.context import BuildContext
 from ember.build.dockerfile import Dockerfile, parse
 from ember.build.egress import build_egress

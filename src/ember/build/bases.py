@@ -1,0 +1,110 @@
+"""FROM references -> base layers: scratch, built-in Debian bases, registries, OCI layouts.
+
+Docker Hub names that match a built-in base (``debian:bookworm[-slim]``,
+``python:3.11``; see ember.build.rootfs) are made locally with mmdebstrap;
+every other reference is pulled (ember.build.oci) and its layers applied to a
+fresh tree (ember.build.unpack). Either way the tree becomes a qcow2 disk kept
+in the layer cache, keyed by the image manifest's digest (or the tarball), so a
+base is unpacked once and a moved tag is noticed on the next build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ember.build import oci, rootfs
+from ember.build.context import BuildContext
+from ember.build.dockerfile import DEFAULT_PATH, ImageConfig
+from ember.build.layers import Layer, LayerCache, step_key
+from ember.build.unpack import LayerError, Tree
+from ember.config import Settings
+from ember.errors import BuildFailed
+
+Log = Callable[[str], None]
+
+
+class BaseLayers:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = LayerCache(settings.data_dir / "layers")
+        self.blobs = oci.BlobStore(settings.cache_dir)
+        self.blobs.clean_partial()
+        self._lock = asyncio.Lock()
+
+    async def layer(self, ref: str, ctx: BuildContext, log: Log) -> Layer:
+        async with self._lock:
+            if ref == "scratch":
+                return await self._from_tarball("scratch", None, ImageConfig(), log)
+            if oci.is_local(ref):
+                return await self._local(ref, ctx, log)
+            base = rootfs.builtin_base(ref)
+            if base is not None:
+                tarball = await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror)
+                st = tarball.stat()
+                identity = f"{base.key}:{st.st_size}:{st.st_mtime_ns}"
+                return await self._from_tarball(identity, tarball, ImageConfig(env=(("PATH", DEFAULT_PATH),)), log)
+            reference = oci.parse_reference(ref)
+            async with oci.client() as http:
+                registry = oci.Registry(reference, http, self.blobs, self.settings.insecure_registries)
+                log(f"resolving {reference}")
+                image = await oci.resolve(registry, reference.reference, ref)
+                return await self._from_image(image, registry, ref, log)
+
+    async def _local(self, ref: str, ctx: BuildContext, log: Log) -> Layer:
+        scheme, rel, tag = oci.split_local(ref)
+        path = (ctx.root / rel.lstrip("/")).resolve()
+        if not path.is_relative_to(ctx.root) or not path.exists():
+            raise oci.fail(ref, f"{rel} is not in the build context")
+        with tempfile.TemporaryDirectory(dir=self.settings.data_dir, prefix=".layout-") as tmp:
+            if scheme == "oci-archive":
+                await asyncio.to_thread(oci.unpack_archive, path, Path(tmp), ref)
+                path = Path(tmp)
+            elif scheme != "oci-layout":
+                raise oci.fail(ref, "local images are oci-layout://DIR[:tag] or oci-archive://FILE[:tag]")
+            layout = oci.Layout(path, ref, self.blobs)
+            image = await oci.resolve(layout, layout.index_reference(tag), ref)
+            return await self._from_image(image, layout, ref, log)
+
+    async def _from_image(self, image: oci.ResolvedImage, source: oci.Source, ref: str, log: Log) -> Layer:
+        key = step_key("base", f"oci:{image.digest}", self.settings.disk_gib)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        blobs = []
+        for i, desc in enumerate(image.layers, 1):
+            log(f"pulling layer {i}/{len(image.layers)} {desc.digest[:19]} ({desc.size / 1e6:.1f} MB)")
+            blobs.append(await source.blob(desc))
+        log(f"unpacking {len(blobs)} layers of {image.digest[:19]}")
+        disk = self.cache.disk(key)
+        try:
+            await asyncio.to_thread(self._tree_to_disk, blobs, disk)
+        except LayerError as exc:
+            raise BuildFailed(str(exc), step=f"FROM {ref}") from None
+        os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
+        return self.cache.put(key, image.config, "")
+
+    def _tree_to_disk(self, blobs: list[Path], disk: Path) -> None:
+        root = Path(tempfile.mkdtemp(dir=self.settings.data_dir, prefix=".rootfs-"))
+        try:
+            with Tree(root, self.settings.disk_gib << 30) as tree:
+                for blob in blobs:
+                    tree.apply(blob)
+            rootfs.tree_to_qcow2(root, disk, self.settings.disk_gib)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    async def _from_tarball(self, identity: str, tarball: Path | None, config: ImageConfig, log: Log) -> Layer:
+        key = step_key("base", identity, self.settings.disk_gib)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        log(f"making the base disk for {identity.split(':')[0]}")
+        disk = self.cache.disk(key)
+        await asyncio.to_thread(rootfs.disk_from_tarball, tarball, disk, self.settings.disk_gib, self.settings.data_dir)
+        os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
+        return self.cache.put(key, config, "")

@@ -1,0 +1,435 @@
+"""Base images from OCI registries and OCI layouts: references, manifests, blobs.
+
+References are read Docker's way, ``[host[:port]/]path[:tag][@digest]``: a first
+component holding '.' or ':' (or ``localhost``) names the registry, anything else
+is Docker Hub (``library/`` before one-word names). Registries are spoken to
+through the distribution API v2 with httpx: an anonymous bearer token fetched
+from the ``WWW-Authenticate`` challenge when the registry asks for one, image
+indexes and Docker manifest lists narrowed to linux/amd64, every manifest and
+blob checked against its digest and size, blobs kept by digest under
+``<cache>/blobs/sha256``. Loopback registries and those in
+EMBER_INSECURE_REGISTRIES are spoken to over plain HTTP, the rest over HTTPS
+verified with the host's CA bundle.
+
+Local images come from the build context: ``FROM oci-layout://DIR[:tag]`` (an
+OCI image layout directory, as ``skopeo copy ... oci:DIR:tag`` writes it) and
+``FROM oci-archive://FILE[:tag]`` (the same as a tar, as ``docker save`` or
+``skopeo copy ... oci-archive:`` write it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import ssl
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from ember.build.dockerfile import DEFAULT_SHELL, Healthcheck, ImageConfig
+from ember.errors import BuildFailed
+
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+LAYER_TYPES = frozenset({
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar",
+})  # fmt: skip
+ACCEPT = ", ".join((*INDEX_TYPES, *MANIFEST_TYPES))
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_MANIFEST = 4 << 20
+MAX_CONFIG = 8 << 20
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+LOCAL_SCHEMES = ("oci-layout://", "oci-archive://")
+
+
+def fail(ref: str, message: str) -> BuildFailed:
+    return BuildFailed(message, step=f"FROM {ref}")
+
+
+# ---- references -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    registry: str  # host[:port]; "docker.io" for Docker Hub
+    repository: str
+    tag: str = "latest"
+    digest: str = ""
+
+    @property
+    def reference(self) -> str:
+        """What goes after /manifests/: the digest when pinned, else the tag."""
+        return self.digest or self.tag
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repository}" + (f"@{self.digest}" if self.digest else f":{self.tag}")
+
+
+REPO_PART = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+TAG = re.compile(r"[\w][\w.-]{0,127}")
+
+
+def parse_reference(ref: str) -> Reference:
+    name, _, digest = ref.partition("@")
+    if digest and not DIGEST.fullmatch(digest):
+        raise fail(ref, f"'{digest}' is not a sha256 digest (sha256: and 64 hex digits)")
+    tag = "latest"
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        name, tag = name[:colon], name[colon + 1 :]
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, rest
+    else:
+        registry, path = "docker.io", name
+        if "/" not in path:
+            path = f"library/{path}"
+    if not all(REPO_PART.fullmatch(p) for p in path.split("/")) or not TAG.fullmatch(tag):
+        raise fail(ref, "not an image reference like registry.example:5000/team/app:1.2 (lowercase repository path)")
+    return Reference(registry, path, tag, digest)
+
+
+def is_local(ref: str) -> bool:
+    return ref.startswith(LOCAL_SCHEMES)
+
+
+# ---- what an image is made of -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+    @classmethod
+    def from_json(cls, data: Any, ref: str) -> Descriptor:
+        try:
+            desc = cls(str(data.get("mediaType", "")), str(data["digest"]), int(data["size"]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise fail(ref, "a manifest holds a malformed descriptor") from None
+        if not DIGEST.fullmatch(desc.digest) or desc.size < 0:
+            raise fail(ref, f"unsupported or malformed digest '{desc.digest}' (Ember verifies sha256 only)")
+        return desc
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    digest: str  # of the linux/amd64 image manifest: what the base layer is cached by
+    config: ImageConfig
+    layers: tuple[Descriptor, ...]
+
+
+class Source(Protocol):
+    """Where manifests and blobs come from: a registry or a local layout."""
+
+    name: str
+
+    async def manifest(self, reference: str) -> tuple[bytes, str]: ...
+
+    async def blob(self, desc: Descriptor, limit: int | None = None) -> Path: ...
+
+
+def _json(data: bytes, ref: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise fail(ref, f"the {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise fail(ref, f"the {what} is not a JSON object")
+    return value
+
+
+def _pick_platform(index: dict[str, Any], ref: str) -> Descriptor:
+    seen = []
+    for entry in index.get("manifests") or []:
+        platform = entry.get("platform") or {}
+        os_arch = f"{platform.get('os')}/{platform.get('architecture')}"
+        if os_arch == "linux/amd64":
+            return Descriptor.from_json(entry, ref)
+        seen.append(os_arch)
+    raise fail(ref, f"no linux/amd64 image in this index (it has: {', '.join(seen) or 'nothing'})")
+
+
+async def resolve(source: Source, reference: str, ref: str) -> ResolvedImage:
+    """The linux/amd64 image ``reference`` names: manifest digest, config, layers."""
+    body, media_type = await source.manifest(reference)
+    data = _json(body, ref, "manifest")
+    media_type = str(data.get("mediaType") or media_type).split(";")[0].strip()
+    if media_type in INDEX_TYPES or (not media_type and "manifests" in data):
+        desc = _pick_platform(data, ref)
+        body, media_type = await source.manifest(desc.digest)
+        data = _json(body, ref, "manifest")
+        media_type = str(data.get("mediaType") or media_type).split(";")[0].strip()
+    if data.get("schemaVersion") == 1:
+        raise fail(ref, "Docker schema 1 manifests are not supported: push the image again with a current tool")
+    if media_type not in MANIFEST_TYPES and not (not media_type and "layers" in data):
+        raise fail(ref, f"'{media_type}' is not an image manifest")
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    config_desc = Descriptor.from_json(data.get("config"), ref)
+    layers = tuple(Descriptor.from_json(d, ref) for d in data.get("layers") or [])
+    for layer in layers:
+        if layer.media_type and layer.media_type not in LAYER_TYPES:
+            raise fail(ref, f"layer {layer.digest[:19]} has media type '{layer.media_type}', not a filesystem layer")
+    config_path = await source.blob(config_desc, MAX_CONFIG)
+    config = _json(config_path.read_bytes(), ref, "image config")
+    arch = f"{config.get('os', 'linux')}/{config.get('architecture', 'amd64')}"
+    if arch != "linux/amd64":
+        raise fail(ref, f"the image is for {arch}; Ember runs linux/amd64 images")
+    return ResolvedImage(digest, image_config(config.get("config") or {}), layers)
+
+
+def image_config(c: dict[str, Any]) -> ImageConfig:
+    """Docker/OCI image config -> what Ember runs (Env, Entrypoint, Cmd, WorkingDir, User, ...)."""
+    env = [str(e).partition("=") for e in c.get("Env") or []]
+    hc = c.get("Healthcheck") or None
+    healthcheck = None
+    if isinstance(hc, dict) and hc.get("Test"):
+        test = [str(t) for t in hc["Test"]]
+        shell = tuple(c.get("Shell") or DEFAULT_SHELL)
+        argv = () if test[0] == "NONE" else tuple(test[1:]) if test[0] == "CMD" else (*shell, *test[1:2])
+        defaults = Healthcheck(())
+
+        def seconds(key: str, default: float) -> float:
+            return float(hc.get(key) or 0) / 1e9 or default
+
+        healthcheck = Healthcheck(
+            argv, seconds("Interval", defaults.interval_s), seconds("Timeout", defaults.timeout_s),
+            seconds("StartPeriod", defaults.start_period_s), int(hc.get("Retries") or defaults.retries),
+        )  # fmt: skip
+    return ImageConfig(
+        env=tuple((k, v) for k, _, v in env), workdir=str(c.get("WorkingDir") or "/"), user=str(c.get("User") or ""),
+        entrypoint=tuple(str(a) for a in c.get("Entrypoint") or ()), cmd=tuple(str(a) for a in c.get("Cmd") or ()),
+        shell=tuple(c.get("Shell") or DEFAULT_SHELL),
+        exposed=tuple(p if "/" in p else f"{p}/tcp" for p in (c.get("ExposedPorts") or {})),
+        labels=tuple((str(k), str(v)) for k, v in (c.get("Labels") or {}).items()),
+        healthcheck=healthcheck, stopsignal=str(c.get("StopSignal") or ""),
+    )  # fmt: skip
+
+
+# ---- blobs ------------------------------------------------------------------
+
+
+class BlobStore:
+    """Verified blobs by digest; a file is only ever renamed into place whole and checked."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "blobs" / "sha256"
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest.removeprefix("sha256:")
+
+    async def put(self, desc: Descriptor, chunks: AsyncIterator[bytes], ref: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".partial-")
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > desc.size:
+                        raise fail(ref, f"blob {desc.digest[:19]} is larger than its manifest says ({desc.size} bytes)")
+                    sha.update(chunk)
+                    out.write(chunk)
+            if size != desc.size or "sha256:" + sha.hexdigest() != desc.digest:
+                raise fail(ref, f"blob {desc.digest[:19]} does not match its digest or size: refusing it")
+            os.replace(tmp, self.path(desc.digest))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return self.path(desc.digest)
+
+    def clean_partial(self) -> None:
+        for tmp in self.root.glob(".partial-*") if self.root.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+
+
+# ---- registries -------------------------------------------------------------
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
+
+
+class Registry:
+    """One repository on a registry, through the distribution API v2."""
+
+    def __init__(self, ref: Reference, client: httpx.AsyncClient, blobs: BlobStore, insecure: tuple[str, ...]) -> None:
+        self.ref = ref
+        self.name = str(ref)
+        self.client = client
+        self.blobs = blobs
+        host = "registry-1.docker.io" if ref.registry == "docker.io" else ref.registry
+        hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1 : host.index("]")]
+        plain = hostname in ("localhost", "::1") or hostname.startswith("127.") or ref.registry in insecure
+        self.base = f"{'http' if plain else 'https'}://{host}/v2/{ref.repository}"
+        self.token = ""
+
+    def _headers(self, accept: str = "") -> dict[str, str]:
+        headers = {"Accept": accept} if accept else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    async def _login(self, response: httpx.Response) -> None:
+        scheme, params = _challenge(response.headers.get("www-authenticate", ""))
+        if scheme != "bearer" or "realm" not in params:
+            raise fail(self.name, f"the registry wants {scheme or 'unknown'} credentials; Ember pulls anonymously")
+        query = {
+            "service": params.get("service", ""),
+            "scope": params.get("scope", f"repository:{self.ref.repository}:pull"),
+        }
+        try:
+            got = await self.client.get(params["realm"], params={k: v for k, v in query.items() if v})
+        except httpx.HTTPError as exc:
+            raise fail(self.name, f"the registry's token service {params['realm']} failed: {exc}") from None
+        try:
+            answer = got.json() if got.is_success else {}
+        except ValueError:
+            answer = {}
+        token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
+        if not token:
+            raise fail(self.name, f"the registry's token service refused an anonymous pull (HTTP {got.status_code})")
+        self.token = str(token)
+
+    async def _get(self, url: str, accept: str, limit: int) -> httpx.Response:
+        for attempt in (1, 2):
+            try:
+                async with self.client.stream("GET", url, headers=self._headers(accept)) as resp:
+                    if resp.status_code == 401 and attempt == 1:
+                        await self._login(resp)
+                        continue
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            raise fail(self.name, f"{url} answered more than {limit} bytes")
+                    return httpx.Response(resp.status_code, headers=resp.headers, content=bytes(body))
+            except httpx.HTTPError as exc:
+                raise fail(self.name, f"cannot reach the registry at {self.base}: {exc}") from None
+        raise fail(self.name, "the registry refused the token it issued (HTTP 401)")
+
+    def _check(self, resp: httpx.Response, what: str) -> None:
+        if resp.status_code == 404:
+            raise fail(self.name, f"{what} not found in the registry: check the name and tag (ember pushes nothing)")
+        if resp.status_code in (401, 403):
+            raise fail(self.name, f"the registry denies access to {what} (HTTP {resp.status_code})")
+        if not resp.is_success:
+            raise fail(self.name, f"the registry answered HTTP {resp.status_code} for {what}")
+
+    async def manifest(self, reference: str) -> tuple[bytes, str]:
+        resp = await self._get(f"{self.base}/manifests/{reference}", ACCEPT, MAX_MANIFEST)
+        self._check(resp, f"manifest {reference}")
+        if DIGEST.fullmatch(reference) and "sha256:" + hashlib.sha256(resp.content).hexdigest() != reference:
+            raise fail(self.name, f"the manifest the registry sent does not match {reference}: refusing it")
+        return resp.content, resp.headers.get("content-type", "")
+
+    async def blob(self, desc: Descriptor, limit: int | None = None) -> Path:
+        path = self.blobs.path(desc.digest)
+        if path.exists():
+            return path
+        if limit is not None and desc.size > limit:
+            raise fail(self.name, f"blob {desc.digest[:19]} is {desc.size} bytes, over the {limit} allowed")
+        try:
+            async with self.client.stream("GET", f"{self.base}/blobs/{desc.digest}", headers=self._headers()) as resp:
+                self._check(resp, f"blob {desc.digest[:19]}")
+                return await self.blobs.put(desc, resp.aiter_bytes(), self.name)
+        except httpx.HTTPError as exc:
+            raise fail(self.name, f"downloading blob {desc.digest[:19]} failed: {exc}") from None
+
+
+def client() -> httpx.AsyncClient:
+    """The HTTP client for registries: host CA bundle (TLS-inspecting proxies), redirects (blob CDNs)."""
+    verify = ssl.create_default_context(cafile=str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.exists() else None)
+    return httpx.AsyncClient(verify=verify, follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0))
+
+
+# ---- OCI layouts in the build context ---------------------------------------
+
+
+class Layout:
+    """An OCI image layout directory; its blobs are verified into the blob store."""
+
+    def __init__(self, root: Path, name: str, blobs: BlobStore) -> None:
+        self.root = root
+        self.name = name
+        self.blobs = blobs
+        if not (root / "index.json").is_file():
+            raise fail(name, f"{root.name} is not an OCI image layout (no index.json)")
+
+    def index_reference(self, tag: str) -> str:
+        """The digest of the manifest (or index) tagged ``tag``, or the only one when untagged."""
+        index = _json((self.root / "index.json").read_bytes(), self.name, "index.json")
+        entries = index.get("manifests") or []
+        named = {str((e.get("annotations") or {}).get("org.opencontainers.image.ref.name", "")): e for e in entries}
+        if tag:
+            entry = named.get(tag)
+            if entry is None:
+                raise fail(self.name, f"no image tagged '{tag}' in the layout (tags: {', '.join(filter(None, named))})")
+        elif len(entries) == 1:
+            entry = entries[0]
+        else:
+            raise fail(self.name, f"the layout holds {len(entries)} images: name one with :tag")
+        return Descriptor.from_json(entry, self.name).digest
+
+    async def manifest(self, reference: str) -> tuple[bytes, str]:
+        path = self.root / "blobs" / "sha256" / reference.removeprefix("sha256:")
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST:
+            raise fail(self.name, f"manifest {reference[:19]} is missing from the layout")
+        body = path.read_bytes()
+        if "sha256:" + hashlib.sha256(body).hexdigest() != reference:
+            raise fail(self.name, f"manifest {reference[:19]} does not match its digest")
+        return body, ""
+
+    async def blob(self, desc: Descriptor, limit: int | None = None) -> Path:
+        cached = self.blobs.path(desc.digest)
+        if cached.exists():
+            return cached
+        path = self.root / "blobs" / "sha256" / desc.digest.removeprefix("sha256:")
+        if not path.is_file():
+            raise fail(self.name, f"blob {desc.digest[:19]} is missing from the layout")
+        if limit is not None and desc.size > limit:
+            raise fail(self.name, f"blob {desc.digest[:19]} is {desc.size} bytes, over the {limit} allowed")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return await self.blobs.put(desc, chunks(), self.name)
+
+
+def split_local(ref: str) -> tuple[str, str, str]:
+    """``oci-layout://dir:tag`` -> (scheme, path, tag)."""
+    scheme, _, rest = ref.partition("://")
+    path, _, tag = rest.rpartition(":") if ":" in rest.rsplit("/", 1)[-1] else (rest, "", "")
+    return scheme, path, tag
+
+
+def unpack_archive(archive: Path, into: Path, ref: str) -> None:
+    """An OCI archive (tar of a layout) -> a layout directory; names checked by tarfile's data filter."""
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
+    except (OSError, tarfile.TarError) as exc:
+        raise fail(ref, f"{archive.name} is not a readable OCI archive: {exc}") from None
