@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -31,9 +31,10 @@ from ember.build import rootfs
 from ember.config import Settings
 from ember.errors import EmberError, HostSetupError, ImageNotFound, SnapshotError
 from ember.guest.artifacts import GuestArtifacts
-from ember.models import FileDigest, ImageRecord, VmRecord
+from ember.models import FileDigest, ImageRecord, VmRecord, utcnow
 from ember.runtime import Host
 from ember.snapshot import (
+    MANIFEST,
     SnapshotManifest,
     StreamTap,
     hash_file,
@@ -254,6 +255,26 @@ class ImageStore:
                 progress("booting the image to start the app (cold boot)")
                 token = secrets.token_hex(16)
                 image = await self._capture(name, tmp, self.machine(token), token, None, parent, progress, prepare)
+            self.store.put_image(image)
+            return image
+
+    async def copy(self, name: str, source: ImageRecord) -> ImageRecord:
+        """A new image holding ``source``'s snapshot: its files copied (holes kept), its own group id."""
+        async with self._build_lock:
+            with staging(self.settings.images_dir / name) as tmp:
+                gid = self.store.next_gid(self.settings.image_gids)
+                files = [self.dir(source) / f for f in ("ram", "disk.qcow2", "state", MANIFEST)]
+                proc = await asyncio.create_subprocess_exec(
+                    "cp", "--sparse=always", "--preserve=mode", *map(str, files), str(tmp),
+                    stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                _, err = await proc.communicate()
+                if proc.returncode != 0:
+                    raise EmberError(f"copying the snapshot of {source.name} failed: {err.decode(errors='replace')}")
+                for path in (tmp, *tmp.iterdir()):
+                    os.chown(path, 0, gid)
+                os.chmod(tmp, 0o750)
+            image = replace(source, name=name, gid=gid, created_at=utcnow())
             self.store.put_image(image)
             return image
 

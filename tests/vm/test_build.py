@@ -90,6 +90,14 @@ def test_python_app_is_running_in_launched_vms(client: Client, tmp_path: Path) -
     again, logs = build(client, ctx, "webapp", build_arg=["GREETING=hi"])
     assert again["state"] == "CREATED" and again["name"] == "webapp:3"
     assert all(s["cached"] for s in again["build"]["steps"]), logs
+    assert again["build"]["snapshot_of"] == "webapp:2", logs  # nothing changed: no new cold boot
+    client.send(call_simple("DELETE", "/v1/images/webapp:2"))  # the copy stands on its own
+    vm_id = client.run("webapp:3")["id"]
+    try:
+        same = json.loads(client.exec(vm_id, ["python3", "-c", GET]).stdout)
+        assert same["pid"] == pid and same["gets"] == 1
+    finally:
+        remove_quietly(client, vm_id)
     (ctx / "app.py").write_text(APP + "\n# changed\n")
     changed, logs = build(client, ctx, "webapp", build_arg=["GREETING=hi"])
     steps = {s["text"].split()[0] + str(s["line"]): s["cached"] for s in changed["build"]["steps"]}

@@ -24,9 +24,10 @@ from ember.build.builder import Builder, BuildOptions
 from ember.build.context import BuildContext
 from ember.build.dockerfile import Dockerfile, parse
 from ember.build.egress import build_egress
+from ember.build.layers import step_key
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken
 from ember.images import ImageStore
-from ember.models import BuildRecord, BuildState, utcnow
+from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
 from ember.store import Store
 from ember.vmm.machine import MachineConfig
 
@@ -117,6 +118,18 @@ class BuildService:
                 say(f"CREATED {name} in {record.seconds:.1f} s")
                 return record
 
+    def _reusable(self, repo: str, key: str) -> ImageRecord | None:
+        """The newest version of ``repo`` built from ``key`` whose snapshot fits this daemon's machine."""
+        for build in reversed(self.store.list_builds()):
+            if build.repo != repo or build.state is not BuildState.CREATED:
+                continue
+            if json.loads(build.steps or "{}").get("cache_key") != key:
+                continue
+            image = self.store.get_image(build.name)
+            if image is not None and self.images.machine(image.token) == image.machine:
+                return image
+        return None
+
     async def _run(
         self,
         record: BuildRecord,
@@ -152,9 +165,18 @@ class BuildService:
             if metrics:
                 timings.update({k: v / 1000 if k.endswith("_ms") else v for k, v in metrics.items()})
 
-        image = await self.images.from_disk(record.name, built.layer.disk, "", progress, prepare)
+        # the same disk, config and readiness as an earlier version: its snapshot is this build's result
+        key = step_key(built.layer.key, config.to_json(), repr(readiness))
+        previous = None if req.options.no_cache else self._reusable(record.repo, key)
+        if previous is not None:
+            say(f"nothing changed since {previous.name}: reusing its snapshot (the app as it started then)")
+            image = await self.images.copy(record.name, previous)
+        else:
+            image = await self.images.from_disk(record.name, built.layer.disk, "", progress, prepare)
+        details = {"steps": steps, "readiness": readiness.kind.value, "cache_key": key, **timings}
+        if previous is not None:
+            details["snapshot_of"] = previous.name
         return dataclasses.replace(
-            record, state=BuildState.CREATED, config=json.dumps(config.to_json()),
-            steps=json.dumps({"steps": steps, "readiness": readiness.kind.value, **timings}),
+            record, state=BuildState.CREATED, config=json.dumps(config.to_json()), steps=json.dumps(details),
             finished_at=utcnow(), disk_bytes=image.disk_bytes, memory_bytes=image.memory_bytes,
         )  # fmt: skip
