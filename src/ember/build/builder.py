@@ -43,7 +43,8 @@ from ember.runtime import Host, create_overlay
 from ember.vmm.machine import MachineConfig
 
 FS_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
-CA_PATH = "/run/ember-ca/ca.crt"
+# In the build VM's devtmpfs (mounted over the image's /dev): RUN steps see it, no layer keeps it.
+CA_PATH = "/dev/ember-ca.crt"
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -280,10 +281,7 @@ class StageBuild:
         async def chunks() -> AsyncIterator[bytes]:
             yield bundle
 
-        await vm.agent.write_file("/ember/ca.crt", chunks(), 0o644)
-        folder = posixpath.dirname(CA_PATH)
-        await vm.tool_ok(["sh", "-c", f"mkdir -p {ROOT}{folder} && mount -t tmpfs -o size=8m,mode=755 ember-ca "
-                          f"{ROOT}{folder} && cp /ember/ca.crt {ROOT}{CA_PATH}"])  # fmt: skip
+        await vm.agent.write_file(f"{ROOT}{CA_PATH}", chunks(), 0o644)
 
     async def _mkdir(self, vm: BuildVm, path: str) -> None:
         await vm.tool_ok(["mkdir", "-p", path], root=ROOT)
