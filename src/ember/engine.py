@@ -238,7 +238,8 @@ class Engine:
 
     async def _prewarm(self, vm_id: str, uid: int, image: ImageRecord) -> tuple[QemuVmm, AgentConnection]:
         """A pool entry: a clone already restored and run once (TCG has translated the
-        agent's paths), then paused before it gets an identity of its own."""
+        agent's paths, and fork/exec's through one ``true``), then paused before it gets
+        an identity of its own. The app is not touched: its state stays as captured."""
         vmm, agent = await self._start_clone(vm_id, uid, image)
         try:
             snap = await self.images.verified_snapshot(image)
@@ -246,6 +247,9 @@ class Engine:
             await vmm.resume()
             await agent.authenticate(image.token, self.settings.agent_timeout_s)
             await agent.restore_identity("ember", image.token, os.urandom(64), time.time_ns())
+            with contextlib.suppress(GuestError):  # no `true` (FROM scratch): the failed exec warmed most of it
+                async for _ in agent.exec(ExecRequest(("true",), timeout_s=10)):
+                    pass
             await vmm.pause()
             return vmm, agent
         except BaseException:

@@ -2,8 +2,9 @@
 
 For each image that has been launched, the pool keeps ``EMBER_POOL_SIZE``
 jailed clones: id, uid, cgroup and disk overlay in place, the image's
-snapshot restored, run for one agent round trip (under TCG the first one
-after a restore pays for translating the guest's code) and paused. A launch
+snapshot restored, run for one agent round trip and one ``exec true`` (under
+TCG the first pass over guest code after a restore pays for translating it:
+~50 ms for the agent, ~190 ms for fork/exec) and paused. A launch
 takes one, lets it run and gives it its identity (fresh RNG seed, clock,
 hostname, token); a background task refills the pool. Entries are not VMs yet:
 they are not in the database, so a restarted daemon reaps them like any

@@ -162,8 +162,9 @@ class BuildService:
 
         def progress(message: str, metrics: dict[str, float] | None = None) -> None:
             say(message)
-            if metrics:
-                timings.update({k: v / 1000 if k.endswith("_ms") else v for k, v in metrics.items()})
+            for key, value in (metrics or {}).items():
+                if key.endswith("_ms"):
+                    timings[key.removesuffix("_ms") + "_s"] = value / 1000
 
         # the same disk, config and readiness as an earlier version: its snapshot is this build's result
         key = step_key(built.layer.key, config.to_json(), repr(readiness))
