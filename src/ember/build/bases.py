@@ -50,9 +50,9 @@ class BaseLayers:
                 return await self._from_tarball(identity, tarball, ImageConfig(env=(("PATH", DEFAULT_PATH),)), log)
             reference = oci.parse_reference(ref)
             async with oci.client() as http:
-                registry = oci.Registry(reference, http, self.blobs, self.settings.insecure_registries)
+                registry = oci.Registry(reference, http, self.settings.insecure_registries)
                 log(f"resolving {reference}")
-                image = await oci.resolve(registry, reference.reference, ref)
+                image = await oci.resolve(registry, self.blobs, reference.reference, ref)
                 return await self._from_image(image, registry, ref, log)
 
     async def _local(self, ref: str, ctx: BuildContext, log: Log) -> Layer:
@@ -66,8 +66,8 @@ class BaseLayers:
                 path = Path(tmp)
             elif scheme != "oci-layout":
                 raise oci.fail(ref, "local images are oci-layout://DIR[:tag] or oci-archive://FILE[:tag]")
-            layout = oci.Layout(path, ref, self.blobs)
-            image = await oci.resolve(layout, layout.index_reference(tag), ref)
+            layout = oci.Layout(path, ref)
+            image = await oci.resolve(layout, self.blobs, layout.index_reference(tag), ref)
             return await self._from_image(image, layout, ref, log)
 
     async def _from_image(self, image: oci.ResolvedImage, source: oci.Source, ref: str, log: Log) -> Layer:
@@ -78,7 +78,7 @@ class BaseLayers:
         blobs = []
         for i, desc in enumerate(image.layers, 1):
             log(f"pulling layer {i}/{len(image.layers)} {desc.digest[:19]} ({desc.size / 1e6:.1f} MB)")
-            blobs.append(await source.blob(desc))
+            blobs.append(await self.blobs.fetch(source, desc))
         log(f"unpacking {len(blobs)} layers of {image.digest[:19]}")
         disk = self.cache.disk(key)
         try:

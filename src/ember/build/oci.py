@@ -19,6 +19,7 @@ OCI image layout directory, as ``skopeo copy ... oci:DIR:tag`` writes it) and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import re
 import ssl
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -139,13 +140,20 @@ class ResolvedImage:
 
 
 class Source(Protocol):
-    """Where manifests and blobs come from: a registry or a local layout."""
+    """Where manifests and blobs come from: a registry or a local layout.
+
+    Sources only transfer bytes; checking them against their digests and
+    caching blobs is done once, here and in :class:`BlobStore`."""
 
     name: str
 
     async def manifest(self, reference: str) -> tuple[bytes, str]: ...
 
-    async def blob(self, desc: Descriptor, limit: int | None = None) -> Path: ...
+    def chunks(self, desc: Descriptor) -> AsyncGenerator[bytes, None]: ...
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _json(data: bytes, ref: str, what: str) -> dict[str, Any]:
@@ -169,27 +177,31 @@ def _pick_platform(index: dict[str, Any], ref: str) -> Descriptor:
     raise fail(ref, f"no linux/amd64 image in this index (it has: {', '.join(seen) or 'nothing'})")
 
 
-async def resolve(source: Source, reference: str, ref: str) -> ResolvedImage:
-    """The linux/amd64 image ``reference`` names: manifest digest, config, layers."""
+async def _manifest(source: Source, reference: str, ref: str) -> tuple[bytes, dict[str, Any], str]:
+    """(bytes, parsed, media type) of a manifest; one named by digest must match it."""
     body, media_type = await source.manifest(reference)
+    if DIGEST.fullmatch(reference) and sha256_digest(body) != reference:
+        raise fail(ref, f"the manifest {source.name} sent does not match {reference[:19]}: refusing it")
     data = _json(body, ref, "manifest")
-    media_type = str(data.get("mediaType") or media_type).split(";")[0].strip()
+    return body, data, str(data.get("mediaType") or media_type).split(";")[0].strip()
+
+
+async def resolve(source: Source, blobs: BlobStore, reference: str, ref: str) -> ResolvedImage:
+    """The linux/amd64 image ``reference`` names: manifest digest, config, layers."""
+    body, data, media_type = await _manifest(source, reference, ref)
     if media_type in INDEX_TYPES or (not media_type and "manifests" in data):
-        desc = _pick_platform(data, ref)
-        body, media_type = await source.manifest(desc.digest)
-        data = _json(body, ref, "manifest")
-        media_type = str(data.get("mediaType") or media_type).split(";")[0].strip()
+        body, data, media_type = await _manifest(source, _pick_platform(data, ref).digest, ref)
     if data.get("schemaVersion") == 1:
         raise fail(ref, "Docker schema 1 manifests are not supported: push the image again with a current tool")
     if media_type not in MANIFEST_TYPES and not (not media_type and "layers" in data):
         raise fail(ref, f"'{media_type}' is not an image manifest")
-    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    digest = sha256_digest(body)
     config_desc = Descriptor.from_json(data.get("config"), ref)
     layers = tuple(Descriptor.from_json(d, ref) for d in data.get("layers") or [])
     for layer in layers:
         if layer.media_type and layer.media_type not in LAYER_TYPES:
             raise fail(ref, f"layer {layer.digest[:19]} has media type '{layer.media_type}', not a filesystem layer")
-    config_path = await source.blob(config_desc, MAX_CONFIG)
+    config_path = await blobs.fetch(source, config_desc, MAX_CONFIG)
     config = _json(config_path.read_bytes(), ref, "image config")
     arch = f"{config.get('os', 'linux')}/{config.get('architecture', 'amd64')}"
     if arch != "linux/amd64":
@@ -237,20 +249,31 @@ class BlobStore:
     def path(self, digest: str) -> Path:
         return self.root / digest.removeprefix("sha256:")
 
-    async def put(self, desc: Descriptor, chunks: AsyncIterator[bytes], ref: str) -> Path:
+    async def fetch(self, source: Source, desc: Descriptor, limit: int | None = None) -> Path:
+        """The blob's file: from the cache, else from ``source``, checked on the way in."""
+        path = self.path(desc.digest)
+        if path.exists():
+            return path
+        if limit is not None and desc.size > limit:
+            raise fail(source.name, f"blob {desc.digest[:19]} is {desc.size} bytes, over the {limit} allowed")
+        return await self._put(desc, source.chunks(desc), source.name)
+
+    async def _put(self, desc: Descriptor, chunks: AsyncGenerator[bytes, None], ref: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".partial-")
         sha = hashlib.sha256()
         size = 0
         try:
-            with os.fdopen(fd, "wb") as out:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > desc.size:
-                        raise fail(ref, f"blob {desc.digest[:19]} is larger than its manifest says ({desc.size} bytes)")
-                    sha.update(chunk)
-                    out.write(chunk)
-            if size != desc.size or "sha256:" + sha.hexdigest() != desc.digest:
+            async with contextlib.aclosing(chunks):
+                with os.fdopen(fd, "wb") as out:
+                    async for chunk in chunks:
+                        size += len(chunk)
+                        if size > desc.size:
+                            too_big = f"blob {desc.digest[:19]} is larger than its manifest says ({desc.size} bytes)"
+                            raise fail(ref, too_big)
+                        sha.update(chunk)
+                        out.write(chunk)
+            if size != desc.size or f"sha256:{sha.hexdigest()}" != desc.digest:
                 raise fail(ref, f"blob {desc.digest[:19]} does not match its digest or size: refusing it")
             os.replace(tmp, self.path(desc.digest))
         finally:
@@ -274,11 +297,10 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
 class Registry:
     """One repository on a registry, through the distribution API v2."""
 
-    def __init__(self, ref: Reference, client: httpx.AsyncClient, blobs: BlobStore, insecure: tuple[str, ...]) -> None:
+    def __init__(self, ref: Reference, client: httpx.AsyncClient, insecure: tuple[str, ...]) -> None:
         self.ref = ref
         self.name = str(ref)
         self.client = client
-        self.blobs = blobs
         host = "registry-1.docker.io" if ref.registry == "docker.io" else ref.registry
         hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1 : host.index("]")]
         plain = hostname in ("localhost", "::1") or hostname.startswith("127.") or ref.registry in insecure
@@ -340,20 +362,14 @@ class Registry:
     async def manifest(self, reference: str) -> tuple[bytes, str]:
         resp = await self._get(f"{self.base}/manifests/{reference}", ACCEPT, MAX_MANIFEST)
         self._check(resp, f"manifest {reference}")
-        if DIGEST.fullmatch(reference) and "sha256:" + hashlib.sha256(resp.content).hexdigest() != reference:
-            raise fail(self.name, f"the manifest the registry sent does not match {reference}: refusing it")
         return resp.content, resp.headers.get("content-type", "")
 
-    async def blob(self, desc: Descriptor, limit: int | None = None) -> Path:
-        path = self.blobs.path(desc.digest)
-        if path.exists():
-            return path
-        if limit is not None and desc.size > limit:
-            raise fail(self.name, f"blob {desc.digest[:19]} is {desc.size} bytes, over the {limit} allowed")
+    async def chunks(self, desc: Descriptor) -> AsyncGenerator[bytes, None]:
         try:
             async with self.client.stream("GET", f"{self.base}/blobs/{desc.digest}", headers=self._headers()) as resp:
                 self._check(resp, f"blob {desc.digest[:19]}")
-                return await self.blobs.put(desc, resp.aiter_bytes(), self.name)
+                async for chunk in resp.aiter_bytes():
+                    yield chunk
         except httpx.HTTPError as exc:
             raise fail(self.name, f"downloading blob {desc.digest[:19]} failed: {exc}") from None
 
@@ -368,12 +384,11 @@ def client() -> httpx.AsyncClient:
 
 
 class Layout:
-    """An OCI image layout directory; its blobs are verified into the blob store."""
+    """An OCI image layout directory."""
 
-    def __init__(self, root: Path, name: str, blobs: BlobStore) -> None:
+    def __init__(self, root: Path, name: str) -> None:
         self.root = root
         self.name = name
-        self.blobs = blobs
         if not (root / "index.json").is_file():
             raise fail(name, f"{root.name} is not an OCI image layout (no index.json)")
 
@@ -392,31 +407,22 @@ class Layout:
             raise fail(self.name, f"the layout holds {len(entries)} images: name one with :tag")
         return Descriptor.from_json(entry, self.name).digest
 
-    async def manifest(self, reference: str) -> tuple[bytes, str]:
-        path = self.root / "blobs" / "sha256" / reference.removeprefix("sha256:")
-        if not path.is_file() or path.stat().st_size > MAX_MANIFEST:
-            raise fail(self.name, f"manifest {reference[:19]} is missing from the layout")
-        body = path.read_bytes()
-        if "sha256:" + hashlib.sha256(body).hexdigest() != reference:
-            raise fail(self.name, f"manifest {reference[:19]} does not match its digest")
-        return body, ""
-
-    async def blob(self, desc: Descriptor, limit: int | None = None) -> Path:
-        cached = self.blobs.path(desc.digest)
-        if cached.exists():
-            return cached
-        path = self.root / "blobs" / "sha256" / desc.digest.removeprefix("sha256:")
+    def _blob_path(self, digest: str, what: str) -> Path:
+        path = self.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
         if not path.is_file():
-            raise fail(self.name, f"blob {desc.digest[:19]} is missing from the layout")
-        if limit is not None and desc.size > limit:
-            raise fail(self.name, f"blob {desc.digest[:19]} is {desc.size} bytes, over the {limit} allowed")
+            raise fail(self.name, f"{what} {digest[:19]} is missing from the layout")
+        return path
 
-        async def chunks() -> AsyncIterator[bytes]:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    yield chunk
+    async def manifest(self, reference: str) -> tuple[bytes, str]:
+        path = self._blob_path(reference, "manifest")
+        if path.stat().st_size > MAX_MANIFEST:
+            raise fail(self.name, f"manifest {reference[:19]} is larger than {MAX_MANIFEST} bytes")
+        return path.read_bytes(), ""
 
-        return await self.blobs.put(desc, chunks(), self.name)
+    async def chunks(self, desc: Descriptor) -> AsyncGenerator[bytes, None]:
+        with open(self._blob_path(desc.digest, "blob"), "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
 
 
 def split_local(ref: str) -> tuple[str, str, str]:
