@@ -78,6 +78,13 @@ def qemu_version(binary: str) -> str:
     return out.splitlines()[0].strip()
 
 
+async def _run_tool(argv: list[str], what: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise EmberError(f"{what} failed: {err.decode(errors='replace')}")
+
+
 class ImageStore:
     def __init__(self, settings: Settings, store: Store, host: Host, guest: GuestArtifacts, accel: AccelChoice) -> None:
         self.settings = settings
@@ -264,13 +271,8 @@ class ImageStore:
             with staging(self.settings.images_dir / name) as tmp:
                 gid = self.store.next_gid(self.settings.image_gids)
                 files = [self.dir(source) / f for f in ("ram", "disk.qcow2", "state", MANIFEST)]
-                proc = await asyncio.create_subprocess_exec(
-                    "cp", "--sparse=always", "--preserve=mode", *map(str, files), str(tmp),
-                    stderr=asyncio.subprocess.PIPE,
-                )  # fmt: skip
-                _, err = await proc.communicate()
-                if proc.returncode != 0:
-                    raise EmberError(f"copying the snapshot of {source.name} failed: {err.decode(errors='replace')}")
+                await _run_tool(["cp", "--sparse=always", "--preserve=mode", *map(str, files), str(tmp)],
+                                f"copying the snapshot of {source.name}")  # fmt: skip
                 for path in (tmp, *tmp.iterdir()):
                     os.chown(path, 0, gid)
                 os.chmod(tmp, 0o750)
@@ -284,13 +286,8 @@ class ImageStore:
         """Turn a full migration stream of a running VM plus a copy of its disk into an image."""
         async with self._build_lock:
             with staging(self.settings.images_dir / name) as tmp:
-                proc = await asyncio.create_subprocess_exec(
-                    "qemu-img", "convert", "-O", "qcow2", str(disk_copy), str(tmp / "disk.qcow2"),
-                    stderr=asyncio.subprocess.PIPE,
-                )  # fmt: skip
-                _, err = await proc.communicate()
-                if proc.returncode != 0:
-                    raise EmberError(f"flattening the VM disk failed: {err.decode(errors='replace')}")
+                await _run_tool(["qemu-img", "convert", "-O", "qcow2", str(disk_copy), str(tmp / "disk.qcow2")],
+                                "flattening the VM disk")  # fmt: skip
                 image = await self._capture(name, tmp, source.machine, source.token, (stream, digest), source.image)
             self.store.put_image(image)
             return image
