@@ -22,23 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ember.client import Client, call_build, call_simple, context_tar
-from ember.config import Settings
+from ember.client import Client, call_simple
 from ember.host.binaries import compile_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import DaemonProcess  # the same real-daemon harness as the tests
+from bench.common import log, machine, own_daemon, pct
+from tests.conftest import build as build_through_api
 
 APP = """\
 import http.server, json, os, platform
@@ -88,22 +85,13 @@ int main(void) {
 """
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def p50(values: list[float]) -> float:
     return round(statistics.median(values), 2)
 
 
 def build(c: Client, ctx: Path, name: str) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
-    record: dict[str, Any] = {}
-    for event in c.stream_events(call_build(name, context_tar(ctx))):
-        if "log" in event:
-            log(f"  {event['log']}")
-        elif "build" in event:
-            record = event["build"]
+    record, _ = build_through_api(c, ctx, name, on_log=lambda line: log(f"  {line}"))
     seconds = time.perf_counter() - start
     if record.get("state") != "CREATED":
         raise SystemExit(f"build of {name} failed: {record.get('error')}")
@@ -129,20 +117,15 @@ def main() -> int:
     parser.add_argument("--launches", type=int, default=10)
     args = parser.parse_args()
 
-    data = Path(tempfile.mkdtemp(prefix="ember-bench-build-"))
-    cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
-    settings = Settings.from_env({
-        "EMBER_DATA_DIR": str(data), "EMBER_SOCKET": str(data / "ember.sock"), "EMBER_CACHE_DIR": cache,
-        "EMBER_UID_BASE": "770000", "EMBER_UID_COUNT": "4096",  # a developer's daemon may be running
-    })  # fmt: skip
+    settings, daemon = own_daemon("ember-bench-build-", 770000)
+    data = settings.data_dir
     ctx = data / "ctx"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(DOCKERFILE)
     (ctx / "app.py").write_text(APP)
     compile_static(HGET_C.encode(), ctx / "hget")
     result: dict[str, Any] = {"base": "python:3.11 (built-in)"}
-    result["base_tarball_cached"] = (Path(cache) / "python-3.11-bookworm.tar").exists()
-    daemon = DaemonProcess(settings, data.parent / f"{data.name}-daemon.log")
+    result["base_tarball_cached"] = (settings.cache_dir / "python-3.11-bookworm.tar").exists()
     try:
         daemon.start()
         with Client(settings=settings) as c:
@@ -206,8 +189,7 @@ def main() -> int:
             client_ms = statistics.median(client_calls)
             launch_p50 = statistics.median(launches)
             cold_ms = statistics.median([(boot + ready) * 1000 for boot, ready in captures]) + client_ms
-            result["launch_to_first_response_ms"] = {"p50": round(launch_p50, 1), "p95": round(
-                sorted(launches)[min(len(launches) - 1, round(0.95 * (len(launches) - 1)))], 1)}  # fmt: skip
+            result["launch_to_first_response_ms"] = {"p50": round(launch_p50, 1), "p95": pct(launches, 0.95)}
             result["cold_boot_plus_app_start_ms"] = {
                 "p50": round(cold_ms, 1),
                 "cold_boot_s": [round(b, 2) for b, _ in captures],
@@ -222,12 +204,7 @@ def main() -> int:
         "cached_rebuild_s<=5": result.get("cached_rebuild_s", {}).get("p50", 99) <= 5,
         "speedup>=20": result.get("speedup_vs_cold_boot", 0) >= 20,
     }
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
-        "kernel": platform.release(),
-        "qemu": subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split()[3],
-    }
+    result["machine"] = machine()
     print(json.dumps(result))
     return 0
 

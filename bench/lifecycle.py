@@ -13,30 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ember.client import Client, call_simple
-from ember.config import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import DaemonProcess  # the same real-daemon harness as the tests
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
+from bench.common import log, machine, own_daemon, pct
 
 
 def ms_since(start: float) -> float:
@@ -51,18 +39,7 @@ def main() -> int:
     parser.add_argument("--copy-mib", type=int, default=64)
     args = parser.parse_args()
 
-    data = Path(tempfile.mkdtemp(prefix="ember-bench-"))
-    cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
-    settings = Settings.from_env(
-        {
-            "EMBER_DATA_DIR": str(data),
-            "EMBER_SOCKET": str(data / "ember.sock"),
-            "EMBER_CACHE_DIR": cache,
-            "EMBER_UID_BASE": "760000",  # not the default range: a developer's daemon may be running
-            "EMBER_UID_COUNT": "4096",
-        }
-    )
-    daemon = DaemonProcess(settings, data.parent / f"{data.name}-daemon.log")
+    settings, daemon = own_daemon("ember-bench-", 760000)
     result: dict[str, Any] = {}
     try:
         daemon.start()
@@ -104,7 +81,7 @@ def main() -> int:
                 c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
 
             log(f"copying {args.copy_mib} MiB host -> guest")
-            blob = data / "blob.bin"
+            blob = settings.data_dir / "blob.bin"
             with open(blob, "wb") as f:
                 f.write(os.urandom(args.copy_mib * 1024 * 1024))
             start = time.perf_counter()
@@ -147,15 +124,8 @@ def main() -> int:
             c.send(call_simple("DELETE", f"/v1/vms/{target}"))
     finally:
         daemon.stop()
-        shutil.rmtree(data, ignore_errors=True)
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
-        "kernel": platform.release(),
-        "qemu": subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[
-            0
-        ],
-    }
+        shutil.rmtree(settings.data_dir, ignore_errors=True)
+    result["machine"] = machine()
     print(json.dumps(result))
     return 0
 

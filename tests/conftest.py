@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -147,13 +147,17 @@ def base_image(client: Client) -> str:
     return "debian"
 
 
-def build(client: Client, ctx: Path, name: str, **options: Any) -> tuple[dict[str, Any], list[str]]:
+def build(
+    client: Client, ctx: Path, name: str, on_log: Callable[[str], None] | None = None, **options: Any
+) -> tuple[dict[str, Any], list[str]]:
     """An image build through the API: (the final build record, the streamed log lines)."""
     logs: list[str] = []
     result: dict[str, Any] = {}
     for event in client.stream_events(call_build(name, context_tar(ctx), **options)):
         if "log" in event:
             logs.append(event["log"])
+            if on_log is not None:
+                on_log(event["log"])
         elif "build" in event:
             result = event["build"]
     return result, logs
