@@ -59,7 +59,8 @@ def test_an_opaque_marker_keeps_what_its_own_layer_adds(tmp_path: Path, tree: Pa
 def test_hostile_paths_stay_inside_the_tree(tmp_path: Path, tree: Path) -> None:
     hostile = [
         Entry("../escaped-dotdot", data=b"x"), Entry("/escaped-abs", data=b"x"), Entry("up/escaped-link", data=b"x"),
-        Entry("lib/../../../escaped-mixed", data=b"x"), Entry("hl", "link", target="../../../../etc/passwd"),
+        Entry("lib/../../../escaped-mixed", data=b"x"), Entry("opq/..", data=b"not opq"),
+        Entry("hl", "link", target="../../../../etc/passwd"),
     ]  # fmt: skip
     with Tree(tree, 1 << 20) as t:
         t.apply(write(tmp_path, "l1", LOWER))
@@ -68,6 +69,7 @@ def test_hostile_paths_stay_inside_the_tree(tmp_path: Path, tree: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l1", "l2", "tree"]
     for name in ("escaped-dotdot", "escaped-abs", "escaped-link", "escaped-mixed"):
         assert (tree / name).read_bytes() == b"x"
+    assert os.listdir(tree / "opq") == ["old"]  # "opq/.." names the root (skipped), not opq
 
 
 def test_whiteout_of_the_parent_directory_is_refused(tmp_path: Path, tree: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import posixpath
 import shutil
 import stat
 import tarfile
@@ -53,6 +54,11 @@ def open_layer(path: Path) -> Iterator[tarfile.TarFile]:
             stream = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw))
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             yield tar
+
+
+def clean(name: str) -> str:
+    """A member name made lexically clean and relative, as Docker does (``a/../b`` -> ``b``)."""
+    return posixpath.normpath("/" + name).lstrip("/")
 
 
 class Tree:
@@ -127,10 +133,8 @@ class Tree:
     @contextlib.contextmanager
     def parent(self, path: str, create: bool = True) -> Iterator[tuple[int, str]]:
         """(descriptor of the parent directory, final name) for a member path."""
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        while parts and parts[-1] == "..":
-            parts.pop()  # "a/.." names a's parent: nothing a layer may replace as a whole
-        if not parts:
+        parts = clean(path).split("/")
+        if parts == [""]:
             raise LayerError(f"'{path}' names the root directory")
         fd = self._walk(parts[:-1], create)
         try:
@@ -151,7 +155,7 @@ class Tree:
             raise LayerError(f"layer {blob.name[:12]}: {exc}") from None
 
     def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, mine: set[str]) -> None:
-        path = "/".join(p for p in member.name.split("/") if p not in ("", "."))
+        path = clean(member.name)
         if not path:
             return  # the layer's root directory entry
         directory, _, name = path.rpartition("/")
