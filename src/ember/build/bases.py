@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ember.build import oci, rootfs
@@ -71,40 +70,42 @@ class BaseLayers:
             return await self._from_image(image, layout, ref, log)
 
     async def _from_image(self, image: oci.ResolvedImage, source: oci.Source, ref: str, log: Log) -> Layer:
-        key = step_key("base", f"oci:{image.digest}", self.settings.disk_gib)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        blobs = []
-        for i, desc in enumerate(image.layers, 1):
-            log(f"pulling layer {i}/{len(image.layers)} {desc.digest[:19]} ({desc.size / 1e6:.1f} MB)")
-            blobs.append(await self.blobs.fetch(source, desc))
-        log(f"unpacking {len(blobs)} layers of {image.digest[:19]}")
-        disk = self.cache.disk(key)
-        try:
-            await asyncio.to_thread(self._tree_to_disk, blobs, disk)
-        except LayerError as exc:
-            raise BuildFailed(str(exc), step=f"FROM {ref}") from None
-        os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
-        return self.cache.put(key, image.config, "")
+        async def make(disk: Path) -> None:
+            blobs = []
+            for i, desc in enumerate(image.layers, 1):
+                log(f"pulling layer {i}/{len(image.layers)} {desc.digest[:19]} ({desc.size / 1e6:.1f} MB)")
+                blobs.append(await self.blobs.fetch(source, desc))
+            log(f"unpacking {len(blobs)} layers of {image.digest[:19]}")
 
-    def _tree_to_disk(self, blobs: list[Path], disk: Path) -> None:
-        root = Path(tempfile.mkdtemp(dir=self.settings.data_dir, prefix=".rootfs-"))
-        try:
-            with Tree(root, self.settings.disk_gib << 30) as tree:
-                for blob in blobs:
-                    tree.apply(blob)
-            rootfs.tree_to_qcow2(root, disk, self.settings.disk_gib)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+            def apply(root: Path) -> None:
+                with Tree(root, self.settings.disk_gib << 30) as tree:
+                    for blob in blobs:
+                        tree.apply(blob)
+
+            try:
+                await asyncio.to_thread(rootfs.disk_from_tree, apply, disk, self.settings.disk_gib,
+                                        self.settings.data_dir)  # fmt: skip
+            except LayerError as exc:
+                raise BuildFailed(str(exc), step=f"FROM {ref}") from None
+
+        return await self._cached(f"oci:{image.digest}", image.config, make)
 
     async def _from_tarball(self, identity: str, tarball: Path | None, config: ImageConfig, log: Log) -> Layer:
+        async def make(disk: Path) -> None:
+            log(f"making the base disk for {identity.split(':')[0]}")
+            await asyncio.to_thread(
+                rootfs.disk_from_tarball, tarball, disk, self.settings.disk_gib, self.settings.data_dir
+            )
+
+        return await self._cached(identity, config, make)
+
+    async def _cached(self, identity: str, config: ImageConfig, make: Callable[[Path], Awaitable[None]]) -> Layer:
+        """The base layer for ``identity``: from the layer cache, else ``make`` writes its disk."""
         key = step_key("base", identity, self.settings.disk_gib)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        log(f"making the base disk for {identity.split(':')[0]}")
         disk = self.cache.disk(key)
-        await asyncio.to_thread(rootfs.disk_from_tarball, tarball, disk, self.settings.disk_gib, self.settings.data_dir)
+        await make(disk)
         os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
         return self.cache.put(key, config, "")

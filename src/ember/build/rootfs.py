@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,15 +128,24 @@ def tree_to_qcow2(tree: Path, out: Path, size_gib: int) -> None:
         raw.unlink(missing_ok=True)
 
 
-def disk_from_tarball(tarball: Path | None, out: Path, size_gib: int, work_parent: Path) -> None:
-    """A qcow2 disk holding an Ember-made tarball's tree (an empty filesystem for None)."""
+def disk_from_tree(fill: Callable[[Path], None], out: Path, size_gib: int, work_parent: Path) -> None:
+    """A qcow2 disk holding the tree ``fill`` makes in a scratch directory under ``work_parent``."""
     tree = Path(tempfile.mkdtemp(dir=work_parent, prefix=".rootfs-"))
     try:
-        if tarball is not None:
-            unpack_trusted(tarball, tree)
+        fill(tree)
         tree_to_qcow2(tree, out, size_gib)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
+
+
+def disk_from_tarball(tarball: Path | None, out: Path, size_gib: int, work_parent: Path) -> None:
+    """A qcow2 disk holding an Ember-made tarball's tree (an empty filesystem for None)."""
+
+    def fill(tree: Path) -> None:
+        if tarball is not None:
+            unpack_trusted(tarball, tree)
+
+    disk_from_tree(fill, out, size_gib, work_parent)
 
 
 def flatten(top: Path, out: Path) -> None:
