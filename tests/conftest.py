@@ -46,7 +46,8 @@ class DaemonProcess:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         for f in fields(Settings):
-            env[f.metadata["env"]] = str(getattr(self.settings, f.name))
+            value = getattr(self.settings, f.name)
+            env[f.metadata["env"]] = ",".join(value) if isinstance(value, tuple) else str(value)
         return env
 
     def start(self) -> None:
@@ -116,6 +117,8 @@ def settings() -> Iterator[Settings]:
             # a block of host ids of its own: a developer's daemon or another run may be up
             "EMBER_UID_BASE": str(TEST_UID_BLOCK_BASE + (os.getpid() % 200) * 2 * TEST_UID_BLOCK),
             "EMBER_UID_COUNT": str(TEST_UID_BLOCK),
+            # the tests' registries and token services listen on 127.0.0.1 (tests.oci_images)
+            "EMBER_TRUSTED_REGISTRIES": "127.0.0.1",
         }
     )
     shutil.rmtree(data, ignore_errors=True)

@@ -46,6 +46,9 @@ class Settings:
     debian_mirror: str = _env("EMBER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
     # Registries (host[:port], comma-separated) pulled from over plain HTTP; loopback ones always are.
     insecure_registries: tuple[str, ...] = _env("EMBER_INSECURE_REGISTRIES", ())
+    # Registry hosts (comma-separated; any port) the daemon may reach at loopback or private addresses, as
+    # it may those above; any other registry, token realm or blob host must resolve to public addresses only.
+    trusted_registries: tuple[str, ...] = _env("EMBER_TRUSTED_REGISTRIES", ())
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

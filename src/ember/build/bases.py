@@ -48,7 +48,7 @@ class BaseLayers:
                 identity = f"{base.key}:{st.st_size}:{st.st_mtime_ns}"
                 return await self._from_tarball(identity, tarball, ImageConfig(env=(("PATH", DEFAULT_PATH),)), log)
             reference = oci.parse_reference(ref)
-            async with oci.client() as http:
+            async with oci.client(self.settings) as http:
                 registry = oci.Registry(reference, http, self.settings.insecure_registries)
                 log(f"resolving {reference}")
                 image = await oci.resolve(registry, self.blobs, reference.reference, ref)

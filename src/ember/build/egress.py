@@ -2,9 +2,11 @@
 
 A build VM's NIC is QEMU's user-mode network, so its traffic leaves as sockets
 of the VMM process, which runs as the daemon's builder uid. An nftables table
-keyed to that uid rejects loopback (QEMU maps the guest's 10.0.2.2 to the
-host's 127.0.0.1), private, link-local and CGNAT destinations, except DNS to
-the host's own resolvers (QEMU's DNS proxy at 10.0.2.3 forwards to them).
+keyed to that uid rejects this host's own addresses (``fib daddr type local``),
+loopback (QEMU maps the guest's 10.0.2.2 to the host's 127.0.0.1) and every
+range of ember.netpolicy (the same list registry pulls are checked against),
+IPv4 and IPv6, except DNS to the host's own resolvers (QEMU's DNS proxy at
+10.0.2.3 forwards to them).
 """
 
 from __future__ import annotations
@@ -17,12 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ember.errors import HostSetupError
-
-BLOCKED_V4 = (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.168.0.0/16", "224.0.0.0/3",
-)  # fmt: skip
-BLOCKED_V6 = ("::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "::ffff:0:0/96")
+from ember.netpolicy import DENIED_V4, DENIED_V6
 
 
 def resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
@@ -51,8 +48,9 @@ def ruleset(table: str, uid: int, dns: list[str]) -> str:
         if v6:
             lines.append(f"    ip6 daddr {{ {', '.join(v6)} }} {proto} dport 53 accept")
     lines += [
-        f"    ip daddr {{ {', '.join(BLOCKED_V4)} }} reject",
-        f"    ip6 daddr {{ {', '.join(BLOCKED_V6)} }} reject",
+        "    fib daddr type local reject",
+        f"    ip daddr {{ {', '.join(DENIED_V4)} }} reject",
+        f"    ip6 daddr {{ {', '.join(DENIED_V6)} }} reject",
         "  }",
         "}",
     ]

@@ -9,7 +9,11 @@ indexes and Docker manifest lists narrowed to linux/amd64, every manifest and
 blob checked against its digest and size, blobs kept by digest under
 ``<cache>/blobs/sha256``. Loopback registries and those in
 EMBER_INSECURE_REGISTRIES are spoken to over plain HTTP, the rest over HTTPS
-verified with the host's CA bundle.
+verified with the host's CA bundle. A registry picks where the daemon connects
+(token realm, redirects), so each connection is confined: the realm on the
+registry's own site, redirects to https only, the token to the registry only,
+and every address checked against ember.netpolicy after DNS (private, loopback
+and metadata addresses only for registries the operator configured).
 
 Local images come from the build context: ``FROM oci-layout://DIR[:tag]`` (an
 OCI image layout directory, as ``skopeo copy ... oci:DIR:tag`` writes it) and
@@ -22,20 +26,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import ssl
 import tarfile
 import tempfile
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpcore
 import httpx
 
+from ember import netpolicy
 from ember.build.dockerfile import DEFAULT_SHELL, Healthcheck, ImageConfig
+from ember.config import Settings
 from ember.errors import BuildFailed
+
+log = logging.getLogger(__name__)
 
 INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -288,96 +298,200 @@ class BlobStore:
 
 # ---- registries -------------------------------------------------------------
 
+MAX_TOKEN = 1 << 20  # a token service's answer
+MAX_REDIRECTS = 5
+REGISTRY_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                           r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # fmt: skip
+
 
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
 
 
+def same_site(host: str, registry_host: str) -> bool:
+    """``host`` is the registry's host, or in the domain the registry host is a name of (auth.docker.io for
+    registry-1.docker.io, gitlab.com for registry.gitlab.com); that domain needs two labels at least."""
+    if host == registry_host:
+        return True
+    parent = registry_host.partition(".")[2]
+    if parent.count(".") < 1 or all(p.isdigit() for p in registry_host.split(".")) or ":" in registry_host:
+        return False
+    return host == parent or host.endswith("." + parent)
+
+
+async def _read(resp: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit``."""
+    body = bytearray()
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 class Registry:
-    """One repository on a registry, through the distribution API v2."""
+    """One repository on a registry, through the distribution API v2.
+
+    Only the registry's own origin gets the bearer token; the token realm must be https on the
+    registry's site (same host, http allowed, for loopback and insecure registries); redirects
+    (blob CDNs) are followed here, to https hosts only. Every connection goes through
+    :func:`client`'s address check. Errors tell the tenant what failed; URLs, statuses and
+    addresses go to the daemon's log only."""
 
     def __init__(self, ref: Reference, client: httpx.AsyncClient, insecure: tuple[str, ...]) -> None:
         self.ref = ref
         self.name = str(ref)
         self.client = client
         host = "registry-1.docker.io" if ref.registry == "docker.io" else ref.registry
-        hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1 : host.index("]")]
-        plain = hostname in ("localhost", "::1") or hostname.startswith("127.") or ref.registry in insecure
-        self.base = f"{'http' if plain else 'https'}://{host}/v2/{ref.repository}"
+        hostname = netpolicy.hostname(host)
+        self.plain = hostname in ("localhost", "::1") or hostname.startswith("127.") or ref.registry in insecure
+        try:
+            if not REGISTRY_HOST.fullmatch(host):
+                raise httpx.InvalidURL(host)
+            self.base = httpx.URL(f"{'http' if self.plain else 'https'}://{host}/v2/{ref.repository}")
+            if (self.base.port or 0) > 65535:
+                raise httpx.InvalidURL(host)
+        except httpx.InvalidURL:
+            raise fail(self.name, f"'{ref.registry}' is not a registry host[:port]") from None
         self.token = ""
 
-    def _headers(self, accept: str = "") -> dict[str, str]:
-        headers = {"Accept": accept} if accept else {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return headers
+    def _url(self, tail: str) -> httpx.URL:
+        return self.base.copy_with(path=f"{self.base.path}/{tail}")
+
+    def _fail(self, message: str, detail: object) -> BuildFailed:
+        log.warning("pull of %s: %s (%s)", self.name, message, detail)
+        return fail(self.name, message)
+
+    def _own(self, url: httpx.URL) -> bool:
+        return (url.scheme, url.host, url.port) == (self.base.scheme, self.base.host, self.base.port)
+
+    def _realm(self, realm: str) -> httpx.URL:
+        try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL:
+            url = httpx.URL()
+        if self.plain:
+            ok = url.scheme in ("http", "https") and url.host == self.base.host
+            rule = "the registry's token realm must be on the registry's own host"
+        else:
+            ok = url.scheme == "https" and same_site(url.host, self.base.host)
+            rule = "the registry's token realm must be https on the registry's own site"
+        if not ok or url.userinfo:
+            raise self._fail(rule, f"realm {realm!r}")
+        return url
 
     async def _login(self, response: httpx.Response) -> None:
         scheme, params = _challenge(response.headers.get("www-authenticate", ""))
         if scheme != "bearer" or "realm" not in params:
             raise fail(self.name, f"the registry wants {scheme or 'unknown'} credentials; Ember pulls anonymously")
+        realm = self._realm(params["realm"])
         query = {
             "service": params.get("service", ""),
             "scope": params.get("scope", f"repository:{self.ref.repository}:pull"),
         }
-        try:
-            got = await self.client.get(params["realm"], params={k: v for k, v in query.items() if v})
+        try:  # no Authorization header: the realm never gets a token
+            async with self.client.stream("GET", realm, params={k: v for k, v in query.items() if v}) as got:
+                body = await _read(got, MAX_TOKEN) if got.is_success else b""
+                status = got.status_code
+        except netpolicy.AddressDenied as exc:
+            raise self._fail("the registry's token realm address is not allowed", exc) from None
         except httpx.HTTPError as exc:
-            raise fail(self.name, f"the registry's token service {params['realm']} failed: {exc}") from None
+            raise self._fail("the registry's token service cannot be reached", f"{realm}: {exc!r}") from None
         try:
-            answer = got.json() if got.is_success else {}
+            answer = json.loads(body) if body else {}
         except ValueError:
             answer = {}
         token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
-        if not token:
-            raise fail(self.name, f"the registry's token service refused an anonymous pull (HTTP {got.status_code})")
-        self.token = str(token)
+        if not token or not isinstance(token, str):
+            raise self._fail("the registry's token service refused an anonymous pull", f"{realm}: HTTP {status}")
+        self.token = token
 
-    async def _get(self, url: str, accept: str, limit: int) -> httpx.Response:
-        for attempt in (1, 2):
-            try:
-                async with self.client.stream("GET", url, headers=self._headers(accept)) as resp:
-                    if resp.status_code == 401 and attempt == 1:
+    def _next(self, url: httpx.URL, location: str) -> httpx.URL:
+        try:
+            target = url.join(location)
+        except httpx.InvalidURL:
+            target = httpx.URL()
+        if not self._own(target) and (target.scheme != "https" or not target.host or target.userinfo):
+            raise self._fail("the registry redirected to an address that is not https", f"{url} -> {location!r}")
+        return target
+
+    @contextlib.asynccontextmanager
+    async def _open(self, url: httpx.URL, what: str, accept: str = "") -> AsyncIterator[httpx.Response]:
+        """The final response for ``url``: logged in once when the registry asks, redirects followed."""
+        logged_in = False
+        try:
+            for _ in range(MAX_REDIRECTS + 2):
+                headers = {"Accept": accept} if accept else {}
+                if self.token and self._own(url):  # the token goes to the registry and nowhere else
+                    headers["Authorization"] = f"Bearer {self.token}"
+                async with self.client.stream("GET", url, headers=headers) as resp:
+                    if resp.status_code == 401 and self._own(url) and not logged_in:
                         await self._login(resp)
+                        logged_in = True
                         continue
-                    body = bytearray()
-                    async for chunk in resp.aiter_bytes():
-                        body += chunk
-                        if len(body) > limit:
-                            raise fail(self.name, f"{url} answered more than {limit} bytes")
-                    return httpx.Response(resp.status_code, headers=resp.headers, content=bytes(body))
-            except httpx.HTTPError as exc:
-                raise fail(self.name, f"cannot reach the registry at {self.base}: {exc}") from None
-        raise fail(self.name, "the registry refused the token it issued (HTTP 401)")
+                    if resp.is_redirect:
+                        url = self._next(url, resp.headers["location"])
+                        continue
+                    self._check(resp, what)
+                    yield resp
+                    return
+            raise self._fail(f"the registry redirected {what} too many times", url)
+        except netpolicy.AddressDenied as exc:
+            where = "registry" if self._own(url) else "blob host"
+            raise self._fail(f"the {where} address is not allowed (public addresses only)", exc) from None
+        except httpx.HTTPError as exc:
+            reason = "it timed out" if isinstance(exc, httpx.TimeoutException) else "the connection failed"
+            where = f"the registry {self.ref.registry}" if self._own(url) else f"the blob host of {what}"
+            raise self._fail(f"cannot reach {where}: {reason}", f"{url}: {exc!r}") from None
 
     def _check(self, resp: httpx.Response, what: str) -> None:
-        if resp.status_code == 404:
-            raise fail(self.name, f"{what} not found in the registry: check the name and tag (ember pushes nothing)")
-        if resp.status_code in (401, 403):
-            raise fail(self.name, f"the registry denies access to {what} (HTTP {resp.status_code})")
+        status = resp.status_code
+        detail = f"{resp.url}: HTTP {status}"
+        if status == 404:
+            raise self._fail(f"{what} not found in the registry: check the name and tag (ember pushes nothing)", detail)
+        if status in (401, 403):
+            raise self._fail(f"the registry denies access to {what} (Ember pulls anonymously)", detail)
+        if status == 429:
+            raise self._fail("the registry limits the rate of pulls: try again later", detail)
         if not resp.is_success:
-            raise fail(self.name, f"the registry answered HTTP {resp.status_code} for {what}")
+            raise self._fail(f"the registry failed to serve {what}", detail)
 
     async def manifest(self, reference: str) -> tuple[bytes, str]:
-        resp = await self._get(f"{self.base}/manifests/{reference}", ACCEPT, MAX_MANIFEST)
-        self._check(resp, f"manifest {reference}")
-        return resp.content, resp.headers.get("content-type", "")
+        what = f"manifest {reference}"
+        async with self._open(self._url(f"manifests/{reference}"), what, ACCEPT) as resp:
+            body = await _read(resp, MAX_MANIFEST)
+            if body is None:
+                raise fail(self.name, f"{what} is larger than {MAX_MANIFEST} bytes")
+            return body, resp.headers.get("content-type", "")
 
     async def chunks(self, desc: Descriptor) -> AsyncGenerator[bytes, None]:
-        try:
-            async with self.client.stream("GET", f"{self.base}/blobs/{desc.digest}", headers=self._headers()) as resp:
-                self._check(resp, f"blob {desc.digest[:19]}")
-                async for chunk in resp.aiter_bytes():
-                    yield chunk
-        except httpx.HTTPError as exc:
-            raise fail(self.name, f"downloading blob {desc.digest[:19]} failed: {exc}") from None
+        what = f"blob {desc.digest[:19]}"
+        async with self._open(self._url(f"blobs/{desc.digest}"), what) as resp:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
 
 
-def client() -> httpx.AsyncClient:
-    """The HTTP client for registries: host CA bundle (TLS-inspecting proxies), redirects (blob CDNs)."""
-    verify = ssl.create_default_context(cafile=str(HOST_CA_BUNDLE) if HOST_CA_BUNDLE.exists() else None)
-    return httpx.AsyncClient(verify=verify, follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0))
+class _PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over :class:`netpolicy.PinnedBackend` (httpx has no parameter for it)."""
+
+    def __init__(self, verify: ssl.SSLContext, policy: netpolicy.AddressPolicy) -> None:
+        super().__init__(verify=verify, trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=verify, max_connections=16, network_backend=netpolicy.PinnedBackend(policy)
+        )
+
+
+def client(settings: Settings, ca_file: Path = HOST_CA_BUNDLE) -> httpx.AsyncClient:
+    """The HTTP client for registries: host CA bundle (TLS-inspecting proxies), each connection's address
+    checked after DNS (the operator's insecure and trusted registries excepted), no redirects of its own
+    and no proxy from the environment (a proxy would resolve names where the check cannot see)."""
+    verify = ssl.create_default_context(cafile=str(ca_file) if ca_file.exists() else None)
+    policy = netpolicy.AddressPolicy.trusting((*settings.insecure_registries, *settings.trusted_registries))
+    return httpx.AsyncClient(
+        transport=_PinnedTransport(verify, policy), follow_redirects=False, trust_env=False,
+        timeout=httpx.Timeout(30.0, read=120.0),
+    )  # fmt: skip
 
 
 # ---- OCI layouts in the build context ---------------------------------------

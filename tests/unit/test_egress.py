@@ -1,0 +1,31 @@
+"""The nftables rules of build egress come from the shared deny list, and nft accepts them."""
+
+from __future__ import annotations
+
+import subprocess
+
+from ember import netpolicy
+from ember.build.egress import ruleset
+
+
+def rejected(rules: str, family: str) -> set[str]:
+    (line,) = (
+        ln.strip() for ln in rules.splitlines() if ln.strip().startswith(f"{family} daddr {{") and "reject" in ln
+    )
+    return {net.strip() for net in line.split("{")[1].split("}")[0].split(",")}
+
+
+def test_rules_reject_the_hosts_own_addresses_and_every_denied_range() -> None:
+    rules = ruleset("t", 4242, ["10.255.255.53", "fd00::53"])
+    assert "fib daddr type local reject" in rules
+    assert rejected(rules, "ip") == set(netpolicy.DENIED_V4)
+    assert rejected(rules, "ip6") == set(netpolicy.DENIED_V6)
+    # DNS to the host's resolvers comes first, even when they are local or private
+    assert rules.index("ip6 daddr { fd00::53 } udp dport 53 accept") < rules.index("fib daddr type local reject")
+    assert rules.index("dport 53 accept") < rules.index("reject")
+
+
+def test_nft_accepts_the_rules() -> None:
+    proc = subprocess.run(["nft", "-c", "-f", "-"], input=ruleset("ember_check", 4242, ["10.255.255.53", "::1"]),
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
