@@ -4,6 +4,8 @@ Layouts are written here (blobs, manifests, an index with two platforms) so the
 tests control every detail a pull has to handle (gzip and zstd layers,
 whiteouts, opaque directories, absolute symlinks); ``skopeo`` pushes them to a
 real ``docker-registry`` on 127.0.0.1, optionally behind a real token service.
+The test daemon trusts 127.0.0.1 (``EMBER_TRUSTED_REGISTRIES`` in tests/conftest.py):
+an operator's choice, since loopback is otherwise refused to registry pulls.
 """
 
 from __future__ import annotations

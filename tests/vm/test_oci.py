@@ -105,6 +105,12 @@ def test_registry_errors_fail_the_build_clearly(client: Client, tmp_path: Path, 
     (ctx / "Dockerfile").write_text(f"FROM 127.0.0.1:{free_port()}/nobody/home\n")
     result, _ = build(client, ctx, "unreachable")
     assert result["state"] == "CREATE_FAILED" and "cannot reach the registry" in result["error"]
+    # the same registry by a name the operator did not configure: loopback after DNS, refused
+    port = plain_registry.rsplit(":", 1)[1]
+    (ctx / "Dockerfile").write_text(f"FROM localhost:{port}/ember-test/busybox:1\n")
+    result, _ = build(client, ctx, "unconfigured")
+    assert result["state"] == "CREATE_FAILED" and "the registry address is not allowed" in result["error"]
+    assert "127.0.0.1" not in result["error"] and "::1" not in result["error"]
 
 
 def test_from_oci_layouts_and_archives_in_the_context(client: Client, tmp_path: Path, images: Path) -> None:
@@ -131,7 +137,7 @@ def test_from_oci_layouts_and_archives_in_the_context(client: Client, tmp_path: 
     assert result["state"] == "CREATE_FAILED" and "does not match its digest" in result["error"]
     (ctx / "Dockerfile").write_text("FROM oci-layout://../../etc\n")
     result, _ = build(client, ctx, "escape")
-    assert result["state"] == "CREATE_FAILED" and "not in the build context" in result["error"]
+    assert result["state"] == "CREATE_FAILED" and "not an OCI image layout in the build context" in result["error"]
 
 
 # ---- a registry behind a real token service -------------------------------------------------
