@@ -30,6 +30,7 @@ from ember.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_TIMEOUT_S = 10  # the test daemon's limit on one agent request
+TAR_MAX_BYTES = 192 << 20  # the test daemon's limit on one untrusted tar, decompressed
 TEST_UID_BLOCK_BASE, TEST_UID_BLOCK = 800000, 2048
 ARTIFACTS = ROOT / "artifacts"
 
@@ -114,6 +115,7 @@ def settings() -> Iterator[Settings]:
             "EMBER_SOCKET": str(data / "ember.sock"),
             "EMBER_CACHE_DIR": cache,
             "EMBER_AGENT_TIMEOUT": str(AGENT_TIMEOUT_S),
+            "EMBER_TAR_MAX_BYTES": str(TAR_MAX_BYTES),  # small enough for bombs to hit it quickly
             # a block of host ids of its own: a developer's daemon or another run may be up
             "EMBER_UID_BASE": str(TEST_UID_BLOCK_BASE + (os.getpid() % 200) * 2 * TEST_UID_BLOCK),
             "EMBER_UID_COUNT": str(TEST_UID_BLOCK),

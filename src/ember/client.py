@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from ember.build.context import BuildContext
+from ember.build.tarread import TarLimits
 from ember.config import Settings
 
 TIMEOUT = httpx.Timeout(30.0, read=None)
@@ -81,13 +82,15 @@ def call_build(name: str, context_tar: bytes, dockerfile: str = "Dockerfile", **
 
 def context_tar(root: Path, dockerfile: str = "Dockerfile") -> bytes:
     """The build context as a tar, without what its .dockerignore excludes (the daemon applies it again)."""
-    ctx = BuildContext(root, dockerfile)
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with (
+        BuildContext(root, TarLimits.from_settings(Settings.from_env()), dockerfile) as ctx,
+        tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar,
+    ):
         for rel in ctx.walk("")[1:]:
-            tar.add(ctx.path(rel), arcname=rel, recursive=False)
+            tar.add(root / rel, arcname=rel, recursive=False)  # walk() never descends through a symlink
         if ctx.excluded(dockerfile):
-            tar.add(ctx.path(dockerfile), arcname=dockerfile, recursive=False)
+            tar.add(root / dockerfile, arcname=dockerfile, recursive=False)
     return buf.getvalue()
 
 

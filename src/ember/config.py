@@ -44,6 +44,14 @@ class Settings:
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)
     debian_mirror: str = _env("EMBER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+    # Every untrusted tar (build context, layer, oci-archive, ADD archive, COPY --from) is read with these
+    # limits (ember.build.tarread): decompressed bytes, members, one PAX/GNU long-name header, path depth
+    # (also of anything a tree gets through symlinks), and one file's data.
+    tar_max_bytes: int = _env("EMBER_TAR_MAX_BYTES", 8 << 30)
+    tar_max_members: int = _env("EMBER_TAR_MAX_MEMBERS", 1_000_000)
+    tar_max_header_bytes: int = _env("EMBER_TAR_MAX_HEADER_BYTES", 1 << 20)
+    tar_max_depth: int = _env("EMBER_TAR_MAX_DEPTH", 256)
+    tar_max_file_bytes: int = _env("EMBER_TAR_MAX_FILE_BYTES", 4 << 30)
     # Registries (host[:port], comma-separated) pulled from over plain HTTP; loopback ones always are.
     insecure_registries: tuple[str, ...] = _env("EMBER_INSECURE_REGISTRIES", ())
     # Registry hosts (comma-separated; any port) the daemon may reach at loopback or private addresses, as

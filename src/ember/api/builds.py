@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,8 +17,10 @@ from ember.build.builder import BuildOptions
 from ember.build.context import BuildContext
 from ember.build.dockerfile import parse
 from ember.build.service import BuildRequest, BuildService, split_name
+from ember.build.tarread import ArchiveError, TarLimits
+from ember.build.unpack import Tree, remove_tree
 from ember.engine import Engine
-from ember.errors import ImageNotFound, InvalidRequest, ResourceExhausted
+from ember.errors import ImageNotFound, InvalidRequest
 from ember.models import BuildRecord, BuildState
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def build_view(record: BuildRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def _receive_context(request: Request, into: Path) -> None:
+async def _receive_context(request: Request, into: Path, limits: TarLimits) -> None:
+    """The uploaded context tar, unpacked by Ember's confined, bounded reader (never tarfile, never as paths)."""
     upload = into / "context.tar"
     size = 0
     with open(upload, "wb") as f:
@@ -50,13 +51,15 @@ async def _receive_context(request: Request, into: Path) -> None:
             f.write(chunk)
     root = into / "context"
     root.mkdir()
+
+    def unpack() -> None:
+        with Tree(root, limits) as tree:
+            tree.apply(upload, layer=False)
+
     try:
-        with tarfile.open(upload) as tar:
-            await asyncio.to_thread(tar.extractall, root, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno == 28:
-            raise ResourceExhausted("the host disk is full: free space and retry") from exc
-        raise InvalidRequest(f"the build context must be a tar archive (optionally gzip): {exc}") from exc
+        await asyncio.to_thread(unpack)
+    except ArchiveError as exc:
+        raise InvalidRequest(f"the build context must be a tar (plain, gzip, zstd, bzip2 or xz): {exc}") from None
     finally:
         upload.unlink(missing_ok=True)
 
@@ -85,11 +88,12 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
             args.append((key, value))
         tmp = Path(tempfile.mkdtemp(prefix="build-", dir=builds.settings.data_dir))
         try:
-            await _receive_context(request, tmp)
-            ctx = BuildContext(tmp / "context", dockerfile)
-            parse(ctx.dockerfile_text(), dict(args))  # a bad Dockerfile is a 400 before anything starts
+            limits = TarLimits.from_settings(builds.settings)
+            await _receive_context(request, tmp, limits)
+            with BuildContext(tmp / "context", limits, dockerfile) as ctx:
+                parse(ctx.dockerfile_text(), dict(args))  # a bad Dockerfile is a 400 before anything starts
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            await asyncio.to_thread(remove_tree, tmp)
             raise
         req = BuildRequest(
             name=name, dockerfile=dockerfile,
@@ -102,7 +106,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
             try:
                 record = await builds.build(req, tmp / "context", lambda line: emit({"log": line}))
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                await asyncio.to_thread(remove_tree, tmp)
             image = builds.store.get_image(record.name) if record.state is BuildState.CREATED else None
             if image is not None:
                 engine.warm_up(image)

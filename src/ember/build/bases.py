@@ -20,7 +20,8 @@ from ember.build import oci, rootfs
 from ember.build.context import BuildContext
 from ember.build.dockerfile import DEFAULT_PATH, ImageConfig
 from ember.build.layers import Layer, LayerCache, step_key
-from ember.build.unpack import LayerError, Tree
+from ember.build.tarread import ArchiveError, TarLimits
+from ember.build.unpack import Tree, remove_tree
 from ember.config import Settings
 from ember.errors import BuildFailed
 
@@ -56,18 +57,26 @@ class BaseLayers:
 
     async def _local(self, ref: str, ctx: BuildContext, log: Log) -> Layer:
         scheme, rel, tag = oci.split_local(ref)
-        path = (ctx.root / rel.lstrip("/")).resolve()
-        if not path.is_relative_to(ctx.root) or not path.exists():
-            raise oci.fail(ref, f"{rel} is not in the build context")
-        with tempfile.TemporaryDirectory(dir=self.settings.data_dir, prefix=".layout-") as tmp:
-            if scheme == "oci-archive":
-                await asyncio.to_thread(oci.unpack_archive, path, Path(tmp), ref)
-                path = Path(tmp)
-            elif scheme != "oci-layout":
-                raise oci.fail(ref, "local images are oci-layout://DIR[:tag] or oci-archive://FILE[:tag]")
-            layout = oci.Layout(path, ref)
+        if scheme == "oci-layout":
+            layout = oci.Layout(ctx.tree, rel, ref)
             image = await oci.resolve(layout, self.blobs, layout.index_reference(tag), ref)
             return await self._from_image(image, layout, ref, log)
+        if scheme != "oci-archive":
+            raise oci.fail(ref, "local images are oci-layout://DIR[:tag] or oci-archive://FILE[:tag]")
+        try:
+            archive = ctx.tree.open_file(rel)
+        except (OSError, ArchiveError):
+            raise oci.fail(ref, f"{rel} is not a file in the build context") from None
+        tmp = Path(tempfile.mkdtemp(dir=self.settings.data_dir, prefix=".layout-"))
+        try:
+            with archive:
+                await asyncio.to_thread(oci.unpack_archive, archive, tmp, ref, ctx.tree.limits)
+            with Tree(tmp, ctx.tree.limits) as tree:
+                layout = oci.Layout(tree, "", ref)
+                image = await oci.resolve(layout, self.blobs, layout.index_reference(tag), ref)
+                return await self._from_image(image, layout, ref, log)
+        finally:
+            await asyncio.to_thread(remove_tree, tmp)
 
     async def _from_image(self, image: oci.ResolvedImage, source: oci.Source, ref: str, log: Log) -> Layer:
         async def make(disk: Path) -> None:
@@ -78,14 +87,15 @@ class BaseLayers:
             log(f"unpacking {len(blobs)} layers of {image.digest[:19]}")
 
             def apply(root: Path) -> None:
-                with Tree(root, self.settings.disk_gib << 30) as tree:
+                limits = TarLimits.from_settings(self.settings)
+                with Tree(root, limits, capacity=self.settings.disk_gib << 30) as tree:
                     for blob in blobs:
                         tree.apply(blob)
 
             try:
                 await asyncio.to_thread(rootfs.disk_from_tree, apply, disk, self.settings.disk_gib,
                                         self.settings.data_dir)  # fmt: skip
-            except LayerError as exc:
+            except ArchiveError as exc:
                 raise BuildFailed(str(exc), step=f"FROM {ref}") from None
 
         return await self._cached(f"oci:{image.digest}", image.config, make)

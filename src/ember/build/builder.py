@@ -9,9 +9,9 @@ step runs in it. Only the stages the target needs are built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import posixpath
 import secrets
-import tarfile
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ember.build.bases import BaseLayers, Log
 from ember.build.buildvm import ROOT, BuildVm, step_failed
-from ember.build.context import BuildContext, Owner, TarWriter, dest_path, is_archive, parse_chmod
+from ember.build.context import BuildContext, Owner, TarWriter, dest_path, parse_chmod
 from ember.build.dockerfile import (
     Dockerfile,
     ImageConfig,
@@ -37,6 +37,7 @@ from ember.build.dockerfile import (
     run_argv,
 )
 from ember.build.layers import Layer, LayerCache, step_key
+from ember.build.tarread import MAX_ID, Kind, TarLimits, clean, open_tar
 from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest
 from ember.runtime import Host, create_overlay
@@ -47,6 +48,7 @@ FS_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
 CA_PATH = "/dev/ember-ca.crt"
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+MAX_ID_FILE = 1 << 20  # /etc/passwd or /etc/group read for COPY --chown
 
 
 @dataclass(frozen=True)
@@ -345,10 +347,10 @@ class StageBuild:
             stream = Path(tmp) / "copy.tar"
             if plan.src_from:
                 fetched = Path(tmp) / "from.tar"
-                await _fetch_from(vm, self.from_index[plan.src_from], plan.sources, fetched, plan.ins)
-                await asyncio.to_thread(
-                    _write_from_tar, fetched, stream, plan, dest_dir, dest_is_dir, owner
-                )  # fmt: skip
+                limits = TarLimits.from_settings(self.b.settings)
+                cap = min(limits.max_bytes, self.b.settings.disk_gib << 30)
+                await _fetch_from(vm, self.from_index[plan.src_from], plan.sources, fetched, plan.ins, cap)
+                await asyncio.to_thread(_write_from_tar, fetched, stream, plan, dest_dir, dest_is_dir, owner, limits)
             else:
                 await asyncio.to_thread(self._write_context_tar, stream, plan, dest_dir, dest_is_dir, owner)
             out = await vm.tool(["tar", "-x", "-f", "-", "-C", "/", "--numeric-owner"], root=ROOT,
@@ -369,15 +371,15 @@ class StageBuild:
                     target = posixpath.join(dest_dir, rel[2:]) if dest_is_dir else dest_dir
                     w.add_bytes(content.encode(), target)
                     continue
-                path = self.ctx.path(rel)
-                if plan.ins.name == "ADD" and is_archive(path):
-                    w.add_archive(path, dest_dir)
-                elif path.is_dir() and not path.is_symlink():
+                if plan.ins.name == "ADD" and self.ctx.is_archive(rel):
+                    with self.ctx.open_regular(rel) as archive:
+                        w.add_archive(archive, dest_dir, self.ctx.tree.limits)
+                elif self.ctx.is_dir(rel):
                     for sub in self.ctx.walk(rel)[1:]:
-                        w.add_path(self.ctx.path(sub), posixpath.join(dest_dir, posixpath.relpath(sub, rel or ".")))
+                        w.add_entry(self.ctx, sub, posixpath.join(dest_dir, posixpath.relpath(sub, rel or ".")))
                 else:
                     target = posixpath.join(dest_dir, posixpath.basename(rel)) if dest_is_dir else dest_dir
-                    w.add_path(path, target)
+                    w.add_entry(self.ctx, rel, target)
             w.close()
 
 
@@ -405,10 +407,17 @@ async def _owner(vm: BuildVm, spec: str, ins: Instruction) -> Owner:
         if name.isdigit():
             return int(name)
         _, data = await vm.agent.read_file(f"{ROOT}/etc/{file}")
-        text = b"".join([c async for c in data]).decode(errors="replace")
-        for line in text.splitlines():
+        text = bytearray()
+        async with contextlib.aclosing(data):  # type: ignore[type-var]
+            async for chunk in data:
+                text += chunk
+                if len(text) > MAX_ID_FILE:
+                    raise ins.error(f"--chown={spec}: the image's /etc/{file} is larger than {MAX_ID_FILE} bytes")
+        for line in text.decode(errors="replace").splitlines():
             parts = line.split(":")
             if len(parts) > field and parts[0] == name:
+                if not parts[field].isdigit() or int(parts[field]) > MAX_ID:
+                    raise ins.error(f"--chown={spec}: /etc/{file} gives '{name}' an id that is not a number")
                 return int(parts[field])
         raise ins.error(f"--chown={spec}: no {'user' if file == 'passwd' else 'group'} '{name}' in the image")
 
@@ -422,34 +431,48 @@ async def _owner(vm: BuildVm, spec: str, ins: Instruction) -> Owner:
     return Owner(uid, gid)
 
 
-async def _fetch_from(vm: BuildVm, index: int, sources: list[str], out: Path, ins: Instruction) -> None:
+async def _fetch_from(vm: BuildVm, index: int, sources: list[str], out: Path, ins: Instruction, cap: int) -> None:
+    """The files COPY --from names, as a tar the build VM writes (hostile: bounded, and read by tarread)."""
     with open(out, "wb") as f:
-        result = await vm.tool(["tar", "-c", "-f", "-", "-C", f"/ember/from{index}", *sources], sink=f.write)
+
+        def sink(chunk: bytes) -> None:
+            if f.tell() + len(chunk) > cap:
+                raise ins.error(f"COPY --from: the files are larger than the {cap} bytes the image disk can hold")
+            f.write(chunk)
+
+        result = await vm.tool(["tar", "-c", "-f", "-", "-C", f"/ember/from{index}", *sources], sink=sink)
     if result.result.exit_code != 0:
         raise ins.error(f"COPY --from: {result.tail.strip()[-500:]}")
 
 
 def _write_from_tar(
-    fetched: Path, out_path: Path, plan: _CopyPlan, dest_dir: str, dest_is_dir: bool, owner: Owner | None
+    fetched: Path,
+    out_path: Path,
+    plan: _CopyPlan,
+    dest_dir: str,
+    dest_is_dir: bool,
+    owner: Owner | None,
+    limits: TarLimits,
 ) -> None:
-    with tarfile.open(fetched, "r|") as src, open(out_path, "wb") as out:
+    def target(name: str) -> str | None:
+        root = next((s for s in plan.sources if name == s or name.startswith(s + "/")), None)
+        if root is None:
+            return None
+        if name == root:
+            return posixpath.join(dest_dir, posixpath.basename(root)) if dest_is_dir else dest_dir
+        return posixpath.join(dest_dir, posixpath.relpath(name, root))
+
+    with open(fetched, "rb") as raw, open_tar(raw, limits) as src, open(out_path, "wb") as out:
         w = TarWriter(out, owner, plan.chmod)
         for member in src:
-            name = posixpath.normpath(member.name)
-            root = next((s for s in plan.sources if name == s or name.startswith(s + "/")), None)
-            if root is None:
+            name = clean(member.name)
+            to = target(name)
+            if to is None or (name in plan.sources and member.kind is Kind.DIR):
                 continue
-            if name == root:
-                if member.isdir():
+            if member.kind is Kind.HARDLINK:
+                link = target(clean(member.linkname))
+                if link is None:
                     continue
-                target = posixpath.join(dest_dir, posixpath.basename(root)) if dest_is_dir else dest_dir
-            else:
-                target = posixpath.join(dest_dir, posixpath.relpath(name, root))
-            member.name = target.lstrip("/")
-            if owner is not None:
-                member.uid, member.gid = owner.uid, owner.gid
-            if plan.chmod is not None and not member.issym():
-                member.mode = plan.chmod
-            member.uname = member.gname = ""
-            w.tar.addfile(member, src.extractfile(member) if member.isreg() else None)
+                member.linkname = link.lstrip("/")
+            w.add_member(member, src, to)
         w.close()

@@ -1,30 +1,43 @@
 """The build context on the host: ``.dockerignore``, COPY/ADD sources, tar streams.
 
-Everything the guest receives for a COPY/ADD is one tar stream built here from
-the context (never following a symlink out of it), with Docker's destination
-rules, ``--chown``/``--chmod`` applied to the headers, and local archives for
-ADD unpacked member by member (names checked, so nothing lands outside the
-destination). The guest extracts it chrooted into the image being built.
+The context is a tree the daemon unpacked from the tenant's upload
+(ember.build.unpack, confined and bounded), so it may hold any symlink. It is
+only ever read through that tree's descriptors: a path resolves inside the
+context as in a chroot, and a COPY source that is a symlink is copied as one.
+Everything the guest receives for a COPY/ADD is one tar stream built here,
+with Docker's destination rules, ``--chown``/``--chmod`` applied to the
+headers, and local archives for ADD read by Ember's bounded tar reader (names
+cleaned, so nothing lands outside the destination). The guest extracts it
+chrooted into the image being built.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
+import fnmatch
 import hashlib
 import io
 import os
 import posixpath
 import stat
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from e2b_dockerfile_utils import PatternMatcher
 
 from ember.build.dockerfile import DockerfileError, Instruction
+from ember.build.tarread import ArchiveError, Kind, Member, TarLimits, TarReader, clean, is_tar, open_tar
+from ember.build.unpack import Tree
 
 GLOB_CHARS = frozenset("*?[")
+MEMBER_TYPES = {
+    Kind.FILE: tarfile.REGTYPE, Kind.DIR: tarfile.DIRTYPE,
+    Kind.SYMLINK: tarfile.SYMTYPE, Kind.HARDLINK: tarfile.LNKTYPE,
+}  # fmt: skip
+MAX_DOCKERFILE = 1 << 20  # a Dockerfile or .dockerignore
 
 
 @dataclass(frozen=True)
@@ -34,82 +47,158 @@ class Owner:
 
 
 class BuildContext:
-    def __init__(self, root: Path, dockerfile: str = "Dockerfile") -> None:
-        self.root = root.resolve()
-        if not self.root.is_dir():
-            raise DockerfileError(f"the build context {root} is not a directory")
+    """A context directory read through a confined :class:`Tree`; ``close`` releases it."""
+
+    def __init__(self, root: Path, limits: TarLimits, dockerfile: str = "Dockerfile") -> None:
+        if not root.is_dir():
+            raise DockerfileError(f"the build context {root.name} is not a directory")
+        self.tree = Tree(root, limits)
         self.dockerfile = dockerfile
-        ignore = self.root / ".dockerignore"
-        patterns = ignore.read_text().splitlines() if ignore.is_file() else []
-        patterns = [p.strip() for p in patterns if p.strip() and not p.strip().startswith("#")]
         try:
+            patterns = self._text(".dockerignore").splitlines() if self.exists(".dockerignore") else []
+            patterns = [p.strip() for p in patterns if p.strip() and not p.strip().startswith("#")]
             self.matcher = PatternMatcher(patterns)
         except ValueError as exc:
+            self.close()
             raise DockerfileError(f".dockerignore: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.tree.close()
+
+    def __enter__(self) -> BuildContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _text(self, rel: str) -> str:
+        try:
+            return self.tree.read_bytes(rel, MAX_DOCKERFILE).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DockerfileError(f"{rel} is not UTF-8 text") from None
+        except ArchiveError:
+            raise DockerfileError(f"{rel} is larger than {MAX_DOCKERFILE} bytes") from None
+        except OSError:
+            raise DockerfileError(f"{rel} in the build context is not a readable file") from None
 
     def dockerfile_text(self) -> str:
-        path = self._inside(self.dockerfile)
-        if not path.is_file():
+        if not self.exists(self.dockerfile):
             raise DockerfileError(f"no {self.dockerfile} in the build context (use -f to name another file)")
-        return path.read_text()
-
-    def _inside(self, rel: str) -> Path:
-        clean = posixpath.normpath("/" + rel).lstrip("/")
-        return self.root / clean if clean else self.root
+        return self._text(self.dockerfile)
 
     def excluded(self, rel: str) -> bool:
         return bool(rel) and self.matcher.matches(rel)
 
+    @contextlib.contextmanager
+    def entry(self, rel: str) -> Iterator[tuple[int, str, os.stat_result]]:
+        """(directory descriptor, name, lstat) of a context path, its last component not followed."""
+        rel = clean(rel)
+        if not rel:
+            yield self.tree.fd, ".", os.fstat(self.tree.fd)
+            return
+        with self.tree.parent(rel, create=False) as (fd, name):
+            yield fd, name, os.lstat(name, dir_fd=fd)
+
+    def exists(self, rel: str) -> bool:
+        try:
+            with self.entry(rel):
+                return True
+        except (OSError, ArchiveError):
+            return False
+
+    def is_dir(self, rel: str) -> bool:
+        try:
+            with self.entry(rel) as (_, _, st):
+                return stat.S_ISDIR(st.st_mode)
+        except (OSError, ArchiveError):
+            return False
+
+    def open_regular(self, rel: str) -> BinaryIO:
+        """A regular file of the context, opened for reading (a symlink is refused, not followed)."""
+        with self.entry(rel) as (fd, name, _):
+            return os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb")
+
+    def _listdir(self, rel: str) -> list[str]:
+        fd = self.tree.directory(rel)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
     def resolve(self, pattern: str, ins: Instruction) -> list[str]:
         """Context-relative paths a COPY source names (globs as Docker: '*' stays in one directory)."""
-        clean = posixpath.normpath("/" + pattern).lstrip("/")
-        if any(c in GLOB_CHARS for c in clean):
-            found = sorted(glob.glob(clean, root_dir=self.root, include_hidden=True))
-            found = [f for f in found if not self.excluded(f)]
+        rel = clean(pattern)
+        if any(c in GLOB_CHARS for c in rel):
+            found = [f for f in self._glob(rel.split("/")) if not self.excluded(f)]
             if not found:
                 raise ins.error(f"no file in the build context matches '{pattern}'")
             return found
-        path = self._inside(clean)
-        if clean and (self.excluded(clean) or not (path.exists() or path.is_symlink())):
+        if rel and (self.excluded(rel) or not self.exists(rel)):
             raise ins.error(f"'{pattern}' is not in the build context (or .dockerignore excludes it)")
-        return [clean]
+        return [rel]
+
+    def _glob(self, parts: list[str]) -> list[str]:
+        found = [""]
+        for i, part in enumerate(parts):
+            nxt = []
+            for base in found:
+                if i and not self.is_dir(base):
+                    continue
+                if any(c in GLOB_CHARS for c in part):
+                    try:
+                        names = fnmatch.filter(self._listdir(base), part)
+                    except (OSError, ArchiveError):
+                        continue
+                    nxt += [posixpath.join(base, n) for n in names]
+                elif self.exists(posixpath.join(base, part)):
+                    nxt.append(posixpath.join(base, part))
+            found = nxt
+        return sorted(found)
 
     def walk(self, rel: str) -> list[str]:
         """``rel`` and everything under it (not excluded), parents first, symlinks not followed."""
         out = [rel]
-        path = self._inside(rel)
-        if path.is_dir() and not path.is_symlink():
-            for dirpath, dirnames, filenames in os.walk(path):
-                base = os.path.relpath(dirpath, self.root)
-                base = "" if base == "." else base
-                kept = []
-                for d in sorted(dirnames):
-                    sub = posixpath.join(base, d)
-                    if not self.excluded(sub) or self.matcher.may_match_under(sub):
-                        kept.append(d)
-                        if not self.excluded(sub):
-                            out.append(sub)
-                dirnames[:] = kept
-                files = [posixpath.join(base, f) for f in sorted(filenames)]
-                out += [f for f in files if not self.excluded(f)]
+        todo = [rel] if self.is_dir(rel) else []
+        while todo:
+            base = todo.pop()
+            subdirs = []
+            for name in self._listdir(base):
+                sub = posixpath.join(base, name)
+                with self.entry(sub) as (_, _, st):
+                    is_dir = stat.S_ISDIR(st.st_mode)
+                excluded = self.excluded(sub)
+                if not excluded:
+                    out.append(sub)
+                if is_dir and (not excluded or self.matcher.may_match_under(sub)):
+                    subdirs.append(sub)
+            todo += reversed(subdirs)
         return out
 
     def file_digest(self, rels: list[str]) -> str:
         h = hashlib.sha256()
         for rel in rels:
-            path = self._inside(rel)
-            st = path.lstat()
-            h.update(f"{rel}\0{st.st_mode}\0".encode())
-            if stat.S_ISLNK(st.st_mode):
-                h.update(os.readlink(path).encode())
-            elif stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
+            with self.entry(rel) as (fd, name, st):
+                h.update(f"{rel}\0{st.st_mode}\0".encode())
+                if stat.S_ISLNK(st.st_mode):
+                    h.update(os.readlink(name, dir_fd=fd).encode())
+                elif stat.S_ISREG(st.st_mode):
+                    with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
         return h.hexdigest()
 
-    def path(self, rel: str) -> Path:
-        return self._inside(rel)
+    def is_archive(self, rel: str) -> bool:
+        """A regular file (not a symlink) holding a tar, plain or compressed: ADD unpacks those."""
+        if not self.exists(rel):
+            return False
+        with self.entry(rel) as (_, _, st):
+            if not stat.S_ISREG(st.st_mode):
+                return False
+        with self.open_regular(rel) as f:
+            return is_tar(f, self.tree.limits)
 
 
 def parse_chmod(value: str, ins: Instruction) -> int | None:
@@ -147,24 +236,37 @@ class TarWriter:
             info.mode = self.chmod
         return info
 
-    def add_path(self, source: Path, target: str, owner_default: Owner = Owner(0, 0)) -> None:
-        st = source.lstat()
-        info = tarfile.TarInfo()
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.mtime = int(st.st_mtime)
-        info.uid, info.gid = owner_default.uid, owner_default.gid
-        if stat.S_ISDIR(st.st_mode):
-            info.type = tarfile.DIRTYPE
-            self.tar.addfile(self._finish(info, target))
-        elif stat.S_ISLNK(st.st_mode):
-            info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(source)
-            self.tar.addfile(self._finish(info, target))
-        elif stat.S_ISREG(st.st_mode):
-            info.size = st.st_size
-            with open(source, "rb") as f:
-                self.tar.addfile(self._finish(info, target), f)
-        # sockets, fifos and devices in a context are skipped, as Docker does
+    def add_entry(self, ctx: BuildContext, rel: str, target: str) -> None:
+        """A context path (read through the context's tree; a symlink is copied as a symlink)."""
+        with ctx.entry(rel) as (fd, name, st):
+            info = tarfile.TarInfo()
+            info.mode = stat.S_IMODE(st.st_mode)
+            info.mtime = int(st.st_mtime)
+            if stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                self.tar.addfile(self._finish(info, target))
+            elif stat.S_ISLNK(st.st_mode):
+                info.type = tarfile.SYMTYPE
+                info.linkname = os.readlink(name, dir_fd=fd)
+                self.tar.addfile(self._finish(info, target))
+            elif stat.S_ISREG(st.st_mode):
+                with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                    info.size = os.fstat(f.fileno()).st_size
+                    self.tar.addfile(self._finish(info, target), f)
+            # sockets, fifos and devices in a context are skipped, as Docker does
+
+    def add_member(self, m: Member, reader: TarReader, target: str) -> None:
+        """A member of an untrusted archive, renamed to ``target`` (ids, names and special files dropped)."""
+        if m.kind not in MEMBER_TYPES:
+            return
+        info = tarfile.TarInfo(target.lstrip("/"))
+        info.type, info.mode, info.mtime = MEMBER_TYPES[m.kind], m.mode, m.mtime
+        info.uid, info.gid = m.uid, m.gid
+        info.linkname = m.linkname
+        if m.kind is Kind.FILE:
+            info.size = m.size
+        data = cast(BinaryIO, reader) if m.kind is Kind.FILE else None  # tarfile only calls read(n)
+        self.tar.addfile(self._finish(info, target), data)
 
     def add_bytes(self, data: bytes, target: str, mode: int = 0o644) -> None:
         info = tarfile.TarInfo()
@@ -176,32 +278,16 @@ class TarWriter:
         info.type, info.mode = tarfile.DIRTYPE, mode
         self.tar.addfile(self._finish(info, target))
 
-    def add_archive(self, archive: Path, dest_dir: str) -> None:
+    def add_archive(self, archive: BinaryIO, dest_dir: str, limits: TarLimits) -> None:
         """ADD of a local archive: its members under ``dest_dir``, none escaping it."""
-        with tarfile.open(archive, mode="r:*") as src:
-            for member in src:
-                name = posixpath.normpath("/" + member.name).lstrip("/")
-                if not name or name == ".":
+        with open_tar(archive, limits) as reader:
+            for member in reader:
+                name = clean(member.name)
+                if not name:
                     continue
-                if member.islnk():
-                    member.linkname = posixpath.join(dest_dir, posixpath.normpath("/" + member.linkname).lstrip("/"))
-                if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-                    continue
-                member.name = posixpath.join(dest_dir, name).lstrip("/")
-                if member.islnk():
-                    member.linkname = member.linkname.lstrip("/")
-                member.uname = member.gname = ""
-                data = src.extractfile(member) if member.isreg() else None
-                self.tar.addfile(member, data)
+                if member.kind is Kind.HARDLINK:
+                    member.linkname = posixpath.join(dest_dir, clean(member.linkname)).lstrip("/")
+                self.add_member(member, reader, posixpath.join(dest_dir, name))
 
     def close(self) -> None:
         self.tar.close()
-
-
-def is_archive(path: Path) -> bool:
-    if not path.is_file() or path.is_symlink():
-        return False
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False

@@ -30,18 +30,19 @@ import logging
 import os
 import re
 import ssl
-import tarfile
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import httpcore
 import httpx
 
 from ember import netpolicy
 from ember.build.dockerfile import DEFAULT_SHELL, Healthcheck, ImageConfig
+from ember.build.tarread import ArchiveError, TarLimits
+from ember.build.unpack import Tree
 from ember.config import Settings
 from ember.errors import BuildFailed
 
@@ -498,43 +499,54 @@ def client(settings: Settings, ca_file: Path = HOST_CA_BUNDLE) -> httpx.AsyncCli
 
 
 class Layout:
-    """An OCI image layout directory."""
+    """An OCI image layout directory at ``prefix`` in a tree, read only through that tree (confined)."""
 
-    def __init__(self, root: Path, name: str) -> None:
-        self.root = root
+    def __init__(self, tree: Tree, prefix: str, name: str) -> None:
+        self.tree = tree
+        self.prefix = prefix.strip("/")
         self.name = name
-        if not (root / "index.json").is_file():
-            raise fail(name, f"{root.name} is not an OCI image layout (no index.json)")
+        try:
+            self.index = self.tree.read_bytes(self._rel("index.json"), MAX_MANIFEST)
+        except (OSError, ArchiveError):
+            where = f"'{self.prefix}'" if self.prefix else "the archive"
+            raise fail(name, f"{where} is not an OCI image layout in the build context (no index.json)") from None
+
+    def _rel(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def index_reference(self, tag: str) -> str:
         """The digest of the manifest (or index) tagged ``tag``, or the only one when untagged."""
-        index = _json((self.root / "index.json").read_bytes(), self.name, "index.json")
+        index = _json(self.index, self.name, "index.json")
         entries = index.get("manifests") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise fail(self.name, "index.json: 'manifests' is not a list of descriptors")
         named = {str((e.get("annotations") or {}).get("org.opencontainers.image.ref.name", "")): e for e in entries}
         if tag:
             entry = named.get(tag)
             if entry is None:
-                raise fail(self.name, f"no image tagged '{tag}' in the layout (tags: {', '.join(filter(None, named))})")
+                tags = ", ".join(list(filter(None, named))[:20])
+                raise fail(self.name, f"no image tagged '{tag}' in the layout (tags: {tags})")
         elif len(entries) == 1:
             entry = entries[0]
         else:
             raise fail(self.name, f"the layout holds {len(entries)} images: name one with :tag")
         return Descriptor.from_json(entry, self.name).digest
 
-    def _blob_path(self, digest: str, what: str) -> Path:
-        path = self.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
-        if not path.is_file():
-            raise fail(self.name, f"{what} {digest[:19]} is missing from the layout")
-        return path
+    def _open_blob(self, digest: str, what: str) -> BinaryIO:
+        try:
+            return self.tree.open_file(self._rel(f"blobs/sha256/{digest.removeprefix('sha256:')}"))
+        except (OSError, ArchiveError):
+            raise fail(self.name, f"{what} {digest[:19]} is missing from the layout") from None
 
     async def manifest(self, reference: str) -> tuple[bytes, str]:
-        path = self._blob_path(reference, "manifest")
-        if path.stat().st_size > MAX_MANIFEST:
+        with self._open_blob(reference, "manifest") as f:
+            body = f.read(MAX_MANIFEST + 1)
+        if len(body) > MAX_MANIFEST:
             raise fail(self.name, f"manifest {reference[:19]} is larger than {MAX_MANIFEST} bytes")
-        return path.read_bytes(), ""
+        return body, ""
 
     async def chunks(self, desc: Descriptor) -> AsyncGenerator[bytes, None]:
-        with open(self._blob_path(desc.digest, "blob"), "rb") as f:
+        with self._open_blob(desc.digest, "blob") as f:
             while chunk := f.read(1 << 20):
                 yield chunk
 
@@ -546,10 +558,10 @@ def split_local(ref: str) -> tuple[str, str, str]:
     return scheme, path, tag
 
 
-def unpack_archive(archive: Path, into: Path, ref: str) -> None:
-    """An OCI archive (tar of a layout) -> a layout directory; names checked by tarfile's data filter."""
+def unpack_archive(archive: BinaryIO, into: Path, ref: str, limits: TarLimits) -> None:
+    """An OCI archive (tar of a layout) -> a layout directory, through Ember's confined, bounded reader."""
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(into, filter="data")
-    except (OSError, tarfile.TarError) as exc:
-        raise fail(ref, f"{archive.name} is not a readable OCI archive: {exc}") from None
+        with Tree(into, limits) as tree:
+            tree.apply_stream(archive, layer=False)
+    except ArchiveError as exc:
+        raise fail(ref, f"not a readable OCI archive: {exc}") from None

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.build.unpack import remove_tree
 from ember.errors import HostSetupError
 
 SLIM_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*")
@@ -135,7 +136,7 @@ def disk_from_tree(fill: Callable[[Path], None], out: Path, size_gib: int, work_
         fill(tree)
         tree_to_qcow2(tree, out, size_gib)
     finally:
-        shutil.rmtree(tree, ignore_errors=True)
+        remove_tree(tree)
 
 
 def disk_from_tarball(tarball: Path | None, out: Path, size_gib: int, work_parent: Path) -> None:

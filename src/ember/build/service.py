@@ -25,6 +25,7 @@ from ember.build.context import BuildContext
 from ember.build.dockerfile import Dockerfile, parse
 from ember.build.egress import build_egress
 from ember.build.layers import step_key
+from ember.build.tarread import TarLimits
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken
 from ember.images import ImageStore
 from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
@@ -83,7 +84,7 @@ class BuildService:
 
     async def build(self, req: BuildRequest, context: Path, emit: Callable[[str], None]) -> BuildRecord:
         repo, tag = split_name(req.name)
-        ctx = BuildContext(context, req.dockerfile)
+        ctx = BuildContext(context, TarLimits.from_settings(self.settings), req.dockerfile)  # its fd goes with it
         dockerfile = parse(ctx.dockerfile_text(), dict(req.options.build_args))  # bad input fails before any record
         async with self._lock:
             version = self.store.next_version(repo)

@@ -1,77 +1,57 @@
-"""Applying image layers (tar, tar+gzip, tar+zstd) to a tree on the host, safely.
+"""Trees on the host built from untrusted archives, and confined reads of them.
 
-Layers come from registries and uploaded archives: untrusted input unpacked by
-root. Every member's path is resolved inside the tree the way a chroot would
-resolve it (symlinks, absolute or relative, never leave the tree; ``..`` stops
-at its root), one component at a time through directory descriptors opened
-with O_NOFOLLOW, and every write, link and delete goes through such a
-descriptor, so no member can touch anything outside the tree. Whiteouts
-(``.wh.NAME``) delete a lower layer's NAME; an opaque marker (``.wh..wh..opq``)
-empties its directory of lower-layer entries (OCI image spec, "Whiteouts").
-The bytes written are capped: the tree has to fit the disk it becomes.
+Archives come from registries, uploads and build VMs: untrusted input handled
+by root. Every path is resolved inside the tree the way a chroot would resolve
+it (symlinks, absolute or relative, never leave the tree; ``..`` stops at its
+root), one component at a time through directory descriptors opened with
+O_NOFOLLOW, and every write, link, read and delete goes through such a
+descriptor, so no member can touch anything outside the tree. Nothing in a
+tree is deeper than ``TarLimits.max_depth`` directories, and removal is
+iterative, so no input can exhaust the stack.
+
+Image layers (``layer=True``) keep owners, modes, device nodes and some
+xattrs, and apply whiteouts: ``.wh.NAME`` deletes a lower layer's NAME; an
+opaque marker (``.wh..wh..opq``) empties its directory of lower-layer entries
+(OCI image spec, "Whiteouts"). Other archives (build contexts, OCI archives)
+are plain files owned by root: no whiteouts, no device nodes, no owners.
+The bytes written can be capped: a layer's tree has to fit the disk it becomes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
+import errno
+import hashlib
 import os
-import posixpath
-import shutil
 import stat
-import tarfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import zstandard
-
-from ember.errors import EmberError
+from ember.build.tarread import ArchiveError, Kind, Member, TarLimits, TarReader, clean, open_tar
+from ember.errors import ResourceExhausted
 
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
 MAX_SYMLINKS = 40
 XATTRS = ("security.capability", "user.")
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-CHUNK = 1 << 20
-
-
-class LayerError(EmberError):
-    """A layer is malformed or tries something unsafe; the message names the member."""
-
-
-@contextlib.contextmanager
-def open_layer(path: Path) -> Iterator[tarfile.TarFile]:
-    """A streaming tar reader over a layer blob, its compression found from its first bytes."""
-    with open(path, "rb") as raw, contextlib.ExitStack() as stack:
-        magic = raw.read(4)
-        raw.seek(0)
-        stream: BinaryIO = raw
-        if magic.startswith(GZIP_MAGIC):
-            stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[assignment]
-        elif magic == ZSTD_MAGIC:
-            stream = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw))
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            yield tar
-
-
-def clean(name: str) -> str:
-    """A member name made lexically clean and relative, as Docker does (``a/../b`` -> ``b``)."""
-    return posixpath.normpath("/" + name).lstrip("/")
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Tree:
-    """A root filesystem being assembled from layers; ``limit`` caps the bytes written."""
+    """A directory tree handled as if it were ``/``; ``capacity`` caps the file bytes ``apply`` writes."""
 
-    def __init__(self, root: Path, limit: int) -> None:
+    def __init__(self, root: Path, limits: TarLimits, *, capacity: int | None = None) -> None:
         self.root = root
-        self.limit = limit
+        self.limits = limits
+        self.capacity = capacity
         self.written = 0
-        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.fd = os.open(root, DIR_FLAGS)
+        self._close = weakref.finalize(self, os.close, self.fd)  # also when dropped without close()
 
     def close(self) -> None:
-        os.close(self.fd)
+        self._close()
 
     def __enter__(self) -> Tree:
         return self
@@ -81,7 +61,7 @@ class Tree:
 
     # ---- resolution inside the tree -----------------------------------------
 
-    def _walk(self, parts: list[str], create: bool) -> int:
+    def _walk(self, parts: list[str], *, create: bool) -> int:
         """A descriptor of the directory ``parts`` names, resolved as if the tree were ``/``."""
         fd = os.dup(self.fd)
         stack: list[int] = []  # descriptors of the directories above fd, for '..'
@@ -103,11 +83,12 @@ class Tree:
                     if not create:
                         raise
                     os.mkdir(name, 0o755, dir_fd=fd)
+                    os.chmod(name, 0o755, dir_fd=fd)  # as Docker makes implicit parents, whatever the umask
                     st = os.lstat(name, dir_fd=fd)
                 if stat.S_ISLNK(st.st_mode):
                     links += 1
                     if links > MAX_SYMLINKS:
-                        raise LayerError(f"too many levels of symbolic links under /{'/'.join(parts)}")
+                        raise ArchiveError(f"too many levels of symbolic links under /{'/'.join(parts)[:200]}")
                     target = os.readlink(name, dir_fd=fd)
                     if target.startswith("/"):
                         for held in stack:
@@ -118,8 +99,10 @@ class Tree:
                     todo.extend(reversed(target.split("/")))
                     continue
                 if not stat.S_ISDIR(st.st_mode):
-                    raise NotADirectoryError(f"/{'/'.join(parts)}: {name} is not a directory")
-                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    raise NotADirectoryError(errno.ENOTDIR, f"/{'/'.join(parts)[:200]}: {name} is not a directory")
+                if len(stack) >= self.limits.max_depth:
+                    raise ArchiveError(f"a path goes deeper than {self.limits.max_depth} levels (EMBER_TAR_MAX_DEPTH)")
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
                 stack.append(fd)
                 fd = child
             return fd
@@ -131,118 +114,162 @@ class Tree:
                 os.close(held)
 
     @contextlib.contextmanager
-    def parent(self, path: str, create: bool = True) -> Iterator[tuple[int, str]]:
-        """(descriptor of the parent directory, final name) for a member path."""
+    def parent(self, path: str, *, create: bool = True) -> Iterator[tuple[int, str]]:
+        """(descriptor of the parent directory, final name) for a path, the name itself not followed."""
         parts = clean(path).split("/")
         if parts == [""]:
-            raise LayerError(f"'{path}' names the root directory")
-        fd = self._walk(parts[:-1], create)
+            raise ArchiveError(f"'{path[:200]}' names the root directory")
+        fd = self._walk(parts[:-1], create=create)
         try:
             yield fd, parts[-1]
         finally:
             os.close(fd)
 
-    # ---- applying a layer ----------------------------------------------------
+    def directory(self, path: str) -> int:
+        """A descriptor (the caller closes it) of the directory ``path`` names, symlinks resolved inside."""
+        return self._walk(clean(path).split("/"), create=False)
 
-    def apply(self, blob: Path) -> None:
-        """Apply one layer blob: its whiteouts first affect lower layers only."""
-        mine: set[str] = set()  # paths this layer created: an opaque marker keeps them
+    def open_file(self, path: str) -> BinaryIO:
+        """The regular file ``path`` names, opened for reading, symlinks (the last one too) resolved inside."""
+        parts = path.split("/")
+        for _ in range(MAX_SYMLINKS):
+            if parts[-1] in ("", ".", ".."):
+                raise IsADirectoryError(errno.EISDIR, f"{clean(path)[:200]} is a directory")
+            fd = self._walk(parts[:-1], create=False)
+            try:
+                st = os.lstat(parts[-1], dir_fd=fd)
+                if stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(parts[-1], dir_fd=fd).split("/")
+                    parts = target if target[0] == "" else parts[:-1] + target
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, f"{clean(path)[:200]} is not a regular file")
+                return os.fdopen(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb")
+            finally:
+                os.close(fd)
+        raise ArchiveError(f"too many levels of symbolic links at {clean(path)[:200]}")
+
+    def read_bytes(self, path: str, limit: int) -> bytes:
+        """A regular file's bytes (see ``open_file``); more than ``limit`` bytes is an ArchiveError."""
+        with self.open_file(path) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ArchiveError(f"{clean(path)[:200]} is larger than the {limit} bytes allowed")
+        return data
+
+    # ---- applying an archive -------------------------------------------------
+
+    def apply(self, blob: Path, *, layer: bool = True) -> None:
+        """Apply one archive file: a layer's whiteouts affect lower layers only."""
+        with open(blob, "rb") as raw:
+            self.apply_stream(raw, layer=layer)
+
+    def apply_stream(self, raw: BinaryIO, *, layer: bool) -> None:
+        mine: set[int] = set()  # hashes of the paths this layer created: an opaque marker keeps them
+        member: Member | None = None
         try:
-            with open_layer(blob) as tar:
-                for member in tar:
-                    self._member(tar, member, mine)
-        except (OSError, tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
-            raise LayerError(f"layer {blob.name[:12]}: {exc}") from None
+            with open_tar(raw, self.limits) as reader:
+                for member in reader:
+                    self._member(reader, member, mine, layer=layer)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted("the host disk is full: free space and retry") from None
+            where = f"{member.name[:200]!r}: " if member is not None else ""
+            raise ArchiveError(f"{where}{exc.strerror or type(exc).__name__}") from None
 
-    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, mine: set[str]) -> None:
-        path = clean(member.name)
+    def _member(self, reader: TarReader, m: Member, mine: set[int], *, layer: bool) -> None:
+        path = clean(m.name)
         if not path:
-            return  # the layer's root directory entry
+            return  # the archive's root directory entry
         directory, _, name = path.rpartition("/")
-        if name == OPAQUE:
+        if layer and name == OPAQUE:
             with self.parent(path) as (fd, _):
                 for child in os.listdir(fd):
-                    if f"{directory}/{child}".lstrip("/") not in mine:
-                        _remove(fd, child)
+                    if _key(f"{directory}/{child}".lstrip("/")) not in mine:
+                        remove_entry(fd, child)
             return
-        if name.startswith(WHITEOUT):
+        if layer and name.startswith(WHITEOUT):
             gone = name[len(WHITEOUT) :]
             if gone in ("", ".", ".."):
-                raise LayerError(f"{member.name}: a whiteout must name an entry")
+                raise ArchiveError(f"{m.name[:200]!r}: a whiteout must name an entry")
             with contextlib.suppress(FileNotFoundError), self.parent(path, create=False) as (fd, _):
-                _remove(fd, gone)
+                remove_entry(fd, gone)
             return
-        mine.add(path)
-        self._add(tar, member, path)
+        if not layer and m.kind in (Kind.CHAR, Kind.BLOCK, Kind.FIFO):
+            return  # special files in a context or OCI archive are skipped, as Docker does
+        if layer:
+            mine.add(_key(path))
+        self._add(reader, m, layer=layer)
 
-    def _add(self, tar: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> None:
-        with self.parent(path) as (fd, name):
+    def _add(self, reader: TarReader, m: Member, *, layer: bool) -> None:
+        with self.parent(m.name) as (fd, name):
             try:
                 old = os.lstat(name, dir_fd=fd)
             except FileNotFoundError:
                 old = None
-            if old is not None and not (stat.S_ISDIR(old.st_mode) and m.isdir()):
-                _remove(fd, name)
-            mode = m.mode & 0o7777
-            if m.isdir():
+            if old is not None and not (stat.S_ISDIR(old.st_mode) and m.kind is Kind.DIR):
+                remove_entry(fd, name)
+            if m.kind is Kind.DIR:
                 if old is None or not stat.S_ISDIR(old.st_mode):
                     os.mkdir(name, 0o700, dir_fd=fd)
-                self._finish(fd, name, m, mode)
-            elif m.isreg():
-                self._file(tar, m, fd, name, mode)
-            elif m.issym():
+                sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+                try:
+                    _set_meta(sub, m, layer=layer)
+                finally:
+                    os.close(sub)
+            elif m.kind is Kind.FILE:
+                self._file(reader, m, fd, name, layer=layer)
+            elif m.kind is Kind.SYMLINK:
                 os.symlink(m.linkname, name, dir_fd=fd)
-                os.chown(name, m.uid, m.gid, dir_fd=fd, follow_symlinks=False)
+                if layer:
+                    os.chown(name, m.uid, m.gid, dir_fd=fd, follow_symlinks=False)
                 os.utime(name, (m.mtime, m.mtime), dir_fd=fd, follow_symlinks=False)
-            elif m.islnk():
+            elif m.kind is Kind.HARDLINK:
                 with self.parent(m.linkname, create=False) as (src_fd, src_name):
                     if stat.S_ISDIR(os.lstat(src_name, dir_fd=src_fd).st_mode):
-                        raise LayerError(f"{m.name}: a hard link to a directory")
+                        raise ArchiveError(f"{m.name[:200]!r}: a hard link to a directory")
                     os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=fd, follow_symlinks=False)
-            elif m.ischr() or m.isblk() or m.isfifo():
-                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+            else:  # a device node or FIFO of a layer: made here, never opened, set by name
+                kind = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK}.get(m.kind, stat.S_IFIFO)
                 os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=fd)
-                self._finish(fd, name, m, mode)
-            else:
-                raise LayerError(f"{m.name}: unsupported tar member type {m.type!r}")
+                os.chown(name, m.uid, m.gid, dir_fd=fd, follow_symlinks=False)
+                os.chmod(name, m.mode, dir_fd=fd)
+                os.utime(name, (m.mtime, m.mtime), dir_fd=fd, follow_symlinks=False)
 
-    def _file(self, tar: tarfile.TarFile, m: tarfile.TarInfo, dir_fd: int, name: str, mode: int) -> None:
+    def _file(self, reader: TarReader, m: Member, dir_fd: int, name: str, *, layer: bool) -> None:
         self.written += m.size
-        if self.written > self.limit:
-            raise LayerError(f"the image is larger than the {self.limit >> 30} GiB disk it must fit (EMBER_DISK_GIB)")
-        src = tar.extractfile(m)
-        assert src is not None
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+        if self.capacity is not None and self.written > self.capacity:
+            raise ArchiveError(
+                f"the image is larger than the {self.capacity >> 30} GiB disk it must fit (EMBER_DISK_GIB)"
+            )
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out, CHUNK)
+            while chunk := reader.read():
+                out.write(chunk)
             out.flush()
-            _set_meta(out.fileno(), m, mode)
-
-    def _finish(self, dir_fd: int, name: str, m: tarfile.TarInfo, mode: int) -> None:
-        if m.isdir():
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-            try:
-                _set_meta(fd, m, mode)
-            finally:
-                os.close(fd)
-        else:  # a device node or FIFO just made here: never opened, set by name
-            os.chown(name, m.uid, m.gid, dir_fd=dir_fd, follow_symlinks=False)
-            os.chmod(name, mode, dir_fd=dir_fd)
-            os.utime(name, (m.mtime, m.mtime), dir_fd=dir_fd, follow_symlinks=False)
+            _set_meta(out.fileno(), m, layer=layer)
 
 
-def _set_meta(fd: int, m: tarfile.TarInfo, mode: int) -> None:
-    os.fchown(fd, m.uid, m.gid)
-    os.fchmod(fd, mode)  # after chown, which clears set-id bits
-    for key, value in (m.pax_headers or {}).items():
-        attr = key.removeprefix("SCHILY.xattr.")
-        if attr != key and attr.startswith(XATTRS):
-            os.setxattr(fd, attr, value.encode("utf-8", "surrogateescape"))
+def _key(path: str) -> int:
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+
+
+def _set_meta(fd: int, m: Member, *, layer: bool) -> None:
+    if layer:
+        os.fchown(fd, m.uid, m.gid)
+    os.fchmod(fd, m.mode)  # after chown, which clears set-id bits
+    if layer:
+        for attr, value in m.xattrs.items():
+            if attr.startswith(XATTRS):
+                os.setxattr(fd, attr, value)
     os.utime(fd, (m.mtime, m.mtime))
 
 
-def _remove(dir_fd: int, name: str) -> None:
-    """Delete ``name`` (a whole directory tree too) inside ``dir_fd``, never following links."""
+def remove_entry(dir_fd: int, name: str) -> None:
+    """Delete ``name`` inside ``dir_fd`` (a whole directory tree too), never following a link.
+
+    Iterative: one directory descriptor open at a time, ``..`` to climb back
+    (safe here: the tree is root's own and nothing else changes it)."""
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -250,10 +277,36 @@ def _remove(dir_fd: int, name: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    pending: list[tuple[str, list[str]]] = [(name, os.listdir(fd))]
     try:
-        for child in os.listdir(fd):
-            _remove(fd, child)
+        while pending:
+            children = pending[-1][1]
+            if children:
+                child = children.pop()
+                if stat.S_ISDIR(os.lstat(child, dir_fd=fd).st_mode):
+                    sub = os.open(child, DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = sub
+                    pending.append((child, os.listdir(fd)))
+                else:
+                    os.unlink(child, dir_fd=fd)
+                continue
+            up = os.open("..", DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            os.rmdir(pending.pop()[0], dir_fd=fd)
     finally:
         os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree (iteratively, see ``remove_entry``); a missing one is fine."""
+    try:
+        parent = os.open(path.parent, DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    try:
+        remove_entry(parent, path.name)
+    finally:
+        os.close(parent)

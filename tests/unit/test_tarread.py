@@ -1,0 +1,238 @@
+"""Ember's tar reader and trees against hostile archives: escapes, bombs, deep trees, odd formats."""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from ember.build.context import BuildContext
+from ember.build.tarread import ArchiveError, Kind, TarLimits, is_tar, open_tar
+from ember.build.unpack import Tree, remove_tree
+
+LIMITS = TarLimits(max_bytes=256 << 20, max_members=100_000, max_header=1 << 20, max_depth=64, max_file=64 << 20)
+MiB = 1 << 20
+
+
+def tar_bytes(add: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for info, data in add:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    i = tarfile.TarInfo(name)
+    i.type, i.linkname, i.mode = kind, link, 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return i
+
+
+def symlink_chain_tar(escape_to: str) -> bytes:
+    """CVE-2025-4517's archive: a symlink chain past PATH_MAX makes the data filter's realpath check
+    pass, then ``escape`` leads to ancestors of the destination and ``escape/<escape_to>`` is written."""
+    comp = "d" * 247
+    steps = "abcdefghijklmnop"
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    path = ""
+    for step in steps:
+        members.append((info(os.path.join(path, comp), tarfile.DIRTYPE), None))
+        members.append((info(os.path.join(path, step), tarfile.SYMTYPE, comp), None))
+        path = os.path.join(path, comp)
+    linkpath = os.path.join(*steps, "l" * 254)
+    members.append((info(linkpath, tarfile.SYMTYPE, "../" * len(steps)), None))
+    members.append((info("escape", tarfile.SYMTYPE, linkpath + "/.." * 3), None))
+    members.append((info("escape/" + escape_to), b"written through the escape\n"))
+    members.append((info("Dockerfile"), b"FROM scratch\n"))
+    return tar_bytes(members)
+
+
+def apply(root: Path, data: bytes, *, layer: bool, limits: TarLimits = LIMITS) -> None:
+    with Tree(root, limits) as tree:
+        tree.apply_stream(io.BytesIO(data), layer=layer)
+
+
+@pytest.mark.parametrize("layer", [False, True])
+def test_context_and_oci_archive_symlink_chain_cannot_escape(tmp_path: Path, layer: bool) -> None:
+    outer = tmp_path / "a" / "b"
+    root = outer / "context"
+    root.mkdir(parents=True)
+    apply(root, symlink_chain_tar("escaped-c1"), layer=layer)
+    assert sorted(p.name for p in tmp_path.rglob("escaped-c1")) == ["escaped-c1"]
+    assert (root / "escaped-c1").read_bytes() == b"written through the escape\n"  # it landed at the tree's root
+    # and reading through the tree resolves the same way: inside
+    with BuildContext(root, LIMITS) as ctx:
+        assert ctx.dockerfile_text() == "FROM scratch\n"
+        assert ctx.tree.read_bytes("escape/escaped-c1", 100) == b"written through the escape\n"
+
+
+def test_a_hard_link_cannot_reach_outside(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("host secret")
+    root = tmp_path / "ctx"
+    root.mkdir()
+    data = tar_bytes([(info("up", tarfile.SYMTYPE, "../.."), None), (info("hl", tarfile.LNKTYPE, "up/secret"), None)])
+    with pytest.raises(ArchiveError):
+        apply(root, data, layer=False)
+    assert not (root / "hl").exists() and secret.stat().st_nlink == 1
+
+
+def test_context_reads_never_follow_a_link_out(tmp_path: Path) -> None:
+    secret = tmp_path / "host-file"
+    secret.write_text("host secret")
+    root = tmp_path / "ctx"
+    root.mkdir()
+    # links as a tenant's upload can hold them: to the host's directories, absolute and relative
+    data = tar_bytes([
+        (info("etc", tarfile.SYMTYPE, str(tmp_path)), None), (info("rel", tarfile.SYMTYPE, "../../.."), None),
+        (info("Dockerfile", tarfile.SYMTYPE, str(secret)), None), (info("real"), b"inside"),
+    ])  # fmt: skip
+    apply(root, data, layer=False)
+    with BuildContext(root, LIMITS) as ctx:
+        with pytest.raises(Exception, match="Dockerfile"):
+            ctx.dockerfile_text()  # resolves to <tree>/<tmp_path>/host-file: absent
+        assert not ctx.exists("etc/host-file") and not ctx.exists("rel/host-file")
+        assert ctx.exists("rel/real") and ctx.walk("rel") == ["rel"]  # a link is listed, never descended
+        assert ctx.is_archive("etc") is False
+
+
+def test_decompression_bombs_are_capped(tmp_path: Path) -> None:
+    bomb = lzma.compress(tar_bytes([(info("zeros"), bytes(64 * MiB))]))
+    assert len(bomb) < 64 * 1024
+    small = TarLimits(**{**LIMITS.__dict__, "max_bytes": 16 * MiB})
+    with pytest.raises(ArchiveError, match="EMBER_TAR_MAX_BYTES"):
+        apply(tmp_path, bomb, layer=False, limits=small)
+    one_file = TarLimits(**{**LIMITS.__dict__, "max_file": 8 * MiB})
+    with pytest.raises(ArchiveError, match="EMBER_TAR_MAX_FILE_BYTES"):
+        apply(tmp_path, bomb, layer=False, limits=one_file)
+
+
+@pytest.mark.parametrize("flag", [b"x", b"L"])
+def test_layer_pax_and_longname_header_bombs_are_refused(flag: bytes) -> None:
+    """A 192 MiB extended header (a few hundred kB compressed) is refused before it is read."""
+    size = 192 * MiB
+    header = tarfile.TarInfo("././@LongLink" if flag == b"L" else "pax")
+    header.type, header.size = flag, size
+    head = header.tobuf(tarfile.USTAR_FORMAT)
+    cctx = zstandard.ZstdCompressor()
+    blob = cctx.compress(head + bytes(size) + bytes(1024))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match="EMBER_TAR_MAX_HEADER_BYTES"), open_tar(io.BytesIO(blob), LIMITS) as r:
+            list(r)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB, f"refusing the header cost {peak >> 20} MiB"
+
+
+def test_extended_header_chains_and_global_headers_are_bounded() -> None:
+    pax = tarfile.TarInfo("x")
+    pax.type = tarfile.XHDTYPE
+    record = b"20 comment=aaaaaaaa\n"
+    pax.size = len(record)
+    one = pax.tobuf(tarfile.USTAR_FORMAT) + record + bytes(-len(record) % 512)
+    with pytest.raises(ArchiveError, match="in a row"), open_tar(io.BytesIO(one * 5000 + bytes(1024)), LIMITS) as r:
+        list(r)  # a chain that tarfile follows by recursion
+    glob = tarfile.TarInfo("g")
+    glob.type = tarfile.XGLTYPE
+    records = []
+    for i in range(4):
+        body = f"comment{i}={'a' * 400_000}\n"
+        records.append(f"{len(body) + 7} {body}".encode())
+    data = b""
+    for rec in records:
+        glob.size = len(rec)
+        data += glob.tobuf(tarfile.USTAR_FORMAT) + rec + bytes(-len(rec) % 512)
+    data += tar_bytes([(info("f"), b"x")])
+    with pytest.raises(ArchiveError, match="global PAX"), open_tar(io.BytesIO(data), LIMITS) as r:
+        list(r)
+
+
+def test_layer_member_count_memory_is_bounded() -> None:
+    """150 000 empty members in a few kB of zstd: counted, refused past the limit, no member list kept."""
+    one = tarfile.TarInfo("e")
+    one.type = tarfile.DIRTYPE
+    block = one.tobuf(tarfile.USTAR_FORMAT)
+    blob = zstandard.ZstdCompressor().compress(block * 150_000 + bytes(1024))
+    assert len(blob) < 64 * 1024
+    tracemalloc.start()
+    try:
+        with open_tar(io.BytesIO(blob), TarLimits(**{**LIMITS.__dict__, "max_members": 1_000_000})) as r:
+            assert sum(1 for _ in r) == 150_000
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB, f"reading 150 000 members kept {peak >> 20} MiB"
+    with pytest.raises(ArchiveError, match="EMBER_TAR_MAX_MEMBERS"), open_tar(io.BytesIO(blob), LIMITS) as r:
+        list(r)
+
+
+def test_deep_tree_whiteout_is_a_layer_error_and_tree_is_removed(tmp_path: Path) -> None:
+    deep = "/".join(["d"] * 1500)
+    root = tmp_path / "tree"
+    root.mkdir()
+    with pytest.raises(ArchiveError, match="EMBER_TAR_MAX_DEPTH"):
+        apply(root, tar_bytes([(info(deep + "/f"), b"x"), (info(".wh.d"), b"")]), layer=True)
+    # symlinks cannot build a deeper tree than the limit either: each link adds 40 levels
+    chain = [(info("l0", tarfile.SYMTYPE, "/".join(["a"] * 40)), None)]
+    chain += [(info(f"l{i}", tarfile.SYMTYPE, f"l{i - 1}/" + "/".join(["a"] * 40)), None) for i in range(1, 5)]
+    with pytest.raises(ArchiveError, match="EMBER_TAR_MAX_DEPTH"):
+        apply(root, tar_bytes([*chain, (info("l4/f"), b"x")]), layer=True)
+    remove_tree(root)
+    assert not root.exists()
+
+
+def test_removal_is_iterative(tmp_path: Path) -> None:
+    """A tree deeper than Python's recursion limit (shutil.rmtree raises RecursionError on it)."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    os.mkdir("top", dir_fd=fd)
+    cur = os.open("top", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=cur)
+        open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=cur)).close()
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+        os.close(cur)
+        cur = nxt
+    os.close(cur)
+    os.close(fd)
+    remove_tree(tmp_path / "top")
+    assert not (tmp_path / "top").exists()
+
+
+def test_gnu_ustar_and_pax_formats_read_alike(tmp_path: Path) -> None:
+    long = "x" * 150 + "/" + "y" * 120
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        members = [
+            (info("dir/", tarfile.DIRTYPE), None),
+            (info("dir/f"), b"data"),
+            (info("lnk", tarfile.SYMTYPE, "dir/f"), None),
+        ]
+        if fmt != tarfile.USTAR_FORMAT:
+            members.append((info(long), b"long"))
+        with open_tar(io.BytesIO(tar_bytes(members, fmt)), LIMITS) as r:
+            got = [(m.name, m.kind, r.read() if m.kind is Kind.FILE else b"") for m in r]
+        want = [("dir", Kind.DIR, b""), ("dir/f", Kind.FILE, b"data"), ("lnk", Kind.SYMLINK, b"")]
+        assert got == want + ([(long, Kind.FILE, b"long")] if fmt != tarfile.USTAR_FORMAT else [])
+
+
+def test_special_owners_sparse_and_garbage_are_refused(tmp_path: Path) -> None:
+    big_uid = info("f")
+    big_uid.uid = 1 << 32
+    with pytest.raises(ArchiveError, match="owner ids"), open_tar(io.BytesIO(tar_bytes([(big_uid, b"")])), LIMITS) as r:
+        list(r)
+    with pytest.raises(ArchiveError, match="checksum"), open_tar(io.BytesIO(b"not a tar" * 100), LIMITS) as r:
+        list(r)
+    assert not is_tar(io.BytesIO(b"#!/bin/sh\n" * 100), LIMITS)
+    assert is_tar(io.BytesIO(lzma.compress(tar_bytes([(info("f"), b"x")]))), LIMITS)
+    devices = tar_bytes([(info("dev", tarfile.CHRTYPE), None), (info("fifo", tarfile.FIFOTYPE), None)])
+    apply(tmp_path, devices, layer=False)
+    assert os.listdir(tmp_path) == []  # a context or OCI archive gets no device nodes on the host
