@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import ssl
 import threading
@@ -319,3 +320,36 @@ def test_token_realms_must_be_on_the_registrys_own_site(registry: str, realm: st
 def test_registry_hosts_must_be_host_and_port(name: str) -> None:
     with pytest.raises(BuildFailed, match="is not a registry host"):
         registry_named(name)
+
+
+class _Chunks:
+    """A source that sends whatever bytes it is given for any blob."""
+
+    name = "test"
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.sent = 0
+
+    async def manifest(self, reference: str) -> tuple[bytes, str]:
+        raise AssertionError("not asked")
+
+    async def chunks(self, desc: oci.Descriptor) -> Any:
+        for i in range(0, len(self.data), 1024):
+            self.sent += 1024
+            yield self.data[i : i + 1024]
+
+
+@pytest.mark.parametrize("how", ["tampered", "larger", "shorter"])
+async def test_blob_tampered_or_larger_than_descriptor_is_refused(tmp_path: Path, how: str) -> None:
+    good = b"layer bytes " * 1000
+    desc = oci.Descriptor(
+        "application/vnd.oci.image.layer.v1.tar", "sha256:" + hashlib.sha256(good).hexdigest(), len(good)
+    )
+    sent = {"tampered": good[:-1] + b"!", "larger": good + bytes(10 << 20), "shorter": good[:-10]}[how]
+    source = _Chunks(sent)
+    store = oci.BlobStore(tmp_path)
+    with pytest.raises(BuildFailed, match=r"larger than its manifest says|does not match"):
+        await store.fetch(source, desc)
+    assert not store.path(desc.digest).exists() and list(store.root.iterdir()) == []  # nothing kept, no partial
+    assert source.sent <= len(good) + 2048  # a larger blob is cut off as soon as it passes its size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import lzma
 import os
+import stat
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -236,3 +237,31 @@ def test_special_owners_sparse_and_garbage_are_refused(tmp_path: Path) -> None:
     devices = tar_bytes([(info("dev", tarfile.CHRTYPE), None), (info("fifo", tarfile.FIFOTYPE), None)])
     apply(tmp_path, devices, layer=False)
     assert os.listdir(tmp_path) == []  # a context or OCI archive gets no device nodes on the host
+
+
+def test_layer_device_nodes_setuid_and_xattrs_policy(tmp_path: Path) -> None:
+    """Layers keep what an image needs (device nodes, set-id bits after chown, file capabilities and user.*
+    xattrs), never other xattr namespaces; contexts and OCI archives get plain root-owned files only."""
+    dev = info("dev/null", tarfile.CHRTYPE)
+    dev.devmajor, dev.devminor, dev.mode = 1, 3, 0o666
+    suid = info("bin/su")
+    suid.uid, suid.gid, suid.mode = 0, 0, 0o4755
+    owned = info("home/app/data")
+    owned.uid, owned.gid, owned.mode = 1000, 1000, 0o2750
+    owned.pax_headers = {"SCHILY.xattr.user.note": "kept", "SCHILY.xattr.trusted.evil": "dropped"}
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = [(dev, None), (suid, b"#!"), (owned, b"d")]
+    data = tar_bytes(members)
+    layer, plain = tmp_path / "layer", tmp_path / "plain"
+    layer.mkdir()
+    plain.mkdir()
+    apply(layer, data, layer=True)
+    apply(plain, data, layer=False)
+    st = os.lstat(layer / "dev/null")
+    assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
+    assert os.stat(layer / "bin/su").st_mode & 0o7777 == 0o4755
+    got = os.stat(layer / "home/app/data")
+    assert (got.st_uid, got.st_gid, got.st_mode & 0o7777) == (1000, 1000, 0o2750)
+    assert os.listxattr(layer / "home/app/data") == ["user.note"]
+    assert not (plain / "dev/null").exists()
+    got = os.stat(plain / "home/app/data")
+    assert (got.st_uid, got.st_gid) == (0, 0) and os.listxattr(plain / "home/app/data") == []
