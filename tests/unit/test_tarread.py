@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import lzma
 import os
+import random
 import stat
 import tarfile
 import tracemalloc
@@ -265,3 +267,60 @@ def test_layer_device_nodes_setuid_and_xattrs_policy(tmp_path: Path) -> None:
     assert not (plain / "dev/null").exists()
     got = os.stat(plain / "home/app/data")
     assert (got.st_uid, got.st_gid) == (0, 0) and os.listxattr(plain / "home/app/data") == []
+
+
+def raw_header(fields: dict[str, bytes]) -> bytes:
+    """One ustar header block with any bytes in its fields, and a correct checksum."""
+    layout = {"name": (0, 100), "mode": (100, 8), "uid": (108, 8), "gid": (116, 8), "size": (124, 12),
+              "mtime": (136, 12), "flag": (156, 1), "link": (157, 100), "magic": (257, 8),
+              "devmajor": (329, 8), "devminor": (337, 8), "prefix": (345, 155)}  # fmt: skip
+    block = bytearray(512)
+    block[257:265] = b"ustar\x0000"
+    for key, value in fields.items():
+        start, width = layout[key]
+        block[start : start + width] = value[:width].ljust(width, b"\0")
+    block[148:156] = b" " * 8
+    block[148:155] = b"%06o\0" % sum(block)
+    return bytes(block)
+
+
+def test_hostile_header_fields_fail_with_an_archive_error_only(tmp_path: Path) -> None:
+    """Random values in every header field and PAX record (huge, negative, base-256, NULs, unknown types)
+    are an ArchiveError: never a ValueError or OverflowError escaping as an internal error."""
+    rng = random.Random(8)
+    numbers = [
+        b"",
+        b"7777777",
+        b"-1",
+        b"99",
+        b"\x80" + b"\xff" * 7,
+        b"\xff" * 8,
+        b"\x80\x00\x00\x01",
+        b"1e9",
+        b"0" * 11,
+    ]
+    names = [b"a", b"a/b/../../../c", b"/abs", b"..", b"x" * 100, b"dir/", b"a\xffb", b"\0hidden", b"."]
+    records = [b"path=a\0b", b"mtime=1e400", b"mtime=nan", b"size=-5", b"uid=99999999999", b"linkpath=/etc/x",
+               b"SCHILY.xattr.user.\0x=1", b"GNU.sparse.map=0,1", b"hdrcharset=BINARY", b"",
+               b"size=18446744073709551616"]  # fmt: skip
+    for i in range(600):
+        data = b""
+        for _ in range(rng.randint(1, 3)):
+            flag = rng.choice([b"0", b"5", b"2", b"1", b"3", b"6", b"x", b"g", b"L", b"S", b"V", b"?"])
+            body = b""
+            if flag in (b"x", b"g"):
+                rec = rng.choice(records)
+                body = b"%d %s\n" % (len(rec) + 3 + len(str(len(rec))), rec)
+            elif flag == b"L":
+                body = rng.choice(names)
+            elif flag == b"0":
+                body = b"d" * rng.randint(0, 700)
+            fields = {k: rng.choice(numbers) for k in ("mode", "uid", "gid", "mtime", "devmajor", "devminor")}
+            size = rng.choice([b"%o" % len(body), rng.choice(numbers)])
+            fields |= {"name": rng.choice(names), "flag": flag, "size": size, "link": rng.choice(names)}
+            data += raw_header(fields) + body + bytes(-len(body) % 512)
+        root = tmp_path / str(i)
+        root.mkdir()
+        with contextlib.suppress(ArchiveError):
+            apply(root, data + bytes(1024), layer=bool(i % 2))
+        remove_tree(root)

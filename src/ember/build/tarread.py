@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 BLOCK = 512
 MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to chown
 MAX_META_IN_A_ROW = 8  # extended headers before one member
+MAX_TIME = 1 << 40  # seconds either side of 1970 (what the host's utime takes, with room to spare)
 COMPRESSIONS = (
     (b"\x1f\x8b", "gzip"),
     (b"\x28\xb5\x2f\xfd", "zstd"),
@@ -236,6 +237,10 @@ class TarReader:
             m.name = m.name.rstrip("/") or m.name
         if m.uid > MAX_ID or m.gid > MAX_ID:
             raise ArchiveError(f"{m.name[:200]!r}: owner ids above {MAX_ID} are not valid")
+        if abs(m.mtime) > MAX_TIME or m.devmajor > MAX_ID or m.devminor > MAX_ID:
+            raise ArchiveError(f"{m.name[:200]!r}: a time or device number out of range")
+        if "\0" in m.name or "\0" in m.linkname or any("\0" in k for k in m.xattrs):
+            raise ArchiveError("a member name, link target or xattr name holds a NUL byte")
         depth = clean(m.name).count("/") + 1
         if depth > self.limits.max_depth:
             raise ArchiveError(f"a member path is deeper than {self.limits.max_depth} levels (EMBER_TAR_MAX_DEPTH)")
