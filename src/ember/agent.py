@@ -3,23 +3,33 @@
 The daemon connects to QEMU's chardev socket, proves it knows the VM's token
 (HELLO), and resynchronizes by scanning for the agent's acknowledgement, which
 echoes a fresh nonce: bytes left in the channel by an earlier daemon cannot be
-mistaken for it. A reader task then routes frames to per-stream queues. The
-queues are bounded, so a slow consumer pauses the whole channel (and, through
-the agent's bounded buffers, the guest) instead of growing host memory.
+mistaken for it. A reader task then routes frames to per-stream queues.
+
+Every reply is hostile: a malformed or unexpected one raises
+:class:`GuestProtocolError` (HTTP 503). Queued frames are paid for in bytes
+from two budgets (:class:`ChannelLimits`): one per VM and one for the whole
+daemon. When either is spent the reader stops reading the VM's channel until
+consumers take frames (back-pressure, through the agent's bounded buffers, to
+the guest), so one VM never holds more than its budget and all VMs together
+never more than the daemon's. A stream whose consumer goes away (an abandoned
+file iterator included) is closed and its frames are given back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import AgentUnavailable, GuestError, InvalidRequest
+from ember.config import Settings
+from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostSetupError, InvalidRequest
 from ember.guest.protocol import (
     ACK_MAGIC,
     HEADER,
@@ -29,7 +39,6 @@ from ember.guest.protocol import (
     Field,
     Frame,
     Msg,
-    ProtocolError,
     Tag,
     decode_entries,
     decode_fields,
@@ -40,10 +49,80 @@ from ember.guest.protocol import (
     field_str,
 )
 
-QUEUE_FRAMES = 64
+FRAME_COST = 256  # host bytes charged per queued frame beyond its payload (empty frames are not free)
 RESYNC_LIMIT = 8 * 1024 * 1024  # stale bytes we are willing to skip while resyncing
 CHUNK = 128 * 1024
 MAX_ARGS = 1000  # the agent takes at most 1023 arguments and 1023 environment entries
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to setuid(); never a real uid or gid
+ENTRY_MAX_BYTES = 24 + 255  # one listing record: header and a name of at most NAME_MAX bytes
+_NUMERIC = re.compile(r"-?[0-9]+")
+
+
+class ByteBudget:
+    """Bytes that may be held at once; ``take`` waits (first come, first served) until they are free."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        if limit < MAX_PAYLOAD + FRAME_COST:
+            raise HostSetupError(f"{name} must be at least {MAX_PAYLOAD + FRAME_COST} bytes (one largest frame)")
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def take(self, n: int) -> None:
+        if not self._waiters and self.used + n <= self.limit:
+            self.used += n
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, waiter))
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(n)  # granted just as we were cancelled
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        while self._waiters and (self._waiters[0][1].done() or self.used + self._waiters[0][0] <= self.limit):
+            size, waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += size
+                waiter.set_result(None)
+
+
+_DAEMON_BUDGETS: dict[Settings, ByteBudget] = {}
+
+
+@dataclass(frozen=True)
+class ChannelLimits:
+    """What one VM's agent channel may hold on the host: its own budget, the daemon-wide one
+    (shared by every channel of a daemon), and the most entries one listing returns."""
+
+    vm: ByteBudget
+    daemon: ByteBudget
+    ls_max_entries: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> ChannelLimits:
+        daemon = _DAEMON_BUDGETS.get(settings)
+        if daemon is None:
+            daemon = _DAEMON_BUDGETS.setdefault(
+                settings, ByteBudget(settings.agent_daemon_buffer_bytes, "EMBER_AGENT_DAEMON_BUFFER_BYTES")
+            )
+        vm = ByteBudget(settings.agent_vm_buffer_bytes, "EMBER_AGENT_VM_BUFFER_BYTES")
+        return cls(vm=vm, daemon=daemon, ls_max_entries=max(1, settings.ls_max_entries))
+
+    async def take(self, n: int) -> None:
+        await self.vm.take(n)
+        try:
+            await self.daemon.take(n)
+        except BaseException:
+            self.vm.release(n)
+            raise
+
+    def release(self, n: int) -> None:
+        self.daemon.release(n)
+        self.vm.release(n)
 
 
 @dataclass(frozen=True)
@@ -64,10 +143,58 @@ class ExecResult:
     timed_out: bool
 
 
-def _raise_for(frame: Frame) -> None:
+@dataclass(frozen=True)
+class Listing:
+    entries: list[DirEntry]
+    truncated: bool  # the directory has more entries than the listing limit
+
+
+def _raise_for(frame: Frame, expected: Msg | None = None) -> None:
+    """Raise the agent's error reply as GuestError; any other type than ``expected`` is a protocol error."""
     if frame.type is Msg.ERROR:
         fields = decode_fields(frame.payload)
         raise GuestError(field_str(fields, Tag.MESSAGE, "guest error")[:1000], field_int(fields, Tag.ERRNO, 0))
+    if expected is not None and frame.type is not expected:
+        raise GuestProtocolError(f"{frame.type.name} where {expected.name} was expected")
+
+
+def check_user(spec: str) -> None:
+    """``user`` is a name or uid[:gid]; numeric ids must be real ones (0 to 2^32-2)."""
+    for part in spec.split(":", 1):
+        if _NUMERIC.fullmatch(part) and not 0 <= int(part) <= MAX_ID:
+            raise InvalidRequest(f"user {spec!r}: uids and gids are 0-{MAX_ID}")
+
+
+def _failure(task: asyncio.Task[None] | None) -> BaseException | None:
+    """The exception a finished task raised, if any."""
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+class _Credit:
+    """Exec stdin bytes the agent has room for (it grants more as the command reads)."""
+
+    def __init__(self, initial: int) -> None:
+        self.available = initial
+        self.closed = False  # the command closed its stdin, or the channel went away
+        self._event = asyncio.Event()
+
+    def grant(self, n: int, *, closed: bool) -> None:
+        self.available += n
+        self.closed = self.closed or closed
+        self._event.set()
+
+    async def take(self, want: int) -> int:
+        """Up to ``want`` bytes of credit (0 once closed); waits while there is none."""
+        while self.available <= 0 and not self.closed:
+            self._event.clear()
+            await self._event.wait()
+        if self.closed:
+            return 0
+        n = min(want, self.available)
+        self.available -= n
+        return n
 
 
 def identity_request(hostname: str, new_token: str, entropy: bytes, time_ns: int) -> tuple[Msg, list[Field]]:
@@ -77,11 +204,15 @@ def identity_request(hostname: str, new_token: str, entropy: bytes, time_ns: int
 
 
 class AgentConnection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float, limits: ChannelLimits
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._timeout = timeout_s
+        self._limits = limits
         self._streams: dict[int, asyncio.Queue[Frame | None]] = {}
+        self._credits: dict[int, _Credit] = {}
         self._ids = itertools.count(1)
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -91,13 +222,13 @@ class AgentConnection:
     # ---- connection ------------------------------------------------------
 
     @classmethod
-    async def open(cls, sock: Path, timeout_s: float) -> AgentConnection:
+    async def open(cls, sock: Path, timeout_s: float, *, limits: ChannelLimits) -> AgentConnection:
         """Connect to the VM's agent socket without talking yet (QEMU may still be restoring)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(str(sock), limit=MAX_PAYLOAD * 2)
-                return cls(reader, writer, timeout_s)
+                return cls(reader, writer, timeout_s, limits)
             except OSError as exc:
                 if time.monotonic() > deadline:
                     raise AgentUnavailable(f"cannot reach the guest agent socket: {exc}") from None
@@ -113,7 +244,7 @@ class AgentConnection:
         stream = 0
         if then is not None:
             stream = next(self._ids)
-            self._streams[stream] = asyncio.Queue(QUEUE_FRAMES)
+            self._streams[stream] = asyncio.Queue()
         try:
             await asyncio.wait_for(
                 self._handshake(token, then and encode_frame(then[0], stream, encode_fields(then[1]))), timeout_s
@@ -128,13 +259,13 @@ class AgentConnection:
         if then is None:
             return
         try:
-            _raise_for(await self._recv(stream))
+            _raise_for(await self._recv(stream), Msg.OK)
         finally:
             self._close(stream)
 
     @classmethod
-    async def connect(cls, sock: Path, token: str, timeout_s: float) -> AgentConnection:
-        conn = await cls.open(sock, timeout_s)
+    async def connect(cls, sock: Path, token: str, timeout_s: float, *, limits: ChannelLimits) -> AgentConnection:
+        conn = await cls.open(sock, timeout_s, limits=limits)
         await conn.authenticate(token, timeout_s)
         return conn
 
@@ -173,19 +304,34 @@ class AgentConnection:
             while True:
                 length, stream, type_ = decode_header(await self._readexactly(HEADER.size))
                 payload = await self._readexactly(length) if length else b""
+                if type_ is Msg.CREDIT:
+                    self._grant(stream, payload)
+                    continue
                 queue = self._streams.get(stream)
                 if queue is None:
                     continue  # a stream we gave up on (or one the guest made up)
-                await queue.put(Frame(type_, stream, payload))
+                cost = len(payload) + FRAME_COST
+                await self._limits.take(cost)  # a spent budget pauses this channel here
+                if self._streams.get(stream) is not queue:
+                    self._limits.release(cost)  # closed while we waited
+                    continue
+                queue.put_nowait(Frame(type_, stream, payload))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             self.error = "the guest agent channel closed (VM stopped or crashed)"
-        except ProtocolError as exc:
-            self.error = f"the guest agent broke the protocol: {exc}"
+        except GuestProtocolError as exc:
+            self.error = str(exc)
         finally:
             for queue in self._streams.values():
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
+                queue.put_nowait(None)
+            for credit in self._credits.values():
+                credit.grant(0, closed=True)
             self._writer.close()
+
+    def _grant(self, stream: int, payload: bytes) -> None:
+        fields = decode_fields(payload)
+        credit = self._credits.get(stream)
+        if credit is not None:
+            credit.grant(field_int(fields, Tag.SIZE), closed=bool(field_int(fields, Tag.CLOSED, 0)))
 
     @property
     def closed(self) -> bool:
@@ -197,6 +343,8 @@ class AgentConnection:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._writer.close()
+        for stream in list(self._streams):
+            self._drain(stream)
 
     # ---- streams ---------------------------------------------------------
 
@@ -204,11 +352,30 @@ class AgentConnection:
         if self.closed:
             raise AgentUnavailable(self.error or "not connected to the guest agent")
         stream = next(self._ids)
-        self._streams[stream] = asyncio.Queue(QUEUE_FRAMES)
+        self._streams[stream] = asyncio.Queue()
         return stream
 
+    def _drain(self, stream: int) -> None:
+        """Give back the budget of a stream's queued frames (a None stays: it wakes a waiting consumer)."""
+        queue = self._streams.get(stream)
+        while queue is not None and not queue.empty():
+            frame = queue.get_nowait()
+            if frame is None:
+                queue.put_nowait(None)
+                return
+            self._limits.release(len(frame.payload) + FRAME_COST)
+
     def _close(self, stream: int) -> None:
+        self._drain(stream)
         self._streams.pop(stream, None)
+        self._credits.pop(stream, None)
+
+    def _cancel(self, stream: int) -> None:
+        """Close a file or listing stream the caller gave up on, and tell the agent to stop it
+        (synchronous: it also runs from finalizers; a whole frame is one buffered write)."""
+        self._close(stream)
+        if not self.closed and not self._writer.is_closing():
+            self._writer.write(encode_frame(Msg.SIGNAL, stream, encode_fields([(Tag.SIGNAL, 9)])))
 
     async def _send(self, type_: Msg, stream: int, payload: bytes = b"") -> None:
         async with self._write_lock:
@@ -227,16 +394,18 @@ class AgentConnection:
         except TimeoutError:
             raise AgentUnavailable("the guest agent did not answer in time") from None
         if frame is None:
+            queue.put_nowait(None)  # every later call of this stream sees the end too
             raise AgentUnavailable(self.error or "the guest agent channel closed")
+        self._limits.release(len(frame.payload) + FRAME_COST)
         return frame
 
     async def request(self, type_: Msg, fields: list[Field]) -> Frame:
-        """One request, one reply (raises the agent's error as GuestError)."""
+        """One request, one OK reply (raises the agent's error as GuestError)."""
         stream = self._open()
         try:
             await self._send(type_, stream, encode_fields(fields))
             frame = await self._recv(stream)
-            _raise_for(frame)
+            _raise_for(frame, Msg.OK)
             return frame
         finally:
             self._close(stream)
@@ -261,7 +430,13 @@ class AgentConnection:
     async def exec(
         self, req: ExecRequest, stdin: AsyncIterator[bytes] | None = None
     ) -> AsyncIterator[tuple[str, bytes] | ExecResult]:
-        """Run a command; yields ("stdout"|"stderr", bytes) then one ExecResult."""
+        """Run a command; yields ("stdout"|"stderr", bytes) then one ExecResult.
+
+        ``stdin`` is pulled only once the command runs, and only as fast as the agent grants
+        credit (what the command has read). If the command closes its stdin, the rest is
+        not pulled. If ``stdin`` raises, the command is killed and the error is raised.
+        """
+        check_user(req.user)
         fields: list[Field] = [(Tag.ARG, a) for a in req.argv]
         fields += [(Tag.ENV, e) for e in req.env]
         if req.cwd:
@@ -287,12 +462,14 @@ class AgentConnection:
         try:
             await self._send(Msg.EXEC, stream, payload)
             first = await self._recv(stream)
-            _raise_for(first)
-            if first.type is not Msg.STARTED:
-                raise GuestError(f"unexpected agent reply {first.type.name} to exec")
+            _raise_for(first, Msg.STARTED)
             running = True
             if stdin is not None:
-                feeder = asyncio.create_task(self._feed_stdin(stream, stdin))
+                started = decode_fields(first.payload)
+                if Tag.SIZE not in started:
+                    raise GuestProtocolError("exec started without stdin credit (an agent older than this daemon)")
+                credit = self._credits[stream] = _Credit(field_int(started, Tag.SIZE))
+                feeder = asyncio.create_task(self._feed_stdin(stream, stdin, credit))
             while True:
                 frame = await self._recv(stream, timeout=None)
                 if frame.type is Msg.STDOUT:
@@ -303,6 +480,9 @@ class AgentConnection:
                     f = decode_fields(frame.payload)
                     code = field_int(f, Tag.EXIT_CODE)
                     running = False
+                    failed = _failure(feeder)
+                    if failed is not None:
+                        raise failed  # stdin was not delivered: the feeder killed the command
                     yield ExecResult(
                         exit_code=code - (1 << 64) if code >= 1 << 63 else code,
                         signal=field_int(f, Tag.EXIT_SIGNAL, 0),
@@ -311,81 +491,138 @@ class AgentConnection:
                     return
                 else:
                     _raise_for(frame)
-                    raise GuestError(f"unexpected agent reply {frame.type.name} during exec")
+                    raise GuestProtocolError(f"{frame.type.name} during exec")
         finally:
             if feeder is not None:
                 feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await feeder
             if running and not self.closed:
                 # the caller went away (client disconnected, Ctrl-C): stop the command
                 with contextlib.suppress(AgentUnavailable):
                     await self._send(Msg.SIGNAL, stream, encode_fields([(Tag.SIGNAL, 9)]))
             self._close(stream)
 
-    async def _feed_stdin(self, stream: int, stdin: AsyncIterator[bytes]) -> None:
-        async for chunk in stdin:
-            for i in range(0, len(chunk), CHUNK):
-                await self._send(Msg.STDIN, stream, chunk[i : i + CHUNK])
-        await self._send(Msg.STDIN_EOF, stream)
+    async def _feed_stdin(self, stream: int, stdin: AsyncIterator[bytes], credit: _Credit) -> None:
+        """Send stdin within the agent's credit; never more, never silently less."""
+        try:
+            async for chunk in stdin:
+                view = memoryview(chunk)
+                while view:
+                    n = await credit.take(min(len(view), CHUNK))
+                    if n == 0:
+                        return  # the command closed its stdin (or the channel is gone): stop pulling
+                    await self._send(Msg.STDIN, stream, bytes(view[:n]))
+                    view = view[n:]
+            await self._send(Msg.STDIN_EOF, stream)
+        except (asyncio.CancelledError, AgentUnavailable):
+            raise
+        except Exception:
+            # partial stdin must not look complete: stop the command, the exec raises this error
+            with contextlib.suppress(AgentUnavailable):
+                await self._send(Msg.SIGNAL, stream, encode_fields([(Tag.SIGNAL, 9)]))
+            raise
 
     async def write_file(self, path: str, data: AsyncIterator[bytes], mode: int = 0o644, mkdirs: bool = False) -> int:
         stream = self._open()
         try:
             fields: list[Field] = [(Tag.PATH, path), (Tag.MODE, mode), (Tag.MKDIRS, mkdirs)]
             await self._send(Msg.WRITE, stream, encode_fields(fields))
-            _raise_for(await self._recv(stream))
+            _raise_for(await self._recv(stream), Msg.OK)
             async for chunk in data:
                 for i in range(0, len(chunk), CHUNK):
                     await self._send(Msg.WDATA, stream, chunk[i : i + CHUNK])
                 # a write error arrives early; stop sending as soon as it does
                 if not self._streams[stream].empty():
                     _raise_for(await self._recv(stream))
+                    raise GuestProtocolError("a reply before the end of a file write")
             await self._send(Msg.WEOF, stream)
             done = await self._recv(stream, timeout=max(self._timeout, 300))  # fsync of a large file
-            _raise_for(done)
+            _raise_for(done, Msg.OK)
             return field_int(decode_fields(done.payload), Tag.SIZE, 0)
         finally:
             self._close(stream)
 
     async def read_file(self, path: str) -> tuple[int, AsyncIterator[bytes]]:
-        """Open a guest file; returns its size and an iterator over its bytes."""
+        """Open a guest file; returns its size and an iterator over its bytes. An iterator
+        that is dropped unfinished (never started, or abandoned) closes its stream."""
         stream = self._open()
         try:
             await self._send(Msg.READ, stream, encode_fields([(Tag.PATH, path)]))
             first = await self._recv(stream)
-            _raise_for(first)
+            _raise_for(first, Msg.OK)
+            size = field_int(decode_fields(first.payload), Tag.SIZE)
         except BaseException:
             self._close(stream)
             raise
-        size = field_int(decode_fields(first.payload), Tag.SIZE, 0)
+        return size, FileChunks(self, stream)
 
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                while True:
-                    frame = await self._recv(stream)
-                    if frame.type is Msg.RDATA:
-                        yield frame.payload
-                    elif frame.type is Msg.REOF:
-                        return
-                    else:
-                        _raise_for(frame)
-                        raise GuestError(f"unexpected agent reply {frame.type.name} while reading")
-            finally:
-                self._close(stream)
-
-        return size, chunks()
-
-    async def list_dir(self, path: str) -> list[DirEntry]:
+    async def list_dir(self, path: str) -> Listing:
+        """At most ``ls_max_entries`` entries; ``truncated`` says the directory has more."""
+        limit = self._limits.ls_max_entries
         stream = self._open()
+        ended = False  # the agent ended the stream (REOF or an error)
         try:
-            await self._send(Msg.LIST, stream, encode_fields([(Tag.PATH, path)]))
+            await self._send(Msg.LIST, stream, encode_fields([(Tag.PATH, path), (Tag.LIMIT, limit)]))
             blob = bytearray()
             while True:
                 frame = await self._recv(stream)
+                ended = frame.type in (Msg.REOF, Msg.ERROR)
                 _raise_for(frame)
                 if frame.type is Msg.REOF:
-                    return decode_entries(bytes(blob))
-                if len(blob) > 64 * 1024 * 1024:
-                    raise GuestError("directory listing too large")
+                    entries = decode_entries(bytes(blob))
+                    if len(entries) > limit:
+                        raise GuestProtocolError(f"a listing of {len(entries)} entries, over the limit of {limit}")
+                    truncated = bool(field_int(decode_fields(frame.payload), Tag.TRUNCATED, 0))
+                    return Listing(entries=entries, truncated=truncated)
+                if frame.type is not Msg.RDATA:
+                    raise GuestProtocolError(f"{frame.type.name} in a directory listing")
                 blob += frame.payload
+                if len(blob) > limit * ENTRY_MAX_BYTES:
+                    raise GuestProtocolError(f"a listing larger than {limit} entries")
         finally:
-            self._close(stream)
+            if ended:
+                self._close(stream)
+            else:
+                self._cancel(stream)
+
+
+class FileChunks:
+    """The bytes of a guest file as they arrive; closing (or dropping) it closes the stream."""
+
+    def __init__(self, conn: AgentConnection, stream: int) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._open = True
+
+    def __aiter__(self) -> FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._open:
+            raise StopAsyncIteration
+        try:
+            frame = await self._conn._recv(self._stream)
+        except BaseException:
+            self.close()
+            raise
+        if frame.type is Msg.RDATA:
+            return frame.payload
+        self._open = False  # REOF or an error ended the agent's side too
+        self._conn._close(self._stream)
+        if frame.type is Msg.REOF:
+            raise StopAsyncIteration
+        _raise_for(frame)
+        raise GuestProtocolError(f"{frame.type.name} while reading a file")
+
+    def close(self) -> None:
+        """Stop reading: the agent stops sending and queued frames are given back."""
+        if self._open:
+            self._open = False
+            self._conn._cancel(self._stream)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

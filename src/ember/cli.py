@@ -15,7 +15,7 @@ from typing import Any
 import click
 import httpx
 
-from ember.client import ApiError, Call, Client, call_build, call_exec, call_simple, context_tar
+from ember.client import ApiError, Call, Client, call_build, call_simple, context_tar
 from ember.config import Settings
 from ember.errors import EmberError
 
@@ -177,10 +177,9 @@ def exec_cmd(
         if not sep or not key:
             _fail(f"--env wants KEY=VALUE, not {item!r}", 2)
         envs[key] = value
-    stdin = sys.stdin.buffer.read() if use_stdin else None
-    call = call_exec(vm_id, list(argv), env=envs, cwd=workdir, user=user, timeout_s=timeout, stdin=stdin)
+    stdin = _stdin_chunks() if use_stdin else None  # streamed as the command reads it
     with _client() as c:
-        for event in c.stream_events(call):
+        for event in c.exec_events(vm_id, list(argv), stdin=stdin, env=envs, cwd=workdir, user=user, timeout_s=timeout):
             if "stream" in event:
                 out = sys.stdout.buffer if event["stream"] == "stdout" else sys.stderr.buffer
                 out.write(event["data"])
@@ -191,6 +190,11 @@ def exec_cmd(
                 code = event["exit_code"]
                 sys.exit(128 + event["signal"] if event["signal"] else code)
     _fail("lost the exec stream before the command finished", 255)
+
+
+def _stdin_chunks() -> Iterator[bytes]:
+    while chunk := os.read(sys.stdin.fileno(), CHUNK):  # what is there now: a pipe or a terminal line
+        yield chunk
 
 
 def _split_remote(spec: str) -> tuple[str, str] | None:
@@ -243,9 +247,13 @@ def ls_cmd(spec: str) -> None:
         _fail("usage: ember ls VM_ID:/absolute/dir", 2)
         return
     with _client() as c:
-        rows = c.send(call_simple("GET", f"/v1/vms/{remote[0]}/ls", path=remote[1]))
-    for r in rows:
+        listing = c.send(call_simple("GET", f"/v1/vms/{remote[0]}/ls", path=remote[1]))
+    for r in listing["entries"]:
         click.echo(f"{stat.filemode(r['mode'])} {r['size']:>12} {r['name']}")
+    if listing["truncated"]:
+        shown_n = len(listing["entries"])
+        click.echo(f"ember: only the first {shown_n} entries are listed (EMBER_LS_MAX_ENTRIES); there are more", err=True)
+
 
 
 def _lifecycle(action: str, vm_id: str) -> dict[str, Any]:

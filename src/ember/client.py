@@ -13,11 +13,14 @@ Every request is described once by a :class:`Call`; :class:`Client` and
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
 import tarfile
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from ember.build.tarread import TarLimits
 from ember.config import Settings
 
 TIMEOUT = httpx.Timeout(30.0, read=None)
+STDIN_CHUNK = 256 * 1024
+STDIN_JOIN_S = 5.0  # after an exec ends, how long its stdin sender may take to finish
 
 
 class ApiError(Exception):
@@ -65,12 +70,57 @@ def call_run(image: str) -> Call:
 
 def call_exec(
     vm_id: str, argv: list[str], env: dict[str, str] | None = None, cwd: str = "", user: str = "",
-    timeout_s: float = 0, stdin: bytes | None = None,
+    timeout_s: float = 0, *, stdin: bool = False,
 ) -> Call:  # fmt: skip
+    """Run a command. With ``stdin`` the first event is ``{"stdin": ID}``: send the input as the
+    body of :func:`call_exec_stdin` while reading the events (the clients' ``exec`` do both)."""
     body: dict[str, Any] = {"argv": argv, "env": env or {}, "cwd": cwd, "user": user, "timeout_s": timeout_s}
-    if stdin is not None:
-        body["stdin_b64"] = base64.b64encode(stdin).decode()
+    if stdin:
+        body["stdin"] = True
     return Call("POST", f"/v1/vms/{vm_id}/exec", json=body)
+
+
+def call_exec_stdin(vm_id: str, stdin_id: str) -> Call:
+    """The stdin of a running exec; its body (streamed) is the input."""
+    return Call("PUT", f"/v1/vms/{vm_id}/exec/stdin/{stdin_id}")
+
+
+class StdinFeed:
+    """Input for an exec, sent alongside its events. It stops at the next chunk once the exec is
+    over; an error of the caller's own input is kept and re-raised (the daemon reports the rest:
+    undelivered stdin kills the command and ends the events with an error)."""
+
+    def __init__(self, data: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> None:
+        self.data = data
+        self.over = False
+        self.error: BaseException | None = None
+
+    def chunks(self) -> Iterator[bytes]:
+        assert not isinstance(self.data, AsyncIterable)
+        source = [self.data] if isinstance(self.data, bytes) else self.data
+        try:
+            for chunk in source:
+                for i in range(0, len(chunk), STDIN_CHUNK):
+                    if self.over:
+                        return
+                    yield chunk[i : i + STDIN_CHUNK]
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    async def achunks(self) -> AsyncIterator[bytes]:
+        if not isinstance(self.data, AsyncIterable):
+            for chunk in self.chunks():
+                yield chunk
+            return
+        try:
+            async for chunk in self.data:
+                if self.over:
+                    return
+                yield chunk
+        except Exception as exc:
+            self.error = exc
+            raise
 
 
 def call_build(name: str, context_tar: bytes, dockerfile: str = "Dockerfile", **options: Any) -> Call:
@@ -173,9 +223,39 @@ class Client:
         return dict(self.send(call_run(image)))
 
     def exec(
-        self, vm_id: str, argv: list[str], on_output: Callable[[str, bytes], None] | None = None, **kw: Any
-    ) -> ExecOutput:
-        return collect(self.stream_events(call_exec(vm_id, argv, **kw)), on_output)
+        self, vm_id: str, argv: list[str], on_output: Callable[[str, bytes], None] | None = None,
+        stdin: bytes | Iterable[bytes] | None = None, **kw: Any,
+    ) -> ExecOutput:  # fmt: skip
+        return collect(self.exec_events(vm_id, argv, stdin=stdin, **kw), on_output)
+
+    def exec_events(
+        self, vm_id: str, argv: list[str], stdin: bytes | Iterable[bytes] | None = None, **kw: Any
+    ) -> Iterator[dict[str, Any]]:
+        """The exec's events; ``stdin`` streams to the command from a thread, in a request of its own."""
+        events = self.stream_events(call_exec(vm_id, argv, stdin=stdin is not None, **kw))
+        if stdin is None:
+            yield from events
+            return
+        feed, sender = StdinFeed(stdin), None
+        try:
+            for event in events:
+                if "stdin" in event:
+                    sender = threading.Thread(target=self._send_stdin, args=(vm_id, event["stdin"], feed), daemon=True)
+                    sender.start()
+                    continue
+                yield event
+        finally:
+            feed.over = True
+            if sender is not None:
+                sender.join(STDIN_JOIN_S)  # a read of a terminal may block on: leave that daemon thread
+        if feed.error is not None:
+            raise feed.error
+
+    def _send_stdin(self, vm_id: str, stdin_id: str, feed: StdinFeed) -> None:
+        put = call_exec_stdin(vm_id, stdin_id)
+        # a failed upload shows in the exec's events (the daemon kills the command and says why)
+        with contextlib.suppress(httpx.HTTPError):
+            self._http.request(put.method, put.path, content=feed.chunks())
 
     def put_file(self, vm_id: str, path: str, data: Iterable[bytes] | bytes, mode: int = 0o644) -> Any:
         r = self._http.put(f"/v1/vms/{vm_id}/files", params={"path": path, "mode": mode}, content=data)
@@ -226,6 +306,30 @@ class AsyncClient:
     async def run(self, image: str) -> dict[str, Any]:
         return dict(await self.send(call_run(image)))
 
-    async def exec(self, vm_id: str, argv: list[str], **kw: Any) -> ExecOutput:
-        events = [e async for e in self.stream_events(call_exec(vm_id, argv, **kw))]
-        return collect(events, None)
+    async def exec(
+        self, vm_id: str, argv: list[str], stdin: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = None,
+        **kw: Any,
+    ) -> ExecOutput:  # fmt: skip
+        return collect([e async for e in self.exec_events(vm_id, argv, stdin=stdin, **kw)], None)
+
+    async def exec_events(
+        self, vm_id: str, argv: list[str], stdin: bytes | Iterable[bytes] | AsyncIterable[bytes] | None = None,
+        **kw: Any,
+    ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+        """The exec's events; ``stdin`` streams to the command from a task, in a request of its own."""
+        feed, sender = (StdinFeed(stdin) if stdin is not None else None), None
+        try:
+            async for event in self.stream_events(call_exec(vm_id, argv, stdin=feed is not None, **kw)):
+                if "stdin" in event and feed is not None:
+                    put = call_exec_stdin(vm_id, event["stdin"])
+                    sender = asyncio.create_task(self._http.request(put.method, put.path, content=feed.achunks()))
+                    continue
+                yield event
+        finally:
+            if feed is not None:
+                feed.over = True
+            if sender is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sender, STDIN_JOIN_S)
+        if feed is not None and feed.error is not None:
+            raise feed.error

@@ -42,6 +42,12 @@ class Settings:
     # Pre-started VMMs kept per launched image (0 disables the pool).
     pool_size: int = _env("EMBER_POOL_SIZE", 2)
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
+    # Guest-agent frames one VM may have queued in the daemon; when spent, its channel is not read.
+    agent_vm_buffer_bytes: int = _env("EMBER_AGENT_VM_BUFFER_BYTES", 16 * 1024 * 1024)
+    # The same for all VMs of the daemon together.
+    agent_daemon_buffer_bytes: int = _env("EMBER_AGENT_DAEMON_BUFFER_BYTES", 256 * 1024 * 1024)
+    # Most entries one directory listing ('ember ls') returns; more are reported as truncated.
+    ls_max_entries: int = _env("EMBER_LS_MAX_ENTRIES", 50_000)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)
     debian_mirror: str = _env("EMBER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
     # Every untrusted tar (build context, layer, oci-archive, ADD archive, COPY --from) is read with these

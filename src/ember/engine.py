@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ember.agent import AgentConnection, ExecRequest, ExecResult, identity_request
+from ember.agent import AgentConnection, ChannelLimits, ExecRequest, ExecResult, Listing, identity_request
 from ember.config import Settings
 from ember.errors import (
     AgentUnavailable,
@@ -34,7 +34,6 @@ from ember.errors import (
     VmmError,
     VmNotFound,
 )
-from ember.guest.protocol import DirEntry
 from ember.images import ImageStore
 from ember.logs import vlog
 from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
@@ -177,7 +176,10 @@ class Engine:
         vmm = await self.host.start_vmm(vm_id, machine, paths, ram, True, uid, extra_gid)
         try:
             # connected before the guest runs, the port is never seen closed by the guest
-            return vmm, await AgentConnection.open(paths.agent_socket, self.settings.agent_timeout_s)
+            agent = await AgentConnection.open(
+                paths.agent_socket, self.settings.agent_timeout_s, limits=ChannelLimits.of(self.settings)
+            )
+            return vmm, agent
         except BaseException:
             await vmm.shutdown()
             raise
@@ -311,7 +313,7 @@ class Engine:
         runtime = self._runtime(self.get(vm_id), "copy files from")
         return await runtime.agent.read_file(path)
 
-    async def list_dir(self, vm_id: str, path: str) -> list[DirEntry]:
+    async def list_dir(self, vm_id: str, path: str) -> Listing:
         _check_guest_path(path)
         runtime = self._runtime(self.get(vm_id), "list files in")
         return await runtime.agent.list_dir(path)

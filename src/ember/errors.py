@@ -10,7 +10,8 @@ EmberError
 │   └── NameTaken               an image name already in use
 ├── InvalidRequest          malformed input (HTTP 400)
 ├── GuestError              the guest agent refused or failed a request (HTTP 422)
-│   └── AgentUnavailable    the agent cannot be reached (VM crashed or hung; HTTP 503)
+│   ├── AgentUnavailable    the agent cannot be reached (VM crashed or hung; HTTP 503)
+│   └── GuestProtocolError  the agent's reply broke the wire protocol (hostile or broken guest; HTTP 503)
 ├── VmmError                QEMU failed (start, QMP, migration)
 ├── SnapshotError           a snapshot is missing, corrupt or incompatible
 ├── BuildFailed             an image build step failed (HTTP 422; the image is CREATE_FAILED)
@@ -75,6 +76,15 @@ class AgentUnavailable(GuestError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+
+
+class GuestProtocolError(GuestError):
+    """The guest sent bytes that do not follow the wire protocol (a hostile or broken agent)."""
+
+    http_status = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"the guest agent sent a malformed reply ({detail}); the VM's agent is broken or hostile")
 
 
 class VmmError(EmberError):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from ember.agent import AgentConnection
+from ember.agent import AgentConnection, ChannelLimits
 from ember.build import rootfs
 from ember.config import Settings
 from ember.errors import EmberError, HostSetupError, ImageNotFound, SnapshotError
@@ -217,7 +217,9 @@ class ImageStore:
         vmm = await self.host.start_vmm(build_id, machine, paths, RamMode.OWN, stream is not None, builder_uid, gid)
         try:
             if stream is None:
-                agent = await AgentConnection.connect(paths.agent_socket, token, self.settings.boot_timeout_s)
+                agent = await AgentConnection.connect(
+                    paths.agent_socket, token, self.settings.boot_timeout_s, limits=ChannelLimits.of(self.settings)
+                )
                 boot_ms = (time.perf_counter() - boot_started) * 1000
                 if progress is not None:
                     progress(f"cold boot to guest agent ready: {boot_ms / 1000:.2f} s", {"cold_boot_ms": boot_ms})

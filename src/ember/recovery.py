@@ -25,7 +25,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING
 
-from ember.agent import AgentConnection
+from ember.agent import AgentConnection, ChannelLimits
 from ember.errors import AgentUnavailable, SnapshotError
 from ember.logs import vlog
 from ember.models import StopReason, VmRecord, VmState
@@ -100,7 +100,8 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     agent, token = None, ""
     for token in filter(None, (record.next_token, record.token)):
         with contextlib.suppress(AgentUnavailable):
-            agent = await AgentConnection.connect(paths.agent_socket, token, 5)
+            limits = ChannelLimits.of(engine.settings)
+            agent = await AgentConnection.connect(paths.agent_socket, token, 5, limits=limits)
             break
     if agent is None:
         await vmm.shutdown()

@@ -6,11 +6,11 @@ import struct
 
 import pytest
 
+from ember.errors import GuestProtocolError, InvalidRequest
 from ember.guest.protocol import (
     HEADER,
     MAX_PAYLOAD,
     Msg,
-    ProtocolError,
     Tag,
     decode_entries,
     decode_fields,
@@ -32,9 +32,9 @@ def test_fields_round_trip() -> None:
 
 
 def test_oversized_and_unknown_frames_are_rejected() -> None:
-    with pytest.raises(ProtocolError, match="exceeds"):
+    with pytest.raises(GuestProtocolError, match="exceeds"):
         decode_header(HEADER.pack(MAX_PAYLOAD + 1, 1, Msg.STDOUT))
-    with pytest.raises(ProtocolError, match="unknown guest message"):
+    with pytest.raises(GuestProtocolError, match="unknown guest message"):
         decode_header(HEADER.pack(0, 1, Msg.EXEC))  # a host->guest type coming back
     with pytest.raises(ValueError):
         encode_frame(Msg.WDATA, 1, b"x" * (MAX_PAYLOAD + 1))
@@ -49,22 +49,30 @@ def test_oversized_and_unknown_frames_are_rejected() -> None:
     ],
 )
 def test_malformed_fields_are_rejected(payload: bytes) -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(GuestProtocolError):
         decode_fields(payload)
 
 
 def test_bad_integer_sizes_and_nul_in_strings() -> None:
     fields = decode_fields(bytes([Tag.EXIT_CODE]) + struct.pack("<I", 3) + b"abc")
-    with pytest.raises(ProtocolError, match="bad size"):
+    with pytest.raises(GuestProtocolError, match="bad size"):
         field_int(fields, Tag.EXIT_CODE)
-    with pytest.raises(ValueError, match="NUL"):
-        encode_fields([(Tag.ARG, "a\x00b")])
+    for tag in (Tag.ARG, Tag.ENV, Tag.CWD, Tag.USER, Tag.PATH):
+        with pytest.raises(InvalidRequest, match="NUL") as err:
+            encode_fields([(tag, "a\x00b")])
+        assert err.value.http_status == 400
+
+
+def test_protocol_errors_are_503_guest_errors() -> None:
+    with pytest.raises(GuestProtocolError) as err:
+        decode_fields(b"\x01\x05\x00")
+    assert err.value.http_status == 503 and "malformed reply" in str(err.value)
 
 
 def test_directory_entries_are_bounds_checked() -> None:
     good = struct.pack("<I", 3) + struct.pack("<IQq", 0o100644, 10, 0) + b"abc"
     assert decode_entries(good)[0].name == "abc"
-    with pytest.raises(ProtocolError):
+    with pytest.raises(GuestProtocolError):
         decode_entries(struct.pack("<I", 9999) + struct.pack("<IQq", 0, 0, 0) + b"abc")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(GuestProtocolError):
         decode_entries(good[:-1] + b"")

@@ -82,7 +82,8 @@ def test_large_binary_file_round_trip(client: Client, vm: str, tmp_path: Path) -
     assert client.get_file(vm, "/root/in.bin", back) == len(data)
     assert back.read_bytes() == data
     listing = client.send(call_simple("GET", f"/v1/vms/{vm}/ls", path="/root"))
-    entry = next(e for e in listing if e["name"] == "in.bin")
+    assert listing["truncated"] is False
+    entry = next(e for e in listing["entries"] if e["name"] == "in.bin")
     assert entry["size"] == len(data) and entry["mode"] & 0o777 == 0o600
 
 

@@ -7,6 +7,7 @@ NDJSON: one JSON object per line. Errors are ``{"error": KIND, "message":
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ember.agent import ExecRequest, ExecResult
 from ember.api.builds import add_build_routes, build_view
+from ember.api.execstdin import StdinPipe, StdinPipes
 from ember.api.streaming import Emit, ndjson, stream_job
 from ember.errors import EmberError, InvalidRequest
 from ember.models import BuildRecord, ImageRecord, VmRecord
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
     from ember.daemon import Daemon
 
 log = logging.getLogger(__name__)
-MAX_STDIN = 64 * 1024 * 1024
 
 
 class RunBody(BaseModel):
@@ -41,12 +42,15 @@ class SnapshotBody(BaseModel):
 
 
 class ExecBody(BaseModel):
+    # unknown fields are refused: the removed ``stdin_b64`` must not be ignored silently
+    model_config = ConfigDict(extra="forbid")
+
     argv: list[str] = Field(min_length=1, max_length=1000)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str = ""
     user: str = ""
     timeout_s: float = Field(default=0, ge=0, le=86400)
-    stdin_b64: str | None = None
+    stdin: bool = False  # the input follows in PUT /v1/vms/{id}/exec/stdin/{the first event's "stdin"}
 
 
 def accel_view(record_accel: str) -> dict[str, Any]:
@@ -193,21 +197,12 @@ def create_app(daemon: Daemon) -> FastAPI:
     async def snapshot_vm(vm_id: str, body: SnapshotBody) -> dict[str, Any]:
         return image_view(await engine.snapshot(vm_id, body.name))
 
+    stdin_pipes = StdinPipes()
+
     @app.post("/v1/vms/{vm_id}/exec")
     async def exec_vm(vm_id: str, body: ExecBody) -> StreamingResponse:
-        stdin_iter = None
-        if body.stdin_b64 is not None:
-            try:
-                data = base64.b64decode(body.stdin_b64, validate=True)
-            except ValueError:
-                raise InvalidRequest("stdin_b64 is not valid base64") from None
-            if len(data) > MAX_STDIN:
-                raise InvalidRequest(f"stdin is limited to {MAX_STDIN} bytes; copy large input with 'ember cp'")
-
-            async def one_chunk() -> AsyncIterator[bytes]:
-                yield data
-
-            stdin_iter = one_chunk()
+        """Run a command; NDJSON output events, then its exit status. With ``stdin`` the first
+        event is ``{"stdin": ID}``: stream the input with PUT /v1/vms/{vm_id}/exec/stdin/ID."""
         for key in body.env:
             if not key or "=" in key:
                 raise InvalidRequest(f"bad environment variable name {key!r}")
@@ -215,13 +210,29 @@ def create_app(daemon: Daemon) -> FastAPI:
             argv=body.argv, env=[f"{k}={v}" for k, v in body.env.items()], cwd=body.cwd, user=body.user,
             timeout_s=body.timeout_s,
         )  # fmt: skip
-        events = await engine.exec(vm_id, req, stdin_iter)
-        # Fail before the 200 if the command cannot start (bad cwd, unknown user...).
-        first = await anext(events)
+        pipe = stdin_pipes.open(vm_id, daemon.settings.agent_timeout_s) if body.stdin else None
+        events = await engine.exec(vm_id, req, pipe)
+        # Fail before the 200 if the command cannot start (bad input, cwd, unknown user...):
+        # its first event, or the agent pulling stdin, shows that it runs.
+        first = asyncio.ensure_future(anext(events))
+        try:
+            if pipe is not None:
+                wanted = asyncio.ensure_future(pipe.wanted.wait())
+                await asyncio.wait({first, wanted}, return_when=asyncio.FIRST_COMPLETED)
+                wanted.cancel()
+                if first.done():
+                    first.result()
+            else:
+                await first
+        except BaseException:
+            await _end_exec(events, first, pipe)
+            raise
 
         async def stream() -> AsyncIterator[bytes]:
-            item: tuple[str, bytes] | ExecResult | None = first
             try:
+                if pipe is not None:
+                    yield ndjson({"stdin": pipe.id})
+                item: tuple[str, bytes] | ExecResult | None = await first
                 while item is not None:
                     if isinstance(item, ExecResult):
                         yield ndjson({"exit_code": item.exit_code, "signal": item.signal, "timed_out": item.timed_out})
@@ -231,10 +242,27 @@ def create_app(daemon: Daemon) -> FastAPI:
             except EmberError as exc:
                 yield ndjson({"error": type(exc).__name__, "message": str(exc)})
             finally:
-                with contextlib.suppress(Exception):
-                    await events.aclose()  # type: ignore[attr-defined]
+                await _end_exec(events, first, pipe)
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    async def _end_exec(
+        events: AsyncIterator[tuple[str, bytes] | ExecResult], first: asyncio.Future[Any], pipe: StdinPipe | None
+    ) -> None:
+        if pipe is not None:
+            stdin_pipes.close(pipe)
+        if not first.done():
+            first.cancel()
+        with contextlib.suppress(BaseException):
+            await first
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+
+    @app.put("/v1/vms/{vm_id}/exec/stdin/{stdin_id}")
+    async def exec_stdin(vm_id: str, stdin_id: str, request: Request) -> dict[str, Any]:
+        """The stdin of a running exec, as the raw request body (streamed, flow-controlled)."""
+        pipe = stdin_pipes.claim(vm_id, stdin_id)
+        return {"bytes": await pipe.attach(request.stream())}
 
     @app.put("/v1/vms/{vm_id}/files")
     async def put_file(
@@ -251,11 +279,13 @@ def create_app(daemon: Daemon) -> FastAPI:
         return StreamingResponse(chunks, media_type="application/octet-stream", headers={"X-Ember-Size": str(size)})
 
     @app.get("/v1/vms/{vm_id}/ls")
-    async def list_files(vm_id: str, path: str = Query(...)) -> list[dict[str, Any]]:
-        entries = await engine.list_dir(vm_id, path)
-        return [
+    async def list_files(vm_id: str, path: str = Query(...)) -> dict[str, Any]:
+        """``entries`` sorted by name; ``truncated``: the directory has more than EMBER_LS_MAX_ENTRIES."""
+        listing = await engine.list_dir(vm_id, path)
+        entries = [
             {"name": e.name, "mode": e.mode, "size": e.size, "mtime": e.mtime}
-            for e in sorted(entries, key=lambda entry: entry.name)
+            for e in sorted(listing.entries, key=lambda entry: entry.name)
         ]
+        return {"entries": entries, "truncated": listing.truncated}
 
     return app

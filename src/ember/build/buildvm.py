@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ember.agent import AgentConnection, ExecRequest, ExecResult
+from ember.agent import AgentConnection, ChannelLimits, ExecRequest, ExecResult
 from ember.errors import BuildFailed, EmberError
 from ember.guest.artifacts import BUILD_TOOL
 from ember.runtime import Host, create_overlay, new_ram_file
@@ -65,7 +65,9 @@ class BuildVm:
             extra += readonly_disk_args(i, disk)
         vmm = await host.start_vmm(vm_id, machine, paths, RamMode.OWN, False, uid, gid, extra, network)
         try:
-            agent = await AgentConnection.connect(paths.agent_socket, token, boot_timeout_s)
+            agent = await AgentConnection.connect(
+                paths.agent_socket, token, boot_timeout_s, limits=ChannelLimits.of(host.settings)
+            )
         except BaseException:
             await vmm.shutdown()
             await asyncio.to_thread(host.cgroups.destroy, vm_id)

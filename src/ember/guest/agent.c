@@ -14,8 +14,14 @@
  *
  * Wire protocol: see src/ember/guest/protocol.py (the constants below mirror
  * it). Single-threaded poll loop; output to the host is bounded (OUT_CAP) and
- * producers (child pipes, file reads) are only read while there is room, so a
- * slow host back-pressures the guest instead of growing memory.
+ * producers (child pipes, file reads, directory listings) are only read while
+ * there is room, so a slow host back-pressures the guest instead of growing
+ * memory. Exec stdin is credit-based: the host may have at most STDIN_WINDOW
+ * bytes in flight; CREDIT frames return what was written to the command.
+ *
+ * Restores: every identity step (RESTORE) rewrites GENERATION_FILE (on a
+ * tmpfs, world-readable, replaced atomically) with a new counter and random
+ * id, so apps can tell they were cloned or resumed and regenerate secrets.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -34,6 +40,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/random.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -53,18 +60,23 @@
 #define IN_CAP (MAX_PAYLOAD + HDR)
 #define MAX_SESS 256
 #define MAX_ORPHANS 1024
-#define PENDING_CAP (1024 * 1024)
+#define STDIN_WINDOW (1024 * 1024) /* stdin bytes the host may send beyond what was credited back */
+#define CREDIT_BATCH (64 * 1024)
+#define LIST_DEFAULT_LIMIT 100000
+#define MAX_ID 4294967294ull /* (uid_t)-1 means "unchanged" to setuid: never a real id */
+#define GENERATION_DIR "/run/ember"
+#define GENERATION_FILE GENERATION_DIR "/generation"
 #define PORT_NAME "org.ember.agent"
 
 enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
        M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE };
-enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED };
+enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED, G_CREDIT };
 enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
        T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
-       T_TOOL, T_PORT, T_HTTP };
+       T_TOOL, T_PORT, T_HTTP, T_LIMIT, T_TRUNCATED, T_CLOSED };
 
-enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ };
+enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST };
 
 struct sess {
     enum kind kind;
@@ -73,9 +85,12 @@ struct sess {
     pid_t pid;
     int out_fd, err_fd, in_fd;
     char *pending; size_t pending_len; int stdin_eof;
+    uint64_t credit_owed; int stdin_closed; int closed_told;
     int64_t deadline_ms; int timed_out; int exited; int status;
     /* file */
     int fd; uint64_t bytes;
+    /* listing */
+    DIR *dir; uint64_t limit, count;
 };
 
 static struct sess sessions[MAX_SESS];
@@ -90,6 +105,7 @@ static unsigned char inbuf[IN_CAP];
 static size_t in_len;
 static unsigned char *outbuf;
 static size_t out_head, out_len;
+static int build_mode;
 
 static void logmsg(const char *fmt, ...) {
     va_list ap;
@@ -235,6 +251,7 @@ static void sess_free(struct sess *s) {
     orphan_fd(s->err_fd);
     if (s->in_fd >= 0) close(s->in_fd);
     if (s->fd >= 0) close(s->fd);
+    if (s->dir) closedir(s->dir);
     free(s->pending);
     memset(s, 0, sizeof *s);
 }
@@ -243,6 +260,20 @@ static void sess_free(struct sess *s) {
 
 struct ident { uid_t uid; gid_t gid; char home[256]; };
 
+/* A decimal id 0..MAX_ID: 1; digits out of range: -1; anything else: 0. */
+static int parse_id(const char *s, uint64_t *out) {
+    uint64_t v = 0;
+    if (!*s) return 0;
+    for (const char *c = s; *c; c++) {
+        if (*c < '0' || *c > '9') return 0;
+        v = v * 10 + (uint64_t)(*c - '0');
+        if (v > MAX_ID) return -1;
+    }
+    *out = v;
+    return 1;
+}
+
+/* 0: found; -1: unknown user or bad group; -2: an id out of range. */
 static int lookup_user(const char *root, const char *spec, struct ident *id) {
     char name[128] = "", *colon;
     id->uid = 0; id->gid = 0; strcpy(id->home, "/root");
@@ -250,9 +281,9 @@ static int lookup_user(const char *root, const char *spec, struct ident *id) {
     snprintf(name, sizeof name, "%s", spec);
     colon = strchr(name, ':');
     if (colon) *colon++ = 0;
-    char *end;
-    long numeric = strtol(name, &end, 10);
-    int by_id = *name && !*end;
+    uint64_t numeric = 0;
+    int by_id = parse_id(name, &numeric);
+    if (by_id < 0) return -2;
     char passwd[4200];
     snprintf(passwd, sizeof passwd, "%s/etc/passwd", root ? root : "");
     FILE *f = fopen(passwd, "re");
@@ -264,9 +295,11 @@ static int lookup_user(const char *root, const char *spec, struct ident *id) {
             for (; nf < 7; nf++) { fields[nf] = strsep(&tok, ":"); if (!fields[nf]) break; }
             if (nf < 6) continue;
             (void)save;
-            if ((by_id && atol(fields[2]) == numeric) || (!by_id && strcmp(fields[0], name) == 0)) {
-                id->uid = (uid_t)atol(fields[2]);
-                id->gid = (gid_t)atol(fields[3]);
+            uint64_t uid, gid;
+            if (parse_id(fields[2], &uid) != 1 || parse_id(fields[3], &gid) != 1) continue;
+            if ((by_id && uid == numeric) || (!by_id && strcmp(fields[0], name) == 0)) {
+                id->uid = (uid_t)uid;
+                id->gid = (gid_t)gid;
                 snprintf(id->home, sizeof id->home, "%s", fields[5]);
                 found = 1;
                 break;
@@ -279,8 +312,9 @@ static int lookup_user(const char *root, const char *spec, struct ident *id) {
         id->uid = (uid_t)numeric; id->gid = (gid_t)numeric; strcpy(id->home, "/");
     }
     if (colon && *colon) {
-        long g = strtol(colon, &end, 10);
-        if (*end) return -1;
+        uint64_t g;
+        int ok = parse_id(colon, &g);
+        if (ok <= 0) return ok < 0 ? -2 : -1;
         id->gid = (gid_t)g;
     }
     return 0;
@@ -310,7 +344,9 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
         reply_err(stream, errno, "no tool '%s' in this VM: %s", argv[0], strerror(errno));
         goto out;
     }
-    if (lookup_user(root, user, &id) < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
+    int looked = lookup_user(root, user, &id);
+    if (looked == -2) { reply_err(stream, EINVAL, "user '%s': uids and gids are 0-%llu", user, MAX_ID); goto out; }
+    if (looked < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
     if (!(s = sess_new(stream, S_EXEC))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); goto out; }
     if (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC) || pipe2(failp, O_CLOEXEC) ||
         (want_stdin && pipe2(inp, O_CLOEXEC))) {
@@ -365,6 +401,7 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     s->deadline_ms = timeout ? now_ms() + (int64_t)timeout : 0;
     struct tlvbuf b = {.len = 0};
     tlv_u64(&b, T_PID, (uint64_t)pid);
+    if (want_stdin) tlv_u64(&b, T_SIZE, STDIN_WINDOW);
     out_frame(stream, G_STARTED, b.data, b.len, NULL, 0);
     goto out;
 fail:
@@ -382,25 +419,62 @@ out:
     free(cwd); free(user); free(root);
 }
 
+/* Give the host back the stdin credit of what reached the command (in batches,
+ * or all of it once nothing is pending), and tell it once when the command
+ * closed its stdin. A full output buffer only delays this: serve() retries. */
+static void send_credit(struct sess *s) {
+    int tell_closed = s->stdin_closed && !s->closed_told;
+    if (!tell_closed && (!s->credit_owed || (s->credit_owed < CREDIT_BATCH && s->pending_len))) return;
+    struct tlvbuf b = {.len = 0};
+    tlv_u64(&b, T_SIZE, s->credit_owed);
+    if (tell_closed) tlv_u64(&b, T_CLOSED, 1);
+    if (out_frame(s->stream, G_CREDIT, b.data, b.len, NULL, 0) < 0) return;
+    s->credit_owed = 0;
+    if (tell_closed) s->closed_told = 1;
+}
+
 static void flush_stdin(struct sess *s) {
     while (s->pending_len && s->in_fd >= 0) {
         ssize_t w = write(s->in_fd, s->pending, s->pending_len);
         if (w < 0) {
-            if (errno == EAGAIN) return;
-            s->pending_len = 0; /* reader went away: drop */
+            if (errno == EAGAIN) break;
+            if (errno == EINTR) continue;
+            /* the command closed its stdin (EPIPE): like a pipe, the rest is not
+             * delivered, and the host is told so it stops sending */
+            close(s->in_fd); s->in_fd = -1;
+            s->credit_owed += s->pending_len;
+            s->pending_len = 0;
+            s->stdin_closed = 1;
             break;
         }
         memmove(s->pending, s->pending + w, s->pending_len - (size_t)w);
         s->pending_len -= (size_t)w;
+        s->credit_owed += (uint64_t)w;
     }
     if (!s->pending_len && s->stdin_eof && s->in_fd >= 0) { close(s->in_fd); s->in_fd = -1; }
+    send_credit(s);
 }
 
 static void do_stdin(struct sess *s, const unsigned char *p, size_t n) {
-    if (s->in_fd < 0) return;
-    if (s->pending_len + n > PENDING_CAP) return; /* host ignored back-pressure */
+    if (s->in_fd < 0) {
+        if (s->stdin_closed) { s->credit_owed += n; send_credit(s); } /* in flight before CLOSED reached the host */
+        return;
+    }
+    if (s->pending_len + n > STDIN_WINDOW) {
+        /* the host sent beyond its credit: never drop stdin silently */
+        logmsg("stdin beyond the granted credit on stream %u", s->stream);
+        reply_err(s->stream, EOVERFLOW, "stdin arrived beyond the agent's credit; the command was killed");
+        if (!s->exited) kill(-s->pid, SIGKILL);
+        close(s->in_fd); s->in_fd = -1;
+        return;
+    }
     char *np = realloc(s->pending, s->pending_len + n);
-    if (!np) return;
+    if (!np) {
+        reply_err(s->stream, ENOMEM, "out of memory for stdin; the command was killed");
+        if (!s->exited) kill(-s->pid, SIGKILL);
+        close(s->in_fd); s->in_fd = -1;
+        return;
+    }
     s->pending = np;
     memcpy(s->pending + s->pending_len, p, n);
     s->pending_len += n;
@@ -470,8 +544,27 @@ static void do_write(uint32_t stream, const unsigned char *p, size_t n) {
     if (!path || path[0] != '/') { reply_err(stream, EINVAL, "path must be absolute"); goto out; }
     if (tlv_u(p, n, T_MKDIRS, 0) && mkdirs(path) < 0) { reply_err(stream, errno, "cannot create parents of %s: %s", path, strerror(errno)); goto out; }
     if (!(s = sess_new(stream, S_WRITE))) { reply_err(stream, EBUSY, "too many concurrent sessions"); goto out; }
-    s->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, (mode_t)(mode & 07777));
+    /* never through a symlink in the last component (a guest user's link in a shared
+     * directory would aim root's write anywhere), never into a FIFO or device */
+    s->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, (mode_t)(mode & 07777));
+    if (s->fd < 0 && errno == ELOOP) {
+        reply_err(stream, ELOOP, "refusing to write %s: it is a symbolic link (copy to the path it points to)", path);
+        memset(s, 0, sizeof *s);
+        goto out;
+    }
+    if (s->fd < 0 && errno == ENXIO) { /* a FIFO nobody reads */
+        reply_err(stream, EINVAL, "refusing to write %s: it is not a regular file", path);
+        memset(s, 0, sizeof *s);
+        goto out;
+    }
     if (s->fd < 0) { reply_err(stream, errno, "cannot open %s for writing: %s", path, strerror(errno)); memset(s, 0, sizeof *s); goto out; }
+    struct stat st;
+    if (fstat(s->fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        reply_err(stream, EINVAL, "refusing to write %s: it is not a regular file", path);
+        sess_free(s);
+        goto out;
+    }
+    fcntl(s->fd, F_SETFL, fcntl(s->fd, F_GETFL) & ~O_NONBLOCK);
     fchmod(s->fd, (mode_t)(mode & 07777));
     reply_ok(stream, NULL);
 out:
@@ -539,36 +632,80 @@ static void pump_read(struct sess *s) {
 
 static void do_list(uint32_t stream, const unsigned char *p, size_t n) {
     char *path = tlv_str(p, n, T_PATH, 0);
-    static unsigned char blob[MAX_PAYLOAD];
-    size_t len = 0;
+    uint64_t limit = tlv_u(p, n, T_LIMIT, LIST_DEFAULT_LIMIT);
+    struct sess *s;
     DIR *d;
     if (!path || path[0] != '/') { reply_err(stream, EINVAL, "path must be absolute"); goto out; }
     if (!(d = opendir(path))) { reply_err(stream, errno, "cannot list %s: %s", path, strerror(errno)); goto out; }
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        struct stat st;
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;
-        uint32_t nl = (uint32_t)strlen(e->d_name);
-        size_t rec = 4 + 4 + 8 + 8 + nl;
-        if (len + rec > MAX_PAYLOAD) {
-            out_frame(stream, G_RDATA, blob, len, NULL, 0);
-            len = 0;
-        }
-        uint32_t mode = st.st_mode; uint64_t size = (uint64_t)st.st_size; int64_t mt = st.st_mtime;
-        memcpy(blob + len, &nl, 4); memcpy(blob + len + 4, &mode, 4);
-        memcpy(blob + len + 8, &size, 8); memcpy(blob + len + 16, &mt, 8);
-        memcpy(blob + len + 24, e->d_name, nl);
-        len += rec;
-    }
-    closedir(d);
-    if (len) out_frame(stream, G_RDATA, blob, len, NULL, 0);
-    out_frame(stream, G_REOF, NULL, 0, NULL, 0);
+    if (!(s = sess_new(stream, S_LIST))) { closedir(d); reply_err(stream, EBUSY, "too many concurrent sessions"); goto out; }
+    s->dir = d;
+    s->limit = limit;
 out:
     free(path);
 }
 
+static struct dirent *next_entry(DIR *d) {
+    struct dirent *e;
+    while ((e = readdir(d)) && (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))) {}
+    return e;
+}
+
+/* Entries go out in frames as the host takes them (so none is ever dropped on
+ * a full buffer), at most s->limit of them; REOF says whether more were left out. */
+static void pump_list(struct sess *s) {
+    static unsigned char blob[CHUNK];
+    while (producers_may_run()) {
+        size_t len = 0;
+        int done = 0, truncated = 0;
+        while (len + 24 + 256 <= sizeof blob) { /* d_name is at most 255 bytes */
+            errno = 0;
+            struct dirent *e = next_entry(s->dir);
+            if (!e) {
+                if (errno) { reply_err(s->stream, errno, "listing failed: %s", strerror(errno)); sess_free(s); return; }
+                done = 1;
+                break;
+            }
+            if (s->count >= s->limit) { truncated = 1; done = 1; break; }
+            struct stat st;
+            if (fstatat(dirfd(s->dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue; /* gone meanwhile */
+            uint32_t nl = (uint32_t)strlen(e->d_name);
+            uint32_t mode = st.st_mode; uint64_t size = (uint64_t)st.st_size; int64_t mt = st.st_mtime;
+            memcpy(blob + len, &nl, 4); memcpy(blob + len + 4, &mode, 4);
+            memcpy(blob + len + 8, &size, 8); memcpy(blob + len + 16, &mt, 8);
+            memcpy(blob + len + 24, e->d_name, nl);
+            len += 24 + nl;
+            s->count++;
+        }
+        if (len) out_frame(s->stream, G_RDATA, blob, len, NULL, 0);
+        if (done) {
+            struct tlvbuf b = {.len = 0};
+            tlv_u64(&b, T_TRUNCATED, (uint64_t)truncated);
+            out_frame(s->stream, G_REOF, b.data, b.len, NULL, 0);
+            sess_free(s);
+            return;
+        }
+    }
+}
+
 /* ---------- identity after restore ---------- */
+
+static uint64_t generation;
+
+/* GENERATION_FILE = "<counter> <random id>\n", replaced atomically. */
+static int write_generation(void) {
+    unsigned char rnd[16];
+    char line[64], tmp[] = GENERATION_DIR "/.generation.tmp";
+    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) return -1;
+    int len = snprintf(line, sizeof line, "%llu ", (unsigned long long)++generation);
+    for (size_t i = 0; i < sizeof rnd; i++) len += snprintf(line + len, sizeof line - (size_t)len, "%02x", rnd[i]);
+    line[len++] = '\n';
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    int ok = fchmod(fd, 0644) == 0 && write(fd, line, (size_t)len) == len;
+    close(fd);
+    if (!ok || rename(tmp, GENERATION_FILE) < 0) { unlink(tmp); return -1; }
+    return 0;
+}
 
 static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {
     const unsigned char *v;
@@ -595,6 +732,10 @@ static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {
     if (l > 0 && l < 64 && sethostname((const char *)v, (size_t)l) < 0) { reply_err(stream, errno, "sethostname failed"); return; }
     l = tlv_get(p, n, T_NEW_TOKEN, 0, &v);
     if (l > 0 && (size_t)l <= sizeof token) { memcpy(token, v, (size_t)l); token_len = (size_t)l; }
+    if (!build_mode && write_generation() < 0) {
+        reply_err(stream, errno, "writing %s failed: %s", GENERATION_FILE, strerror(errno));
+        return;
+    }
     reply_ok(stream, NULL);
 }
 
@@ -677,7 +818,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
         if ((s = sess_find(stream)) && s->kind == S_EXEC && !s->exited) {
             int sig = (int)tlv_u(p, n, T_SIGNAL, SIGKILL);
             if (sig > 0 && sig < 65) kill(-s->pid, sig);
-        }
+        } else if (s && (s->kind == S_READ || s->kind == S_LIST)) sess_free(s); /* the host gave up on it */
         break;
     case M_WRITE: do_write(stream, p, n); break;
     case M_WDATA: if ((s = sess_find(stream)) && s->kind == S_WRITE) do_wdata(s, p, n); break;
@@ -803,7 +944,7 @@ static void serve(void) {
                     if (s->err_fd >= 0) { fds[nf].fd = s->err_fd; fds[nf].events = POLLIN; map[nf].s = s; map[nf].which = 3; nf++; }
                 }
                 if (s->in_fd >= 0 && s->pending_len) { fds[nf].fd = s->in_fd; fds[nf].events = POLLOUT; map[nf].s = s; map[nf].which = 4; nf++; }
-            } else if (s->kind == S_READ && producers_may_run()) timeout = 0;
+            } else if ((s->kind == S_READ || s->kind == S_LIST) && producers_may_run()) timeout = 0;
         }
         for (int i = 0; i < n_orphans; i++) { fds[nf].fd = orphans[i]; fds[nf].events = POLLIN; map[nf].s = NULL; map[nf].which = 5; nf++; }
 
@@ -829,8 +970,9 @@ static void serve(void) {
         if (orphan_ready) drain_orphans();
         reap();
         for (int i = 0; i < MAX_SESS; i++) {
-            if (sessions[i].kind == S_EXEC) finish_exec_if_done(&sessions[i]);
+            if (sessions[i].kind == S_EXEC) { send_credit(&sessions[i]); finish_exec_if_done(&sessions[i]); }
             else if (sessions[i].kind == S_READ) pump_read(&sessions[i]);
+            else if (sessions[i].kind == S_LIST) pump_list(&sessions[i]);
         }
         if (connected && out_len) write_port();
     }
@@ -844,7 +986,6 @@ static void mount_or_die(const char *src, const char *dst, const char *type, uns
 }
 
 static char cmdline[4096];
-static int build_mode;
 
 static const char *cmdline_arg(const char *key) {
     static char val[256];
@@ -926,6 +1067,20 @@ static void build_mounts(void) {
     }
 }
 
+/* Hardened link and file-creation rules in sticky world-writable directories
+ * (Linux's own defaults are 0): guest users cannot aim root at other files. */
+static void harden_sysctls(void) {
+    static const struct { const char *path, *value; } knobs[] = {
+        {"/proc/sys/fs/protected_symlinks", "1"}, {"/proc/sys/fs/protected_hardlinks", "1"},
+        {"/proc/sys/fs/protected_fifos", "2"}, {"/proc/sys/fs/protected_regular", "2"},
+    };
+    for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
+        int fd = open(knobs[i].path, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, knobs[i].value, 1) != 1) die(knobs[i].path);
+        close(fd);
+    }
+}
+
 static void stage2(void) {
     mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
@@ -939,7 +1094,13 @@ static void stage2(void) {
     if (!tok) { errno = EINVAL; die("no ember.token on the kernel command line"); }
     token_len = strlen(tok) < sizeof token ? strlen(tok) : sizeof token;
     memcpy(token, tok, token_len);
+    harden_sysctls();
     if (build_mode) build_mounts();
+    else {
+        mkdir("/run", 0755);
+        mount_or_die("tmpfs", GENERATION_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k");
+        if (write_generation() < 0) die(GENERATION_FILE);
+    }
     sethostname("ember", 5);
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s >= 0) {

@@ -10,8 +10,14 @@ Stream 0 carries the session handshake; every other request picks a fresh
 stream id and all replies for it carry that id.
 
 The host treats every byte from the guest as hostile: lengths are bounded
-before anything is allocated, unknown types or tags are protocol errors, and
-integer fields are checked for size. ``agent.c`` mirrors these constants.
+before anything is allocated, unknown types or tags are protocol errors
+(:class:`~ember.errors.GuestProtocolError`, HTTP 503), and integer fields are
+checked for size. ``agent.c`` mirrors these constants.
+
+Exec stdin is flow-controlled: STARTED carries the agent's initial stdin credit
+(SIZE, bytes) and CREDIT frames grant more as the agent writes to the command's
+stdin (CLOSED set: the command closed its stdin, send nothing more). The host
+never sends more STDIN bytes than it was granted.
 """
 
 from __future__ import annotations
@@ -21,15 +27,13 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ember.errors import GuestProtocolError, InvalidRequest
+
 HEADER = struct.Struct("<IIB3x")
 MAX_PAYLOAD = 256 * 1024
 ACK_MAGIC = b"EMBERACK"
 NONCE_LEN = 16
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
-
-
-class ProtocolError(Exception):
-    """The peer sent bytes that do not follow the protocol."""
 
 
 class Msg(enum.IntEnum):
@@ -58,6 +62,7 @@ class Msg(enum.IntEnum):
     RDATA = 70
     REOF = 71
     STARTED = 72
+    CREDIT = 73
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
@@ -91,6 +96,9 @@ class Tag(enum.IntEnum):
     TOOL = 26  # build VMs: argv[0] is one of Ember's tools, outside the image
     PORT = 27
     HTTP = 28
+    LIMIT = 29  # LIST: the most entries the host takes
+    TRUNCATED = 30  # REOF of a LIST: entries were left out at LIMIT
+    CLOSED = 31  # CREDIT: the command closed its stdin
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,9 @@ def decode_header(raw: bytes) -> tuple[int, int, Msg]:
     """Validate a guest frame header; returns (length, stream, type)."""
     length, stream, type_ = HEADER.unpack(raw)
     if length > MAX_PAYLOAD:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_PAYLOAD} limit")
+        raise GuestProtocolError(f"frame of {length} bytes exceeds the {MAX_PAYLOAD} limit")
     if type_ not in GUEST_TYPES:
-        raise ProtocolError(f"unknown guest message type {type_}")
+        raise GuestProtocolError(f"unknown guest message type {type_}")
     return length, stream, Msg(type_)
 
 
@@ -131,7 +139,7 @@ def encode_fields(fields: Iterable[Field]) -> bytes:
         else:
             raw = bytes(value)
         if b"\x00" in raw and tag in _STRING_TAGS:
-            raise ValueError(f"{tag.name.lower()} must not contain NUL bytes")
+            raise InvalidRequest(f"{tag.name.lower()} values must not contain NUL bytes (\\0)")
         out += struct.pack("<BI", int(tag), len(raw)) + raw
     return bytes(out)
 
@@ -144,15 +152,15 @@ def decode_fields(payload: bytes) -> dict[Tag, list[bytes]]:
     pos = 0
     while pos < len(payload):
         if pos + 5 > len(payload):
-            raise ProtocolError("truncated field header")
+            raise GuestProtocolError("truncated field header")
         tag, length = struct.unpack_from("<BI", payload, pos)
         pos += 5
         if length > len(payload) - pos:
-            raise ProtocolError("field runs past the end of the frame")
+            raise GuestProtocolError("field runs past the end of the frame")
         try:
             key = Tag(tag)
         except ValueError:
-            raise ProtocolError(f"unknown field tag {tag}") from None
+            raise GuestProtocolError(f"unknown field tag {tag}") from None
         fields.setdefault(key, []).append(payload[pos : pos + length])
         pos += length
     return fields
@@ -162,11 +170,11 @@ def field_int(fields: dict[Tag, list[bytes]], tag: Tag, default: int | None = No
     values = fields.get(tag)
     if not values:
         if default is None:
-            raise ProtocolError(f"missing field {tag.name}")
+            raise GuestProtocolError(f"missing field {tag.name}")
         return default
     raw = values[0]
     if len(raw) not in (1, 4, 8):
-        raise ProtocolError(f"field {tag.name} has bad size {len(raw)}")
+        raise GuestProtocolError(f"field {tag.name} has bad size {len(raw)}")
     return int.from_bytes(raw, "little")
 
 
@@ -191,12 +199,12 @@ def decode_entries(blob: bytes) -> list[DirEntry]:
     pos = 0
     while pos < len(blob):
         if pos + 4 + ENTRY_HEADER.size > len(blob):
-            raise ProtocolError("truncated directory entry")
+            raise GuestProtocolError("truncated directory entry")
         (name_len,) = struct.unpack_from("<I", blob, pos)
         mode, size, mtime = ENTRY_HEADER.unpack_from(blob, pos + 4)
         start = pos + 4 + ENTRY_HEADER.size
         if name_len > 4096 or start + name_len > len(blob):
-            raise ProtocolError("directory entry name out of bounds")
+            raise GuestProtocolError("directory entry name out of bounds")
         name = blob[start : start + name_len].decode("utf-8", errors="replace")
         entries.append(DirEntry(name=name, mode=mode, size=size, mtime=mtime))
         pos = start + name_len
