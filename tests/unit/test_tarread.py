@@ -16,6 +16,7 @@ import pytest
 import zstandard
 
 from ember.build.context import BuildContext
+from ember.build.dockerfile import DockerfileError
 from ember.build.tarread import ArchiveError, Kind, TarLimits, is_tar, open_tar
 from ember.build.unpack import Tree, remove_tree
 
@@ -324,3 +325,9 @@ def test_hostile_header_fields_fail_with_an_archive_error_only(tmp_path: Path) -
         with contextlib.suppress(ArchiveError):
             apply(root, data + bytes(1024), layer=bool(i % 2))
         remove_tree(root)
+
+
+def test_a_dockerfile_with_a_nul_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_bytes(b'FROM scratch\nCOPY "a\0b" /\n')
+    with BuildContext(tmp_path, LIMITS) as ctx, pytest.raises(DockerfileError, match="NUL"):
+        ctx.dockerfile_text()

@@ -76,13 +76,16 @@ class BuildContext:
 
     def _text(self, rel: str) -> str:
         try:
-            return self.tree.read_bytes(rel, MAX_DOCKERFILE).decode("utf-8")
+            text = self.tree.read_bytes(rel, MAX_DOCKERFILE).decode("utf-8")
         except UnicodeDecodeError:
             raise DockerfileError(f"{rel} is not UTF-8 text") from None
         except ArchiveError:
             raise DockerfileError(f"{rel} is larger than {MAX_DOCKERFILE} bytes") from None
         except OSError:
             raise DockerfileError(f"{rel} in the build context is not a readable file") from None
+        if "\0" in text:
+            raise DockerfileError(f"{rel} holds a NUL byte")
+        return text
 
     def dockerfile_text(self) -> str:
         if not self.exists(self.dockerfile):
