@@ -39,6 +39,18 @@ class Settings:
     vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
     # Extra host memory a VMM may use beyond guest RAM (QEMU itself, TCG code cache).
     vmm_overhead_mib: int = _env("EMBER_VMM_OVERHEAD_MIB", 256)
+    # Builds running at once (each needs build_memory_mib; fewer when MemAvailable is short); the rest queue.
+    max_builds: int = _env("EMBER_MAX_BUILDS", 2)
+    # Host-side deadline of one RUN step; the build VM is killed when it passes.
+    build_step_timeout_s: float = _env("EMBER_BUILD_STEP_TIMEOUT", 1800.0)
+    # Host-side deadline of one of Ember's own build-VM tools (mkdir, tar unpack of a COPY, fsfreeze).
+    build_tool_timeout_s: float = _env("EMBER_BUILD_TOOL_TIMEOUT", 600.0)
+    # Host-side deadline of a snapshot migration (saving or loading a template VM's state).
+    migration_timeout_s: float = _env("EMBER_MIGRATION_TIMEOUT", 300.0)
+    # A build's log file stops (with one "log truncated" line) at this size.
+    build_log_max_bytes: int = _env("EMBER_BUILD_LOG_MAX_BYTES", 16 * 1024 * 1024)
+    # Bytes of progress a streamed job keeps for a slow or gone client; older lines become one "dropped" line.
+    stream_backlog_bytes: int = _env("EMBER_STREAM_BACKLOG_BYTES", 1024 * 1024)
     # Pre-started VMMs kept per launched image (0 disables the pool).
     pool_size: int = _env("EMBER_POOL_SIZE", 2)
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)

@@ -21,7 +21,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -29,10 +29,10 @@ from typing import Protocol
 from ember.agent import AgentConnection, ChannelLimits
 from ember.build import rootfs
 from ember.config import Settings
-from ember.errors import EmberError, HostSetupError, ImageNotFound, SnapshotError
+from ember.errors import EmberError, HostSetupError, ImageNotFound, ResourceExhausted, SnapshotError, VmmError
 from ember.guest.artifacts import GuestArtifacts
 from ember.models import FileDigest, ImageRecord, VmRecord, utcnow
-from ember.runtime import Host
+from ember.runtime import Host, keep_serial_capped
 from ember.snapshot import (
     MANIFEST,
     SnapshotManifest,
@@ -94,8 +94,9 @@ class ImageStore:
         self.accel = accel
         self.qemu_version = qemu_version(settings.qemu_binary)
         self._verified: dict[tuple[str, str], VerifiedSnapshot] = {}
-        self._build_lock = asyncio.Lock()
+        self._build_lock = asyncio.Lock()  # the built-in image, forks
         self._verify_lock = asyncio.Lock()
+        self._pending_gids: dict[str, int] = {}  # image name -> group id, for images being made
 
     # ---- lookup ------------------------------------------------------------
 
@@ -138,6 +139,35 @@ class ImageStore:
                 self._verified[key] = VerifiedSnapshot(manifest, directory / "state")
         return self._verified[key]
 
+    def _take_gid(self, name: str) -> int:
+        """A group id for the image ``name`` is making: unused by stored images and by images
+        still being made (it is theirs until they are stored or fail)."""
+        taken = {i.gid for i in self.store.list_images()} | set(self._pending_gids.values())
+        for gid in self.settings.image_gids:
+            if gid not in taken:
+                self._pending_gids[name] = gid
+                return gid
+        raise ResourceExhausted(
+            f"all {len(self.settings.image_gids)} image group ids are in use: remove images or raise EMBER_UID_COUNT"
+        )
+
+    @contextlib.contextmanager
+    def _making(self, name: str) -> Iterator[None]:
+        """While ``name`` is being made: the group id it takes stays reserved for it."""
+        try:
+            yield
+        finally:
+            self._pending_gids.pop(name, None)
+
+    @contextlib.asynccontextmanager
+    async def _migration_deadline(self, what: str) -> AsyncIterator[None]:
+        limit = self.settings.migration_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            raise VmmError(f"{what} did not finish within {limit:.0f} s (EMBER_MIGRATION_TIMEOUT)") from None
+
     def staging_stream(self, name: str) -> Path:
         return self.settings.images_dir / f".{name}.stream-{secrets.token_hex(4)}"
 
@@ -163,24 +193,25 @@ class ImageStore:
     async def ensure_base(self, progress: Progress) -> ImageRecord:
         """Build the built-in ``debian`` image if it does not exist yet."""
         async with self._build_lock:
-            existing = self.store.get_image(BASE_IMAGE)
-            if existing is not None:
-                return existing
-            started = time.perf_counter()
-            tarball = await self._base_tarball(progress)
-            token = secrets.token_hex(16)
-            with staging(self.settings.images_dir / BASE_IMAGE) as tmp:
-                progress("creating the root filesystem (ext4)")
-                await asyncio.to_thread(
-                    rootfs.disk_from_tarball, tarball, tmp / "disk.qcow2", self.settings.disk_gib, tmp
-                )
-                progress("booting it once to start the guest agent (cold boot)")
-                machine = self.machine(token)
-                image = await self._capture(BASE_IMAGE, tmp, machine, token, None, "", progress)
-                progress("snapshot of the running guest taken")
-            self.store.put_image(image)
-            progress(f"image '{BASE_IMAGE}' ready in {time.perf_counter() - started:.1f} s")
-            return image
+            with self._making(BASE_IMAGE):
+                existing = self.store.get_image(BASE_IMAGE)
+                if existing is not None:
+                    return existing
+                started = time.perf_counter()
+                tarball = await self._base_tarball(progress)
+                token = secrets.token_hex(16)
+                with staging(self.settings.images_dir / BASE_IMAGE) as tmp:
+                    progress("creating the root filesystem (ext4)")
+                    await asyncio.to_thread(
+                        rootfs.disk_from_tarball, tarball, tmp / "disk.qcow2", self.settings.disk_gib, tmp
+                    )
+                    progress("booting it once to start the guest agent (cold boot)")
+                    machine = self.machine(token)
+                    image = await self._capture(BASE_IMAGE, tmp, machine, token, None, "", progress)
+                    progress("snapshot of the running guest taken")
+                self.store.put_image(image)
+                progress(f"image '{BASE_IMAGE}' ready in {time.perf_counter() - started:.1f} s")
+                return image
 
     async def _base_tarball(self, progress: Progress) -> Path:
         base = rootfs.BUILTIN[BUILTIN_BASE]
@@ -196,7 +227,7 @@ class ImageStore:
 
         ``prepare`` runs after a cold boot with the agent connected (e.g. starts the app,
         waits until it is ready, syncs); the connection is closed before the snapshot."""
-        gid = self.store.next_gid(self.settings.image_gids)
+        gid = self._take_gid(name)
         builder_uid = self.settings.builder_uid
         disk, ram = tmp / "disk.qcow2", tmp / "ram"
         os.chmod(tmp, 0o750)
@@ -209,13 +240,17 @@ class ImageStore:
         run_dir = self.settings.data_dir / "run" / f"build-{name}"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(mode=0o700)
-        os.chown(run_dir, builder_uid, builder_uid)
         paths = RunPaths(run_dir=run_dir, disk=disk, ram_file=ram)
         build_id = f"build-{name}"
         boot_started = time.perf_counter()
-        vmm = await self.host.start_vmm(build_id, machine, paths, RamMode.OWN, stream is not None, builder_uid, gid)
+        vmm = None
+        serial_cap = asyncio.create_task(keep_serial_capped(paths.serial_log, build_id))
         try:
+            run_dir.mkdir(mode=0o700)
+            os.chown(run_dir, builder_uid, builder_uid)
+            vmm = await self.host.start_vmm(
+                build_id, machine, paths, RamMode.OWN, stream is not None, builder_uid, gid
+            )  # fmt: skip
             if stream is None:
                 agent = await AgentConnection.connect(
                     paths.agent_socket, token, self.settings.boot_timeout_s, limits=ChannelLimits.of(self.settings)
@@ -228,10 +263,12 @@ class ImageStore:
                 finally:
                     await agent.close()
             else:
-                await load_verified(vmm, stream[0], stream[1], ignore_shared=False)
+                async with self._migration_deadline("loading the VM's state"):
+                    await load_verified(vmm, stream[0], stream[1], ignore_shared=False)
             tap = StreamTap.sink(tmp / "state")
             try:
-                await vmm.save_state(tap.fd, ignore_shared=True)
+                async with self._migration_deadline("saving the snapshot"):
+                    await vmm.save_state(tap.fd, ignore_shared=True)
             finally:
                 state = tap.finish()
         except BaseException:
@@ -239,7 +276,9 @@ class ImageStore:
                 log.error("template VM log: %s", (run_dir / "serial.log").read_text(errors="replace")[-3000:])
             raise
         finally:
-            await vmm.shutdown()
+            serial_cap.cancel()
+            if vmm is not None:
+                await vmm.shutdown()
             await asyncio.to_thread(self.host.cgroups.destroy, build_id)
             shutil.rmtree(run_dir, ignore_errors=True)
         os.chmod(disk, 0o640)
@@ -256,8 +295,10 @@ class ImageStore:
     async def from_disk(
         self, name: str, top: Path, parent: str, progress: Progress, prepare: Prepare | None
     ) -> ImageRecord:
-        """An image from a built disk (a qcow2 chain, flattened here) with its app started by ``prepare``."""
-        async with self._build_lock:
+        """An image from a built disk (a qcow2 chain, flattened here) with its app started by ``prepare``.
+
+        Builds run concurrently: each has its own name, staging directory, template VM id and group id."""
+        with self._making(name):
             with staging(self.settings.images_dir / name) as tmp:
                 progress("flattening the layers into the image disk")
                 await asyncio.to_thread(rootfs.flatten, top, tmp / "disk.qcow2")
@@ -270,26 +311,28 @@ class ImageStore:
     async def copy(self, name: str, source: ImageRecord) -> ImageRecord:
         """A new image holding ``source``'s snapshot: its files copied (holes kept), its own group id."""
         async with self._build_lock:
-            with staging(self.settings.images_dir / name) as tmp:
-                gid = self.store.next_gid(self.settings.image_gids)
-                files = [self.dir(source) / f for f in ("ram", "disk.qcow2", "state", MANIFEST)]
-                await _run_tool(["cp", "--sparse=always", "--preserve=mode", *map(str, files), str(tmp)],
-                                f"copying the snapshot of {source.name}")  # fmt: skip
-                for path in (tmp, *tmp.iterdir()):
-                    os.chown(path, 0, gid)
-                os.chmod(tmp, 0o750)
-            image = replace(source, name=name, gid=gid, created_at=utcnow())
-            self.store.put_image(image)
-            return image
+            with self._making(name):
+                with staging(self.settings.images_dir / name) as tmp:
+                    gid = self._take_gid(name)
+                    files = [self.dir(source) / f for f in ("ram", "disk.qcow2", "state", MANIFEST)]
+                    await _run_tool(["cp", "--sparse=always", "--preserve=mode", *map(str, files), str(tmp)],
+                                    f"copying the snapshot of {source.name}")  # fmt: skip
+                    for path in (tmp, *tmp.iterdir()):
+                        os.chown(path, 0, gid)
+                    os.chmod(tmp, 0o750)
+                image = replace(source, name=name, gid=gid, created_at=utcnow())
+                self.store.put_image(image)
+                return image
 
     async def from_stream(
         self, name: str, source: VmRecord, stream: Path, digest: FileDigest, disk_copy: Path
     ) -> ImageRecord:
         """Turn a full migration stream of a running VM plus a copy of its disk into an image."""
         async with self._build_lock:
-            with staging(self.settings.images_dir / name) as tmp:
-                await _run_tool(["qemu-img", "convert", "-O", "qcow2", str(disk_copy), str(tmp / "disk.qcow2")],
-                                "flattening the VM disk")  # fmt: skip
-                image = await self._capture(name, tmp, source.machine, source.token, (stream, digest), source.image)
-            self.store.put_image(image)
-            return image
+            with self._making(name):
+                with staging(self.settings.images_dir / name) as tmp:
+                    await _run_tool(["qemu-img", "convert", "-O", "qcow2", str(disk_copy), str(tmp / "disk.qcow2")],
+                                    "flattening the VM disk")  # fmt: skip
+                    image = await self._capture(name, tmp, source.machine, source.token, (stream, digest), source.image)
+                self.store.put_image(image)
+                return image

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,33 @@ def create_overlay(backing: Path, out: Path, owner_uid: int) -> None:
     os.chmod(out, 0o600)
 
 
+def cap_log_file(path: Path, cap: int = SERIAL_LOG_CAP) -> bool:
+    """Truncate a serial log that outgrew ``cap`` (a guest can write its console as fast as it
+    likes; QEMU appends, so it goes on at the start); returns True when it did. Only a regular
+    file with one link is truncated, never what a symlink points to."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size <= cap:
+            return False
+        os.ftruncate(fd, 0)
+        return True
+    finally:
+        os.close(fd)
+
+
+async def keep_serial_capped(path: Path, vm_id: str, cap: int = SERIAL_LOG_CAP) -> None:
+    """Until cancelled: keep the serial log of a VM the engine does not watch (build and
+    image-capture VMs) at most ``cap`` bytes, as the engine does for launched VMs."""
+    while True:
+        if await asyncio.to_thread(cap_log_file, path, cap):
+            log.warning("%s: guest serial output passed %d bytes; log truncated", vm_id, cap)
+        await asyncio.sleep(0.25)
+
+
 class Host:
     def __init__(self, settings: Settings, cgroups: Cgroups, jailer: Path) -> None:
         self.settings = settings
@@ -161,16 +189,8 @@ class Host:
             shutil.rmtree(self.layout(vm_id).root)
 
     def cap_serial_log(self, vm_id: str, cap: int = SERIAL_LOG_CAP) -> bool:
-        """Truncate a guest's serial log that outgrew ``cap`` (a guest can write its
-        console as fast as it likes); returns True when it did."""
-        log_path = self.layout(vm_id).run_dir / "serial.log"
-        try:
-            if log_path.stat().st_size <= cap:
-                return False
-            os.truncate(log_path, 0)
-        except FileNotFoundError:
-            return False
-        return True
+        """Truncate a guest's serial log that outgrew ``cap``; returns True when it did."""
+        return cap_log_file(self.layout(vm_id).run_dir / "serial.log", cap)
 
     def cgroup_pids(self, vm_id: str) -> list[int]:
         return self.cgroups.pids(self.cgroup_name(vm_id))

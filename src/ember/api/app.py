@@ -159,7 +159,8 @@ def create_app(daemon: Daemon) -> FastAPI:
             engine.warm_up(image)
             return {"image": image_view(image)}
 
-        return stream_job(build, "base image build")
+        return stream_job(build, "base image build", backlog_bytes=daemon.settings.stream_backlog_bytes,
+                          marker_key="progress")  # fmt: skip
 
     # ---- VMs -------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ember.api.streaming import Emit, stream_job
 from ember.build.builder import BuildOptions
 from ember.build.context import BuildContext
 from ember.build.dockerfile import parse
-from ember.build.service import BuildRequest, BuildService, split_name
+from ember.build.service import MAX_READY_TIMEOUT_S, BuildRequest, BuildService, split_name
 from ember.build.tarread import ArchiveError, TarLimits
 from ember.build.unpack import Tree, remove_tree
 from ember.engine import Engine
@@ -26,6 +27,8 @@ from ember.models import BuildRecord, BuildState
 log = logging.getLogger(__name__)
 
 MAX_CONTEXT_BYTES = 2 * 1024**3
+LOG_TAIL_DEFAULT = 1024 * 1024  # bytes of a build log answered unless ?tail= asks for more
+LOG_TAIL_MAX = 64 * 1024 * 1024
 
 
 def build_view(record: BuildRecord) -> dict[str, Any]:
@@ -64,6 +67,20 @@ async def _receive_context(request: Request, into: Path, limits: TarLimits) -> N
         upload.unlink(missing_ok=True)
 
 
+def _log_tail(path: Path, limit: int) -> str:
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - limit)
+        f.seek(start)
+        data = f.read(limit)
+    if start == 0:
+        return data.decode(errors="replace")
+    cut = data.find(b"\n") + 1  # start at a whole line
+    skipped = start + cut
+    return (f"... {skipped} earlier bytes of the log not shown (ask for more with ?tail=BYTES) ...\n"
+            + data[cut:].decode(errors="replace"))  # fmt: skip
+
+
 def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None:
     @app.post("/v1/images/build")
     async def build_image(
@@ -73,7 +90,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
         build_arg: list[str] = Query(default=[]),  # noqa: B008 (FastAPI's way)
         target: str = "",
         ready_cmd: str = "",
-        ready_timeout: float = 120.0,
+        ready_timeout: float = Query(default=120.0, gt=0, le=MAX_READY_TIMEOUT_S, allow_inf_nan=False),
         no_cache: bool = False,
         network: bool = True,
         host_ca_certs: bool = False,
@@ -112,10 +129,14 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
                 engine.warm_up(image)
             return {"build": build_view(record)}
 
-        return stream_job(run, "image build")
+        return stream_job(run, "image build", backlog_bytes=builds.settings.stream_backlog_bytes)
 
     @app.get("/v1/images/{name}/logs", response_class=PlainTextResponse)
-    async def image_logs(name: str) -> str:
+    async def image_logs(
+        name: str,
+        tail: int = Query(default=LOG_TAIL_DEFAULT, gt=0, le=LOG_TAIL_MAX),
+    ) -> str:
+        """The last ``tail`` bytes of a build's log (from a line start); says how much it left out."""
         record = builds.store.get_build(name)
         if record is None and ":" not in name:
             latest = builds.store.latest_image(name)
@@ -123,7 +144,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
         if record is None:
             raise ImageNotFound(f"{name} (no build of that name: 'ember image ls' lists them)")
         try:
-            return builds.log_path(record.name).read_text(errors="replace")
+            return await asyncio.to_thread(_log_tail, builds.log_path(record.name), tail)
         except FileNotFoundError:
             return ""
 

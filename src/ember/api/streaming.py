@@ -1,10 +1,18 @@
-"""Long jobs answered as NDJSON streams: progress events, then one result or error event."""
+"""Long jobs answered as NDJSON streams: progress events, then one result or error event.
+
+The job runs on its own: a client that reads slowly or goes away neither slows
+it down nor stops it. What waits for the client is bounded in bytes: when the
+backlog is full, its oldest lines give way to one "... N lines dropped ..."
+line. The final result (or error) event is never dropped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,31 +24,98 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 
+# jobs whose client may be gone: referenced here until they end (the loop keeps only weak references)
+_running: set[asyncio.Task[None]] = set()
+
 
 def ndjson(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj) + "\n").encode()
 
 
-def stream_job(job: Callable[[Emit], Awaitable[dict[str, Any]]], what: str) -> StreamingResponse:
+class Backlog:
+    """Encoded events waiting for one client: at most ``max_bytes`` of progress, plus the final event."""
+
+    def __init__(self, max_bytes: int, marker_key: str) -> None:
+        self.max_bytes = max_bytes
+        self.marker_key = marker_key
+        self._lines: deque[bytes] = deque()
+        self._bytes = 0
+        self._dropped = 0
+        self._final: bytes | None = None
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def put(self, event: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        line = ndjson(event)
+        self._lines.append(line)
+        self._bytes += len(line)
+        while self._bytes > self.max_bytes:
+            self._bytes -= len(self._lines.popleft())
+            self._dropped += 1
+        self._wake.set()
+
+    def finish(self, event: dict[str, Any]) -> None:
+        """The job's last event: kept whatever the backlog holds; nothing is accepted after it."""
+        if not self._closed:
+            self._final = ndjson(event)
+            self._closed = True
+            self._wake.set()
+
+    async def get(self) -> bytes | None:
+        """The next chunk for the client (a dropped-lines marker comes first); None once all is sent."""
+        while True:
+            if self._dropped:
+                marker = ndjson(
+                    {self.marker_key: f"... {self._dropped} lines dropped (the client read too slowly) ..."}
+                )
+                self._dropped = 0
+                return marker
+            if self._lines:
+                line = self._lines.popleft()
+                self._bytes -= len(line)
+                return line
+            if self._closed:
+                final, self._final = self._final, None
+                return final
+            self._wake.clear()
+            await self._wake.wait()
+
+
+def internal_error(what: str) -> dict[str, Any]:
+    """Log the exception being handled under a fresh id; the event tells the client only the id."""
+    error_id = secrets.token_hex(6)
+    log.exception("%s failed (error id %s)", what, error_id)
+    return {"error": "InternalError", "message": f"{what} failed: internal error (id {error_id}, in the daemon log)"}
+
+
+def stream_job(
+    job: Callable[[Emit], Awaitable[dict[str, Any]]], what: str, *, backlog_bytes: int, marker_key: str = "log"
+) -> StreamingResponse:
     """Run ``job`` in the background; stream what it emits, then its result (or its error)."""
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    backlog = Backlog(backlog_bytes, marker_key)
 
     async def run() -> None:
         try:
-            queue.put_nowait(await job(queue.put_nowait))
+            backlog.finish(await job(backlog.put))
         except EmberError as exc:
-            queue.put_nowait({"error": type(exc).__name__, "message": str(exc)})
-        except Exception as exc:
-            log.exception("%s failed", what)
-            queue.put_nowait({"error": "InternalError", "message": str(exc)})
-        finally:
-            queue.put_nowait(None)
+            backlog.finish({"error": type(exc).__name__, "message": str(exc)})
+        except Exception:
+            backlog.finish(internal_error(what))
+        finally:  # cancelled (the daemon stops): the client still gets a last event
+            backlog.finish({"error": "Interrupted", "message": f"{what} was interrupted: the daemon is stopping"})
 
-    task = asyncio.create_task(run())
+    task = asyncio.create_task(run(), name=what)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
 
     async def stream() -> AsyncIterator[bytes]:
-        while (item := await queue.get()) is not None:
-            yield ndjson(item)
-        await task
+        while (chunk := await backlog.get()) is not None:
+            yield chunk
 
     return StreamingResponse(stream(), media_type="application/x-ndjson")

@@ -24,6 +24,9 @@ from ember.errors import AgentUnavailable, BuildFailed, GuestError
 READY_LABEL = "ember.ready.http"
 PROBE_INTERVAL_S = 0.25
 TAIL = 3000
+# Past the readiness timeout, a probe that still has not answered (the app may have stopped the
+# agent) is given this long before the host gives up on it.
+PROBE_GRACE_S = 5.0
 
 
 class ReadyKind(enum.StrEnum):
@@ -115,10 +118,31 @@ class AppRun:
 async def wait_ready(
     agent: AgentConnection, app: AppRun | None, readiness: Readiness, config: ImageConfig, timeout_s: float
 ) -> float:
-    """Poll until ready; returns seconds waited. Fails at the timeout with the app's last output."""
+    """Poll until ready; returns seconds waited. Fails at the timeout with the app's last output,
+    also when a probe itself never answers (the host's deadline, not only the agent's)."""
     started = time.monotonic()
+    checked = ["no check finished"]
+    try:
+        async with asyncio.timeout(timeout_s + PROBE_GRACE_S):
+            return await _poll(agent, app, readiness, config, started, timeout_s, checked)
+    except TimeoutError:
+        raise _not_ready(app, readiness, timeout_s, f"{checked[0]}; then a check did not answer") from None
+
+
+def _not_ready(app: AppRun | None, readiness: Readiness, timeout_s: float, last: str) -> BuildFailed:
+    output = app.tail.strip()[-2000:] if app is not None else ""
+    return BuildFailed(
+        f"not ready after {timeout_s:.0f} s (waiting until {readiness.describe()}; last check: {last}); "
+        f"the app's last output:\n{output}",
+        "ready",
+    )
+
+
+async def _poll(
+    agent: AgentConnection, app: AppRun | None, readiness: Readiness, config: ImageConfig, started: float,
+    timeout_s: float, checked: list[str],
+) -> float:  # fmt: skip
     deadline = started + timeout_s
-    last = ""
     while True:
         if app is not None:
             error = app.failed_to_start()
@@ -131,16 +155,11 @@ async def wait_ready(
                     f"its last output:\n{app.tail.strip()[-2000:]}",
                     "start",
                 )
-        ok, last = await _probe(agent, readiness, config)
+        ok, checked[0] = await _probe(agent, readiness, config)
         if ok:
             return time.monotonic() - started
         if time.monotonic() > deadline:
-            output = app.tail.strip()[-2000:] if app is not None else ""
-            raise BuildFailed(
-                f"not ready after {timeout_s:.0f} s (waiting until {readiness.describe()}; last check: {last}); "
-                f"the app's last output:\n{output}",
-                "ready",
-            )
+            raise _not_ready(app, readiness, timeout_s, checked[0])
         await asyncio.sleep(PROBE_INTERVAL_S)
 
 

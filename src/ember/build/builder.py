@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ember.build.bases import BaseLayers, Log
-from ember.build.buildvm import ROOT, BuildVm, step_failed
+from ember.build.buildvm import ROOT, BuildVm, Deadlines, step_failed
 from ember.build.context import BuildContext, Owner, TarWriter, dest_path, parse_chmod
 from ember.build.dockerfile import (
     Dockerfile,
@@ -36,7 +36,7 @@ from ember.build.dockerfile import (
     parse_shell,
     run_argv,
 )
-from ember.build.layers import Layer, LayerCache, step_key
+from ember.build.layers import Layer, step_key
 from ember.build.tarread import MAX_ID, Kind, TarLimits, clean, open_tar
 from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest
@@ -58,7 +58,6 @@ class BuildOptions:
     no_cache: bool = False
     network: bool = True  # egress for RUN steps (package installs)
     host_ca_certs: bool = False  # hand the host's CA bundle to RUN steps (TLS-inspecting proxies)
-    step_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class Builder:
         self.machine = machine  # token -> build VM machine config
         self.bases = bases
         self.log = log
-        self.cache = LayerCache(settings.data_dir / "layers")
+        self.cache = bases.cache  # one cache shared by every build (layers.LayerCache.claim)
         self.steps: list[StepReport] = []
 
     async def build(self, dockerfile: Dockerfile, ctx: BuildContext, opts: BuildOptions) -> BuiltFs:
@@ -157,7 +156,6 @@ class StageBuild:
         finally:
             if self.vm is not None:
                 await self.vm.stop()
-            self.b.cache.clean_unfinished()
         return layer
 
     async def _from_disk(self, ins: Instruction) -> None:
@@ -236,26 +234,29 @@ class StageBuild:
     async def _fs(
         self, key: str, layer: Layer, config: ImageConfig, action: Callable[[BuildVm], Awaitable[None]]
     ) -> tuple[Layer, bool]:
-        hit = None if self.opts.no_cache else self.b.cache.get(key)
-        if hit is not None:
-            return Layer(hit.key, hit.disk, config), True
-        disk = self.b.cache.disk(key)
-        disk.unlink(missing_ok=True)
-        try:
-            if self.vm is None:
-                create_overlay(layer.disk, disk, self.b.settings.builder_uid)
-                self.vm = await self._start_vm(disk)
-            else:
-                await self.vm.new_layer(disk)
-            await action(self.vm)
-            await self.vm.sync()
-        except BaseException:
-            if self.vm is not None:
-                await self.vm.stop()
-                self.vm = None
-            self.b.cache.discard(key)
-            raise
-        return self.b.cache.put(key, config, layer.key), False
+        if self.opts.no_cache:  # a layer of its own: never replaces one that other layers or builds back onto
+            key = step_key(key, "no-cache", secrets.token_hex(8))
+        async with self.b.cache.claim(key):  # another build making this layer: wait for it, then use it
+            hit = self.b.cache.get(key)
+            if hit is not None:
+                return Layer(hit.key, hit.disk, config), True
+            disk = self.b.cache.disk(key)
+            disk.unlink(missing_ok=True)
+            try:
+                if self.vm is None:
+                    create_overlay(layer.disk, disk, self.b.settings.builder_uid)
+                    self.vm = await self._start_vm(disk)
+                else:
+                    await self.vm.new_layer(disk)
+                await action(self.vm)
+                await self.vm.sync()
+            except BaseException:
+                if self.vm is not None:
+                    await self.vm.stop()
+                    self.vm = None
+                self.b.cache.discard(key)
+                raise
+            return self.b.cache.put(key, config, layer.key), False
 
     async def _start_vm(self, top: Path) -> BuildVm:
         token = secrets.token_hex(16)
@@ -263,7 +264,8 @@ class StageBuild:
         started = time.perf_counter()
         vm = await BuildVm.start(
             self.b.host, self.b.machine(token), token, top, self.from_disks, self.opts.network,
-            self.b.settings.builder_uid, self.b.settings.builder_uid, self.b.settings.boot_timeout_s,
+            self.b.settings.builder_uid, self.b.settings.builder_uid,
+            Deadlines(boot_s=self.b.settings.boot_timeout_s, tool_s=self.b.settings.build_tool_timeout_s),
         )  # fmt: skip
         try:
             if self.opts.host_ca_certs:
@@ -296,7 +298,7 @@ class StageBuild:
             await self._mkdir(vm, cfg.workdir)
         if self.opts.host_ca_certs:
             env = [*env, *(f"{name}={CA_PATH}" for name in CA_ENV)]
-        out = await vm.run(argv, env, cfg.workdir, cfg.user, self.opts.step_timeout_s, self._echo)
+        out = await vm.run(argv, env, cfg.workdir, cfg.user, self.b.settings.build_step_timeout_s, self._echo)
         if out.result.exit_code != 0 or out.result.signal or out.result.timed_out:
             raise step_failed(self._what(ins), out)
 

@@ -6,6 +6,10 @@ and never entered by the agent itself: steps run chrooted into it, Ember's
 tools run from outside it. Each finished step becomes a layer: the guest
 syncs and freezes the filesystem, QEMU switches the disk to a new qcow2
 overlay (the old top is never written again), the guest thaws.
+
+A RUN step is root in the guest and can stop the agent from ever answering,
+so every exec here has a deadline on the host too: when it passes, the build
+VM is killed and the step fails. Its serial log is capped like a launched VM's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from ember.agent import AgentConnection, ChannelLimits, ExecRequest, ExecResult
 from ember.errors import BuildFailed, EmberError
 from ember.guest.artifacts import BUILD_TOOL
-from ember.runtime import Host, create_overlay, new_ram_file
+from ember.runtime import Host, create_overlay, keep_serial_capped, new_ram_file
 from ember.vmm.machine import MachineConfig, RamMode, RunPaths, readonly_disk_args, user_network_args
 from ember.vmm.qemu import QemuVmm
 
@@ -31,60 +35,84 @@ log = logging.getLogger(__name__)
 
 ROOT = "/newroot"
 OUTPUT_TAIL = 4000
+# A RUN step's host deadline passes this long after the agent's own timeout (which reports output and status).
+HOST_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
 class StepOutput:
     result: ExecResult
     tail: str
+    limit_s: float = 0.0  # the step's time limit
+    vm_killed: bool = False  # the host deadline passed: the build VM was killed
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Host-side limits on what runs in a build VM."""
+
+    boot_s: float
+    tool_s: float  # one of Ember's tools (mkdir, tar, fsfreeze, kill)
 
 
 class BuildVm:
-    def __init__(self, vm_id: str, host: Host, vmm: QemuVmm, agent: AgentConnection, paths: RunPaths, uid: int) -> None:
+    def __init__(
+        self, vm_id: str, host: Host, vmm: QemuVmm, agent: AgentConnection, paths: RunPaths, uid: int,
+        deadlines: Deadlines, serial_cap: asyncio.Task[None],
+    ) -> None:  # fmt: skip
         self.vm_id = vm_id
         self.host = host
         self.vmm = vmm
         self.agent = agent
         self.paths = paths
         self.uid = uid
+        self.deadlines = deadlines
+        self._serial_cap = serial_cap
 
     @classmethod
     async def start(
         cls, host: Host, machine: MachineConfig, token: str, top: Path, readonly: list[Path], network: bool,
-        uid: int, gid: int, boot_timeout_s: float,
+        uid: int, gid: int, deadlines: Deadlines,
     ) -> BuildVm:  # fmt: skip
         """Boot a build VM; ``machine`` must use the build initramfs and ``ember.build=1``."""
         vm_id = f"build-{secrets.token_hex(4)}"
         run_dir = host.settings.data_dir / "run" / vm_id
-        run_dir.mkdir(parents=True, mode=0o700)
-        os.chown(run_dir, uid, uid)
         paths = RunPaths(run_dir=run_dir, disk=top, ram_file=run_dir / "ram")
-        new_ram_file(paths.ram_file, machine.memory_mib, uid)
-        extra: tuple[str, ...] = user_network_args() if network else ()
-        for i, disk in enumerate(readonly):
-            extra += readonly_disk_args(i, disk)
-        vmm = await host.start_vmm(vm_id, machine, paths, RamMode.OWN, False, uid, gid, extra, network)
+        vmm: QemuVmm | None = None
+        serial_cap: asyncio.Task[None] | None = None
         try:
+            run_dir.mkdir(parents=True, mode=0o700)
+            os.chown(run_dir, uid, uid)
+            new_ram_file(paths.ram_file, machine.memory_mib, uid)
+            extra: tuple[str, ...] = user_network_args() if network else ()
+            for i, disk in enumerate(readonly):
+                extra += readonly_disk_args(i, disk)
+            vmm = await host.start_vmm(vm_id, machine, paths, RamMode.OWN, False, uid, gid, extra, network)
+            serial_cap = asyncio.create_task(keep_serial_capped(paths.serial_log, vm_id))
             agent = await AgentConnection.connect(
-                paths.agent_socket, token, boot_timeout_s, limits=ChannelLimits.of(host.settings)
+                paths.agent_socket, token, deadlines.boot_s, limits=ChannelLimits.of(host.settings)
             )
         except BaseException:
-            await vmm.shutdown()
-            await asyncio.to_thread(host.cgroups.destroy, vm_id)
-            log.error("build VM did not start: %s", serial_tail(paths))
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if vmm is not None:
+                log.error("build VM did not start: %s", serial_tail(paths))
+            await _remove(host, vm_id, vmm, None, serial_cap, run_dir)
             raise
-        vm = cls(vm_id, host, vmm, agent, paths, uid)
-        if network:
-            await vm.tool_ok(["sh", "-c", "ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && "
-                              "ip link set eth0 up && ip route add default via 10.0.2.2"])  # fmt: skip
-        for i in range(len(readonly)):
-            script = (
-                f'for d in /sys/block/vd*; do if [ "$(cat $d/serial 2>/dev/null)" = ember-ro{i} ]; then '
-                f"mkdir -p /ember/from{i} && exec mount -t ext4 -o ro,noload /dev/${{d##*/}} /ember/from{i}; fi; done; "
-                "exit 1"
-            )
-            await vm.tool_ok(["sh", "-c", script])
+        assert serial_cap is not None
+        vm = cls(vm_id, host, vmm, agent, paths, uid, deadlines, serial_cap)
+        try:
+            if network:
+                await vm.tool_ok(["sh", "-c", "ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && "
+                                  "ip link set eth0 up && ip route add default via 10.0.2.2"])  # fmt: skip
+            for i in range(len(readonly)):
+                script = (
+                    f'for d in /sys/block/vd*; do if [ "$(cat $d/serial 2>/dev/null)" = ember-ro{i} ]; then '
+                    f"mkdir -p /ember/from{i} && exec mount -t ext4 -o ro,noload /dev/${{d##*/}} /ember/from{i}; "
+                    "fi; done; exit 1"
+                )
+                await vm.tool_ok(["sh", "-c", script])
+        except BaseException:
+            await vm.stop()
+            raise
         return vm
 
     async def tool(
@@ -93,7 +121,12 @@ class BuildVm:
     ) -> StepOutput:  # fmt: skip
         """Run Ember's busybox applet ``argv`` (chrooted into the image if ``root``)."""
         req = ExecRequest(argv=[BUILD_TOOL, *argv], root=root, tool=True)
-        return await self._exec(req, stdin, sink)
+        limit = self.deadlines.tool_s
+        out = await self._exec(req, stdin, sink, None, limit)
+        if out.vm_killed:
+            raise BuildFailed(f"Ember's build tool '{argv[0]}' did not finish within {limit:.0f} s "
+                              "(EMBER_BUILD_TOOL_TIMEOUT); the build VM was stopped")  # fmt: skip
+        return out
 
     async def tool_ok(self, argv: list[str], root: str = "", stdin: AsyncIterator[bytes] | None = None) -> None:
         out = await self.tool(argv, root, stdin)
@@ -103,30 +136,55 @@ class BuildVm:
     async def run(
         self, argv: list[str], env: list[str], cwd: str, user: str, timeout_s: float, on_output: Callable[[str], None]
     ) -> StepOutput:
+        """Run a step; the agent stops it at ``timeout_s``, and if the agent does not answer by
+        then (the step may have stopped it), the host kills the build VM."""
         req = ExecRequest(argv=argv, env=env, cwd=cwd, user=user, timeout_s=timeout_s, root=ROOT)
-        out = await self._exec(req, None, None, on_output)
-        # the step is over: as when a container exits, nothing it started keeps running
-        await self.tool(["kill", "-9", "-1"])
+        out = await self._exec(req, None, None, on_output, timeout_s + HOST_GRACE_S)
+        out = replace(out, limit_s=timeout_s)
+        if not out.vm_killed:
+            # the step is over: as when a container exits, nothing it started keeps running
+            await self.tool(["kill", "-9", "-1"])
         return out
 
     async def _exec(
         self, req: ExecRequest, stdin: AsyncIterator[bytes] | None, sink: Callable[[bytes], object] | None,
-        on_output: Callable[[str], None] | None = None,
+        on_output: Callable[[str], None] | None, deadline_s: float,
     ) -> StepOutput:  # fmt: skip
+        """Run ``req``; past ``deadline_s`` the VM is killed and a timed-out result comes back
+        with ``vm_killed`` set. Killing it first frees whatever waits on the agent."""
         tail = ""
-        result: ExecResult | None = None
-        async for item in self.agent.exec(req, stdin):
-            if isinstance(item, ExecResult):
-                result = item
-            elif sink is not None and item[0] == "stdout":
-                sink(item[1])
-            else:
-                text = item[1].decode(errors="replace")
-                tail = (tail + text)[-OUTPUT_TAIL:]
-                if on_output is not None:
-                    on_output(text)
-        assert result is not None
-        return StepOutput(result, tail)
+
+        async def consume() -> ExecResult:
+            nonlocal tail
+            result: ExecResult | None = None
+            async for item in self.agent.exec(req, stdin):
+                if isinstance(item, ExecResult):
+                    result = item
+                elif sink is not None and item[0] == "stdout":
+                    sink(item[1])
+                else:
+                    text = item[1].decode(errors="replace")
+                    tail = (tail + text)[-OUTPUT_TAIL:]
+                    if on_output is not None:
+                        on_output(text)
+            assert result is not None
+            return result
+
+        task = asyncio.create_task(consume())
+        expired = False
+        try:
+            done, _ = await asyncio.wait({task}, timeout=deadline_s)
+            expired = not done
+        finally:
+            if not task.done():  # the deadline passed (or the build was cancelled)
+                await self.stop()
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if expired:
+            log.warning("%s: %s did not finish within %.0f s; build VM stopped", self.vm_id, req.argv[0], deadline_s)
+            return StepOutput(ExecResult(exit_code=-1, signal=0, timed_out=True), tail, vm_killed=True)
+        return StepOutput(task.result(), tail)
 
     async def sync(self) -> None:
         await self.agent.sync()
@@ -142,11 +200,23 @@ class BuildVm:
         self.paths = replace(self.paths, disk=overlay)
 
     async def stop(self) -> None:
+        """Kill the VM and remove its cgroup and run directory (safe to repeat)."""
+        await _remove(self.host, self.vm_id, self.vmm, self.agent, self._serial_cap, self.paths.run_dir)
+
+
+async def _remove(
+    host: Host, vm_id: str, vmm: QemuVmm | None, agent: AgentConnection | None, serial_cap: asyncio.Task[None] | None,
+    run_dir: Path,
+) -> None:  # fmt: skip
+    if serial_cap is not None:
+        serial_cap.cancel()
+    if agent is not None:
         with contextlib.suppress(Exception):
-            await self.agent.close()
-        await self.vmm.shutdown()
-        await asyncio.to_thread(self.host.cgroups.destroy, self.vm_id)
-        shutil.rmtree(self.paths.run_dir, ignore_errors=True)
+            await agent.close()
+    if vmm is not None:
+        await vmm.shutdown()
+    await asyncio.to_thread(host.cgroups.destroy, vm_id)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def serial_tail(paths: RunPaths) -> str:
@@ -158,5 +228,10 @@ def serial_tail(paths: RunPaths) -> str:
 
 def step_failed(what: str, out: StepOutput) -> BuildFailed:
     r = out.result
-    why = "timed out" if r.timed_out else f"killed by signal {r.signal}" if r.signal else f"exit code {r.exit_code}"
+    if r.timed_out:
+        why = f"did not finish within {out.limit_s:.0f} s (EMBER_BUILD_STEP_TIMEOUT)"
+        if out.vm_killed:
+            why += "; the build VM stopped answering and was killed"
+    else:
+        why = f"killed by signal {r.signal}" if r.signal else f"exit code {r.exit_code}"
     return BuildFailed(f"{why}; its last output:\n{out.tail.strip()[-2000:]}", what)

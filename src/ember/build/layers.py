@@ -5,13 +5,21 @@ build args and environment it saw, and the content of the context files it
 read. ``<key>.qcow2`` backs onto its parent layer's file; ``<key>.json``
 written after the step succeeded marks it usable. A file without its marker
 is the remains of a failed or interrupted step and is removed.
+
+Builds run concurrently and share one cache: a step holds its key's claim
+while it makes the layer, so a second build needing the same key waits and
+then finds it made; unfinished layers are swept only at daemon start, when no
+step can be making one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,22 @@ class LayerCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._claims: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (lock, holders and waiters)
+
+    @contextlib.asynccontextmanager
+    async def claim(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key`` while making its layer: one maker per key at a time."""
+        lock, users = self._claims.get(key, (asyncio.Lock(), 0))
+        self._claims[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._claims[key]
+            if users == 1:
+                del self._claims[key]
+            else:
+                self._claims[key] = (lock, users - 1)
 
     def disk(self, key: str) -> Path:
         return self.root / f"{key}.qcow2"
@@ -61,6 +85,7 @@ class LayerCache:
             self.disk(key).unlink(missing_ok=True)
 
     def clean_unfinished(self) -> None:
+        """Remove layers without a marker (at daemon start: no build is making one then)."""
         for disk in self.root.glob("*.qcow2"):
             if not disk.with_suffix(".json").exists():
                 disk.unlink(missing_ok=True)

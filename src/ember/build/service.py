@@ -1,8 +1,17 @@
 """Image builds end to end: context + Dockerfile -> layers -> running app -> image.
 
-One build runs at a time per daemon (they share the builder uid and, on a
-2-core host, the CPUs). Every build gets a record (BUILDING, then CREATED or
-CREATE_FAILED with the failing step and reason) and a log file kept after it.
+Up to ``EMBER_MAX_BUILDS`` builds run at once (fewer when the host's available
+memory cannot hold that many build VMs); the others wait their turn, and say so
+in their log. Every build gets a record (BUILDING, then CREATED or
+CREATE_FAILED with the failing step and reason) and a log file kept after it,
+capped at ``EMBER_BUILD_LOG_MAX_BYTES``. Whatever fails, the build ends
+CREATE_FAILED; an unexpected error is logged with an id and the tenant sees
+only the id.
+
+What concurrent builds share is made safe here: the builder uid's egress
+filter is installed while any networked build runs (one nftables table per
+uid, counted), versions of a repo are numbered under a lock, the layer cache
+claims each key while a step makes it (ember.build.layers).
 """
 
 from __future__ import annotations
@@ -10,12 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
+import logging
+import math
 import re
+import secrets
+import shutil
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 from ember.agent import AgentConnection
 from ember.build import app as app_mod
@@ -26,14 +42,20 @@ from ember.build.dockerfile import Dockerfile, parse
 from ember.build.egress import build_egress
 from ember.build.layers import step_key
 from ember.build.tarread import TarLimits
+from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken
 from ember.images import ImageStore
 from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
 from ember.store import Store
 from ember.vmm.machine import MachineConfig
 
+log = logging.getLogger(__name__)
+
 REPO = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+MAX_READY_TIMEOUT_S = 3600.0
+# What an interrupted build can leave under data_dir: contexts, base trees, OCI layouts, COPY scratch.
+BUILD_LEFTOVERS = ("build-*", ".rootfs-*", ".layout-*", "tmp*")
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,11 @@ class BuildRequest:
     ready_timeout_s: float = 120.0
 
 
+def check_ready_timeout(seconds: float) -> None:
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_READY_TIMEOUT_S):
+        raise InvalidRequest(f"ready_timeout={seconds}: give a number of seconds above 0 and at most 3600")
+
+
 def split_name(name: str) -> tuple[str, str]:
     repo, _, tag = name.partition(":")
     if not REPO.match(repo) or (tag and not TAG.match(tag)):
@@ -54,26 +81,159 @@ def split_name(name: str) -> tuple[str, str]:
     return repo, tag
 
 
+def mem_available_mib(meminfo: Path = Path("/proc/meminfo")) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def concurrent_builds(settings: Settings, available_mib: int) -> int:
+    """EMBER_MAX_BUILDS, lowered to the build VMs the host's available memory holds (at least one)."""
+    per_build = settings.build_memory_mib + settings.vmm_overhead_mib
+    fit = available_mib // per_build if available_mib else settings.max_builds
+    return max(1, min(settings.max_builds, fit))
+
+
+class BuildSlots:
+    """At most ``limit`` builds at once; the rest wait in arrival order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, on_queued: Callable[[int], None]) -> AsyncIterator[None]:
+        if self.running >= self.limit or self._waiting:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            on_queued(self.running + len(self._waiting) - 1)
+            try:
+                await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # handed the slot just as it was cancelled: pass it on
+                else:
+                    self._waiting.remove(turn)
+                raise
+        else:
+            self.running += 1
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot goes straight to the next build
+                return
+        self.running -= 1
+
+
+class SharedEgress:
+    """The builder uid's egress filter, installed while at least one networked build runs.
+
+    Every build VMM runs as the one builder uid, and the filter is one nftables table
+    per uid: the first build installs it, the last one removes it."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self.users = 0
+        self._table: contextlib.AbstractContextManager[None] | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.users == 0:
+            table = build_egress(self.uid)
+            table.__enter__()
+            self._table = table
+        self.users += 1
+        try:
+            yield
+        finally:
+            self.users -= 1
+            if self.users == 0 and self._table is not None:
+                last, self._table = self._table, None
+                last.__exit__(None, None, None)
+
+
+class BuildLog:
+    """A build's log: every line goes to the client's stream (bounded there) and to the
+    log file until the file reaches ``cap`` bytes; the verdict line is always written."""
+
+    def __init__(self, path: Path, cap: int, emit: Callable[[str], None]) -> None:
+        self.cap = cap
+        self.emit = emit
+        self.written = 0
+        self.truncated = False
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> BuildLog:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._file.close()
+
+    def __call__(self, line: str) -> None:
+        self.emit(line)
+        if self.truncated:
+            return
+        data = (line + "\n").encode(errors="replace")
+        if self.written + len(data) > self.cap:
+            self.truncated = True
+            data = f"... log truncated: it reached {self.cap} bytes (EMBER_BUILD_LOG_MAX_BYTES) ...\n".encode()
+        self._write(data)
+
+    def verdict(self, line: str) -> None:
+        self.emit(line)
+        self._write((line + "\n").encode(errors="replace"))
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
+        self.written += len(data)
+
+
 class BuildService:
     def __init__(self, store: Store, images: ImageStore) -> None:
         self.store = store
         self.images = images
         self.settings = images.settings
         self.bases = BaseLayers(self.settings)
-        self._lock = asyncio.Lock()
         self.logs_dir = self.settings.data_dir / "builds"
+        available = mem_available_mib()
+        self.slots = BuildSlots(concurrent_builds(self.settings, available))
+        log.info("image builds at once: %d (EMBER_MAX_BUILDS=%d, MemAvailable %d MiB, %d MiB per build VM)",
+                 self.slots.limit, self.settings.max_builds, available,
+                 self.settings.build_memory_mib + self.settings.vmm_overhead_mib)  # fmt: skip
+        self.egress = SharedEgress(self.settings.builder_uid)
+        self._names = asyncio.Lock()
 
     def log_path(self, name: str) -> Path:
         return self.logs_dir / f"{name}.log"
 
     def interrupted(self) -> None:
-        """After a daemon restart: builds it was running can never finish."""
+        """After a daemon restart: builds it was running can never finish; their files go."""
         for record in self.store.list_builds():
             if record.state is BuildState.BUILDING:
                 self.store.put_build(dataclasses.replace(
                     record, state=BuildState.CREATE_FAILED, error="interrupted: the daemon stopped during the build",
                     finished_at=utcnow(),
                 ))  # fmt: skip
+        data = self.settings.data_dir
+        strays = [p for pattern in BUILD_LEFTOVERS for p in data.glob(pattern)]
+        strays += list((data / "run").glob("build-*"))
+        for stray in strays:
+            log.warning("removing what an interrupted build left: %s", stray.name)
+            if stray.is_dir() and not stray.is_symlink():
+                shutil.rmtree(stray, ignore_errors=True)
+            else:
+                stray.unlink(missing_ok=True)
+        self.bases.cache.clean_unfinished()
 
     def _build_machine(self, token: str) -> MachineConfig:
         machine = self.images.machine(token)
@@ -84,40 +244,47 @@ class BuildService:
 
     async def build(self, req: BuildRequest, context: Path, emit: Callable[[str], None]) -> BuildRecord:
         repo, tag = split_name(req.name)
+        check_ready_timeout(req.ready_timeout_s)
         ctx = BuildContext(context, TarLimits.from_settings(self.settings), req.dockerfile)  # its fd goes with it
         dockerfile = parse(ctx.dockerfile_text(), dict(req.options.build_args))  # bad input fails before any record
-        async with self._lock:
+        async with self._names:
             version = self.store.next_version(repo)
             name = f"{repo}:{tag or version}"
             if self.store.get_build(name) is not None or self.store.get_image(name) is not None:
                 raise NameTaken(f"image {name} exists: remove it ('ember image rm {name}') or pick another tag")
             record = BuildRecord(name=name, repo=repo, version=version, state=BuildState.BUILDING)
             self.store.put_build(record)
+        started = time.perf_counter()
+        try:
             self.logs_dir.mkdir(exist_ok=True)
-            started = time.perf_counter()
-            with open(self.log_path(name), "w") as log_file:
+            say = BuildLog(self.log_path(name), self.settings.build_log_max_bytes, emit)
+        except OSError as exc:
+            return self._failed(record, exc, started, emit)
+        with say:
 
-                def say(line: str) -> None:
-                    log_file.write(line + "\n")
-                    log_file.flush()
-                    emit(line)
+            def queued(ahead: int) -> None:
+                say(f"queued behind {ahead} build(s): {self.slots.limit} run at once (EMBER_MAX_BUILDS)")
 
-                say(f"building {name} (accelerator: {self.images.accel.accel.value})")
-                try:
+            try:
+                async with self.slots.slot(queued):
+                    say(f"building {name} (accelerator: {self.images.accel.accel.value})")
                     record = await self._run(record, req, dockerfile, ctx, say)
-                except (EmberError, OSError) as exc:
-                    step = exc.step if isinstance(exc, BuildFailed) else ""
-                    say(f"CREATE_FAILED: {exc}")
-                    record = dataclasses.replace(
-                        record, state=BuildState.CREATE_FAILED, error=str(exc)[:4000], step=step, finished_at=utcnow(),
-                        seconds=time.perf_counter() - started,
-                    )  # fmt: skip
-                    self.store.put_build(record)
-                    return record
-                record = dataclasses.replace(record, seconds=time.perf_counter() - started)
-                self.store.put_build(record)
-                say(f"CREATED {name} in {record.seconds:.1f} s")
-                return record
+            except Exception as exc:
+                return self._failed(record, exc, started, say.verdict)
+            record = dataclasses.replace(record, seconds=time.perf_counter() - started)
+            self.store.put_build(record)
+            say.verdict(f"CREATED {name} in {record.seconds:.1f} s")
+            return record
+
+    def _failed(self, record: BuildRecord, exc: Exception, started: float, say: Callable[[str], None]) -> BuildRecord:
+        reason, step = _failure(record.name, exc)
+        say(f"CREATE_FAILED: {reason}")
+        record = dataclasses.replace(
+            record, state=BuildState.CREATE_FAILED, error=reason, step=step, finished_at=utcnow(),
+            seconds=time.perf_counter() - started,
+        )  # fmt: skip
+        self.store.put_build(record)
+        return record
 
     def _reusable(self, repo: str, key: str) -> ImageRecord | None:
         """The newest version of ``repo`` built from ``key`` whose snapshot fits this daemon's machine."""
@@ -140,8 +307,7 @@ class BuildService:
         say: Callable[[str], None],
     ) -> BuildRecord:
         builder = Builder(self.settings, self.images.host, self._build_machine, self.bases, say)
-        egress = build_egress(self.settings.builder_uid) if req.options.network else contextlib.nullcontext()
-        with egress:
+        with self.egress.hold() if req.options.network else contextlib.nullcontext():
             built = await builder.build(dockerfile, ctx, req.options)
         config = built.layer.config
         readiness = app_mod.choose(config, req.ready_cmd)
@@ -182,3 +348,15 @@ class BuildService:
             record, state=BuildState.CREATED, config=json.dumps(config.to_json()), steps=json.dumps(details),
             finished_at=utcnow(), disk_bytes=image.disk_bytes, memory_bytes=image.memory_bytes,
         )  # fmt: skip
+
+
+def _failure(name: str, exc: Exception) -> tuple[str, str]:
+    """(reason, failed step) for a build's record: Ember's own errors say what failed; anything
+    else is logged with an id and the tenant gets the id, not the internals."""
+    if isinstance(exc, EmberError):
+        return str(exc)[:4000], exc.step if isinstance(exc, BuildFailed) else ""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "the host disk is full: free space and build again", ""
+    error_id = secrets.token_hex(6)
+    log.error("build %s failed (error id %s)", name, error_id, exc_info=exc)
+    return f"internal error (id {error_id}; the daemon log has the details)", ""

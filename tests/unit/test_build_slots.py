@@ -1,0 +1,95 @@
+"""Build concurrency, ready_timeout bounds, the build log cap and layer claims (pure logic)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+from ember.build.layers import LayerCache
+from ember.build.service import BuildLog, BuildSlots, check_ready_timeout, concurrent_builds
+from ember.config import Settings
+from ember.errors import InvalidRequest
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 0.0, -1.0, 3600.5])
+def test_ready_timeout_outside_0_to_3600_is_refused(bad: float) -> None:
+    with pytest.raises(InvalidRequest, match="ready_timeout"):
+        check_ready_timeout(bad)
+
+
+def test_ready_timeout_in_range_is_accepted() -> None:
+    for good in (0.1, 120.0, 3600.0):
+        check_ready_timeout(good)
+
+
+def test_concurrent_builds_follow_setting_and_memory() -> None:
+    s = Settings(max_builds=3, build_memory_mib=1024, vmm_overhead_mib=256)
+    assert concurrent_builds(s, 64 * 1024) == 3
+    assert concurrent_builds(s, 2 * 1280 + 10) == 2  # what memory holds
+    assert concurrent_builds(s, 100) == 1  # always at least one
+    assert concurrent_builds(s, 0) == 3  # unknown memory: the setting
+
+
+async def test_slots_queue_in_order_and_say_how_many_are_ahead() -> None:
+    slots = BuildSlots(2)
+    order: list[str] = []
+    ahead: dict[str, int] = {}
+    gates = {name: asyncio.Event() for name in "abcd"}
+
+    async def job(name: str) -> None:
+        async with slots.slot(lambda n: ahead.__setitem__(name, n)):
+            order.append(name)
+            await gates[name].wait()
+
+    tasks = {name: asyncio.create_task(job(name)) for name in "abcd"}
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b"] and ahead == {"c": 2, "d": 3}
+    tasks["c"].cancel()  # a queued build that goes away frees its place
+    await asyncio.sleep(0.01)
+    gates["a"].set()
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b", "d"] and slots.running == 2
+    gates["b"].set()
+    gates["d"].set()
+    await asyncio.gather(tasks["a"], tasks["b"], tasks["d"])
+    assert slots.running == 0
+
+
+def test_build_log_is_capped_but_keeps_streaming_and_the_verdict(tmp_path: Path) -> None:
+    streamed: list[str] = []
+    path = tmp_path / "b.log"
+    with BuildLog(path, 1000, streamed.append) as say:
+        for i in range(500):
+            say(f"line {i:04d} " + "x" * 40)
+        say.verdict("CREATED b:1 in 1.0 s")
+    text = path.read_text()
+    assert len(streamed) == 501
+    assert len(text.encode()) < 1000 + 200
+    assert text.count("log truncated") == 1 and text.endswith("CREATED b:1 in 1.0 s\n")
+
+
+async def test_layer_claim_makes_a_second_maker_wait(tmp_path: Path) -> None:
+    cache = LayerCache(tmp_path)
+    events: list[str] = []
+
+    async def maker(name: str, hold: float) -> None:
+        async with cache.claim("k"):
+            events.append(f"{name} in")
+            await asyncio.sleep(hold)
+            events.append(f"{name} out")
+
+    await asyncio.gather(maker("a", 0.05), maker("b", 0))
+    assert events == ["a in", "a out", "b in", "b out"]
+    assert not cache._claims
+
+
+def test_clean_unfinished_keeps_finished_layers(tmp_path: Path) -> None:
+    cache = LayerCache(tmp_path)
+    (tmp_path / "done.qcow2").write_bytes(b"")
+    (tmp_path / "done.json").write_text("{}")
+    (tmp_path / "half.qcow2").write_bytes(b"")
+    cache.clean_unfinished()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json", "done.qcow2"]

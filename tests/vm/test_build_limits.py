@@ -1,0 +1,271 @@
+"""Builds cannot hang or flood the daemon; every failure ends CREATE_FAILED and leaves nothing behind.
+
+These tests run their own daemon with short limits (a 60 s step deadline, a 1 MiB build log,
+two builds at once), so a hijacked step or a flood shows within a test's time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.client import ApiError, Client, call_build, call_simple, context_tar
+from ember.config import Settings
+from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, build, process_alive, vm_tests_possible
+
+pytestmark = pytest.mark.vm
+
+STEP_TIMEOUT_S = 60
+LOG_CAP = 1024 * 1024
+# In the build VM, root can move the agent (PID 1) into a frozen cgroup: it never answers again.
+FREEZE_AGENT = (
+    "echo freezing-the-agent && sleep 2 && mount -t cgroup2 none /sys/fs/cgroup && mkdir /sys/fs/cgroup/hold "
+    "&& echo 1 > /sys/fs/cgroup/hold/cgroup.procs && echo 1 > /sys/fs/cgroup/hold/cgroup.freeze && sleep 1000"
+)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    reason = vm_tests_possible()
+    if reason:
+        pytest.fail(reason)
+    data = Path(tempfile.mkdtemp(prefix="ember-limits-"))
+    settings = Settings.from_env(
+        {
+            "EMBER_DATA_DIR": str(data),
+            "EMBER_SOCKET": str(data / "ember.sock"),
+            "EMBER_CACHE_DIR": os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test"),
+            "EMBER_AGENT_TIMEOUT": "10",
+            # the second half of this run's id block: the session daemon has the first
+            "EMBER_UID_BASE": str(TEST_UID_BLOCK_BASE + (os.getpid() % 200) * 2 * TEST_UID_BLOCK + TEST_UID_BLOCK),
+            "EMBER_UID_COUNT": str(TEST_UID_BLOCK),
+            "EMBER_BUILD_STEP_TIMEOUT": str(STEP_TIMEOUT_S),
+            "EMBER_BUILD_LOG_MAX_BYTES": str(LOG_CAP),
+            "EMBER_MAX_BUILDS": "2",
+        }
+    )
+    d = DaemonProcess(settings, data.parent / f"{data.name}-daemon.log")
+    d.start()
+    yield d
+    d.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(daemon: DaemonProcess) -> Iterator[Client]:
+    with Client(settings=daemon.settings) as c:
+        yield c
+
+
+def leftovers(settings: Settings) -> list[str]:
+    data = settings.data_dir
+    found = [p for pattern in ("build-*", ".rootfs-*", ".layout-*", "tmp*") for p in data.glob(pattern)]
+    found += list((data / "run").glob("build-*"))
+    return sorted(str(p.relative_to(data)) for p in found)
+
+
+def build_vm_pids(settings: Settings) -> list[int]:
+    marker = str(settings.data_dir / "run" / "build-").encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and marker in cmdline and process_alive(int(proc.name)):
+                pids.append(int(proc.name))
+    return pids
+
+
+class BuildThread(threading.Thread):
+    """A build streamed in the background; each log line is kept with when it arrived."""
+
+    def __init__(self, settings: Settings, ctx: Path, name: str) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.ctx, self.name_ = settings, ctx, name
+        self.lines: list[tuple[float, str]] = []
+        self.result: dict[str, Any] = {}
+        self.error: Exception | None = None  # the stream broke (the daemon was killed)
+        self.finished_at = 0.0
+
+    def run(self) -> None:
+        try:
+            with Client(settings=self.settings) as c:
+                for event in c.stream_events(call_build(self.name_, context_tar(self.ctx))):
+                    if "log" in event:
+                        self.lines.append((time.monotonic(), event["log"]))
+                    self.result = event.get("build", self.result)
+        except Exception as exc:
+            self.error = exc
+        self.finished_at = time.monotonic()
+
+    def first(self, text: str) -> float:
+        return next((t for t, line in self.lines if text in line), 0.0)
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while not self.first(text):
+            assert self.is_alive(), f"{self.name_} ended before '{text}': {self.result}"
+            assert time.monotonic() < deadline, f"{self.name_}: no '{text}' in {[line for _, line in self.lines]}"
+            time.sleep(0.1)
+        return self.first(text)
+
+
+def context(root: Path, dockerfile: str) -> Path:
+    root.mkdir()
+    (root / "Dockerfile").write_text(dockerfile)
+    return root
+
+
+def test_ready_timeout_nan_inf_rejected(client: Client, daemon: DaemonProcess, tmp_path: Path) -> None:
+    ctx = context(tmp_path / "ctx", "FROM scratch\n")
+    for bad in ("nan", "inf", "-inf", "0", "-1", "3601"):
+        with pytest.raises(ApiError) as err:
+            list(client.stream_events(call_build("sloth", context_tar(ctx), ready_timeout=bad)))
+        assert err.value.status == 400, (bad, err.value)
+        assert "ready_timeout" in str(err.value), str(err.value)
+    assert client.send(call_simple("GET", "/v1/images")) == []
+    assert leftovers(daemon.settings) == []
+
+
+def test_build_failing_with_an_unexpected_exception_ends_create_failed(
+    client: Client, daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    # an infinite HEALTHCHECK timeout is not an error Ember anticipates (it overflows an integer
+    # when the readiness probe is sent): the build must still end CREATE_FAILED, without internals
+    ctx = context(tmp_path / "ctx", "FROM ember:debian-python3\nHEALTHCHECK --timeout=infs CMD true\n")
+    result, logs = build(client, ctx, "odd")
+    assert result["state"] == "CREATE_FAILED", result
+    assert "internal error (id " in result["error"], result["error"]
+    assert "Overflow" not in result["error"] and "/" not in result["error"].split("(id")[0]
+    assert logs[-1].startswith("CREATE_FAILED: internal error"), logs[-3:]
+    assert client.send(call_simple("GET", "/v1/images/odd:1"))["state"] == "CREATE_FAILED"
+    assert leftovers(daemon.settings) == []
+    assert build_vm_pids(daemon.settings) == []
+
+
+def test_stuck_build_fails_on_time_without_blocking_others_and_a_third_queues(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    settings = daemon.settings
+    stuck = BuildThread(
+        settings, context(tmp_path / "stuck", f"FROM ember:debian-python3\nRUN {FREEZE_AGENT}\n"), "stuck"
+    )
+    second = BuildThread(
+        settings, context(tmp_path / "second", "FROM ember:debian-python3\nRUN echo second\n"), "second"
+    )
+    third = BuildThread(settings, context(tmp_path / "third", "FROM scratch\nCOPY missing /missing\n"), "third")
+
+    stuck.start()
+    frozen_at = stuck.wait_for("freezing-the-agent", 180)
+    second.start()
+    second.wait_for("building second:1", 30)
+    third.start()
+    third.wait_for("queued behind 2 build(s)", 30)
+    assert not third.first("building third:1"), "a third build ran beyond EMBER_MAX_BUILDS=2"
+
+    # the second build runs its own build VM and finishes while the stuck one is still stuck
+    second.join(300)
+    assert second.result.get("state") == "CREATED", second.result
+    assert not stuck.result, "the stuck build ended before the second one"
+    table = subprocess.run(["nft", "list", "table", "inet", f"ember_build_{settings.builder_uid}"], capture_output=True)
+    assert table.returncode == 0, "the second build removed the egress filter of the one still running"
+
+    stuck.join(STEP_TIMEOUT_S + 120)
+    third.join(60)
+    assert stuck.result.get("state") == "CREATE_FAILED", stuck.result
+    error = stuck.result["error"]
+    assert error.startswith("step at line 2 (RUN echo freezing-the-agent"), error
+    assert f"did not finish within {STEP_TIMEOUT_S} s" in error and "killed" in error, error
+    took = stuck.finished_at - frozen_at
+    assert took < STEP_TIMEOUT_S + 30, f"the stuck step was given up after {took:.0f} s"
+    assert third.result.get("state") == "CREATE_FAILED" and third.first("building third:1"), third.result
+    assert build_vm_pids(settings) == [], "a build VM outlived its build"
+    assert leftovers(settings) == []
+    nft = subprocess.run(["nft", "list", "table", "inet", f"ember_build_{settings.builder_uid}"], capture_output=True)
+    assert nft.returncode != 0, "the egress filter stayed after the last build"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_build_log_flood_with_disconnected_client_is_bounded(
+    client: Client, daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    flood_mib = 96  # lines of 1 KiB; before the fix they all piled up in the daemon for the gone client
+    ctx = context(
+        tmp_path / "flood",
+        f'FROM ember:debian-python3\nRUN yes "$(printf %01023d 0)" | head -c {flood_mib}M; echo flood-done\n',
+    )
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    with Client(settings=daemon.settings) as gone:
+        events = gone.stream_events(call_build("flood", context_tar(ctx)))
+        for event in events:
+            if "building flood:1" in event.get("log", ""):
+                break
+        events.close()  # the client goes away
+    baseline = _rss_kib(pid)
+    peak = baseline
+    deadline = time.monotonic() + 400
+    state = "BUILDING"
+    while state == "BUILDING":
+        assert time.monotonic() < deadline, "the flood build did not finish"
+        peak = max(peak, _rss_kib(pid))
+        state = client.send(call_simple("GET", "/v1/images/flood:1"))["state"]
+        time.sleep(0.2)
+    assert state == "CREATED", client.send(call_simple("GET", "/v1/images/flood:1"))
+    assert (peak - baseline) < 40 * 1024, f"daemon RSS grew by {(peak - baseline) // 1024} MiB"
+
+    log_file = daemon.settings.data_dir / "builds" / "flood:1.log"
+    size = log_file.stat().st_size
+    assert size <= LOG_CAP + 4096, f"build log is {size} bytes"
+    text = log_file.read_text()
+    assert "log truncated" in text and text.rstrip().splitlines()[-1].startswith("CREATED flood:1")
+
+    tail = client.text(call_simple("GET", "/v1/images/flood:1/logs", tail=4000))
+    assert len(tail) <= 4200 and tail.startswith("... ") and "earlier bytes of the log not shown" in tail
+    assert "CREATED flood:1" in tail
+    whole = client.text(call_simple("GET", "/v1/images/flood:1/logs"))
+    assert whole == text, "the default tail holds a whole capped log"
+    with pytest.raises(ApiError) as err:
+        client.text(call_simple("GET", "/v1/images/flood:1/logs", tail=0))
+    assert err.value.status == 400
+
+
+def test_daemon_kill9_mid_build_leaves_no_build_dirs(daemon: DaemonProcess, tmp_path: Path) -> None:
+    settings = daemon.settings
+    victim = BuildThread(
+        settings, context(tmp_path / "victim", "FROM ember:debian-python3\nRUN echo started && sleep 1000\n"), "victim"
+    )
+    victim.start()
+    victim.wait_for("started", 180)
+    assert leftovers(settings), "the build should have its context and run directories now"
+    vm_pids = build_vm_pids(settings)
+    assert vm_pids
+
+    daemon.kill9()
+    victim.join(30)
+    daemon.start()
+    assert leftovers(settings) == [], "an interrupted build's directories survived the restart"
+    assert not [p for p in vm_pids if process_alive(p)], "the interrupted build's VM survived the restart"
+    with Client(settings=settings) as c:
+        record = c.send(call_simple("GET", "/v1/images/victim:1"))
+    assert record["state"] == "CREATE_FAILED" and "interrupted" in record["error"], record
+    assert not list((settings.data_dir / "layers").glob("*.qcow2.tmp")) and all(
+        p.with_suffix(".json").exists() for p in (settings.data_dir / "layers").glob("*.qcow2")
+    ), "an unfinished layer survived the restart"
