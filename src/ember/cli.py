@@ -252,8 +252,7 @@ def ls_cmd(spec: str) -> None:
         click.echo(f"{stat.filemode(r['mode'])} {r['size']:>12} {r['name']}")
     if listing["truncated"]:
         shown_n = len(listing["entries"])
-        click.echo(f"ember: only the first {shown_n} entries are listed (EMBER_LS_MAX_ENTRIES); there are more", err=True)
-
+        click.echo(f"ember: only the first {shown_n} entries are listed (EMBER_LS_MAX_ENTRIES)", err=True)
 
 
 def _lifecycle(action: str, vm_id: str) -> dict[str, Any]:
