@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
+
+import pytest
 
 from ember import netpolicy
-from ember.build.egress import ruleset
+from ember.build.egress import build_egress, ruleset
 
 
 def rejected(rules: str, family: str) -> set[str]:
@@ -29,3 +33,19 @@ def test_nft_accepts_the_rules() -> None:
     proc = subprocess.run(["nft", "-c", "-f", "-"], input=ruleset("ember_check", 4242, ["10.255.255.53", "::1"]),
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_installed_filter_leaves_other_traffic_and_socketless_replies_alone() -> None:
+    """Only the builder's sockets are filtered: with the table installed, a closed port on this host still
+    answers a reset at once (the kernel's RST has no socket; it used to be rejected, so every connection
+    to a closed local port hung until its timeout while any build ran)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # bound, never listening: connections to it are reset
+        with build_egress(4_242_424), socket.socket() as s:
+            s.settimeout(5)
+            started = time.monotonic()
+            with pytest.raises(ConnectionRefusedError):
+                s.connect(("127.0.0.1", closed))
+            assert time.monotonic() - started < 1
+    assert "ember_build_4242424" not in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout

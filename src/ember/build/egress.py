@@ -40,7 +40,11 @@ def ruleset(table: str, uid: int, dns: list[str]) -> str:
         f"table inet {table} {{",
         "  chain out {",
         "    type filter hook output priority 0; policy accept;",
-        f"    meta skuid != {uid} accept",
+        # only the builder's sockets: packets without a socket (the kernel's RSTs and ICMP errors for
+        # the whole host) match neither 'skuid X' nor 'skuid != X' and must not reach the rejects
+        f"    meta skuid {uid} jump builder",
+        "  }",
+        "  chain builder {",
     ]
     for proto in ("udp", "tcp"):
         if v4:
