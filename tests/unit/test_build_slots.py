@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from ember.build.layers import LayerCache
-from ember.build.service import BuildLog, BuildSlots, check_ready_timeout, concurrent_builds
+from ember.build.service import BuildLog, BuildRequest, BuildService, BuildSlots, check_ready_timeout, concurrent_builds
 from ember.config import Settings
 from ember.errors import InvalidRequest
+from ember.models import BuildState
+from ember.store import Store
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 0.0, -1.0, 3600.5])
@@ -93,3 +96,27 @@ def test_clean_unfinished_keeps_finished_layers(tmp_path: Path) -> None:
     (tmp_path / "half.qcow2").write_bytes(b"")
     cache.clean_unfinished()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json", "done.qcow2"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom /var/lib/ember/secret"), KeyError("k"), RecursionError()])
+async def test_a_build_failing_with_any_exception_ends_create_failed_without_internals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    """Whatever a build raises, its record ends CREATE_FAILED with an id to look up, never the internals."""
+    settings = Settings(data_dir=tmp_path / "data", cache_dir_override=str(tmp_path / "cache"))
+    settings.data_dir.mkdir()
+    images = SimpleNamespace(settings=settings, accel=SimpleNamespace(accel=SimpleNamespace(value="tcg")))
+    service = BuildService(Store(settings.db_path), images)  # type: ignore[arg-type]
+
+    async def explode(*args: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(service, "_run", explode)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\n")
+    lines: list[str] = []
+    record = await service.build(BuildRequest(name="odd"), ctx, lines.append)
+    assert record.state is BuildState.CREATE_FAILED and record.error.startswith("internal error (id ")
+    assert "boom" not in record.error and "/var" not in record.error and lines[-1].startswith("CREATE_FAILED")
+    assert service.store.get_build("odd:1").state is BuildState.CREATE_FAILED  # type: ignore[union-attr]

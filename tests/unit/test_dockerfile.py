@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ember.build.dockerfile import DockerfileError, pairs, parse, run_argv
+from ember.build.dockerfile import DockerfileError, pairs, parse, parse_healthcheck, run_argv
 from ember.build.egress import ruleset
 
 
@@ -54,7 +54,16 @@ def test_run_heredoc_forms() -> None:
 
 def test_egress_rules_only_touch_the_builder_uid() -> None:
     rules = ruleset("t", 4242, ["10.255.255.53"])
-    assert "meta skuid != 4242 accept" in rules
+    assert "meta skuid 4242 jump builder" in rules and "skuid !=" not in rules
     assert "ip daddr { 10.255.255.53 } udp dport 53 accept" in rules
     assert "127.0.0.0/8" in rules and "192.168.0.0/16" in rules
     assert rules.index("dport 53 accept") < rules.index("reject")
+
+
+@pytest.mark.parametrize(
+    "flag", ["--timeout=infs", "--interval=nanms", "--start-period=-1s", "--interval=25h", "--retries=99999"]
+)
+def test_healthcheck_durations_and_retries_are_bounded(flag: str) -> None:
+    (stage,) = parse(f"FROM scratch\nHEALTHCHECK {flag} CMD true\n", {}).stages
+    with pytest.raises(DockerfileError, match="line 2"):
+        parse_healthcheck(stage.instructions[0], ("/bin/sh", "-c"))

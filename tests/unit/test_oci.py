@@ -66,6 +66,16 @@ def test_image_config_maps_docker_fields() -> None:
     assert oci.image_config({}).workdir == "/"
 
 
+@pytest.mark.parametrize(
+    "config",
+    [{"Healthcheck": {"Test": ["CMD", "true"], "Timeout": 10**30}},
+     {"Healthcheck": {"Test": ["CMD", "x"], "Retries": "x"}}, {"Labels": ["not", "a", "map"]}, {"Env": 5}],
+)  # fmt: skip
+def test_a_malformed_image_config_is_refused(config: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, TypeError, AttributeError)):
+        oci.image_config(config)
+
+
 def test_an_index_without_linux_amd64_names_what_it_has() -> None:
     index = {"manifests": [{"digest": DIGEST, "size": 1, "platform": {"os": "linux", "architecture": "arm64"}}]}
     with pytest.raises(BuildFailed, match="linux/arm64"):

@@ -9,6 +9,7 @@ expanded here: the shell in the guest does it with the stage's environment.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -43,6 +44,8 @@ FLAGS = {
 }
 DEFAULT_SHELL = ("/bin/sh", "-c")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_DURATION_S = 24 * 3600.0  # a HEALTHCHECK interval, timeout or start period
+MAX_RETRIES = 1000
 
 
 class DockerfileError(InvalidRequest):
@@ -297,15 +300,23 @@ def parse_shell(ins: Instruction) -> tuple[str, ...]:
     return tuple(ins.args)
 
 
+def duration_ok(seconds: float) -> bool:
+    """A HEALTHCHECK interval, timeout or start period Ember accepts: finite, 0 to 24 hours."""
+    return math.isfinite(seconds) and 0 <= seconds <= MAX_DURATION_S
+
+
 def parse_duration(value: str, ins: Instruction) -> float:
     units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     for unit in ("ms", "s", "m", "h"):
         if value.endswith(unit):
             try:
-                return float(value[: -len(unit)]) * units[unit]
+                seconds = float(value[: -len(unit)]) * units[unit]
             except ValueError:
                 break
-    raise ins.error(f"'{value}' is not a duration like 30s, 500ms or 1m")
+            if duration_ok(seconds):
+                return seconds
+            break
+    raise ins.error(f"'{value}' is not a duration like 30s, 500ms or 1m (at most 24h)")
 
 
 def parse_healthcheck(ins: Instruction, shell: tuple[str, ...]) -> Healthcheck:
@@ -317,8 +328,8 @@ def parse_healthcheck(ins: Instruction, shell: tuple[str, ...]) -> Healthcheck:
     rest = args[1:]
     argv = tuple(rest) if ins.json else (*shell, " ".join(rest))
     retries = ins.flag("retries", "3")
-    if not retries.isdigit():
-        raise ins.error(f"--retries={retries} is not a number")
+    if not retries.isdigit() or int(retries) > MAX_RETRIES:
+        raise ins.error(f"--retries={retries} is not a number from 0 to {MAX_RETRIES}")
     return Healthcheck(
         argv=argv,
         interval_s=parse_duration(ins.flag("interval", "30s"), ins),

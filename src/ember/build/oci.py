@@ -40,7 +40,7 @@ import httpcore
 import httpx
 
 from ember import netpolicy
-from ember.build.dockerfile import DEFAULT_SHELL, Healthcheck, ImageConfig
+from ember.build.dockerfile import DEFAULT_SHELL, MAX_RETRIES, Healthcheck, ImageConfig, duration_ok
 from ember.build.tarread import ArchiveError, TarLimits
 from ember.build.unpack import Tree
 from ember.config import Settings
@@ -217,7 +217,13 @@ async def resolve(source: Source, blobs: BlobStore, reference: str, ref: str) ->
     arch = f"{config.get('os', 'linux')}/{config.get('architecture', 'amd64')}"
     if arch != "linux/amd64":
         raise fail(ref, f"the image is for {arch}; Ember runs linux/amd64 images")
-    return ResolvedImage(digest, image_config(config.get("config") or {}), layers)
+    try:
+        run_config = image_config(config.get("config") or {})
+    except (AttributeError, TypeError, ValueError, IndexError, OverflowError):
+        raise fail(
+            ref, "the image config is malformed (Env, Cmd, Healthcheck, ... of the wrong type or out of range)"
+        ) from None
+    return ResolvedImage(digest, run_config, layers)
 
 
 def image_config(c: dict[str, Any]) -> ImageConfig:
@@ -232,11 +238,18 @@ def image_config(c: dict[str, Any]) -> ImageConfig:
         defaults = Healthcheck(())
 
         def seconds(key: str, default: float) -> float:
-            return float(hc.get(key) or 0) / 1e9 or default
+            value = float(hc.get(key) or 0) / 1e9 or default
+            if not duration_ok(value):
+                raise ValueError(f"Healthcheck {key}")
+            return value
+
+        retries = int(hc.get("Retries") or defaults.retries)
+        if not 0 <= retries <= MAX_RETRIES:
+            raise ValueError("Healthcheck Retries")
 
         healthcheck = Healthcheck(
             argv, seconds("Interval", defaults.interval_s), seconds("Timeout", defaults.timeout_s),
-            seconds("StartPeriod", defaults.start_period_s), int(hc.get("Retries") or defaults.retries),
+            seconds("StartPeriod", defaults.start_period_s), retries,
         )  # fmt: skip
     return ImageConfig(
         env=tuple((k, v) for k, _, v in env), workdir=str(c.get("WorkingDir") or "/"), user=str(c.get("User") or ""),
