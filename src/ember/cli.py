@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,18 @@ def _client() -> Client:
     return Client(os.environ.get("EMBER_URL") or None)
 
 
+def shown(text: str, *, lines: bool = False) -> str:
+    """Text a tenant or a guest chose, made safe for a terminal: control and format characters (ESC,
+    CR, backspace, bidi overrides...) appear escaped, never act. ``lines`` keeps newlines and tabs."""
+    kept = "\n\t" if lines else ""
+    return "".join(
+        c if c in kept or unicodedata.category(c) not in ("Cc", "Cf") else c.encode("unicode_escape").decode()
+        for c in text
+    )
+
+
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"ember: {message}", err=True)
+    click.echo(f"ember: {shown(message, lines=True)}", err=True)
     sys.exit(code)
 
 
@@ -84,7 +95,7 @@ def image_ls() -> None:
     click.echo(f"{'NAME':<24} {'STATE':<14} {'DISK':>10} {'MEMORY':>10} CREATED")
     for r in rows:
         click.echo(
-            f"{r['name']:<24} {r.get('state', 'CREATED'):<14} {r.get('disk_bytes', 0) / 2**20:>8.1f}Mi "
+            f"{shown(r['name']):<24} {r.get('state', 'CREATED'):<14} {r.get('disk_bytes', 0) / 2**20:>8.1f}Mi "
             f"{r.get('memory_bytes', 0) / 2**20:>8.0f}Mi {r['created_at']}"
         )
 
@@ -116,12 +127,12 @@ def image_build(
     with _client() as c:
         for event in c.stream_events(call):
             if "log" in event:
-                click.echo(event["log"], err=True)
+                click.echo(shown(event["log"]), err=True)
             elif "build" in event:
                 build = event["build"]
                 if build["state"] != "CREATED":
                     _fail(f"{build['name']} CREATE_FAILED: {build['error']}")
-                click.echo(build["name"])
+                click.echo(shown(build["name"]))
 
 
 @image.command("inspect")
@@ -137,15 +148,16 @@ def image_inspect(name: str) -> None:
 def image_logs(name: str) -> None:
     """Print an image's build log."""
     with _client() as c:
-        click.echo(c.text(call_simple("GET", f"/v1/images/{name}/logs")), nl=False)
+        click.echo(shown(c.text(call_simple("GET", f"/v1/images/{name}/logs")), lines=True), nl=False)
 
 
 @image.command("rm")
 @click.argument("name")
-def image_rm(name: str) -> None:
-    """Remove an image version (refused while VMs use it)."""
+@click.option("--all", "every_version", is_flag=True, help="remove every version of the repo NAME")
+def image_rm(name: str, every_version: bool) -> None:
+    """Remove an image version, e.g. myapp:2 (refused while VMs use it)."""
     with _client() as c:
-        c.send(call_simple("DELETE", f"/v1/images/{name}"))
+        c.send(call_simple("DELETE", f"/v1/images/{name}", **({"all": "true"} if every_version else {})))
 
 
 @main.command()
@@ -249,7 +261,7 @@ def ls_cmd(spec: str) -> None:
     with _client() as c:
         listing = c.send(call_simple("GET", f"/v1/vms/{remote[0]}/ls", path=remote[1]))
     for r in listing["entries"]:
-        click.echo(f"{stat.filemode(r['mode'])} {r['size']:>12} {r['name']}")
+        click.echo(f"{stat.filemode(r['mode'])} {r['size']:>12} {shown(r['name'])}")
     if listing["truncated"]:
         shown_n = len(listing["entries"])
         click.echo(f"ember: only the first {shown_n} entries are listed (EMBER_LS_MAX_ENTRIES)", err=True)
@@ -284,7 +296,7 @@ def snapshot(vm_id: str, name: str) -> None:
     """Turn a running VM into a new image (it keeps running)."""
     with _client() as c:
         img = c.send(Call("POST", f"/v1/vms/{vm_id}/snapshot", json={"name": name}))
-    click.echo(img["name"])
+    click.echo(shown(img["name"]))
 
 
 @main.command()
@@ -294,7 +306,10 @@ def ps() -> None:
         rows = c.send(call_simple("GET", "/v1/vms"))
     click.echo(f"{'ID':<16} {'STATE':<11} {'IMAGE':<16} {'ACCEL':<5} CREATED")
     for r in rows:
-        click.echo(f"{r['id']:<16} {r['state']:<11} {r['image']:<16} {r['accelerator']['name']:<5} {r['created_at']}")
+        click.echo(
+            f"{shown(r['id']):<16} {r['state']:<11} {shown(r['image']):<16} {r['accelerator']['name']:<5} "
+            f"{r['created_at']}"
+        )
 
 
 @main.command()

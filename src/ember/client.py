@@ -50,6 +50,7 @@ class Call:
     params: dict[str, Any] = field(default_factory=dict)
     json: Any = None
     content: bytes | None = None  # a raw body (e.g. a build context tar) instead of JSON
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ def call_build(name: str, context_tar: bytes, dockerfile: str = "Dockerfile", **
     """Build an image from a tar of its context; ``options``: build_arg (list of NAME=VALUE),
     target, ready_cmd, ready_timeout, no_cache, network, host_ca_certs."""
     params = {"name": name, "dockerfile": dockerfile, **{k: v for k, v in options.items() if v not in (None, "")}}
-    return Call("POST", "/v1/images/build", params=params, content=context_tar)
+    return Call("POST", "/v1/images/build", params=params, content=context_tar,
+                headers={"Content-Type": "application/x-tar"})  # fmt: skip
 
 
 def context_tar(root: Path, dockerfile: str = "Dockerfile") -> bytes:
@@ -180,20 +182,36 @@ def collect(events: Iterable[dict[str, Any]], on_output: Callable[[str, bytes], 
     raise ApiError(502, "AgentUnavailable", "the exec stream ended without an exit status")
 
 
-def transport_for(base_url: str | None, settings: Settings | None) -> tuple[str, dict[str, Any]]:
+def read_api_token(settings: Settings) -> str | None:
+    """The daemon's bearer token for its TCP listener (a root-only file); None if unreadable here."""
+    try:
+        return settings.api_token_path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def transport_for(
+    base_url: str | None, settings: Settings | None, token: str | None
+) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(base URL, transport options, headers): the Unix socket, or a TCP URL with the bearer token."""
+    settings = settings or Settings.from_env()
     if base_url:
-        return base_url, {}
-    sock = (settings or Settings.from_env()).socket_path
-    return "http://ember", {"uds": str(sock)}
+        token = token or read_api_token(settings)
+        return base_url, {}, {"Authorization": f"Bearer {token}"} if token else {}
+    return "http://ember", {"uds": str(settings.socket_path)}, {}
 
 
 # ---- sync ----------------------------------------------------------------------
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, settings: Settings | None = None) -> None:
-        url, transport = transport_for(base_url, settings)
-        self._http = httpx.Client(base_url=url, transport=httpx.HTTPTransport(**transport), timeout=TIMEOUT)
+    """``base_url`` (e.g. http://127.0.0.1:7070) talks TCP with ``token``, by default the daemon's token file."""
+
+    def __init__(self, base_url: str | None = None, settings: Settings | None = None, token: str | None = None) -> None:
+        url, transport, headers = transport_for(base_url, settings, token)
+        self._http = httpx.Client(
+            base_url=url, transport=httpx.HTTPTransport(**transport), timeout=TIMEOUT, headers=headers
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -202,7 +220,9 @@ class Client:
         self._http.close()
 
     def send(self, call: Call) -> Any:
-        r = self._http.request(call.method, call.path, params=call.params, json=call.json, content=call.content)
+        r = self._http.request(
+            call.method, call.path, params=call.params, json=call.json, content=call.content, headers=call.headers
+        )
         raise_for(r.status_code, r.content)
         return r.json() if r.content else None
 
@@ -212,7 +232,9 @@ class Client:
         return r.text
 
     def stream_events(self, call: Call) -> Iterator[dict[str, Any]]:
-        with self._http.stream(call.method, call.path, params=call.params, json=call.json, content=call.content) as r:
+        with self._http.stream(
+            call.method, call.path, params=call.params, json=call.json, content=call.content, headers=call.headers
+        ) as r:
             if r.status_code >= 400:
                 raise_for(r.status_code, r.read())
             for line in r.iter_lines():
@@ -278,9 +300,11 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, base_url: str | None = None, settings: Settings | None = None) -> None:
-        url, transport = transport_for(base_url, settings)
-        self._http = httpx.AsyncClient(base_url=url, transport=httpx.AsyncHTTPTransport(**transport), timeout=TIMEOUT)
+    def __init__(self, base_url: str | None = None, settings: Settings | None = None, token: str | None = None) -> None:
+        url, transport, headers = transport_for(base_url, settings, token)
+        self._http = httpx.AsyncClient(
+            base_url=url, transport=httpx.AsyncHTTPTransport(**transport), timeout=TIMEOUT, headers=headers
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -289,13 +313,15 @@ class AsyncClient:
         await self._http.aclose()
 
     async def send(self, call: Call) -> Any:
-        r = await self._http.request(call.method, call.path, params=call.params, json=call.json, content=call.content)
+        r = await self._http.request(
+            call.method, call.path, params=call.params, json=call.json, content=call.content, headers=call.headers
+        )
         raise_for(r.status_code, r.content)
         return r.json() if r.content else None
 
     async def stream_events(self, call: Call) -> AsyncIterator[dict[str, Any]]:
         async with self._http.stream(
-            call.method, call.path, params=call.params, json=call.json, content=call.content
+            call.method, call.path, params=call.params, json=call.json, content=call.content, headers=call.headers
         ) as r:
             if r.status_code >= 400:
                 raise_for(r.status_code, await r.aread())

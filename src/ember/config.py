@@ -22,6 +22,14 @@ class Settings:
     socket_path: Path = _env("EMBER_SOCKET", Path("/run/ember/ember.sock"))
     # Optional TCP listener, e.g. "127.0.0.1:7070"; empty = Unix socket only.
     listen: str = _env("EMBER_LISTEN", "")
+    # Bearer token the TCP listener requires (root-only 0600, made once); empty = <data_dir>/api-token.
+    api_token_file_override: str = _env("EMBER_API_TOKEN_FILE", "")
+    # Largest request body of a JSON route; refused (413) before it is read.
+    max_json_body_bytes: int = _env("EMBER_MAX_JSON_BODY_BYTES", 1024 * 1024)
+    # Largest build context upload (the tar as sent); refused (413) before or while it streams.
+    max_build_context_bytes: int = _env("EMBER_MAX_BUILD_CONTEXT_BYTES", 2 * 1024**3)
+    # Largest file copied into a VM in one request ('ember cp'), and largest stdin streamed to one exec.
+    max_file_upload_bytes: int = _env("EMBER_MAX_FILE_UPLOAD_BYTES", 16 * 1024**3)
     # "auto" (hardware KVM if present and it boots, else TCG), "kvm" or "tcg".
     accel: str = _env("EMBER_ACCEL", "auto")
     qemu_binary: str = _env("EMBER_QEMU", "qemu-system-x86_64")
@@ -112,6 +120,10 @@ class Settings:
     @property
     def guest_dir(self) -> Path:
         return self.data_dir / "guest"
+
+    @property
+    def api_token_path(self) -> Path:
+        return Path(self.api_token_file_override) if self.api_token_file_override else self.data_dir / "api-token"
 
     @property
     def cache_dir(self) -> Path:

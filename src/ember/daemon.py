@@ -7,7 +7,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +59,10 @@ def lock_uid_range(settings: Settings) -> int:
 async def assemble(settings: Settings) -> Daemon:
     if os.geteuid() != 0:
         raise HostSetupError("the Ember daemon must run as root (it gives every VMM its own uid and cgroup)")
-    for d in (settings.data_dir, settings.images_dir, settings.vms_dir, settings.guest_dir, settings.cache_dir):
+    os.umask(0o077)  # build logs, layer configs, tokens: root-only unless opened up on purpose
+    run_dirs, layers = settings.data_dir / "run", settings.data_dir / "layers"  # template/build VMMs, build layers
+    for d in (settings.data_dir, settings.images_dir, settings.vms_dir, settings.guest_dir, settings.cache_dir,
+              run_dirs, layers):  # fmt: skip
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o711)  # VMMs traverse to their own files; listing stays private
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # start-up races are retried and reported by us
@@ -100,18 +105,62 @@ def bind_unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+def api_token(path: Path) -> str:
+    """The TCP listener's bearer token, in a root-only 0600 file: made once (atomically), then
+    reused across restarts. Delete the file and restart the daemon to rotate it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            with contextlib.suppress(FileExistsError):  # another daemon made it first: use theirs
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
+        return api_token(path)
+    except OSError as exc:
+        raise HostSetupError(f"the API token file {path} cannot be opened ({exc.strerror}): remove it") from None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        token = f.read(256).strip()
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077 or len(token) < 32:
+        raise HostSetupError(
+            f"the API token file {path} must be a root-only (0600) file holding a token: remove it, "
+            "the daemon makes a new one"
+        )
+    return token
+
+
+def tcp_listener(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise HostSetupError(f"EMBER_LISTEN={listen!r} is not HOST:PORT (e.g. 127.0.0.1:7070)")
+    return host.strip("[]"), int(port)
+
+
 async def serve(settings: Settings) -> None:
     from ember.api.app import create_app
+    from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy
 
+    tcp = tcp_listener(settings.listen) if settings.listen else None
     daemon = await assemble(settings)
     app = create_app(daemon)
+    caps = BodyCaps.from_settings(settings)
     unix = bind_unix_socket(settings.socket_path)
     servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [
-        (uvicorn.Server(uvicorn.Config(app, log_level="warning")), [unix])
+        (uvicorn.Server(uvicorn.Config(RequestGuard(app, caps, None), log_level="warning")), [unix])
     ]
-    if settings.listen:
-        host, _, port = settings.listen.rpartition(":")
-        log.warning("also listening on %s without authentication: keep it on loopback", settings.listen)
-        servers.append((uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning")), None))
+    if tcp is not None:
+        policy = TcpPolicy.for_listener(settings.listen, api_token(settings.api_token_path))
+        log.info("TCP listener %s requires the bearer token in %s", settings.listen, settings.api_token_path)
+        guarded = RequestGuard(app, caps, policy)
+        servers.append((uvicorn.Server(uvicorn.Config(guarded, host=tcp[0], port=tcp[1], log_level="warning")), None))
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")
     await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))

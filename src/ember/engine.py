@@ -30,7 +30,6 @@ from ember.errors import (
     GuestError,
     ImageNotFound,
     InvalidRequest,
-    NameTaken,
     VmmError,
     VmNotFound,
 )
@@ -101,7 +100,12 @@ class Engine:
     # ---- helpers ---------------------------------------------------------
 
     def _lock(self, vm_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(vm_id, asyncio.Lock())
+        """The VM's lock, made only for a VM that exists: unknown ids never grow the table."""
+        lock = self._locks.get(vm_id)
+        if lock is None:
+            self.get(vm_id)
+            lock = self._locks[vm_id] = asyncio.Lock()
+        return lock
 
     def get(self, vm_id: str) -> VmRecord:
         record = self.store.get_vm(vm_id)
@@ -455,8 +459,7 @@ class Engine:
     async def snapshot(self, vm_id: str, name: str) -> ImageRecord:
         if not NAME_RE.match(name):
             raise InvalidRequest(f"bad image name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
-        if self.store.get_image(name) is not None:
-            raise NameTaken(f"an image named '{name}' exists: pick another name or remove it first")
+        self.images.check_new_name(name)
         stream = self.images.staging_stream(name)
         disk_copy = stream.with_name(stream.name + ".disk")
         try:
@@ -497,18 +500,35 @@ class Engine:
 
     # ---- daemon start / stop -------------------------------------------
 
-    async def remove_image(self, name: str) -> None:
-        """Remove an image and its files; refused while VMs use it."""
-        build = self.store.get_build(name)
-        image = self.store.get_image(name) if build is not None else self.images.get(name)
-        users = [vm.id for vm in self.store.list_vms() if image is not None and vm.image == image.name]
+    def _image_names(self, name: str, every_version: bool) -> list[str]:
+        """The image or build names ``name`` means: itself, else the versions of the repo it names."""
+        if self.store.get_build(name) is not None or self.store.get_image(name) is not None:
+            return [name]
+        versions = [b.name for b in self.store.list_builds() if b.repo == name] if ":" not in name else []
+        if not versions:
+            raise ImageNotFound(name)
+        if len(versions) > 1 and not every_version:
+            raise Conflict(
+                f"'{name}' has {len(versions)} versions ({', '.join(versions[:10])}): remove one with "
+                f"'ember image rm {versions[-1]}', or every one with 'ember image rm --all {name}'"
+            )
+        return versions
+
+    async def remove_image(self, name: str, *, every_version: bool = False) -> list[str]:
+        """Remove an image version (or every version of a repo) and its files; refused while VMs use
+        one. Returns the names removed."""
+        names = self._image_names(name, every_version)
+        users = [vm.id for vm in self.store.list_vms() if vm.image in names]
         if users:
             raise Conflict(f"image {name} is used by {len(users)} VM(s): {', '.join(users[:10])}; remove them first")
-        if image is not None:
-            await self.pool.drop(image)
-            self.store.delete_image(image.name)
-            await asyncio.to_thread(shutil.rmtree, self.images.dir(image), True)
-        self.store.delete_build(image.name if image is not None else name)
+        for each in names:
+            image = self.store.get_image(each)
+            if image is not None:
+                await self.pool.drop(image)
+                self.store.delete_image(image.name)
+                await asyncio.to_thread(shutil.rmtree, self.images.dir(image), True)
+            self.store.delete_build(each)
+        return names
 
     def warm_up(self, image: ImageRecord) -> None:
         """Verify an image and pre-start its pool in the background, so that even

@@ -8,7 +8,11 @@ EmberError
 ├── Conflict                the request does not fit the current state (HTTP 409)
 │   ├── InvalidStateTransition   e.g. exec on a suspended VM
 │   └── NameTaken               an image name already in use
+├── Unauthorized            no or wrong credentials on the TCP listener (HTTP 401)
+├── Forbidden               a foreign Host or Origin on the TCP listener (HTTP 403)
 ├── InvalidRequest          malformed input (HTTP 400)
+│   ├── PayloadTooLarge     a request body over its route's cap (HTTP 413)
+│   └── UnsupportedMediaType  a body of the wrong Content-Type (HTTP 415)
 ├── GuestError              the guest agent refused or failed a request (HTTP 422)
 │   ├── AgentUnavailable    the agent cannot be reached (VM crashed or hung; HTTP 503)
 │   └── GuestProtocolError  the agent's reply broke the wire protocol (hostile or broken guest; HTTP 503)
@@ -20,9 +24,20 @@ EmberError
 
 from __future__ import annotations
 
+import logging
+import secrets
+
+
+def logged(message: str, detail: str) -> str:
+    """``message`` with a fresh error id, for the client; ``detail`` (host paths, tool output,
+    exception text) goes only to the daemon log, under that id."""
+    error_id = secrets.token_hex(4)
+    logging.getLogger("ember").error("error id %s: %s; %s", error_id, message, detail)
+    return f"{message} (the daemon log has the details under id {error_id})"
+
 
 class EmberError(Exception):
-    """Root of every error Ember raises on purpose."""
+    """Root of every error Ember raises on purpose; its message goes to the client."""
 
     http_status = 500
 
@@ -59,8 +74,24 @@ class NameTaken(Conflict):
     pass
 
 
+class Unauthorized(EmberError):
+    http_status = 401
+
+
+class Forbidden(EmberError):
+    http_status = 403
+
+
 class InvalidRequest(EmberError):
     http_status = 400
+
+
+class PayloadTooLarge(InvalidRequest):
+    http_status = 413
+
+
+class UnsupportedMediaType(InvalidRequest):
+    http_status = 415
 
 
 class GuestError(EmberError):

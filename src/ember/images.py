@@ -29,7 +29,16 @@ from typing import Protocol
 from ember.agent import AgentConnection, ChannelLimits
 from ember.build import rootfs
 from ember.config import Settings
-from ember.errors import EmberError, HostSetupError, ImageNotFound, ResourceExhausted, SnapshotError, VmmError
+from ember.errors import (
+    EmberError,
+    HostSetupError,
+    ImageNotFound,
+    NameTaken,
+    ResourceExhausted,
+    SnapshotError,
+    VmmError,
+    logged,
+)
 from ember.guest.artifacts import GuestArtifacts
 from ember.models import FileDigest, ImageRecord, VmRecord, utcnow
 from ember.runtime import Host, keep_serial_capped
@@ -53,6 +62,8 @@ log = logging.getLogger(__name__)
 
 BASE_IMAGE = "debian"
 BUILTIN_BASE = "ember:debian-python3"  # Debian bookworm minbase + python3
+# names no image of a tenant's may take: the built-in image and the built-in bases' repos
+RESERVED_NAMES = frozenset({BASE_IMAGE, "python", *(ref.partition(":")[0] for ref in rootfs.BUILTIN)})
 
 
 Prepare = Callable[[AgentConnection], Awaitable[None]]
@@ -82,7 +93,7 @@ async def _run_tool(argv: list[str], what: str) -> None:
     proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     if proc.returncode != 0:
-        raise EmberError(f"{what} failed: {err.decode(errors='replace')}")
+        raise EmberError(logged(f"{what} failed", err.decode(errors="replace")))
 
 
 class ImageStore:
@@ -121,6 +132,13 @@ class ImageStore:
 
     def list(self) -> list[ImageRecord]:
         return self.store.list_images()
+
+    def check_new_name(self, name: str) -> None:
+        """A fork's name may be neither a built-in base's nor an existing image's or repo's."""
+        if name in RESERVED_NAMES:
+            raise NameTaken(f"'{name}' is the name of a built-in base image: pick another name")
+        if self.store.get_image(name) is not None or any(b.repo == name for b in self.store.list_builds()):
+            raise NameTaken(f"an image named '{name}' exists: pick another name or remove it first")
 
     async def verified_snapshot(self, image: ImageRecord) -> VerifiedSnapshot:
         """Check an image's files once per daemon (RAM and disk are immutable afterwards).

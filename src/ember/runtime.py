@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ember.agent import AgentConnection
 from ember.config import Settings
-from ember.errors import VmmError
+from ember.errors import VmmError, logged
 from ember.host.cgroup import Cgroups
 from ember.snapshot import raise_storage
 from ember.vmm.machine import MachineConfig, RamMode, RunPaths
@@ -104,7 +104,7 @@ def create_overlay(backing: Path, out: Path, owner_uid: int) -> None:
         text=True,
     )
     if proc.returncode != 0:
-        raise VmmError(f"creating the VM disk failed: {proc.stderr.strip()}")
+        raise VmmError(logged("creating the VM disk failed", proc.stderr.strip()))
     os.chown(out, owner_uid, 0)
     os.chmod(out, 0o600)
 
@@ -149,7 +149,8 @@ class Host:
         return vm_id
 
     def prepare_run_dir(self, layout: VmLayout, uid: int) -> None:
-        layout.root.mkdir(mode=0o711, exist_ok=True)
+        layout.root.mkdir(exist_ok=True)
+        os.chmod(layout.root, 0o711)  # the VMM reaches its run dir, disk and RAM file (the daemon's umask is 077)
         if layout.run_dir.exists():
             shutil.rmtree(layout.run_dir)
         layout.run_dir.mkdir(mode=0o700)

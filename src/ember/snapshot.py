@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ember.errors import ResourceExhausted, SnapshotError
+from ember.errors import ResourceExhausted, SnapshotError, logged
 from ember.models import FileDigest, utcnow
 from ember.vmm.machine import MachineConfig
 from ember.vmm.qemu import Vmm
@@ -132,7 +132,7 @@ def _disk_full(exc: OSError) -> bool:
 def raise_storage(exc: OSError, what: str) -> None:
     if _disk_full(exc):
         raise ResourceExhausted(f"{what} failed: the host disk is full; free space and retry") from exc
-    raise SnapshotError(f"{what} failed: {exc}") from exc
+    raise SnapshotError(logged(f"{what} failed ({exc.strerror or type(exc).__name__})", str(exc))) from exc
 
 
 class StreamTap:
@@ -203,7 +203,7 @@ class StreamTap:
         if isinstance(self._error, OSError):
             raise_storage(self._error, f"{'writing' if self._writing else 'reading'} {self.path.name}")
         if self._error is not None:
-            raise SnapshotError(f"stream {self.path.name} failed: {self._error}")
+            raise SnapshotError(logged(f"stream {self.path.name} failed", f"{self.path}: {self._error!r}"))
         return FileDigest(self._hash.hexdigest(), self._size)
 
 
@@ -248,20 +248,25 @@ def load_manifest(directory: Path) -> SnapshotManifest:
     try:
         manifest = SnapshotManifest.from_json(path.read_text())
     except FileNotFoundError:
-        raise SnapshotError(f"snapshot {directory} is incomplete (no manifest): it cannot be restored") from None
+        raise SnapshotError(
+            logged("the snapshot is incomplete (no manifest): it cannot be restored", str(path))
+        ) from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise SnapshotError(f"snapshot manifest {path} is corrupt: {exc}") from None
+        raise SnapshotError(logged("the snapshot's manifest is corrupt", f"{path}: {exc!r}")) from None
     for name, digest in manifest.files.items():
         if "/" in name or name.startswith("."):
-            raise SnapshotError(f"snapshot manifest {path} names a bad file {name!r}")
+            raise SnapshotError(logged(f"the snapshot's manifest names a bad file {name!r}", str(path)))
         try:
             size = (directory / name).stat().st_size
         except FileNotFoundError:
-            raise SnapshotError(f"snapshot {directory} is missing {name}: it cannot be restored") from None
+            raise SnapshotError(
+                logged(f"the snapshot is missing {name}: it cannot be restored", str(directory))
+            ) from None
         if size != digest.size:
             raise SnapshotError(
-                f"snapshot file {directory / name} is {size} bytes, the manifest says {digest.size}: it is damaged"
-            )
+                logged(f"snapshot file {name} is {size} bytes, the manifest says {digest.size}: it is damaged",
+                       str(directory))
+            )  # fmt: skip
     return manifest
 
 
@@ -304,7 +309,7 @@ def durable(paths: list[Path]) -> None:
 
 def check_digest(path: Path, expected: FileDigest, actual: FileDigest) -> None:
     if expected != actual:
-        raise SnapshotError(f"snapshot file {path} fails its SHA-256 check: it is damaged")
+        raise SnapshotError(logged(f"snapshot file {path.name} fails its SHA-256 check: it is damaged", str(path)))
 
 
 async def load_verified(vmm: Vmm, path: Path, expected: FileDigest, ignore_shared: bool) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,27 @@ def image_view(image: ImageRecord) -> dict[str, Any]:
     }
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """Errors as ``{"error": KIND, "message": ...}``; an unexpected one says only its id."""
+
+    @app.exception_handler(EmberError)
+    async def ember_error(_: Request, exc: EmberError) -> JSONResponse:
+        return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # the exception's text may hold host paths or internals: the client gets an id to quote
+        error_id = secrets.token_hex(4)
+        log.error("internal error id %s in %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        message = f"internal error; the daemon log has the details under id {error_id}"
+        return JSONResponse({"error": "InternalError", "message": message, "id": error_id}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": "InvalidRequest", "message": details}, status_code=400)
+
+
 def create_app(daemon: Daemon) -> FastAPI:
     engine, images = daemon.engine, daemon.images
 
@@ -104,20 +126,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         title="Ember", version="0.1.0", description="Stateful micro-VMs for untrusted code", lifespan=lifespan
     )
 
-    @app.exception_handler(EmberError)
-    async def ember_error(_: Request, exc: EmberError) -> JSONResponse:
-        return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=exc.http_status)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
-        message = f"internal error ({type(exc).__name__}: {exc}); the daemon log has the details"
-        return JSONResponse({"error": "InternalError", "message": message}, status_code=500)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": "InvalidRequest", "message": details}, status_code=400)
+    add_error_handlers(app)
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ember.build.service import MAX_READY_TIMEOUT_S, BuildRequest, BuildService,
 from ember.build.tarread import ArchiveError, TarLimits
 from ember.build.unpack import Tree, remove_tree
 from ember.engine import Engine
-from ember.errors import ImageNotFound, InvalidRequest
+from ember.errors import ImageNotFound, InvalidRequest, UnsupportedMediaType
 from ember.models import BuildRecord, BuildState
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
         host_ca_certs: bool = False,
     ) -> StreamingResponse:
         """Build an image from a context tar (request body); streams the build log as NDJSON."""
+        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/x-tar":
+            # a browser can send text/plain anywhere without asking (CSRF); a tar is declared as one
+            raise UnsupportedMediaType("send the build context as a tar with 'Content-Type: application/x-tar'")
         split_name(name)
         args = []
         for item in build_arg:
@@ -149,6 +152,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
             return ""
 
     @app.delete("/v1/images/{name}", status_code=204)
-    async def remove_image(name: str) -> None:
-        await engine.remove_image(name)
-        builds.log_path(name).unlink(missing_ok=True)
+    async def remove_image(name: str, every_version: bool = Query(default=False, alias="all")) -> None:
+        """Remove an image version; a repo name with several versions needs ``all=true``."""
+        for removed in await engine.remove_image(name, every_version=every_version):
+            builds.log_path(removed).unlink(missing_ok=True)

@@ -89,7 +89,7 @@ async def debian_tarball(base: DebianBase, cache_dir: Path, mirror: str) -> Path
     cmd += ["bookworm", str(partial), f"deb {mirror} bookworm main"]
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
+        env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}, umask=0o022,  # a guest tree, not daemon state
     )  # fmt: skip
     out, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -110,6 +110,8 @@ def unpack_trusted(tarball: Path, tree: Path) -> None:
         (etc / "resolv.conf").unlink(missing_ok=True)
         (etc / "resolv.conf").write_text("")
         (etc / "hostname").write_text("ember\n")
+        for name in ("resolv.conf", "hostname"):
+            os.chmod(etc / name, 0o644)  # world-readable in the guest, whatever the daemon's umask
 
 
 def _run(cmd: list[str]) -> None:

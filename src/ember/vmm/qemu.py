@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from ember.errors import VmmError
+from ember.errors import VmmError, logged
 from ember.vmm.machine import MachineConfig, RamMode, RunPaths, qemu_argv
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class QemuVmm:
                 log_tail = ""
                 with contextlib.suppress(OSError):
                     log_tail = (sock.parent / "vmm.log").read_text(errors="replace")[-2000:]
-                raise VmmError(f"QEMU exited during start-up: {log_tail.strip() or 'no output'}")
+                raise VmmError(logged("QEMU exited during start-up", f"its log: {log_tail.strip() or 'no output'}"))
             if sock.exists():
                 qmp = QMPClient(f"ember-{pid}")
                 try:
@@ -142,7 +142,7 @@ class QemuVmm:
         try:
             return await self._qmp.execute(name, args)
         except (QMPError, OSError, EOFError) as exc:
-            raise VmmError(f"QMP {name} failed: {exc}") from exc
+            raise VmmError(logged(f"QMP {name} failed", repr(exc))) from exc
 
     async def status(self) -> str:
         result = await self._cmd("query-status")

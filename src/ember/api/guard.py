@@ -1,0 +1,194 @@
+"""What every request passes before the API sees it (pure ASGI: streamed bodies and answers flow through).
+
+- Body caps: a ``Content-Length`` over the route's cap is refused (413) before a byte of the
+  body is read; a chunked body is counted as it streams and cut off at the cap.
+- On the TCP listener only: the ``Host`` must be one of the listener's own names (DNS
+  rebinding), an ``Origin`` must be the listener's own (CSRF from a browser tab), and the
+  request must carry ``Authorization: Bearer <token>`` with the daemon's API token. The Unix
+  socket is owner-only (root) and needs none of this.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from ember.config import Settings
+from ember.errors import EmberError, Forbidden, PayloadTooLarge, Unauthorized
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_STREAMED_INTO_VM = re.compile(r"^/v1/vms/[^/]+/(files|exec/stdin/[^/]+)$")  # a file upload, an exec's stdin
+
+
+@dataclass(frozen=True)
+class BodyCap:
+    limit: int
+    setting: str  # the variable that raises it
+    hint: str  # what to do instead
+
+    def refusal(self, size: int | None) -> PayloadTooLarge:
+        got = f"is {size} bytes" if size is not None else "passed the cap while streaming"
+        return PayloadTooLarge(
+            f"the request body {got}; this route takes at most {self.limit} bytes ({self.setting} on the daemon): "
+            f"{self.hint}"
+        )
+
+
+@dataclass(frozen=True)
+class BodyCaps:
+    json: BodyCap
+    build_context: BodyCap
+    file_upload: BodyCap
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BodyCaps:
+        return cls(
+            json=BodyCap(settings.max_json_body_bytes, "EMBER_MAX_JSON_BODY_BYTES",
+                         "copy large data into the VM with 'ember cp' instead"),
+            build_context=BodyCap(settings.max_build_context_bytes, "EMBER_MAX_BUILD_CONTEXT_BYTES",
+                                  "exclude files from the build context with .dockerignore"),
+            file_upload=BodyCap(settings.max_file_upload_bytes, "EMBER_MAX_FILE_UPLOAD_BYTES",
+                                "send the data in parts, or raise the cap"),
+        )  # fmt: skip
+
+    def for_route(self, method: str, path: str) -> BodyCap:
+        if method == "POST" and path == "/v1/images/build":
+            return self.build_context
+        if method == "PUT" and _STREAMED_INTO_VM.match(path):
+            return self.file_upload
+        return self.json
+
+
+_UNSPECIFIED = {"0.0.0.0", "::", "[::]"}  # the names of "every address"
+
+
+@dataclass(frozen=True)
+class TcpPolicy:
+    """The TCP listener's own names and the bearer token it requires."""
+
+    token: str
+    port: int
+    hosts: frozenset[str]  # lowercase host names/addresses (IPv6 in brackets), without the port
+    any_address: bool  # bound to every address: any IP literal names it (never a DNS name)
+
+    @classmethod
+    def for_listener(cls, listen: str, token: str) -> TcpPolicy:
+        host, _, port = listen.rpartition(":")
+        host = host.lower()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        names = {"localhost", "127.0.0.1", "[::1]", host}
+        return cls(token=token, port=int(port), hosts=frozenset(names), any_address=host in _UNSPECIFIED)
+
+    def _own_host(self, value: str) -> bool:
+        host, sep, port = value.lower().rpartition(":")
+        if not sep or port != str(self.port) or (host.startswith("[") != host.endswith("]")):
+            return False
+        if host in self.hosts:
+            return True
+        if not self.any_address:
+            return False
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return True
+
+    def refusal(self, headers: list[tuple[str, str]]) -> EmberError | None:
+        """Why this request is refused, or None if it may pass."""
+        hosts = [v for k, v in headers if k == "host"]
+        if len(hosts) != 1 or not self._own_host(hosts[0]):
+            return Forbidden(
+                "the Host header does not name this listener: use the address it listens on "
+                f"(or localhost) with port {self.port}"
+            )
+        origins = [v for k, v in headers if k == "origin"]
+        if origins and (len(origins) > 1 or origins[0].lower() != f"http://{hosts[0].lower()}"):
+            return Forbidden("requests from another origin (a web page) are refused; call the API directly")
+        auths = [v for k, v in headers if k == "authorization"]
+        scheme, _, token = (auths[0] if len(auths) == 1 else "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token.encode()):
+            return Unauthorized(
+                "the TCP listener needs 'Authorization: Bearer <token>': the token is in the daemon's "
+                "api-token file (EMBER_API_TOKEN_FILE), readable by root; the ember CLI and SDK send it"
+            )
+        return None
+
+
+async def reply(send: Send, exc: EmberError, *, close: bool = False) -> None:
+    """Answer with ``exc`` as Ember's JSON error."""
+    body = json.dumps({"error": type(exc).__name__, "message": str(exc)}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:  # the body was not read: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
+    if isinstance(exc, Unauthorized):
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Cut:
+    """Counts a request body as it streams; past the cap it cuts it off and answers 413 itself."""
+
+    def __init__(self, cap: BodyCap, receive: Receive, send: Send) -> None:
+        self.cap, self._receive, self._send = cap, receive, send
+        self.received = 0
+        self.refused: PayloadTooLarge | None = None
+        self.app_started = False
+        self.replied = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.cap.limit:
+                self.refused = self.cap.refusal(None)
+                raise self.refused
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.refused is None:
+            self.app_started = self.app_started or message["type"] == "http.response.start"
+            await self._send(message)
+        elif not self.app_started and not self.replied:  # whatever the app answers to the cut body: our 413
+            self.replied = True
+            await reply(self._send, self.refused, close=True)
+
+
+class RequestGuard:
+    def __init__(self, app: Asgi, caps: BodyCaps, tcp: TcpPolicy | None) -> None:
+        self.app = app
+        self.caps = caps
+        self.tcp = tcp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        if self.tcp is not None and (refused := self.tcp.refusal(headers)) is not None:
+            await reply(send, refused, close=True)
+            return
+        cap = self.caps.for_route(scope["method"], scope["path"])
+        length = next((v for k, v in headers if k == "content-length"), None)
+        if length is not None and length.isdigit() and int(length) > cap.limit:
+            await reply(send, cap.refusal(int(length)), close=True)
+            return
+        cut = _Cut(cap, receive, send)
+        try:
+            await self.app(scope, cut.receive, cut.send)
+        except Exception:
+            if cut.refused is None:
+                raise
+        if cut.refused is not None and not cut.app_started and not cut.replied:
+            await reply(send, cut.refused, close=True)

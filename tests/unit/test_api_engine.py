@@ -1,0 +1,77 @@
+"""Engine-side API findings: lock table growth, removing a repo's versions, names a fork may not take."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from ember.config import Settings
+from ember.engine import Engine
+from ember.errors import Conflict, ImageNotFound, NameTaken, VmNotFound
+from ember.guest.artifacts import GuestArtifacts
+from ember.host.cgroup import CgroupsV2
+from ember.images import ImageStore
+from ember.models import BuildRecord, BuildState
+from ember.runtime import Host
+from ember.store import Store
+from ember.vmm.accel import Accel, AccelChoice
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    """An engine on a real store; no VMM is ever started by these tests."""
+    settings = Settings(data_dir=tmp_path, socket_path=tmp_path / "ember.sock")
+    store = Store(tmp_path / "ember.db")
+    cgroup_root = tmp_path / "cgroup"  # a plain directory: nothing here makes a cgroup
+    cgroup_root.mkdir()
+    (cgroup_root / "cgroup.subtree_control").write_text("memory pids")
+    host = Host(settings, CgroupsV2("ember-unit", cgroup_root), tmp_path / "jailer")
+    guest = GuestArtifacts(tmp_path / "k", tmp_path / "i", tmp_path / "a", "f", tmp_path / "b")
+    images = ImageStore(settings, store, host, guest, AccelChoice(Accel.TCG, "unit test"))
+    return Engine(settings, store, host, images)
+
+
+def add_builds(engine: Engine, repo: str, *states: BuildState) -> list[str]:
+    names = []
+    for version, state in enumerate(states, start=1):
+        engine.store.put_build(BuildRecord(name=f"{repo}:{version}", repo=repo, version=version, state=state))
+        names.append(f"{repo}:{version}")
+    return names
+
+
+async def test_unknown_vm_ids_create_no_locks(engine: Engine) -> None:
+    for _ in range(1000):
+        vm_id = f"vm-{secrets.token_hex(6)}"
+        for action in (engine.suspend, engine.resume, engine.remove):
+            with pytest.raises(VmNotFound):
+                await action(vm_id)
+    assert engine._locks == {}
+
+
+async def test_removing_a_repo_with_several_versions_asks_for_one_or_all(engine: Engine) -> None:
+    names = add_builds(engine, "app", BuildState.CREATED, BuildState.CREATE_FAILED, BuildState.CREATED)
+    with pytest.raises(Conflict, match=r"'app' has 3 versions .*'ember image rm app:3'.*--all app"):
+        await engine.remove_image("app")
+    assert [b.name for b in engine.store.list_builds()] == names  # nothing removed
+    assert await engine.remove_image("app:2") == ["app:2"]
+    assert await engine.remove_image("app", every_version=True) == ["app:1", "app:3"]
+    assert engine.store.list_builds() == []
+    with pytest.raises(ImageNotFound):
+        await engine.remove_image("app")
+    add_builds(engine, "solo", BuildState.CREATED)
+    assert await engine.remove_image("solo") == ["solo:1"]  # one version: no doubt which
+
+
+@pytest.mark.parametrize("name", ["debian", "python", "ember"])
+def test_a_fork_cannot_take_a_built_in_base_name(engine: Engine, name: str) -> None:
+    with pytest.raises(NameTaken, match="built-in base"):
+        engine.images.check_new_name(name)
+
+
+def test_a_fork_cannot_take_an_existing_repo_name(engine: Engine) -> None:
+    add_builds(engine, "app", BuildState.CREATED)
+    with pytest.raises(NameTaken, match="exists"):
+        engine.images.check_new_name("app")
+    engine.images.check_new_name("myfork")
