@@ -17,7 +17,7 @@ import pytest
 
 from ember.client import ApiError, Call, Client, call_simple
 from ember.config import Settings
-from tests.conftest import TEST_UID_BLOCK, DaemonProcess, remove_quietly
+from tests.conftest import TEST_UID_BLOCK, DaemonProcess, build, remove_quietly
 
 
 def raw_request(sock_path: Path, head: str, timeout: float = 5.0) -> tuple[bytes, float]:
@@ -144,3 +144,19 @@ def test_a_fork_cannot_take_a_built_in_base_name(client: Client, settings: Setti
     finally:
         remove_quietly(client, vm_id)
     assert os.path.isdir(settings.images_dir / "debian")
+
+
+def test_build_log_and_layer_configs_are_root_only(client: Client, settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text(
+        'FROM debian:bookworm-slim\nENV API_KEY=secret\nRUN true\nCMD ["sleep", "inf"]\n'
+    )
+    result, _ = build(client, tmp_path, "umask-check", ready_cmd="true")
+    try:
+        assert result["state"] == "CREATED", result
+        written = [settings.data_dir / "builds" / f"{result['name']}.log", *settings.data_dir.glob("layers/*.json")]
+        assert len(written) > 1
+        for path in written:  # ENV and LABEL values, RUN output: the tenant's, nobody else's
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        if result.get("name"):
+            client.send(call_simple("DELETE", f"/v1/images/{result['name']}"))
