@@ -145,10 +145,13 @@ def image_inspect(name: str) -> None:
 
 @image.command("logs")
 @click.argument("name")
-def image_logs(name: str) -> None:
-    """Print an image's build log."""
+@click.option("--tail", type=click.IntRange(1, 64 << 20), default=1 << 20, show_default=True,
+              help="bytes from the end of the log")  # fmt: skip
+def image_logs(name: str, tail: int) -> None:
+    """Print an image's build log (its last --tail bytes)."""
     with _client() as c:
-        click.echo(shown(c.text(call_simple("GET", f"/v1/images/{name}/logs")), lines=True), nl=False)
+        text = c.text(call_simple("GET", f"/v1/images/{name}/logs", tail=tail))
+        click.echo(shown(text, lines=True), nl=False)
 
 
 @image.command("rm")

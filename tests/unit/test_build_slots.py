@@ -10,9 +10,17 @@ from types import SimpleNamespace
 import pytest
 
 from ember.build.layers import LayerCache
-from ember.build.service import BuildLog, BuildRequest, BuildService, BuildSlots, check_ready_timeout, concurrent_builds
+from ember.build.service import (
+    BuildLog,
+    BuildRequest,
+    BuildService,
+    BuildSlots,
+    check_ready_timeout,
+    concurrent_builds,
+    split_name,
+)
 from ember.config import Settings
-from ember.errors import InvalidRequest
+from ember.errors import InvalidRequest, NameTaken
 from ember.models import BuildState
 from ember.store import Store
 
@@ -120,3 +128,9 @@ async def test_a_build_failing_with_any_exception_ends_create_failed_without_int
     assert record.state is BuildState.CREATE_FAILED and record.error.startswith("internal error (id ")
     assert "boom" not in record.error and "/var" not in record.error and lines[-1].startswith("CREATE_FAILED")
     assert service.store.get_build("odd:1").state is BuildState.CREATE_FAILED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["debian", "debian:7", "python:3.11", "ember:x"])
+def test_a_build_cannot_take_a_built_in_base_name(name: str) -> None:
+    with pytest.raises(NameTaken, match="built-in base"):
+        split_name(name)

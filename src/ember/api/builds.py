@@ -26,7 +26,6 @@ from ember.models import BuildRecord, BuildState
 
 log = logging.getLogger(__name__)
 
-MAX_CONTEXT_BYTES = 2 * 1024**3
 LOG_TAIL_DEFAULT = 1024 * 1024  # bytes of a build log answered unless ?tail= asks for more
 LOG_TAIL_MAX = 64 * 1024 * 1024
 
@@ -45,12 +44,8 @@ def build_view(record: BuildRecord) -> dict[str, Any]:
 async def _receive_context(request: Request, into: Path, limits: TarLimits) -> None:
     """The uploaded context tar, unpacked by Ember's confined, bounded reader (never tarfile, never as paths)."""
     upload = into / "context.tar"
-    size = 0
     with open(upload, "wb") as f:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_CONTEXT_BYTES:
-                raise InvalidRequest("the build context is larger than 2 GiB: exclude files with .dockerignore")
+        async for chunk in request.stream():  # its size is capped by ember.api.guard (EMBER_MAX_BUILD_CONTEXT_BYTES)
             f.write(chunk)
     root = into / "context"
     root.mkdir()
@@ -77,8 +72,8 @@ def _log_tail(path: Path, limit: int) -> str:
         return data.decode(errors="replace")
     cut = data.find(b"\n") + 1  # start at a whole line
     skipped = start + cut
-    return (f"... {skipped} earlier bytes of the log not shown (ask for more with ?tail=BYTES) ...\n"
-            + data[cut:].decode(errors="replace"))  # fmt: skip
+    note = f"... {skipped} earlier bytes of the log not shown (more with ?tail=BYTES, 'ember image logs --tail') ...\n"
+    return note + data[cut:].decode(errors="replace")
 
 
 def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None:

@@ -44,7 +44,7 @@ from ember.build.layers import step_key
 from ember.build.tarread import TarLimits
 from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken
-from ember.images import ImageStore
+from ember.images import RESERVED_NAMES, ImageStore
 from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
 from ember.store import Store
 from ember.vmm.machine import MachineConfig
@@ -78,6 +78,8 @@ def split_name(name: str) -> tuple[str, str]:
         raise InvalidRequest(
             f"'{name}' is not an image name: use lowercase letters, digits, '.', '_' or '-', optionally ':tag'"
         )
+    if repo in RESERVED_NAMES:  # 'ember run debian' must never reach a tenant's build
+        raise NameTaken(f"'{repo}' is the name of a built-in base image: pick another name")
     return repo, tag
 
 
