@@ -1,12 +1,17 @@
-"""Engine-side API findings: lock table growth, removing a repo's versions, names a fork may not take."""
+"""Engine-side API findings: lock table growth, removing a repo's versions, names a fork may not take, stdin pipes."""
 
 from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
+import httpx
 import pytest
 
+from ember.api import app as api_app
+from ember.api.execstdin import StdinPipes
 from ember.config import Settings
 from ember.engine import Engine
 from ember.errors import Conflict, ImageNotFound, NameTaken, VmNotFound
@@ -17,6 +22,9 @@ from ember.models import BuildRecord, BuildState
 from ember.runtime import Host
 from ember.store import Store
 from ember.vmm.accel import Accel, AccelChoice
+
+if TYPE_CHECKING:
+    from ember.daemon import Daemon
 
 
 @pytest.fixture
@@ -75,3 +83,21 @@ def test_a_fork_cannot_take_an_existing_repo_name(engine: Engine) -> None:
     with pytest.raises(NameTaken, match="exists"):
         engine.images.check_new_name("app")
     engine.images.check_new_name("myfork")
+
+
+async def test_failed_execs_leave_no_stdin_pipe(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    tables: list[StdinPipes] = []
+
+    class Recorded(StdinPipes):
+        def __init__(self) -> None:
+            super().__init__()
+            tables.append(self)
+
+    monkeypatch.setattr(api_app, "StdinPipes", Recorded)
+    daemon = SimpleNamespace(engine=engine, images=engine.images, settings=engine.settings, builds=None)
+    app = api_app.create_app(cast("Daemon", daemon))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ember") as c:
+        for _ in range(50):
+            r = await c.post("/v1/vms/nope/exec", json={"argv": ["true"], "stdin": True})
+            assert r.status_code == 404 and r.json()["error"] == "VmNotFound"
+    assert len(tables) == 1 and tables[0].pipes == {}

@@ -221,7 +221,12 @@ def create_app(daemon: Daemon) -> FastAPI:
             timeout_s=body.timeout_s,
         )  # fmt: skip
         pipe = stdin_pipes.open(vm_id, daemon.settings.agent_timeout_s) if body.stdin else None
-        events = await engine.exec(vm_id, req, pipe)
+        try:
+            events = await engine.exec(vm_id, req, pipe)
+        except BaseException:
+            if pipe is not None:
+                stdin_pipes.close(pipe)  # no exec (unknown VM, not running, bad input): no pipe
+            raise
         # Fail before the 200 if the command cannot start (bad input, cwd, unknown user...):
         # its first event, or the agent pulling stdin, shows that it runs.
         first = asyncio.ensure_future(anext(events))
