@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import ipaddress
 import json
 import tarfile
 import threading
@@ -190,13 +191,23 @@ def read_api_token(settings: Settings) -> str | None:
         return None
 
 
+def is_loopback(url: str) -> bool:
+    """The URL names this host: localhost, 127.0.0.0/8 or ::1."""
+    host = httpx.URL(url).host.lower()
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def transport_for(
     base_url: str | None, settings: Settings | None, token: str | None
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
-    """(base URL, transport options, headers): the Unix socket, or a TCP URL with the bearer token."""
+    """(base URL, transport options, headers): the Unix socket, or a TCP URL with the bearer token
+    (``token``, or else the local daemon's token file, which is only sent to a loopback address)."""
     settings = settings or Settings.from_env()
     if base_url:
-        token = token or read_api_token(settings)
+        token = token or (read_api_token(settings) if is_loopback(base_url) else None)
         return base_url, {}, {"Authorization": f"Bearer {token}"} if token else {}
     return "http://ember", {"uds": str(settings.socket_path)}, {}
 
@@ -205,7 +216,8 @@ def transport_for(
 
 
 class Client:
-    """``base_url`` (e.g. http://127.0.0.1:7070) talks TCP with ``token``, by default the daemon's token file."""
+    """``base_url`` (e.g. http://127.0.0.1:7070) talks TCP with ``token``, by default the daemon's token file
+    (read, and sent, only for a loopback address: elsewhere pass ``token``)."""
 
     def __init__(self, base_url: str | None = None, settings: Settings | None = None, token: str | None = None) -> None:
         url, transport, headers = transport_for(base_url, settings, token)

@@ -147,3 +147,16 @@ def test_client_sends_the_token_over_tcp_and_builds_as_tar(tmp_path: Path) -> No
     assert transport_for(None, settings, None)[2] == {}  # the Unix socket needs none
     assert transport_for("http://127.0.0.1:7070", settings, "given")[2] == {"Authorization": "Bearer given"}
     assert call_build("app", b"tar").headers == {"Content-Type": "application/x-tar"}
+
+
+def test_client_sends_the_token_file_only_to_a_loopback_address(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, socket_path=tmp_path / "ember.sock")
+    bearer = {"Authorization": f"Bearer {api_token(settings.api_token_path)}"}
+    for url in ("http://127.0.0.1:7070", "http://127.3.2.1:7070", "http://[::1]:7070", "http://LocalHost:7070"):
+        assert transport_for(url, settings, None)[2] == bearer, url
+    for url in (
+        "http://10.1.2.3:7070", "http://[fd00::1]:7070", "http://0.0.0.0:7070", "http://ember.example:7070",
+        "http://localhost.evil.example:7070", "http://127.0.0.1.evil.example:7070",
+    ):  # fmt: skip
+        assert transport_for(url, settings, None)[2] == {}, url  # the local root-only token stays local
+    assert transport_for("http://10.1.2.3:7070", settings, "given")[2] == {"Authorization": "Bearer given"}
