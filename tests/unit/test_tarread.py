@@ -9,6 +9,7 @@ import os
 import random
 import stat
 import tarfile
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_extended_header_chains_and_global_headers_are_bounded() -> None:
     glob.type = tarfile.XGLTYPE
     records = []
     for i in range(4):
-        body = f"comment{i}={'a' * 400_000}\n"
+        body = f"SCHILY.xattr.user.{i}={'a' * 400_000}\n"
         records.append(f"{len(body) + 7} {body}".encode())
     data = b""
     for rec in records:
@@ -331,3 +332,50 @@ def test_a_dockerfile_with_a_nul_is_refused(tmp_path: Path) -> None:
     (tmp_path / "Dockerfile").write_bytes(b'FROM scratch\nCOPY "a\0b" /\n')
     with BuildContext(tmp_path, LIMITS) as ctx, pytest.raises(DockerfileError, match="NUL"):
         ctx.dockerfile_text()
+
+
+def pax_record(text: bytes) -> bytes:
+    size = len(text) + 2
+    size += len(str(size + len(str(size))))
+    return b"%d %s\n" % (size, text)
+
+
+def test_negative_sizes_and_ids_cannot_undercount_the_disk_cap(tmp_path: Path) -> None:
+    """'-77777777777' in a size field subtracted 8 GiB from the bytes written, so a layer wrote past
+    EMBER_DISK_GIB; a negative uid escaped as OverflowError. Numbers are octal digits and nothing else."""
+    for field, value in (("size", b"-77777777777"), ("uid", b"-000005"), ("mode", b"+644"), ("size", b"1 2")):
+        data = raw_header({"name": b"x", field: value}) + bytes(1024)
+        with pytest.raises(ArchiveError, match="malformed"):
+            apply(tmp_path, data, layer=True)
+    big = raw_header({"name": b"big", "size": b"%o" % (3 << 20)}) + bytes(3 << 20) + bytes(1024)
+    with Tree(tmp_path, LIMITS, capacity=1 << 20) as tree, pytest.raises(ArchiveError, match="EMBER_DISK_GIB"):
+        tree.apply_stream(io.BytesIO(big), layer=True)
+
+
+def test_a_huge_global_pax_header_does_not_tax_every_member() -> None:
+    """One 1 MiB global header of 100 000 unknown keys used to be merged into every member (25 ms each)."""
+    records = b"".join(pax_record(b"k%06d=v" % i) for i in range(1000))
+    glob = raw_header({"name": b"g", "flag": b"g", "size": b"%o" % len(records)}) + records
+    glob += bytes(-len(records) % 512)
+    with pytest.raises(ArchiveError, match="more than 256 records"), open_tar(io.BytesIO(glob), LIMITS) as r:
+        list(r)
+    kept = pax_record(b"comment=ignored") + pax_record(b"SCHILY.xattr.user.k=vvvvv")
+    glob = raw_header({"name": b"g", "flag": b"g", "size": b"%o" % len(kept)}) + kept + bytes(-len(kept) % 512)
+    one = raw_header({"name": b"f", "size": b"0"})
+    with open_tar(io.BytesIO(glob + one * 3 + bytes(1024)), LIMITS) as r:
+        assert [m.xattrs for m in r] == [{"user.k": b"vvvvv"}] * 3  # unknown keys dropped, known ones applied
+
+
+@pytest.mark.parametrize(("links", "match"), [(3, "walks more than 4096"), (2, "too many steps")])
+def test_symlink_chains_cannot_make_every_member_expensive(tmp_path: Path, links: int, match: str) -> None:
+    """Links whose targets are thousands of 'x/..' made each member's parent cost thousands of lookups
+    (167 ms a member): one resolution and a whole archive each have a budget of path components."""
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = [(info("x", tarfile.DIRTYPE), None)]
+    pad = "x/../" * 700
+    members += [(info(f"l{i}", tarfile.SYMTYPE, pad + f"l{i + 1}"), None) for i in range(links - 1)]
+    members.append((info(f"l{links - 1}", tarfile.SYMTYPE, pad + "x"), None))
+    members += [(info(f"l0/f{i}"), b"") for i in range(2000)]
+    started = time.monotonic()
+    with pytest.raises(ArchiveError, match=match):
+        apply(tmp_path, tar_bytes(members, tarfile.GNU_FORMAT), layer=False)
+    assert time.monotonic() - started < 10

@@ -23,6 +23,7 @@ import enum
 import gzip
 import lzma
 import posixpath
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 BLOCK = 512
 MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to chown
 MAX_META_IN_A_ROW = 8  # extended headers before one member
+MAX_PAX_RECORDS = 256  # records in one PAX header
+MAX_XATTRS = 64  # extended attributes of one member
+PAX_KEYS = frozenset({"path", "linkpath", "size", "uid", "gid", "mtime"})  # and SCHILY.xattr.*, GNU.sparse.*
+DECIMAL = re.compile(r"[0-9]{1,30}")
 MAX_TIME = 1 << 40  # seconds either side of 1970 (what the host's utime takes, with room to spare)
 COMPRESSIONS = (
     (b"\x1f\x8b", "gzip"),
@@ -114,10 +119,9 @@ def _number(raw: bytes, what: str) -> int:
             value = value << 8 | byte
         return value
     digits = raw.split(b"\0", 1)[0].strip(b" ")
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise ArchiveError(f"a tar header holds a malformed {what}") from None
+    if digits.strip(b"01234567"):  # a sign, a space inside, anything int() would take that tar does not write
+        raise ArchiveError(f"a tar header holds a malformed {what}")
+    return int(digits, 8) if digits else 0
 
 
 def clean(name: str) -> str:
@@ -264,10 +268,13 @@ def _check_sum(h: bytes) -> None:
 
 
 def _pax_records(data: bytes) -> dict[str, bytes]:
-    """``LEN KEY=VALUE\\n`` records of a PAX header."""
+    """The records of a PAX header (``LEN KEY=VALUE\\n``) that Ember uses; the rest are dropped here."""
     out: dict[str, bytes] = {}
-    pos = 0
+    pos = records = 0
     while pos < len(data):
+        records += 1
+        if records > MAX_PAX_RECORDS:
+            raise ArchiveError(f"a PAX header holds more than {MAX_PAX_RECORDS} records")
         space = data.find(b" ", pos, pos + 20)
         try:
             length = int(data[pos:space]) if space > pos else 0
@@ -277,7 +284,9 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
         if length <= space - pos or len(record) != length or not record.endswith(b"\n") or b"=" not in record:
             raise ArchiveError("a PAX header is malformed")
         key, _, value = record[space - pos + 1 : -1].partition(b"=")
-        out[key.decode("utf-8", "surrogateescape")] = value
+        name = key.decode("utf-8", "surrogateescape")
+        if name in PAX_KEYS or name.startswith(("SCHILY.xattr.", "GNU.sparse.")):
+            out[name] = value
         pos += length
     return out
 
@@ -290,7 +299,7 @@ def _apply_pax(m: Member, pax: dict[str, bytes]) -> None:
         elif key == "linkpath":
             m.linkname = text
         elif key in ("size", "uid", "gid"):
-            if not text.isdigit():
+            if not DECIMAL.fullmatch(text):
                 raise ArchiveError(f"a PAX header holds a malformed {key}")
             setattr(m, key, int(text))
         elif key == "mtime":
@@ -300,6 +309,8 @@ def _apply_pax(m: Member, pax: dict[str, bytes]) -> None:
                 raise ArchiveError("a PAX header holds a malformed mtime") from None
         elif key.startswith("SCHILY.xattr."):
             m.xattrs[key.removeprefix("SCHILY.xattr.")] = value
+            if len(m.xattrs) > MAX_XATTRS:
+                raise ArchiveError(f"{m.name[:200]!r} has more than {MAX_XATTRS} extended attributes")
         elif key.startswith("GNU.sparse."):
             raise ArchiveError(f"{m.name[:200]!r}: sparse files in archives are not supported")
 

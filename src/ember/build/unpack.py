@@ -35,6 +35,9 @@ from ember.errors import ResourceExhausted
 OPAQUE = ".wh..wh..opq"
 WHITEOUT = ".wh."
 MAX_SYMLINKS = 40
+MAX_STEPS = 4096  # path components one resolution may walk (symlink targets included)
+STEPS_PER_MEMBER = 256  # what applying an archive may walk on average per member, beyond a first STEPS_BASE
+STEPS_BASE = 1 << 16
 XATTRS = ("security.capability", "user.")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -47,6 +50,7 @@ class Tree:
         self.limits = limits
         self.capacity = capacity
         self.written = 0
+        self.steps_left: int | None = None  # while applying an archive: path components it may still walk
         self.fd = os.open(root, DIR_FLAGS)
         self._close = weakref.finalize(self, os.close, self.fd)  # also when dropped without close()
 
@@ -66,10 +70,17 @@ class Tree:
         fd = os.dup(self.fd)
         stack: list[int] = []  # descriptors of the directories above fd, for '..'
         todo = list(reversed(parts))
-        links = 0
+        links = steps = 0
         try:
             while todo:
                 name = todo.pop()
+                steps += 1
+                if steps > MAX_STEPS:
+                    raise ArchiveError(f"resolving /{'/'.join(parts)[:200]} walks more than {MAX_STEPS} components")
+                if self.steps_left is not None:
+                    self.steps_left -= 1
+                    if self.steps_left < 0:
+                        raise ArchiveError("the archive's paths take too many steps to resolve (symlink chains)")
                 if name in ("", "."):
                     continue
                 if name == "..":
@@ -167,15 +178,19 @@ class Tree:
     def apply_stream(self, raw: BinaryIO, *, layer: bool) -> None:
         mine: set[int] = set()  # hashes of the paths this layer created: an opaque marker keeps them
         member: Member | None = None
+        self.steps_left = STEPS_BASE
         try:
             with open_tar(raw, self.limits) as reader:
                 for member in reader:
+                    self.steps_left += STEPS_PER_MEMBER
                     self._member(reader, member, mine, layer=layer)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted("the host disk is full: free space and retry") from None
             where = f"{member.name[:200]!r}: " if member is not None else ""
             raise ArchiveError(f"{where}{exc.strerror or type(exc).__name__}") from None
+        finally:
+            self.steps_left = None
 
     def _member(self, reader: TarReader, m: Member, mine: set[int], *, layer: bool) -> None:
         path = clean(m.name)
