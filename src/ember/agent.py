@@ -54,7 +54,6 @@ RESYNC_LIMIT = 8 * 1024 * 1024  # stale bytes we are willing to skip while resyn
 CHUNK = 128 * 1024
 MAX_ARGS = 1000  # the agent takes at most 1023 arguments and 1023 environment entries
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to setuid(); never a real uid or gid
-ENTRY_MAX_BYTES = 24 + 255  # one listing record: header and a name of at most NAME_MAX bytes
 _NUMERIC = re.compile(r"-?[0-9]+")
 
 
@@ -564,22 +563,20 @@ class AgentConnection:
         ended = False  # the agent ended the stream (REOF or an error)
         try:
             await self._send(Msg.LIST, stream, encode_fields([(Tag.PATH, path), (Tag.LIMIT, limit)]))
-            blob = bytearray()
+            entries: list[DirEntry] = []
             while True:
                 frame = await self._recv(stream)
                 ended = frame.type in (Msg.REOF, Msg.ERROR)
                 _raise_for(frame)
                 if frame.type is Msg.REOF:
-                    entries = decode_entries(bytes(blob))
-                    if len(entries) > limit:
-                        raise GuestProtocolError(f"a listing of {len(entries)} entries, over the limit of {limit}")
                     truncated = bool(field_int(decode_fields(frame.payload), Tag.TRUNCATED, 0))
                     return Listing(entries=entries, truncated=truncated)
                 if frame.type is not Msg.RDATA:
                     raise GuestProtocolError(f"{frame.type.name} in a directory listing")
-                blob += frame.payload
-                if len(blob) > limit * ENTRY_MAX_BYTES:
-                    raise GuestProtocolError(f"a listing larger than {limit} entries")
+                for entry in decode_entries(frame.payload):  # counted as decoded: entry limit + 1 is refused
+                    if len(entries) == limit:
+                        raise GuestProtocolError(f"a listing over the limit of {limit} entries")
+                    entries.append(entry)
         finally:
             if ended:
                 self._close(stream)

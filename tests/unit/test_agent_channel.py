@@ -8,6 +8,7 @@ import gc
 import hashlib
 import os
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -412,3 +413,29 @@ async def test_listing_over_the_limit_is_a_protocol_error(agents: Agents) -> Non
             await conn.list_dir("/d")
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("name", [b"", b"a"])
+async def test_listing_of_tiny_records_is_refused_at_the_limit_with_bounded_memory(agents: Agents, name: bytes) -> None:
+    limit = 50_000  # the default EMBER_LS_MAX_ENTRIES
+    record = struct.pack("<I", len(name)) + struct.pack("<IQq", 0o100644, 0, 0) + name
+    frame = record * (MAX_PAYLOAD // len(record))
+
+    async def handler(fake: FakeAgent, got: Frame, writer: asyncio.StreamWriter) -> None:
+        async def flood() -> None:  # ~14 MB of records: over 500 000 entries of 24 or 25 bytes
+            for _ in range(limit * (24 + 255) // len(frame)):
+                await send(writer, encode_frame(Msg.RDATA, got.stream, frame))
+            await send(writer, encode_frame(Msg.REOF, got.stream))
+
+        fake.spawn(flood())
+
+    conn, _ = await agents(handler, limits(ls_max=limit))
+    tracemalloc.start()
+    try:
+        with pytest.raises(GuestProtocolError):
+            await conn.list_dir("/d")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        await conn.close()
+    assert peak < 24 * MiB, f"decoding a hostile listing took {peak / MiB:.0f} MiB"

@@ -71,8 +71,23 @@ def test_protocol_errors_are_503_guest_errors() -> None:
 
 def test_directory_entries_are_bounds_checked() -> None:
     good = struct.pack("<I", 3) + struct.pack("<IQq", 0o100644, 10, 0) + b"abc"
-    assert decode_entries(good)[0].name == "abc"
+    assert next(decode_entries(good)).name == "abc"
     with pytest.raises(GuestProtocolError):
-        decode_entries(struct.pack("<I", 9999) + struct.pack("<IQq", 0, 0, 0) + b"abc")
+        list(decode_entries(struct.pack("<I", 9999) + struct.pack("<IQq", 0, 0, 0) + b"abc"))
     with pytest.raises(GuestProtocolError):
-        decode_entries(good[:-1] + b"")
+        list(decode_entries(good[:-1] + b""))
+
+
+def entry(name: bytes) -> bytes:
+    return struct.pack("<I", len(name)) + struct.pack("<IQq", 0o100644, 10, 0) + name
+
+
+@pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"/", b"a\x00b", b"x" * 256])
+def test_directory_entry_names_must_be_real_file_names(name: bytes) -> None:
+    with pytest.raises(GuestProtocolError, match="name"):
+        list(decode_entries(entry(b"fine") + entry(name)))
+
+
+def test_directory_entry_names_up_to_name_max_of_any_bytes_are_taken() -> None:
+    names = [b"x" * 255, b"...", b"a b\\c", b"\xff"]
+    assert [e.name for e in decode_entries(b"".join(entry(n) for n in names))] == ["x" * 255, "...", "a b\\c", "\ufffd"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ember.errors import GuestProtocolError, InvalidRequest
@@ -34,6 +34,7 @@ MAX_PAYLOAD = 256 * 1024
 ACK_MAGIC = b"EMBERACK"
 NONCE_LEN = 16
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
+NAME_MAX = 255  # the longest file name (bytes) a directory entry has
 
 
 class Msg(enum.IntEnum):
@@ -193,9 +194,10 @@ class DirEntry:
     mtime: int
 
 
-def decode_entries(blob: bytes) -> list[DirEntry]:
-    """Entries arrive as ``u32 name_len | mode | size | mtime | name`` records."""
-    entries = []
+def decode_entries(blob: bytes) -> Iterator[DirEntry]:
+    """The entries of one RDATA frame of a listing, decoded as they are taken (the caller
+    counts them): ``u32 name_len | mode | size | mtime | name`` records, whole in each frame.
+    A name is a file name: 1 to NAME_MAX bytes, neither "." nor "..", without "/" or NUL."""
     pos = 0
     while pos < len(blob):
         if pos + 4 + ENTRY_HEADER.size > len(blob):
@@ -203,9 +205,10 @@ def decode_entries(blob: bytes) -> list[DirEntry]:
         (name_len,) = struct.unpack_from("<I", blob, pos)
         mode, size, mtime = ENTRY_HEADER.unpack_from(blob, pos + 4)
         start = pos + 4 + ENTRY_HEADER.size
-        if name_len > 4096 or start + name_len > len(blob):
+        if name_len > NAME_MAX or start + name_len > len(blob):
             raise GuestProtocolError("directory entry name out of bounds")
-        name = blob[start : start + name_len].decode("utf-8", errors="replace")
-        entries.append(DirEntry(name=name, mode=mode, size=size, mtime=mtime))
+        raw = blob[start : start + name_len]
+        if raw in (b"", b".", b"..") or b"/" in raw or b"\x00" in raw:
+            raise GuestProtocolError(f"a directory entry name that is no file name: {raw[:20]!r}")
+        yield DirEntry(name=raw.decode("utf-8", errors="replace"), mode=mode, size=size, mtime=mtime)
         pos = start + name_len
-    return entries
