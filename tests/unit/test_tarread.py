@@ -19,8 +19,9 @@ import zstandard
 from ember.build.context import BuildContext
 from ember.build.dockerfile import DockerfileError
 from ember.build.tarread import ArchiveError, Kind, TarLimits, is_tar, open_tar
-from ember.build.unpack import Tree, remove_tree
+from ember.build.unpack import Capacity, Tree, remove_tree
 
+DISK = Capacity(1 << 20, "EMBER_DISK_GIB")
 LIMITS = TarLimits(max_bytes=256 << 20, max_members=100_000, max_header=1 << 20, max_depth=64, max_file=64 << 20)
 MiB = 1 << 20
 
@@ -348,7 +349,7 @@ def test_negative_sizes_and_ids_cannot_undercount_the_disk_cap(tmp_path: Path) -
         with pytest.raises(ArchiveError, match="malformed"):
             apply(tmp_path, data, layer=True)
     big = raw_header({"name": b"big", "size": b"%o" % (3 << 20)}) + bytes(3 << 20) + bytes(1024)
-    with Tree(tmp_path, LIMITS, capacity=1 << 20) as tree, pytest.raises(ArchiveError, match="EMBER_DISK_GIB"):
+    with Tree(tmp_path, LIMITS, capacity=DISK) as tree, pytest.raises(ArchiveError, match="EMBER_DISK_GIB"):
         tree.apply_stream(io.BytesIO(big), layer=True)
 
 
@@ -379,3 +380,11 @@ def test_symlink_chains_cannot_make_every_member_expensive(tmp_path: Path, links
     with pytest.raises(ArchiveError, match=match):
         apply(tmp_path, tar_bytes(members, tarfile.GNU_FORMAT), layer=False)
     assert time.monotonic() - started < 10
+
+
+def test_a_context_unpacks_to_at_most_its_capacity(tmp_path: Path) -> None:
+    """A 257 KiB upload wrote 8 GiB (EMBER_TAR_MAX_BYTES) before: a context's files are capped like a disk."""
+    bomb = zstandard.ZstdCompressor().compress(tar_bytes([(info("zeros"), bytes(4 * MiB))]))
+    context = Capacity(2 * MiB, "EMBER_MAX_BUILD_CONTEXT_BYTES")
+    with Tree(tmp_path, LIMITS, capacity=context) as tree, pytest.raises(ArchiveError, match="EMBER_MAX_BUILD"):
+        tree.apply_stream(io.BytesIO(bomb), layer=False)

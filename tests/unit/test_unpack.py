@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from ember.build.tarread import ArchiveError, TarLimits
-from ember.build.unpack import Tree
+from ember.build.unpack import Capacity, Tree
 from tests.oci_images import Entry, compress, layer_tar
 
+DISK = Capacity(1 << 20, "EMBER_DISK_GIB")
 LIMITS = TarLimits(max_bytes=1 << 30, max_members=10_000, max_header=1 << 20, max_depth=64, max_file=1 << 30)
 
 
@@ -42,7 +43,7 @@ def test_layers_apply_with_whiteouts_and_opaque_dirs(tmp_path: Path, tree: Path,
         Entry(".wh.gone"), Entry("opq/.wh..wh..opq"), Entry("opq/new", data=b"n"), Entry("lib/via-link", data=b"v"),
         Entry("hard", "link", target="keep"), Entry(".wh.never-existed"), Entry("nodir/.wh.x"),
     ]  # fmt: skip
-    with Tree(tree, LIMITS, capacity=1 << 20) as t:
+    with Tree(tree, LIMITS, capacity=DISK) as t:
         t.apply(write(tmp_path, "l1", LOWER, how))
         t.apply(write(tmp_path, "l2", upper, how))
     assert not (tree / "gone").exists() and (tree / "keep").read_bytes() == b"k"
@@ -53,7 +54,7 @@ def test_layers_apply_with_whiteouts_and_opaque_dirs(tmp_path: Path, tree: Path,
 
 
 def test_an_opaque_marker_keeps_what_its_own_layer_adds(tmp_path: Path, tree: Path) -> None:
-    with Tree(tree, LIMITS, capacity=1 << 20) as t:
+    with Tree(tree, LIMITS, capacity=DISK) as t:
         t.apply(write(tmp_path, "l1", LOWER))
         t.apply(write(tmp_path, "l2", [Entry("opq/", "dir"), Entry("opq/mine", data=b"m"), Entry("opq/.wh..wh..opq")]))
     assert os.listdir(tree / "opq") == ["mine"]
@@ -65,7 +66,7 @@ def test_hostile_paths_stay_inside_the_tree(tmp_path: Path, tree: Path) -> None:
         Entry("lib/../../../escaped-mixed", data=b"x"), Entry("opq/..", data=b"not opq"),
         Entry("hl", "link", target="../../../../etc/passwd"),
     ]  # fmt: skip
-    with Tree(tree, LIMITS, capacity=1 << 20) as t:
+    with Tree(tree, LIMITS, capacity=DISK) as t:
         t.apply(write(tmp_path, "l1", LOWER))
         with pytest.raises(ArchiveError):  # the hard link's target resolves to the tree's /etc/passwd: absent
             t.apply(write(tmp_path, "l2", hostile))
@@ -76,18 +77,21 @@ def test_hostile_paths_stay_inside_the_tree(tmp_path: Path, tree: Path) -> None:
 
 
 def test_whiteout_of_the_parent_directory_is_refused(tmp_path: Path, tree: Path) -> None:
-    with Tree(tree, LIMITS, capacity=1 << 20) as t, pytest.raises(ArchiveError, match="whiteout"):
+    with Tree(tree, LIMITS, capacity=DISK) as t, pytest.raises(ArchiveError, match="whiteout"):
         t.apply(write(tmp_path, "l1", [Entry("a/", "dir"), Entry("a/.wh..")]))
     assert tmp_path.exists()
 
 
 def test_a_layer_larger_than_the_disk_is_refused(tmp_path: Path, tree: Path) -> None:
-    with Tree(tree, LIMITS, capacity=1000) as t, pytest.raises(ArchiveError, match="larger than"):
+    with (
+        Tree(tree, LIMITS, capacity=Capacity(1000, "EMBER_DISK_GIB")) as t,
+        pytest.raises(ArchiveError, match="more than 1000 bytes"),
+    ):
         t.apply(write(tmp_path, "big", [Entry("big", data=b"x" * 2000)], "zstd"))
 
 
 def test_a_file_replaces_a_directory_and_a_link_replaces_a_file(tmp_path: Path, tree: Path) -> None:
-    with Tree(tree, LIMITS, capacity=1 << 20) as t:
+    with Tree(tree, LIMITS, capacity=DISK) as t:
         t.apply(write(tmp_path, "l1", LOWER))
         t.apply(write(tmp_path, "l2", [Entry("opq", data=b"now a file"), Entry("keep", "symlink", target="gone")]))
     assert (tree / "opq").read_bytes() == b"now a file"
@@ -97,5 +101,5 @@ def test_a_file_replaces_a_directory_and_a_link_replaces_a_file(tmp_path: Path, 
 def test_a_corrupt_layer_is_a_layer_error(tmp_path: Path, tree: Path) -> None:
     path = write(tmp_path, "l1", LOWER, "gzip")
     path.write_bytes(path.read_bytes()[:200])
-    with Tree(tree, LIMITS, capacity=1 << 20) as t, pytest.raises(ArchiveError):
+    with Tree(tree, LIMITS, capacity=DISK) as t, pytest.raises(ArchiveError):
         t.apply(path)

@@ -19,7 +19,7 @@ from ember.build.context import BuildContext
 from ember.build.dockerfile import parse
 from ember.build.service import MAX_READY_TIMEOUT_S, BuildRequest, BuildService, split_name
 from ember.build.tarread import ArchiveError, TarLimits
-from ember.build.unpack import Tree, remove_tree
+from ember.build.unpack import Capacity, Tree, remove_tree
 from ember.engine import Engine
 from ember.errors import ImageNotFound, InvalidRequest, UnsupportedMediaType
 from ember.models import BuildRecord, BuildState
@@ -41,7 +41,7 @@ def build_view(record: BuildRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def _receive_context(request: Request, into: Path, limits: TarLimits) -> None:
+async def _receive_context(request: Request, into: Path, limits: TarLimits, capacity: Capacity) -> None:
     """The uploaded context tar, unpacked by Ember's confined, bounded reader (never tarfile, never as paths)."""
     upload = into / "context.tar"
     with open(upload, "wb") as f:
@@ -51,7 +51,7 @@ async def _receive_context(request: Request, into: Path, limits: TarLimits) -> N
     root.mkdir()
 
     def unpack() -> None:
-        with Tree(root, limits) as tree:
+        with Tree(root, limits, capacity=capacity) as tree:
             tree.apply(upload, layer=False)
 
     try:
@@ -104,7 +104,8 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
         tmp = Path(tempfile.mkdtemp(prefix="build-", dir=builds.settings.data_dir))
         try:
             limits = TarLimits.from_settings(builds.settings)
-            await _receive_context(request, tmp, limits)
+            capacity = Capacity(builds.settings.max_build_context_bytes, "EMBER_MAX_BUILD_CONTEXT_BYTES")
+            await _receive_context(request, tmp, limits, capacity)
             with BuildContext(tmp / "context", limits, dockerfile) as ctx:
                 parse(ctx.dockerfile_text(), dict(args))  # a bad Dockerfile is a 400 before anything starts
         except BaseException:

@@ -21,7 +21,7 @@ from ember.build.context import BuildContext
 from ember.build.dockerfile import DEFAULT_PATH, ImageConfig
 from ember.build.layers import Layer, LayerCache, step_key
 from ember.build.tarread import ArchiveError, TarLimits
-from ember.build.unpack import Tree, remove_tree
+from ember.build.unpack import Capacity, Tree, remove_tree
 from ember.config import Settings
 from ember.errors import BuildFailed
 
@@ -70,7 +70,8 @@ class BaseLayers:
         tmp = Path(tempfile.mkdtemp(dir=self.settings.data_dir, prefix=".layout-"))
         try:
             with archive:
-                await asyncio.to_thread(oci.unpack_archive, archive, tmp, ref, ctx.tree.limits)
+                capacity = Capacity(self.settings.max_build_context_bytes, "EMBER_MAX_BUILD_CONTEXT_BYTES")
+                await asyncio.to_thread(oci.unpack_archive, archive, tmp, ref, ctx.tree.limits, capacity)
             with Tree(tmp, ctx.tree.limits) as tree:
                 layout = oci.Layout(tree, "", ref)
                 image = await oci.resolve(layout, self.blobs, layout.index_reference(tag), ref)
@@ -88,7 +89,8 @@ class BaseLayers:
 
             def apply(root: Path) -> None:
                 limits = TarLimits.from_settings(self.settings)
-                with Tree(root, limits, capacity=self.settings.disk_gib << 30) as tree:
+                disk = Capacity(self.settings.disk_gib << 30, "the image disk, EMBER_DISK_GIB")
+                with Tree(root, limits, capacity=disk) as tree:
                     for blob in blobs:
                         tree.apply(blob)
 

@@ -42,7 +42,7 @@ import httpx
 from ember import netpolicy
 from ember.build.dockerfile import DEFAULT_SHELL, MAX_RETRIES, Healthcheck, ImageConfig, duration_ok
 from ember.build.tarread import ArchiveError, TarLimits
-from ember.build.unpack import Tree
+from ember.build.unpack import Capacity, Tree
 from ember.config import Settings
 from ember.errors import BuildFailed
 
@@ -571,10 +571,10 @@ def split_local(ref: str) -> tuple[str, str, str]:
     return scheme, path, tag
 
 
-def unpack_archive(archive: BinaryIO, into: Path, ref: str, limits: TarLimits) -> None:
+def unpack_archive(archive: BinaryIO, into: Path, ref: str, limits: TarLimits, capacity: Capacity) -> None:
     """An OCI archive (tar of a layout) -> a layout directory, through Ember's confined, bounded reader."""
     try:
-        with Tree(into, limits) as tree:
+        with Tree(into, limits, capacity=capacity) as tree:
             tree.apply_stream(archive, layer=False)
     except ArchiveError as exc:
         raise fail(ref, f"not a readable OCI archive: {exc}") from None

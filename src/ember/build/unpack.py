@@ -26,6 +26,7 @@ import os
 import stat
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,10 +43,18 @@ XATTRS = ("security.capability", "user.")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What the files an archive writes into a tree may add up to, and the setting that says so."""
+
+    bytes: int
+    setting: str
+
+
 class Tree:
     """A directory tree handled as if it were ``/``; ``capacity`` caps the file bytes ``apply`` writes."""
 
-    def __init__(self, root: Path, limits: TarLimits, *, capacity: int | None = None) -> None:
+    def __init__(self, root: Path, limits: TarLimits, *, capacity: Capacity | None = None) -> None:
         self.root = root
         self.limits = limits
         self.capacity = capacity
@@ -253,10 +262,8 @@ class Tree:
 
     def _file(self, reader: TarReader, m: Member, dir_fd: int, name: str, *, layer: bool) -> None:
         self.written += m.size
-        if self.capacity is not None and self.written > self.capacity:
-            raise ArchiveError(
-                f"the image is larger than the {self.capacity >> 30} GiB disk it must fit (EMBER_DISK_GIB)"
-            )
+        if self.capacity is not None and self.written > self.capacity.bytes:
+            raise ArchiveError(f"the files add up to more than {self.capacity.bytes} bytes ({self.capacity.setting})")
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         with os.fdopen(fd, "wb") as out:
             while chunk := reader.read():
