@@ -55,6 +55,8 @@ class Settings:
     build_tool_timeout_s: float = _env("EMBER_BUILD_TOOL_TIMEOUT", 600.0)
     # Host-side deadline of a snapshot migration (saving or loading a template VM's state).
     migration_timeout_s: float = _env("EMBER_MIGRATION_TIMEOUT", 300.0)
+    # Host-side deadline of pulling one FROM image from a registry (manifests and every layer).
+    pull_timeout_s: float = _env("EMBER_PULL_TIMEOUT", 1800.0)
     # A build's log file stops (with one "log truncated" line) at this size.
     build_log_max_bytes: int = _env("EMBER_BUILD_LOG_MAX_BYTES", 16 * 1024 * 1024)
     # Bytes of progress a streamed job keeps for a slow or gone client; older lines become one "dropped" line.

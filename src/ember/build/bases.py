@@ -11,9 +11,10 @@ base is unpacked once and a moved tag is noticed on the next build.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from ember.build import oci, rootfs
@@ -34,26 +35,41 @@ class BaseLayers:
         self.cache = LayerCache(settings.data_dir / "layers")
         self.blobs = oci.BlobStore(settings.cache_dir)
         self.blobs.clean_partial()
-        self._lock = asyncio.Lock()
+        self._debootstrap = asyncio.Lock()  # one mmdebstrap at a time (they share the cache directory)
 
     async def layer(self, ref: str, ctx: BuildContext, log: Log) -> Layer:
-        async with self._lock:
-            if ref == "scratch":
-                return await self._from_tarball("scratch", None, ImageConfig(), log)
-            if oci.is_local(ref):
-                return await self._local(ref, ctx, log)
-            base = rootfs.builtin_base(ref)
-            if base is not None:
+        """The base layer ``ref`` names. Builds prepare different bases at once; one base is made
+        once (the layer cache's claim), so a slow registry holds up only the builds that want it."""
+        if ref == "scratch":
+            return await self._from_tarball("scratch", None, ImageConfig(), log)
+        if oci.is_local(ref):
+            return await self._local(ref, ctx, log)
+        base = rootfs.builtin_base(ref)
+        if base is not None:
+            async with self._debootstrap:
                 tarball = await rootfs.debian_tarball(base, self.settings.cache_dir, self.settings.debian_mirror)
-                st = tarball.stat()
-                identity = f"{base.key}:{st.st_size}:{st.st_mtime_ns}"
-                return await self._from_tarball(identity, tarball, ImageConfig(env=(("PATH", DEFAULT_PATH),)), log)
-            reference = oci.parse_reference(ref)
-            async with oci.client(self.settings) as http:
-                registry = oci.Registry(reference, http, self.settings.insecure_registries)
-                log(f"resolving {reference}")
+            st = tarball.stat()
+            identity = f"{base.key}:{st.st_size}:{st.st_mtime_ns}"
+            return await self._from_tarball(identity, tarball, ImageConfig(env=(("PATH", DEFAULT_PATH),)), log)
+        reference = oci.parse_reference(ref)
+        async with oci.client(self.settings) as http:
+            registry = oci.Registry(reference, http, self.settings.insecure_registries)
+            log(f"resolving {reference}")
+            async with self._pulling(ref):
                 image = await oci.resolve(registry, self.blobs, reference.reference, ref)
-                return await self._from_image(image, registry, ref, log)
+            return await self._from_image(image, registry, ref, log)
+
+    @contextlib.asynccontextmanager
+    async def _pulling(self, ref: str) -> AsyncIterator[None]:
+        """A host-side deadline on talking to a registry (httpx only bounds each read)."""
+        try:
+            async with asyncio.timeout(self.settings.pull_timeout_s):
+                yield
+        except TimeoutError:
+            raise BuildFailed(
+                f"the image did not arrive within {self.settings.pull_timeout_s:.0f} s (EMBER_PULL_TIMEOUT)",
+                step=f"FROM {ref}",
+            ) from None
 
     async def _local(self, ref: str, ctx: BuildContext, log: Log) -> Layer:
         scheme, rel, tag = oci.split_local(ref)
@@ -80,11 +96,18 @@ class BaseLayers:
             await asyncio.to_thread(remove_tree, tmp)
 
     async def _from_image(self, image: oci.ResolvedImage, source: oci.Source, ref: str, log: Log) -> Layer:
+        limit = self.settings.tar_max_bytes
+        if sum(desc.size for desc in image.layers) > limit:
+            raise BuildFailed(
+                f"the image's layers add up to more than {limit} bytes (EMBER_TAR_MAX_BYTES)", f"FROM {ref}"
+            )
+
         async def make(disk: Path) -> None:
             blobs = []
-            for i, desc in enumerate(image.layers, 1):
-                log(f"pulling layer {i}/{len(image.layers)} {desc.digest[:19]} ({desc.size / 1e6:.1f} MB)")
-                blobs.append(await self.blobs.fetch(source, desc))
+            async with self._pulling(ref):
+                for i, desc in enumerate(image.layers, 1):
+                    log(f"pulling layer {i}/{len(image.layers)} {desc.digest[:19]} ({desc.size / 1e6:.1f} MB)")
+                    blobs.append(await self.blobs.fetch(source, desc, limit))
             log(f"unpacking {len(blobs)} layers of {image.digest[:19]}")
 
             def apply(root: Path) -> None:
@@ -114,10 +137,11 @@ class BaseLayers:
     async def _cached(self, identity: str, config: ImageConfig, make: Callable[[Path], Awaitable[None]]) -> Layer:
         """The base layer for ``identity``: from the layer cache, else ``make`` writes its disk."""
         key = step_key("base", identity, self.settings.disk_gib)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        disk = self.cache.disk(key)
-        await make(disk)
-        os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
-        return self.cache.put(key, config, "")
+        async with self.cache.claim(key):  # another build making this base: wait for it, then use it
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+            disk = self.cache.disk(key)
+            await make(disk)
+            os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
+            return self.cache.put(key, config, "")
