@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import posixpath
+import re
 import secrets
 import tempfile
 import time
@@ -49,6 +50,7 @@ CA_PATH = "/dev/ember-ca.crt"
 CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 MAX_ID_FILE = 1 << 20  # /etc/passwd or /etc/group read for COPY --chown
+DIGITS = re.compile(r"[0-9]{1,12}")  # an id as --chown and /etc/passwd write it (ASCII digits)
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,7 @@ class StageBuild:
         async def chunks() -> AsyncIterator[bytes]:
             yield bundle
 
-        await vm.agent.write_file(f"{ROOT}{CA_PATH}", chunks(), 0o644)
+        await vm.within("handing in the host's CA bundle", vm.agent.write_file(f"{ROOT}{CA_PATH}", chunks(), 0o644))
 
     async def _mkdir(self, vm: BuildVm, path: str) -> None:
         await vm.tool_ok(["mkdir", "-p", path], root=ROOT)
@@ -339,7 +341,7 @@ class StageBuild:
         return await self._fs(key, layer, cfg, lambda vm: self._do_copy(vm, plan))
 
     async def _do_copy(self, vm: BuildVm, plan: _CopyPlan) -> None:
-        owner = await _owner(vm, plan.chown, plan.ins) if plan.chown else None
+        owner = await vm.within(f"--chown={plan.chown}", _owner(vm, plan.chown, plan.ins)) if plan.chown else None
         dest_is_dir = plan.dest.endswith("/") or len(plan.sources) > 1
         if not dest_is_dir:
             probe = await vm.tool(["test", "-d", plan.dest], root=ROOT)
@@ -406,7 +408,9 @@ async def _owner(vm: BuildVm, spec: str, ins: Instruction) -> Owner:
     user, _, group = spec.partition(":")
 
     async def lookup(name: str, file: str, field: int) -> int:
-        if name.isdigit():
+        if DIGITS.fullmatch(name):
+            if int(name) > MAX_ID:
+                raise ins.error(f"--chown={spec}: ids above {MAX_ID} are not valid")
             return int(name)
         _, data = await vm.agent.read_file(f"{ROOT}/etc/{file}")
         text = bytearray()
@@ -418,7 +422,7 @@ async def _owner(vm: BuildVm, spec: str, ins: Instruction) -> Owner:
         for line in text.decode(errors="replace").splitlines():
             parts = line.split(":")
             if len(parts) > field and parts[0] == name:
-                if not parts[field].isdigit() or int(parts[field]) > MAX_ID:
+                if not DIGITS.fullmatch(parts[field]) or int(parts[field]) > MAX_ID:
                     raise ins.error(f"--chown={spec}: /etc/{file} gives '{name}' an id that is not a number")
                 return int(parts[field])
         raise ins.error(f"--chown={spec}: no {'user' if file == 'passwd' else 'group'} '{name}' in the image")
@@ -426,7 +430,7 @@ async def _owner(vm: BuildVm, spec: str, ins: Instruction) -> Owner:
     uid = await lookup(user, "passwd", 2)
     if group:
         gid = await lookup(group, "group", 2)
-    elif user.isdigit():
+    elif DIGITS.fullmatch(user):
         gid = uid
     else:
         gid = await lookup(user, "passwd", 3)

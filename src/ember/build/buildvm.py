@@ -20,9 +20,10 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from ember.agent import AgentConnection, ChannelLimits, ExecRequest, ExecResult
 from ember.errors import BuildFailed, EmberError
@@ -32,6 +33,7 @@ from ember.vmm.machine import MachineConfig, RamMode, RunPaths, readonly_disk_ar
 from ember.vmm.qemu import QemuVmm
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOT = "/newroot"
 OUTPUT_TAIL = 4000
@@ -198,6 +200,19 @@ class BuildVm:
         finally:
             await self.tool_ok(["fsfreeze", "--unfreeze", ROOT])
         self.paths = replace(self.paths, disk=overlay)
+
+    async def within(self, what: str, work: Awaitable[T]) -> T:
+        """``work`` with the tool deadline: past it the VM is killed (which frees what waits on
+        its agent) and the build fails naming ``what``."""
+        try:
+            async with asyncio.timeout(self.deadlines.tool_s):
+                return await work
+        except TimeoutError:
+            await self.stop()
+            raise BuildFailed(
+                f"{what} did not finish within {self.deadlines.tool_s:.0f} s (EMBER_BUILD_TOOL_TIMEOUT); "
+                "the build VM stopped answering and was killed"
+            ) from None
 
     async def stop(self) -> None:
         """Kill the VM and remove its cgroup and run directory (safe to repeat)."""
