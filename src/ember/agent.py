@@ -8,11 +8,13 @@ mistaken for it. A reader task then routes frames to per-stream queues.
 Every reply is hostile: a malformed or unexpected one raises
 :class:`GuestProtocolError` (HTTP 503). Queued frames are paid for in bytes
 from two budgets (:class:`ChannelLimits`): one per VM and one for the whole
-daemon. When either is spent the reader stops reading the VM's channel until
+daemon, which pays only for what a VM holds beyond a reserved share of its
+own. When either is spent the reader stops reading the VM's channel until
 consumers take frames (back-pressure, through the agent's bounded buffers, to
-the guest), so one VM never holds more than its budget and all VMs together
-never more than the daemon's. A stream whose consumer goes away (an abandoned
-file iterator included) is closed and its frames are given back.
+the guest), so one VM never holds more than its budget, all VMs together never
+more than the daemon's plus each VM's share, and VMs flooding into clients that
+never read cannot pause another VM's replies. A stream whose consumer goes away
+(an abandoned file iterator included) is closed and its frames are given back.
 """
 
 from __future__ import annotations
@@ -92,14 +94,18 @@ class ByteBudget:
 _DAEMON_BUDGETS: dict[Settings, ByteBudget] = {}
 
 
-@dataclass(frozen=True)
 class ChannelLimits:
-    """What one VM's agent channel may hold on the host: its own budget, the daemon-wide one
-    (shared by every channel of a daemon), and the most entries one listing returns."""
+    """What one VM's agent channel may hold on the host: its own budget; the daemon-wide one
+    (shared by every channel of a daemon), charged only for the bytes beyond the VM's first
+    ``reserved`` ones, so that share is always admitted (the daemon holds at most its budget
+    + VMs x ``reserved``); and the most entries one listing returns."""
 
-    vm: ByteBudget
-    daemon: ByteBudget
-    ls_max_entries: int
+    def __init__(self, *, vm: ByteBudget, daemon: ByteBudget, reserved: int, ls_max_entries: int) -> None:
+        self.vm = vm
+        self.daemon = daemon
+        self.reserved = reserved
+        self.ls_max_entries = ls_max_entries
+        self._charged = 0  # bytes this VM holds of the daemon budget: its queue beyond ``reserved``
 
     @classmethod
     def of(cls, settings: Settings) -> ChannelLimits:
@@ -109,19 +115,31 @@ class ChannelLimits:
                 settings, ByteBudget(settings.agent_daemon_buffer_bytes, "EMBER_AGENT_DAEMON_BUFFER_BYTES")
             )
         vm = ByteBudget(settings.agent_vm_buffer_bytes, "EMBER_AGENT_VM_BUFFER_BYTES")
-        return cls(vm=vm, daemon=daemon, ls_max_entries=max(1, settings.ls_max_entries))
+        reserved = max(0, settings.agent_vm_reserved_bytes)
+        return cls(vm=vm, daemon=daemon, reserved=reserved, ls_max_entries=max(1, settings.ls_max_entries))
 
     async def take(self, n: int) -> None:
         await self.vm.take(n)
         try:
-            await self.daemon.take(n)
+            need = max(0, self.vm.used - self.reserved) - self._charged
+            if need > 0:
+                await self.daemon.take(need)
+                self._charged += need
+                self._settle()  # frames taken by consumers while this waited
         except BaseException:
-            self.vm.release(n)
+            self.release(n)
             raise
 
     def release(self, n: int) -> None:
-        self.daemon.release(n)
         self.vm.release(n)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Give back to the daemon budget what this VM no longer holds beyond its share."""
+        excess = self._charged - max(0, self.vm.used - self.reserved)
+        if excess > 0:
+            self._charged -= excess
+            self.daemon.release(excess)
 
 
 @dataclass(frozen=True)

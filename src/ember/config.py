@@ -68,6 +68,8 @@ class Settings:
     agent_vm_buffer_bytes: int = _env("EMBER_AGENT_VM_BUFFER_BYTES", 16 * 1024 * 1024)
     # The same for all VMs of the daemon together.
     agent_daemon_buffer_bytes: int = _env("EMBER_AGENT_DAEMON_BUFFER_BYTES", 256 * 1024 * 1024)
+    # A VM's first queued bytes that never wait for the daemon-wide budget (other VMs cannot pause its replies).
+    agent_vm_reserved_bytes: int = _env("EMBER_AGENT_VM_RESERVED_BYTES", 1024 * 1024)
     # Most entries one directory listing ('ember ls') returns; more are reported as truncated.
     ls_max_entries: int = _env("EMBER_LS_MAX_ENTRIES", 50_000)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)

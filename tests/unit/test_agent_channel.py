@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ember.agent import FRAME_COST, AgentConnection, ByteBudget, ChannelLimits, ExecRequest, ExecResult
+from ember.config import Settings
 from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, InvalidRequest
 from ember.guest.protocol import (
     ACK_MAGIC,
@@ -71,9 +72,8 @@ class FakeAgent:
 
 
 def limits(vm: int = 2 * MiB, daemon: ByteBudget | None = None, ls_max: int = 1000) -> ChannelLimits:
-    return ChannelLimits(
-        vm=ByteBudget(vm, "vm"), daemon=daemon or ByteBudget(64 * MiB, "daemon"), ls_max_entries=ls_max
-    )
+    daemon = daemon or ByteBudget(64 * MiB, "daemon")
+    return ChannelLimits(vm=ByteBudget(vm, "vm"), daemon=daemon, reserved=0, ls_max_entries=ls_max)
 
 
 Agents = Callable[..., Awaitable[tuple[AgentConnection, FakeAgent]]]
@@ -278,6 +278,49 @@ async def test_per_vm_and_daemon_budgets_bound_a_flooding_guest(agents: Agents) 
     finally:
         for conn, _, _ in vms:
             await conn.close()
+
+
+async def test_other_vms_spending_the_daemon_budget_cannot_pause_a_vm(agents: Agents, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, agent_vm_buffer_bytes=2 * MiB, agent_daemon_buffer_bytes=2 * MiB)
+    frame = MAX_PAYLOAD + FRAME_COST
+
+    async def handler(fake: FakeAgent, got: Frame, writer: asyncio.StreamWriter) -> None:
+        if got.type is Msg.PING:
+            await send(writer, ok(got.stream))
+        elif got.type is Msg.EXEC:
+            await send(writer, encode_frame(Msg.STARTED, got.stream, encode_fields([(Tag.PID, 7)])))
+
+            async def flood() -> None:  # 10 MiB of output into a client that does not read
+                for _ in range(40):
+                    await send(writer, encode_frame(Msg.STDOUT, got.stream, b"x" * MAX_PAYLOAD))
+                await send(writer, encode_frame(Msg.EXIT, got.stream, encode_fields([(Tag.EXIT_CODE, 0)])))
+
+            fake.spawn(flood())
+
+    floods = []
+    for _ in range(3):
+        conn, _ = await agents(handler, ChannelLimits.of(settings))
+        events = conn.exec(ExecRequest(["yes"]))
+        floods.append((conn._limits, events, asyncio.ensure_future(anext(events))))  # one output frame is taken
+    daemon = floods[0][0].daemon
+    try:
+        async with asyncio.timeout(5):
+            while daemon.used + frame <= daemon.limit:  # the floods spend the daemon budget
+                await asyncio.sleep(0.01)
+        victim, _ = await agents(handler, ChannelLimits.of(settings))
+        await asyncio.wait_for(victim.ping(), 3)  # its small reply is not held up by the daemon budget
+        held = sum(lim.vm.used for lim, _, _ in floods)  # with the frame a paused channel has read
+        assert daemon.used <= daemon.limit and held <= daemon.limit + 3 * (settings.agent_vm_reserved_bytes + frame)
+        for lim, events, first in floods:  # back-pressure, not loss; every byte is given back
+            got = [await first, *[item async for item in events]]
+            assert len(got) == 41 and isinstance(got[-1], ExecResult) and lim.vm.used == 0
+        assert daemon.used == 0
+    finally:
+        for _, events, first in floods:
+            first.cancel()
+            with contextlib.suppress(BaseException):
+                await first
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 def test_budgets_below_one_frame_are_a_setup_error() -> None:
