@@ -329,16 +329,23 @@ class StageBuild:
             rels = [posixpath.normpath("/" + s).lstrip("/") for s in sources]
             digest = step_key("", "from", src_from, self.from_disks[self.from_index[src_from]].name, rels)
         else:
-            rels = []
-            for s in sources:
-                name = s.lstrip("<-").strip("'\"")
-                rels += [f"<<{name}"] if s.startswith("<<") and name in heredocs else self.ctx.resolve(s, ins)
-            files = [f for r in rels if not r.startswith("<<") for f in self.ctx.walk(r)]
-            digest = await asyncio.to_thread(self.ctx.file_digest, files)
-            digest = step_key(digest, [heredocs.get(r[2:], ("", False))[0] for r in rels if r.startswith("<<")])
+            rels, digest = await asyncio.to_thread(self._context_sources, ins, sources, heredocs)
         key = step_key(layer.key, ins.name, dest, chown, chmod, sorted(ins.flags), rels, digest)
         plan = _CopyPlan(ins, rels, dest, chown, chmod, src_from, heredocs)
         return await self._fs(key, layer, cfg, lambda vm: self._do_copy(vm, plan))
+
+    def _context_sources(
+        self, ins: Instruction, sources: list[str], heredocs: dict[str, tuple[str, bool]]
+    ) -> tuple[list[str], str]:
+        """(the context paths and heredocs a COPY names, the digest of their contents): off the event
+        loop, as a tenant's context and .dockerignore decide how long it takes (within the scan deadline)."""
+        rels = []
+        for s in sources:
+            name = s.lstrip("<-").strip("'\"")
+            rels += [f"<<{name}"] if s.startswith("<<") and name in heredocs else self.ctx.resolve(s, ins)
+        files = [f for r in rels if not r.startswith("<<") for f in self.ctx.walk(r)]
+        digest = self.ctx.file_digest(files)
+        return rels, step_key(digest, [heredocs.get(r[2:], ("", False))[0] for r in rels if r.startswith("<<")])
 
     async def _do_copy(self, vm: BuildVm, plan: _CopyPlan) -> None:
         owner = await vm.within(f"--chown={plan.chown}", _owner(vm, plan.chown, plan.ins)) if plan.chown else None
@@ -379,11 +386,12 @@ class StageBuild:
                     with self.ctx.open_regular(rel) as archive:
                         w.add_archive(archive, dest_dir, self.ctx.tree.limits)
                 elif self.ctx.is_dir(rel):
-                    for sub in self.ctx.walk(rel)[1:]:
-                        w.add_entry(self.ctx, sub, posixpath.join(dest_dir, posixpath.relpath(sub, rel or ".")))
+                    for sub, fd, name, st in self.ctx.entries(self.ctx.walk(rel)[1:]):
+                        w.add_entry(fd, name, st, posixpath.join(dest_dir, posixpath.relpath(sub, rel or ".")))
                 else:
                     target = posixpath.join(dest_dir, posixpath.basename(rel)) if dest_is_dir else dest_dir
-                    w.add_entry(self.ctx, rel, target)
+                    for _, fd, name, st in self.ctx.entries([rel]):
+                        w.add_entry(fd, name, st, target)
             w.close()
 
 

@@ -14,23 +14,23 @@ chrooted into the image being built.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import io
 import os
 import posixpath
 import stat
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from e2b_dockerfile_utils import PatternMatcher
-
 from ember.build.dockerfile import DockerfileError, Instruction
+from ember.build.ignore import IgnoreError, IgnoreMatcher, Verdicts, component_matcher
 from ember.build.tarread import ArchiveError, Kind, Member, TarLimits, TarReader, clean, is_tar, open_tar
-from ember.build.unpack import Tree
+from ember.build.unpack import DIR_FLAGS, Tree
+from ember.errors import BuildFailed
 
 GLOB_CHARS = frozenset("*?[")
 MEMBER_TYPES = {
@@ -49,16 +49,19 @@ class Owner:
 class BuildContext:
     """A context directory read through a confined :class:`Tree`; ``close`` releases it."""
 
-    def __init__(self, root: Path, limits: TarLimits, dockerfile: str = "Dockerfile") -> None:
+    def __init__(
+        self, root: Path, limits: TarLimits, dockerfile: str = "Dockerfile", *, scan_s: float | None = None
+    ) -> None:
+        """``scan_s`` bounds one walk or pass over the context's files (None: no bound)."""
         if not root.is_dir():
             raise DockerfileError(f"the build context {root.name} is not a directory")
         self.tree = Tree(root, limits)
         self.dockerfile = dockerfile
+        self.scan_s = scan_s
         try:
             patterns = self._text(".dockerignore").splitlines() if self.exists(".dockerignore") else []
-            patterns = [p.strip() for p in patterns if p.strip() and not p.strip().startswith("#")]
-            self.matcher = PatternMatcher(patterns)
-        except ValueError as exc:
+            self.matcher = IgnoreMatcher(patterns)
+        except IgnoreError as exc:
             self.close()
             raise DockerfileError(f".dockerignore: {exc}") from None
         except BaseException:
@@ -135,7 +138,10 @@ class BuildContext:
         """Context-relative paths a COPY source names (globs as Docker: '*' stays in one directory)."""
         rel = clean(pattern)
         if any(c in GLOB_CHARS for c in rel):
-            found = [f for f in self._glob(rel.split("/")) if not self.excluded(f)]
+            try:
+                found = [f for f in self._glob(rel.split("/")) if not self.excluded(f)]
+            except IgnoreError:
+                raise ins.error(f"'{pattern}' is not a valid pattern (an unclosed '[' or a trailing '\\')") from None
             if not found:
                 raise ins.error(f"no file in the build context matches '{pattern}'")
             return found
@@ -147,12 +153,13 @@ class BuildContext:
         found = [""]
         for i, part in enumerate(parts):
             nxt = []
+            match = component_matcher(part) if any(c in GLOB_CHARS for c in part) else None
             for base in found:
                 if i and not self.is_dir(base):
                     continue
-                if any(c in GLOB_CHARS for c in part):
+                if match is not None:
                     try:
-                        names = fnmatch.filter(self._listdir(base), part)
+                        names = [n for n in self._listdir(base) if match(n)]
                     except (OSError, ArchiveError):
                         continue
                     nxt += [posixpath.join(base, n) for n in names]
@@ -162,35 +169,84 @@ class BuildContext:
         return sorted(found)
 
     def walk(self, rel: str) -> list[str]:
-        """``rel`` and everything under it (not excluded), parents first, symlinks not followed."""
+        """``rel`` and everything under it (not excluded), parents first, symlinks not followed.
+
+        One descriptor per directory level and .dockerignore verdicts carried down the tree: an
+        entry costs one lstat and one match per pattern, however deep it is."""
         out = [rel]
-        todo = [rel] if self.is_dir(rel) else []
-        while todo:
-            base = todo.pop()
-            subdirs = []
-            for name in self._listdir(base):
+        if not self.is_dir(rel):
+            return out
+        deadline = self._deadline()
+        verdicts: Verdicts | None = None
+        for depth, _ in enumerate(rel.split("/") if rel else []):
+            verdicts, _ = self.matcher.verdicts("/".join(rel.split("/")[: depth + 1]), verdicts)
+        fd = self.tree.directory(rel)
+        levels = [(rel, fd, iter(sorted(os.listdir(fd))), verdicts)]
+        try:
+            while levels:
+                base, fd, names, parent = levels[-1]
+                name = next(names, None)
+                if name is None:
+                    levels.pop()
+                    os.close(fd)
+                    continue
+                self._in_time(deadline)
                 sub = posixpath.join(base, name)
-                with self.entry(sub) as (_, _, st):
-                    is_dir = stat.S_ISDIR(st.st_mode)
-                excluded = self.excluded(sub)
+                is_dir = stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode)
+                verdicts, excluded = self.matcher.verdicts(sub, parent)
                 if not excluded:
                     out.append(sub)
                 if is_dir and (not excluded or self.matcher.may_match_under(sub)):
-                    subdirs.append(sub)
-            todo += reversed(subdirs)
+                    child = os.open(name, DIR_FLAGS, dir_fd=fd)
+                    levels.append((sub, child, iter(sorted(os.listdir(child))), verdicts))
+        finally:
+            for _, fd, _, _ in levels:
+                os.close(fd)
         return out
+
+    def entries(self, rels: Iterable[str]) -> Iterator[tuple[str, int, str, os.stat_result]]:
+        """(path, directory descriptor, name, lstat) for each path, its last component not followed;
+        consecutive paths in one directory (as ``walk`` lists them) share its descriptor."""
+        deadline = self._deadline()
+        current, fd = "", -1
+        try:
+            for rel in rels:
+                self._in_time(deadline)
+                path = clean(rel)
+                if not path:
+                    yield rel, self.tree.fd, ".", os.fstat(self.tree.fd)
+                    continue
+                directory, _, name = path.rpartition("/")
+                if fd < 0 or directory != current:
+                    if fd >= 0:
+                        os.close(fd)
+                        fd = -1
+                    fd, current = self.tree.directory(directory), directory
+                yield rel, fd, name, os.lstat(name, dir_fd=fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _deadline(self) -> float | None:
+        return None if self.scan_s is None else time.monotonic() + self.scan_s
+
+    def _in_time(self, deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise BuildFailed(
+                f"reading the build context took more than {self.scan_s:.0f} s (EMBER_BUILD_TOOL_TIMEOUT): "
+                "send a smaller context (.dockerignore) or fewer, simpler .dockerignore patterns"
+            )
 
     def file_digest(self, rels: list[str]) -> str:
         h = hashlib.sha256()
-        for rel in rels:
-            with self.entry(rel) as (fd, name, st):
-                h.update(f"{rel}\0{st.st_mode}\0".encode())
-                if stat.S_ISLNK(st.st_mode):
-                    h.update(os.readlink(name, dir_fd=fd).encode())
-                elif stat.S_ISREG(st.st_mode):
-                    with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
-                        for chunk in iter(lambda: f.read(1 << 20), b""):
-                            h.update(chunk)
+        for rel, fd, name, st in self.entries(rels):
+            h.update(f"{rel}\0{st.st_mode}\0".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(name, dir_fd=fd).encode())
+            elif stat.S_ISREG(st.st_mode):
+                with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
         return h.hexdigest()
 
     def is_archive(self, rel: str) -> bool:
@@ -239,24 +295,23 @@ class TarWriter:
             info.mode = self.chmod
         return info
 
-    def add_entry(self, ctx: BuildContext, rel: str, target: str) -> None:
-        """A context path (read through the context's tree; a symlink is copied as a symlink)."""
-        with ctx.entry(rel) as (fd, name, st):
-            info = tarfile.TarInfo()
-            info.mode = stat.S_IMODE(st.st_mode)
-            info.mtime = int(st.st_mtime)
-            if stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                self.tar.addfile(self._finish(info, target))
-            elif stat.S_ISLNK(st.st_mode):
-                info.type = tarfile.SYMTYPE
-                info.linkname = os.readlink(name, dir_fd=fd)
-                self.tar.addfile(self._finish(info, target))
-            elif stat.S_ISREG(st.st_mode):
-                with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
-                    info.size = os.fstat(f.fileno()).st_size
-                    self.tar.addfile(self._finish(info, target), f)
-            # sockets, fifos and devices in a context are skipped, as Docker does
+    def add_entry(self, fd: int, name: str, st: os.stat_result, target: str) -> None:
+        """A context entry (see ``BuildContext.entries``; a symlink is copied as a symlink)."""
+        info = tarfile.TarInfo()
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.mtime = int(st.st_mtime)
+        if stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            self.tar.addfile(self._finish(info, target))
+        elif stat.S_ISLNK(st.st_mode):
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.readlink(name, dir_fd=fd)
+            self.tar.addfile(self._finish(info, target))
+        elif stat.S_ISREG(st.st_mode):
+            with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                info.size = os.fstat(f.fileno()).st_size
+                self.tar.addfile(self._finish(info, target), f)
+        # sockets, fifos and devices in a context are skipped, as Docker does
 
     def add_member(self, m: Member, reader: TarReader, target: str) -> None:
         """A member of an untrusted archive, renamed to ``target`` (ids, names and special files dropped)."""

@@ -247,7 +247,9 @@ class BuildService:
     async def build(self, req: BuildRequest, context: Path, emit: Callable[[str], None]) -> BuildRecord:
         repo, tag = split_name(req.name)
         check_ready_timeout(req.ready_timeout_s)
-        ctx = BuildContext(context, TarLimits.from_settings(self.settings), req.dockerfile)  # its fd goes with it
+        ctx = BuildContext(
+            context, TarLimits.from_settings(self.settings), req.dockerfile, scan_s=self.settings.build_tool_timeout_s
+        )  # its descriptor is closed when it goes
         dockerfile = parse(ctx.dockerfile_text(), dict(req.options.build_args))  # bad input fails before any record
         async with self._names:
             version = self.store.next_version(repo)
