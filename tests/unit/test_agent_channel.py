@@ -482,3 +482,40 @@ async def test_listing_of_tiny_records_is_refused_at_the_limit_with_bounded_memo
         tracemalloc.stop()
         await conn.close()
     assert peak < 24 * MiB, f"decoding a hostile listing took {peak / MiB:.0f} MiB"
+
+
+# ---- review test 13: the handshake resynchronizes past stale acks, and a flood of garbage is capped ---------
+
+
+async def _handshake_against(tmp_path: Path, before_ack: Callable[[bytes], bytes]) -> None:
+    """Authenticate against an agent that sends ``before_ack(nonce)`` ahead of the right HELLO_ACK."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        length, _, _ = HEADER.unpack(await reader.readexactly(HEADER.size))
+        nonce = decode_fields(await reader.readexactly(length))[Tag.NONCE][0]
+        with contextlib.suppress(ConnectionError):
+            writer.write(before_ack(nonce) + encode_frame(Msg.HELLO_ACK, 0, ACK_MAGIC + nonce))
+            await writer.drain()
+
+    sock = tmp_path / "hs.sock"
+    server = await asyncio.start_unix_server(serve, str(sock))
+    try:
+        conn = await AgentConnection.connect(sock, "token", 5.0, limits=limits())
+        assert not conn.closed
+        await conn.close()
+    finally:
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_handshake_skips_stale_ack_and_caps_garbage(tmp_path: Path) -> None:
+    stale = encode_frame(Msg.HELLO_ACK, 0, ACK_MAGIC + os.urandom(16))  # a previous daemon's session
+    await _handshake_against(tmp_path, lambda nonce: stale + b"\x00garbage" * 1000)
+    with pytest.raises(AgentUnavailable, match="flooded with garbage"):
+        await _handshake_against(tmp_path, lambda nonce: os.urandom(9 * MiB))
