@@ -690,21 +690,24 @@ static void pump_list(struct sess *s) {
 /* ---------- identity after restore ---------- */
 
 static uint64_t generation;
+static int generation_fd = -1;
 
-/* GENERATION_FILE = "<counter> <random id>\n", replaced atomically. */
+/* GENERATION_FILE = "<counter> <random id>\n", fixed width, rewritten in place by one pwrite on
+ * every restore (one cheap syscall on the restore path: under TCG a fresh QEMU translates every
+ * kernel path it meets, and create + rename cost ~20 ms there). A reader racing the write may
+ * see a mix of the old and new lines: never the old line, which is all an app has to notice. */
 static int write_generation(void) {
     unsigned char rnd[16];
-    char line[64], tmp[] = GENERATION_DIR "/.generation.tmp";
+    char line[64];
+    if (generation_fd < 0) {
+        generation_fd = open(GENERATION_FILE, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (generation_fd < 0 || fchmod(generation_fd, 0644) < 0) return -1;
+    }
     if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) return -1;
-    int len = snprintf(line, sizeof line, "%llu ", (unsigned long long)++generation);
+    int len = snprintf(line, sizeof line, "%020llu ", (unsigned long long)++generation);
     for (size_t i = 0; i < sizeof rnd; i++) len += snprintf(line + len, sizeof line - (size_t)len, "%02x", rnd[i]);
     line[len++] = '\n';
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (fd < 0) return -1;
-    int ok = fchmod(fd, 0644) == 0 && write(fd, line, (size_t)len) == len;
-    close(fd);
-    if (!ok || rename(tmp, GENERATION_FILE) < 0) { unlink(tmp); return -1; }
-    return 0;
+    return pwrite(generation_fd, line, (size_t)len, 0) == len ? 0 : -1;
 }
 
 static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {

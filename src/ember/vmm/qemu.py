@@ -161,8 +161,8 @@ class QemuVmm:
         )
 
     async def _pass_fd(self, fd: int, name: str) -> None:
-        with contextlib.suppress(VmmError):
-            await self._cmd("closefd", {"fdname": name})
+        with contextlib.suppress(QMPError, OSError, EOFError):  # usually gone: a migration closes its fd
+            await self._qmp.execute("closefd", {"fdname": name})
         self._qmp.send_fd_scm(fd)
         await self._cmd("getfd", {"fdname": name})
 
