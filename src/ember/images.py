@@ -34,7 +34,6 @@ from ember.errors import (
     HostSetupError,
     ImageNotFound,
     NameTaken,
-    ResourceExhausted,
     SnapshotError,
     VmmError,
     logged,
@@ -160,14 +159,9 @@ class ImageStore:
     def _take_gid(self, name: str) -> int:
         """A group id for the image ``name`` is making: unused by stored images and by images
         still being made (it is theirs until they are stored or fail)."""
-        taken = {i.gid for i in self.store.list_images()} | set(self._pending_gids.values())
-        for gid in self.settings.image_gids:
-            if gid not in taken:
-                self._pending_gids[name] = gid
-                return gid
-        raise ResourceExhausted(
-            f"all {len(self.settings.image_gids)} image group ids are in use: remove images or raise EMBER_UID_COUNT"
-        )
+        gid = self.store.next_gid(self.settings.image_gids, exclude=set(self._pending_gids.values()))
+        self._pending_gids[name] = gid
+        return gid
 
     @contextlib.contextmanager
     def _making(self, name: str) -> Iterator[None]:

@@ -185,9 +185,9 @@ class Store:
             rows = c.execute(select(builds.c.version).where(builds.c.repo == repo)).all()
         return max((r[0] for r in rows), default=0) + 1
 
-    def next_gid(self, gids: range) -> int:
+    def next_gid(self, gids: range, exclude: set[int] | None = None) -> int:
         with self.engine.connect() as c:
-            used = {r[0] for r in c.execute(select(images.c.gid))}
+            used = {r[0] for r in c.execute(select(images.c.gid))} | (exclude or set())
         for gid in gids:
             if gid not in used:
                 return gid
