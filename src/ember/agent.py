@@ -35,6 +35,7 @@ from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostS
 from ember.guest.protocol import (
     ACK_MAGIC,
     HEADER,
+    MAX_ID,
     MAX_PAYLOAD,
     NONCE_LEN,
     DirEntry,
@@ -55,7 +56,6 @@ FRAME_COST = 256  # host bytes charged per queued frame beyond its payload (empt
 RESYNC_LIMIT = 8 * 1024 * 1024  # stale bytes we are willing to skip while resyncing
 CHUNK = 128 * 1024
 MAX_ARGS = 1000  # the agent takes at most 1023 arguments and 1023 environment entries
-MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to setuid(); never a real uid or gid
 _NUMERIC = re.compile(r"-?[0-9]+")
 
 

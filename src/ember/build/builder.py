@@ -38,9 +38,10 @@ from ember.build.dockerfile import (
     run_argv,
 )
 from ember.build.layers import Layer, step_key
-from ember.build.tarread import MAX_ID, Kind, TarLimits, clean, open_tar
+from ember.build.tarread import Kind, TarLimits, clean, open_tar
 from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest
+from ember.guest.protocol import MAX_ID
 from ember.runtime import Host, create_overlay
 from ember.vmm.machine import MachineConfig
 

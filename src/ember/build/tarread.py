@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, BinaryIO
 import zstandard
 
 from ember.errors import InvalidRequest
+from ember.guest.protocol import MAX_ID
 
 if TYPE_CHECKING:
     from ember.config import Settings
 
 BLOCK = 512
-MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to chown
 MAX_META_IN_A_ROW = 8  # extended headers before one member
 MAX_PAX_RECORDS = 256  # records in one PAX header
 MAX_XATTRS = 64  # extended attributes of one member

@@ -35,6 +35,7 @@ ACK_MAGIC = b"EMBERACK"
 NONCE_LEN = 16
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
 NAME_MAX = 255  # the longest file name (bytes) a directory entry has
+MAX_ID = 2**32 - 2  # the largest uid or gid: (uid_t)-1 means "leave unchanged" to setuid() and chown()
 
 
 class Msg(enum.IntEnum):
