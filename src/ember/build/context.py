@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from ember.build.dockerfile import DockerfileError, Instruction
-from ember.build.ignore import IgnoreError, IgnoreMatcher, Verdicts, component_matcher
+from ember.build.ignore import IgnoreError, IgnoreMatcher, component_matcher
 from ember.build.tarread import ArchiveError, Kind, Member, TarLimits, TarReader, clean, is_tar, open_tar
-from ember.build.unpack import DIR_FLAGS, Tree
+from ember.build.unpack import DIR_FLAGS, Tree, open_at
 from ember.errors import BuildFailed
 
 GLOB_CHARS = frozenset("*?[")
@@ -125,7 +125,7 @@ class BuildContext:
     def open_regular(self, rel: str) -> BinaryIO:
         """A regular file of the context, opened for reading (a symlink is refused, not followed)."""
         with self.entry(rel) as (fd, name, _):
-            return os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb")
+            return open_at(fd, name)
 
     def _listdir(self, rel: str) -> list[str]:
         fd = self.tree.directory(rel)
@@ -177,9 +177,7 @@ class BuildContext:
         if not self.is_dir(rel):
             return out
         deadline = self._deadline()
-        verdicts: Verdicts | None = None
-        for depth, _ in enumerate(rel.split("/") if rel else []):
-            verdicts, _ = self.matcher.verdicts("/".join(rel.split("/")[: depth + 1]), verdicts)
+        verdicts, _ = self.matcher.path_verdicts(rel)
         fd = self.tree.directory(rel)
         levels = [(rel, fd, iter(sorted(os.listdir(fd))), verdicts)]
         try:
@@ -244,20 +242,22 @@ class BuildContext:
             if stat.S_ISLNK(st.st_mode):
                 h.update(os.readlink(name, dir_fd=fd).encode())
             elif stat.S_ISREG(st.st_mode):
-                with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                with open_at(fd, name) as f:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
         return h.hexdigest()
 
     def is_archive(self, rel: str) -> bool:
         """A regular file (not a symlink) holding a tar, plain or compressed: ADD unpacks those."""
-        if not self.exists(rel):
+        try:
+            with self.entry(rel) as (fd, name, st):
+                archive = open_at(fd, name) if stat.S_ISREG(st.st_mode) else None
+        except (OSError, ArchiveError):
             return False
-        with self.entry(rel) as (_, _, st):
-            if not stat.S_ISREG(st.st_mode):
-                return False
-        with self.open_regular(rel) as f:
-            return is_tar(f, self.tree.limits)
+        if archive is None:
+            return False
+        with archive:
+            return is_tar(archive, self.tree.limits)
 
 
 def parse_chmod(value: str, ins: Instruction) -> int | None:
@@ -308,7 +308,7 @@ class TarWriter:
             info.linkname = os.readlink(name, dir_fd=fd)
             self.tar.addfile(self._finish(info, target))
         elif stat.S_ISREG(st.st_mode):
-            with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+            with open_at(fd, name) as f:
                 info.size = os.fstat(f.fileno()).st_size
                 self.tar.addfile(self._finish(info, target), f)
         # sockets, fifos and devices in a context are skipped, as Docker does

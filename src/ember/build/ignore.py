@@ -165,14 +165,20 @@ class IgnoreMatcher:
                 excluded = not pattern.exclusion
         return tuple(out), excluded
 
-    def matches(self, path: str) -> bool:
-        """Whether ``path`` (relative, slash-separated) is excluded."""
-        parts = path.split("/")
+    def path_verdicts(self, path: str) -> tuple[Verdicts | None, bool]:
+        """``verdicts`` of ``path`` (relative, slash-separated), each parent directory first;
+        (None, False) for the context's root ("")."""
         verdicts: Verdicts | None = None
         excluded = False
-        for depth in range(1, len(parts) + 1):
-            verdicts, excluded = self.verdicts("/".join(parts[:depth]), verdicts)
-        return excluded
+        if path:
+            parts = path.split("/")
+            for depth in range(1, len(parts) + 1):
+                verdicts, excluded = self.verdicts("/".join(parts[:depth]), verdicts)
+        return verdicts, excluded
+
+    def matches(self, path: str) -> bool:
+        """Whether ``path`` (relative, slash-separated) is excluded."""
+        return self.path_verdicts(path)[1]
 
     def may_match_under(self, directory: str) -> bool:
         """Whether a '!' pattern could re-include something under ``directory`` (then it is walked)."""

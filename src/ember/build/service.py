@@ -25,7 +25,6 @@ import logging
 import math
 import re
 import secrets
-import shutil
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,6 +41,7 @@ from ember.build.dockerfile import Dockerfile, parse
 from ember.build.egress import build_egress
 from ember.build.layers import step_key
 from ember.build.tarread import TarLimits
+from ember.build.unpack import remove_tree
 from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken
 from ember.images import RESERVED_NAMES, ImageStore
@@ -231,10 +231,8 @@ class BuildService:
         strays += list((data / "run").glob("build-*"))
         for stray in strays:
             log.warning("removing what an interrupted build left: %s", stray.name)
-            if stray.is_dir() and not stray.is_symlink():
-                shutil.rmtree(stray, ignore_errors=True)
-            else:
-                stray.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                remove_tree(stray)  # trees unpacked from tenants' archives: never follow a link in them
         self.bases.cache.clean_unfinished()
 
     def _build_machine(self, token: str) -> MachineConfig:

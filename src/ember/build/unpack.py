@@ -164,7 +164,7 @@ class Tree:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     raise IsADirectoryError(errno.EISDIR, f"{clean(path)[:200]} is not a regular file")
-                return os.fdopen(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb")
+                return open_at(fd, parts[-1])
             finally:
                 os.close(fd)
         raise ArchiveError(f"too many levels of symbolic links at {clean(path)[:200]}")
@@ -270,6 +270,11 @@ class Tree:
                 out.write(chunk)
             out.flush()
             _set_meta(out.fileno(), m, layer=layer)
+
+
+def open_at(dir_fd: int, name: str) -> BinaryIO:
+    """``name`` in ``dir_fd`` opened for reading; a symlink there is refused, never followed."""
+    return os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), "rb")
 
 
 def _key(path: str) -> int:

@@ -20,7 +20,7 @@
  * bytes in flight; CREDIT frames return what was written to the command.
  *
  * Restores: every identity step (RESTORE) rewrites GENERATION_FILE (on a
- * tmpfs, world-readable, replaced atomically) with a new counter and random
+ * tmpfs, world-readable, fixed width, in place) with a new counter and random
  * id, so apps can tell they were cloned or resumed and regenerate secrets.
  */
 #define _GNU_SOURCE
