@@ -28,12 +28,17 @@ import logging
 import secrets
 
 
-def logged(message: str, detail: str) -> str:
-    """``message`` with a fresh error id, for the client; ``detail`` (host paths, tool output,
-    exception text) goes only to the daemon log, under that id."""
+def log_with_id(what: str, *, detail: str = "", exc: BaseException | None = None) -> str:
+    """Log ``what`` with ``detail`` (host paths, tool output, exception text) and ``exc``'s
+    traceback under a fresh error id, and return the id: the client is told the id, never these."""
     error_id = secrets.token_hex(4)
-    logging.getLogger("ember").error("error id %s: %s; %s", error_id, message, detail)
-    return f"{message} (the daemon log has the details under id {error_id})"
+    logging.getLogger("ember").error("error id %s: %s%s", error_id, what, f"; {detail}" if detail else "", exc_info=exc)
+    return error_id
+
+
+def logged(message: str, detail: str) -> str:
+    """``message`` for the client, with the id under which ``detail`` went to the daemon log."""
+    return f"{message} (the daemon log has the details under id {log_with_id(message, detail=detail)})"
 
 
 class EmberError(Exception):

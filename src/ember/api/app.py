@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import logging
-import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +22,12 @@ from ember.agent import ExecRequest, ExecResult
 from ember.api.builds import add_build_routes, build_view
 from ember.api.execstdin import StdinPipe, StdinPipes
 from ember.api.streaming import Emit, ndjson, stream_job
-from ember.errors import EmberError, InvalidRequest
+from ember.errors import EmberError, InvalidRequest, log_with_id
 from ember.models import BuildRecord, ImageRecord, VmRecord
 from ember.vmm.accel import TCG_WARNING
 
 if TYPE_CHECKING:
     from ember.daemon import Daemon
-
-log = logging.getLogger(__name__)
 
 
 class RunBody(BaseModel):
@@ -101,8 +97,7 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # the exception's text may hold host paths or internals: the client gets an id to quote
-        error_id = secrets.token_hex(4)
-        log.error("internal error id %s in %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        error_id = log_with_id(f"internal error in {request.method} {request.url.path}", exc=exc)
         message = f"internal error; the daemon log has the details under id {error_id}"
         return JSONResponse({"error": "InternalError", "message": message, "id": error_id}, status_code=500)
 

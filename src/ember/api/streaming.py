@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from ember.errors import EmberError
-
-log = logging.getLogger(__name__)
+from ember.errors import EmberError, log_with_id
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -87,10 +83,9 @@ class Backlog:
             await self._wake.wait()
 
 
-def internal_error(what: str) -> dict[str, Any]:
-    """Log the exception being handled under a fresh id; the event tells the client only the id."""
-    error_id = secrets.token_hex(6)
-    log.exception("%s failed (error id %s)", what, error_id)
+def internal_error(what: str, exc: Exception) -> dict[str, Any]:
+    """Log ``exc`` under a fresh id; the event tells the client only the id."""
+    error_id = log_with_id(f"{what} failed", exc=exc)
     return {"error": "InternalError", "message": f"{what} failed: internal error (id {error_id}, in the daemon log)"}
 
 
@@ -105,8 +100,8 @@ def stream_job(
             backlog.finish(await job(backlog.put))
         except EmberError as exc:
             backlog.finish({"error": type(exc).__name__, "message": str(exc)})
-        except Exception:
-            backlog.finish(internal_error(what))
+        except Exception as exc:
+            backlog.finish(internal_error(what, exc))
         finally:  # cancelled (the daemon stops): the client still gets a last event
             backlog.finish({"error": "Interrupted", "message": f"{what} was interrupted: the daemon is stopping"})
 

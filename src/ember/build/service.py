@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import re
-import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,7 +42,7 @@ from ember.build.layers import step_key
 from ember.build.tarread import TarLimits
 from ember.build.unpack import remove_tree
 from ember.config import Settings
-from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken
+from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken, log_with_id
 from ember.images import RESERVED_NAMES, ImageStore
 from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
 from ember.store import Store
@@ -359,6 +358,5 @@ def _failure(name: str, exc: Exception) -> tuple[str, str]:
         return str(exc)[:4000], exc.step if isinstance(exc, BuildFailed) else ""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return "the host disk is full: free space and build again", ""
-    error_id = secrets.token_hex(6)
-    log.error("build %s failed (error id %s)", name, error_id, exc_info=exc)
+    error_id = log_with_id(f"build {name} failed", exc=exc)
     return f"internal error (id {error_id}; the daemon log has the details)", ""
