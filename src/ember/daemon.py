@@ -138,16 +138,9 @@ def api_token(path: Path) -> str:
     return token
 
 
-def tcp_listener(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise HostSetupError(f"EMBER_LISTEN={listen!r} is not HOST:PORT (e.g. 127.0.0.1:7070)")
-    return host.strip("[]"), int(port)
-
-
 async def serve(settings: Settings) -> None:
     from ember.api.app import create_app
-    from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy
+    from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy, tcp_listener
 
     tcp = tcp_listener(settings.listen) if settings.listen else None
     daemon = await assemble(settings)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.config import Settings
-from ember.errors import EmberError, Forbidden, PayloadTooLarge, Unauthorized
+from ember.errors import EmberError, Forbidden, HostSetupError, PayloadTooLarge, Unauthorized
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -72,6 +72,14 @@ class BodyCaps:
 _UNSPECIFIED = {"0.0.0.0", "::", "[::]"}  # the names of "every address"
 
 
+def tcp_listener(listen: str) -> tuple[str, int]:
+    """EMBER_LISTEN as (host without brackets, port)."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise HostSetupError(f"EMBER_LISTEN={listen!r} is not HOST:PORT (e.g. 127.0.0.1:7070)")
+    return host.strip("[]"), int(port)
+
+
 @dataclass(frozen=True)
 class TcpPolicy:
     """The TCP listener's own names and the bearer token it requires."""
@@ -83,12 +91,10 @@ class TcpPolicy:
 
     @classmethod
     def for_listener(cls, listen: str, token: str) -> TcpPolicy:
-        host, _, port = listen.rpartition(":")
-        host = host.lower()
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
+        host, port = tcp_listener(listen)
+        host = f"[{host.lower()}]" if ":" in host else host.lower()
         names = {"localhost", "127.0.0.1", "[::1]", host}
-        return cls(token=token, port=int(port), hosts=frozenset(names), any_address=host in _UNSPECIFIED)
+        return cls(token=token, port=port, hosts=frozenset(names), any_address=host in _UNSPECIFIED)
 
     def _own_host(self, value: str) -> bool:
         host, sep, port = value.lower().rpartition(":")
