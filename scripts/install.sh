@@ -8,8 +8,26 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# QEMU 10 comes from bookworm-backports: it maps a template's RAM from a read-only file
+# (readonly=on,rom=off), which QEMU 7.2 cannot, and has mapped-ram migration.
+backports=/etc/apt/sources.list.d/ember-bookworm-backports.sources
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat > "$backports" <<'EOF2'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF2
+    apt-get update -q
+fi
+qemu_version=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+if ! dpkg --compare-versions "${qemu_version:-0}" ge 1:10.0; then
+    echo "install.sh: apt-get install -t bookworm-backports qemu-system-x86 qemu-utils (QEMU 10)"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+fi
 apt_packages=(
-    qemu-system-x86 qemu-utils          # the VMM and qcow2 tooling
     linux-image-cloud-amd64             # the guest kernel (virtio, small)
     mmdebstrap e2fsprogs                # the built-in Debian base image
     gcc libc6-dev                       # static guest agent and jailer
