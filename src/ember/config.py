@@ -40,8 +40,9 @@ class Settings:
     # Image-build VMs (RUN steps: package installs, compilers) get more memory than app VMs.
     build_memory_mib: int = _env("EMBER_BUILD_MEMORY_MIB", 1024)
     # All host ids of this daemon come from [uid_base, uid_base + uid_count): the lower half are
-    # VMM uids (each VMM its own uid and primary gid), the upper half image group ids, the last
-    # one the image builder's uid. Daemons on one host need ranges that do not overlap.
+    # VMM uids (each VMM its own uid and primary gid), the upper half image group ids, the last three
+    # the layer cache's group, qemu-img's uid and the image builder's uid. Daemons on one host need
+    # ranges that do not overlap.
     uid_base: int = _env("EMBER_UID_BASE", 640000)
     uid_count: int = _env("EMBER_UID_COUNT", 65536)
     vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
@@ -53,6 +54,8 @@ class Settings:
     build_step_timeout_s: float = _env("EMBER_BUILD_STEP_TIMEOUT", 1800.0)
     # Host-side deadline of one of Ember's own build-VM tools (mkdir, tar unpack of a COPY, fsfreeze).
     build_tool_timeout_s: float = _env("EMBER_BUILD_TOOL_TIMEOUT", 600.0)
+    # Host-side deadline of one qemu-img run (checking, creating or flattening a disk).
+    qemu_img_timeout_s: float = _env("EMBER_QEMU_IMG_TIMEOUT", 300.0)
     # Host-side deadline of a snapshot migration (saving or loading a template VM's state).
     migration_timeout_s: float = _env("EMBER_MIGRATION_TIMEOUT", 300.0)
     # Host-side deadline of pulling one FROM image from a registry (manifests and every layer).
@@ -103,7 +106,17 @@ class Settings:
 
     @property
     def image_gids(self) -> range:
-        return range(self.uid_base + self.uid_count // 2, self.uid_base + self.uid_count - 1)
+        return range(self.uid_base + self.uid_count // 2, self.uid_base + self.uid_count - 3)
+
+    @property
+    def layer_gid(self) -> int:
+        """The group of cached build layers (root-owned, 0440): build VMMs and qemu-img get it."""
+        return self.uid_base + self.uid_count - 3
+
+    @property
+    def qemu_img_uid(self) -> int:
+        """The uid (and gid) every qemu-img runs as (ember.host.qemuimg); no VMM has it."""
+        return self.uid_base + self.uid_count - 2
 
     @property
     def builder_uid(self) -> int:
