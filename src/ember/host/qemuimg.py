@@ -118,18 +118,24 @@ class QemuImg:
     # ---- what Ember asks of it ---------------------------------------------
 
     async def check_chain(self, path: Path, expected: Sequence[Path]) -> list[ChainNode]:
-        """The chain under ``path`` (``path`` first, every file absolute, root-owned and written by
-        no one else), refused with ChainError unless its headers name exactly ``expected``. The
-        top is handed over open; the tool opens the backing files its header names, with its rights."""
+        """The chain under ``path`` (``path`` first; every file absolute, root-owned and written by
+        no one else), refused with ChainError unless its headers name exactly ``expected``.
+
+        Each file is handed over open and described on its own (``info`` without following its
+        backing file), and its header's backing name compared with the next file Ember expects:
+        no path a header names is ever opened (``info --backing-chain`` would open them, by name,
+        which also needs every directory on the way open to the tool uid)."""
         if not expected or expected[0] != path or len(expected) > MAX_CHAIN:
             raise ValueError("the expected chain must start with the path checked")
-        with _open_inputs(expected[:1]) as fds:
+        with _open_inputs(expected) as fds:
             try:
-                out = await self.run(["info", "-f", "qcow2", "--backing-chain", "--output=json", _fd_path(fds[0])],
-                                     "checking the disk's backing chain", fds=fds)  # fmt: skip
+                infos = await asyncio.gather(*(
+                    self.run(["info", "-f", "qcow2", "--output=json", _fd_path(fd)], "checking a disk", fds=[fd])
+                    for fd in fds
+                ))  # fmt: skip
             except VmmError as exc:
                 raise ChainError(logged("the disk is not the qcow2 chain Ember made", str(exc))) from None
-        return parse_chain(out, [Path(_fd_path(fds[0])), *expected[1:]], self.max_virtual_size)
+        return parse_chain(infos, expected, [Path(_fd_path(fd)) for fd in fds], self.max_virtual_size)
 
     async def create_overlay(
         self, backing: Path, out: Path, *, owner_uid: int, virtual_size: int, owner_gid: int = 0, mode: int = 0o600
@@ -195,9 +201,9 @@ class QemuImg:
         tool only reads it, through its group)."""
         os.fchown(fd, 0, self.gid)
         os.fchmod(fd, 0o440)
-        out = await self.run(["info", "-f", "qcow2", "--backing-chain", "--output=json", _fd_path(fd)],
-                             "checking the new disk", fds=[fd])  # fmt: skip
-        parse_chain(out, [Path(_fd_path(fd))], self.max_virtual_size)
+        info = await self.run(["info", "-f", "qcow2", "--output=json", _fd_path(fd)], "checking the new disk",
+                              fds=[fd])  # fmt: skip
+        parse_chain([info], [Path(_fd_path(fd))], [Path(_fd_path(fd))], self.max_virtual_size)
 
 
 def _fd_path(fd: int) -> str:
@@ -240,43 +246,42 @@ def pinned_chain(chain: Sequence[Path]) -> str:
     return "json:" + json.dumps(node, separators=(",", ":"))
 
 
-def parse_chain(info: bytes, expected: Sequence[Path], max_virtual_size: int) -> list[ChainNode]:
-    """``info --backing-chain --output=json`` of a disk, refused unless it is exactly ``expected``."""
-    try:
-        items = json.loads(info)
-    except ValueError:
-        raise ChainError("qemu-img info did not answer JSON") from None
-    if not isinstance(items, list) or len(items) != len(expected):
-        raise ChainError(f"the disk's backing chain has {_len(items)} files, not the {len(expected)} Ember made")
+def parse_chain(
+    infos: Sequence[bytes], expected: Sequence[Path], opened_as: Sequence[Path], max_virtual_size: int
+) -> list[ChainNode]:
+    """``info --output=json`` of each file of a chain (``expected``, top first, each opened as
+    ``opened_as``), refused unless each is a plain qcow2 whose header names the next as its backing."""
     nodes = []
-    for i, (item, path) in enumerate(zip(items, expected, strict=True)):
-        nodes.append(_node(item, path, last=i == len(expected) - 1, max_virtual_size=max_virtual_size))
+    for i, (info, path, opened) in enumerate(zip(infos, expected, opened_as, strict=True)):
+        try:
+            item = json.loads(info)
+        except ValueError:
+            raise ChainError("qemu-img info did not answer JSON") from None
+        backing = expected[i + 1] if i + 1 < len(expected) else None
+        nodes.append(_node(item, path, opened, backing, max_virtual_size=max_virtual_size))
     if any(n.virtual_size != nodes[0].virtual_size for n in nodes):
         raise ChainError("the disks of the chain have different sizes")
     return nodes
 
 
-def _len(items: object) -> int:
-    return len(items) if isinstance(items, list) else 0
-
-
-def _node(item: Any, path: Path, *, last: bool, max_virtual_size: int) -> ChainNode:
+def _node(item: Any, path: Path, opened: Path, backing: Path | None, *, max_virtual_size: int) -> ChainNode:
     where = f"layer {path.name}"
     if not isinstance(item, dict):
         raise ChainError(f"{where}: not described by qemu-img")
-    if item.get("format") != "qcow2" or item.get("filename") != str(path):
-        raise ChainError(f"{where}: the chain names another file or format than the one Ember made")
+    if item.get("format") != "qcow2" or item.get("filename") != str(opened):
+        raise ChainError(f"{where}: not a qcow2 file")
     specific = item.get("format-specific", {}).get("data", {})
     if not isinstance(specific, dict) or "data-file" in specific or "encrypt" in specific:
         raise ChainError(f"{where}: has an external data file or encryption")
     children = item.get("children", [])
     if [c.get("name") for c in children] != ["file"] or children[0].get("info", {}).get("format") != "file":
         raise ChainError(f"{where}: is not a qcow2 file on a plain host file")
-    backing = item.get("full-backing-filename", item.get("backing-filename"))
-    if last and (backing is not None or "backing-filename-format" in item):
+    if backing is None and ("backing-filename" in item or "backing-filename-format" in item):
         raise ChainError(f"{where}: has a backing file where the chain must end")
-    if not last and item.get("backing-filename-format") != "qcow2":
-        raise ChainError(f"{where}: its backing file is not qcow2")
+    if backing is not None and (
+        item.get("backing-filename") != str(backing) or item.get("backing-filename-format") != "qcow2"
+    ):
+        raise ChainError(f"{where}: its header names another backing file than the chain Ember made")
     size, actual = item.get("virtual-size"), item.get("actual-size", 0)
     if not isinstance(size, int) or not 0 < size <= max_virtual_size or not isinstance(actual, int):
         raise ChainError(f"{where}: a virtual size of {size!r} bytes is not one Ember makes")
