@@ -48,6 +48,14 @@ class Settings:
     vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
     # Extra host memory a VMM may use beyond guest RAM (QEMU itself, TCG code cache).
     vmm_overhead_mib: int = _env("EMBER_VMM_OVERHEAD_MIB", 256)
+    # CPU time a VMM may use beyond one core per vCPU (QEMU's I/O thread), in cores (cgroup cpu quota).
+    vmm_cpu_overhead: float = _env("EMBER_VMM_CPU_OVERHEAD", 0.5)
+    # Throttles on a VMM's I/O to the disk holding data_dir (cgroup io.max / blkio); 0 = unlimited.
+    # The defaults are above what one VM needs, so they only stop a single VM from saturating the disk.
+    vmm_io_read_bps: int = _env("EMBER_VMM_IO_READ_BPS", 2 * 1024**3)
+    vmm_io_write_bps: int = _env("EMBER_VMM_IO_WRITE_BPS", 1024**3)
+    vmm_io_read_iops: int = _env("EMBER_VMM_IO_READ_IOPS", 100_000)
+    vmm_io_write_iops: int = _env("EMBER_VMM_IO_WRITE_IOPS", 50_000)
     # Builds running at once (each needs build_memory_mib; fewer when MemAvailable is short); the rest queue.
     max_builds: int = _env("EMBER_MAX_BUILDS", 2)
     # Host-side deadline of one RUN step; the build VM is killed when it passes.
