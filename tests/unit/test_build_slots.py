@@ -21,6 +21,7 @@ from ember.build.service import (
 )
 from ember.config import Settings
 from ember.errors import InvalidRequest, NameTaken
+from ember.host.qemuimg import QemuImg
 from ember.models import BuildState
 from ember.store import Store
 
@@ -83,7 +84,7 @@ def test_build_log_is_capped_but_keeps_streaming_and_the_verdict(tmp_path: Path)
 
 
 async def test_layer_claim_makes_a_second_maker_wait(tmp_path: Path) -> None:
-    cache = LayerCache(tmp_path)
+    cache = LayerCache(tmp_path, QemuImg.of(Settings()), 4242)
     events: list[str] = []
 
     async def maker(name: str, hold: float) -> None:
@@ -97,15 +98,6 @@ async def test_layer_claim_makes_a_second_maker_wait(tmp_path: Path) -> None:
     assert not cache._claims
 
 
-def test_clean_unfinished_keeps_finished_layers(tmp_path: Path) -> None:
-    cache = LayerCache(tmp_path)
-    (tmp_path / "done.qcow2").write_bytes(b"")
-    (tmp_path / "done.json").write_text("{}")
-    (tmp_path / "half.qcow2").write_bytes(b"")
-    cache.clean_unfinished()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json", "done.qcow2"]
-
-
 @pytest.mark.parametrize("exc", [RuntimeError("boom /var/lib/ember/secret"), KeyError("k"), RecursionError()])
 async def test_a_build_failing_with_any_exception_ends_create_failed_without_internals(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception
@@ -114,7 +106,13 @@ async def test_a_build_failing_with_any_exception_ends_create_failed_without_int
     settings = Settings(data_dir=tmp_path / "data", cache_dir_override=str(tmp_path / "cache"))
     settings.data_dir.mkdir()
     images = SimpleNamespace(settings=settings, accel=SimpleNamespace(accel=SimpleNamespace(value="tcg")))
-    service = BuildService(Store(settings.db_path), images)  # type: ignore[arg-type]
+    uids = iter(range(700_000, 700_010))
+    service = BuildService(
+        Store(settings.db_path),
+        images,  # type: ignore[arg-type]
+        allocate_uid=lambda: next(uids),
+        release_uid=lambda uid: None,
+    )
 
     async def explode(*args: object) -> None:
         raise exc

@@ -52,9 +52,10 @@ def test_run_heredoc_forms() -> None:
     assert run_argv(shell, ("/bin/bash", "-c")) == ("/bin/bash", "-c", "echo $X")
 
 
-def test_egress_rules_only_touch_the_builder_uid() -> None:
-    rules = ruleset("t", 4242, ["10.255.255.53"])
-    assert "meta skuid 4242 jump builder" in rules and "skuid !=" not in rules
+def test_egress_rules_only_touch_build_vm_uids() -> None:
+    rules = ruleset("t", [4242, 4243], ["10.255.255.53"])
+    assert "elements = { 4242, 4243 }" in rules and "meta skuid @builders jump builder" in rules
+    assert "skuid !=" not in rules
     assert "ip daddr { 10.255.255.53 } udp dport 53 accept" in rules
     assert "127.0.0.0/8" in rules and "192.168.0.0/16" in rules
     assert rules.index("dport 53 accept") < rules.index("reject")

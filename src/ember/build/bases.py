@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from ember.build.tarread import ArchiveError, TarLimits
 from ember.build.unpack import Capacity, Tree, remove_tree
 from ember.config import Settings
 from ember.errors import BuildFailed
+from ember.host.qemuimg import QemuImg
 
 Log = Callable[[str], None]
 
@@ -32,7 +32,8 @@ Log = Callable[[str], None]
 class BaseLayers:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.cache = LayerCache(settings.data_dir / "layers")
+        self.qemu_img = QemuImg.of(settings)
+        self.cache = LayerCache(settings.data_dir / "layers", self.qemu_img, settings.layer_gid)
         self.blobs = oci.BlobStore(settings.cache_dir)
         self.blobs.clean_partial()
         self._debootstrap = asyncio.Lock()  # one mmdebstrap at a time (they share the cache directory)
@@ -119,7 +120,7 @@ class BaseLayers:
 
             try:
                 await asyncio.to_thread(rootfs.disk_from_tree, apply, disk, self.settings.disk_gib,
-                                        self.settings.data_dir)  # fmt: skip
+                                        self.settings.data_dir, self.qemu_img)  # fmt: skip
             except ArchiveError as exc:
                 raise BuildFailed(str(exc), step=f"FROM {ref}") from None
 
@@ -129,7 +130,7 @@ class BaseLayers:
         async def make(disk: Path) -> None:
             log(f"making the base disk for {identity.split(':')[0]}")
             await asyncio.to_thread(
-                rootfs.disk_from_tarball, tarball, disk, self.settings.disk_gib, self.settings.data_dir
+                rootfs.disk_from_tarball, tarball, disk, self.settings.disk_gib, self.settings.data_dir, self.qemu_img
             )
 
         return await self._cached(identity, config, make)
@@ -138,10 +139,10 @@ class BaseLayers:
         """The base layer for ``identity``: from the layer cache, else ``make`` writes its disk."""
         key = step_key("base", identity, self.settings.disk_gib)
         async with self.cache.claim(key):  # another build making this base: wait for it, then use it
-            hit = self.cache.get(key)
+            hit = await self.cache.get(key)
             if hit is not None:
                 return hit
             disk = self.cache.disk(key)
+            disk.unlink(missing_ok=True)  # a layer dropped above, or left by an interrupted make
             await make(disk)
-            os.chown(disk, self.settings.builder_uid, self.settings.builder_uid)
-            return self.cache.put(key, config, "")
+            return await self.cache.put(key, config, None, self.settings.disk_gib << 30)

@@ -4,6 +4,12 @@ Metadata instructions (ENV, CMD, USER, ...) only change the image config.
 Filesystem steps (RUN, COPY, ADD, WORKDIR) look up the layer cache first; on a
 miss the stage's build VM starts (once per stage, on the first miss) and the
 step runs in it. Only the stages the target needs are built.
+
+Each build VM runs as a uid of its own (leased from the daemon for as long as
+the VM runs). The layer a step made stays that uid's while the VM may still
+write it: it is finished (root's, read-only, digest recorded: ember.build.layers)
+once the VM has moved on to the next step's layer or stopped, and its key's
+claim is held until then.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,7 +49,7 @@ from ember.build.tarread import Kind, TarLimits, clean, open_tar
 from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest
 from ember.guest.protocol import MAX_ID
-from ember.runtime import Host, create_overlay
+from ember.runtime import Host
 from ember.vmm.machine import MachineConfig
 
 FS_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
@@ -78,11 +85,17 @@ class BuiltFs:
     steps: tuple[StepReport, ...]
 
 
+# A build VM's uid for as long as the block runs (its egress filtered when ``network``).
+UidLease = Callable[[bool], AbstractAsyncContextManager[int]]
+
+
 class Builder:
     def __init__(
-        self, settings: Settings, host: Host, machine: Callable[[str], MachineConfig], bases: BaseLayers, log: Log
-    ) -> None:
+        self, settings: Settings, host: Host, machine: Callable[[str], MachineConfig], bases: BaseLayers, log: Log,
+        *, lease_uid: UidLease,
+    ) -> None:  # fmt: skip
         self.settings = settings
+        self.lease_uid = lease_uid
         self.host = host
         self.machine = machine  # token -> build VM machine config
         self.bases = bases
@@ -132,6 +145,8 @@ class StageBuild:
         self.b, self.df, self.stage, self.ctx, self.opts, self.done = b, dockerfile, stage, ctx, opts, done
         self.build_args = dict(opts.build_args)
         self.vm: BuildVm | None = None
+        self._vm_uid = AsyncExitStack()  # the running build VM's uid lease
+        self._pending: tuple[Layer, Layer, AsyncExitStack] | None = None  # (made, below, its claim) unfinished
         self.from_disks: list[Path] = []
         self.from_index: dict[str, int] = {}
 
@@ -156,10 +171,31 @@ class StageBuild:
                 if ins.name in FS_STEPS:
                     self.b.log(f"[stage {self.stage.index}] {'CACHED ' if cached else ''}{ins.original[:120]}"
                                f"  ({seconds:.2f} s)")  # fmt: skip
-        finally:
-            if self.vm is not None:
-                await self.vm.stop()
+        except BaseException:
+            await self._stop_vm(finish=False)
+            raise
+        await self._stop_vm(finish=True)
         return layer
+
+    async def _stop_vm(self, *, finish: bool) -> None:
+        """Stop the build VM, give its uid back, and finish (or, if ``finish`` is false, discard)
+        the layer it was writing: nothing writes it any more."""
+        if self.vm is not None:
+            await self.vm.stop()
+            self.vm = None
+        await self._vm_uid.aclose()
+        await self._finish_pending(keep=finish)
+
+    async def _finish_pending(self, *, keep: bool) -> None:
+        if self._pending is None:
+            return
+        made, below, claim = self._pending
+        self._pending = None
+        async with claim:
+            if keep:
+                await self.b.cache.put(made.key, made.config, below, made.virtual_size)
+            else:
+                self.b.cache.discard(made.key)
 
     async def _from_disk(self, ins: Instruction) -> None:
         ref = ins.flag("from")
@@ -187,7 +223,7 @@ class StageBuild:
             return replace(layer, key=step_key(layer.key, "ARG", sorted(env.args.items()))), True
         if ins.name not in FS_STEPS:
             new = self._metadata(ins, cfg, variables, esc)
-            return Layer(step_key(layer.key, ins.name, new.to_json()), layer.disk, new), True
+            return replace(layer, key=step_key(layer.key, ins.name, new.to_json()), config=new), True
         if ins.name == "WORKDIR":
             path = expand(" ".join(ins.args), variables, esc)
             workdir = posixpath.normpath(posixpath.join(cfg.workdir, path))
@@ -239,35 +275,42 @@ class StageBuild:
     ) -> tuple[Layer, bool]:
         if self.opts.no_cache:  # a layer of its own: never replaces one that other layers or builds back onto
             key = step_key(key, "no-cache", secrets.token_hex(8))
-        async with self.b.cache.claim(key):  # another build making this layer: wait for it, then use it
-            hit = self.b.cache.get(key)
+        claim = AsyncExitStack()
+        await claim.enter_async_context(self.b.cache.claim(key))  # another build making it: wait, then use it
+        async with claim:
+            hit = await self.b.cache.get(key)
             if hit is not None:
-                return Layer(hit.key, hit.disk, config), True
+                return replace(hit, config=config), True
             disk = self.b.cache.disk(key)
             disk.unlink(missing_ok=True)
+            made = Layer(key, disk, config, (disk, *layer.chain), layer.virtual_size)
             try:
+                if self.vm is not None and self.vm.top != layer.disk:
+                    await self._stop_vm(finish=True)  # the VM is not on this step's parent (a hit in between)
                 if self.vm is None:
-                    create_overlay(layer.disk, disk, self.b.settings.builder_uid)
-                    self.vm = await self._start_vm(disk)
+                    uid = await self._vm_uid.enter_async_context(self.b.lease_uid(self.opts.network))
+                    await self.b.bases.qemu_img.create_overlay(
+                        layer.disk, disk, owner_uid=uid, virtual_size=layer.virtual_size
+                    )
+                    self.vm = await self._start_vm(disk, uid)
                 else:
                     await self.vm.new_layer(disk)
+                    await self._finish_pending(keep=True)  # the VM writes the new top now, never the old
                 await action(self.vm)
                 await self.vm.sync()
             except BaseException:
-                if self.vm is not None:
-                    await self.vm.stop()
-                    self.vm = None
+                await self._stop_vm(finish=False)
                 self.b.cache.discard(key)
                 raise
-            return self.b.cache.put(key, config, layer.key), False
+            self._pending = (made, layer, claim.pop_all())  # finished when the VM moves on or stops
+            return made, False
 
-    async def _start_vm(self, top: Path) -> BuildVm:
+    async def _start_vm(self, top: Path, uid: int) -> BuildVm:
         token = secrets.token_hex(16)
         self.b.log(f"[stage {self.stage.index}] starting the build VM (cold boot)")
         started = time.perf_counter()
         vm = await BuildVm.start(
-            self.b.host, self.b.machine(token), token, top, self.from_disks, self.opts.network,
-            self.b.settings.builder_uid, self.b.settings.builder_uid,
+            self.b.host, self.b.machine(token), token, top, self.from_disks, self.opts.network, uid,
             Deadlines(boot_s=self.b.settings.boot_timeout_s, tool_s=self.b.settings.build_tool_timeout_s),
         )  # fmt: skip
         try:

@@ -1,8 +1,10 @@
 """Network egress of image-build VMMs: the internet yes, this host and private ranges no.
 
 A build VM's NIC is QEMU's user-mode network, so its traffic leaves as sockets
-of the VMM process, which runs as the daemon's builder uid. An nftables table
-keyed to that uid rejects this host's own addresses (``fib daddr type local``),
+of the VMM process, which runs as a uid of its own. One nftables table per
+daemon holds the set of those uids (a build VM's uid is added when it starts
+and removed when it stops; a starting daemon installs the table afresh, so
+what a killed daemon left is gone) and, for their sockets, rejects this host's own addresses (``fib daddr type local``),
 loopback (QEMU maps the guest's 10.0.2.2 to the host's 127.0.0.1) and every
 range of ember.netpolicy (the same list registry pulls are checked against),
 IPv4 and IPv6, except DNS to the host's own resolvers (QEMU's DNS proxy at
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 from ember.errors import HostSetupError
@@ -33,16 +36,21 @@ def resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
     return out
 
 
-def ruleset(table: str, uid: int, dns: list[str]) -> str:
+def ruleset(table: str, uids: Collection[int], dns: list[str]) -> str:
     v4 = [d for d in dns if ipaddress.ip_address(d).version == 4]
     v6 = [d for d in dns if ipaddress.ip_address(d).version == 6]
+    elements = f"    elements = {{ {', '.join(map(str, sorted(uids)))} }}" if uids else ""
     lines = [
         f"table inet {table} {{",
+        "  set builders {",
+        "    type uid",
+        *([elements] if elements else []),
+        "  }",
         "  chain out {",
         "    type filter hook output priority 0; policy accept;",
-        # only the builder's sockets: packets without a socket (the kernel's RSTs and ICMP errors for
-        # the whole host) match neither 'skuid X' nor 'skuid != X' and must not reach the rejects
-        f"    meta skuid {uid} jump builder",
+        # only build VMMs' sockets: packets without a socket (the kernel's RSTs and ICMP errors for
+        # the whole host) match no 'skuid' and must not reach the rejects
+        "    meta skuid @builders jump builder",
         "  }",
         "  chain builder {",
     ]
@@ -65,17 +73,42 @@ def _nft(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
 
 
-@contextlib.contextmanager
-def build_egress(uid: int) -> Iterator[None]:
-    """Filter the builder uid's traffic while the block runs."""
-    if shutil.which("nft") is None:
-        raise HostSetupError("nft is missing: 'apt-get install nftables' (builds need it to fence off the host)")
-    table = f"ember_build_{uid}"
-    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)  # left by a killed daemon
-    proc = _nft(ruleset(table, uid, resolvers()))
-    if proc.returncode != 0:
-        raise HostSetupError(f"cannot install the build network filter: {proc.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+class BuildEgress:
+    """The daemon's build egress table: the filter for every build VMM uid in its set.
+
+    Blocking (nft): call it off the event loop."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+
+    def install(self) -> None:
+        """Install the table with an empty set, replacing any a killed daemon left."""
+        if shutil.which("nft") is None:
+            raise HostSetupError("nft is missing: 'apt-get install nftables' (builds need it to fence off the host)")
+        self.uninstall()
+        proc = _nft(ruleset(self.table, (), resolvers()))
+        if proc.returncode != 0:
+            raise HostSetupError(f"cannot install the build network filter: {proc.stderr.strip()}")
+
+    def uninstall(self) -> None:
+        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True)
+
+    def add(self, uid: int) -> None:
+        """Filter ``uid``'s sockets from now on (before its VMM starts)."""
+        proc = _nft(f"add element inet {self.table} builders {{ {uid} }}\n")
+        if proc.returncode != 0:
+            raise HostSetupError(f"cannot add a build VM to the build network filter: {proc.stderr.strip()}")
+
+    def remove(self, uid: int) -> None:
+        """``uid``'s VMM is gone: it may be handed to a VMM that is no build VM."""
+        _nft(f"delete element inet {self.table} builders {{ {uid} }}\n")
+
+    def members(self) -> set[int]:
+        proc = subprocess.run(["nft", "-j", "list", "set", "inet", self.table, "builders"], capture_output=True,
+                              text=True)  # fmt: skip
+        if proc.returncode != 0:
+            return set()
+        found: set[int] = set()
+        for item in json.loads(proc.stdout).get("nftables", []):
+            found.update(int(e) for e in item.get("set", {}).get("elem", []))
+        return found

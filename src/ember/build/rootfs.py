@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ember.build.unpack import remove_tree
 from ember.errors import HostSetupError
+from ember.host.qemuimg import QemuImg
 
 SLIM_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*")
 PYTHON_PACKAGES = ("python3", "python3-pip", "python-is-python3", "ca-certificates")
@@ -120,37 +121,47 @@ def _run(cmd: list[str]) -> None:
         raise HostSetupError(f"{cmd[0]} failed: {proc.stderr.strip()[-2000:]}")
 
 
-def tree_to_qcow2(tree: Path, out: Path, size_gib: int) -> None:
-    """An ext4 filesystem of ``tree`` (owners, modes, times kept) in a qcow2 file."""
+def tree_to_qcow2(tree: Path, out: Path, size_gib: int, qemu_img: QemuImg | None = None) -> None:
+    """An ext4 filesystem of ``tree`` (owners, modes, times kept) in a qcow2 file (blocking: run it
+    in a worker thread). The conversion runs unprivileged through ``qemu_img``; without it (only
+    images.py's base image, until it passes one) root converts, still naming the format."""
     raw = out.with_name(out.name + ".raw")
     try:
         _run(["mkfs.ext4", "-q", "-b", "4096", "-m", "0", "-E", "root_owner=0:0", "-d", str(tree), "-F", str(raw),
               f"{size_gib}G"])  # fmt: skip
-        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out)])
+        if qemu_img is not None:
+            asyncio.run(qemu_img.convert_raw(raw, out))  # this worker thread's own loop
+        else:
+            _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)])
     finally:
         raw.unlink(missing_ok=True)
 
 
-def disk_from_tree(fill: Callable[[Path], None], out: Path, size_gib: int, work_parent: Path) -> None:
+def disk_from_tree(
+    fill: Callable[[Path], None], out: Path, size_gib: int, work_parent: Path, qemu_img: QemuImg | None = None
+) -> None:
     """A qcow2 disk holding the tree ``fill`` makes in a scratch directory under ``work_parent``."""
     tree = Path(tempfile.mkdtemp(dir=work_parent, prefix=".rootfs-"))
     try:
         fill(tree)
-        tree_to_qcow2(tree, out, size_gib)
+        tree_to_qcow2(tree, out, size_gib, qemu_img)
     finally:
         remove_tree(tree)
 
 
-def disk_from_tarball(tarball: Path | None, out: Path, size_gib: int, work_parent: Path) -> None:
+def disk_from_tarball(
+    tarball: Path | None, out: Path, size_gib: int, work_parent: Path, qemu_img: QemuImg | None = None
+) -> None:
     """A qcow2 disk holding an Ember-made tarball's tree (an empty filesystem for None)."""
 
     def fill(tree: Path) -> None:
         if tarball is not None:
             unpack_trusted(tarball, tree)
 
-    disk_from_tree(fill, out, size_gib, work_parent)
+    disk_from_tree(fill, out, size_gib, work_parent, qemu_img)
 
 
 def flatten(top: Path, out: Path) -> None:
-    """One self-contained qcow2 from a layer chain."""
-    _run(["qemu-img", "convert", "-O", "qcow2", str(top), str(out)])
+    """One self-contained qcow2 from a single-file qcow2 Ember already flattened and checked
+    (ember.host.qemuimg.QemuImg.flatten): images.py's copy into the image, until it moves to qemuimg."""
+    _run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(top), str(out)])

@@ -8,10 +8,11 @@ capped at ``EMBER_BUILD_LOG_MAX_BYTES``. Whatever fails, the build ends
 CREATE_FAILED; an unexpected error is logged with an id and the tenant sees
 only the id.
 
-What concurrent builds share is made safe here: the builder uid's egress
-filter is installed while any networked build runs (one nftables table per
-uid, counted), versions of a repo are numbered under a lock, the layer cache
-claims each key while a step makes it (ember.build.layers).
+What concurrent builds share is made safe here: every build VM gets a uid of
+its own from the daemon's allocator (none shares a uid with another VMM or owns
+a finished layer), filtered by the daemon's egress table while it runs
+(ember.build.egress), versions of a repo are numbered under a lock, the layer
+cache claims each key while a step makes it (ember.build.layers).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +39,7 @@ from ember.build.bases import BaseLayers
 from ember.build.builder import Builder, BuildOptions
 from ember.build.context import BuildContext
 from ember.build.dockerfile import Dockerfile, parse
-from ember.build.egress import build_egress
+from ember.build.egress import BuildEgress
 from ember.build.layers import step_key
 from ember.build.tarread import TarLimits
 from ember.build.unpack import remove_tree
@@ -135,31 +137,28 @@ class BuildSlots:
         self.running -= 1
 
 
-class SharedEgress:
-    """The builder uid's egress filter, installed while at least one networked build runs.
+class BuildUids:
+    """Build VMs' uids: one of its own for each, from the daemon's allocator, in the egress
+    filter's set while a networked one runs."""
 
-    Every build VMM runs as the one builder uid, and the filter is one nftables table
-    per uid: the first build installs it, the last one removes it."""
+    def __init__(self, allocate: Callable[[], int], release: Callable[[int], None], egress: BuildEgress) -> None:
+        self.allocate = allocate
+        self.release = release
+        self.egress = egress
 
-    def __init__(self, uid: int) -> None:
-        self.uid = uid
-        self.users = 0
-        self._table: contextlib.AbstractContextManager[None] | None = None
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        if self.users == 0:
-            table = build_egress(self.uid)
-            table.__enter__()
-            self._table = table
-        self.users += 1
+    @contextlib.asynccontextmanager
+    async def lease(self, network: bool) -> AsyncIterator[int]:
+        uid = self.allocate()
         try:
-            yield
+            if network:
+                await asyncio.to_thread(self.egress.add, uid)
+            try:
+                yield uid
+            finally:
+                if network:
+                    await asyncio.to_thread(self.egress.remove, uid)
         finally:
-            self.users -= 1
-            if self.users == 0 and self._table is not None:
-                last, self._table = self._table, None
-                last.__exit__(None, None, None)
+            self.release(uid)
 
 
 class BuildLog:
@@ -200,7 +199,9 @@ class BuildLog:
 
 
 class BuildService:
-    def __init__(self, store: Store, images: ImageStore) -> None:
+    def __init__(
+        self, store: Store, images: ImageStore, *, allocate_uid: Callable[[], int], release_uid: Callable[[int], None]
+    ) -> None:
         self.store = store
         self.images = images
         self.settings = images.settings
@@ -211,7 +212,8 @@ class BuildService:
         log.info("image builds at once: %d (EMBER_MAX_BUILDS=%d, MemAvailable %d MiB, %d MiB per build VM)",
                  self.slots.limit, self.settings.max_builds, available,
                  self.settings.build_memory_mib + self.settings.vmm_overhead_mib)  # fmt: skip
-        self.egress = SharedEgress(self.settings.builder_uid)
+        egress = BuildEgress(f"ember_build_{self.settings.uid_base}")  # one table per daemon (uid range)
+        self.uids = BuildUids(allocate_uid, release_uid, egress)
         self._names = asyncio.Lock()
 
     def log_path(self, name: str) -> Path:
@@ -233,6 +235,7 @@ class BuildService:
             with contextlib.suppress(OSError):
                 remove_tree(stray)  # trees unpacked from tenants' archives: never follow a link in them
         self.bases.cache.clean_unfinished()
+        self.uids.egress.install()  # afresh: the uids a killed daemon's build VMs had are no build VMs' now
 
     def _build_machine(self, token: str) -> MachineConfig:
         machine = self.images.machine(token)
@@ -307,9 +310,9 @@ class BuildService:
         ctx: BuildContext,
         say: Callable[[str], None],
     ) -> BuildRecord:
-        builder = Builder(self.settings, self.images.host, self._build_machine, self.bases, say)
-        with self.egress.hold() if req.options.network else contextlib.nullcontext():
-            built = await builder.build(dockerfile, ctx, req.options)
+        builder = Builder(self.settings, self.images.host, self._build_machine, self.bases, say,
+                          lease_uid=self.uids.lease)  # fmt: skip
+        built = await builder.build(dockerfile, ctx, req.options)
         config = built.layer.config
         readiness = app_mod.choose(config, req.ready_cmd)
         steps = [dataclasses.asdict(s) for s in built.steps]
@@ -341,7 +344,13 @@ class BuildService:
             say(f"nothing changed since {previous.name}: reusing its snapshot (the app as it started then)")
             image = await self.images.copy(record.name, previous)
         else:
-            image = await self.images.from_disk(record.name, built.layer.disk, "", progress, prepare)
+            # flattened unprivileged from the checked chain; images.py then copies one root-owned flat file
+            flat = self.settings.data_dir / f"tmp-flat-{secrets.token_hex(6)}.qcow2"  # swept if the daemon dies
+            try:
+                await self.bases.cache.qemu_img.flatten(built.layer.chain, flat)
+                image = await self.images.from_disk(record.name, flat, "", progress, prepare)
+            finally:
+                flat.unlink(missing_ok=True)
         details = {"steps": steps, "readiness": readiness.kind.value, "cache_key": key, **timings}
         if previous is not None:
             details["snapshot_of"] = previous.name
