@@ -1,9 +1,16 @@
 """Host side of the guest-agent channel (one connection per running VM).
 
 The daemon connects to QEMU's chardev socket, proves it knows the VM's token
-(HELLO), and resynchronizes by scanning for the agent's acknowledgement, which
-echoes a fresh nonce: bytes left in the channel by an earlier daemon cannot be
-mistaken for it. A reader task then routes frames to per-stream queues.
+(HELLO), and resynchronizes by scanning for the agent's answer (HELLO_ACK, or
+HELLO_NAK for a token it refuses), which echoes a fresh nonce: bytes left in the
+channel by an earlier daemon cannot be mistaken for it. A reader task then
+routes frames to per-stream queues.
+
+The token is on no command line. After a cold boot (template captures, build
+VMs) the daemon hands it over the channel itself (``first_boot=True``: a
+SET_TOKEN ahead of the HELLO), which a fresh agent accepts exactly once; every
+restored agent already knows its token and gets a new one with the identity
+request (see ``ember.guest.protocol``).
 
 Every reply is hostile: a malformed or unexpected one raises
 :class:`GuestProtocolError` (HTTP 503). Queued frames are paid for in bytes
@@ -33,7 +40,6 @@ from pathlib import Path
 from ember.config import Settings
 from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostSetupError, InvalidRequest
 from ember.guest.protocol import (
-    ACK_MAGIC,
     HEADER,
     MAX_ID,
     MAX_PAYLOAD,
@@ -50,6 +56,8 @@ from ember.guest.protocol import (
     encode_frame,
     field_int,
     field_str,
+    hello_answers,
+    hello_frames,
 )
 
 FRAME_COST = 256  # host bytes charged per queued frame beyond its payload (empty frames are not free)
@@ -251,21 +259,23 @@ class AgentConnection:
                     raise AgentUnavailable(f"cannot reach the guest agent socket: {exc}") from None
                 await asyncio.sleep(0.002)
 
-    async def authenticate(self, token: str, timeout_s: float, then: tuple[Msg, list[Field]] | None = None) -> None:
+    async def authenticate(
+        self, token: str, timeout_s: float, then: tuple[Msg, list[Field]] | None = None, *, first_boot: bool = False
+    ) -> None:
         """Prove the token, resynchronize the stream, start routing frames.
 
         ``then`` is a request pipelined right behind the HELLO (one round trip
         instead of two: it matters on a freshly restored TCG guest); an error
-        reply to it raises GuestError.
+        reply to it raises GuestError. ``first_boot``: the agent was cold-booted
+        and has no token yet; it is given ``token`` first (accepted only once).
         """
         stream = 0
         if then is not None:
             stream = next(self._ids)
             self._streams[stream] = asyncio.Queue()
         try:
-            await asyncio.wait_for(
-                self._handshake(token, then and encode_frame(then[0], stream, encode_fields(then[1]))), timeout_s
-            )
+            pipelined = then and encode_frame(then[0], stream, encode_fields(then[1]))
+            await asyncio.wait_for(self._handshake(token, pipelined, first_boot=first_boot), timeout_s)
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             self._writer.close()
             raise AgentUnavailable(f"the guest agent did not answer ({type(exc).__name__ or 'timeout'})") from None
@@ -281,18 +291,21 @@ class AgentConnection:
             self._close(stream)
 
     @classmethod
-    async def connect(cls, sock: Path, token: str, timeout_s: float, *, limits: ChannelLimits) -> AgentConnection:
+    async def connect(
+        cls, sock: Path, token: str, timeout_s: float, *, limits: ChannelLimits, first_boot: bool = False
+    ) -> AgentConnection:
+        """Connect and authenticate; ``first_boot`` for a cold-booted agent, which learns ``token`` here."""
         conn = await cls.open(sock, timeout_s, limits=limits)
-        await conn.authenticate(token, timeout_s)
+        await conn.authenticate(token, timeout_s, first_boot=first_boot)
         return conn
 
-    async def _handshake(self, token: str, pipelined: bytes | None = None) -> None:
+    async def _handshake(self, token: str, pipelined: bytes | None = None, *, first_boot: bool) -> None:
         nonce = os.urandom(NONCE_LEN)
-        self._writer.write(encode_frame(Msg.HELLO, 0, encode_fields([(Tag.TOKEN, token), (Tag.NONCE, nonce)])))
+        self._writer.write(hello_frames(token, nonce, first_boot=first_boot))
         if pipelined:
             self._writer.write(pipelined)
         await self._writer.drain()
-        expected = encode_frame(Msg.HELLO_ACK, 0, ACK_MAGIC + nonce)
+        accepted, refused = hello_answers(nonce)
         buf = b""
         skipped = 0
         while True:
@@ -300,15 +313,17 @@ class AgentConnection:
             if not chunk:
                 raise AgentUnavailable("the guest agent closed the channel during the handshake")
             buf += chunk
-            idx = buf.find(expected)
+            idx = buf.find(accepted)
             if idx >= 0:
                 # frames that followed the ack belong to this session
-                self._leftover = buf[idx + len(expected) :]
+                self._leftover = buf[idx + len(accepted) :]
                 return
-            skipped += len(buf) - len(expected)
+            if refused in buf:
+                raise AgentUnavailable("the guest agent refused this VM's token")
+            skipped += len(buf) - len(accepted)
             if skipped > RESYNC_LIMIT:
                 raise AgentUnavailable("the guest agent channel is flooded with garbage")
-            buf = buf[-len(expected) :]
+            buf = buf[-len(accepted) :]
 
     async def _readexactly(self, n: int) -> bytes:
         if not self._leftover:

@@ -199,7 +199,7 @@ class ImageStore:
         vcpus = self.settings.vcpus or (1 if accel is Accel.TCG else 2)
         return MachineConfig(
             accel=accel, memory_mib=self.settings.memory_mib, vcpus=vcpus, kernel=str(self.guest.kernel),
-            initramfs=str(self.guest.initramfs), cmdline=kernel_cmdline(accel, token), qemu_version=self.qemu_version,
+            initramfs=str(self.guest.initramfs), cmdline=kernel_cmdline(accel), qemu_version=self.qemu_version,
         )  # fmt: skip
 
     async def ensure_base(self, progress: Progress) -> ImageRecord:
@@ -264,8 +264,9 @@ class ImageStore:
                 build_id, machine, paths, RamMode.OWN, stream is not None, builder_uid, gid
             )  # fmt: skip
             if stream is None:
+                limits = ChannelLimits.of(self.settings)
                 agent = await AgentConnection.connect(
-                    paths.agent_socket, token, self.settings.boot_timeout_s, limits=ChannelLimits.of(self.settings)
+                    paths.agent_socket, token, self.settings.boot_timeout_s, limits=limits, first_boot=True
                 )
                 boot_ms = (time.perf_counter() - boot_started) * 1000
                 if progress is not None:

@@ -8,6 +8,7 @@ import gc
 import hashlib
 import os
 import struct
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from ember.guest.protocol import (
     ACK_MAGIC,
     HEADER,
     MAX_PAYLOAD,
+    NAK_MAGIC,
     Frame,
     Msg,
     Tag,
@@ -31,6 +33,7 @@ from ember.guest.protocol import (
 )
 
 MiB = 1024 * 1024
+TOKEN = "0123456789abcdef" * 2  # as the daemon makes them: 32 hex digits
 Handler = Callable[["FakeAgent", Frame, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -87,7 +90,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
     async def connect(handler: Handler, lim: ChannelLimits | None = None) -> tuple[AgentConnection, FakeAgent]:
         fake = FakeAgent(handler)
         server = await asyncio.start_unix_server(fake.serve, str(tmp_path / f"agent-{len(made)}.sock"))
-        conn = await AgentConnection.connect(tmp_path / f"agent-{len(made)}.sock", "token", 2.0, limits=lim or limits())
+        conn = await AgentConnection.connect(tmp_path / f"agent-{len(made)}.sock", TOKEN, 2.0, limits=lim or limits())
         made.append((conn, fake, server))
         return conn, fake
 
@@ -487,24 +490,31 @@ async def test_listing_of_tiny_records_is_refused_at_the_limit_with_bounded_memo
 # ---- review test 13: the handshake resynchronizes past stale acks, and a flood of garbage is capped ---------
 
 
-async def _handshake_against(tmp_path: Path, before_ack: Callable[[bytes], bytes]) -> None:
-    """Authenticate against an agent that sends ``before_ack(nonce)`` ahead of the right HELLO_ACK."""
+async def _handshake_against(
+    tmp_path: Path, before_ack: Callable[[bytes], bytes], *, ack: bool = True, first_boot: bool = False
+) -> list[Frame]:
+    """Authenticate against an agent that sends ``before_ack(nonce)`` ahead of the right HELLO_ACK
+    (with ``ack``); returns the frames the host sent up to its HELLO."""
     writers: list[asyncio.StreamWriter] = []
+    sent: list[Frame] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
-        length, _, _ = HEADER.unpack(await reader.readexactly(HEADER.size))
-        nonce = decode_fields(await reader.readexactly(length))[Tag.NONCE][0]
+        while not sent or sent[-1].type is not Msg.HELLO:
+            length, stream, type_ = HEADER.unpack(await reader.readexactly(HEADER.size))
+            sent.append(Frame(Msg(type_), stream, await reader.readexactly(length)))
+        nonce = decode_fields(sent[-1].payload)[Tag.NONCE][0]
         with contextlib.suppress(ConnectionError):
-            writer.write(before_ack(nonce) + encode_frame(Msg.HELLO_ACK, 0, ACK_MAGIC + nonce))
+            writer.write(before_ack(nonce) + (encode_frame(Msg.HELLO_ACK, 0, ACK_MAGIC + nonce) if ack else b""))
             await writer.drain()
 
     sock = tmp_path / "hs.sock"
     server = await asyncio.start_unix_server(serve, str(sock))
     try:
-        conn = await AgentConnection.connect(sock, "token", 5.0, limits=limits())
+        conn = await AgentConnection.connect(sock, TOKEN, 5.0, limits=limits(), first_boot=first_boot)
         assert not conn.closed
         await conn.close()
+        return sent
     finally:
         for writer in writers:
             writer.close()
@@ -519,3 +529,30 @@ async def test_handshake_skips_stale_ack_and_caps_garbage(tmp_path: Path) -> Non
     await _handshake_against(tmp_path, lambda nonce: stale + b"\x00garbage" * 1000)
     with pytest.raises(AgentUnavailable, match="flooded with garbage"):
         await _handshake_against(tmp_path, lambda nonce: os.urandom(9 * MiB))
+
+
+# ---- L4: the token reaches a cold-booted agent over the channel, never on a command line -------------
+
+
+@pytest.mark.parametrize("first_boot", [True, False])
+async def test_only_a_first_boot_connection_hands_the_agent_its_token(tmp_path: Path, first_boot: bool) -> None:
+    sent = await _handshake_against(tmp_path, lambda nonce: b"", first_boot=first_boot)
+    hello = decode_fields(sent[-1].payload)[Tag.TOKEN]
+    assert hello == [TOKEN.encode()]
+    if first_boot:  # SET_TOKEN with the same token, ahead of the HELLO that proves it
+        assert [f.type for f in sent] == [Msg.SET_TOKEN, Msg.HELLO]
+        assert decode_fields(sent[0].payload) == {Tag.TOKEN: [TOKEN.encode()]}
+    else:  # restores and recovery only prove the token the agent already has
+        assert [f.type for f in sent] == [Msg.HELLO]
+
+
+async def test_a_refused_token_fails_at_once_and_a_stale_refusal_is_skipped(tmp_path: Path) -> None:
+    def nak(nonce: bytes) -> bytes:
+        return encode_frame(Msg.HELLO_NAK, 0, NAK_MAGIC + nonce)
+
+    started = time.monotonic()
+    with pytest.raises(AgentUnavailable, match="refused this VM's token"):
+        await _handshake_against(tmp_path, nak, ack=False)
+    assert time.monotonic() - started < 2, "a refusal must not wait for the handshake timeout"
+    # another session's refusal (another nonce) is not this one's answer
+    await _handshake_against(tmp_path, lambda nonce: nak(os.urandom(16)))

@@ -10,6 +10,8 @@ from ember.errors import GuestProtocolError, InvalidRequest
 from ember.guest.protocol import (
     HEADER,
     MAX_PAYLOAD,
+    TOKEN_MAX,
+    TOKEN_MIN,
     Msg,
     Tag,
     decode_entries,
@@ -19,6 +21,8 @@ from ember.guest.protocol import (
     encode_frame,
     field_int,
     field_str,
+    hello_answers,
+    hello_frames,
 )
 
 
@@ -91,3 +95,27 @@ def test_directory_entry_names_must_be_real_file_names(name: bytes) -> None:
 def test_directory_entry_names_up_to_name_max_of_any_bytes_are_taken() -> None:
     names = [b"x" * 255, b"...", b"a b\\c", b"\xff"]
     assert [e.name for e in decode_entries(b"".join(entry(n) for n in names))] == ["x" * 255, "...", "a b\\c", "\ufffd"]
+
+
+def test_set_token_goes_ahead_of_hello_only_on_first_boot_and_tokens_are_bounded() -> None:
+    nonce, token = bytes(range(16)), "ab" * 16
+    hello = encode_frame(Msg.HELLO, 0, encode_fields([(Tag.TOKEN, token), (Tag.NONCE, nonce)]))
+    set_token = encode_frame(Msg.SET_TOKEN, 0, encode_fields([(Tag.TOKEN, token)]))
+    assert hello_frames(token, nonce, first_boot=False) == hello
+    assert hello_frames(token, nonce, first_boot=True) == set_token + hello
+    for bad in ("x" * (TOKEN_MIN - 1), "x" * (TOKEN_MAX + 1), "é" * (TOKEN_MAX // 2 + 1)):  # the agent refuses these
+        with pytest.raises(ValueError, match="agent token"):
+            hello_frames(bad, nonce, first_boot=True)
+    hello_frames("x" * TOKEN_MIN, nonce, first_boot=True)
+    hello_frames("x" * TOKEN_MAX, nonce, first_boot=True)
+
+
+def test_hello_answers_are_bound_to_the_nonce_and_set_token_never_comes_back() -> None:
+    nonce = bytes(range(16))
+    accepted, refused = hello_answers(nonce)
+    assert accepted != refused and len(accepted) == len(refused)
+    assert decode_header(refused[: HEADER.size]) == (8 + len(nonce), 0, Msg.HELLO_NAK)
+    assert accepted.endswith(nonce) and refused.endswith(nonce)
+    assert hello_answers(bytes(16)) != (accepted, refused)
+    with pytest.raises(GuestProtocolError, match="unknown guest message"):
+        decode_header(HEADER.pack(0, 0, Msg.SET_TOKEN))  # a host->guest type coming back

@@ -92,7 +92,7 @@ class BuildVm:
             vmm = await host.start_vmm(vm_id, machine, paths, RamMode.OWN, False, uid, gid, extra, network)
             serial_cap = asyncio.create_task(keep_serial_capped(paths.serial_log, vm_id))
             agent = await AgentConnection.connect(
-                paths.agent_socket, token, deadlines.boot_s, limits=ChannelLimits.of(host.settings)
+                paths.agent_socket, token, deadlines.boot_s, limits=ChannelLimits.of(host.settings), first_boot=True
             )
         except BaseException:
             if vmm is not None:

@@ -19,6 +19,16 @@
  * memory. Exec stdin is credit-based: the host may have at most STDIN_WINDOW
  * bytes in flight; CREDIT frames return what was written to the command.
  *
+ * The token (trust on first use): it is on no command line (the host's ps shows QEMU's
+ * -append; guest users read /proc/cmdline). A cold-booted agent starts without one and
+ * takes exactly one SET_TOKEN from its virtio-serial port, which only the host writes to
+ * (guest processes cannot: the port is this process's, and none runs before the host is
+ * authenticated: the agent starts nothing by itself). Every later SET_TOKEN is refused; the
+ * token then changes only through an authenticated RESTORE (NEW_TOKEN), which the host sends
+ * on every restore. It lives only in this process's memory: not in a file, the environment,
+ * or a child (each exec replaces the forked copy of this memory before any image code runs).
+ * HELLO with any other token (or before one is set) gets HELLO_NAK with the host's nonce.
+ *
  * Restores: every identity step (RESTORE) rewrites GENERATION_FILE (on a
  * tmpfs, world-readable, fixed width, in place) with a new counter and random
  * id, so apps can tell they were cloned or resumed and regenerate secrets.
@@ -63,14 +73,16 @@
 #define STDIN_WINDOW (1024 * 1024) /* stdin bytes the host may send beyond what was credited back */
 #define CREDIT_BATCH (64 * 1024)
 #define LIST_DEFAULT_LIMIT 100000
+#define TOKEN_MIN 16 /* bytes of an agent token: TOKEN_MIN .. sizeof token */
 #define MAX_ID 4294967294ull /* (uid_t)-1 means "unchanged" to setuid: never a real id */
 #define GENERATION_DIR "/run/ember"
 #define GENERATION_FILE GENERATION_DIR "/generation"
 #define PORT_NAME "org.ember.agent"
 
 enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
-       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE };
-enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED, G_CREDIT };
+       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE, M_SET_TOKEN };
+enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED, G_CREDIT,
+       G_HELLO_NAK };
 enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
        T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
@@ -100,7 +112,7 @@ static int port = -1;
 static int connected;
 static int authed;
 static char token[128];
-static size_t token_len;
+static size_t token_len; /* 0 until the host's one SET_TOKEN */
 static unsigned char inbuf[IN_CAP];
 static size_t in_len;
 static unsigned char *outbuf;
@@ -734,7 +746,11 @@ static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {
     l = tlv_get(p, n, T_HOSTNAME, 0, &v);
     if (l > 0 && l < 64 && sethostname((const char *)v, (size_t)l) < 0) { reply_err(stream, errno, "sethostname failed"); return; }
     l = tlv_get(p, n, T_NEW_TOKEN, 0, &v);
-    if (l > 0 && (size_t)l <= sizeof token) { memcpy(token, v, (size_t)l); token_len = (size_t)l; }
+    if (l >= 0 && (l < TOKEN_MIN || (size_t)l > sizeof token)) {
+        reply_err(stream, EINVAL, "a new token must be %d-%zu bytes", TOKEN_MIN, sizeof token);
+        return;
+    }
+    if (l > 0) { memcpy(token, v, (size_t)l); token_len = (size_t)l; }
     if (!build_mode && write_generation() < 0) {
         reply_err(stream, errno, "writing %s failed: %s", GENERATION_FILE, strerror(errno));
         return;
@@ -796,14 +812,26 @@ static int ct_equal(const unsigned char *a, size_t al, const unsigned char *b, s
     return d == 0;
 }
 
+/* The first well-formed SET_TOKEN since boot sets the token; every later one is refused. */
+static void set_token_once(const unsigned char *p, size_t n) {
+    const unsigned char *v = NULL;
+    long l = tlv_get(p, n, T_TOKEN, 0, &v);
+    if (token_len) { logmsg("refused a SET_TOKEN: this agent has its token (it changes only with RESTORE)"); return; }
+    if (l < TOKEN_MIN || (size_t)l > sizeof token) { logmsg("refused a SET_TOKEN of a bad size"); return; }
+    memcpy(token, v, (size_t)l);
+    token_len = (size_t)l;
+}
+
 static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t n) {
     struct sess *s;
+    if (type == M_SET_TOKEN) { set_token_once(p, n); return; }
     if (type == M_HELLO) {
         const unsigned char *tok = NULL, *nonce = NULL;
         long tl = tlv_get(p, n, T_TOKEN, 0, &tok), nl = tlv_get(p, n, T_NONCE, 0, &nonce);
-        if (tl < 0 || nl != 16 || !ct_equal(tok, (size_t)tl, (const unsigned char *)token, token_len)) {
+        if (tl < 0 || nl != 16 || !token_len || !ct_equal(tok, (size_t)tl, (const unsigned char *)token, token_len)) {
             authed = 0;
-            logmsg("rejected a session with a bad token");
+            logmsg(token_len ? "rejected a session with a bad token" : "rejected a session: no token set yet");
+            if (nl == 16) out_frame(0, G_HELLO_NAK, "EMBERNAK", 8, nonce, 16);
             return;
         }
         authed = 1;
@@ -1089,14 +1117,6 @@ static void stage2(void) {
     mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
     mount_or_die("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
-    if (!cmdline[0]) {
-        int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-        if (fd >= 0) { ssize_t r = read(fd, cmdline, sizeof cmdline - 1); if (r > 0) cmdline[r] = 0; close(fd); }
-    }
-    const char *tok = cmdline_arg("ember.token");
-    if (!tok) { errno = EINVAL; die("no ember.token on the kernel command line"); }
-    token_len = strlen(tok) < sizeof token ? strlen(tok) : sizeof token;
-    memcpy(token, tok, token_len);
     harden_sysctls();
     if (build_mode) build_mounts();
     else {

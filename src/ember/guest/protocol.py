@@ -9,6 +9,15 @@ sequence of TLV fields ``u8 tag | u32 length | value``; data payloads are raw.
 Stream 0 carries the session handshake; every other request picks a fresh
 stream id and all replies for it carry that id.
 
+The agent's token never travels on a command line (host ``ps`` shows QEMU's
+``-append``, guest users read ``/proc/cmdline``). A freshly booted agent (PID 1,
+before it has run anything) has no token and takes exactly one: the first
+well-formed SET_TOKEN on its port, which only the host can write to (trust on
+first use); it refuses every later one. Then HELLO proves the token: the agent
+answers HELLO_ACK or HELLO_NAK, each echoing the host's fresh nonce (so bytes
+left by an earlier session are never taken for the answer). The token changes
+only with an authenticated RESTORE (NEW_TOKEN), as every restore does.
+
 The host treats every byte from the guest as hostile: lengths are bounded
 before anything is allocated, unknown types or tags are protocol errors
 (:class:`~ember.errors.GuestProtocolError`, HTTP 503), and integer fields are
@@ -32,7 +41,9 @@ from ember.errors import GuestProtocolError, InvalidRequest
 HEADER = struct.Struct("<IIB3x")
 MAX_PAYLOAD = 256 * 1024
 ACK_MAGIC = b"EMBERACK"
+NAK_MAGIC = b"EMBERNAK"  # HELLO_NAK: the agent refused this token (or has none yet)
 NONCE_LEN = 16
+TOKEN_MIN, TOKEN_MAX = 16, 128  # bytes of an agent token (the host makes 32 hex digits)
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
 NAME_MAX = 255  # the longest file name (bytes) a directory entry has
 MAX_ID = 2**32 - 2  # the largest uid or gid: (uid_t)-1 means "leave unchanged" to setuid() and chown()
@@ -54,6 +65,7 @@ class Msg(enum.IntEnum):
     SYNC = 12
     PING = 13
     PROBE = 14
+    SET_TOKEN = 15  # a freshly booted agent's one token (accepted once, before any HELLO succeeds)
     # guest -> host
     HELLO_ACK = 64
     OK = 65
@@ -65,6 +77,7 @@ class Msg(enum.IntEnum):
     REOF = 71
     STARTED = 72
     CREDIT = 73
+    HELLO_NAK = 74
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
@@ -185,6 +198,20 @@ def field_str(fields: dict[Tag, list[bytes]], tag: Tag, default: str = "") -> st
     if not values:
         return default
     return values[0].decode("utf-8", errors="replace")
+
+
+def hello_frames(token: str, nonce: bytes, *, first_boot: bool) -> bytes:
+    """The host's side of the handshake: SET_TOKEN first for a freshly booted agent, then HELLO.
+    A token is TOKEN_MIN to TOKEN_MAX bytes (the agent refuses any other as SET_TOKEN or NEW_TOKEN)."""
+    if not TOKEN_MIN <= len(token.encode()) <= TOKEN_MAX:
+        raise ValueError(f"an agent token is {TOKEN_MIN}-{TOKEN_MAX} bytes")
+    hello = encode_frame(Msg.HELLO, 0, encode_fields([(Tag.TOKEN, token), (Tag.NONCE, nonce)]))
+    return (encode_frame(Msg.SET_TOKEN, 0, encode_fields([(Tag.TOKEN, token)])) if first_boot else b"") + hello
+
+
+def hello_answers(nonce: bytes) -> tuple[bytes, bytes]:
+    """The agent's two possible answers to a HELLO with ``nonce``, byte for byte: (accepted, refused)."""
+    return encode_frame(Msg.HELLO_ACK, 0, ACK_MAGIC + nonce), encode_frame(Msg.HELLO_NAK, 0, NAK_MAGIC + nonce)
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,14 @@ class RunPaths:
         return self.run_dir / "serial.log"
 
 
-def kernel_cmdline(accel: Accel, token: str) -> str:
+def kernel_cmdline(accel: Accel) -> str:
+    # No agent token here: host `ps` shows -append and guest users read /proc/cmdline. The daemon
+    # hands a cold-booted agent its token over the agent channel (AgentConnection first_boot).
     # init_on_free=1: freed guest pages read as zero, so snapshots carry live memory rather
     # than the remains of deleted files: measured here, a clone's first suspend 0.8 -> 0.44 s,
     # its first resume 1.2 -> 0.86 s, steady suspend p50 ~240 -> ~205 ms; it costs ~1 s of cold
     # boot and ~5 ms per exec under TCG. It is also guest hardening (no stale data in free pages).
-    parts = ["console=ttyS0", "quiet", "panic=-1", "pci=off", "init_on_free=1", f"ember.token={token}"]
+    parts = ["console=ttyS0", "quiet", "panic=-1", "pci=off", "init_on_free=1"]
     if accel is Accel.TCG:
         parts.append(TCG_TIMER_ARGS)
     return " ".join(parts)
