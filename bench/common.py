@@ -1,7 +1,9 @@
-"""What the benchmarks share: a daemon of their own, progress on stderr, percentiles, the machine."""
+"""What the benchmarks share: a daemon of their own (optionally with its event loop watched), progress
+on stderr, percentiles, what a process costs the host, the machine."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -10,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ember.client import ApiError, Client, call_simple
 from ember.config import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,16 +28,58 @@ def pct(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
 
 
-def own_daemon(prefix: str, uid_base: int) -> tuple[Settings, DaemonProcess]:
+def pcts(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 0.5), "p95": pct(values, 0.95), "max": round(max(values), 1), "n": len(values)}
+
+
+def own_daemon(prefix: str, uid_base: int, *, loop_report: Path | None = None) -> tuple[Settings, DaemonProcess]:
     """A daemon on a fresh data directory (the Debian tarball cache is shared with the tests),
-    on host ids of its own: a developer's daemon may be running."""
+    on host ids of its own: a developer's daemon may be running. With ``loop_report``, the
+    daemon runs under bench.loopwatch, which writes what blocked its event loop there."""
     data = Path(tempfile.mkdtemp(prefix=prefix))
     settings = Settings.from_env({
         "EMBER_DATA_DIR": str(data), "EMBER_SOCKET": str(data / "ember.sock"),
         "EMBER_CACHE_DIR": os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test"),
         "EMBER_UID_BASE": str(uid_base), "EMBER_UID_COUNT": "4096",
     })  # fmt: skip
-    return settings, DaemonProcess(settings, data.parent / f"{data.name}-daemon.log")
+    log_path = data.parent / f"{data.name}-daemon.log"
+    if loop_report is None:
+        return settings, DaemonProcess(settings, log_path)
+    return settings, DaemonProcess(settings, log_path, command=("-m", "bench.loopwatch", str(loop_report)))
+
+
+def remove_all(c: Client) -> int:
+    """Removes every VM of the daemon (a benchmark's own): how many there were."""
+    vms = c.send(call_simple("GET", "/v1/vms"))
+    for vm in vms:
+        with contextlib.suppress(ApiError):
+            c.send(call_simple("DELETE", f"/v1/vms/{vm['id']}"))
+    return len(vms)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) a process has used so far; 0 for a process that is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def memory_kib(pid: int, field: str) -> int | None:
+    """A ``smaps_rollup`` field of a process (``Pss``, ``Rss``) in KiB; None for a process that is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    return None
+
+
+def mem_total_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1])
+    raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
 def machine() -> dict[str, Any]:

@@ -38,9 +38,12 @@ ARTIFACTS = ROOT / "artifacts"
 class DaemonProcess:
     """A real ``ember serve`` process with its own data directory."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
+    def __init__(
+        self, settings: Settings, log: Path, command: tuple[str, ...] = ("-m", "ember", "serve", "-v")
+    ) -> None:
         self.settings = settings
         self.log = log
+        self.command = command  # the Python arguments that start the daemon
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -53,9 +56,7 @@ class DaemonProcess:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ember", "serve", "-v"], stdout=log, stderr=log, env=self.env
-            )
+            self.proc = subprocess.Popen([sys.executable, *self.command], stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + 120
         while not self._accepting():
             assert self.proc.poll() is None, f"daemon exited at start-up:\n{self.log.read_text()[-3000:]}"

@@ -1,0 +1,39 @@
+"""The daemon never blocks its event loop: the API answers while VMs launch and an image builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.concurrency import build_context, under_load
+from ember.client import Client, call_simple
+from tests.conftest import DaemonProcess, remove_quietly
+
+pytestmark = pytest.mark.vm
+
+LIST_P95_MS = 50  # issue 9: GET /v1/vms under 50 ms p95 while 10 launches and a build run
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="at 048dec6 (TCG, 2 cores) p95 119-141 ms while the launches run: runtime.create_overlay runs qemu-img "
+    "on the event loop (up to 345 ms), engine.save commits SQLite with fsync on it (up to 183 ms), and the loop "
+    "thread waits for a CPU 61% of the window (VMM cgroups outweigh the daemon); all in files owned by the lead",
+)
+def test_listing_vms_stays_fast_while_ten_launches_and_a_build_run(
+    client: Client, base_image: str, daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    assert daemon.proc is not None
+    ctx = build_context(tmp_path / "ctx")
+    load = under_load(daemon.settings, 10, ctx, on_log=lambda _: None, daemon_pid=daemon.proc.pid)
+    try:
+        if load["build"].get("state") != "CREATED" or load["launches"]["launch_ms"]["n"] != 10:
+            pytest.fail(f"the load did not run as planned: {load}")  # not the expected failure below
+        for window in ("list_ms_during_launches", "list_ms_whole_build"):
+            assert load[window]["p95"] < LIST_P95_MS, f"GET /v1/vms too slow {window}: {load}"
+    finally:
+        for vm in load["vms"]:
+            remove_quietly(client, vm)
+        client.send(call_simple("DELETE", f"/v1/images/{load['build']['repo']}", all="true"))
