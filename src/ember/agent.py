@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.config import Settings
-from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostSetupError, InvalidRequest
+from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostSetupError, InvalidRequest, TokenRefused
 from ember.guest.protocol import (
     HEADER,
     MAX_ID,
@@ -319,7 +319,7 @@ class AgentConnection:
                 self._leftover = buf[idx + len(accepted) :]
                 return
             if refused in buf:
-                raise AgentUnavailable("the guest agent refused this VM's token")
+                raise TokenRefused("the guest agent refused this VM's token")
             skipped += len(buf) - len(accepted)
             if skipped > RESYNC_LIMIT:
                 raise AgentUnavailable("the guest agent channel is flooded with garbage")

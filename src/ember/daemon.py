@@ -24,7 +24,7 @@ from ember.host import cgroup
 from ember.host.binaries import ensure_jailer
 from ember.images import BASE_IMAGE, ImageStore
 from ember.recovery import recover
-from ember.runtime import Host
+from ember.runtime import Host, UidPool
 from ember.store import Store
 from ember.vmm import accel as accel_mod
 
@@ -60,11 +60,15 @@ async def assemble(settings: Settings) -> Daemon:
     if os.geteuid() != 0:
         raise HostSetupError("the Ember daemon must run as root (it gives every VMM its own uid and cgroup)")
     os.umask(0o077)  # build logs, layer configs, tokens: root-only unless opened up on purpose
-    run_dirs, layers = settings.data_dir / "run", settings.data_dir / "layers"  # template/build VMMs, build layers
+    run_dirs, layers = settings.data_dir / "run", settings.data_dir / "layers"  # VMM control dirs, build layers
     for d in (settings.data_dir, settings.images_dir, settings.vms_dir, settings.guest_dir, settings.cache_dir,
               run_dirs, layers):  # fmt: skip
         d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o711)  # VMMs traverse to their own files; listing stays private
+        # VMMs reach their files through binds in their own mount namespace, never through these
+        os.chmod(d, 0o700)
+    # build VMMs (bound to this directory in their jail) reach their layer chain through the layer group
+    os.chown(layers, 0, settings.layer_gid)
+    os.chmod(layers, 0o710)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # start-up races are retried and reported by us
     store = Store(settings.db_path)
     os.chmod(settings.db_path, 0o600)
@@ -78,10 +82,11 @@ async def assemble(settings: Settings) -> Daemon:
     else:
         log.warning("accelerator: TCG (%s); %s", choice.reason, accel_mod.TCG_WARNING)
     uid_lock = lock_uid_range(settings)
-    host = Host(settings, cgroup.detect(cgroup.group_for(settings.data_dir)), jailer)
+    uids = UidPool(lambda taken: store.free_uid(settings.vmm_uids, exclude=taken))
+    host = Host(settings, cgroup.detect(cgroup.group_for(settings.data_dir)), jailer, uids)
     images = ImageStore(settings, store, host, guest, choice)
     engine = Engine(settings, store, host, images)
-    builds = BuildService(store, images)
+    builds = BuildService(store, images, allocate_uid=uids.allocate, release_uid=uids.release)
     builds.interrupted()
     await recover(engine)
     base = store.get_image(BASE_IMAGE)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ember.agent import AgentConnection, ChannelLimits, ExecRequest, ExecResult, Listing, identity_request
+from ember.agent import AgentConnection, ExecRequest, ExecResult, Listing, identity_request
 from ember.config import Settings
 from ember.errors import (
     AgentUnavailable,
@@ -35,25 +35,25 @@ from ember.errors import (
 )
 from ember.images import ImageStore
 from ember.logs import vlog
+from ember.microvm import MicroVm, VmPlan
 from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
 from ember.pool import WarmPool, new_vm_id
-from ember.runtime import VM_FILES, Host, VmRuntime, create_overlay, move_files, new_ram_file
+from ember.runtime import Host, move_files, new_ram_file
 from ember.snapshot import (
+    Snapshot,
     StreamTap,
     durable,
     hash_file,
-    load_manifest,
     load_verified,
+    migration_deadline,
     new_manifest,
     raise_storage,
     staging,
     unwritten_bytes,
     verify_files,
-    write_manifest,
 )
 from ember.store import Store
-from ember.vmm.machine import MachineConfig, RamMode
-from ember.vmm.qemu import QemuVmm
+from ember.vmm.machine import DiskChain, MachineConfig, RamBacking, RamMode
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,11 @@ class Engine:
         self.store = store
         self.host = host
         self.images = images
-        self._runtimes: dict[str, VmRuntime] = {}
+        self._runtimes: dict[str, MicroVm] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._chores: set[asyncio.Task[Any]] = set()
-        self._reserved_uids: set[int] = set()  # handed to pooled VMMs, not yet in the store
-        self.pool = WarmPool(host, settings.pool_size, self._allocate_uid, self._reserved_uids.discard)
+        self.pool = WarmPool(host, settings.pool_size, self._prewarm)
 
     # ---- helpers ---------------------------------------------------------
 
@@ -120,47 +119,63 @@ class Engine:
         self.store.update_vm(record)
         return record
 
-    def _runtime(self, record: VmRecord, action: str) -> VmRuntime:
+    async def save_async(self, record: VmRecord) -> VmRecord:
+        """``save`` off the event loop (a durable SQLite commit waits for an fsync)."""
+        await asyncio.to_thread(self.store.update_vm, record)
+        return record
+
+    def _runtime(self, record: VmRecord, action: str) -> MicroVm:
         require_running(record.id, record.state, action)
         runtime = self._runtimes.get(record.id)
-        if runtime is None or runtime.agent.closed:
-            raise AgentUnavailable(f"VM {record.id} is not answering; inspect it with 'ember inspect {record.id}'")
+        if runtime is None or runtime.agent is None or runtime.agent.closed:
+            why = f": {record.state_reason}" if record.state_reason else ""
+            raise AgentUnavailable(
+                f"VM {record.id} is not answering{why}; inspect it with 'ember inspect {record.id}', "
+                f"or remove it with 'ember rm {record.id}'"
+            )
         return runtime
 
-    def _watch(self, vm_id: str, vmm: QemuVmm) -> None:
-        """Notice a VMM that dies on its own (crash, OOM kill) and mark the VM failed;
-        keep its serial log bounded."""
+    def _agent(self, record: VmRecord, action: str) -> AgentConnection:
+        agent = self._runtime(record, action).agent
+        assert agent is not None
+        return agent
+
+    def _watch(self, vm: MicroVm) -> None:
+        """Notice a VMM that dies on its own (crash, OOM kill) and mark the VM failed."""
 
         async def watch() -> None:
-            while vmm.alive():
-                if self.host.cap_serial_log(vm_id):
-                    vlog(vm_id).warning("guest serial output passed 1 MiB; log truncated")
+            while vm.alive():
                 await asyncio.sleep(0.25)
-            async with self._lock(vm_id):
-                record = self.store.get_vm(vm_id)
-                if record is None or self._runtimes.get(vm_id) is None or self._runtimes[vm_id].vmm is not vmm:
+            async with self._lock(vm.id):
+                record = self.store.get_vm(vm.id)
+                if record is None or self._runtimes.get(vm.id) is not vm:
                     return
-                vlog(vm_id).error("VMM exited unexpectedly; marking the VM FAILED")
-                runtime = self._runtimes.pop(vm_id)
-                await self.host.stop(vm_id, runtime)
+                vlog(vm.id).error("VMM exited unexpectedly; marking the VM FAILED")
+                del self._runtimes[vm.id]
+                await vm.close()
                 self.save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
 
-        self._watchers[vm_id] = asyncio.create_task(watch(), name=f"watch-{vm_id}")
+        self._watchers[vm.id] = asyncio.create_task(watch(), name=f"watch-{vm.id}")
 
     def take_charge(
-        self, record: VmRecord, runtime: VmRuntime, token: str, reason: str = "", ram: RamMode | None = None
+        self, record: VmRecord, vm: MicroVm, token: str, reason: str = "", ram: RamMode | None = None
     ) -> VmRecord:
-        """A VM now runs in ``runtime`` (launched, resumed, or re-adopted after a daemon
+        """A VM now runs in ``vm`` (launched, resumed, or re-adopted after a daemon
         restart): watch its VMM and record it RUNNING with the agent's current token."""
-        self._runtimes[record.id] = runtime
-        self._watch(record.id, runtime.vmm)
+        self._runtimes[record.id] = vm
+        self._watch(vm)
         return self.save(
-            record.moved(
-                VmState.RUNNING, reason, pid=runtime.vmm.pid, token=token, next_token="", ram=ram or record.ram
-            )
+            record.moved(VmState.RUNNING, reason, pid=vm.pid, token=token, next_token="", ram=ram or record.ram)
         )
 
-    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+    def lock(self, vm_id: str) -> asyncio.Lock:
+        return self._lock(vm_id)
+
+    def has_runtime(self, vm_id: str) -> bool:
+        return vm_id in self._runtimes
+
+    def spawn_chore(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the background; cancelled when the daemon stops."""
         task = asyncio.create_task(work)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
@@ -171,45 +186,48 @@ class Engine:
             task.cancel()
 
     async def _start_paused(
-        self, vm_id: str, uid: int, machine: MachineConfig, ram: RamMode, ram_file: Path, extra_gid: int
-    ) -> tuple[QemuVmm, AgentConnection]:
-        """Start a jailed QEMU waiting for a snapshot, and open (not yet use) its agent socket."""
+        self, vm_id: str, uid: int, machine: MachineConfig, image: ImageRecord, ram: RamBacking,
+        groups: tuple[int, ...],
+    ) -> MicroVm:  # fmt: skip
+        """Start a jailed VMM waiting for a snapshot, and open (not yet use) its agent socket.
+        Its disk is the VM's overlay on the image's disk (which reaches QEMU as a read-only fd)."""
         layout = self.host.layout(vm_id)
-        self.host.prepare_run_dir(layout, uid)
-        paths = layout.run_paths(ram_file)
-        vmm = await self.host.start_vmm(vm_id, machine, paths, ram, True, uid, extra_gid)
+        disk = DiskChain(top=layout.disk, backing=(self.images.snapshot(image).disk,))
+        plan = VmPlan(vm_id=vm_id, machine=machine, disk=disk, ram=ram, uid=uid, groups=groups, incoming=True)
+        vm = await MicroVm.start(self.host, plan)
         try:
             # connected before the guest runs, the port is never seen closed by the guest
-            agent = await AgentConnection.open(
-                paths.agent_socket, self.settings.agent_timeout_s, limits=ChannelLimits.of(self.settings)
-            )
-            return vmm, agent
+            await vm.open_agent(self.settings.agent_timeout_s)
         except BaseException:
-            await vmm.shutdown()
+            await vm.close()
             raise
+        return vm
 
-    async def _start_clone(self, vm_id: str, uid: int, image: ImageRecord) -> tuple[QemuVmm, AgentConnection]:
+    async def _start_clone(self, vm_id: str, uid: int, image: ImageRecord) -> MicroVm:
         layout = self.host.layout(vm_id)
         layout.root.mkdir(mode=0o711)
-        create_overlay(self.images.disk(image), layout.disk, uid)
-        return await self._start_paused(vm_id, uid, image.machine, RamMode.CLONE, self.images.ram(image), image.gid)
+        verified = await self.images.verified_snapshot(image)
+        await self.host.qemu_img.create_overlay(
+            self.images.snapshot(image).disk, layout.disk, owner_uid=uid, virtual_size=verified.disk_size
+        )
+        # the image's group reads its template RAM (0440, root-owned): mapped read-only, privately
+        ram = RamBacking(self.images.snapshot(image).ram, RamMode.CLONE)
+        return await self._start_paused(vm_id, uid, image.machine, image, ram, (image.gid,))
 
     async def _activate(
-        self, record: VmRecord, vmm: QemuVmm, agent: AgentConnection, state_file: Path, expected: FileDigest,
-        ignore_shared: bool, phases: Phases,
-    ) -> tuple[VmRuntime, str]:  # fmt: skip
+        self, record: VmRecord, vm: MicroVm, state_file: Path, expected: FileDigest, ignore_shared: bool,
+        phases: Phases,
+    ) -> str:  # fmt: skip
         """Load a snapshot into a paused VMM, then run it with a fresh identity (see _give_identity)."""
         try:
-            await load_verified(vmm, state_file, expected, ignore_shared)
+            await load_verified(vm.vmm, state_file, expected, ignore_shared)
         except BaseException:
-            await self.host.stop(record.id, VmRuntime(record.id, vmm, agent))
+            await vm.close()
             raise
         phases.mark("load_state")
-        return await self._give_identity(record, vmm, agent, phases, first_contact=True)
+        return await self._give_identity(record, vm, phases, first_contact=True)
 
-    async def _give_identity(
-        self, record: VmRecord, vmm: QemuVmm, agent: AgentConnection, phases: Phases, first_contact: bool
-    ) -> tuple[VmRuntime, str]:
+    async def _give_identity(self, record: VmRecord, vm: MicroVm, phases: Phases, first_contact: bool) -> str:
         """Let a restored, paused guest run and give it this VM's identity: a fresh RNG seed,
         the host's clock, the VM id as hostname, and a new agent token.
 
@@ -217,50 +235,45 @@ class Engine:
         recorded as ``next_token`` before it is sent (so a daemon killed
         mid-way can still authenticate) and returned. ``first_contact``
         pipelines the agent handshake with the identity request (one round
-        trip). On failure the VMM is stopped and its cgroup and run directory
-        are freed.
+        trip). On failure the VMM is stopped and everything it held is freed.
         """
         try:
+            assert vm.agent is not None
             new_token = secrets.token_hex(16)
-            self.save(replace(record, next_token=new_token))
-            await vmm.resume()
+            await self.save_async(replace(record, next_token=new_token))
+            await vm.vmm.resume()
             identity = identity_request(record.id, new_token, os.urandom(64), time.time_ns())
             if first_contact:
-                await agent.authenticate(record.token, self.settings.agent_timeout_s, then=identity)
+                await vm.agent.authenticate(record.token, self.settings.agent_timeout_s, then=identity)
             else:
-                await agent.request(*identity)
+                await vm.agent.request(*identity)
             phases.mark("identity")
-            return VmRuntime(record.id, vmm, agent), new_token
+            return new_token
         except BaseException:
-            await self.host.stop(record.id, VmRuntime(record.id, vmm, agent))
+            await vm.close()
             raise
 
     # ---- launch ------------------------------------------------------------
 
-    def _allocate_uid(self) -> int:
-        uid = self.store.free_uid(self.settings.vmm_uids, exclude=self._reserved_uids)
-        self._reserved_uids.add(uid)
-        return uid
-
-    async def _prewarm(self, vm_id: str, uid: int, image: ImageRecord) -> tuple[QemuVmm, AgentConnection]:
+    async def _prewarm(self, vm_id: str, uid: int, image: ImageRecord) -> MicroVm:
         """A pool entry: a clone already restored and run once (TCG has translated the
         agent's paths, and fork/exec's through one ``true``), then paused before it gets
         an identity of its own. The app is not touched: its state stays as captured."""
-        vmm, agent = await self._start_clone(vm_id, uid, image)
+        vm = await self._start_clone(vm_id, uid, image)
         try:
+            assert vm.agent is not None
             snap = await self.images.verified_snapshot(image)
-            await load_verified(vmm, snap.state_file, snap.manifest.files["state"], True)
-            await vmm.resume()
-            await agent.authenticate(image.token, self.settings.agent_timeout_s)
-            await agent.restore_identity("ember", image.token, os.urandom(64), time.time_ns())
+            await load_verified(vm.vmm, snap.state_file, snap.manifest.files[Snapshot.STATE], True)
+            await vm.vmm.resume()
+            await vm.agent.authenticate(image.token, self.settings.agent_timeout_s)
+            await vm.agent.restore_identity("ember", image.token, os.urandom(64), time.time_ns())
             with contextlib.suppress(GuestError):  # no `true` (FROM scratch): the failed exec warmed most of it
-                async for _ in agent.exec(ExecRequest(("true",), timeout_s=10)):
+                async for _ in vm.agent.exec(ExecRequest(("true",), timeout_s=10)):
                     pass
-            await vmm.pause()
-            return vmm, agent
+            await vm.vmm.pause()
+            return vm
         except BaseException:
-            await agent.close()
-            await vmm.shutdown()
+            await vm.close()
             raise
 
     async def run(self, image_name: str) -> VmRecord:
@@ -269,33 +282,36 @@ class Engine:
         phases = Phases()
         warm = await self.pool.take(image)
         if warm is None:
-            vm_id, uid = new_vm_id(), self._allocate_uid()
+            vm_id, uid = new_vm_id(), self.host.uids.allocate()
         else:
-            vm_id, uid = warm.vm_id, warm.uid
+            vm_id, uid = warm.vm.id, warm.uid
         record = VmRecord(
             id=vm_id, image=image.name, state=VmState.PENDING, machine=image.machine, uid=uid,
             token=image.token, ram=RamMode.CLONE,
         )  # fmt: skip
-        self.store.insert_vm(record)
-        self._reserved_uids.discard(uid)
+        await asyncio.to_thread(self.store.insert_vm, record)
+        self.host.uids.settle(uid)
         async with self._lock(vm_id):
+            vm: MicroVm | None = warm.vm if warm is not None else None
             try:
-                if warm is None:
-                    vmm, agent = await self._start_clone(vm_id, uid, image)
+                if vm is None:
+                    vm = await self._start_clone(vm_id, uid, image)
                     phases.mark("start_vmm")
-                    runtime, token = await self._activate(
-                        record, vmm, agent, snap.state_file, snap.manifest.files["state"], True, phases
+                    token = await self._activate(
+                        record, vm, snap.state_file, snap.manifest.files[Snapshot.STATE], True, phases
                     )
                 else:
                     phases.mark("warm_vmm")
-                    runtime, token = await self._give_identity(record, warm.vmm, warm.agent, phases, False)
+                    token = await self._give_identity(record, vm, phases, False)
             except BaseException:
-                await self.host.teardown(vm_id, None)
-                self.store.delete_vm(vm_id)
+                if vm is not None:
+                    await vm.close()
+                await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
+                await asyncio.to_thread(self.store.delete_vm, vm_id)
                 raise
             finally:
-                self.pool.refill(image, self._prewarm)
-            record = self.take_charge(record, runtime, token)
+                self.pool.refill(image)
+            record = self.take_charge(record, vm, token)
         vlog(vm_id).info("launched from %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
         return record
 
@@ -304,32 +320,28 @@ class Engine:
     async def exec(
         self, vm_id: str, req: ExecRequest, stdin: AsyncIterator[bytes] | None
     ) -> AsyncIterator[tuple[str, bytes] | ExecResult]:
-        runtime = self._runtime(self.get(vm_id), "exec in")
-        return runtime.agent.exec(req, stdin)
+        return self._agent(self.get(vm_id), "exec in").exec(req, stdin)
 
     async def write_file(self, vm_id: str, path: str, data: AsyncIterator[bytes], mode: int, mkdirs: bool) -> int:
         _check_guest_path(path)
-        runtime = self._runtime(self.get(vm_id), "copy files into")
-        return await runtime.agent.write_file(path, data, mode, mkdirs)
+        return await self._agent(self.get(vm_id), "copy files into").write_file(path, data, mode, mkdirs)
 
     async def read_file(self, vm_id: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
         _check_guest_path(path)
-        runtime = self._runtime(self.get(vm_id), "copy files from")
-        return await runtime.agent.read_file(path)
+        return await self._agent(self.get(vm_id), "copy files from").read_file(path)
 
     async def list_dir(self, vm_id: str, path: str) -> Listing:
         _check_guest_path(path)
-        runtime = self._runtime(self.get(vm_id), "list files in")
-        return await runtime.agent.list_dir(path)
+        return await self._agent(self.get(vm_id), "list files in").list_dir(path)
 
     async def inspect(self, vm_id: str) -> dict[str, Any]:
         record = self.get(vm_id)
         info: dict[str, Any] = {"vmm_status": None, "host_pss_mib": None, "agent_ping_ms": None}
         runtime = self._runtimes.get(vm_id)
-        if record.state is VmState.RUNNING and runtime is not None:
+        if record.state is VmState.RUNNING and runtime is not None and runtime.agent is not None:
             with contextlib.suppress(VmmError):
                 info["vmm_status"] = await runtime.vmm.status()
-            info["host_pss_mib"] = host_pss_mib(runtime.vmm.pid)
+            info["host_pss_mib"] = host_pss_mib(runtime.pid)
             with contextlib.suppress(GuestError):
                 start = time.perf_counter()
                 await runtime.agent.ping()
@@ -352,104 +364,116 @@ class Engine:
         async with self._lock(vm_id):
             record = self.get(vm_id)
             check_transition(vm_id, record.state, VmState.SUSPENDING, "suspend")
-            runtime = self._runtime(record, "suspend")
+            vm = self._runtime(record, "suspend")
+            agent = self._agent(record, "suspend")
             phases = Phases()
             own_ram = record.ram is RamMode.OWN
-            record = self.save(record.moved(VmState.SUSPENDING))
+            record = await self.save_async(record.moved(VmState.SUSPENDING))
             layout = self.host.layout(vm_id)
             try:
-                await runtime.agent.sync()
+                await agent.sync()
                 phases.mark("guest_sync")
-                with staging(layout.suspend_dir) as tmp:
-                    tap = StreamTap.sink(tmp / "state")
+                with staging(layout.suspended.path) as tmp:
+                    snap = Snapshot(tmp)
+                    tap = StreamTap.sink(snap.state)
                     try:
-                        await runtime.vmm.save_state(tap.fd, ignore_shared=own_ram)
+                        async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
+                            await vm.vmm.save_state(tap.fd, ignore_shared=own_ram)
                     finally:
-                        state = tap.finish()
+                        state = await asyncio.to_thread(tap.finish)
                     phases.mark("save_state")
                     self._unwatch(vm_id)
                     self._runtimes.pop(vm_id, None)
-                    await self.host.stop(vm_id, runtime)
+                    await vm.close()
                     phases.mark("stop_vmm")
-                    moved = move_files(layout.root, tmp, VM_FILES)
+                    moved = move_files(layout.root, tmp, Snapshot.VM_FILES)
                     # what this suspend writes: the state stream, plus the RAM pages fsync must flush
-                    written = state.size + ((unwritten_bytes(tmp / "ram") or 0) if "ram" in moved else 0)
+                    written = state.size + ((unwritten_bytes(snap.ram) or 0) if Snapshot.RAM in moved else 0)
                     # the files are final once the VMM exited: hash them while fsync flushes them
                     flushing = asyncio.create_task(asyncio.to_thread(durable, [tmp / name for name in moved]))
                     digests = await asyncio.gather(
-                        *(asyncio.to_thread(hash_file, tmp / name, name == "ram") for name in moved)
+                        *(asyncio.to_thread(hash_file, tmp / name, name == Snapshot.RAM) for name in moved)
                     )
                     await flushing
                     phases.mark("fsync+hash")
-                    files = {"state": state, **dict(zip(moved, digests, strict=True))}
-                    write_manifest(tmp, new_manifest("suspend", record.machine, files, own_ram))
+                    files = {Snapshot.STATE: state, **dict(zip(moved, digests, strict=True))}
+                    snap.write(new_manifest("suspend", record.machine, files, own_ram))
                 phases.mark("commit")
             except BaseException as exc:
-                await self._suspend_failed(record, runtime, exc)
+                await self._suspend_failed(record, vm, exc)
                 raise
-            self.save(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
+            await self.save_async(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
             vlog(vm_id).info("suspended in %.0f ms (%d bytes written) %s", phases.total_ms, written, phases.ms)
             return Timings(phases.total_ms, phases.ms, written)
 
-    async def _suspend_failed(self, record: VmRecord, runtime: VmRuntime, exc: BaseException) -> None:
+    async def _suspend_failed(self, record: VmRecord, vm: MicroVm, exc: BaseException) -> None:
         layout = self.host.layout(record.id)
-        if self._runtimes.get(record.id) is runtime and runtime.vmm.alive():
+        if self._runtimes.get(record.id) is vm and vm.alive():
             vlog(record.id).warning("suspend failed (%s); the VM keeps running", exc)
             with contextlib.suppress(EmberError):
-                await runtime.vmm.resume()
-            self.save(record.moved(VmState.RUNNING, f"suspend failed: {exc}"))
+                await vm.vmm.resume()
+            await self.save_async(record.moved(VmState.RUNNING, f"suspend failed: {exc}"))
             return
         # The VMM already stopped: put its files back and give up on this VM.
+        self._runtimes.pop(record.id, None)
+        await vm.close()
         for stray in layout.root.glob(".suspend.tmp-*"):
-            move_files(stray, layout.root, VM_FILES)
-        self.save(record.moved(VmState.FAILED, f"suspend failed after the VMM stopped: {exc}", pid=0))
+            move_files(stray, layout.root, Snapshot.VM_FILES)
+        await self.save_async(record.moved(VmState.FAILED, f"suspend failed after the VMM stopped: {exc}", pid=0))
 
     async def resume(self, vm_id: str) -> Timings:
-        """Restore a suspended VM under the same id, into its own RAM file."""
+        """Restore a suspended VM under the same id, into its own RAM file.
+
+        Nothing of the snapshot reaches QEMU unchecked: the disk (which QEMU parses as it
+        starts) is verified before QEMU starts; the RAM file and the device state are
+        verified on the other core while it starts, and both checks finish before the
+        state is loaded and the guest runs. The VMM gets no image group: the image's disk
+        reaches it as a read-only fd."""
         async with self._lock(vm_id):
             record = self.get(vm_id)
             check_transition(vm_id, record.state, VmState.RESUMING, "resume")
             phases = Phases()
             layout = self.host.layout(vm_id)
-            manifest = load_manifest(layout.suspend_dir)
-            own_ram = "ram" in manifest.files
-            # the disk overlay still reads its image's disk: keep the image's group
+            snap = layout.suspended
+            manifest = snap.load()
+            own_ram = Snapshot.RAM in manifest.files
             image = self.images.get(record.image)
-            record = self.save(record.moved(VmState.RESUMING))
-            moved = move_files(layout.suspend_dir, layout.root, VM_FILES)
-            started: VmRuntime | None = None
+            record = await self.save_async(record.moved(VmState.RESUMING))
+            moved = move_files(snap.path, layout.root, Snapshot.VM_FILES)
+            vm: MicroVm | None = None
             try:
+                await asyncio.to_thread(verify_files, manifest, {Snapshot.DISK: layout.disk})
+                phases.mark("verify_disk")
                 if not own_ram:  # a full stream: it is loaded into a fresh RAM file
-                    new_ram_file(layout.ram, record.machine.memory_mib, record.uid)
-                # hash the disk and RAM files on the other core while QEMU starts
-                checking = asyncio.create_task(
-                    asyncio.to_thread(verify_files, manifest, {name: layout.root / name for name in moved})
-                )
+                    await asyncio.to_thread(new_ram_file, layout.ram, record.machine.memory_mib, record.uid)
+                checks = {Snapshot.STATE: snap.state, **({Snapshot.RAM: layout.ram} if own_ram else {})}
+                checking = asyncio.create_task(asyncio.to_thread(verify_files, manifest, checks))
                 try:
-                    vmm, agent = await self._start_paused(
-                        vm_id, record.uid, record.machine, RamMode.OWN, layout.ram, image.gid
+                    vm = await self._start_paused(
+                        vm_id, record.uid, record.machine, image, RamBacking(layout.ram, RamMode.OWN), ()
                     )
-                    started = VmRuntime(vm_id, vmm, agent)
                 finally:
                     await asyncio.gather(checking, return_exceptions=True)
-                checking.result()  # a damaged file stops us here, before the guest runs
+                checking.result()  # a damaged file stops us here, before the state loads and the guest runs
                 phases.mark("start_vmm+verify")
-                runtime, token = await self._activate(
-                    record, vmm, agent, layout.suspend_dir / "state", manifest.files["state"], own_ram, phases
-                )
+                async with migration_deadline(self.settings.migration_timeout_s, "loading the VM's state"):
+                    token = await self._activate(
+                        record, vm, snap.state, manifest.files[Snapshot.STATE], own_ram, phases
+                    )
             except BaseException as exc:
-                await self.host.stop(vm_id, started)
+                if vm is not None:
+                    await vm.close()
                 if not own_ram:
                     layout.ram.unlink(missing_ok=True)
-                move_files(layout.root, layout.suspend_dir, moved)
+                move_files(layout.root, snap.path, moved)
                 reason = f"resume failed: {exc}"
                 vlog(vm_id).error(reason)
-                self.save(record.moved(VmState.SUSPENDED, reason))
+                await self.save_async(record.moved(VmState.SUSPENDED, reason))
                 raise
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
-            consumed = layout.suspend_dir.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
-            self._background(asyncio.to_thread(shutil.rmtree, consumed, True))
-            self.take_charge(record, runtime, token, ram=RamMode.OWN)
+            consumed = snap.path.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
+            self.spawn_chore(asyncio.to_thread(shutil.rmtree, consumed, True))
+            self.take_charge(record, vm, token, ram=RamMode.OWN)
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)
@@ -465,20 +489,24 @@ class Engine:
         try:
             async with self._lock(vm_id):
                 record = self.get(vm_id)
-                runtime = self._runtime(record, "snapshot")
-                await runtime.agent.sync()
+                vm = self._runtime(record, "snapshot")
+                await self._agent(record, "snapshot").sync()
                 try:
                     tap = StreamTap.sink(stream)
                     try:
-                        await runtime.vmm.save_state(tap.fd, ignore_shared=False)
+                        async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
+                            await vm.vmm.save_state(tap.fd, ignore_shared=False)
                     finally:
-                        digest = tap.finish()
-                    shutil.copyfile(self.host.layout(vm_id).disk, disk_copy)
+                        digest = await asyncio.to_thread(tap.finish)
+                    # copied while the guest is paused: the copy is root's, so its header no longer changes
+                    await asyncio.to_thread(shutil.copyfile, self.host.layout(vm_id).disk, disk_copy)
+                    os.chown(disk_copy, 0, self.images.get(record.image).gid)  # qemu-img reads it through the group
+                    os.chmod(disk_copy, 0o640)
                 except OSError as exc:
                     raise_storage(exc, "snapshotting the VM")
                 finally:
                     with contextlib.suppress(EmberError):
-                        await runtime.vmm.resume()
+                        await vm.vmm.resume()
             image = await self.images.from_stream(name, record, stream, digest, disk_copy)
         finally:  # the staged stream and disk copy never outlive the request, failed or not
             stream.unlink(missing_ok=True)
@@ -491,10 +519,14 @@ class Engine:
     async def remove(self, vm_id: str) -> None:
         async with self._lock(vm_id):
             record = self.get(vm_id)
-            self.save(record.moved(VmState.TERMINATING, StopReason.USER.value))
+            await self.save_async(record.moved(VmState.TERMINATING, StopReason.USER.value))
             self._unwatch(vm_id)
-            await self.host.teardown(vm_id, self._runtimes.pop(vm_id, None))
-            self.store.delete_vm(vm_id)
+            vm = self._runtimes.pop(vm_id, None)
+            if vm is not None:
+                await vm.close()
+            await asyncio.to_thread(self.host.discard, vm_id)  # a VMM recovery could not reach, too
+            await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
+            await asyncio.to_thread(self.store.delete_vm, vm_id)
         self._locks.pop(vm_id, None)
         vlog(vm_id).info("removed")
 
@@ -533,17 +565,19 @@ class Engine:
     def warm_up(self, image: ImageRecord) -> None:
         """Verify an image and pre-start its pool in the background, so that even
         the first launch after a daemon start or an image build is a warm one."""
-        self.pool.refill(image, self._prewarm)
+        self.pool.refill(image)
 
     async def close(self) -> None:
         """Daemon shutdown: discard the warm pool, detach from VMs but leave them running
         for the next daemon to re-adopt. Safe to call more than once."""
         await self.pool.close()
+        for task in list(self._chores):
+            task.cancel()
+        await asyncio.gather(*self._chores, return_exceptions=True)
         for vm_id in list(self._watchers):
             self._unwatch(vm_id)
-        for runtime in self._runtimes.values():
-            await runtime.agent.close()
-            await runtime.vmm.disconnect()
+        for vm in self._runtimes.values():
+            await vm.detach()
         self._runtimes.clear()
         await asyncio.to_thread(self.host.cgroups.release)
 

@@ -114,6 +114,10 @@ class AgentUnavailable(GuestError):
         super().__init__(message)
 
 
+class TokenRefused(AgentUnavailable):
+    """The guest's agent answered and refused the token (as opposed to not answering in time)."""
+
+
 class GuestProtocolError(GuestError):
     """The guest sent bytes that do not follow the wire protocol (a hostile or broken agent)."""
 

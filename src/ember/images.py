@@ -1,14 +1,17 @@
 """Images: a frozen disk plus a running guest's memory, ready to clone.
 
-An image directory holds ``disk.qcow2`` (never written again), ``ram`` (the
-template guest RAM that clones map copy-on-write), ``state`` (device state,
-~60 KB) and ``manifest.json``. Images come from the built-in Debian base
-(mmdebstrap, booted once) or from a running VM (``ember snapshot``).
+An image directory is a :class:`ember.snapshot.Snapshot`: the disk (never
+written again), the template guest RAM that clones map copy-on-write, the
+device state (~60 KB) and the manifest. Images come from the built-in Debian
+base (mmdebstrap, booted once), from builds, or from a running VM (``ember
+snapshot``).
 
-Known limit: QEMU 7.2 opens a file-backed RAM template read-write even for a
-private (``share=off``) mapping, so clone VMMs get write permission on their
-image's RAM file through the image's group. QEMU >= 8.2 can map it from a
-read-only file (``readonly=on,rom=off``).
+The template VM that captures an image runs under a uid of its own; once it
+exits, disk and RAM become root's, mode 0440, group the image's gid. Clones
+map the RAM with QEMU's ``readonly=on,rom=off`` (a private copy-on-write
+mapping of a file opened read-only, through the image's group) and get the
+disk as a read-only file descriptor: no VMM can write an image's files, so
+they are verified once per daemon and never change afterwards.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from ember.agent import AgentConnection, ChannelLimits
+from ember.agent import AgentConnection
 from ember.build import rootfs
 from ember.config import Settings
 from ember.errors import (
@@ -35,27 +38,26 @@ from ember.errors import (
     ImageNotFound,
     NameTaken,
     SnapshotError,
-    VmmError,
     logged,
 )
 from ember.guest.artifacts import GuestArtifacts
+from ember.microvm import MicroVm, VmPlan
 from ember.models import FileDigest, ImageRecord, VmRecord, utcnow
-from ember.runtime import Host, keep_serial_capped
+from ember.runtime import Host
 from ember.snapshot import (
-    MANIFEST,
+    Snapshot,
     SnapshotManifest,
     StreamTap,
     hash_file,
-    load_manifest,
     load_verified,
+    migration_deadline,
     new_manifest,
     staging,
     verify_files,
-    write_manifest,
 )
 from ember.store import Store
 from ember.vmm.accel import AccelChoice
-from ember.vmm.machine import Accel, MachineConfig, RamMode, RunPaths, kernel_cmdline
+from ember.vmm.machine import Accel, DiskChain, MachineConfig, RamBacking, RamMode, kernel_cmdline
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class Progress(Protocol):
 class VerifiedSnapshot:
     manifest: SnapshotManifest
     state_file: Path
+    disk_size: int  # the disk's virtual size (its header checked by qemu-img, no backing file)
 
 
 def qemu_version(binary: str) -> str:
@@ -113,11 +116,8 @@ class ImageStore:
     def dir(self, image: ImageRecord) -> Path:
         return self.settings.images_dir / image.name
 
-    def disk(self, image: ImageRecord) -> Path:
-        return self.dir(image) / "disk.qcow2"
-
-    def ram(self, image: ImageRecord) -> Path:
-        return self.dir(image) / "ram"
+    def snapshot(self, image: ImageRecord) -> Snapshot:
+        return Snapshot(self.dir(image))
 
     def get(self, name: str) -> ImageRecord:
         """An image by name; a built repo name without a tag means its newest version."""
@@ -147,13 +147,13 @@ class ImageStore:
         key = (image.name, image.created_at)
         async with self._verify_lock:
             if key not in self._verified:
-                directory = self.dir(image)
-                manifest = load_manifest(directory)
+                snap = self.snapshot(image)
+                manifest = await asyncio.to_thread(snap.load)
                 if manifest.machine != image.machine:
                     raise SnapshotError(f"image {image.name}: its snapshot was taken on a different machine config")
-                paths = {name: directory / name for name in ("ram", "disk.qcow2")}
-                await asyncio.to_thread(verify_files, manifest, paths)
-                self._verified[key] = VerifiedSnapshot(manifest, directory / "state")
+                await asyncio.to_thread(verify_files, manifest, {Snapshot.RAM: snap.ram, Snapshot.DISK: snap.disk})
+                nodes = await self.host.qemu_img.with_groups(image.gid).check_chain(snap.disk, [snap.disk])
+                self._verified[key] = VerifiedSnapshot(manifest, snap.state, nodes[0].virtual_size)
         return self._verified[key]
 
     def _take_gid(self, name: str) -> int:
@@ -170,15 +170,6 @@ class ImageStore:
             yield
         finally:
             self._pending_gids.pop(name, None)
-
-    @contextlib.asynccontextmanager
-    async def _migration_deadline(self, what: str) -> AsyncIterator[None]:
-        limit = self.settings.migration_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                yield
-        except TimeoutError:
-            raise VmmError(f"{what} did not finish within {limit:.0f} s (EMBER_MIGRATION_TIMEOUT)") from None
 
     def staging_stream(self, name: str) -> Path:
         return self.settings.images_dir / f".{name}.stream-{secrets.token_hex(4)}"
@@ -215,7 +206,7 @@ class ImageStore:
                 with staging(self.settings.images_dir / BASE_IMAGE) as tmp:
                     progress("creating the root filesystem (ext4)")
                     await asyncio.to_thread(
-                        rootfs.disk_from_tarball, tarball, tmp / "disk.qcow2", self.settings.disk_gib, tmp
+                        rootfs.disk_from_tarball, tarball, Snapshot(tmp).disk, self.settings.disk_gib, tmp
                     )
                     progress("booting it once to start the guest agent (cold boot)")
                     machine = self.machine(token)
@@ -240,34 +231,43 @@ class ImageStore:
         ``prepare`` runs after a cold boot with the agent connected (e.g. starts the app,
         waits until it is ready, syncs); the connection is closed before the snapshot."""
         gid = self._take_gid(name)
-        builder_uid = self.settings.builder_uid
-        disk, ram = tmp / "disk.qcow2", tmp / "ram"
-        os.chmod(tmp, 0o750)
-        os.chown(tmp, 0, gid)
-        with open(ram, "wb") as f:
-            f.truncate(machine.memory_mib * 1024 * 1024)
-        for path in (disk, ram):
-            os.chown(path, 0, gid)
-            os.chmod(path, 0o660)
-        run_dir = self.settings.data_dir / "run" / f"build-{name}"
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        paths = RunPaths(run_dir=run_dir, disk=disk, ram_file=ram)
-        build_id = f"build-{name}"
-        boot_started = time.perf_counter()
-        vmm = None
-        serial_cap = asyncio.create_task(keep_serial_capped(paths.serial_log, build_id))
+        snap = Snapshot(tmp)
+        uid = self.host.uids.allocate()  # this capture's own: no other VMM can reach it
         try:
-            run_dir.mkdir(mode=0o700)
-            os.chown(run_dir, builder_uid, builder_uid)
-            vmm = await self.host.start_vmm(
-                build_id, machine, paths, RamMode.OWN, stream is not None, builder_uid, gid
+            with open(snap.ram, "wb") as f:
+                f.truncate(machine.memory_mib * 1024 * 1024)
+            for path in (snap.disk, snap.ram):
+                os.chown(path, uid, uid)
+                os.chmod(path, 0o600)
+            plan = VmPlan(
+                vm_id=f"capture-{secrets.token_hex(4)}", machine=machine, disk=DiskChain(snap.disk),
+                ram=RamBacking(snap.ram, RamMode.OWN), uid=uid, incoming=stream is not None,
             )  # fmt: skip
+            state = await self._run_template(plan, token, stream, progress, prepare, snap)
+            for path in (snap.disk, snap.ram):  # frozen from now on: root's, read-only, the image's group
+                os.chown(path, 0, gid)
+                os.chmod(path, 0o440)
+        finally:
+            self.host.uids.release(uid)
+        files = {Snapshot.STATE: state}
+        files[Snapshot.RAM], files[Snapshot.DISK] = await asyncio.gather(
+            asyncio.to_thread(hash_file, snap.ram, True), asyncio.to_thread(hash_file, snap.disk)
+        )
+        snap.write(new_manifest("image", machine, files, ignore_shared=True))
+        return ImageRecord(
+            name=name, machine=machine, gid=gid, token=token, disk_bytes=files[Snapshot.DISK].size,
+            memory_bytes=files[Snapshot.RAM].size, parent=parent,
+        )  # fmt: skip
+
+    async def _run_template(
+        self, plan: VmPlan, token: str, stream: tuple[Path, FileDigest] | None, progress: Progress | None,
+        prepare: Prepare | None, snap: Snapshot,
+    ) -> FileDigest:  # fmt: skip
+        boot_started = time.perf_counter()
+        vm = await MicroVm.start(self.host, plan)
+        try:
             if stream is None:
-                limits = ChannelLimits.of(self.settings)
-                agent = await AgentConnection.connect(
-                    paths.agent_socket, token, self.settings.boot_timeout_s, limits=limits, first_boot=True
-                )
+                agent = await vm.connect_agent(token, self.settings.boot_timeout_s, first_boot=True)
                 boot_ms = (time.perf_counter() - boot_started) * 1000
                 if progress is not None:
                     progress(f"cold boot to guest agent ready: {boot_ms / 1000:.2f} s", {"cold_boot_ms": boot_ms})
@@ -276,34 +276,20 @@ class ImageStore:
                 finally:
                     await agent.close()
             else:
-                async with self._migration_deadline("loading the VM's state"):
-                    await load_verified(vmm, stream[0], stream[1], ignore_shared=False)
-            tap = StreamTap.sink(tmp / "state")
+                async with migration_deadline(self.settings.migration_timeout_s, "loading the VM's state"):
+                    await load_verified(vm.vmm, stream[0], stream[1], ignore_shared=False)
+            tap = StreamTap.sink(snap.state)
             try:
-                async with self._migration_deadline("saving the snapshot"):
-                    await vmm.save_state(tap.fd, ignore_shared=True)
+                async with migration_deadline(self.settings.migration_timeout_s, "saving the snapshot"):
+                    await vm.vmm.save_state(tap.fd, ignore_shared=True)
             finally:
-                state = tap.finish()
+                state = await asyncio.to_thread(tap.finish)
+            return state
         except BaseException:
-            with contextlib.suppress(OSError):
-                log.error("template VM log: %s", (run_dir / "serial.log").read_text(errors="replace")[-3000:])
+            log.error("template VM log: %s", vm.serial_tail())
             raise
         finally:
-            serial_cap.cancel()
-            if vmm is not None:
-                await vmm.shutdown()
-            await asyncio.to_thread(self.host.cgroups.destroy, build_id)
-            shutil.rmtree(run_dir, ignore_errors=True)
-        os.chmod(disk, 0o640)
-        files = {"state": state}
-        files["ram"], files["disk.qcow2"] = await asyncio.gather(
-            asyncio.to_thread(hash_file, ram, True), asyncio.to_thread(hash_file, disk)
-        )
-        write_manifest(tmp, new_manifest("image", machine, files, ignore_shared=True))
-        return ImageRecord(
-            name=name, machine=machine, gid=gid, token=token, disk_bytes=files["disk.qcow2"].size,
-            memory_bytes=files["ram"].size, parent=parent,
-        )  # fmt: skip
+            await vm.close()
 
     async def from_disk(
         self, name: str, top: Path, parent: str, progress: Progress, prepare: Prepare | None
@@ -314,7 +300,7 @@ class ImageStore:
         with self._making(name):
             with staging(self.settings.images_dir / name) as tmp:
                 progress("flattening the layers into the image disk")
-                await asyncio.to_thread(rootfs.flatten, top, tmp / "disk.qcow2")
+                await asyncio.to_thread(rootfs.flatten, top, Snapshot(tmp).disk)
                 progress("booting the image to start the app (cold boot)")
                 token = secrets.token_hex(16)
                 image = await self._capture(name, tmp, self.machine(token), token, None, parent, progress, prepare)
@@ -327,12 +313,12 @@ class ImageStore:
             with self._making(name):
                 with staging(self.settings.images_dir / name) as tmp:
                     gid = self._take_gid(name)
-                    files = [self.dir(source) / f for f in ("ram", "disk.qcow2", "state", MANIFEST)]
+                    src = self.snapshot(source)
+                    files = [src.ram, src.disk, src.state, src.manifest_file]
                     await _run_tool(["cp", "--sparse=always", "--preserve=mode", *map(str, files), str(tmp)],
                                     f"copying the snapshot of {source.name}")  # fmt: skip
-                    for path in (tmp, *tmp.iterdir()):
+                    for path in tmp.iterdir():
                         os.chown(path, 0, gid)
-                    os.chmod(tmp, 0o750)
                 image = replace(source, name=name, gid=gid, created_at=utcnow())
                 self.store.put_image(image)
                 return image
@@ -344,8 +330,10 @@ class ImageStore:
         async with self._build_lock:
             with self._making(name):
                 with staging(self.settings.images_dir / name) as tmp:
-                    await _run_tool(["qemu-img", "convert", "-O", "qcow2", str(disk_copy), str(tmp / "disk.qcow2")],
-                                    "flattening the VM disk")  # fmt: skip
+                    # the VM's disk over its image's, read through a chain Ember names (no header is followed)
+                    base = self.snapshot(self.get(source.image))
+                    qemu_img = self.host.qemu_img.with_groups(self.get(source.image).gid)
+                    await qemu_img.flatten([disk_copy, base.disk], Snapshot(tmp).disk)
                     image = await self._capture(name, tmp, source.machine, source.token, (stream, digest), source.image)
                 self.store.put_image(image)
                 return image

@@ -9,6 +9,10 @@ takes one, lets it run and gives it its identity (fresh RNG seed, clock,
 hostname, token); a background task refills the pool. Entries are not VMs yet:
 they are not in the database, so a restarted daemon reaps them like any
 other leftover.
+
+A pre-start that fails (a loaded machine, a guest slow to answer) is retried
+with backoff, so the pool heals without a daemon restart; an image being
+removed is dropped first, and no refill starts for it afterwards.
 """
 
 from __future__ import annotations
@@ -17,27 +21,27 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ember.agent import AgentConnection
+from ember.microvm import MicroVm
 from ember.models import ImageRecord
 from ember.runtime import Host
-from ember.vmm.qemu import QemuVmm
 
 log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s while the image is launched
 
 
 @dataclass
 class Warm:
-    vm_id: str
+    vm: MicroVm
     uid: int
-    vmm: QemuVmm
-    agent: AgentConnection
 
 
-# (vm_id, uid, image) -> a restored, paused VMM and its authenticated agent connection
-Starter = Callable[[str, int, ImageRecord], Awaitable[tuple[QemuVmm, AgentConnection]]]
+# (vm_id, uid, image) -> a restored, paused clone with its authenticated agent connection
+Starter = Callable[[str, int, ImageRecord], Awaitable[MicroVm]]
 
 
 def new_vm_id() -> str:
@@ -45,15 +49,13 @@ def new_vm_id() -> str:
 
 
 class WarmPool:
-    def __init__(
-        self, host: Host, size: int, allocate_uid: Callable[[], int], release_uid: Callable[[int], None]
-    ) -> None:
+    def __init__(self, host: Host, size: int, start: Starter) -> None:
         self.host = host
         self.size = size
-        self._allocate_uid = allocate_uid
-        self._release_uid = release_uid
+        self._start = start
         self._entries: dict[tuple[str, str], list[Warm]] = {}
         self._fillers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._dropped: set[tuple[str, str]] = set()
         self._discards: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
 
@@ -71,11 +73,9 @@ class WarmPool:
                 entries = self._entries.get(key, [])
                 while entries:
                     warm = entries.pop(0)
-                    if warm.vmm.alive() and not warm.agent.closed:
+                    if warm.vm.alive() and warm.vm.agent is not None and not warm.vm.agent.closed:
                         return warm
-                    task = asyncio.create_task(self._discard(warm))
-                    self._discards.add(task)
-                    task.add_done_callback(self._discards.discard)
+                    self._discard_later(warm)
                 filler = self._fillers.get(key)
                 left = deadline - asyncio.get_running_loop().time()
                 if filler is None or filler.done() or left <= 0:
@@ -83,42 +83,51 @@ class WarmPool:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
 
-    def refill(self, image: ImageRecord, start: Starter) -> None:
+    def refill(self, image: ImageRecord) -> None:
         key = self.key(image)
-        if self.size <= 0 or (key in self._fillers and not self._fillers[key].done()):
+        if self.size <= 0 or key in self._dropped or (key in self._fillers and not self._fillers[key].done()):
             return
-        self._fillers[key] = asyncio.create_task(self._fill(image, start), name=f"pool-{image.name}")
+        self._fillers[key] = asyncio.create_task(self._fill(image), name=f"pool-{image.name}")
 
-    async def _fill(self, image: ImageRecord, start: Starter) -> None:
+    async def _fill(self, image: ImageRecord) -> None:
         key = self.key(image)
         entries = self._entries.setdefault(key, [])
+        failures = 0
         while len(entries) < self.size:
-            vm_id, uid = new_vm_id(), self._allocate_uid()
+            vm_id, uid = new_vm_id(), self.host.uids.allocate()
             try:
-                vmm, agent = await start(vm_id, uid, image)
-            except BaseException as exc:  # cancelled by close() too: never leave a half-started VMM
-                await self.host.teardown(vm_id, None)
-                self._release_uid(uid)
+                vm = await self._start(vm_id, uid, image)
+            except BaseException as exc:  # cancelled by drop() or close() too: the starter freed what it held
+                await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
+                self.host.uids.release(uid)
                 if not isinstance(exc, Exception):
                     raise
-                log.warning("could not pre-start a VMM for image %s: %s", image.name, exc)
+                delay = RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S) - 1)]
+                failures += 1
+                log.warning("could not pre-start a VMM for image %s (%s); retrying in %.0f s", image.name, exc, delay)
                 async with self._changed:
-                    self._changed.notify_all()  # nobody should wait for an entry that will not come
-                return
-            entries.append(Warm(vm_id, uid, vmm, agent))
+                    self._changed.notify_all()  # nobody should wait for an entry that is not coming soon
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            entries.append(Warm(vm, uid))
             async with self._changed:
                 self._changed.notify_all()
 
+    def _discard_later(self, warm: Warm) -> None:
+        task = asyncio.create_task(self._discard(warm))
+        self._discards.add(task)
+        task.add_done_callback(self._discards.discard)
+
     async def _discard(self, warm: Warm) -> None:
-        with contextlib.suppress(Exception):
-            await warm.agent.close()
-        await warm.vmm.shutdown()
-        await self.host.teardown(warm.vm_id, None)
-        self._release_uid(warm.uid)
+        await warm.vm.close()
+        await asyncio.to_thread(shutil.rmtree, self.host.layout(warm.vm.id).root, True)
+        self.host.uids.release(warm.uid)
 
     async def drop(self, image: ImageRecord) -> None:
-        """Discard every warm entry of ``image`` (it is being removed)."""
+        """Discard every warm entry of ``image`` (it is being removed); no refill starts for it again."""
         key = self.key(image)
+        self._dropped.add(key)
         filler = self._fillers.pop(key, None)
         if filler is not None:
             filler.cancel()

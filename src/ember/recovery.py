@@ -11,32 +11,42 @@ alive in its cgroup:
   it paused, re-authenticate to the agent (with the token it may have just
   been given), and finish a resume's identity step.
 
-Then every cgroup this daemon owns that no adopted VM uses is killed, and
-files of VMs the store does not know are removed.
+A live VMM is never stopped because a check failed: a guest that does not
+answer in time (a loaded host) is asked again with longer timeouts, and if it
+still does not answer, the VM stays listed RUNNING with the reason, its VMM
+untouched, while a background task keeps trying; a user may remove it.
+
+Then every cgroup and control directory no adopted VMM uses (launched, pooled,
+build or capture VMs of a killed daemon) is removed, and so are files of VMs
+the store does not know.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import time
 from typing import TYPE_CHECKING
 
-from ember.agent import AgentConnection, ChannelLimits
-from ember.errors import AgentUnavailable, SnapshotError
+from ember.errors import AgentUnavailable, EmberError, TokenRefused
 from ember.logs import vlog
+from ember.microvm import MicroVm
 from ember.models import StopReason, VmRecord, VmState
-from ember.runtime import VM_FILES, VmRuntime, move_files
-from ember.snapshot import load_manifest
-from ember.vmm.qemu import QemuVmm
+from ember.runtime import move_files
+from ember.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from ember.engine import Engine
 
 log = logging.getLogger(__name__)
+
+# Timeouts of the successive attempts to reach a re-adopted guest's agent (a loaded
+# TCG host can take seconds to schedule a guest that was paused or starved).
+AGENT_ATTEMPTS_S = (5.0, 15.0, 30.0)
+RETRY_EVERY_S = 30.0
+UNREACHABLE = "unreachable after a daemon restart"
 
 
 async def recover(engine: Engine) -> None:
@@ -46,45 +56,52 @@ async def recover(engine: Engine) -> None:
         try:
             if await _recover_one(engine, record):
                 keep.add(record.id)
-        except Exception as exc:  # one broken VM must not stop the daemon
+        except Exception as exc:  # one broken VM must not stop the daemon, nor lose a live VMM
             vlog(record.id).exception("recovery failed: %s", exc)
-            await engine.host.stop(record.id, None)
-            engine.save(record.moved(VmState.FAILED, f"recovery failed: {exc}", pid=0))
-    for name in engine.host.cgroups.names():
-        if name not in keep:
-            log.warning("reaping leftover VMM cgroup %s", name)
-            await asyncio.get_running_loop().run_in_executor(None, engine.host.cgroups.destroy, name)
+            if _vmm_alive(engine, record):
+                keep.add(record.id)
+                engine.save(record.moved(record.state, f"{UNREACHABLE}: {exc}"))
+            else:
+                await asyncio.to_thread(engine.host.discard, record.id)
+                engine.save(record.moved(VmState.FAILED, f"recovery failed: {exc}", pid=0))
+    await asyncio.to_thread(engine.host.sweep, keep)
     known = {vm.id for vm in engine.store.list_vms()}
     if engine.settings.vms_dir.exists():
         for stray in engine.settings.vms_dir.iterdir():
             if stray.name not in known:
                 log.warning("removing files of unknown VM %s", stray.name)
-                shutil.rmtree(stray, ignore_errors=True)
+                await asyncio.to_thread(shutil.rmtree, stray, True)
     engine.images.clean_staging()
+
+
+def _vmm_alive(engine: Engine, record: VmRecord) -> bool:
+    return record.pid > 0 and record.pid in engine.host.cgroup_pids(record.id)
 
 
 async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     layout = engine.host.layout(record.id)
+    snap = layout.suspended
     for consumed in layout.root.glob(".consumed-*"):
         shutil.rmtree(consumed, ignore_errors=True)
     for stray in layout.root.glob(".suspend.tmp-*"):  # a suspend cut short
-        move_files(stray, layout.root, VM_FILES)
+        move_files(stray, layout.root, Snapshot.VM_FILES)
         shutil.rmtree(stray, ignore_errors=True)
-    alive = record.pid > 0 and record.pid in engine.host.cgroup_pids(record.id)
+    alive = _vmm_alive(engine, record)
     if record.state is VmState.SUSPENDED:
-        await engine.host.stop(record.id, None)
+        await asyncio.to_thread(engine.host.discard, record.id)
         return False
     if record.state in (VmState.TERMINATING, VmState.PENDING):
-        await engine.host.teardown(record.id, None)
+        await asyncio.to_thread(engine.host.discard, record.id)
+        shutil.rmtree(layout.root, ignore_errors=True)
         engine.store.delete_vm(record.id)
         return False
     if record.state is VmState.FAILED or not alive:
-        await engine.host.stop(record.id, None)
-        if record.state in (VmState.SUSPENDING, VmState.RESUMING) and (layout.suspend_dir / "manifest.json").exists():
+        await asyncio.to_thread(engine.host.discard, record.id)
+        if record.state in (VmState.SUSPENDING, VmState.RESUMING) and snap.manifest_file.exists():
             # a resume cut short: its files go back (checked against their hashes on the next resume)
-            manifest = load_manifest(layout.suspend_dir)
-            move_files(layout.root, layout.suspend_dir, [n for n in VM_FILES if n in manifest.files])
-            if "ram" not in manifest.files:
+            manifest = snap.load()
+            move_files(layout.root, snap.path, [n for n in Snapshot.VM_FILES if n in manifest.files])
+            if Snapshot.RAM not in manifest.files:
                 layout.ram.unlink(missing_ok=True)
             engine.save(record.moved(VmState.SUSPENDED, StopReason.DAEMON_RESTART.value, pid=0))
         elif record.state is not VmState.FAILED:
@@ -92,25 +109,71 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
             engine.save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
         return False
     # The VMM is alive: ask it, then re-attach to the agent.
-    paths = layout.run_paths(layout.ram)
-    vmm = await QemuVmm.adopt(record.pid, paths)
-    status = await vmm.status()
-    if status != "running":
-        await vmm.resume()  # an interrupted suspend or resume left it paused
-    agent, token = None, ""
-    for token in filter(None, (record.next_token, record.token)):
-        with contextlib.suppress(AgentUnavailable):
-            limits = ChannelLimits.of(engine.settings)
-            agent = await AgentConnection.connect(paths.agent_socket, token, 5, limits=limits)
-            break
-    if agent is None:
-        await vmm.shutdown()
-        raise SnapshotError("the guest agent did not accept this VM's token")
+    vm = await MicroVm.adopt(engine.host, record.id, record.pid)
+    try:
+        status = await vm.vmm.status()
+        if status != "running":
+            await vm.vmm.resume()  # an interrupted suspend or resume left it paused
+        token = await reach_agent(vm, record)
+    except BaseException as exc:
+        await vm.detach()  # never stop a live VMM here: the VM stays listed, and we try again later
+        if isinstance(exc, Exception):
+            vlog(record.id).warning("%s: %s; will retry every %.0f s", UNREACHABLE, exc, RETRY_EVERY_S)
+            engine.save(record.moved(VmState.RUNNING, f"{UNREACHABLE}: {exc}"))
+            engine.spawn_chore(_keep_trying(engine, record.id))
+            return True
+        raise
+    await _finish(engine, record, vm, token, status)
+    return True
+
+
+async def reach_agent(vm: MicroVm, record: VmRecord) -> str:
+    """Authenticate to a re-adopted guest with the token it may just have been given, then the
+    one before; a guest slow to answer is asked again with longer timeouts. Returns the token."""
+    tokens = [t for t in (record.next_token, record.token) if t]
+    last: Exception = AgentUnavailable("the VM has no agent token on record")
+    for timeout_s in AGENT_ATTEMPTS_S:
+        for token in tokens:
+            try:
+                await vm.connect_agent(token, timeout_s)
+                return token
+            except TokenRefused as exc:
+                last = exc  # the other token may be the one
+            except AgentUnavailable as exc:
+                last = exc
+                break  # no answer in time: both tokens again, with more time
+    raise last
+
+
+async def _finish(engine: Engine, record: VmRecord, vm: MicroVm, token: str, status: str) -> None:
     if record.state is VmState.RESUMING:
         # the interrupted restore may not have reached the identity step
-        await agent.restore_identity(record.id, token, os.urandom(64), time.time_ns())
-        shutil.rmtree(layout.suspend_dir, ignore_errors=True)
+        assert vm.agent is not None
+        await vm.agent.restore_identity(record.id, token, os.urandom(64), time.time_ns())
+        shutil.rmtree(engine.host.layout(record.id).suspended.path, ignore_errors=True)
     reason = StopReason.DAEMON_RESTART.value if status != "running" else ""
-    engine.take_charge(record, VmRuntime(record.id, vmm, agent), token, reason)
+    engine.take_charge(record, vm, token, reason)
     vlog(record.id).info("re-adopted running VM (pid %d)", record.pid)
-    return True
+
+
+async def _keep_trying(engine: Engine, vm_id: str) -> None:
+    """Re-attach to a VM recovery could not reach, until it answers, its VMM dies or it is removed."""
+    while True:
+        await asyncio.sleep(RETRY_EVERY_S)
+        async with engine.lock(vm_id):
+            record = engine.store.get_vm(vm_id)
+            if record is None or engine.has_runtime(vm_id) or not record.state_reason.startswith(UNREACHABLE):
+                return
+            if not _vmm_alive(engine, record):
+                await asyncio.to_thread(engine.host.discard, vm_id)
+                engine.save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
+                return
+            vm = await MicroVm.adopt(engine.host, vm_id, record.pid)
+            try:
+                token = await reach_agent(vm, record)
+            except EmberError as exc:
+                await vm.detach()
+                vlog(vm_id).warning("%s: %s; still retrying", UNREACHABLE, exc)
+                continue
+            await _finish(engine, record, vm, token, "running")
+            return

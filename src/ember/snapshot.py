@@ -13,6 +13,7 @@ mismatch found at the end of a restore stops the VM before it ever runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -23,12 +24,13 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from ember.errors import ResourceExhausted, SnapshotError, logged
+from ember.errors import ResourceExhausted, SnapshotError, VmmError, logged
 from ember.models import FileDigest, utcnow
 from ember.vmm.machine import MachineConfig
 from ember.vmm.qemu import Vmm
@@ -36,6 +38,43 @@ from ember.vmm.qemu import Vmm
 MANIFEST = "manifest.json"
 FORMAT = 1
 BUF = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot directory and the files it names: VMM device state, guest RAM (an image's
+    template, or a suspended VM's own RAM file), the disk, and the manifest that lists them.
+    The only place these names are spelled."""
+
+    STATE: ClassVar[str] = "state"
+    RAM: ClassVar[str] = "ram"
+    DISK: ClassVar[str] = "disk.qcow2"
+    # A VM's own files: they move into its suspend snapshot and back out on resume.
+    VM_FILES: ClassVar[tuple[str, str]] = (DISK, RAM)
+
+    path: Path
+
+    @property
+    def state(self) -> Path:
+        return self.path / self.STATE
+
+    @property
+    def ram(self) -> Path:
+        return self.path / self.RAM
+
+    @property
+    def disk(self) -> Path:
+        return self.path / self.DISK
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.path / MANIFEST
+
+    def load(self) -> SnapshotManifest:
+        return load_manifest(self.path)
+
+    def write(self, manifest: SnapshotManifest) -> None:
+        write_manifest(self.path, manifest)
 
 
 @dataclass(frozen=True)
@@ -326,3 +365,14 @@ async def load_verified(vmm: Vmm, path: Path, expected: FileDigest, ignore_share
         check_digest(path, expected, tap.finish())
         raise
     check_digest(path, expected, tap.finish())
+
+
+@contextlib.asynccontextmanager
+async def migration_deadline(limit_s: float, what: str) -> AsyncIterator[None]:
+    """A host deadline on a migration (saving or loading a VM's state): a VMM that stops
+    making progress cannot hold a VM's lock forever."""
+    try:
+        async with asyncio.timeout(limit_s):
+            yield
+    except TimeoutError:
+        raise VmmError(f"{what} did not finish within {limit_s:.0f} s (EMBER_MIGRATION_TIMEOUT)") from None

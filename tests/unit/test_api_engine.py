@@ -19,7 +19,7 @@ from ember.guest.artifacts import GuestArtifacts
 from ember.host.cgroup import CgroupsV2
 from ember.images import ImageStore
 from ember.models import BuildRecord, BuildState
-from ember.runtime import Host
+from ember.runtime import Host, UidPool
 from ember.store import Store
 from ember.vmm.accel import Accel, AccelChoice
 
@@ -34,8 +34,10 @@ def engine(tmp_path: Path) -> Engine:
     store = Store(tmp_path / "ember.db")
     cgroup_root = tmp_path / "cgroup"  # a plain directory: nothing here makes a cgroup
     cgroup_root.mkdir()
-    (cgroup_root / "cgroup.subtree_control").write_text("memory pids")
-    host = Host(settings, CgroupsV2("ember-unit", cgroup_root), tmp_path / "jailer")
+    (cgroup_root / "cgroup.subtree_control").write_text("cpu io memory pids")
+    (cgroup_root / "cgroup.controllers").write_text("cpu io memory pids")
+    uids = UidPool(lambda taken: store.free_uid(settings.vmm_uids, exclude=taken))
+    host = Host(settings, CgroupsV2("ember-unit", cgroup_root), tmp_path / "jailer", uids)
     guest = GuestArtifacts(tmp_path / "k", tmp_path / "i", tmp_path / "a", "f", tmp_path / "b")
     images = ImageStore(settings, store, host, guest, AccelChoice(Accel.TCG, "unit test"))
     return Engine(settings, store, host, images)

@@ -114,7 +114,7 @@ def test_guest_memory_hog_stays_inside_its_vm(client: Client, base_image: str) -
 
 def test_serial_flood_is_bounded(client: Client, daemon: DaemonProcess, base_image: str) -> None:
     vm = client.run(base_image)["id"]
-    log = daemon.settings.vms_dir / vm / "run" / "serial.log"
+    log = daemon.settings.data_dir / "run" / vm / "serial.log"
     try:
         client.exec(vm, ["sh", "-c", "yes flood-the-host-disk > /dev/ttyS0 &"])
         deadline = time.monotonic() + 60

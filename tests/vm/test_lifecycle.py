@@ -84,7 +84,7 @@ def test_state_survives_three_suspend_resume_cycles(client: Client, vms: list[st
     for _ in range(3):
         r = action(client, vm, "suspend")
         assert r["state"] == "SUSPENDED"
-        assert not (settings.vms_dir / vm / "run").exists(), "suspended VM still holds host resources"
+        assert not (settings.data_dir / "run" / vm).exists(), "suspended VM still holds host resources"
         with pytest.raises(ApiError, match="resume it first") as err:
             client.exec(vm, ["true"])
         assert err.value.status == 409

@@ -17,20 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from ember.agent import AgentConnection, ChannelLimits, ExecRequest, ExecResult
+from ember.agent import AgentConnection, ExecRequest, ExecResult
 from ember.errors import BuildFailed, EmberError
 from ember.guest.artifacts import BUILD_TOOL
-from ember.runtime import Host, create_overlay, keep_serial_capped, new_ram_file
-from ember.vmm.machine import MachineConfig, RamMode, RunPaths, readonly_disk_args, user_network_args
-from ember.vmm.qemu import QemuVmm
+from ember.microvm import MicroVm, VmPlan
+from ember.runtime import Host, new_ram_file
+from ember.vmm.machine import DiskChain, MachineConfig, RamBacking, RamMode, readonly_disk_args, user_network_args
+from ember.vmm.qemu import Vmm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,64 +57,61 @@ class Deadlines:
 
 
 class BuildVm:
-    def __init__(
-        self, vm_id: str, host: Host, vmm: QemuVmm, agent: AgentConnection, paths: RunPaths, uid: int,
-        deadlines: Deadlines, serial_cap: asyncio.Task[None],
-    ) -> None:  # fmt: skip
-        self.vm_id = vm_id
-        self.host = host
-        self.vmm = vmm
+    def __init__(self, vm: MicroVm, agent: AgentConnection, top: Path, uid: int, deadlines: Deadlines) -> None:
+        self.vm = vm
+        self.vm_id = vm.id
         self.agent = agent
-        self.paths = paths
+        self.top = top
         self.uid = uid
         self.deadlines = deadlines
-        self._serial_cap = serial_cap
+
+    @property
+    def vmm(self) -> Vmm:
+        return self.vm.vmm
 
     @classmethod
     async def start(
         cls, host: Host, machine: MachineConfig, token: str, top: Path, readonly: list[Path], network: bool,
-        uid: int, gid: int, deadlines: Deadlines,
+        uid: int, deadlines: Deadlines,
     ) -> BuildVm:  # fmt: skip
-        """Boot a build VM; ``machine`` must use the build initramfs and ``ember.build=1``."""
+        """Boot a build VM; ``machine`` must use the build initramfs and ``ember.build=1``.
+
+        Its VMM runs as ``uid`` (the build's own) and sees, besides its own RAM file, only
+        the layer directory (0710, not listable): finished layers are root's, 0440 with the
+        layer group, which it has; the layer it writes is its uid's. New layers are created
+        there while it runs (see :meth:`new_layer`)."""
         vm_id = f"build-{secrets.token_hex(4)}"
-        run_dir = host.settings.data_dir / "run" / vm_id
-        paths = RunPaths(run_dir=run_dir, disk=top, ram_file=run_dir / "ram")
-        vmm: QemuVmm | None = None
-        serial_cap: asyncio.Task[None] | None = None
+        ram = host.control_dir(vm_id).path / "ram"
+        extra: tuple[str, ...] = user_network_args() if network else ()
+        for i, disk in enumerate(readonly):
+            extra += readonly_disk_args(i, disk)
+        plan = VmPlan(
+            vm_id=vm_id, machine=machine, disk=DiskChain(top), ram=RamBacking(ram, RamMode.OWN), uid=uid,
+            groups=(host.settings.layer_gid,), network=network, extra_args=extra, rw_paths=(top.parent,),
+        )  # fmt: skip
+        vm = await MicroVm.start(host, plan, prepare=lambda: new_ram_file(ram, machine.memory_mib, uid))
         try:
-            run_dir.mkdir(parents=True, mode=0o700)
-            os.chown(run_dir, uid, uid)
-            new_ram_file(paths.ram_file, machine.memory_mib, uid)
-            extra: tuple[str, ...] = user_network_args() if network else ()
-            for i, disk in enumerate(readonly):
-                extra += readonly_disk_args(i, disk)
-            vmm = await host.start_vmm(vm_id, machine, paths, RamMode.OWN, False, uid, gid, extra, network)
-            serial_cap = asyncio.create_task(keep_serial_capped(paths.serial_log, vm_id))
-            agent = await AgentConnection.connect(
-                paths.agent_socket, token, deadlines.boot_s, limits=ChannelLimits.of(host.settings), first_boot=True
-            )
+            agent = await vm.connect_agent(token, deadlines.boot_s, first_boot=True)
         except BaseException:
-            if vmm is not None:
-                log.error("build VM did not start: %s", serial_tail(paths))
-            await _remove(host, vm_id, vmm, None, serial_cap, run_dir)
+            log.error("build VM did not start: %s", vm.serial_tail(2000))
+            await vm.close()
             raise
-        assert serial_cap is not None
-        vm = cls(vm_id, host, vmm, agent, paths, uid, deadlines, serial_cap)
+        build = cls(vm, agent, top, uid, deadlines)
         try:
             if network:
-                await vm.tool_ok(["sh", "-c", "ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && "
-                                  "ip link set eth0 up && ip route add default via 10.0.2.2"])  # fmt: skip
+                await build.tool_ok(["sh", "-c", "ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && "
+                                     "ip link set eth0 up && ip route add default via 10.0.2.2"])  # fmt: skip
             for i in range(len(readonly)):
                 script = (
                     f'for d in /sys/block/vd*; do if [ "$(cat $d/serial 2>/dev/null)" = ember-ro{i} ]; then '
                     f"mkdir -p /ember/from{i} && exec mount -t ext4 -o ro,noload /dev/${{d##*/}} /ember/from{i}; "
                     "fi; done; exit 1"
                 )
-                await vm.tool_ok(["sh", "-c", script])
+                await build.tool_ok(["sh", "-c", script])
         except BaseException:
-            await vm.stop()
+            await build.stop()
             raise
-        return vm
+        return build
 
     async def tool(
         self, argv: list[str], root: str = "", stdin: AsyncIterator[bytes] | None = None,
@@ -192,14 +188,17 @@ class BuildVm:
         await self.agent.sync()
 
     async def new_layer(self, overlay: Path) -> None:
-        """Freeze the current top as a finished layer and continue on ``overlay``."""
-        create_overlay(self.paths.disk, overlay, self.uid)
+        """Freeze the current top as a finished layer and continue on ``overlay`` (made in the
+        same directory, which the VMM sees)."""
+        await self.vm.host.qemu_img.create_overlay(
+            self.top, overlay, owner_uid=self.uid, virtual_size=self.vm.host.settings.disk_gib << 30
+        )
         await self.tool_ok(["fsfreeze", "--freeze", ROOT])
         try:
             await self.vmm.switch_disk(overlay)
         finally:
             await self.tool_ok(["fsfreeze", "--unfreeze", ROOT])
-        self.paths = replace(self.paths, disk=overlay)
+        self.top = overlay
 
     async def within(self, what: str, work: Awaitable[T]) -> T:
         """``work`` with the tool deadline: past it the VM is killed (which frees what waits on
@@ -215,30 +214,8 @@ class BuildVm:
             ) from None
 
     async def stop(self) -> None:
-        """Kill the VM and remove its cgroup and run directory (safe to repeat)."""
-        await _remove(self.host, self.vm_id, self.vmm, self.agent, self._serial_cap, self.paths.run_dir)
-
-
-async def _remove(
-    host: Host, vm_id: str, vmm: QemuVmm | None, agent: AgentConnection | None, serial_cap: asyncio.Task[None] | None,
-    run_dir: Path,
-) -> None:  # fmt: skip
-    if serial_cap is not None:
-        serial_cap.cancel()
-    if agent is not None:
-        with contextlib.suppress(Exception):
-            await agent.close()
-    if vmm is not None:
-        await vmm.shutdown()
-    await asyncio.to_thread(host.cgroups.destroy, vm_id)
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def serial_tail(paths: RunPaths) -> str:
-    try:
-        return paths.serial_log.read_text(errors="replace")[-2000:]
-    except OSError:
-        return ""
+        """Kill the VM and free everything it held (safe to repeat)."""
+        await self.vm.close()
 
 
 def step_failed(what: str, out: StepOutput) -> BuildFailed:

@@ -55,25 +55,29 @@ class MachineConfig:
         return cls(**data)
 
 
+# The file descriptors a VMM gets from the daemon, at these numbers (the jailer keeps exactly these open).
+FD_QMP = 3  # a listening Unix socket the daemon bound in the VM's root-owned control directory
+FD_AGENT = 4  # likewise, for the guest agent's virtio-serial port
+FD_SERIAL = 5  # the serial log, opened by the daemon (append)
+FD_FIRST_DISK = 6  # then one read-only fd per backing file of the root disk, base last
+
+
 @dataclass(frozen=True)
-class RunPaths:
-    """Per-run host paths, all inside the VM's private run directory."""
+class DiskChain:
+    """A VM's root disk: ``top`` (the qcow2 the VMM writes) and the read-only chain it backs onto.
 
-    run_dir: Path
-    disk: Path
-    ram_file: Path
+    The backing files reach QEMU as file descriptors the daemon opened, each named as the
+    next one's backing node, so QEMU neither opens them by path nor follows a backing file
+    name from a header (which the VMM that wrote the file controls)."""
 
-    @property
-    def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+    top: Path
+    backing: tuple[Path, ...] = ()
 
-    @property
-    def agent_socket(self) -> Path:
-        return self.run_dir / "agent.sock"
 
-    @property
-    def serial_log(self) -> Path:
-        return self.run_dir / "serial.log"
+@dataclass(frozen=True)
+class RamBacking:
+    path: Path
+    mode: RamMode
 
 
 def kernel_cmdline(accel: Accel) -> str:
@@ -89,12 +93,41 @@ def kernel_cmdline(accel: Accel) -> str:
     return " ".join(parts)
 
 
+def _blockdev(**node: object) -> str:
+    return json.dumps(node, separators=(",", ":"))
+
+
+def disk_args(disk: DiskChain) -> tuple[str, ...]:
+    """The root disk as explicit blockdev nodes: its backing files from fds, base last."""
+    args: list[str] = []
+    below = None
+    for i, _ in reversed(list(enumerate(disk.backing))):
+        fdset = 10 + i
+        args += ["-add-fd", f"fd={FD_FIRST_DISK + i},set={fdset}"]
+        node = {"driver": "qcow2", "node-name": f"b{i}", "read-only": True,
+                "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}", "read-only": True}}  # fmt: skip
+        node["backing"] = below
+        args += ["-blockdev", _blockdev(**node)]
+        below = f"b{i}"
+    top = {"driver": "qcow2", "node-name": "root", "discard": "unmap", "backing": below,
+           "file": {"driver": "file", "filename": str(disk.top), "discard": "unmap"}}  # fmt: skip
+    if not disk.backing:
+        del top["backing"]  # a stand-alone disk, or a build layer chain opened inside the jail
+    return (*args, "-blockdev", _blockdev(**top), "-device", "virtio-blk-device,drive=root")
+
+
 def qemu_argv(
-    binary: str, machine: MachineConfig, paths: RunPaths, ram: RamMode, incoming: bool, extra: tuple[str, ...] = ()
-) -> list[str]:
+    binary: str, machine: MachineConfig, disk: DiskChain, ram: RamBacking, *, incoming: bool,
+    extra: tuple[str, ...] = (),
+) -> list[str]:  # fmt: skip
+    """QEMU's argv. Sockets and the serial log are the daemon's fds (``FD_*``): the VMM
+    never opens a path in its control directory, and after a daemon restart the
+    daemon reconnects to sockets in a directory no VMM can write."""
     mem = f"{machine.memory_mib}M"
-    share = "on" if ram is RamMode.OWN else "off"
-    backend = f"memory-backend-file,id=mem,size={mem},mem-path={paths.ram_file},share={share}"
+    if ram.mode is RamMode.OWN:
+        backend = f"memory-backend-file,id=mem,size={mem},mem-path={ram.path},share=on"
+    else:  # a private copy-on-write mapping of a template the VMM can only read
+        backend = f"memory-backend-file,id=mem,size={mem},mem-path={ram.path},share=off,readonly=on,rom=off"
     argv = [
         binary,
         "-M", f"microvm,accel={machine.accel.value},isa-serial=on,memory-backend=mem",
@@ -106,15 +139,15 @@ def qemu_argv(
         "-kernel", machine.kernel,
         "-initrd", machine.initramfs,
         "-append", machine.cmdline,
-        "-drive", f"id=root,file={paths.disk},format=qcow2,if=none,discard=unmap",
-        "-device", "virtio-blk-device,drive=root",
+        *disk_args(disk),
         "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
+        "-chardev", f"socket,id=agent,fd={FD_AGENT},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},nr=1",
-        # append mode: the daemon may truncate the log under QEMU (see Host.cap_serial_log)
-        "-chardev", f"file,id=serial,path={paths.serial_log},append=on",
+        "-add-fd", f"fd={FD_SERIAL},set=1",
+        "-chardev", "file,id=serial,path=/dev/fdset/1,append=on",
         "-serial", "chardev:serial",
-        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,fd={FD_QMP},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         # seccomp: no spawning (migration goes through passed fds), no setuid.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]  # fmt: skip

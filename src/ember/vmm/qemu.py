@@ -3,19 +3,20 @@
 The VMM is the source of truth for a running VM: :meth:`QemuVmm.status` asks
 QEMU, nothing here caches a guess. Migration streams (snapshots, suspend)
 travel through file descriptors the daemon opens and passes over the QMP
-socket (``getfd``), so the jailed QEMU needs no access to snapshot paths and
-its seccomp filter can forbid spawning processes.
+socket (``getfd``), and so do its sockets, serial log and read-only disks at
+start (see ``machine.FD_*``): the jailed QEMU needs no access to those paths
+and its seccomp filter can forbid spawning processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
-import shutil
+import secrets
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from ember.errors import VmmError, logged
-from ember.vmm.machine import MachineConfig, RamMode, RunPaths, qemu_argv
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,53 @@ MAX_BANDWIDTH = 100 * 1024**3  # the default throttle made snapshots 4x slower
 
 
 @dataclass(frozen=True)
-class Jail:
-    """How the VMM process is confined (see host/jailer.c)."""
+class ControlDir:
+    """A VMM's root-owned control directory (``<data>/run/<id>``): the QMP and agent
+    sockets the daemon binds, the serial and VMM logs the daemon opens, and the empty
+    mount point of the jail's root. No VMM uid can write it, so the daemon may use these
+    paths (a restarted daemon reconnects through them)."""
 
-    jailer: Path
-    uid: int
-    gid: int
-    extra_gid: int
-    cgroup_procs: tuple[Path, ...]
-    new_netns: bool = True
+    path: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.path / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.path / "agent.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.path / "serial.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.path / "vmm.log"
+
+    @property
+    def jail_root(self) -> Path:
+        return self.path / "root"
+
+    def log_tail(self, limit: int = 2000) -> str:
+        return _tail(self.vmm_log, limit)
+
+
+def _tail(path: Path, limit: int) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, limit, max(0, size - limit)).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 class Vmm(Protocol):
+    """What the engine needs from a running VMM, whatever the backend (QEMU here)."""
+
     pid: int
 
     async def status(self) -> str: ...
@@ -52,7 +87,9 @@ class Vmm(Protocol):
     async def resume(self) -> None: ...
     async def save_state(self, fd: int, ignore_shared: bool) -> None: ...
     async def load_state(self, fd: int, ignore_shared: bool) -> None: ...
+    async def switch_disk(self, overlay: Path) -> None: ...
     async def shutdown(self) -> None: ...
+    async def disconnect(self) -> None: ...
     def alive(self) -> bool: ...
 
 
@@ -64,78 +101,85 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def spawn(argv: list[str], fds: list[int], log_fd: int) -> int:
+    """Start ``argv`` in a new session with ``fds`` at 3, 4, ... and stdout/stderr into
+    ``log_fd``; stdin is /dev/null. Returns the pid (the caller reaps it)."""
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in fds]  # no clash with targets 3..
+    try:
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2)]  # fmt: skip
+        actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
+        return os.posix_spawn(argv[0], argv, {}, file_actions=actions, setsid=True)
+    finally:
+        for fd in high:
+            os.close(fd)
+
+
 class QemuVmm:
-    def __init__(self, pid: int, paths: RunPaths, qmp: QMPClient, proc: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, pid: int, control: ControlDir, qmp: QMPClient, *, child: bool) -> None:
         self.pid = pid
-        self.paths = paths
+        self.control = control
         self._qmp = qmp
-        self._proc = proc  # set only when this daemon is the parent (it must reap)
+        self._child = child  # this daemon started it, so it must reap it
+        self._exited = False
+        self._node = "root"  # the root disk's current top node
         self._lock = asyncio.Lock()
 
     # ---- lifecycle -------------------------------------------------------
 
     @classmethod
-    async def start(
-        cls,
-        binary: str,
-        machine: MachineConfig,
-        paths: RunPaths,
-        ram: RamMode,
-        incoming: bool,
-        jail: Jail,
-        extra: tuple[str, ...] = (),
-    ) -> QemuVmm:
-        resolved = shutil.which(binary)
-        if resolved is None:
-            raise VmmError(f"QEMU binary {binary!r} not found: apt-get install qemu-system-x86 or set EMBER_QEMU")
-        argv = qemu_argv(resolved, machine, paths, ram, incoming, extra)
-        full = [
-            str(jail.jailer), str(jail.uid), str(jail.gid), str(jail.extra_gid), str(paths.run_dir),
-            "1" if jail.new_netns else "0", *map(str, jail.cgroup_procs), "--", *argv,
-        ]  # fmt: skip
-        with open(paths.run_dir / "vmm.log", "ab") as vmm_log:
-            proc = subprocess.Popen(
-                full, stdin=subprocess.DEVNULL, stdout=vmm_log, stderr=vmm_log, start_new_session=True, close_fds=True
-            )
+    async def start(cls, argv: list[str], fds: list[int], control: ControlDir) -> QemuVmm:
+        """Run ``argv`` (the jailer, then QEMU) with the daemon's ``fds``; connect to QMP."""
+        log_fd = os.open(control.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            qmp = await cls._connect(paths.qmp_socket, proc.pid, deadline=time.monotonic() + 10)
+            pid = spawn(argv, fds, log_fd)
+        finally:
+            os.close(log_fd)
+        vmm = cls(pid, control, QMPClient(f"ember-{pid}"), child=True)
+        try:
+            await vmm._connect(deadline=time.monotonic() + 10)
         except BaseException:
-            proc.kill()
-            proc.wait()
+            await vmm.shutdown()
             raise
-        return cls(proc.pid, paths, qmp, proc)
+        return vmm
 
     @classmethod
-    async def adopt(cls, pid: int, paths: RunPaths) -> QemuVmm:
+    async def adopt(cls, pid: int, control: ControlDir) -> QemuVmm:
         """Re-attach to a QEMU a previous daemon started."""
         if not _pid_alive(pid):
             raise VmmError(f"QEMU process {pid} is gone")
-        qmp = await cls._connect(paths.qmp_socket, pid, deadline=time.monotonic() + 5)
-        return cls(pid, paths, qmp, None)
+        vmm = cls(pid, control, QMPClient(f"ember-{pid}"), child=False)
+        await vmm._connect(deadline=time.monotonic() + 10)
+        return vmm
 
-    @staticmethod
-    async def _connect(sock: Path, pid: int, deadline: float) -> QMPClient:
+    async def _connect(self, deadline: float) -> None:
         while True:
-            if not _pid_alive(pid):
-                log_tail = ""
-                with contextlib.suppress(OSError):
-                    log_tail = (sock.parent / "vmm.log").read_text(errors="replace")[-2000:]
-                raise VmmError(logged("QEMU exited during start-up", f"its log: {log_tail.strip() or 'no output'}"))
-            if sock.exists():
-                qmp = QMPClient(f"ember-{pid}")
-                try:
-                    await qmp.connect(str(sock))
-                    return qmp
-                except (QMPError, OSError):
-                    with contextlib.suppress(Exception):
-                        await qmp.disconnect()
+            if not self.alive():
+                tail = self.control.log_tail().strip() or "no output"
+                raise VmmError(logged("QEMU exited during start-up", f"its log: {tail}"))
+            try:  # the socket exists from the start: a slow QEMU answers its greeting late
+                await asyncio.wait_for(
+                    self._qmp.connect(str(self.control.qmp_socket)), max(0.1, deadline - time.monotonic())
+                )
+                return
+            except (QMPError, OSError, TimeoutError):
+                with contextlib.suppress(Exception):
+                    await self._qmp.disconnect()
+                self._qmp = QMPClient(f"ember-{self.pid}")
             if time.monotonic() > deadline:
-                raise VmmError(f"QEMU {pid} did not open its QMP socket in time")
-            await asyncio.sleep(0.002)
+                tail = self.control.log_tail().strip() or "no output"
+                raise VmmError(logged(f"QEMU {self.pid} did not answer on its QMP socket in time", f"its log: {tail}"))
+            await asyncio.sleep(0.005)
 
     def alive(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
+        if self._exited:
+            return False
+        if self._child:
+            try:
+                self._exited = os.waitpid(self.pid, os.WNOHANG)[0] == self.pid
+            except ChildProcessError:
+                self._exited = True
+            return not self._exited
         return _pid_alive(self.pid)
 
     async def _cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
@@ -206,11 +250,15 @@ class QemuVmm:
 
     async def switch_disk(self, overlay: Path) -> None:
         """Make ``overlay`` (an existing qcow2 whose backing file is the current
-        top) the root disk's new top: the old top is frozen from now on."""
+        top, at a path inside the VMM's jail) the root disk's new top: the old top
+        is frozen from now on."""
+        node = f"top{secrets.token_hex(4)}"
         await self._cmd(
             "blockdev-snapshot-sync",
-            {"device": "root", "snapshot-file": str(overlay), "format": "qcow2", "mode": "existing"},
-        )
+            {"node-name": self._node, "snapshot-file": str(overlay), "snapshot-node-name": node,
+             "format": "qcow2", "mode": "existing"},
+        )  # fmt: skip
+        self._node = node
 
     async def shutdown(self) -> None:
         """Stop QEMU for good: QMP quit, then SIGKILL if it lingers; always reaps."""
@@ -224,11 +272,8 @@ class QemuVmm:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-        if self._proc is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._proc.wait)
-        else:
-            while _pid_alive(self.pid):
-                await asyncio.sleep(0.005)
+        while self.alive():
+            await asyncio.sleep(0.005)
 
     async def disconnect(self) -> None:
         with contextlib.suppress(Exception):
