@@ -147,4 +147,3 @@ class Host:
 
     def cgroup_pids(self, vm_id: str) -> list[int]:
         return self.cgroups.pids(vm_id)
-
