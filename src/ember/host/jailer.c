@@ -269,6 +269,7 @@ static void build_root(void) {
 
 int main(int argc, char **argv) {
     parse(argc, argv);
+    umask(022); /* the daemon's 077 would make the root's directories untraversable for the uid */
     for (size_t i = 0; i < opt.ncgroups; i++) {
         int fd = open(opt.cgroups[i], O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0 || write(fd, "0\n", 2) != 2) fail(opt.cgroups[i]);
