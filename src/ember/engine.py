@@ -144,8 +144,7 @@ class Engine:
         """Notice a VMM that dies on its own (crash, OOM kill) and mark the VM failed."""
 
         async def watch() -> None:
-            while vm.alive():
-                await asyncio.sleep(0.25)
+            await vm.wait_exit()
             async with self._lock(vm.id):
                 record = self.store.get_vm(vm.id)
                 if record is None or self._runtimes.get(vm.id) is not vm:

@@ -27,6 +27,7 @@ from ember.agent import AgentConnection, ChannelLimits
 from ember.errors import VmmError
 from ember.host.cgroup import CgroupLimits
 from ember.host.jail import JailSpec
+from ember.logs import vlog
 from ember.runtime import SERIAL_LOG_CAP, Host, cap_log_fd
 from ember.vmm.machine import Accel, DiskChain, MachineConfig, RamBacking, RamMode, qemu_argv
 from ember.vmm.qemu import ControlDir, QemuVmm, Vmm
@@ -94,6 +95,11 @@ class MicroVm:
 
     def alive(self) -> bool:
         return self._vmm is not None and self._vmm.alive()
+
+    async def wait_exit(self) -> None:
+        """Return when the VMM process has exited (no polling: a pidfd)."""
+        if self._vmm is not None:
+            await self._vmm.wait_exit()
 
     @classmethod
     async def start(cls, host: Host, plan: VmPlan, *, prepare: Callable[[], object] | None = None) -> MicroVm:
@@ -198,8 +204,8 @@ class MicroVm:
         async def watch() -> None:
             while True:
                 if self._serial_fd >= 0 and cap_log_fd(self._serial_fd, SERIAL_LOG_CAP):
-                    log.warning("%s: guest serial output passed %d bytes; log truncated", self.id, SERIAL_LOG_CAP)
-                await asyncio.sleep(0.25)
+                    vlog(self.id).warning("guest serial output passed 1 MiB; log truncated")
+                await asyncio.sleep(0.5)
 
         return asyncio.create_task(watch(), name=f"serial-{self.id}")
 

@@ -90,6 +90,7 @@ class Vmm(Protocol):
     async def switch_disk(self, overlay: Path) -> None: ...
     async def shutdown(self) -> None: ...
     async def disconnect(self) -> None: ...
+    async def wait_exit(self) -> None: ...
     def alive(self) -> bool: ...
 
 
@@ -181,6 +182,29 @@ class QemuVmm:
                 self._exited = True
             return not self._exited
         return _pid_alive(self.pid)
+
+    async def wait_exit(self) -> None:
+        """Return once the process has exited (and is reaped, if it is ours)."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self.alive()
+            return
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            if self.alive():  # it may have exited before the pidfd was open
+                await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        self.alive()  # reaps our child
 
     async def _cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         try:
