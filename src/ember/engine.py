@@ -152,18 +152,18 @@ class Engine:
                 vlog(vm.id).error("VMM exited unexpectedly; marking the VM FAILED")
                 del self._runtimes[vm.id]
                 await vm.close()
-                self.save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
+                await self.save_async(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
 
         self._watchers[vm.id] = asyncio.create_task(watch(), name=f"watch-{vm.id}")
 
-    def take_charge(
+    async def take_charge(
         self, record: VmRecord, vm: MicroVm, token: str, reason: str = "", ram: RamMode | None = None
     ) -> VmRecord:
         """A VM now runs in ``vm`` (launched, resumed, or re-adopted after a daemon
         restart): watch its VMM and record it RUNNING with the agent's current token."""
         self._runtimes[record.id] = vm
         self._watch(vm)
-        return self.save(
+        return await self.save_async(
             record.moved(VmState.RUNNING, reason, pid=vm.pid, token=token, next_token="", ram=ram or record.ram)
         )
 
@@ -310,7 +310,7 @@ class Engine:
                 raise
             finally:
                 self.pool.refill(image)
-            record = self.take_charge(record, vm, token)
+            record = await self.take_charge(record, vm, token)
         vlog(vm_id).info("launched from %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
         return record
 
@@ -372,7 +372,7 @@ class Engine:
             try:
                 await agent.sync()
                 phases.mark("guest_sync")
-                with staging(layout.suspended.path) as tmp:
+                async with staging(layout.suspended.path) as tmp:
                     snap = Snapshot(tmp)
                     tap = StreamTap.sink(snap.state)
                     try:
@@ -472,7 +472,7 @@ class Engine:
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
             consumed = snap.path.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
             self.spawn_chore(asyncio.to_thread(shutil.rmtree, consumed, True))
-            self.take_charge(record, vm, token, ram=RamMode.OWN)
+            await self.take_charge(record, vm, token, ram=RamMode.OWN)
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)

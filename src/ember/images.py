@@ -203,7 +203,7 @@ class ImageStore:
                 started = time.perf_counter()
                 tarball = await self._base_tarball(progress)
                 token = secrets.token_hex(16)
-                with staging(self.settings.images_dir / BASE_IMAGE) as tmp:
+                async with staging(self.settings.images_dir / BASE_IMAGE) as tmp:
                     progress("creating the root filesystem (ext4)")
                     await asyncio.to_thread(
                         rootfs.disk_from_tarball, tarball, Snapshot(tmp).disk, self.settings.disk_gib, tmp
@@ -298,7 +298,7 @@ class ImageStore:
 
         Builds run concurrently: each has its own name, staging directory, template VM id and group id."""
         with self._making(name):
-            with staging(self.settings.images_dir / name) as tmp:
+            async with staging(self.settings.images_dir / name) as tmp:
                 progress("flattening the layers into the image disk")
                 await asyncio.to_thread(rootfs.flatten, top, Snapshot(tmp).disk)
                 progress("booting the image to start the app (cold boot)")
@@ -311,7 +311,7 @@ class ImageStore:
         """A new image holding ``source``'s snapshot: its files copied (holes kept), its own group id."""
         async with self._build_lock:
             with self._making(name):
-                with staging(self.settings.images_dir / name) as tmp:
+                async with staging(self.settings.images_dir / name) as tmp:
                     gid = self._take_gid(name)
                     src = self.snapshot(source)
                     files = [src.ram, src.disk, src.state, src.manifest_file]
@@ -329,7 +329,7 @@ class ImageStore:
         """Turn a full migration stream of a running VM plus a copy of its disk into an image."""
         async with self._build_lock:
             with self._making(name):
-                with staging(self.settings.images_dir / name) as tmp:
+                async with staging(self.settings.images_dir / name) as tmp:
                     # the VM's disk over its image's, read through a chain Ember names (no header is followed)
                     base = self.snapshot(self.get(source.image))
                     qemu_img = self.host.qemu_img.with_groups(self.get(source.image).gid)

@@ -117,9 +117,9 @@ class MicroVm:
     async def _start(self, plan: VmPlan, prepare: Callable[[], object] | None) -> None:
         settings = self.host.settings
         control = self.control
-        shutil.rmtree(control.path, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, control.path, True)
         control.path.mkdir(mode=0o700, parents=True)
-        self._on_close("control directory", lambda: shutil.rmtree(control.path, ignore_errors=True))
+        self._on_close("control directory", lambda: asyncio.to_thread(shutil.rmtree, control.path, True))
         control.jail_root.mkdir(mode=0o755)
         if prepare is not None:
             await asyncio.to_thread(prepare)
@@ -170,7 +170,7 @@ class MicroVm:
             vm._vmm = await QemuVmm.adopt(pid, vm.control)
             vm._on_close("VMM", vm._vmm.shutdown)
             vm._on_close("cgroup", lambda: asyncio.to_thread(host.cgroups.destroy, vm_id))
-            vm._on_close("control directory", lambda: shutil.rmtree(vm.control.path, ignore_errors=True))
+            vm._on_close("control directory", lambda: asyncio.to_thread(shutil.rmtree, vm.control.path, True))
             with contextlib.suppress(OSError):
                 vm._serial_fd = os.open(vm.control.serial_log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
                 vm._on_close("serial log", vm._close_serial)

@@ -152,7 +152,7 @@ async def _finish(engine: Engine, record: VmRecord, vm: MicroVm, token: str, sta
         await vm.agent.restore_identity(record.id, token, os.urandom(64), time.time_ns())
         shutil.rmtree(engine.host.layout(record.id).suspended.path, ignore_errors=True)
     reason = StopReason.DAEMON_RESTART.value if status != "running" else ""
-    engine.take_charge(record, vm, token, reason)
+    await engine.take_charge(record, vm, token, reason)
     vlog(record.id).info("re-adopted running VM (pid %d)", record.pid)
 
 

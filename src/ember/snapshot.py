@@ -24,7 +24,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -246,16 +246,17 @@ class StreamTap:
         return FileDigest(self._hash.hexdigest(), self._size)
 
 
-@contextlib.contextmanager
-def staging(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; on success it atomically becomes ``final``."""
+@contextlib.asynccontextmanager
+async def staging(final: Path) -> AsyncIterator[Path]:
+    """Yield a temporary sibling of ``final``; on success it atomically becomes ``final``
+    (its fsyncs and renames run off the event loop)."""
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(mode=0o700, parents=True)
     try:
         yield tmp
-        commit(tmp, final)
+        await asyncio.to_thread(commit, tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
         raise
 
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
 from ember.errors import SnapshotError
-from ember.snapshot import StreamTap, hash_file, load_manifest, new_manifest, staging, verify_files, write_manifest
+from ember.snapshot import (
+    Snapshot,
+    StreamTap,
+    hash_file,
+    load_manifest,
+    new_manifest,
+    staging,
+    verify_files,
+)
 from ember.vmm.machine import Accel, MachineConfig
 
 MACHINE = MachineConfig(Accel.TCG, 256, 1, "/boot/k", "/i", "console=ttyS0", "QEMU 7.2")
@@ -16,9 +25,14 @@ MACHINE = MachineConfig(Accel.TCG, 256, 1, "/boot/k", "/i", "console=ttyS0", "QE
 
 def make(tmp_path: Path) -> Path:
     final = tmp_path / "snap"
-    with staging(final) as tmp:
-        (tmp / "state").write_bytes(os.urandom(1000))
-        write_manifest(tmp, new_manifest("suspend", MACHINE, {"state": hash_file(tmp / "state")}, False))
+
+    async def stage() -> None:
+        async with staging(final) as tmp:
+            snap = Snapshot(tmp)
+            snap.state.write_bytes(os.urandom(1000))
+            snap.write(new_manifest("suspend", MACHINE, {Snapshot.STATE: hash_file(snap.state)}, False))
+
+    asyncio.run(stage())
     return final
 
 
@@ -30,10 +44,11 @@ def test_round_trip_and_machine_config(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["snap"], "staging left files behind"
 
 
-def test_failed_staging_leaves_nothing(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), staging(tmp_path / "snap") as tmp:
-        (tmp / "state").write_bytes(b"x")
-        raise RuntimeError("disk full")
+async def test_failed_staging_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        async with staging(tmp_path / "snap") as tmp:
+            (tmp / "state").write_bytes(b"x")
+            raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
 
 
