@@ -38,8 +38,8 @@ MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # ---- reading a process -----------------------------------------------------------
 
 
-def status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+def status(pid: int, task: str = "") -> dict[str, str]:
+    lines = Path(f"/proc/{pid}", task, "status").read_text().splitlines()
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
@@ -340,6 +340,14 @@ def test_vmm_posture(vm: str, client: Client, daemon: DaemonProcess, settings: S
     assert st["NoNewPrivs"] == "1"
     assert st["Seccomp"] == "2"  # QEMU's -sandbox filter
     assert os.readlink(f"/proc/{pid}/exe") == os.path.realpath(shutil.which(settings.qemu_binary) or "?")
+    # every thread as confined as the process (seccomp synced to all), no child process, no terminal
+    keys = ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapPrm", "CapEff", "CapAmb")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+            ts = status(pid, f"task/{task.name}")
+            assert {k: ts[k] for k in keys} == {k: st[k] for k in keys}, task.name
+            assert (task / "children").read_text().split() == [], task.name
+    assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[4] == "0"  # tty_nr
 
     # namespaces: neither the daemon's mounts nor its network
     for ns in ("mnt", "net"):
