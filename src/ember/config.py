@@ -40,9 +40,9 @@ class Settings:
     # Image-build VMs (RUN steps: package installs, compilers) get more memory than app VMs.
     build_memory_mib: int = _env("EMBER_BUILD_MEMORY_MIB", 1024)
     # All host ids of this daemon come from [uid_base, uid_base + uid_count): the lower half are
-    # VMM uids (each VMM its own uid and primary gid), the upper half image group ids, the last three
-    # the layer cache's group, qemu-img's uid and the image builder's uid. Daemons on one host need
-    # ranges that do not overlap.
+    # VMM uids (every VMM, build and capture VMs too, its own uid and primary gid), the upper half
+    # image group ids, then the layer cache's group and qemu-img's uid (the last id is unused).
+    # Daemons on one host need ranges that do not overlap.
     uid_base: int = _env("EMBER_UID_BASE", 640000)
     uid_count: int = _env("EMBER_UID_COUNT", 65536)
     vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
@@ -125,10 +125,6 @@ class Settings:
     def qemu_img_uid(self) -> int:
         """The uid (and gid) every qemu-img runs as (ember.host.qemuimg); no VMM has it."""
         return self.uid_base + self.uid_count - 2
-
-    @property
-    def builder_uid(self) -> int:
-        return self.uid_base + self.uid_count - 1
 
     @property
     def db_path(self) -> Path:

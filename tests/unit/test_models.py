@@ -36,7 +36,7 @@ def test_settings_from_env() -> None:
 
 def test_host_id_layout_is_disjoint() -> None:
     s = Settings.from_env({"EMBER_UID_BASE": "1000", "EMBER_UID_COUNT": "100"})
-    assert s.vmm_uids == range(1000, 1050) and s.image_gids == range(1050, 1097) and s.builder_uid == 1099
+    assert s.vmm_uids == range(1000, 1050) and s.image_gids == range(1050, 1097)
     assert (s.layer_gid, s.qemu_img_uid) == (1097, 1098)
-    singles = {s.layer_gid, s.qemu_img_uid, s.builder_uid}
+    singles = {s.layer_gid, s.qemu_img_uid}
     assert not set(s.vmm_uids) & set(s.image_gids) and not singles & (set(s.vmm_uids) | set(s.image_gids))

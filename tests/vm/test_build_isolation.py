@@ -95,4 +95,4 @@ def test_concurrent_build_vms_run_under_different_uids(client: Client, daemon: D
     assert any(len(uids) == 2 for uids in seen), seen  # both build VMs at once, each its own uid
     settings: Settings = daemon.settings
     every = set().union(*seen)
-    assert every <= set(settings.vmm_uids) and settings.builder_uid not in every
+    assert every <= set(settings.vmm_uids) and settings.qemu_img_uid not in every

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROOT = "/newroot"
+RESOLV_CONF = Path("/etc/resolv.conf")
 OUTPUT_TAIL = 4000
 # A RUN step's host deadline passes this long after the agent's own timeout (which reports output and status).
 HOST_GRACE_S = 5.0
@@ -88,6 +89,8 @@ class BuildVm:
         plan = VmPlan(
             vm_id=vm_id, machine=machine, disk=DiskChain(top), ram=RamBacking(ram, RamMode.OWN), uid=uid,
             groups=(host.settings.layer_gid,), network=network, extra_args=extra, rw_paths=(top.parent,),
+            # QEMU's user-mode network forwards the guest's DNS to the host's resolvers, read from here
+            ro_paths=(RESOLV_CONF,) if network else (),
         )  # fmt: skip
         vm = await MicroVm.start(host, plan, prepare=lambda: new_ram_file(ram, machine.memory_mib, uid))
         try:

@@ -158,7 +158,8 @@ class LayerCache:
         except BaseException:
             self._drop(key)
             raise
-        below_digests = [] if below is None else json.loads(self._marker(below.key).read_text())["chain"]
+        # the marker of the file below: a metadata-only step (ENV, WORKDIR...) shares its parent's disk
+        below_digests = [] if below is None else json.loads(self._marker(below.disk.stem).read_text())["chain"]
         record = {
             "config": config.to_json(), "virtual_size": virtual_size,
             "chain": [[key, self._seen[key].digest], *below_digests],
