@@ -54,7 +54,8 @@ class WarmPool:
         self.size = size
         self._start = start
         self._entries: dict[tuple[str, str], list[Warm]] = {}
-        self._fillers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._making: dict[tuple[str, str], set[asyncio.Task[None]]] = {}  # pre-starts in flight
+        self._failures: dict[tuple[str, str], int] = {}  # consecutive failed pre-starts
         self._dropped: set[tuple[str, str]] = set()
         self._discards: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
@@ -76,43 +77,49 @@ class WarmPool:
                     if warm.vm.alive() and warm.vm.agent is not None and not warm.vm.agent.closed:
                         return warm
                     self._discard_later(warm)
-                filler = self._fillers.get(key)
                 left = deadline - asyncio.get_running_loop().time()
-                if filler is None or filler.done() or left <= 0:
+                if not self._making.get(key) or left <= 0:
                     return None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
 
     def refill(self, image: ImageRecord) -> None:
+        """Start a pre-start for every missing entry at once: a pre-start is mostly the guest's
+        first run under TCG, so two in flight use both cores and keep up with launches."""
         key = self.key(image)
-        if self.size <= 0 or key in self._dropped or (key in self._fillers and not self._fillers[key].done()):
+        if self.size <= 0 or key in self._dropped:
             return
-        self._fillers[key] = asyncio.create_task(self._fill(image), name=f"pool-{image.name}")
+        making = self._making.setdefault(key, set())
+        for _ in range(self.size - len(self._entries.get(key, [])) - len(making)):
+            task = asyncio.create_task(self._make(image), name=f"pool-{image.name}")
+            making.add(task)
+            task.add_done_callback(making.discard)
 
-    async def _fill(self, image: ImageRecord) -> None:
+    async def _make(self, image: ImageRecord) -> None:
         key = self.key(image)
-        entries = self._entries.setdefault(key, [])
-        failures = 0
-        while len(entries) < self.size:
-            vm_id, uid = new_vm_id(), self.host.uids.allocate()
-            try:
-                vm = await self._start(vm_id, uid, image)
-            except BaseException as exc:  # cancelled by drop() or close() too: the starter freed what it held
-                await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-                self.host.uids.release(uid)
-                if not isinstance(exc, Exception):
-                    raise
-                delay = RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S) - 1)]
-                failures += 1
-                log.warning("could not pre-start a VMM for image %s (%s); retrying in %.0f s", image.name, exc, delay)
-                async with self._changed:
-                    self._changed.notify_all()  # nobody should wait for an entry that is not coming soon
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            entries.append(Warm(vm, uid))
+        vm_id, uid = new_vm_id(), self.host.uids.allocate()
+        try:
+            warm = Warm(await self._start(vm_id, uid, image), uid)
+        except BaseException as exc:  # cancelled by drop() or close() too: the starter freed what it held
+            await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
+            self.host.uids.release(uid)
+            if not isinstance(exc, Exception):
+                raise
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = RETRY_DELAYS_S[min(failures - 1, len(RETRY_DELAYS_S) - 1)]
+            log.warning("could not pre-start a VMM for image %s (%s); retrying in %.0f s", image.name, exc, delay)
             async with self._changed:
-                self._changed.notify_all()
+                self._changed.notify_all()  # nobody should wait for an entry that is not coming soon
+            await asyncio.sleep(delay)
+            current = asyncio.current_task()
+            if current is not None:
+                self._making.get(key, set()).discard(current)
+            self.refill(image)  # this one no longer counts as in flight
+            return
+        self._failures.pop(key, None)
+        self._entries.setdefault(key, []).append(warm)
+        async with self._changed:
+            self._changed.notify_all()
 
     def _discard_later(self, warm: Warm) -> None:
         task = asyncio.create_task(self._discard(warm))
@@ -124,23 +131,22 @@ class WarmPool:
         await asyncio.to_thread(shutil.rmtree, self.host.layout(warm.vm.id).root, True)
         self.host.uids.release(warm.uid)
 
+    async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def drop(self, image: ImageRecord) -> None:
         """Discard every warm entry of ``image`` (it is being removed); no refill starts for it again."""
         key = self.key(image)
         self._dropped.add(key)
-        filler = self._fillers.pop(key, None)
-        if filler is not None:
-            filler.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await filler
+        await self._cancel(self._making.pop(key, set()))
         for warm in self._entries.pop(key, []):
             await self._discard(warm)
 
     async def close(self) -> None:
-        for task in self._fillers.values():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for making in self._making.values():
+            await self._cancel(making)
         await asyncio.gather(*self._discards, return_exceptions=True)
         for entries in self._entries.values():
             for warm in entries:

@@ -158,10 +158,9 @@ class QemuVmm:
             if not self.alive():
                 tail = self.control.log_tail().strip() or "no output"
                 raise VmmError(logged("QEMU exited during start-up", f"its log: {tail}"))
-            try:  # the socket exists from the start: a slow QEMU answers its greeting late
-                await asyncio.wait_for(
-                    self._qmp.connect(str(self.control.qmp_socket)), max(0.1, deadline - time.monotonic())
-                )
+            try:  # the socket exists from the start: a slow QEMU answers its greeting late, a dead one never
+                attempt_s = min(2.0, max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(self._qmp.connect(str(self.control.qmp_socket)), attempt_s)
                 return
             except (QMPError, OSError, TimeoutError):
                 with contextlib.suppress(Exception):
