@@ -50,6 +50,9 @@ class Settings:
     vmm_overhead_mib: int = _env("EMBER_VMM_OVERHEAD_MIB", 256)
     # CPU time a VMM may use beyond one core per vCPU (QEMU's I/O thread), in cores (cgroup cpu quota).
     vmm_cpu_overhead: float = _env("EMBER_VMM_CPU_OVERHEAD", 0.5)
+    # What all VMMs together weigh against the daemon (100) when the CPU is contended (cgroup cpu.weight;
+    # cpu.shares on v1): the API stays responsive while VMs boot and builds run.
+    vmm_cpu_weight: int = _env("EMBER_VMM_CPU_WEIGHT", 25)
     # Throttles on a VMM's I/O to the disk holding data_dir (cgroup io.max / blkio); 0 = unlimited.
     # The defaults are above what one VM needs, so they only stop a single VM from saturating the disk.
     vmm_io_read_bps: int = _env("EMBER_VMM_IO_READ_BPS", 2 * 1024**3)

@@ -179,3 +179,18 @@ def test_v1_writes_each_hierarchy(tmp_path: Path) -> None:
     assert not (blkio / "blkio.throttle.read_iops_device").exists()  # 0: no rule
     assert (blkio / "blkio.throttle.write_iops_device").read_text() == "254:0 40"
     assert cg.names() == ["vm1"]
+
+
+def test_all_vmms_together_weigh_less_than_the_daemon(tmp_path: Path) -> None:
+    v2 = fake_v2(tmp_path / "cg", "cpu io memory pids")
+    (v2 / "ember-x").mkdir()
+    (v2 / "ember-x/cpu.weight").write_text("100")  # the kernel makes it with the directory
+    CgroupsV2("ember-x", v2, cpu_weight=25)
+    assert (v2 / "ember-x/cpu.weight").read_text() == "25"
+    v1 = tmp_path / "v1"
+    for h in ("memory", "pids", "cpu", "blkio"):
+        (v1 / h).mkdir(parents=True)
+    (v1 / "cpu/ember-x").mkdir()
+    (v1 / "cpu/ember-x/cpu.shares").write_text("1024")
+    CgroupsV1("ember-x", v1, cpu_weight=25)
+    assert (v1 / "cpu/ember-x/cpu.shares").read_text() == "256"

@@ -142,10 +142,13 @@ def _rmdir_if_empty(dirs: list[Path]) -> None:
             d.rmdir()
 
 
+DEFAULT_WEIGHT = 100  # cgroup v2's default cpu.weight
+
+
 class CgroupsV2:
     CONTROLLERS = ("memory", "pids", "cpu", "io")
 
-    def __init__(self, group: str, root: Path = ROOT) -> None:
+    def __init__(self, group: str, root: Path = ROOT, *, cpu_weight: int = DEFAULT_WEIGHT) -> None:
         self.base = root / group
         self.base.mkdir(exist_ok=True)
         available = (root / "cgroup.controllers").read_text().split()
@@ -157,6 +160,8 @@ class CgroupsV2:
             if c not in enabled:
                 (root / "cgroup.subtree_control").write_text(f"+{c}")
         (self.base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in self.CONTROLLERS))
+        if (self.base / "cpu.weight").exists():
+            (self.base / "cpu.weight").write_text(str(cpu_weight))
 
     def create(self, name: str, limits: CgroupLimits) -> list[Path]:
         d = self.base / name
@@ -191,10 +196,12 @@ class CgroupsV1:
     THROTTLE: ClassVar[dict[str, str]] = {"rbps": "read_bps_device", "wbps": "write_bps_device",
                                           "riops": "read_iops_device", "wiops": "write_iops_device"}  # fmt: skip
 
-    def __init__(self, group: str, root: Path = ROOT) -> None:
+    def __init__(self, group: str, root: Path = ROOT, *, cpu_weight: int = DEFAULT_WEIGHT) -> None:
         self.roots = {h: root / h / group for h in self.HIERARCHIES}
         for d in self.roots.values():
             d.mkdir(exist_ok=True)
+        if (self.roots["cpu"] / "cpu.shares").exists():  # v1's scale: 1024 is the default weight
+            (self.roots["cpu"] / "cpu.shares").write_text(str(max(2, cpu_weight * 1024 // DEFAULT_WEIGHT)))
 
     def _dirs(self, name: str) -> list[Path]:
         return [d / name for d in self.roots.values()]
@@ -230,11 +237,13 @@ def group_for(data_dir: Path) -> str:
     return "ember-" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
 
 
-def detect(group: str, root: Path = ROOT) -> Cgroups:
+def detect(group: str, root: Path = ROOT, *, cpu_weight: int = DEFAULT_WEIGHT) -> Cgroups:
+    """The host's cgroup layout; ``cpu_weight`` is what all of this daemon's VMMs together weigh
+    against a sibling of default weight (the daemon) when the CPU is contended."""
     if (root / "cgroup.controllers").exists():
-        return CgroupsV2(group, root)
+        return CgroupsV2(group, root, cpu_weight=cpu_weight)
     if all((root / h).is_dir() for h in CgroupsV1.HIERARCHIES):
-        return CgroupsV1(group, root)
+        return CgroupsV1(group, root, cpu_weight=cpu_weight)
     raise HostSetupError(
         "no usable cgroup hierarchy under /sys/fs/cgroup (need v2 with memory, pids, cpu and io,"
         " or v1 memory, pids, cpu and blkio)"
