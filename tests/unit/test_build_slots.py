@@ -105,7 +105,11 @@ async def test_a_build_failing_with_any_exception_ends_create_failed_without_int
     """Whatever a build raises, its record ends CREATE_FAILED with an id to look up, never the internals."""
     settings = Settings(data_dir=tmp_path / "data", cache_dir_override=str(tmp_path / "cache"))
     settings.data_dir.mkdir()
-    images = SimpleNamespace(settings=settings, accel=SimpleNamespace(accel=SimpleNamespace(value="tcg")))
+    images = SimpleNamespace(
+        settings=settings,
+        host=SimpleNamespace(settings=settings),
+        accel=SimpleNamespace(accel=SimpleNamespace(value="tcg")),
+    )
     uids = iter(range(700_000, 700_010))
     service = BuildService(
         Store(settings.db_path),

@@ -75,7 +75,7 @@ def leftovers(settings: Settings) -> list[str]:
 
 
 def build_vm_pids(settings: Settings) -> list[int]:
-    marker = str(settings.data_dir / "run" / "build-").encode()
+    marker = str(settings.data_dir / "layers").encode()  # a build VM's root disk is a layer (cold or restored)
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -83,7 +83,10 @@ def build_vm_pids(settings: Settings) -> list[int]:
                 cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmdline and marker in cmdline and process_alive(int(proc.name)):
+            if (
+                b"qemu-system" in cmdline and b"ember.build=1" in cmdline and marker in cmdline
+                and process_alive(int(proc.name))
+            ):  # fmt: skip
                 pids.append(int(proc.name))
     return pids
 

@@ -5,6 +5,11 @@ Filesystem steps (RUN, COPY, ADD, WORKDIR) look up the layer cache first; on a
 miss the stage's build VM starts (once per stage, on the first miss) and the
 step runs in it. Only the stages the target needs are built.
 
+A build VM is restored from the daemon's builder snapshot for the build's
+layout (ember.build.template; made on first need, started as a stage begins
+so that it boots while the base is fetched); it cold-boots only when the
+stage's disks do not fit the snapshot's devices.
+
 Each build VM runs as a uid of its own (leased from the daemon for as long as
 the VM runs). The layer a step made stays that uid's while the VM may still
 write it: it is finished (root's, read-only, digest recorded: ember.build.layers)
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import posixpath
 import re
 import secrets
@@ -46,11 +52,14 @@ from ember.build.dockerfile import (
 )
 from ember.build.layers import Layer, step_key
 from ember.build.tarread import Kind, TarLimits, clean, open_tar
+from ember.build.template import BuilderTemplates
 from ember.config import Settings
-from ember.errors import BuildFailed, EmberError, InvalidRequest
+from ember.errors import BuildFailed, EmberError, InvalidRequest, SnapshotError
 from ember.guest.protocol import MAX_ID
 from ember.runtime import Host
 from ember.vmm.machine import MachineConfig
+
+log = logging.getLogger(__name__)
 
 FS_STEPS = frozenset({"RUN", "COPY", "ADD", "WORKDIR"})
 # In the build VM's devtmpfs (mounted over the image's /dev): RUN steps see it, no layer keeps it.
@@ -92,10 +101,11 @@ UidLease = Callable[[bool], AbstractAsyncContextManager[int]]
 class Builder:
     def __init__(
         self, settings: Settings, host: Host, machine: Callable[[str], MachineConfig], bases: BaseLayers, log: Log,
-        *, lease_uid: UidLease,
+        *, lease_uid: UidLease, templates: BuilderTemplates,
     ) -> None:  # fmt: skip
         self.settings = settings
         self.lease_uid = lease_uid
+        self.templates = templates  # the daemon's builder snapshots
         self.host = host
         self.machine = machine  # token -> build VM machine config
         self.bases = bases
@@ -148,9 +158,12 @@ class StageBuild:
         self._vm_uid = AsyncExitStack()  # the running build VM's uid lease
         self._pending: tuple[Layer, Layer, AsyncExitStack] | None = None  # (made, below, its claim) unfinished
         self.from_disks: list[Path] = []
+        self.from_sizes: list[int] = []  # their virtual sizes
         self.from_index: dict[str, int] = {}
 
     async def run(self) -> Layer:
+        if any(ins.name in FS_STEPS for ins in self.stage.instructions):
+            self.b.templates.prepare(self.opts.network)  # boots (once) while the base is fetched
         base_stage = _stage_ref(self.df, self.stage.base, self.stage.index)
         if base_stage is not None:
             layer = self.done[base_stage.index]
@@ -202,11 +215,10 @@ class StageBuild:
         if ref in self.from_index:
             return
         dep = _stage_ref(self.df, ref, self.stage.index)
-        disk = (
-            self.done[dep.index].disk if dep is not None else (await self.b.bases.layer(ref, self.ctx, self.b.log)).disk
-        )
+        layer = self.done[dep.index] if dep is not None else await self.b.bases.layer(ref, self.ctx, self.b.log)
         self.from_index[ref] = len(self.from_disks)
-        self.from_disks.append(disk)
+        self.from_disks.append(layer.disk)
+        self.from_sizes.append(layer.virtual_size)
 
     # ---- steps -------------------------------------------------------------
 
@@ -292,7 +304,7 @@ class StageBuild:
                     await self.b.bases.qemu_img.create_overlay(
                         layer.disk, disk, owner_uid=uid, virtual_size=layer.virtual_size
                     )
-                    self.vm = await self._start_vm(disk, uid)
+                    self.vm = await self._start_vm(disk, layer.virtual_size, uid)
                 else:
                     await self.vm.new_layer(disk)
                     await self._finish_pending(keep=True)  # the VM writes the new top now, never the old
@@ -305,14 +317,31 @@ class StageBuild:
             self._pending = (made, layer, claim.pop_all())  # finished when the VM moves on or stops
             return made, False
 
-    async def _start_vm(self, top: Path, uid: int) -> BuildVm:
-        token = secrets.token_hex(16)
-        self.b.log(f"[stage {self.stage.index}] starting the build VM (cold boot)")
+    async def _start_vm(self, top: Path, virtual_size: int, uid: int) -> BuildVm:
         started = time.perf_counter()
-        vm = await BuildVm.start(
-            self.b.host, self.b.machine(token), token, top, self.from_disks, self.opts.network, uid,
-            Deadlines(boot_s=self.b.settings.boot_timeout_s, tool_s=self.b.settings.build_tool_timeout_s),
-        )  # fmt: skip
+        deadlines = Deadlines(boot_s=self.b.settings.boot_timeout_s, tool_s=self.b.settings.build_tool_timeout_s)
+        template = await self.b.templates.get(self.opts.network)
+        vm = None
+        if template is None:
+            why = "no builder snapshot"
+        elif not template.fits([virtual_size, *self.from_sizes]):
+            why = "its disks do not fit the builder snapshot"
+        else:
+            self.b.log(f"[stage {self.stage.index}] starting the build VM (from the builder snapshot)")
+            try:
+                vm = await BuildVm.restore(
+                    self.b.host, template, top, self.from_disks, self.opts.network, uid, deadlines
+                )
+            except SnapshotError as exc:  # its state failed its check: never run, made again next time
+                log.error("builder snapshot %s dropped: %s", template.snapshot.path.name, exc)
+                await self.b.templates.discard(template)
+                why = "the builder snapshot was damaged"
+        if vm is None:
+            token = secrets.token_hex(16)
+            self.b.log(f"[stage {self.stage.index}] starting the build VM (cold boot: {why})")
+            vm = await BuildVm.start(
+                self.b.host, self.b.machine(token), token, top, self.from_disks, self.opts.network, uid, deadlines
+            )
         try:
             if self.opts.host_ca_certs:
                 await self._hand_in_ca(vm)

@@ -1,11 +1,16 @@
 """The micro-VM a build stage runs in: RUN steps are untrusted code, so they run here.
 
-The VM boots Ember's build initramfs (agent in build mode plus a static
+The VM runs Ember's build initramfs (agent in build mode plus a static
 busybox) with the stage's layer chain as its root disk, mounted at /newroot
 and never entered by the agent itself: steps run chrooted into it, Ember's
 tools run from outside it. Each finished step becomes a layer: the guest
 syncs and freezes the filesystem, QEMU switches the disk to a new qcow2
 overlay (the old top is never written again), the guest thaws.
+
+It is restored from the builder snapshot (ember.build.template) with the
+stage's disks behind the snapshot's devices; it cold-boots only when they do
+not fit there. Either way its agent mounts the root disk at the identity step
+(RESTORE), after dropping what its kernel read of the disks before.
 
 A RUN step is root in the guest and can stop the agent from ever answering,
 so every exec here has a deadline on the host too: when it passes, the build
@@ -17,18 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from ember.agent import AgentConnection, ExecRequest, ExecResult
+from ember.agent import AgentConnection, ExecRequest, ExecResult, identity_request
+from ember.build.template import BuilderTemplate, device_args
 from ember.errors import BuildFailed, EmberError
 from ember.guest.artifacts import BUILD_TOOL
 from ember.microvm import MicroVm, VmPlan
 from ember.runtime import Host, new_ram_file
-from ember.vmm.machine import DiskChain, MachineConfig, RamBacking, RamMode, readonly_disk_args, user_network_args
+from ember.snapshot import load_verified, migration_deadline
+from ember.vmm.machine import DiskChain, MachineConfig, RamBacking, RamMode
 from ember.vmm.qemu import Vmm
 
 log = logging.getLogger(__name__)
@@ -75,7 +84,8 @@ class BuildVm:
         cls, host: Host, machine: MachineConfig, token: str, top: Path, readonly: list[Path], network: bool,
         uid: int, deadlines: Deadlines,
     ) -> BuildVm:  # fmt: skip
-        """Boot a build VM; ``machine`` must use the build initramfs and ``ember.build=1``.
+        """Cold-boot a build VM (when the builder snapshot does not fit: see :meth:`restore`);
+        ``machine`` must use the build initramfs and ``ember.build=1``.
 
         Its VMM runs as ``uid`` (the build's own) and sees, besides its own RAM file, only
         the layer directory (0710, not listable): finished layers are root's, 0440 with the
@@ -83,38 +93,69 @@ class BuildVm:
         there while it runs (see :meth:`new_layer`)."""
         vm_id = f"build-{secrets.token_hex(4)}"
         ram = host.control_dir(vm_id).path / "ram"
-        extra: tuple[str, ...] = user_network_args() if network else ()
-        for i, disk in enumerate(readonly):
-            extra += readonly_disk_args(i, disk)
         plan = VmPlan(
             vm_id=vm_id, machine=machine, disk=DiskChain(top), ram=RamBacking(ram, RamMode.OWN), uid=uid,
-            groups=(host.settings.layer_gid,), network=network, extra_args=extra, rw_paths=(top.parent,),
-            # QEMU's user-mode network forwards the guest's DNS to the host's resolvers, read from here
-            ro_paths=(RESOLV_CONF,) if network else (),
+            groups=(host.settings.layer_gid,), network=network, extra_args=device_args(network, readonly),
+            ro_paths=_resolv_conf(network), rw_paths=(top.parent,),
         )  # fmt: skip
         vm = await MicroVm.start(host, plan, prepare=lambda: new_ram_file(ram, machine.memory_mib, uid))
         try:
             agent = await vm.connect_agent(token, deadlines.boot_s, first_boot=True)
+            await agent.restore_identity(vm_id, token, os.urandom(64), time.time_ns())  # mounts the root disk
         except BaseException:
             log.error("build VM did not start: %s", vm.serial_tail(2000))
             await vm.close()
             raise
-        build = cls(vm, agent, top, uid, deadlines)
+        return await cls(vm, agent, top, uid, deadlines)._devices(network, len(readonly))
+
+    @classmethod
+    async def restore(
+        cls, host: Host, template: BuilderTemplate, top: Path, readonly: list[Path], network: bool, uid: int,
+        deadlines: Deadlines,
+    ) -> BuildVm:  # fmt: skip
+        """A build VM restored from ``template`` (its layout: ``network``; ``readonly`` fits its
+        slots) with ``top`` behind its root device. Its RAM is the template's file mapped
+        privately and read-only (what it writes is its own); its VMM is confined as in
+        :meth:`start`. It runs only after the template's state passed its SHA-256 check, and
+        gets a fresh identity (RNG seed, clock, hostname, token) at once."""
+        vm_id = f"build-{secrets.token_hex(4)}"
+        plan = VmPlan(
+            vm_id=vm_id, machine=template.machine, disk=DiskChain(top), ram=RamBacking(template.ram, RamMode.CLONE),
+            uid=uid, groups=(host.settings.layer_gid,), incoming=True, network=network,
+            extra_args=device_args(network, template.slots(readonly)),
+            ro_paths=(template.blank_disk, *_resolv_conf(network)), rw_paths=(top.parent,),
+        )  # fmt: skip
+        vm = await MicroVm.start(host, plan)
+        try:
+            agent = await vm.open_agent(deadlines.boot_s)
+            async with migration_deadline(host.settings.migration_timeout_s, "loading the builder snapshot"):
+                await load_verified(vm.vmm, template.snapshot.state, template.state, ignore_shared=True)
+            await vm.vmm.resume()
+            identity = identity_request(vm_id, secrets.token_hex(16), os.urandom(64), time.time_ns())
+            await agent.authenticate(template.token, deadlines.boot_s, then=identity)  # mounts the root disk
+        except BaseException:
+            log.error("build VM did not restore: %s", vm.serial_tail(2000))
+            await vm.close()
+            raise
+        return await cls(vm, agent, top, uid, deadlines)._devices(network, len(readonly))
+
+    async def _devices(self, network: bool, readonly: int) -> BuildVm:
+        """Bring up the NIC and mount the COPY --from disks (by serial); the VM is stopped if that fails."""
         try:
             if network:
-                await build.tool_ok(["sh", "-c", "ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && "
-                                     "ip link set eth0 up && ip route add default via 10.0.2.2"])  # fmt: skip
-            for i in range(len(readonly)):
+                await self.tool_ok(["sh", "-c", "ip link set lo up; ip addr add 10.0.2.15/24 dev eth0 && "
+                                    "ip link set eth0 up && ip route add default via 10.0.2.2"])  # fmt: skip
+            for i in range(readonly):
                 script = (
                     f'for d in /sys/block/vd*; do if [ "$(cat $d/serial 2>/dev/null)" = ember-ro{i} ]; then '
                     f"mkdir -p /ember/from{i} && exec mount -t ext4 -o ro,noload /dev/${{d##*/}} /ember/from{i}; "
                     "fi; done; exit 1"
                 )
-                await build.tool_ok(["sh", "-c", script])
+                await self.tool_ok(["sh", "-c", script])
         except BaseException:
-            await build.stop()
+            await self.stop()
             raise
-        return build
+        return self
 
     async def tool(
         self, argv: list[str], root: str = "", stdin: AsyncIterator[bytes] | None = None,
@@ -219,6 +260,11 @@ class BuildVm:
     async def stop(self) -> None:
         """Kill the VM and free everything it held (safe to repeat)."""
         await self.vm.close()
+
+
+def _resolv_conf(network: bool) -> tuple[Path, ...]:
+    """QEMU's user-mode network forwards the guest's DNS to the host's resolvers, read from here."""
+    return (RESOLV_CONF,) if network else ()
 
 
 def step_failed(what: str, out: StepOutput) -> BuildFailed:

@@ -42,6 +42,7 @@ from ember.build.dockerfile import Dockerfile, parse
 from ember.build.egress import BuildEgress
 from ember.build.layers import step_key
 from ember.build.tarread import TarLimits
+from ember.build.template import BuilderTemplates
 from ember.build.unpack import remove_tree
 from ember.config import Settings
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken, log_with_id
@@ -214,6 +215,7 @@ class BuildService:
                  self.settings.build_memory_mib + self.settings.vmm_overhead_mib)  # fmt: skip
         egress = BuildEgress(f"ember_build_{self.settings.uid_base}")  # one table per daemon (uid range)
         self.uids = BuildUids(allocate_uid, release_uid, egress)
+        self.templates = BuilderTemplates(images.host, lambda: self._build_machine(""))
         self._names = asyncio.Lock()
 
     def log_path(self, name: str) -> Path:
@@ -235,6 +237,7 @@ class BuildService:
             with contextlib.suppress(OSError):
                 remove_tree(stray)  # trees unpacked from tenants' archives: never follow a link in them
         self.bases.cache.clean_unfinished()
+        self.templates.clean()
         self.uids.egress.install()  # afresh: the uids a killed daemon's build VMs had are no build VMs' now
 
     def _build_machine(self, token: str) -> MachineConfig:
@@ -311,7 +314,7 @@ class BuildService:
         say: Callable[[str], None],
     ) -> BuildRecord:
         builder = Builder(self.settings, self.images.host, self._build_machine, self.bases, say,
-                          lease_uid=self.uids.lease)  # fmt: skip
+                          lease_uid=self.uids.lease, templates=self.templates)  # fmt: skip
         built = await builder.build(dockerfile, ctx, req.options)
         config = built.layer.config
         readiness = app_mod.choose(config, req.ready_cmd)

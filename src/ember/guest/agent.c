@@ -11,6 +11,9 @@
  * the root disk is mounted at /newroot but not entered; commands run chrooted
  * into it (T_ROOT), and Ember's own tools (busybox in the build initramfs) run
  * there without being part of the image (T_TOOL: opened before the chroot).
+ * The root disk is mounted only at the first RESTORE, not at boot: a build VM is
+ * usually a restored snapshot of a builder that booted with a blank placeholder
+ * disk of the same size, and the disk behind the device is now the build's.
  *
  * Wire protocol: see src/ember/guest/protocol.py (the constants below mirror
  * it). Single-threaded poll loop; output to the host is bounded (OUT_CAP) and
@@ -118,6 +121,8 @@ static size_t in_len;
 static unsigned char *outbuf;
 static size_t out_head, out_len;
 static int build_mode;
+static int build_root_mounted;
+static char root_dev[64] = "/dev/vda";
 
 static void logmsg(const char *fmt, ...) {
     va_list ap;
@@ -699,6 +704,68 @@ static void pump_list(struct sess *s) {
     }
 }
 
+/* ---------- build mode: the root disk ---------- */
+
+static int mount_at(const char *src, const char *dst, const char *type, unsigned long flags, const char *data) {
+    mkdir(dst, 0755);
+    return mount(src, dst, type, flags, data) < 0 && errno != EBUSY ? -1 : 0;
+}
+
+/* Drop every block the kernel holds of each virtio disk (BLKFLSBUF). A restored build VM
+ * read its disks when the builder snapshot booted (the partition scan at probe time), and
+ * those were the blank placeholders: the files behind the devices are the build's now. */
+static const char *flush_disk_buffers(void) {
+    static char dev[300];
+    DIR *d = opendir("/sys/block");
+    if (!d) return "/sys/block";
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, "vd", 2) != 0) continue;
+        snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
+        int fd = open(dev, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || ioctl(fd, BLKFLSBUF, 0) < 0) {
+            int err = errno;
+            if (fd >= 0) close(fd);
+            closedir(d);
+            errno = err;
+            return dev;
+        }
+        close(fd);
+    }
+    closedir(d);
+    return NULL;
+}
+
+/* Mount the root disk at /newroot with what a RUN step expects inside the image (Docker
+ * provides the same). Returns NULL, or what failed (errno set). */
+static const char *mount_build_root(void) {
+    const char *failed = flush_disk_buffers();
+    if (failed) return failed;
+    if (mount_at(root_dev, "/newroot", "ext4", 0, NULL) < 0) return root_dev;
+    if (mount_at("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) return "/newroot/proc";
+    if (mount_at("sysfs", "/newroot/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) return "/newroot/sys";
+    if (mount_at("devtmpfs", "/newroot/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0) return "/newroot/dev";
+    if (mount_at("devpts", "/newroot/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,gid=5,mode=620,ptmxmode=666") < 0)
+        return "/newroot/dev/pts";
+    if (mount_at("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0) return "/newroot/dev/shm";
+    /* DNS comes from the VMM's user-mode network; the image's own file stays underneath. */
+    int fd = open("/ember/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0 || write(fd, "nameserver 10.0.2.3\n", 20) != 20) {
+        if (fd >= 0) close(fd);
+        return "/ember/resolv.conf";
+    }
+    close(fd);
+    struct stat st;
+    if (lstat("/newroot/etc", &st) == 0 && S_ISDIR(st.st_mode)) {
+        fd = open("/newroot/etc/resolv.conf", O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            close(fd);
+            if (mount("/ember/resolv.conf", "/newroot/etc/resolv.conf", NULL, MS_BIND, NULL) < 0) logmsg("resolv.conf: %s", strerror(errno));
+        }
+    }
+    return NULL;
+}
+
 /* ---------- identity after restore ---------- */
 
 static uint64_t generation;
@@ -754,6 +821,11 @@ static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {
     if (!build_mode && write_generation() < 0) {
         reply_err(stream, errno, "writing %s failed: %s", GENERATION_FILE, strerror(errno));
         return;
+    }
+    if (build_mode && !build_root_mounted) {
+        const char *failed = mount_build_root();
+        if (failed) { reply_err(stream, errno, "the build VM could not mount %s: %s", failed, strerror(errno)); return; }
+        build_root_mounted = 1;
     }
     reply_ok(stream, NULL);
 }
@@ -1067,35 +1139,19 @@ static void stage1(void) {
     const char *root = cmdline_arg("ember.root");
     if (!root) root = "/dev/vda";
     wait_for(root);
+    snprintf(root_dev, sizeof root_dev, "%s", root); /* root may point at cmdline_arg's buffer */
+    if (cmdline_arg("ember.build")) { /* mounted at the first RESTORE (mount_build_root) */
+        build_mode = 1;
+        if (umount2("/proc", MNT_DETACH) < 0) die("umount /proc");
+        return;
+    }
     mount_or_die(root, "/newroot", "ext4", 0, NULL);
     if (umount2("/proc", MNT_DETACH) < 0) die("umount /proc");
-    if (cmdline_arg("ember.build")) { build_mode = 1; return; }
     mkdir("/newroot/dev", 0755);
     if (mount("/dev", "/newroot/dev", NULL, MS_MOVE, NULL) < 0) die("move /dev");
     unlink("/ember/modules"); unlink("/init");
     if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
         die("switch root");
-}
-
-/* Build mode: what a RUN step expects inside the image (Docker provides the same). */
-static void build_mounts(void) {
-    mount_or_die("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-    mount_or_die("sysfs", "/newroot/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-    mount_or_die("devtmpfs", "/newroot/dev", "devtmpfs", MS_NOSUID, "mode=0755");
-    mount_or_die("devpts", "/newroot/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,gid=5,mode=620,ptmxmode=666");
-    mount_or_die("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
-    /* DNS comes from the VMM's user-mode network; the image's own file stays underneath. */
-    int fd = open("/ember/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0 || write(fd, "nameserver 10.0.2.3\n", 20) != 20) die("/ember/resolv.conf");
-    close(fd);
-    struct stat st;
-    if (lstat("/newroot/etc", &st) == 0 && S_ISDIR(st.st_mode)) {
-        fd = open("/newroot/etc/resolv.conf", O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
-        if (fd >= 0) {
-            close(fd);
-            if (mount("/ember/resolv.conf", "/newroot/etc/resolv.conf", NULL, MS_BIND, NULL) < 0) logmsg("resolv.conf: %s", strerror(errno));
-        }
-    }
 }
 
 /* Hardened link and file-creation rules in sticky world-writable directories
@@ -1118,8 +1174,7 @@ static void stage2(void) {
     mount_or_die("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
     mount_or_die("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     harden_sysctls();
-    if (build_mode) build_mounts();
-    else {
+    if (!build_mode) {
         mkdir("/run", 0755);
         mount_or_die("tmpfs", GENERATION_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k");
         if (write_generation() < 0) die(GENERATION_FILE);
