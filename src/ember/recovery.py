@@ -35,7 +35,7 @@ from ember.logs import vlog
 from ember.microvm import MicroVm
 from ember.models import StopReason, VmRecord, VmState
 from ember.runtime import move_files
-from ember.snapshot import Snapshot
+from ember.snapshot import Snapshot, SnapshotManifest
 
 if TYPE_CHECKING:
     from ember.engine import Engine
@@ -98,8 +98,9 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     if record.state is VmState.FAILED or not alive:
         await asyncio.to_thread(engine.host.discard, record.id)
         if record.state in (VmState.SUSPENDING, VmState.RESUMING) and snap.manifest_file.exists():
-            # a resume cut short: its files go back (checked against their hashes on the next resume)
-            manifest = snap.load()
+            # a resume cut short: its files go back (checked against their hashes on the next resume);
+            # the manifest is read as is, for its files may be in the VM's directory right now
+            manifest = SnapshotManifest.from_json(snap.manifest_file.read_text())
             move_files(layout.root, snap.path, [n for n in Snapshot.VM_FILES if n in manifest.files])
             if Snapshot.RAM not in manifest.files:
                 layout.ram.unlink(missing_ok=True)
