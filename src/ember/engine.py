@@ -38,8 +38,9 @@ from ember.logs import vlog
 from ember.microvm import MicroVm, VmPlan
 from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
 from ember.pool import WarmPool, new_vm_id
-from ember.runtime import Host, move_files, new_ram_file
+from ember.runtime import Host, hand_over, move_files, new_ram_file
 from ember.snapshot import (
+    XXH3,
     Snapshot,
     StreamTap,
     durable,
@@ -392,12 +393,14 @@ class Engine:
                     await vm.close()
                     phases.mark("stop_vmm")
                     moved = move_files(layout.root, tmp, Snapshot.VM_FILES)
+                    # root's from now on: checked against damage, no VMM can write them (see XXH3)
+                    await asyncio.to_thread(hand_over, [tmp / name for name in moved], 0)
                     # what this suspend writes: the state stream, plus the RAM pages fsync must flush
                     written = state.size + ((unwritten_bytes(snap.ram) or 0) if Snapshot.RAM in moved else 0)
                     # the files are final once the VMM exited: hash them while fsync flushes them
                     flushing = asyncio.create_task(asyncio.to_thread(durable, [tmp / name for name in moved]))
                     digests = await asyncio.gather(
-                        *(asyncio.to_thread(hash_file, tmp / name, name == Snapshot.RAM) for name in moved)
+                        *(asyncio.to_thread(hash_file, tmp / name, True, algo=XXH3) for name in moved)
                     )
                     await flushing
                     phases.mark("fsync+hash")
@@ -445,10 +448,12 @@ class Engine:
             image = self.images.get(record.image)
             record = await self.save_async(record.moved(VmState.RESUMING))
             moved = move_files(snap.path, layout.root, Snapshot.VM_FILES)
+            owned = [layout.root / name for name in moved]
             vm: MicroVm | None = None
             try:
                 await asyncio.to_thread(verify_files, manifest, {Snapshot.DISK: layout.disk})
                 phases.mark("verify_disk")
+                await asyncio.to_thread(hand_over, owned, record.uid)  # no guest runs before the RAM passed
                 if not own_ram:  # a full stream: it is loaded into a fresh RAM file
                     await asyncio.to_thread(new_ram_file, layout.ram, record.machine.memory_mib, record.uid)
                 checks = {Snapshot.STATE: snap.state, **({Snapshot.RAM: layout.ram} if own_ram else {})}
@@ -471,6 +476,7 @@ class Engine:
                 if not own_ram:
                     layout.ram.unlink(missing_ok=True)
                 move_files(layout.root, snap.path, moved)
+                await asyncio.to_thread(hand_over, [snap.path / name for name in moved], 0)
                 reason = f"resume failed: {exc}"
                 vlog(vm_id).error(reason)
                 await self.save_async(record.moved(VmState.SUSPENDED, reason))

@@ -45,6 +45,7 @@ from ember.microvm import MicroVm, VmPlan
 from ember.models import FileDigest, ImageRecord, VmRecord, utcnow
 from ember.runtime import Host
 from ember.snapshot import (
+    XXH3,
     Snapshot,
     SnapshotManifest,
     StreamTap,
@@ -251,7 +252,8 @@ class ImageStore:
             self.host.uids.release(uid)
         files = {Snapshot.STATE: state}
         files[Snapshot.RAM], files[Snapshot.DISK] = await asyncio.gather(
-            asyncio.to_thread(hash_file, snap.ram, True), asyncio.to_thread(hash_file, snap.disk)
+            asyncio.to_thread(hash_file, snap.ram, True, algo=XXH3),
+            asyncio.to_thread(hash_file, snap.disk, True, algo=XXH3),
         )
         snap.write(new_manifest("image", machine, files, ignore_shared=True))
         return ImageRecord(

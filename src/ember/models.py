@@ -78,8 +78,10 @@ def utcnow() -> str:
 class FileDigest:
     sha256: str
     size: int
-    # sparse: SHA-256 over (offset, length, bytes) of each data extent; holes read as zeros
+    # sparse: SHA-256 over the sums of the file's 1 MiB chunks (holes read as zeros), each summed
+    # with ``algo`` (see ember.snapshot: SHA256, or XXH3 for files only root can write)
     sparse: bool = False
+    algo: str = "sha256"
 
 
 @dataclass(frozen=True)

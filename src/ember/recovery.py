@@ -34,7 +34,7 @@ from ember.errors import AgentUnavailable, EmberError, TokenRefused
 from ember.logs import vlog
 from ember.microvm import MicroVm
 from ember.models import StopReason, VmRecord, VmState
-from ember.runtime import move_files
+from ember.runtime import hand_over, move_files
 from ember.snapshot import Snapshot, SnapshotManifest
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
             # a resume cut short: its files go back (checked against their hashes on the next resume);
             # the manifest is read as is, for its files may be in the VM's directory right now
             manifest = SnapshotManifest.from_json(snap.manifest_file.read_text())
-            move_files(layout.root, snap.path, [n for n in Snapshot.VM_FILES if n in manifest.files])
+            back = move_files(layout.root, snap.path, [n for n in Snapshot.VM_FILES if n in manifest.files])
+            hand_over([snap.path / name for name in back], 0)
             if Snapshot.RAM not in manifest.files:
                 layout.ram.unlink(missing_ok=True)
             engine.save(record.moved(VmState.SUSPENDED, StopReason.DAEMON_RESTART.value, pid=0))

@@ -57,6 +57,18 @@ def move_files(src: Path, dst: Path, names: tuple[str, ...] | list[str]) -> list
     return moved
 
 
+def hand_over(paths: list[Path], uid: int) -> None:
+    """Give a VM's files (RAM, disk) to ``uid``: 0 while it is suspended (no VMM, nor a later one
+    reusing its uid, can touch them), the VM's own uid before its VMM starts again."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, uid, uid)
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
 def new_ram_file(path: Path, memory_mib: int, uid: int) -> None:
     """A guest RAM file only the VM's VMM can open, its blocks reserved up front.
 

@@ -10,8 +10,11 @@ import pytest
 
 from ember.errors import SnapshotError
 from ember.snapshot import (
+    SHA256,
+    XXH3,
     Snapshot,
     StreamTap,
+    check_digest,
     hash_file,
     load_manifest,
     new_manifest,
@@ -101,3 +104,30 @@ def test_sparse_hash_covers_data_and_layout(tmp_path: Path) -> None:
         f.seek(40 * 1024 * 1024)
         f.write(bytes(3 * 1024 * 1024))
     assert hash_file(ram, sparse=True) == changed
+
+
+@pytest.mark.parametrize("algo", [SHA256, XXH3])
+def test_chunk_sums_of_either_kind_catch_one_changed_byte(tmp_path: Path, algo: str) -> None:
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+        f.seek(3 * 1024 * 1024 + 7)
+        f.write(os.urandom(5000))
+    digest = hash_file(ram, sparse=True, algo=algo)
+    assert digest.algo == algo
+    with open(ram, "r+b") as f:
+        f.seek(3 * 1024 * 1024 + 9)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(SnapshotError, match="damaged"):
+        check_digest(ram, digest, hash_file(ram, sparse=True, algo=digest.algo))
+    assert hash_file(ram, sparse=True, algo=XXH3) != hash_file(ram, sparse=True, algo=SHA256)
+
+
+def test_a_manifest_naming_an_unknown_digest_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(SnapshotError, match="unknown file digest"):
+        hash_file(tmp_path / "f", sparse=True, algo="md5")
+    with pytest.raises(SnapshotError, match="unknown file digest"):
+        hash_file(tmp_path / "f", algo=XXH3)  # a whole-file digest is SHA-256 only

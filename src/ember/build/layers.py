@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ember.build.dockerfile import ImageConfig
 from ember.host.qemuimg import ChainError, QemuImg
-from ember.snapshot import hash_file
+from ember.snapshot import XXH3, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class LayerCache:
             return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
         before = identity()
-        digest = (await asyncio.to_thread(hash_file, path, True)).sha256
+        digest = (await asyncio.to_thread(hash_file, path, True, algo=XXH3)).sha256  # root's 0440: see XXH3
         return _Seen(before, digest) if identity() == before else None
 
     def _drop(self, key: str) -> None:
