@@ -146,7 +146,7 @@ class MicroVm:
             jail = JailSpec(
                 uid=plan.uid, gid=plan.uid, groups=plan.groups, cgroup_procs=tuple(procs),
                 new_netns=not plan.network, root=control.jail_root,
-                ro=(Path(plan.machine.kernel), Path(plan.machine.initramfs),
+                ro=(*(() if plan.incoming else (Path(plan.machine.kernel), Path(plan.machine.initramfs))),
                     *((plan.ram.path,) if plan.ram.mode is RamMode.CLONE else ()), *plan.ro_paths),
                 rw=(plan.disk.top, *((plan.ram.path,) if plan.ram.mode is RamMode.OWN else ()), *plan.rw_paths),
                 devices=(Path("/dev/kvm"),) if plan.machine.accel is Accel.KVM else (),

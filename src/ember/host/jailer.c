@@ -31,7 +31,8 @@
  * /lib, /lib64 -> usr/...) that the host has, bind /dev/null, /dev/zero and
  * /dev/urandom, then every --ro, --rw and --dev; pivot_root into it, detach
  * the old root, chdir("/") and make the new root read-only; set the rlimits
- * (RLIMIT_CORE 0), the groups, gid and uid; PR_SET_NO_NEW_PRIVS; close the
+ * (RLIMIT_CORE 0), the groups, gid and uid; PR_SET_NO_NEW_PRIVS and
+ * PR_SET_THP_DISABLE; close the
  * other fds; exec with an empty environment and umask 077.
  *
  * The root holds no /proc, /sys, /etc or /tmp: QEMU (microvm, TCG or KVM, as
@@ -284,6 +285,9 @@ int main(int argc, char **argv) {
     if (setresgid(opt.gid, opt.gid, opt.gid) < 0) fail("setresgid");
     if (setresuid(opt.uid, opt.uid, opt.uid) < 0) fail("setresuid");
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) fail("PR_SET_NO_NEW_PRIVS");
+    /* No transparent huge pages: a clone's private copies of template pages stay 4 KiB (~3 MiB
+     * less Pss per idle clone, measured); inherited across exec. */
+    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) < 0) fail("PR_SET_THP_DISABLE");
     umask(077);
     if (close_range(3 + opt.keep_fds, ~0U, 0) < 0) fail("close_range");
     char *envp[] = {NULL};
