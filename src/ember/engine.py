@@ -444,6 +444,7 @@ class Engine:
             layout = self.host.layout(vm_id)
             snap = layout.suspended
             manifest = snap.load()
+            self.images.check_restorable(manifest.machine, f"the snapshot of VM {vm_id}")
             own_ram = Snapshot.RAM in manifest.files
             image = self.images.get(record.image)
             record = await self.save_async(record.moved(VmState.RESUMING))

@@ -135,6 +135,13 @@ class SnapshotError(EmberError):
     http_status = 500
 
 
+class StaleSnapshot(EmberError):
+    """A snapshot taken by a QEMU release that cannot restore on this host's (microvm has no
+    versioned machine types: QEMU 7.2's state does not load into QEMU 10)."""
+
+    http_status = 409
+
+
 class ResourceExhausted(EmberError):
     http_status = 507
 

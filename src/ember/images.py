@@ -38,6 +38,7 @@ from ember.errors import (
     ImageNotFound,
     NameTaken,
     SnapshotError,
+    StaleSnapshot,
     logged,
 )
 from ember.guest.artifacts import GuestArtifacts
@@ -146,6 +147,7 @@ class ImageStore:
         The small state file is re-checked on every launch while it streams.
         """
         key = (image.name, image.created_at)
+        self.check_restorable(image.machine, f"image {image.name}")
         async with self._verify_lock:
             if key not in self._verified:
                 snap = self.snapshot(image)
@@ -156,6 +158,14 @@ class ImageStore:
                 nodes = await self.host.qemu_img.with_groups(image.gid).check_chain(snap.disk, [snap.disk])
                 self._verified[key] = VerifiedSnapshot(manifest, snap.state, nodes[0].virtual_size)
         return self._verified[key]
+
+    def check_restorable(self, machine: MachineConfig, what: str) -> None:
+        if not machine.restores_on(self.qemu_version):
+            hint = "ember image rm debian, then ember image ls" if what == f"image {BASE_IMAGE}" else "build it again"
+            raise StaleSnapshot(
+                f"{what} was captured by {machine.qemu_version}, which this host's {self.qemu_version} "
+                f"cannot restore (QEMU's microvm state is not compatible across releases): {hint}"
+            )
 
     def _take_gid(self, name: str) -> int:
         """A group id for the image ``name`` is making: unused by stored images and by images

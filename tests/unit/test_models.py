@@ -7,6 +7,7 @@ import pytest
 from ember.config import Settings
 from ember.errors import InvalidStateTransition
 from ember.models import TRANSITIONS, VmState, check_transition, require_running
+from ember.vmm.machine import Accel, MachineConfig
 
 
 def test_every_state_has_a_transition_entry() -> None:
@@ -40,3 +41,11 @@ def test_host_id_layout_is_disjoint() -> None:
     assert (s.layer_gid, s.qemu_img_uid) == (1097, 1098)
     singles = {s.layer_gid, s.qemu_img_uid}
     assert not set(s.vmm_uids) & set(s.image_gids) and not singles & (set(s.vmm_uids) | set(s.image_gids))
+
+
+def test_a_snapshot_restores_only_on_its_own_qemu_release() -> None:
+    machine = MachineConfig(Accel.TCG, 256, 1, "/k", "/i", "", "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)")
+    assert machine.restores_on("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-3~bpo12+1)")
+    assert machine.restores_on("QEMU emulator version 10.0.7")
+    assert not machine.restores_on("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)")
+    assert not machine.restores_on("QEMU emulator version 10.1.0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,11 @@ class RamMode(enum.StrEnum):
     CLONE = "clone"  # private copy-on-write view of an image's template file
 
 
+def _release(version_line: str) -> tuple[str, ...]:
+    match = re.search(r"version (\d+)\.(\d+)", version_line)
+    return match.groups() if match else (version_line,)
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     accel: Accel
@@ -44,6 +50,11 @@ class MachineConfig:
     initramfs: str
     cmdline: str
     qemu_version: str
+
+    def restores_on(self, qemu_version: str) -> bool:
+        """Whether a snapshot of this machine loads into ``qemu_version`` (``qemu --version``'s
+        first line): the same upstream release (major.minor); distribution patches do not matter."""
+        return _release(self.qemu_version) == _release(qemu_version)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
