@@ -14,6 +14,7 @@ import pytest
 
 from ember.client import Client
 from ember.config import Settings
+from ember.host.cgroup import group_for
 from tests.conftest import DaemonProcess, build
 
 pytestmark = pytest.mark.vm
@@ -27,13 +28,13 @@ def ctx(root: Path, tag: str, sleep: int = 0) -> Path:
     return root
 
 
-def build_vm_uids() -> set[int]:
-    """The uids of the build VMMs running now (their kernel command line says ember.build=1)."""
+def build_vm_uids(settings: Settings) -> set[int]:
+    """The uids of this daemon's build VMMs running now (in its cgroups named build-*)."""
+    marker = f"/{group_for(settings.data_dir)}/build-"
     uids = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"qemu-system" in cmdline and b"ember.build=1" in cmdline:
+            if marker in Path(f"/proc/{pid}/cgroup").read_text():
                 uids.add(os.stat(f"/proc/{pid}").st_uid)
         except OSError:
             continue
@@ -87,7 +88,7 @@ def test_concurrent_build_vms_run_under_different_uids(client: Client, daemon: D
         t.start()
     deadline = time.monotonic() + 600
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-        seen.append(build_vm_uids())
+        seen.append(build_vm_uids(daemon.settings))
         time.sleep(0.5)
     for t in threads:
         t.join()

@@ -15,13 +15,6 @@ pytestmark = pytest.mark.vm
 LIST_P95_MS = 50  # issue 9: GET /v1/vms under 50 ms p95 while 10 launches and a build run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="at 048dec6 (TCG, 2 cores) p95 119-141 ms while the launches run: runtime.create_overlay runs qemu-img "
-    "on the event loop (up to 345 ms), engine.save commits SQLite with fsync on it (up to 183 ms), and the loop "
-    "thread waits for a CPU 61% of the window (VMM cgroups outweigh the daemon); all in files owned by the lead",
-)
 def test_listing_vms_stays_fast_while_ten_launches_and_a_build_run(
     client: Client, base_image: str, daemon: DaemonProcess, tmp_path: Path
 ) -> None:
