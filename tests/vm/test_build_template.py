@@ -105,3 +105,24 @@ def test_a_damaged_template_is_refused_and_made_again(client: Client, daemon: Da
     assert any(RESTORED in line for line in logs), logs
     assert hash_file(ram, True) != damaged  # made again, not used
     assert "builder snapshot" in daemon.log.read_text() and "refused" in daemon.log.read_text()
+
+
+def test_a_state_damaged_while_in_use_is_never_loaded(client: Client, daemon: DaemonProcess, tmp_path: Path) -> None:
+    settings: Settings = daemon.settings
+    image, logs = build(client, ctx(tmp_path / "one", "one"), "state-one")
+    assert image["state"] == "CREATED", logs
+    (template,) = [t for t in templates(settings) if t.name.startswith("net-")]
+    state = template / Snapshot.STATE
+    fd = os.open(state, os.O_RDWR)  # verified when the daemon first used it: changed since, same size
+    try:
+        middle = os.path.getsize(state) // 2
+        os.pwrite(fd, bytes([os.pread(fd, 1, middle)[0] ^ 0xFF]), middle)
+    finally:
+        os.close(fd)
+    image, logs = build(client, ctx(tmp_path / "two", "two"), "state-two")
+    assert image["state"] == "CREATED", logs
+    assert any("cold boot: the builder snapshot was damaged" in line for line in logs), logs
+    assert not template.exists()  # dropped: the next build makes it again
+    image, logs = build(client, ctx(tmp_path / "three", "three"), "state-three")
+    assert image["state"] == "CREATED", logs
+    assert any(RESTORED in line for line in logs), logs
