@@ -21,6 +21,7 @@ import pytest
 
 from ember.client import ApiError, Client, call_build, call_simple, context_tar
 from ember.config import Settings
+from ember.host.cgroup import group_for
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, process_alive, vm_tests_possible
 
 pytestmark = pytest.mark.vm
@@ -75,18 +76,17 @@ def leftovers(settings: Settings) -> list[str]:
 
 
 def build_vm_pids(settings: Settings) -> list[int]:
-    marker = str(settings.data_dir / "layers").encode()  # a build VM's root disk is a layer (cold or restored)
+    """This daemon's build VMMs (QEMU in its cgroups named build-*: cold-booted or restored)."""
+    marker = f"/{group_for(settings.data_dir)}/build-"
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmdline = (proc / "cmdline").read_bytes()
+                cgroups = (proc / "cgroup").read_text()
             except OSError:
                 continue
-            if (
-                b"qemu-system" in cmdline and b"ember.build=1" in cmdline and marker in cmdline
-                and process_alive(int(proc.name))
-            ):  # fmt: skip
+            if b"qemu-system" in cmdline and marker in cgroups and process_alive(int(proc.name)):
                 pids.append(int(proc.name))
     return pids
 
