@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from ember.logs import vlog
 from ember.microvm import MicroVm, VmPlan
 from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
 from ember.pool import WarmPool, new_vm_id
-from ember.runtime import Host, hand_over, move_files, new_ram_file
+from ember.runtime import Host, VmLayout, hand_over, move_files
 from ember.snapshot import (
     XXH3,
     Snapshot,
@@ -46,6 +47,7 @@ from ember.snapshot import (
     durable,
     hash_file,
     load_verified,
+    mapped_ram_offset,
     migration_deadline,
     new_manifest,
     raise_storage,
@@ -215,12 +217,12 @@ class Engine:
         return await self._start_paused(vm_id, uid, image.machine, image, ram, (image.gid,))
 
     async def _activate(
-        self, record: VmRecord, vm: MicroVm, state_file: Path, expected: FileDigest, ignore_shared: bool,
-        phases: Phases,
-    ) -> str:  # fmt: skip
-        """Load a snapshot into a paused VMM, then run it with a fresh identity (see _give_identity)."""
+        self, record: VmRecord, vm: MicroVm, load: Callable[[], Awaitable[None]], phases: Phases
+    ) -> str:
+        """Load a snapshot into a paused VMM with ``load``, then run it with a fresh identity
+        (see _give_identity)."""
         try:
-            await load_verified(vm.vmm, state_file, expected, ignore_shared)
+            await load()
         except BaseException:
             await vm.close()
             raise
@@ -240,7 +242,8 @@ class Engine:
         try:
             assert vm.agent is not None
             new_token = secrets.token_hex(16)
-            await self.save_async(replace(record, next_token=new_token))
+            # the pid too: a daemon killed once the guest runs must find this VMM alive, not discard it
+            await self.save_async(replace(record, next_token=new_token, pid=vm.pid))
             await vm.vmm.resume()
             identity = identity_request(record.id, new_token, os.urandom(64), time.time_ns())
             if first_contact:
@@ -303,8 +306,9 @@ class Engine:
                 if vm is None:
                     vm = await self._start_clone(vm_id, uid, image)
                     phases.mark("start_vmm")
+                    expected = snap.manifest.files[Snapshot.STATE]
                     token = await self._activate(
-                        record, vm, snap.state_file, snap.manifest.files[Snapshot.STATE], True, phases
+                        record, vm, lambda: load_verified(vm.vmm, snap.state_file, expected, True), phases
                     )
                 else:
                     phases.mark("warm_vmm")
@@ -379,33 +383,38 @@ class Engine:
             try:
                 await agent.sync()
                 phases.mark("guest_sync")
-                async with staging(layout.suspended.path) as tmp:
+                async with staging(layout.suspended.path) as tmp, self._files_back_on_failure(layout, tmp, record):
                     snap = Snapshot(tmp)
-                    tap = StreamTap.sink(snap.state)
-                    try:
-                        async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
-                            await vm.vmm.save_state(tap.fd, ignore_shared=own_ram)
-                    finally:
-                        state = await asyncio.to_thread(tap.finish)
+                    saved = await self._save(vm, snap, own_ram=own_ram, memory_mib=record.machine.memory_mib)
                     phases.mark("save_state")
+                    # what this suspend writes: the state stream, plus the RAM pages fsync must flush
+                    unflushed = await asyncio.to_thread(unwritten_bytes, layout.ram if own_ram else snap.ram)
+                    settled: dict[str, FileDigest] = {}
+                    if not own_ram:  # a new RAM file, root's, that no VMM maps: settled before the VMM goes,
+                        # which keeps short the window in which a killed daemon finds neither VMM nor manifest
+                        await asyncio.to_thread(durable, [snap.ram])
+                        settled[Snapshot.RAM] = await asyncio.to_thread(hash_file, snap.ram, True, algo=XXH3)
                     self._unwatch(vm_id)
                     self._runtimes.pop(vm_id, None)
                     await vm.close()
                     phases.mark("stop_vmm")
-                    moved = move_files(layout.root, tmp, Snapshot.VM_FILES)
+                    move_files(layout.root, tmp, layout.own_files(record.ram))
                     # root's from now on: checked against damage, no VMM can write them (see XXH3)
-                    await asyncio.to_thread(hand_over, [tmp / name for name in moved], 0)
-                    # what this suspend writes: the state stream, plus the RAM pages fsync must flush
-                    written = state.size + ((unwritten_bytes(snap.ram) or 0) if Snapshot.RAM in moved else 0)
+                    finals = [name for name in Snapshot.VM_FILES if (tmp / name).exists() and name not in settled]
+                    await asyncio.to_thread(hand_over, [tmp / name for name in finals], 0)
+                    written = (saved.state.size if saved.state else 0) + (unflushed or 0)
                     # the files are final once the VMM exited: hash them while fsync flushes them
-                    flushing = asyncio.create_task(asyncio.to_thread(durable, [tmp / name for name in moved]))
+                    flushing = asyncio.create_task(asyncio.to_thread(durable, [tmp / name for name in finals]))
                     digests = await asyncio.gather(
-                        *(asyncio.to_thread(hash_file, tmp / name, True, algo=XXH3) for name in moved)
+                        *(asyncio.to_thread(hash_file, tmp / name, True, algo=XXH3) for name in finals)
                     )
                     await flushing
                     phases.mark("fsync+hash")
-                    files = {Snapshot.STATE: state, **dict(zip(moved, digests, strict=True))}
-                    snap.write(new_manifest("suspend", record.machine, files, own_ram))
+                    files = {**settled, **dict(zip(finals, digests, strict=True))}
+                    if saved.state is not None:
+                        files[Snapshot.STATE] = saved.state
+                    snap.write(new_manifest("suspend", record.machine, files, own_ram, ram_offset=saved.ram_offset,
+                                            mapped_ram=not own_ram))  # fmt: skip
                 phases.mark("commit")
             except BaseException as exc:
                 await self._suspend_failed(record, vm, exc)
@@ -413,6 +422,45 @@ class Engine:
             await self.save_async(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
             vlog(vm_id).info("suspended in %.0f ms (%d bytes written) %s", phases.total_ms, written, phases.ms)
             return Timings(phases.total_ms, phases.ms, written)
+
+    @contextlib.asynccontextmanager
+    async def _files_back_on_failure(self, layout: VmLayout, tmp: Path, record: VmRecord) -> AsyncIterator[None]:
+        """A suspend that fails after the VM's files moved into its staging directory puts them
+        back before the directory is removed (a full disk must not cost the VM its disk)."""
+        try:
+            yield
+        except BaseException:
+            move_files(tmp, layout.root, layout.own_files(record.ram))
+            raise
+
+    async def _save(self, vm: MicroVm, snap: Snapshot, *, own_ram: bool, memory_mib: int) -> _Saved:
+        """Save a running VM into ``snap``. A VM with its own RAM file saves its device state
+        alone (``x-ignore-shared``, ~100 KB), beside a RAM file that stays where it is. A clone
+        (its RAM a private view of its image's template) saves all of it with QEMU's
+        ``mapped-ram`` into a new RAM file: its non-zero pages at fixed offsets, which its
+        resume then maps as the VM's own RAM file, so nothing is copied twice."""
+        async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
+            if own_ram:
+                tap = StreamTap.sink(snap.state)
+                try:
+                    await vm.vmm.save_state(tap.fd, ignore_shared=True)
+                finally:
+                    state = await asyncio.to_thread(tap.finish)
+                return _Saved(state, self.host.layout(vm.id).ram_offset())
+            fd = os.open(snap.ram, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                await vm.vmm.save_mapped(fd)
+            except VmmError as exc:  # QEMU writes the file itself: a full disk comes back as its error
+                if os.strerror(errno.ENOSPC) in str(exc):
+                    raise_storage(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "saving the VM's memory")
+                raise
+            finally:
+                os.close(fd)
+        offset = await asyncio.to_thread(mapped_ram_offset, snap.ram, memory_mib << 20)
+        # zero pages are holes: reserve them now, so a full disk fails this suspend (the VM runs on)
+        # rather than the resumed guest's first write to one of them (a SIGBUS in its VMM)
+        await asyncio.to_thread(_reserve, snap.ram, offset, memory_mib << 20)
+        return _Saved(None, offset)
 
     async def _suspend_failed(self, record: VmRecord, vm: MicroVm, exc: BaseException) -> None:
         layout = self.host.layout(record.id)
@@ -426,7 +474,7 @@ class Engine:
         self._runtimes.pop(record.id, None)
         await vm.close()
         for stray in layout.root.glob(".suspend.tmp-*"):
-            move_files(stray, layout.root, Snapshot.VM_FILES)
+            move_files(stray, layout.root, layout.own_files(record.ram))
         await self.save_async(record.moved(VmState.FAILED, f"suspend failed after the VMM stopped: {exc}", pid=0))
 
     async def resume(self, vm_id: str) -> Timings:
@@ -445,7 +493,7 @@ class Engine:
             snap = layout.suspended
             manifest = snap.load()
             self.images.check_restorable(manifest.machine, f"the snapshot of VM {vm_id}")
-            own_ram = Snapshot.RAM in manifest.files
+            mapped = manifest.mapped_ram
             image = self.images.get(record.image)
             record = await self.save_async(record.moved(VmState.RESUMING))
             moved = move_files(snap.path, layout.root, Snapshot.VM_FILES)
@@ -455,27 +503,27 @@ class Engine:
                 await asyncio.to_thread(verify_files, manifest, {Snapshot.DISK: layout.disk})
                 phases.mark("verify_disk")
                 await asyncio.to_thread(hand_over, owned, record.uid)  # no guest runs before the RAM passed
-                if not own_ram:  # a full stream: it is loaded into a fresh RAM file
-                    await asyncio.to_thread(new_ram_file, layout.ram, record.machine.memory_mib, record.uid)
-                checks = {Snapshot.STATE: snap.state, **({Snapshot.RAM: layout.ram} if own_ram else {})}
+                checks = {Snapshot.RAM: layout.ram, **({} if mapped else {Snapshot.STATE: snap.state})}
                 checking = asyncio.create_task(asyncio.to_thread(verify_files, manifest, checks))
                 try:
-                    vm = await self._start_paused(
-                        vm_id, record.uid, record.machine, image, RamBacking(layout.ram, RamMode.OWN), ()
-                    )
+                    ram = RamBacking(layout.ram, RamMode.OWN, offset=manifest.ram_offset)
+                    vm = await self._start_paused(vm_id, record.uid, record.machine, image, ram, ())
                 finally:
                     await asyncio.gather(checking, return_exceptions=True)
                 checking.result()  # a damaged file stops us here, before the state loads and the guest runs
                 phases.mark("start_vmm+verify")
+                started = vm
                 async with migration_deadline(self.settings.migration_timeout_s, "loading the VM's state"):
-                    token = await self._activate(
-                        record, vm, snap.state, manifest.files[Snapshot.STATE], own_ram, phases
-                    )
+                    if mapped:
+                        token = await self._activate(record, vm, lambda: _load_mapped(started, layout.ram), phases)
+                    else:
+                        expected = manifest.files[Snapshot.STATE]
+                        load = lambda: load_verified(started.vmm, snap.state, expected, True)  # noqa: E731
+                        token = await self._activate(record, vm, load, phases)
+                await asyncio.to_thread(layout.set_ram_offset, manifest.ram_offset)
             except BaseException as exc:
                 if vm is not None:
                     await vm.close()
-                if not own_ram:
-                    layout.ram.unlink(missing_ok=True)
                 move_files(layout.root, snap.path, moved)
                 await asyncio.to_thread(hand_over, [snap.path / name for name in moved], 0)
                 reason = f"resume failed: {exc}"
@@ -592,6 +640,30 @@ class Engine:
             await vm.detach()
         self._runtimes.clear()
         await asyncio.to_thread(self.host.cgroups.release)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    state: FileDigest | None  # a separate device-state file, or None (it is inside a mapped-ram RAM file)
+    ram_offset: int
+
+
+def _reserve(path: Path, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        raise_storage(exc, "reserving the VM's RAM file")
+    finally:
+        os.close(fd)
+
+
+async def _load_mapped(vm: MicroVm, ram: Path) -> None:
+    fd = os.open(ram, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        await vm.vmm.load_mapped(fd)
+    finally:
+        os.close(fd)
 
 
 def host_pss_mib(pid: int) -> float | None:

@@ -154,7 +154,9 @@ class ImageStore:
                 manifest = await asyncio.to_thread(snap.load)
                 if manifest.machine != image.machine:
                     raise SnapshotError(f"image {image.name}: its snapshot was taken on a different machine config")
-                await asyncio.to_thread(verify_files, manifest, {Snapshot.RAM: snap.ram, Snapshot.DISK: snap.disk})
+                # the state too: nothing of an image reaches QEMU before its check passed
+                files = {Snapshot.RAM: snap.ram, Snapshot.DISK: snap.disk, Snapshot.STATE: snap.state}
+                await asyncio.to_thread(verify_files, manifest, files)
                 nodes = await self.host.qemu_img.with_groups(image.gid).check_chain(snap.disk, [snap.disk])
                 self._verified[key] = VerifiedSnapshot(manifest, snap.state, nodes[0].virtual_size)
         return self._verified[key]

@@ -84,7 +84,7 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     for consumed in layout.root.glob(".consumed-*"):
         shutil.rmtree(consumed, ignore_errors=True)
     for stray in layout.root.glob(".suspend.tmp-*"):  # a suspend cut short
-        move_files(stray, layout.root, Snapshot.VM_FILES)
+        move_files(stray, layout.root, layout.own_files(record.ram))
         shutil.rmtree(stray, ignore_errors=True)
     alive = _vmm_alive(engine, record)
     if record.state is VmState.SUSPENDED:

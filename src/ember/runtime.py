@@ -21,6 +21,7 @@ from ember.config import Settings
 from ember.host.cgroup import Cgroups
 from ember.host.qemuimg import QemuImg
 from ember.snapshot import Snapshot, raise_storage
+from ember.vmm.machine import RamMode
 from ember.vmm.qemu import ControlDir
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,23 @@ class VmLayout:
     @property
     def suspended(self) -> Snapshot:
         return Snapshot(self.root / "suspend")
+
+    @staticmethod
+    def own_files(ram: RamMode) -> tuple[str, ...]:
+        """The files that are the VM's own: a clone's RAM is its image's template, so only its disk
+        (a RAM file beside a clone's suspend is the new snapshot's, never the VM's)."""
+        return Snapshot.VM_FILES if ram is RamMode.OWN else (Snapshot.DISK,)
+
+    def ram_offset(self) -> int:
+        """Where guest RAM starts in the VM's RAM file (a mapped-ram file keeps a header before
+        it), as its last resume recorded; 0 for a plain RAM file."""
+        try:
+            return int((self.root / "ram-offset").read_text())
+        except FileNotFoundError:
+            return 0
+
+    def set_ram_offset(self, offset: int) -> None:
+        (self.root / "ram-offset").write_text(str(offset))
 
 
 def move_files(src: Path, dst: Path, names: tuple[str, ...] | list[str]) -> list[str]:

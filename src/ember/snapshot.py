@@ -23,6 +23,7 @@ import json
 import mmap
 import os
 import shutil
+import struct
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -87,6 +88,10 @@ class SnapshotManifest:
     files: dict[str, FileDigest]
     ignore_shared: bool
     created_at: str
+    # Where guest RAM starts in the RAM file: 0 for a plain RAM file; a QEMU mapped-ram file (a
+    # clone's first suspend) keeps its header before the pages and serves as the VM's RAM file after.
+    ram_offset: int = 0
+    mapped_ram: bool = False  # the RAM file holds the whole migration stream (no separate state file)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -105,6 +110,8 @@ class SnapshotManifest:
             files={k: FileDigest(**v) for k, v in data["files"].items()},
             ignore_shared=bool(data["ignore_shared"]),
             created_at=data["created_at"],
+            ram_offset=int(data.get("ram_offset", 0)),
+            mapped_ram=bool(data.get("mapped_ram", False)),
         )
 
 
@@ -293,9 +300,37 @@ def write_manifest(directory: Path, manifest: SnapshotManifest) -> None:
 
 
 def new_manifest(
-    kind: str, machine: MachineConfig, files: dict[str, FileDigest], ignore_shared: bool
-) -> SnapshotManifest:
-    return SnapshotManifest(kind=kind, machine=machine, files=files, ignore_shared=ignore_shared, created_at=utcnow())
+    kind: str, machine: MachineConfig, files: dict[str, FileDigest], ignore_shared: bool, *, ram_offset: int = 0,
+    mapped_ram: bool = False,
+) -> SnapshotManifest:  # fmt: skip
+    return SnapshotManifest(
+        kind=kind, machine=machine, files=files, ignore_shared=ignore_shared, created_at=utcnow(),
+        ram_offset=ram_offset, mapped_ram=mapped_ram,
+    )  # fmt: skip
+
+
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # version, page size, bitmap offset, pages offset (QEMU's MappedRamHeader)
+MAPPED_RAM_SCAN = 1 << 20  # the header sits in the stream's first MiB (block list, one RAM block)
+
+
+def mapped_ram_offset(path: Path, ram_bytes: int) -> int:
+    """Where the guest pages start in a ``mapped-ram`` migration file of a guest with ``ram_bytes``
+    of RAM (the ``pages_offset`` of its ``mem`` block's header). The file was written by a VMM, so
+    the answer is bounded: page-aligned, inside the file, leaving room for all of guest RAM; a
+    wrong one could only misplace that VM's own memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        head, size = os.pread(fd, MAPPED_RAM_SCAN, 0), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    block = head.find(b"\x03mem" + struct.pack(">Q", ram_bytes))
+    found = head.find(struct.pack(">IQ", 1, mmap.PAGESIZE), block) if block >= 0 else -1
+    if found < 0 or found + MAPPED_RAM_HEADER.size > len(head):
+        raise SnapshotError(logged("the suspended VM's RAM file has no mapped-ram header", str(path)))
+    _, _, _, offset = MAPPED_RAM_HEADER.unpack_from(head, found)
+    if offset % mmap.PAGESIZE or not 0 < offset <= size - ram_bytes:
+        raise SnapshotError(logged("the suspended VM's RAM file has a bad mapped-ram header", f"{path}: {offset}"))
+    return int(offset)
 
 
 def load_manifest(directory: Path) -> SnapshotManifest:

@@ -129,21 +129,34 @@ def test_rm_leaves_nothing_behind(client: Client, vms: list[str], settings: Sett
 def test_corrupt_suspend_snapshot_is_refused(client: Client, vms: list[str], settings: Settings) -> None:
     vm = launch(client, vms)
     out(client, vm, "sh", "-c", "echo precious > /root/keep")
-    action(client, vm, "suspend")
-    state = settings.vms_dir / vm / "suspend" / "state"
-    original = state.read_bytes()
-    damaged = bytearray(original)
-    damaged[len(damaged) // 2] ^= 0xFF
-    state.write_bytes(bytes(damaged))
+    # the first suspend: one mapped-ram file holds RAM and state; later ones: a state file beside the RAM
+    for name in ("ram", "state"):
+        action(client, vm, "suspend")
+        damage_and_restore(client, vm, settings.vms_dir / vm / "suspend" / name)
+        assert out(client, vm, "cat", "/root/keep") == "precious"
+
+
+def damage_and_restore(client: Client, vm: str, path: Path) -> None:
+    """A flipped byte and a cut file are refused (the VM stays suspended); the intact file resumes."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ApiError, match="damaged"):
         action(client, vm, "resume")
     assert inspect(client, vm)["state"] == "SUSPENDED", "a refused resume must leave the VM suspended"
-    state.write_bytes(original[:-100])
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(byte)
+        tail = (f.seek(size - 100), f.read(100))[1]
+        f.truncate(size - 100)
     with pytest.raises(ApiError, match=r"damaged|manifest says"):
         action(client, vm, "resume")
-    state.write_bytes(original)
+    with open(path, "ab") as f:
+        f.write(tail)
     assert action(client, vm, "resume")["state"] == "RUNNING"
-    assert out(client, vm, "cat", "/root/keep") == "precious"
 
 
 def test_vmm_crash_marks_the_vm_failed(client: Client, vms: list[str], settings: Settings) -> None:

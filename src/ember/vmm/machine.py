@@ -89,6 +89,7 @@ class DiskChain:
 class RamBacking:
     path: Path
     mode: RamMode
+    offset: int = 0  # where guest RAM starts in the file (a mapped-ram file keeps its header before it)
 
 
 def kernel_cmdline(accel: Accel) -> str:
@@ -145,7 +146,7 @@ def qemu_argv(
     daemon reconnects to sockets in a directory no VMM can write."""
     mem = f"{machine.memory_mib}M"
     if ram.mode is RamMode.OWN:
-        backend = f"memory-backend-file,id=mem,size={mem},mem-path={ram.path},share=on"
+        backend = f"memory-backend-file,id=mem,size={mem},mem-path={ram.path},offset={ram.offset},share=on"
     else:  # a private copy-on-write mapping of a template the VMM can only read
         backend = f"memory-backend-file,id=mem,size={mem},mem-path={ram.path},share=off,readonly=on,rom=off"
     argv = [

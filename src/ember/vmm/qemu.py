@@ -87,6 +87,8 @@ class Vmm(Protocol):
     async def resume(self) -> None: ...
     async def save_state(self, fd: int, ignore_shared: bool) -> None: ...
     async def load_state(self, fd: int, ignore_shared: bool) -> None: ...
+    async def save_mapped(self, fd: int) -> None: ...
+    async def load_mapped(self, fd: int) -> None: ...
     async def switch_disk(self, overlay: Path) -> None: ...
     async def shutdown(self) -> None: ...
     async def disconnect(self) -> None: ...
@@ -221,11 +223,42 @@ class QemuVmm:
     async def resume(self) -> None:
         await self._cmd("cont")
 
-    async def _set_caps(self, ignore_shared: bool) -> None:
+    async def _set_caps(self, ignore_shared: bool, *, mapped_ram: bool = False) -> None:
+        caps = {"x-ignore-shared": ignore_shared, "mapped-ram": mapped_ram}
         await self._cmd(
-            "migrate-set-capabilities",
-            {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]},
+            "migrate-set-capabilities", {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]}
         )
+
+    async def _add_fd(self, fd: int) -> int:
+        """Put ``fd`` into a new fdset of QEMU's (for ``file:/dev/fdset/N`` URIs); returns N."""
+        self._qmp.send_fd_scm(fd)
+        return int((await self._cmd("add-fd", {}))["fdset-id"])
+
+    async def _remove_fdset(self, fdset: int) -> None:
+        with contextlib.suppress(VmmError):  # a migration may have closed it already
+            await self._cmd("remove-fd", {"fdset-id": fdset})
+
+    async def _migrated(self) -> None:
+        while True:
+            info = await self._cmd("query-migrate")
+            state = info.get("status")
+            if state == "completed":
+                return
+            if state in ("failed", "cancelled"):
+                raise VmmError(f"saving VM state failed: {info.get('error-desc', state)}")
+            await asyncio.sleep(0.002)
+
+    async def _loaded(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            state = await self.status()
+            if state in ("paused", "running"):
+                return
+            if state not in ("inmigrate", "prelaunch"):
+                raise VmmError(f"restoring VM state failed: QEMU is '{state}'")
+            if not self.alive() or time.monotonic() > deadline:
+                raise VmmError("restoring VM state failed: QEMU exited or timed out (see vmm.log)")
+            await asyncio.sleep(0.001)
 
     async def _pass_fd(self, fd: int, name: str) -> None:
         with contextlib.suppress(QMPError, OSError, EOFError):  # usually gone: a migration closes its fd
@@ -245,14 +278,7 @@ class QemuVmm:
             await self._cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             await self._pass_fd(fd, "ember-save")
             await self._cmd("migrate", {"uri": "fd:ember-save"})
-            while True:
-                info = await self._cmd("query-migrate")
-                state = info.get("status")
-                if state == "completed":
-                    break
-                if state in ("failed", "cancelled"):
-                    raise VmmError(f"saving VM state failed: {info.get('error-desc', state)}")
-                await asyncio.sleep(0.002)
+            await self._migrated()
 
     async def load_state(self, fd: int, ignore_shared: bool) -> None:
         """Feed a saved state into a QEMU started with ``-incoming defer``; leaves it paused."""
@@ -260,16 +286,35 @@ class QemuVmm:
             await self._set_caps(ignore_shared)
             await self._pass_fd(fd, "ember-load")
             await self._cmd("migrate-incoming", {"uri": "fd:ember-load"})
-            deadline = time.monotonic() + 60
-            while True:
-                state = await self.status()
-                if state in ("paused", "running"):
-                    return
-                if state not in ("inmigrate", "prelaunch"):
-                    raise VmmError(f"restoring VM state failed: QEMU is '{state}'")
-                if not self.alive() or time.monotonic() > deadline:
-                    raise VmmError("restoring VM state failed: QEMU exited or timed out (see vmm.log)")
-                await asyncio.sleep(0.001)
+            await self._loaded()
+
+    async def save_mapped(self, fd: int) -> None:
+        """Pause the guest and write all of it into the file ``fd`` (opened write-only) with
+        QEMU's ``mapped-ram``: each non-zero guest page at its own offset (see
+        ``snapshot.mapped_ram_offset``), zero pages skipped, the device state after them."""
+        async with self._lock:
+            await self._cmd("stop")
+            await self._set_caps(False, mapped_ram=True)
+            await self._cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+            fdset = await self._add_fd(fd)
+            try:
+                await self._cmd("migrate", {"uri": f"file:/dev/fdset/{fdset}"})
+                await self._migrated()
+            finally:
+                await self._remove_fdset(fdset)
+
+    async def load_mapped(self, fd: int) -> None:
+        """Load a ``mapped-ram`` file (``fd`` opened read-only) into a QEMU started with
+        ``-incoming defer`` whose RAM is that same file (at its pages' offset): every page is
+        already in place, so the load reads the device state and copies pages onto themselves."""
+        async with self._lock:
+            await self._set_caps(False, mapped_ram=True)
+            fdset = await self._add_fd(fd)
+            try:
+                await self._cmd("migrate-incoming", {"uri": f"file:/dev/fdset/{fdset}"})
+                await self._loaded()
+            finally:
+                await self._remove_fdset(fdset)
 
     async def switch_disk(self, overlay: Path) -> None:
         """Make ``overlay`` (an existing qcow2 whose backing file is the current
