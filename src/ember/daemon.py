@@ -88,8 +88,8 @@ async def assemble(settings: Settings) -> Daemon:
     images = ImageStore(settings, store, host, guest, choice)
     engine = Engine(settings, store, host, images)
     builds = BuildService(store, images, allocate_uid=uids.allocate, release_uid=uids.release)
+    await recover(engine)  # first: it kills a killed daemon's build VMMs before the egress filter is renewed
     builds.interrupted()
-    await recover(engine)
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)

@@ -350,7 +350,7 @@ def test_vmm_posture(vm: str, client: Client, daemon: DaemonProcess, settings: S
     assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[4] == "0"  # tty_nr
 
     # namespaces: neither the daemon's mounts nor its network
-    for ns in ("mnt", "net"):
+    for ns in ("mnt", "net", "ipc", "uts", "cgroup"):  # SysV IPC too: no segment outlives it or reaches the host's
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/{daemon.proc.pid}/ns/{ns}"), ns
 
     # fds: stdio, sockets, QEMU's own anonymous ones, and files of this VM only
@@ -367,7 +367,9 @@ def test_vmm_posture(vm: str, client: Client, daemon: DaemonProcess, settings: S
 
     # root: only the jail's content (what QEMU needs, this VM's files), read-only; cwd is its root
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    boot = tuple(Path(argv[argv.index(o) + 1]) for o in ("-kernel", "-initrd"))  # e.g. the host's /boot/vmlinuz-*
+    # a restored VMM boots nothing: no -kernel or -initrd, and no kernel in its root
+    assert "-kernel" not in argv and "-initrd" not in argv and "-append" not in argv, argv
+    boot: tuple[Path, ...] = ()
     bound = (data / "vms" / vm, data / "images" / info["image"], settings.guest_dir, *boot)
     fixed = {"/usr", "/dev", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/kvm", *host_usr_links()}
     for path in tree(pid):

@@ -243,7 +243,10 @@ static void build_root(void) {
     int rootfd = open_nofollow(opt.root);
     check_root(rootfd, &checked);
     close(rootfd);
-    if (unshare(CLONE_NEWNS | (opt.netns ? CLONE_NEWNET : 0)) < 0) fail("unshare");
+    /* its own mounts, SysV IPC (no segments that outlive it or reach the host's), hostname and
+     * cgroup view; a network namespace unless it is a build VM */
+    if (unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | (opt.netns ? CLONE_NEWNET : 0)) < 0)
+        fail("unshare");
     mount_or_die(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
     /* mounts need a path in this namespace: open the root again, check it is the same directory */
     rootfd = open_nofollow(opt.root);
