@@ -39,7 +39,7 @@ from ember.logs import vlog
 from ember.microvm import MicroVm, VmPlan
 from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
 from ember.pool import WarmPool, new_vm_id
-from ember.runtime import Host, VmLayout, hand_over, move_files
+from ember.runtime import Host, VmLayout, finish_suspend, hand_over, move_files
 from ember.snapshot import (
     XXH3,
     Snapshot,
@@ -389,32 +389,22 @@ class Engine:
                     phases.mark("save_state")
                     # what this suspend writes: the state stream, plus the RAM pages fsync must flush
                     unflushed = await asyncio.to_thread(unwritten_bytes, layout.ram if own_ram else snap.ram)
-                    settled: dict[str, FileDigest] = {}
-                    if not own_ram:  # a new RAM file, root's, that no VMM maps: settled before the VMM goes,
-                        # which keeps short the window in which a killed daemon finds neither VMM nor manifest
+                    settled: dict[str, FileDigest] = {} if saved.state is None else {Snapshot.STATE: saved.state}
+                    if not own_ram:  # a new RAM file, root's, that no VMM maps: settled before the VMM goes
                         await asyncio.to_thread(durable, [snap.ram])
                         settled[Snapshot.RAM] = await asyncio.to_thread(hash_file, snap.ram, True, algo=XXH3)
+                    # the state is saved: from here a daemon killed before the manifest exists finishes this
+                    # suspend after its restart (recovery.py) instead of losing the VM
+                    partial = new_manifest("suspend", record.machine, settled, own_ram, ram_offset=saved.ram_offset,
+                                           mapped_ram=not own_ram)  # fmt: skip
+                    await asyncio.to_thread(snap.write_saved, partial)
                     self._unwatch(vm_id)
                     self._runtimes.pop(vm_id, None)
                     await vm.close()
                     phases.mark("stop_vmm")
-                    move_files(layout.root, tmp, layout.own_files(record.ram))
-                    # root's from now on: checked against damage, no VMM can write them (see XXH3)
-                    finals = [name for name in Snapshot.VM_FILES if (tmp / name).exists() and name not in settled]
-                    await asyncio.to_thread(hand_over, [tmp / name for name in finals], 0)
+                    await asyncio.to_thread(finish_suspend, layout, snap, record.ram, partial)
                     written = (saved.state.size if saved.state else 0) + (unflushed or 0)
-                    # the files are final once the VMM exited: hash them while fsync flushes them
-                    flushing = asyncio.create_task(asyncio.to_thread(durable, [tmp / name for name in finals]))
-                    digests = await asyncio.gather(
-                        *(asyncio.to_thread(hash_file, tmp / name, True, algo=XXH3) for name in finals)
-                    )
-                    await flushing
                     phases.mark("fsync+hash")
-                    files = {**settled, **dict(zip(finals, digests, strict=True))}
-                    if saved.state is not None:
-                        files[Snapshot.STATE] = saved.state
-                    snap.write(new_manifest("suspend", record.machine, files, own_ram, ram_offset=saved.ram_offset,
-                                            mapped_ram=not own_ram))  # fmt: skip
                 phases.mark("commit")
             except BaseException as exc:
                 await self._suspend_failed(record, vm, exc)

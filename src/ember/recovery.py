@@ -34,8 +34,8 @@ from ember.errors import AgentUnavailable, EmberError, TokenRefused
 from ember.logs import vlog
 from ember.microvm import MicroVm
 from ember.models import StopReason, VmRecord, VmState
-from ember.runtime import hand_over, move_files
-from ember.snapshot import Snapshot, SnapshotManifest
+from ember.runtime import finish_suspend, hand_over, move_files
+from ember.snapshot import Snapshot, SnapshotManifest, commit
 
 if TYPE_CHECKING:
     from ember.engine import Engine
@@ -83,10 +83,20 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     snap = layout.suspended
     for consumed in layout.root.glob(".consumed-*"):
         shutil.rmtree(consumed, ignore_errors=True)
+    alive = _vmm_alive(engine, record)
     for stray in layout.root.glob(".suspend.tmp-*"):  # a suspend cut short
+        stray_snap = Snapshot(stray)
+        if record.state is VmState.SUSPENDING and not alive and stray_snap.saved_file.exists():
+            # its state was saved and its VMM is gone: finish it rather than lose the VM
+            await asyncio.to_thread(engine.host.discard, record.id)
+            partial = SnapshotManifest.from_json(stray_snap.saved_file.read_text())
+            await asyncio.to_thread(finish_suspend, layout, stray_snap, record.ram, partial)
+            await asyncio.to_thread(commit, stray, snap.path)
+            vlog(record.id).warning("a suspend cut short by the daemon's end was finished; the VM is SUSPENDED")
+            engine.save(record.moved(VmState.SUSPENDED, StopReason.DAEMON_RESTART.value, pid=0))
+            return False
         move_files(stray, layout.root, layout.own_files(record.ram))
         shutil.rmtree(stray, ignore_errors=True)
-    alive = _vmm_alive(engine, record)
     if record.state is VmState.SUSPENDED:
         await asyncio.to_thread(engine.host.discard, record.id)
         return False

@@ -14,13 +14,14 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ember.config import Settings
 from ember.host.cgroup import Cgroups
 from ember.host.qemuimg import QemuImg
-from ember.snapshot import Snapshot, raise_storage
+from ember.snapshot import XXH3, Snapshot, SnapshotManifest, durable, hash_file, raise_storage
 from ember.vmm.machine import RamMode
 from ember.vmm.qemu import ControlDir
 
@@ -85,6 +86,24 @@ def hand_over(paths: list[Path], uid: int) -> None:
             os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
+
+
+def finish_suspend(layout: VmLayout, snap: Snapshot, ram: RamMode, partial: SnapshotManifest) -> SnapshotManifest:
+    """Complete a suspend whose state is saved in ``snap`` (``partial`` lists it) once the VM's VMM
+    has exited: move the VM's own files in, make them root's (checked against damage from now on;
+    no VMM can write them: see snapshot.XXH3), flush and checksum them at once, write the manifest.
+    Blocking, and safe to run again (recovery does, for a daemon killed half-way)."""
+    move_files(layout.root, snap.path, layout.own_files(ram))
+    finals = [n for n in Snapshot.VM_FILES if (snap.path / n).exists() and n not in partial.files]
+    hand_over([snap.path / n for n in finals], 0)
+    with ThreadPoolExecutor(max_workers=1) as flusher:
+        flushing = flusher.submit(durable, [snap.path / n for n in finals])
+        digests = {n: hash_file(snap.path / n, True, algo=XXH3) for n in finals}
+        flushing.result()
+    manifest = replace(partial, files={**partial.files, **digests})
+    snap.write(manifest)
+    snap.saved_file.unlink()
+    return manifest
 
 
 def new_ram_file(path: Path, memory_mib: int, uid: int) -> None:

@@ -74,8 +74,17 @@ class Snapshot:
     def manifest_file(self) -> Path:
         return self.path / MANIFEST
 
+    @property
+    def saved_file(self) -> Path:
+        """A suspend's manifest before its VM's files are in (see runtime.finish_suspend)."""
+        return self.path / "saved.json"
+
     def load(self) -> SnapshotManifest:
         return load_manifest(self.path)
+
+    def write_saved(self, partial: SnapshotManifest) -> None:
+        self.saved_file.write_text(partial.to_json())
+        durable([self.saved_file, self.path])
 
     def write(self, manifest: SnapshotManifest) -> None:
         write_manifest(self.path, manifest)

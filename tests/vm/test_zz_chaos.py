@@ -212,11 +212,6 @@ def test_kill9_mid_resume_keeps_the_vm_suspended(daemon: DaemonProcess, base_ima
     settle(settings, "after the interrupted resume")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="engine.suspend stops the VMM before the snapshot's manifest is written (fsync+hash, ~150-250 ms "
-    "of every suspend): a daemon killed then leaves no live VMM and no manifest, and recovery fails the VM",
-)  # fmt: skip
 @pytest.mark.timeout(180)
 def test_kill9_after_the_vmm_stopped_mid_suspend_keeps_the_vm(daemon: DaemonProcess, base_image: str) -> None:
     """kill -9 just after a suspend stopped the VMM (its state saved, the RAM file and disk being
