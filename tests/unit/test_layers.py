@@ -95,3 +95,23 @@ def test_clean_unfinished_keeps_finished_layers(tmp_path: Path) -> None:
     (tmp_path / "half.qcow2").write_bytes(b"")
     c.clean_unfinished()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done.json", "done.qcow2"]
+
+
+async def test_a_writer_that_kept_its_fd_cannot_change_the_finished_layer(tmp_path: Path) -> None:
+    """The build VMM that wrote a layer may still hold it open for writing (an escaped guest can
+    keep QEMU's fd): the finished layer is a new inode, so those writes land in nothing cached."""
+    c = cache(tmp_path)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(c.disk("base")), str(SIZE)], check=True)
+    base = await c.put("base", ImageConfig(), None, SIZE)
+    await c.qemu_img.create_overlay(base.disk, c.disk("child"), owner_uid=VMM_UID, virtual_size=SIZE)
+    write(c.disk("child"), 0x41)
+    kept = os.open(c.disk("child"), os.O_RDWR)  # the writer's fd, opened while the file was its own
+    try:
+        await c.put("child", ImageConfig(), base, SIZE)
+        size = os.fstat(kept).st_size
+        os.pwrite(kept, b"BACKDOOR" * 512, size - 4096)
+    finally:
+        os.close(kept)
+    hit = await c.get("child")
+    assert hit is not None, "the cached layer must be untouched (and still found)"
+    assert b"BACKDOOR" not in c.disk("child").read_bytes()
