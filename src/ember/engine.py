@@ -52,6 +52,7 @@ from ember.snapshot import (
     new_manifest,
     raise_storage,
     staging,
+    stream_limit,
     unwritten_bytes,
     verify_files,
 )
@@ -431,7 +432,7 @@ class Engine:
         resume then maps as the VM's own RAM file, so nothing is copied twice."""
         async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
             if own_ram:
-                tap = StreamTap.sink(snap.state)
+                tap = StreamTap.sink(snap.state, limit=stream_limit(memory_mib))
                 try:
                     await vm.vmm.save_state(tap.fd, ignore_shared=True)
                 finally:
@@ -542,7 +543,7 @@ class Engine:
                 vm = self._runtime(record, "snapshot")
                 await self._agent(record, "snapshot").sync()
                 try:
-                    tap = StreamTap.sink(stream)
+                    tap = StreamTap.sink(stream, limit=stream_limit(record.machine.memory_mib))
                     try:
                         async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
                             await vm.vmm.save_state(tap.fd, ignore_shared=False)

@@ -55,6 +55,7 @@ from ember.snapshot import (
     migration_deadline,
     new_manifest,
     staging,
+    stream_limit,
     verify_files,
 )
 from ember.store import Store
@@ -292,7 +293,7 @@ class ImageStore:
             else:
                 async with migration_deadline(self.settings.migration_timeout_s, "loading the VM's state"):
                     await load_verified(vm.vmm, stream[0], stream[1], ignore_shared=False)
-            tap = StreamTap.sink(snap.state)
+            tap = StreamTap.sink(snap.state, limit=stream_limit(plan.machine.memory_mib))
             try:
                 async with migration_deadline(self.settings.migration_timeout_s, "saving the snapshot"):
                     await vm.vmm.save_state(tap.fd, ignore_shared=True)

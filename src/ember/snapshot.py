@@ -214,8 +214,9 @@ class StreamTap:
     pipe, QEMU reads :attr:`fd`. :meth:`finish` joins and returns the digest.
     """
 
-    def __init__(self, path: Path, writing: bool) -> None:
+    def __init__(self, path: Path, writing: bool, limit: int = 0) -> None:
         self.path = path
+        self._limit = limit  # a sink takes at most this many bytes (a VMM chooses what it streams)
         r, w = os.pipe2(os.O_CLOEXEC)
         self.fd, own = (w, r) if writing else (r, w)
         self._hash = hashlib.sha256()
@@ -226,8 +227,9 @@ class StreamTap:
         self._thread.start()
 
     @classmethod
-    def sink(cls, path: Path) -> StreamTap:
-        return cls(path, writing=True)
+    def sink(cls, path: Path, *, limit: int) -> StreamTap:
+        """A stream QEMU writes, cut off (and failed) past ``limit`` bytes."""
+        return cls(path, writing=True, limit=limit)
 
     @classmethod
     def source(cls, path: Path) -> StreamTap:
@@ -240,6 +242,8 @@ class StreamTap:
                     while chunk := os.read(own, BUF):
                         self._hash.update(chunk)
                         self._size += len(chunk)
+                        if self._size > self._limit:  # closing our end fails QEMU's migration too
+                            raise SnapshotError(f"the VMM's state stream passed {self._limit} bytes")
                         out.write(chunk)
                     out.flush()
                     os.fsync(out.fileno())
@@ -273,6 +277,8 @@ class StreamTap:
             raise SnapshotError(f"stream {self.path.name} did not finish")
         if isinstance(self._error, OSError):
             raise_storage(self._error, f"{'writing' if self._writing else 'reading'} {self.path.name}")
+        if isinstance(self._error, SnapshotError):
+            raise self._error
         if self._error is not None:
             raise SnapshotError(logged(f"stream {self.path.name} failed", f"{self.path}: {self._error!r}"))
         return FileDigest(self._hash.hexdigest(), self._size)
@@ -316,6 +322,11 @@ def new_manifest(
         kind=kind, machine=machine, files=files, ignore_shared=ignore_shared, created_at=utcnow(),
         ram_offset=ram_offset, mapped_ram=mapped_ram,
     )  # fmt: skip
+
+
+def stream_limit(memory_mib: int) -> int:
+    """The most a VMM may write as one saved state: all of guest RAM and room for devices."""
+    return (memory_mib + 64) << 20
 
 
 MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # version, page size, bitmap offset, pages offset (QEMU's MappedRamHeader)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def test_damage_is_detected(tmp_path: Path) -> None:
 
 def test_stream_tap_hashes_what_crosses_it(tmp_path: Path) -> None:
     payload = os.urandom(3 * 1024 * 1024 + 5)
-    sink = StreamTap.sink(tmp_path / "out")
+    sink = StreamTap.sink(tmp_path / "out", limit=len(payload))
     view = memoryview(payload)
     while view:
         view = view[os.write(sink.fd, view[: 1 << 16]) :]
@@ -131,3 +132,15 @@ def test_a_manifest_naming_an_unknown_digest_is_refused(tmp_path: Path) -> None:
         hash_file(tmp_path / "f", sparse=True, algo="md5")
     with pytest.raises(SnapshotError, match="unknown file digest"):
         hash_file(tmp_path / "f", algo=XXH3)  # a whole-file digest is SHA-256 only
+
+
+def test_a_stream_past_its_limit_is_cut_off_and_fails(tmp_path: Path) -> None:
+    """A VMM chooses how much state it streams: the root-written file stops at the limit."""
+    sink = StreamTap.sink(tmp_path / "out", limit=1 << 20)
+    sent = 0
+    with contextlib.suppress(BrokenPipeError):
+        while sent < 8 << 20:
+            sent += os.write(sink.fd, bytes(1 << 16))
+    with pytest.raises(SnapshotError, match="passed 1048576 bytes"):
+        sink.finish()
+    assert (tmp_path / "out").stat().st_size <= 1 << 20

@@ -50,6 +50,7 @@ from ember.snapshot import (
     migration_deadline,
     new_manifest,
     staging,
+    stream_limit,
     verify_files,
 )
 from ember.vmm.machine import DiskChain, MachineConfig, RamBacking, RamMode, readonly_disk_args, user_network_args
@@ -296,7 +297,7 @@ class BuilderTemplates:
         try:
             agent = await vm.connect_agent(token, self.settings.boot_timeout_s, first_boot=True)
             await agent.close()
-            tap = StreamTap.sink(snap.state)
+            tap = StreamTap.sink(snap.state, limit=stream_limit(plan.machine.memory_mib))
             try:
                 async with migration_deadline(self.settings.migration_timeout_s, "saving the builder snapshot"):
                     await vm.vmm.save_state(tap.fd, ignore_shared=True)
