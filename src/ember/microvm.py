@@ -76,6 +76,7 @@ class MicroVm:
         self.agent: AgentConnection | None = None
         self._undo: list[tuple[str, Undo]] = []
         self._serial_fd = -1
+        self._vmm_log_fd = -1  # QEMU's own stderr: capped like the serial log
         self._closed = False
 
     # ---- acquiring ---------------------------------------------------------
@@ -201,18 +202,24 @@ class MicroVm:
     # ---- while it runs -------------------------------------------------------
 
     def _watch_serial(self) -> asyncio.Task[None]:
+        with contextlib.suppress(OSError):
+            self._vmm_log_fd = os.open(self.control.vmm_log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+
         async def watch() -> None:
             while True:
                 if self._serial_fd >= 0 and cap_log_fd(self._serial_fd, SERIAL_LOG_CAP):
                     vlog(self.id).warning("guest serial output passed 1 MiB; log truncated")
+                if self._vmm_log_fd >= 0 and cap_log_fd(self._vmm_log_fd, SERIAL_LOG_CAP):
+                    vlog(self.id).warning("the VMM's own output passed 1 MiB; log truncated")
                 await asyncio.sleep(0.5)
 
         return asyncio.create_task(watch(), name=f"serial-{self.id}")
 
     def _close_serial(self) -> None:
-        if self._serial_fd >= 0:
-            os.close(self._serial_fd)
-            self._serial_fd = -1
+        for fd in (self._serial_fd, self._vmm_log_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._serial_fd = self._vmm_log_fd = -1
 
     def serial_tail(self, limit: int = 3000) -> str:
         if self._serial_fd < 0:
