@@ -48,6 +48,20 @@ def own_daemon(prefix: str, uid_base: int, *, loop_report: Path | None = None) -
     return settings, DaemonProcess(settings, log_path, command=("-m", "bench.loopwatch", str(loop_report)))
 
 
+def prepare_base(c: Client) -> dict[str, Any]:
+    """The accelerator, and the built-in image made ready (its progress logged); returns what the
+    daemon said: ``accel`` and, when the image was made now, its ``cold_boot_ms``."""
+    accel = c.send(call_simple("GET", "/v1/info"))["accelerator"]
+    log(f"accelerator: {accel['name']} ({accel['reason']})")
+    said: dict[str, Any] = {"accel": accel["name"]}
+    for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+        if "cold_boot_ms" in event:
+            said["cold_boot_ms"] = round(event["cold_boot_ms"], 1)
+        if "progress" in event:
+            log(f"  {event['progress']}")
+    return said
+
+
 def remove_all(c: Client) -> int:
     """Removes every VM of the daemon (a benchmark's own): how many there were."""
     vms = c.send(call_simple("GET", "/v1/vms"))

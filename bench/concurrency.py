@@ -36,7 +36,7 @@ from ember.client import Client, call_simple
 from ember.config import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import log, machine, own_daemon, pct, pcts, remove_all
+from bench.common import log, machine, own_daemon, pct, pcts, prepare_base, remove_all
 from bench.loopwatch import blockers
 from tests.conftest import build
 
@@ -208,10 +208,7 @@ def main() -> int:
         daemon.start()
         assert daemon.proc is not None
         with Client(settings=settings) as c:
-            result["accel"] = c.send(call_simple("GET", "/v1/info"))["accelerator"]["name"]
-            for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
-                if "progress" in event:
-                    log(f"  {event['progress']}")
+            result["accel"] = prepare_base(c)["accel"]
             rounds = []
             for i in range(args.rounds):
                 time.sleep(5)  # the warm pool refills, as between bursts of users

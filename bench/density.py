@@ -34,7 +34,18 @@ from typing import Any
 from ember.client import Client, call_simple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import cpu_seconds, log, machine, mem_total_kib, memory_kib, own_daemon, pct, pcts, remove_all
+from bench.common import (
+    cpu_seconds,
+    log,
+    machine,
+    mem_total_kib,
+    memory_kib,
+    own_daemon,
+    pct,
+    pcts,
+    prepare_base,
+    remove_all,
+)
 
 TARGET_VMS, TARGET_CPU_PCT = 400, 0.3  # issue 9: >= 400 idle VMs in 24 GiB, <= 0.3% of a core each
 
@@ -85,10 +96,7 @@ def main() -> int:
         daemon.start()
         assert daemon.proc is not None
         with Client(settings=settings) as c:
-            result["accel"] = c.send(call_simple("GET", "/v1/info"))["accelerator"]["name"]
-            for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
-                if "progress" in event:
-                    log(f"  {event['progress']}")
+            result["accel"] = prepare_base(c)["accel"]
             log(f"launching {args.vms} VMs one after another")
             pids, launches = launch(c, args.vms, reserve_kib)
             n = len(pids)

@@ -24,7 +24,7 @@ from typing import Any
 from ember.client import Client, call_simple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import log, machine, own_daemon, pct
+from bench.common import log, machine, own_daemon, pct, prepare_base
 
 
 def ms_since(start: float) -> float:
@@ -44,14 +44,7 @@ def main() -> int:
     try:
         daemon.start()
         with Client(settings=settings) as c:
-            info = c.send(call_simple("GET", "/v1/info"))
-            result["accel"] = info["accelerator"]["name"]
-            log(f"accelerator: {result['accel']} ({info['accelerator']['reason']})")
-            for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
-                if "cold_boot_ms" in event:
-                    result["cold_boot_ms"] = round(event["cold_boot_ms"], 1)
-                if "progress" in event:
-                    log(f"  {event['progress']}")
+            result.update(prepare_base(c))
 
             log(f"launching {args.launches} VMs one after another")
             launches, vms = [], []

@@ -23,10 +23,11 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import struct
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -194,6 +195,74 @@ def hash_file(path: Path, sparse: bool = False, *, algo: str = SHA256) -> FileDi
         return FileDigest(h.hexdigest(), size, sparse=True, algo=algo)
     finally:
         os.close(fd)
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                raise
+            return
+        offset = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, offset
+
+
+def _copy_nonzero_pages(src: int, dst: int, start: int, end: int) -> None:
+    for chunk in range(start, end, TREE_CHUNK):
+        data = os.pread(src, min(TREE_CHUNK, end - chunk), chunk)
+        if data == _ZEROS[: len(data)]:
+            continue
+        run = -1  # where the current run of non-zero pages starts
+        for page in range(0, len(data) + _PAGE, _PAGE):
+            zero = page >= len(data) or data[page : page + _PAGE] == _ZEROS[:_PAGE]
+            if not zero and run < 0:
+                run = page
+            elif zero and run >= 0:
+                os.pwrite(dst, data[run:page], chunk + run)
+                run = -1
+
+
+def rewrite_copy(path: Path, *, zero_pages_to_holes: bool, gid: int = 0, mode: int = 0o600) -> None:
+    """Replace the regular file ``path`` by a new inode root writes with the same bytes, owned
+    root:``gid`` with ``mode``: holes stay holes (data copied in the kernel), and with
+    ``zero_pages_to_holes`` all-zero pages become holes too. Whoever held the old file open (a
+    VMM that wrote it) keeps the old inode, which is no longer ``path``."""
+    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    tmp = path.with_name(f".{path.name}.copy")
+    tmp.unlink(missing_ok=True)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(logged("a file to copy is not a regular file", str(path)))
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+        try:
+            for start, end in _data_extents(src, st.st_size):
+                if zero_pages_to_holes:
+                    _copy_nonzero_pages(src, dst, start, end)
+                    continue
+                while start < end:
+                    copied = os.copy_file_range(src, dst, end - start, start, start)
+                    if copied <= 0:
+                        raise SnapshotError(logged("a file shrank while it was copied", str(path)))
+                    start += copied
+            os.ftruncate(dst, st.st_size)
+            os.fchown(dst, 0, gid)
+            os.fchmod(dst, mode)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(src)
 
 
 def _disk_full(exc: OSError) -> bool:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ember.build.template import FROM_SLOTS, TOKEN, BuilderTemplate, BuilderTemplates, device_args, sparse_copy
+from ember.build.template import FROM_SLOTS, TOKEN, BuilderTemplate, BuilderTemplates, device_args
 from ember.config import Settings
 from ember.errors import SnapshotError
 from ember.host.cgroup import CgroupsV2
 from ember.models import FileDigest
 from ember.runtime import Host, UidPool
-from ember.snapshot import Snapshot, hash_file, new_manifest
+from ember.snapshot import Snapshot, hash_file, new_manifest, rewrite_copy
 from ember.vmm.machine import Accel, MachineConfig, readonly_disk_args, user_network_args
 
 MACHINE = MachineConfig(Accel.TCG, 1024, 1, "/k", "/i", "console=ttyS0 ember.build=1", "QEMU 10")
@@ -107,7 +107,7 @@ def test_a_template_of_another_machine_is_refused_and_swept(templates: BuilderTe
     assert not path.exists()
 
 
-def test_sparse_copy_keeps_every_byte_and_leaves_holes_for_zero_pages(tmp_path: Path) -> None:
+def test_rewrite_copy_keeps_every_byte_and_leaves_holes_for_zero_pages(tmp_path: Path) -> None:
     ram = tmp_path / "ram"
     page = 4096
     with open(ram, "wb") as f:
@@ -116,7 +116,7 @@ def test_sparse_copy_keeps_every_byte_and_leaves_holes_for_zero_pages(tmp_path: 
             f.seek(offset)
             f.write(data)
     before, digest = ram.read_bytes(), hash_file(ram, True)
-    sparse_copy(ram)
+    rewrite_copy(ram, zero_pages_to_holes=True)
     assert ram.read_bytes() == before and hash_file(ram, True) == digest
     # pages 0, 4, 5 of the first MiB, 256..259 of the second, the last page: 9 pages allocated
     assert ram.stat().st_blocks * 512 <= 9 * page + 64 * 1024  # (metadata slack)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from pathlib import Path
 
 from ember.build.dockerfile import ImageConfig
 from ember.host.qemuimg import ChainError, QemuImg
-from ember.snapshot import XXH3, hash_file
+from ember.snapshot import XXH3, hash_file, rewrite_copy
 
 log = logging.getLogger(__name__)
 
@@ -61,46 +60,6 @@ class _Seen:
 
 def step_key(parent: str, *parts: object) -> str:
     return hashlib.sha256(json.dumps([parent, *parts], sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _fresh_copy(path: Path, gid: int) -> None:
-    """Replace ``path`` (a regular file) by a copy root makes, 0440 root:``gid``, holes kept."""
-    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    tmp = path.with_name(f".{path.name}.fresh")
-    tmp.unlink(missing_ok=True)
-    try:
-        st = os.fstat(src)
-        if not stat.S_ISREG(st.st_mode):
-            raise ChainError("a layer is not a regular file")
-        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
-        try:
-            offset = 0
-            while offset < st.st_size:
-                try:
-                    start = os.lseek(src, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:  # ENXIO: only a hole is left
-                        raise
-                    break
-                end = os.lseek(src, start, os.SEEK_HOLE)
-                while start < end:
-                    copied = os.copy_file_range(src, dst, end - start, start, start)
-                    if copied <= 0:
-                        raise ChainError("a layer shrank while it was copied")
-                    start += copied
-                offset = end
-            os.ftruncate(dst, st.st_size)
-            os.fchown(dst, 0, gid)
-            os.fchmod(dst, 0o440)
-            os.fsync(dst)
-        finally:
-            os.close(dst)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(src)
 
 
 class LayerCache:
@@ -185,7 +144,7 @@ class LayerCache:
         try:
             # a new inode of root's: the build VMM that wrote the layer may still hold the old one open
             # (a VMM that escaped its guest can keep a writable fd), which now points at nothing cached
-            await asyncio.to_thread(_fresh_copy, disk, self.gid)
+            await asyncio.to_thread(rewrite_copy, disk, zero_pages_to_holes=False, gid=self.gid, mode=0o440)
             await self.qemu_img.check_chain(disk, chain)
             seen = await self._hash(key)
             if seen is None:

@@ -49,6 +49,7 @@ from ember.snapshot import (
     hash_file,
     migration_deadline,
     new_manifest,
+    rewrite_copy,
     staging,
     stream_limit,
     verify_files,
@@ -61,43 +62,7 @@ log = logging.getLogger(__name__)
 FROM_SLOTS = 3
 TOKEN = "token"  # the builder agent's token (replaced by a fresh one on every restore)
 KIND = "builder"
-_PAGE = 4096
-_CHUNK = 1 << 20
-_ZEROS = bytes(_CHUNK)
 LAYOUT_VERSION = 1  # bump when what a builder boots with changes in a way its key does not show
-
-
-def sparse_copy(path: Path) -> None:
-    """Rewrite ``path`` with holes where its pages are all zero. The builder zeroes all of its
-    memory as it boots (``init_on_free=1``): its RAM file is 1 GiB written, of which ~70 MB is
-    not zero. A hole reads as zeros, in the page cache as in a guest mapping it."""
-    out = path.with_name(f".{path.name}.sparse")
-    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(src).st_size
-            for offset in range(0, size, _CHUNK):
-                data = os.pread(src, _CHUNK, offset)
-                if data == _ZEROS[: len(data)]:
-                    continue
-                run = -1  # where the current run of non-zero pages starts
-                for page in range(0, len(data) + _PAGE, _PAGE):
-                    zero = page >= len(data) or data[page : page + _PAGE] == _ZEROS[:_PAGE]
-                    if not zero and run < 0:
-                        run = page
-                    elif zero and run >= 0:
-                        os.pwrite(dst, data[run:page], offset + run)
-                        run = -1
-            os.ftruncate(dst, size)
-        finally:
-            os.close(dst)
-        os.replace(out, path)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(src)
 
 
 def device_args(network: bool, readonly: list[Path]) -> tuple[str, ...]:
@@ -261,7 +226,8 @@ class BuilderTemplates:
             finally:
                 self.host.uids.release(uid)
             placeholder.unlink()
-            await asyncio.to_thread(sparse_copy, snap.ram)
+            # the builder zeroes its memory as it boots (init_on_free=1): of 1 GiB written, ~70 MB is not zero
+            await asyncio.to_thread(rewrite_copy, snap.ram, zero_pages_to_holes=True)
             os.chown(snap.ram, 0, self.settings.layer_gid)  # frozen: root's, read-only to build VMMs
             os.chmod(snap.ram, 0o440)
             os.chmod(snap.state, 0o400)
