@@ -47,7 +47,7 @@ def test_the_token_is_on_no_command_line(client: Client, daemon: DaemonProcess, 
             tokens = _tokens(daemon.settings, vm)
             pid = client.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"]
             argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-            assert b"qemu-system" in argv and b"-append" in argv
+            assert b"qemu-system" in argv and b"-incoming" in argv  # a restore: no -append at all
             _assert_no_token(f"{step} VM's QEMU argv", argv, tokens)
             for path in ("/proc/cmdline", "/proc/1/environ"):  # as the guest's root sees them
                 _assert_no_token(f"{step} guest {path}", client.exec(vm, ["cat", path]).stdout, tokens)
