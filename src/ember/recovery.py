@@ -5,8 +5,9 @@ alive in its cgroup:
 
 - SUSPENDED: nothing runs; leftovers of an interrupted suspend are undone.
 - PENDING or TERMINATING: finish the removal (nothing half-created stays).
-- VMM gone: a suspend or resume that had committed its snapshot ends SUSPENDED,
-  anything else ends FAILED with the reason ``vmm_exited``.
+- VMM gone: a suspend whose state was saved (its partial manifest, ``saved.json``) is
+  finished and ends SUSPENDED, as does a resume cut short (its files go back); anything
+  else ends FAILED with the reason ``vmm_exited``.
 - VMM alive: re-attach over QMP, continue it if an interrupted operation left
   it paused, re-authenticate to the agent (with the token it may have just
   been given), and finish a resume's identity step.
