@@ -43,7 +43,6 @@ from ember.runtime import Host, VmLayout, finish_suspend, hand_over, move_files
 from ember.snapshot import (
     XXH3,
     Snapshot,
-    StreamTap,
     durable,
     hash_file,
     load_verified,
@@ -51,8 +50,8 @@ from ember.snapshot import (
     migration_deadline,
     new_manifest,
     raise_storage,
+    save_streamed,
     staging,
-    stream_limit,
     unwritten_bytes,
     verify_files,
 )
@@ -430,14 +429,17 @@ class Engine:
         (its RAM a private view of its image's template) saves all of it with QEMU's
         ``mapped-ram`` into a new RAM file: its non-zero pages at fixed offsets, which its
         resume then maps as the VM's own RAM file, so nothing is copied twice."""
+        if own_ram:
+            state = await save_streamed(
+                vm.vmm,
+                snap.state,
+                ignore_shared=True,
+                memory_mib=memory_mib,
+                deadline_s=self.settings.migration_timeout_s,
+                what="saving the VM's state",
+            )
+            return _Saved(state, self.host.layout(vm.id).ram_offset())
         async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
-            if own_ram:
-                tap = StreamTap.sink(snap.state, limit=stream_limit(memory_mib))
-                try:
-                    await vm.vmm.save_state(tap.fd, ignore_shared=True)
-                finally:
-                    state = await asyncio.to_thread(tap.finish)
-                return _Saved(state, self.host.layout(vm.id).ram_offset())
             fd = os.open(snap.ram, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 await vm.vmm.save_mapped(fd)
@@ -543,12 +545,10 @@ class Engine:
                 vm = self._runtime(record, "snapshot")
                 await self._agent(record, "snapshot").sync()
                 try:
-                    tap = StreamTap.sink(stream, limit=stream_limit(record.machine.memory_mib))
-                    try:
-                        async with migration_deadline(self.settings.migration_timeout_s, "saving the VM's state"):
-                            await vm.vmm.save_state(tap.fd, ignore_shared=False)
-                    finally:
-                        digest = await asyncio.to_thread(tap.finish)
+                    digest = await save_streamed(
+                        vm.vmm, stream, ignore_shared=False, memory_mib=record.machine.memory_mib,
+                        deadline_s=self.settings.migration_timeout_s, what="saving the VM's state",
+                    )  # fmt: skip
                     # copied while the guest is paused: the copy is root's, so its header no longer changes
                     await asyncio.to_thread(shutil.copyfile, self.host.layout(vm_id).disk, disk_copy)
                     os.chown(disk_copy, 0, self.images.get(record.image).gid)  # qemu-img reads it through the group

@@ -49,13 +49,12 @@ from ember.snapshot import (
     XXH3,
     Snapshot,
     SnapshotManifest,
-    StreamTap,
     hash_file,
     load_verified,
     migration_deadline,
     new_manifest,
+    save_streamed,
     staging,
-    stream_limit,
     verify_files,
 )
 from ember.store import Store
@@ -293,13 +292,10 @@ class ImageStore:
             else:
                 async with migration_deadline(self.settings.migration_timeout_s, "loading the VM's state"):
                     await load_verified(vm.vmm, stream[0], stream[1], ignore_shared=False)
-            tap = StreamTap.sink(snap.state, limit=stream_limit(plan.machine.memory_mib))
-            try:
-                async with migration_deadline(self.settings.migration_timeout_s, "saving the snapshot"):
-                    await vm.vmm.save_state(tap.fd, ignore_shared=True)
-            finally:
-                state = await asyncio.to_thread(tap.finish)
-            return state
+            return await save_streamed(
+                vm.vmm, snap.state, ignore_shared=True, memory_mib=plan.machine.memory_mib,
+                deadline_s=self.settings.migration_timeout_s, what="saving the snapshot",
+            )  # fmt: skip
         except BaseException:
             log.error("template VM log: %s", vm.serial_tail())
             raise

@@ -492,6 +492,20 @@ def check_digest(path: Path, expected: FileDigest, actual: FileDigest) -> None:
         raise SnapshotError(logged(f"snapshot file {path.name} fails its SHA-256 check: it is damaged", str(path)))
 
 
+async def save_streamed(
+    vmm: Vmm, path: Path, *, ignore_shared: bool, memory_mib: int, deadline_s: float, what: str
+) -> FileDigest:
+    """Save a VMM's state into ``path`` through a hashing tap (the twin of :func:`load_verified`):
+    at most ``stream_limit(memory_mib)`` bytes, the migration within ``deadline_s``."""
+    tap = StreamTap.sink(path, limit=stream_limit(memory_mib))
+    try:
+        async with migration_deadline(deadline_s, what):
+            await vmm.save_state(tap.fd, ignore_shared)
+    finally:
+        digest = await asyncio.to_thread(tap.finish)
+    return digest
+
+
 async def load_verified(vmm: Vmm, path: Path, expected: FileDigest, ignore_shared: bool) -> None:
     """Stream a saved state into a paused VMM, checking its SHA-256 on the way.
 

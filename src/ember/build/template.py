@@ -45,13 +45,11 @@ from ember.models import FileDigest
 from ember.runtime import Host
 from ember.snapshot import (
     Snapshot,
-    StreamTap,
     hash_file,
-    migration_deadline,
     new_manifest,
     rewrite_copy,
+    save_streamed,
     staging,
-    stream_limit,
     verify_files,
 )
 from ember.vmm.machine import DiskChain, MachineConfig, RamBacking, RamMode, readonly_disk_args, user_network_args
@@ -263,13 +261,10 @@ class BuilderTemplates:
         try:
             agent = await vm.connect_agent(token, self.settings.boot_timeout_s, first_boot=True)
             await agent.close()
-            tap = StreamTap.sink(snap.state, limit=stream_limit(plan.machine.memory_mib))
-            try:
-                async with migration_deadline(self.settings.migration_timeout_s, "saving the builder snapshot"):
-                    await vm.vmm.save_state(tap.fd, ignore_shared=True)
-            finally:
-                state = await asyncio.to_thread(tap.finish)
-            return state
+            return await save_streamed(
+                vm.vmm, snap.state, ignore_shared=True, memory_mib=plan.machine.memory_mib,
+                deadline_s=self.settings.migration_timeout_s, what="saving the builder snapshot",
+            )  # fmt: skip
         except BaseException:
             with contextlib.suppress(Exception):
                 log.error("builder VM log: %s", vm.serial_tail())
