@@ -230,8 +230,8 @@ class BuildService:
                     finished_at=utcnow(),
                 ))  # fmt: skip
         data = self.settings.data_dir
+        # (build VMs' control directories and cgroups went with the start-up sweep: Host.sweep)
         strays = [p for pattern in BUILD_LEFTOVERS for p in data.glob(pattern)]
-        strays += list((data / "run").glob("build-*"))
         for stray in strays:
             log.warning("removing what an interrupted build left: %s", stray.name)
             with contextlib.suppress(OSError):
