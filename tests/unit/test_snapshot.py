@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from ember.snapshot import (
     check_digest,
     hash_file,
     load_manifest,
+    mapped_ram_offset,
     new_manifest,
     staging,
     verify_files,
@@ -144,3 +146,24 @@ def test_a_stream_past_its_limit_is_cut_off_and_fails(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="passed 1048576 bytes"):
         sink.finish()
     assert (tmp_path / "out").stat().st_size <= 1 << 20
+
+
+def _mapped_file(path: Path, ram: int, offset: int, size: int) -> None:
+    header = b"QEVM" + b"\x03mem" + struct.pack(">Q", ram) + struct.pack(">IQQQ", 1, 4096, 4096, offset)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(size)
+
+
+def test_mapped_ram_offset_is_read_from_the_vmms_header_and_bounded(tmp_path: Path) -> None:
+    """The header was written by a VMM: only a page-aligned offset leaving room for all of RAM passes."""
+    ram, f = 16 << 20, tmp_path / "ram"
+    _mapped_file(f, ram, 1 << 20, (1 << 20) + ram + 4096)
+    assert mapped_ram_offset(f, ram) == 1 << 20
+    for offset in (1000, 0, (1 << 20) + 4096 + 4096):  # unaligned, none, past the end of the file
+        _mapped_file(f, ram, offset, (1 << 20) + ram + 4096)
+        with pytest.raises(SnapshotError, match="bad mapped-ram header"):
+            mapped_ram_offset(f, ram)
+    f.write_bytes(os.urandom(8192))  # no header at all
+    with pytest.raises(SnapshotError, match="no mapped-ram header"):
+        mapped_ram_offset(f, ram)
