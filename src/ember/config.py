@@ -78,6 +78,9 @@ class Settings:
     # Pre-started VMMs kept per launched image (0 disables the pool).
     pool_size: int = _env("EMBER_POOL_SIZE", 2)
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
+    # A restored guest's first answer (launch, pool pre-start, resume): under TCG on a loaded host a
+    # fresh QEMU translates the guest's code again first, which can take far longer than one request.
+    restore_answer_timeout_s: float = _env("EMBER_RESTORE_ANSWER_TIMEOUT", 120.0)
     # Guest-agent frames one VM may have queued in the daemon; when spent, its channel is not read.
     agent_vm_buffer_bytes: int = _env("EMBER_AGENT_VM_BUFFER_BYTES", 16 * 1024 * 1024)
     # The same for all VMs of the daemon together.

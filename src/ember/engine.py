@@ -247,7 +247,7 @@ class Engine:
             await vm.vmm.resume()
             identity = identity_request(record.id, new_token, os.urandom(64), time.time_ns())
             if first_contact:
-                await vm.agent.authenticate(record.token, self.settings.agent_timeout_s, then=identity)
+                await vm.agent.authenticate(record.token, self.settings.restore_answer_timeout_s, then=identity)
             else:
                 await vm.agent.request(*identity)
             phases.mark("identity")
@@ -271,7 +271,7 @@ class Engine:
             await load_verified(vm.vmm, snap.state_file, snap.manifest.files[Snapshot.STATE], True)
             phases.mark("load_state")
             await vm.vmm.resume()
-            await vm.agent.authenticate(image.token, self.settings.agent_timeout_s)
+            await vm.agent.authenticate(image.token, self.settings.restore_answer_timeout_s)
             await vm.agent.restore_identity("ember", image.token, os.urandom(64), time.time_ns())
             phases.mark("agent")
             with contextlib.suppress(GuestError):  # no `true` (FROM scratch): the failed exec warmed most of it
