@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything Ember needs on Debian 12 (as root): QEMU, a guest kernel,
-# image tools, a C compiler for the guest agent, and a Python venv in .venv.
+# image tools, a C compiler for the guest agent, PostgreSQL for the tests, and a Python venv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -33,6 +33,7 @@ apt_packages=(
     gcc libc6-dev                       # static guest agent and jailer
     busybox-static nftables             # image builds: tools in the build VM, its egress filter
     docker-registry skopeo              # tests: a real registry on 127.0.0.1 and a way to push to it
+    postgresql                          # tests: the suite's second pass runs on it (scripts/postgres.sh)
     python3 python3-venv python3-dev
 )
 missing=()
