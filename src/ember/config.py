@@ -104,6 +104,8 @@ class Settings:
     # Registry hosts (comma-separated; any port) the daemon may reach at loopback or private addresses, as
     # it may those above; any other registry, token realm or blob host must resolve to public addresses only.
     trusted_registries: tuple[str, ...] = _env("EMBER_TRUSTED_REGISTRIES", ())
+    # Hand the host's CA bundle to every build's RUN steps, as if each asked --host-ca-certs (TLS-inspecting proxy).
+    build_host_ca_certs: bool = _env("EMBER_BUILD_HOST_CA_CERTS", False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -157,7 +159,16 @@ class Settings:
         return Path(self.cache_dir_override) if self.cache_dir_override else self.data_dir / "cache"
 
 
+TRUE = frozenset({"1", "true", "yes", "on"})
+FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _coerce(kind: type, raw: str, env_name: str) -> Any:
+    if kind is bool:  # bool("0") is True: only these words say yes or no
+        word = raw.strip().lower()
+        if word not in TRUE | FALSE:
+            raise ValueError(f"{env_name}={raw!r} is not a valid bool: use 1/true/yes/on or 0/false/no/off")
+        return word in TRUE
     if kind is tuple:
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     try:

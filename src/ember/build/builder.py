@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ember.build.bases import BaseLayers, Log
 from ember.build.buildvm import ROOT, BuildVm, Deadlines, step_failed
+from ember.build.certhint import CertWatch, hint
 from ember.build.context import BuildContext, Owner, TarWriter, dest_path, parse_chmod
 from ember.build.dockerfile import (
     Dockerfile,
@@ -117,6 +118,8 @@ class Builder:
         target = dockerfile.stage(opts.target) if opts.target else dockerfile.stages[-1]
         if target is None:
             raise InvalidRequest(f"no stage named '{opts.target}' in the Dockerfile")
+        if self.settings.build_host_ca_certs:  # the operator hands the host's CA bundle to every build
+            opts = replace(opts, host_ca_certs=True)
         done: dict[int, Layer] = {}
         for stage in _needed(dockerfile, target):
             done[stage.index] = await StageBuild(self, dockerfile, stage, ctx, opts, done).run()
@@ -373,9 +376,16 @@ class StageBuild:
             await self._mkdir(vm, cfg.workdir)
         if self.opts.host_ca_certs:
             env = [*env, *(f"{name}={CA_PATH}" for name in CA_ENV)]
-        out = await vm.run(argv, env, cfg.workdir, cfg.user, self.b.settings.build_step_timeout_s, self._echo)
+        watch = CertWatch()
+
+        def echo(text: str) -> None:
+            watch.feed(text)
+            self._echo(text)
+
+        out = await vm.run(argv, env, cfg.workdir, cfg.user, self.b.settings.build_step_timeout_s, echo)
         if out.result.exit_code != 0 or out.result.signal or out.result.timed_out:
-            raise step_failed(self._what(ins), out)
+            why = hint(handed_in=self.opts.host_ca_certs, ca_path=CA_PATH, ca_env=CA_ENV) if watch.seen else ""
+            raise step_failed(self._what(ins), out, why)
 
     def _echo(self, text: str) -> None:
         for line in text.splitlines():

@@ -267,7 +267,8 @@ def _resolv_conf(network: bool) -> tuple[Path, ...]:
     return (RESOLV_CONF,) if network else ()
 
 
-def step_failed(what: str, out: StepOutput) -> BuildFailed:
+def step_failed(what: str, out: StepOutput, hint: str = "") -> BuildFailed:
+    """The error of a step that failed; ``hint`` (one line: what to do) ends it."""
     r = out.result
     if r.timed_out:
         why = f"did not finish within {out.limit_s:.0f} s (EMBER_BUILD_STEP_TIMEOUT)"
@@ -275,4 +276,5 @@ def step_failed(what: str, out: StepOutput) -> BuildFailed:
             why += "; the build VM stopped answering and was killed"
     else:
         why = f"killed by signal {r.signal}" if r.signal else f"exit code {r.exit_code}"
-    return BuildFailed(f"{why}; its last output:\n{out.tail.strip()[-2000:]}", what)
+    message = f"{why}; its last output:\n{out.tail.strip()[-2000:]}"
+    return BuildFailed(f"{message}\n{hint}" if hint else message, what)
