@@ -1,17 +1,19 @@
-"""The addresses a tenant may never make this host connect to: one list for builds and pulls.
+"""The addresses a tenant may never make this host connect to: one list for builds, pulls and webhooks.
 
 Build VMs' egress (ember.build.egress turns the lists into nftables rules) and
-the daemon's own registry connections (ember.build.oci, through
-:class:`PinnedBackend`) refuse the same destinations: this host's own addresses,
+the daemon's own connections on a tenant's behalf (registries in ember.build.oci,
+webhooks in ember.webhooks, through :class:`PinnedTransport`) refuse the same
+destinations: this host's own addresses,
 loopback, private, link-local (cloud metadata), CGNAT, IETF special-purpose,
 benchmarking, multicast and reserved IPv4, and the IPv6 ranges that are local
 or that embed an IPv4 address (mapped, NAT64, 6to4), so no IPv6 spelling
 reaches an IPv4 destination refused here.
 
-Registry connections are checked after DNS resolution, and the connection goes
+These connections are checked after DNS resolution, and the connection goes
 to the very address that was checked (no second lookup an attacker's DNS could
 answer differently); TLS still verifies the name. Hosts the operator configured
-(``EMBER_INSECURE_REGISTRIES``, ``EMBER_TRUSTED_REGISTRIES``) are exempt.
+(``EMBER_INSECURE_REGISTRIES``, ``EMBER_TRUSTED_REGISTRIES``,
+``EMBER_WEBHOOK_TRUSTED_HOSTS``) are exempt.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import httpcore
+import httpx
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,23 @@ class AddressPolicy:
         return hostname(host) in self.trusted
 
 
+async def resolve_checked(host: str, port: int, policy: AddressPolicy, timeout: float | None = None) -> list[str]:
+    """``host``'s TCP addresses, every one checked (unless the operator trusts ``host``): connect to these only.
+
+    Raises :class:`AddressDenied` when any address is refused, ``TimeoutError`` or ``OSError`` when
+    ``host`` cannot be resolved."""
+    with anyio.fail_after(timeout):
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not policy.is_trusted(host):
+        own = host_addresses()
+        for address in addresses:
+            if denied(ipaddress.ip_address(address.partition("%")[0]), own):
+                log.warning("refused a connection to %s:%d (%s)", host, port, address)
+                raise AddressDenied(host, address)
+    return addresses
+
+
 class PinnedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with every TCP connection resolved, checked, and made to that address.
 
@@ -138,19 +159,11 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            with anyio.fail_after(timeout):
-                infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            addresses = await resolve_checked(host, port, self.policy, timeout)
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not self.policy.is_trusted(host):
-            own = host_addresses()
-            for address in addresses:
-                if denied(ipaddress.ip_address(address.partition("%")[0]), own):
-                    log.warning("refused a connection to %s:%d (%s)", host, port, address)
-                    raise AddressDenied(host, address)
         last: Exception = httpcore.ConnectError(f"{host} has no address")
         for address in addresses:
             try:
@@ -162,7 +175,17 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None
     ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("registry connections are TCP only")
+        raise httpcore.ConnectError("connections on a tenant's behalf are TCP only")
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+class PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over :class:`PinnedBackend` (httpx has no parameter for it)."""
+
+    def __init__(self, verify: ssl.SSLContext, policy: AddressPolicy, *, max_connections: int = 16) -> None:
+        super().__init__(verify=verify, trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=verify, max_connections=max_connections, network_backend=PinnedBackend(policy)
+        )

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-import httpcore
 import httpx
 
 from ember import netpolicy
@@ -486,16 +485,6 @@ class Registry:
                 yield chunk
 
 
-class _PinnedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over :class:`netpolicy.PinnedBackend` (httpx has no parameter for it)."""
-
-    def __init__(self, verify: ssl.SSLContext, policy: netpolicy.AddressPolicy) -> None:
-        super().__init__(verify=verify, trust_env=False)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=verify, max_connections=16, network_backend=netpolicy.PinnedBackend(policy)
-        )
-
-
 def client(settings: Settings, ca_file: Path = HOST_CA_BUNDLE) -> httpx.AsyncClient:
     """The HTTP client for registries: host CA bundle (TLS-inspecting proxies), each connection's address
     checked after DNS (the operator's insecure and trusted registries excepted), no redirects of its own
@@ -503,7 +492,7 @@ def client(settings: Settings, ca_file: Path = HOST_CA_BUNDLE) -> httpx.AsyncCli
     verify = ssl.create_default_context(cafile=str(ca_file) if ca_file.exists() else None)
     policy = netpolicy.AddressPolicy.trusting((*settings.insecure_registries, *settings.trusted_registries))
     return httpx.AsyncClient(
-        transport=_PinnedTransport(verify, policy), follow_redirects=False, trust_env=False,
+        transport=netpolicy.PinnedTransport(verify, policy), follow_redirects=False, trust_env=False,
         timeout=httpx.Timeout(30.0, read=120.0),
     )  # fmt: skip
 
