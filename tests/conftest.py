@@ -27,6 +27,7 @@ import pytest
 
 from ember.client import ApiError, Client, call_build, call_simple, context_tar
 from ember.config import Settings
+from tests.databases import daemon_database_url, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_TIMEOUT_S = 10  # the test daemon's limit on one agent request
@@ -110,9 +111,11 @@ def settings() -> Iterator[Settings]:
         pytest.fail(reason)  # never skip silently: CI must boot real VMs
     data = Path(tempfile.mkdtemp(prefix="ember-test-"))
     cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
+    database_url = daemon_database_url("session")  # "": SQLite in the data directory (tests.databases)
     yield Settings.from_env(
         {
             "EMBER_DATA_DIR": str(data),
+            "EMBER_DATABASE_URL": database_url,
             "EMBER_SOCKET": str(data / "ember.sock"),
             "EMBER_CACHE_DIR": cache,
             "EMBER_AGENT_TIMEOUT": str(AGENT_TIMEOUT_S),
@@ -122,9 +125,15 @@ def settings() -> Iterator[Settings]:
             "EMBER_UID_COUNT": str(TEST_UID_BLOCK),
             # the tests' registries and token services listen on 127.0.0.1 (tests.oci_images)
             "EMBER_TRUSTED_REGISTRIES": "127.0.0.1",
+            # the webhook tests' receivers listen on 127.0.0.1 (tests/vm/test_webhooks.py); retries come quickly
+            "EMBER_WEBHOOK_TRUSTED_HOSTS": "127.0.0.1",
+            "EMBER_WEBHOOK_BACKOFF": "0.2",
+            "EMBER_USAGE_SAMPLE_S": "1",  # storage usage of a VM suspended for seconds shows (tests/vm/test_usage.py)
         }
     )
     shutil.rmtree(data, ignore_errors=True)
+    if database_url:
+        drop_database(database_url)
 
 
 @pytest.fixture(scope="session")
