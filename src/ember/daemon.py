@@ -17,6 +17,8 @@ import uvicorn
 
 from ember.build.service import BuildService
 from ember.config import Settings
+from ember.db.store import Store, connect
+from ember.db.tenants import TenantStore
 from ember.engine import Engine
 from ember.errors import HostSetupError
 from ember.guest.artifacts import ensure_artifacts
@@ -25,10 +27,13 @@ from ember.host.binaries import ensure_jailer
 from ember.images import BASE_IMAGE, ImageStore
 from ember.recovery import recover
 from ember.runtime import Host, UidPool
-from ember.store import Store
+from ember.tenancy.keys import token_hash
+from ember.tenancy.quotas import QuotaGate
+from ember.tenancy.secrets import SecretBox
 from ember.vmm import accel as accel_mod
 
 log = logging.getLogger("ember")
+ADMIN_FILE_KEY = "key-admin-file"  # the api-token file's admin key
 
 
 @dataclass
@@ -37,6 +42,9 @@ class Daemon:
     engine: Engine
     images: ImageStore
     builds: BuildService
+    tenants: TenantStore
+    secrets: SecretBox
+    quotas: QuotaGate
     uid_lock: int  # held for the daemon's lifetime
 
 
@@ -70,8 +78,11 @@ async def assemble(settings: Settings) -> Daemon:
     os.chown(layers, 0, settings.layer_gid)
     os.chmod(layers, 0o710)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # start-up races are retried and reported by us
-    store = Store(settings.db_path)
-    os.chmod(settings.db_path, 0o600)
+    db = await asyncio.to_thread(connect, settings.db_url)  # migrated to this release's schema
+    if not settings.database_url:
+        os.chmod(settings.db_path, 0o600)
+    store, tenants = Store(db), TenantStore(db)
+    box = SecretBox.from_file(settings.secret_key_path)
     guest = await asyncio.to_thread(ensure_artifacts, settings.guest_dir)
     for path in (guest.initramfs, guest.build_initramfs, guest.initramfs.parent):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
@@ -93,11 +104,12 @@ async def assemble(settings: Settings) -> Daemon:
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)
-    return Daemon(settings, engine, images, builds, uid_lock)
+    return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock)
 
 
 def bind_unix_socket(path: Path) -> socket.socket:
-    """The API socket, owner-only from the start (the daemon runs VMs as root)."""
+    """The API socket: anyone on the host may connect; root is known by its peer credentials, everyone
+    else needs an API key (ember.api.auth). Made 0600 and opened up only once it listens."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -108,6 +120,7 @@ def bind_unix_socket(path: Path) -> socket.socket:
     finally:
         os.umask(old_umask)
     sock.listen(128)
+    os.chmod(path, 0o666)
     return sock
 
 
@@ -146,20 +159,22 @@ def api_token(path: Path) -> str:
 
 async def serve(settings: Settings) -> None:
     from ember.api.app import create_app
+    from ember.api.auth import Authenticator, PeerCredProtocol
     from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy, tcp_listener
+    from ember.tenancy.ratelimit import RateLimiter
 
     tcp = tcp_listener(settings.listen) if settings.listen else None
     daemon = await assemble(settings)
-    app = create_app(daemon)
+    auth = Authenticator(daemon.tenants, RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
+    app = create_app(daemon, auth)
     caps = BodyCaps.from_settings(settings)
     unix = bind_unix_socket(settings.socket_path)
-    servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [
-        (uvicorn.Server(uvicorn.Config(RequestGuard(app, caps, None), log_level="warning")), [unix])
-    ]
+    on_socket = uvicorn.Config(RequestGuard(app, caps, None, auth), http=PeerCredProtocol, log_level="warning")
+    servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [(uvicorn.Server(on_socket), [unix])]
     if tcp is not None:
-        policy = TcpPolicy.for_listener(settings.listen, api_token(settings.api_token_path))
-        log.info("TCP listener %s requires the bearer token in %s", settings.listen, settings.api_token_path)
-        guarded = RequestGuard(app, caps, policy)
+        daemon.tenants.put_admin_key(ADMIN_FILE_KEY, token_hash(api_token(settings.api_token_path)))
+        log.info("TCP listener %s; the admin key is in %s", settings.listen, settings.api_token_path)
+        guarded = RequestGuard(app, caps, TcpPolicy.for_listener(settings.listen), auth)
         servers.append((uvicorn.Server(uvicorn.Config(guarded, host=tcp[0], port=tcp[1], log_level="warning")), None))
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")
     await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))

@@ -13,17 +13,17 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ember.agent import AgentConnection, ExecRequest, ExecResult, Listing, identity_request
 from ember.config import Settings
+from ember.db.store import Store
 from ember.errors import (
     AgentUnavailable,
     Conflict,
@@ -36,8 +36,17 @@ from ember.errors import (
 )
 from ember.images import ImageStore
 from ember.logs import vlog
+from ember.metrics import Operation, timed
 from ember.microvm import MicroVm, VmPlan
-from ember.models import FileDigest, ImageRecord, StopReason, VmRecord, VmState, check_transition, require_running
+from ember.models import (
+    FileDigest,
+    ImageRecord,
+    StateReason,
+    VmRecord,
+    VmState,
+    check_transition,
+    require_running,
+)
 from ember.pool import WarmPool, new_vm_id
 from ember.runtime import Host, VmLayout, finish_suspend, hand_over, move_files
 from ember.snapshot import (
@@ -55,12 +64,9 @@ from ember.snapshot import (
     unwritten_bytes,
     verify_files,
 )
-from ember.store import Store
 from ember.vmm.machine import DiskChain, MachineConfig, RamBacking, RamMode
 
 log = logging.getLogger(__name__)
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 class Phases:
@@ -85,6 +91,16 @@ class Timings:
     total_ms: float
     phases_ms: dict[str, float]
     bytes_written: int = 0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a launch asks beyond its image (checked by the API before it gets here)."""
+
+    tenant: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    on_record: Callable[[str], None] | None = None  # told the VM's id once its record exists
 
 
 class Engine:
@@ -155,12 +171,13 @@ class Engine:
                 vlog(vm.id).error("VMM exited unexpectedly; marking the VM FAILED")
                 del self._runtimes[vm.id]
                 await vm.close()
-                await self.save_async(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
+                failed = record.moved(VmState.FAILED, StateReason.VMM_EXITED, "the VMM exited unasked", pid=0)
+                await self.save_async(failed)
 
         self._watchers[vm.id] = asyncio.create_task(watch(), name=f"watch-{vm.id}")
 
     async def take_charge(
-        self, record: VmRecord, vm: MicroVm, token: str, reason: str = "", ram: RamMode | None = None
+        self, record: VmRecord, vm: MicroVm, token: str, reason: StateReason, ram: RamMode | None = None
     ) -> VmRecord:
         """A VM now runs in ``vm`` (launched, resumed, or re-adopted after a daemon
         restart): watch its VMM and record it RUNNING with the agent's current token."""
@@ -285,8 +302,8 @@ class Engine:
             await vm.close()
             raise
 
-    async def run(self, image_name: str) -> VmRecord:
-        image = self.images.get(image_name)
+    @timed(Operation.LAUNCH)
+    async def run(self, image: ImageRecord, options: RunOptions) -> VmRecord:
         snap = await self.images.verified_snapshot(image)
         phases = Phases()
         warm = await self.pool.take(image)
@@ -296,8 +313,11 @@ class Engine:
             vm_id, uid = warm.vm.id, warm.uid
         record = VmRecord(
             id=vm_id, image=image.name, state=VmState.PENDING, machine=image.machine, uid=uid,
-            token=image.token, ram=RamMode.CLONE,
+            token=image.token, ram=RamMode.CLONE, tenant=options.tenant, env=dict(options.env),
+            tags=dict(options.tags),
         )  # fmt: skip
+        if options.on_record is not None:
+            options.on_record(vm_id)
         await asyncio.to_thread(self.store.insert_vm, record)
         self.host.uids.settle(uid)
         async with self._lock(vm_id):
@@ -313,15 +333,17 @@ class Engine:
                 else:
                     phases.mark("warm_vmm")
                     token = await self._give_identity(record, vm, phases, False)
-            except BaseException:
+            except BaseException as exc:
                 if vm is not None:
                     await vm.close()
                 await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-                await asyncio.to_thread(self.store.delete_vm, vm_id)
+                why = str(exc)[:2000] or type(exc).__name__
+                failed = record.moved(VmState.TERMINATED, StateReason.LAUNCH_FAILED, why, uid=0)
+                await self.save_async(replace(failed, terminated_at=failed.updated_at))
                 raise
             finally:
                 self.pool.refill(image)
-            record = await self.take_charge(record, vm, token)
+            record = await self.take_charge(record, vm, token, StateReason.LAUNCH)
         vlog(vm_id).info("launched from %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
         return record
 
@@ -360,6 +382,7 @@ class Engine:
 
     # ---- suspend / resume ------------------------------------------------
 
+    @timed(Operation.SUSPEND)
     async def suspend(self, vm_id: str) -> Timings:
         """Save memory, devices and disk durably; the VMM exits and the VM holds no memory or CPU.
 
@@ -378,7 +401,7 @@ class Engine:
             agent = self._agent(record, "suspend")
             phases = Phases()
             own_ram = record.ram is RamMode.OWN
-            record = await self.save_async(record.moved(VmState.SUSPENDING))
+            record = await self.save_async(record.moved(VmState.SUSPENDING, StateReason.USER_SUSPEND))
             layout = self.host.layout(vm_id)
             try:
                 await agent.sync()
@@ -409,7 +432,7 @@ class Engine:
             except BaseException as exc:
                 await self._suspend_failed(record, vm, exc)
                 raise
-            await self.save_async(record.moved(VmState.SUSPENDED, StopReason.USER.value, pid=0))
+            await self.save_async(record.moved(VmState.SUSPENDED, StateReason.USER_SUSPEND, pid=0))
             vlog(vm_id).info("suspended in %.0f ms (%d bytes written) %s", phases.total_ms, written, phases.ms)
             return Timings(phases.total_ms, phases.ms, written)
 
@@ -461,15 +484,17 @@ class Engine:
             vlog(record.id).warning("suspend failed (%s); the VM keeps running", exc)
             with contextlib.suppress(EmberError):
                 await vm.vmm.resume()
-            await self.save_async(record.moved(VmState.RUNNING, f"suspend failed: {exc}"))
+            await self.save_async(record.moved(VmState.RUNNING, StateReason.SUSPEND_FAILED, str(exc)))
             return
         # The VMM already stopped: put its files back and give up on this VM.
         self._runtimes.pop(record.id, None)
         await vm.close()
         for stray in layout.root.glob(".suspend.tmp-*"):
             move_files(stray, layout.root, layout.own_files(record.ram))
-        await self.save_async(record.moved(VmState.FAILED, f"suspend failed after the VMM stopped: {exc}", pid=0))
+        message = f"the VMM had stopped: {exc}"
+        await self.save_async(record.moved(VmState.FAILED, StateReason.SUSPEND_FAILED, message, pid=0))
 
+    @timed(Operation.RESUME)
     async def resume(self, vm_id: str) -> Timings:
         """Restore a suspended VM under the same id, into its own RAM file.
 
@@ -488,7 +513,7 @@ class Engine:
             self.images.check_restorable(manifest.machine, f"the snapshot of VM {vm_id}")
             mapped = manifest.mapped_ram
             image = self.images.get(record.image)
-            record = await self.save_async(record.moved(VmState.RESUMING))
+            record = await self.save_async(record.moved(VmState.RESUMING, StateReason.USER_RESUME))
             moved = move_files(snap.path, layout.root, Snapshot.VM_FILES)
             owned = [layout.root / name for name in moved]
             vm: MicroVm | None = None
@@ -519,14 +544,13 @@ class Engine:
                     await vm.close()
                 move_files(layout.root, snap.path, moved)
                 await asyncio.to_thread(hand_over, [snap.path / name for name in moved], 0)
-                reason = f"resume failed: {exc}"
-                vlog(vm_id).error(reason)
-                await self.save_async(record.moved(VmState.SUSPENDED, reason))
+                vlog(vm_id).error("resume failed: %s", exc)
+                await self.save_async(record.moved(VmState.SUSPENDED, StateReason.RESUME_FAILED, str(exc)))
                 raise
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
             consumed = snap.path.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
             self.spawn_chore(asyncio.to_thread(shutil.rmtree, consumed, True))
-            await self.take_charge(record, vm, token, ram=RamMode.OWN)
+            await self.take_charge(record, vm, token, StateReason.USER_RESUME, ram=RamMode.OWN)
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)
@@ -534,8 +558,7 @@ class Engine:
     # ---- snapshot (fork) -------------------------------------------------
 
     async def snapshot(self, vm_id: str, name: str) -> ImageRecord:
-        if not NAME_RE.match(name):
-            raise InvalidRequest(f"bad image name {name!r}: use lowercase letters, digits, '.', '_' or '-'")
+        """Fork a running VM into the image ``name`` (an internal name: ember.tenancy.names)."""
         self.images.check_new_name(name)
         stream = self.images.staging_stream(name)
         disk_copy = stream.with_name(stream.name + ".disk")
@@ -568,16 +591,20 @@ class Engine:
     # ---- remove ------------------------------------------------------------
 
     async def remove(self, vm_id: str) -> None:
+        """Stop the VM and delete its files; its record stays, TERMINATED, for the retention period."""
         async with self._lock(vm_id):
             record = self.get(vm_id)
-            await self.save_async(record.moved(VmState.TERMINATING, StopReason.USER.value))
+            if record.state is VmState.TERMINATED:
+                return
+            record = await self.save_async(record.moved(VmState.TERMINATING, StateReason.USER_TERMINATE))
             self._unwatch(vm_id)
             vm = self._runtimes.pop(vm_id, None)
             if vm is not None:
                 await vm.close()
             await asyncio.to_thread(self.host.discard, vm_id)  # a VMM recovery could not reach, too
             await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-            await asyncio.to_thread(self.store.delete_vm, vm_id)
+            ended = record.moved(VmState.TERMINATED, StateReason.USER_TERMINATE, pid=0, uid=0)
+            await self.save_async(replace(ended, terminated_at=ended.updated_at))
         self._locks.pop(vm_id, None)
         vlog(vm_id).info("removed")
 

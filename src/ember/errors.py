@@ -2,14 +2,21 @@
 
 EmberError
 ├── HostSetupError          the host lacks something Ember needs (install it)
-├── NotFound                no such VM / image (HTTP 404)
+├── NotFound                no such resource, or another tenant's (the same answer: HTTP 404)
 │   ├── VmNotFound
-│   └── ImageNotFound
+│   ├── ImageNotFound
+│   ├── TenantNotFound
+│   ├── KeyNotFound
+│   └── WebhookNotFound
 ├── Conflict                the request does not fit the current state (HTTP 409)
 │   ├── InvalidStateTransition   e.g. exec on a suspended VM
-│   └── NameTaken               an image name already in use
-├── Unauthorized            no or wrong credentials on the TCP listener (HTTP 401)
-├── Forbidden               a foreign Host or Origin on the TCP listener (HTTP 403)
+│   ├── NameTaken               an image or tenant name already in use
+│   └── IdempotencyConflict     a client_token reused with a different request
+├── Unauthorized            no, unknown or revoked credentials (HTTP 401)
+├── Forbidden               not allowed: an admin-only call, a read-only built-in image, a foreign Host (HTTP 403)
+├── TooManyRequests         HTTP 429
+│   ├── QuotaExceeded       a tenant quota would be passed (names the quota, its limit and current use)
+│   └── RateLimited         the API key's request rate (with Retry-After)
 ├── InvalidRequest          malformed input (HTTP 400)
 │   ├── PayloadTooLarge     a request body over its route's cap (HTTP 413)
 │   └── UnsupportedMediaType  a body of the wrong Content-Type (HTTP 415)
@@ -67,6 +74,21 @@ class ImageNotFound(NotFound):
         self.name = name
 
 
+class TenantNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no tenant named '{name}': list tenants with 'ember tenant ls'")
+
+
+class KeyNotFound(NotFound):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"no API key with id '{key_id}': list keys with 'ember key ls'")
+
+
+class WebhookNotFound(NotFound):
+    def __init__(self, webhook_id: str) -> None:
+        super().__init__(f"no webhook with id '{webhook_id}': list webhooks with 'ember webhook ls'")
+
+
 class Conflict(EmberError):
     http_status = 409
 
@@ -77,6 +99,44 @@ class InvalidStateTransition(Conflict):
 
 class NameTaken(Conflict):
     pass
+
+
+class IdempotencyConflict(Conflict):
+    def __init__(self, token: str) -> None:
+        super().__init__(
+            f"client_token {token!r} was used for a different request: send the same request to get its result, "
+            "or use a new token for a new request"
+        )
+
+
+class TooManyRequests(EmberError):
+    http_status = 429
+    retry_after: float | None = None
+
+    def details(self) -> dict[str, object]:
+        return {}
+
+
+class QuotaExceeded(TooManyRequests):
+    def __init__(self, quota: str, limit: int, current: int) -> None:
+        flag = "--" + quota.replace("_", "-")
+        super().__init__(
+            f"quota {quota} would be exceeded: the limit is {limit} and {current} are in use; free some "
+            f"(remove or suspend VMs, remove images) or ask the operator to raise it ('ember tenant set {flag}')"
+        )
+        self.quota, self.limit, self.current = quota, limit, current
+
+    def details(self) -> dict[str, object]:
+        return {"quota": self.quota, "limit": self.limit, "current": self.current}
+
+
+class RateLimited(TooManyRequests):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many requests for this API key: retry in {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+    def details(self) -> dict[str, object]:
+        return {"retry_after": self.retry_after}
 
 
 class Unauthorized(EmberError):

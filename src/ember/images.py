@@ -32,6 +32,7 @@ from typing import Protocol
 from ember.agent import AgentConnection
 from ember.build import rootfs
 from ember.config import Settings
+from ember.db.store import Store
 from ember.errors import (
     EmberError,
     HostSetupError,
@@ -57,7 +58,6 @@ from ember.snapshot import (
     staging,
     verify_files,
 )
-from ember.store import Store
 from ember.vmm.accel import AccelChoice
 from ember.vmm.machine import Accel, DiskChain, MachineConfig, RamBacking, RamMode, kernel_cmdline
 
@@ -67,6 +67,13 @@ BASE_IMAGE = "debian"
 BUILTIN_BASE = "ember:debian-python3"  # Debian bookworm minbase + python3
 # names no image of a tenant's may take: the built-in image and the built-in bases' repos
 RESERVED_NAMES = frozenset({BASE_IMAGE, "python", *(ref.partition(":")[0] for ref in rootfs.BUILTIN)})
+
+
+def owner(name: str) -> str:
+    """The tenant owning the image ``name`` (internal, see ember.tenancy.names): "" for a built-in base."""
+    if "~" in name:
+        return name.partition("~")[0]
+    return "" if name.partition(":")[0] in RESERVED_NAMES else "default"
 
 
 Prepare = Callable[[AgentConnection], Awaitable[None]]
@@ -270,7 +277,7 @@ class ImageStore:
         snap.write(new_manifest("image", machine, files, ignore_shared=True))
         return ImageRecord(
             name=name, machine=machine, gid=gid, token=token, disk_bytes=files[Snapshot.DISK].size,
-            memory_bytes=files[Snapshot.RAM].size, parent=parent,
+            memory_bytes=files[Snapshot.RAM].size, parent=parent, tenant=owner(name),
         )  # fmt: skip
 
     async def _run_template(
@@ -330,7 +337,7 @@ class ImageStore:
                                     f"copying the snapshot of {source.name}")  # fmt: skip
                     for path in tmp.iterdir():
                         os.chown(path, 0, gid)
-                image = replace(source, name=name, gid=gid, created_at=utcnow())
+                image = replace(source, name=name, gid=gid, created_at=utcnow(), tenant=owner(name))
                 self.store.put_image(image)
                 return image
 

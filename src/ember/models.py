@@ -23,7 +23,12 @@ class VmState(enum.StrEnum):
     SUSPENDED = "SUSPENDED"
     RESUMING = "RESUMING"
     TERMINATING = "TERMINATING"
+    TERMINATED = "TERMINATED"  # removed: kept listable for EMBER_TERMINATED_RETENTION, then purged
     FAILED = "FAILED"
+
+
+# The states that hold a VMM (and count as running for quotas and usage).
+RUNNING_STATES = frozenset({VmState.PENDING, VmState.RUNNING, VmState.SUSPENDING, VmState.RESUMING})
 
 
 TRANSITIONS: dict[VmState, frozenset[VmState]] = {
@@ -35,7 +40,8 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     # a failed resume leaves the saved state untouched: still SUSPENDED
     VmState.RESUMING: frozenset({VmState.RUNNING, VmState.SUSPENDED, VmState.FAILED}),
     VmState.FAILED: frozenset({VmState.TERMINATING}),
-    VmState.TERMINATING: frozenset(),
+    VmState.TERMINATING: frozenset({VmState.TERMINATED}),
+    VmState.TERMINATED: frozenset(),
 }
 
 _HINTS = {
@@ -45,6 +51,7 @@ _HINTS = {
     VmState.SUSPENDING: "it is being suspended; retry when that finishes",
     VmState.RESUMING: "it is being resumed; retry when that finishes",
     VmState.TERMINATING: "it is being removed",
+    VmState.TERMINATED: "it was removed; launch a new one with 'ember run'",
     VmState.RUNNING: "it is already running",
 }
 
@@ -62,12 +69,37 @@ def require_running(vm_id: str, current: VmState, action: str) -> None:
         )
 
 
-class StopReason(enum.StrEnum):
-    """Why a VM left RUNNING (a closed set: used in logs and metrics)."""
+class StateReason(enum.StrEnum):
+    """Why a VM entered its current state: the one closed set used for ``state_reason``, in events, logs
+    and metrics. Details (an error's text) go to ``state_message``, never here.
 
-    USER = "user"
+    ``launch``             PENDING, then RUNNING: a run request launched it
+    ``launch_failed``      FAILED: it could not start (the message says why)
+    ``user_suspend``       SUSPENDING, then SUSPENDED: a suspend request
+    ``suspend_failed``     RUNNING again (the VM was left untouched: retry later) or FAILED
+    ``user_resume``        RESUMING, then RUNNING: a resume request
+    ``resume_failed``      SUSPENDED again (its saved state is untouched) or FAILED
+    ``user_terminate``     TERMINATING, then TERMINATED: a remove request
+    ``vmm_exited``         FAILED: its VMM (QEMU) exited or crashed without being asked
+    ``daemon_restart``     SUSPENDED: a restarted daemon finished a suspend cut short, or found the VMM gone
+                           with the VM's state saved
+    ``recovered``          RUNNING: a restarted daemon re-adopted the running VMM
+    ``agent_unreachable``  RUNNING: a restarted daemon could not reach its agent yet (retried every 30 s)
+    ``recovery_failed``    FAILED: a restarted daemon could not take the VM over
+    """
+
+    LAUNCH = "launch"
+    LAUNCH_FAILED = "launch_failed"
+    USER_SUSPEND = "user_suspend"
+    SUSPEND_FAILED = "suspend_failed"
+    USER_RESUME = "user_resume"
+    RESUME_FAILED = "resume_failed"
+    USER_TERMINATE = "user_terminate"
     VMM_EXITED = "vmm_exited"
     DAEMON_RESTART = "daemon_restart"
+    RECOVERED = "recovered"
+    AGENT_UNREACHABLE = "agent_unreachable"
+    RECOVERY_FAILED = "recovery_failed"
 
 
 def utcnow() -> str:
@@ -94,6 +126,7 @@ class ImageRecord:
     memory_bytes: int
     created_at: str = field(default_factory=utcnow)
     parent: str = ""
+    tenant: str = ""  # "": a built-in base image, visible to every tenant
 
 
 @dataclass(frozen=True)
@@ -106,13 +139,25 @@ class VmRecord:
     token: str
     ram: RamMode = RamMode.CLONE
     pid: int = 0
-    state_reason: str = ""
+    state_reason: StateReason = StateReason.LAUNCH
     next_token: str = ""  # set while a token rotation is in flight
     created_at: str = field(default_factory=utcnow)
     updated_at: str = field(default_factory=utcnow)
+    tenant: str = "default"
+    env: dict[str, str] = field(default_factory=dict)  # every exec's environment starts from it
+    tags: dict[str, str] = field(default_factory=dict)
+    state_message: str = ""  # detail of state_reason (an error's text), for people
+    terminated_at: str = ""
 
-    def moved(self, state: VmState, reason: str = "", **changes: object) -> VmRecord:
-        return replace(self, state=state, state_reason=reason, updated_at=utcnow(), **changes)  # type: ignore[arg-type]
+    def moved(self, state: VmState, reason: StateReason, message: str = "", **changes: object) -> VmRecord:
+        return replace(
+            self,
+            state=state,
+            state_reason=reason,
+            state_message=message,
+            updated_at=utcnow(),
+            **changes,  # type: ignore[arg-type]
+        )
 
 
 class BuildState(enum.StrEnum):
@@ -138,3 +183,19 @@ class BuildRecord:
     seconds: float = 0.0
     created_at: str = field(default_factory=utcnow)
     finished_at: str = ""
+    tenant: str = "default"
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One VM state change, as recorded (and sent to webhooks)."""
+
+    id: int
+    tenant: str
+    vm_id: str
+    at: str
+    from_state: str  # "" for the first event of a VM
+    to_state: str
+    reason: str  # a StateReason value
+    message: str
+    actor: str  # a key id, "root" (the Unix socket's root), or "system" (the daemon's own work)

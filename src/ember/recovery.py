@@ -29,12 +29,13 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ember.errors import AgentUnavailable, EmberError, TokenRefused
 from ember.logs import vlog
 from ember.microvm import MicroVm
-from ember.models import StopReason, VmRecord, VmState
+from ember.models import StateReason, VmRecord, VmState, utcnow
 from ember.runtime import finish_suspend, hand_over, move_files
 from ember.snapshot import Snapshot, SnapshotManifest, commit
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 AGENT_ATTEMPTS_S = (5.0, 15.0, 30.0)
 RETRY_EVERY_S = 30.0
 UNREACHABLE = "unreachable after a daemon restart"
+R = StateReason
 
 
 async def recover(engine: Engine) -> None:
@@ -61,12 +63,12 @@ async def recover(engine: Engine) -> None:
             vlog(record.id).exception("recovery failed: %s", exc)
             if _vmm_alive(engine, record):
                 keep.add(record.id)
-                engine.save(record.moved(record.state, f"{UNREACHABLE}: {exc}"))
+                engine.save(record.moved(record.state, R.AGENT_UNREACHABLE, f"{UNREACHABLE}: {exc}"))
             else:
                 await asyncio.to_thread(engine.host.discard, record.id)
-                engine.save(record.moved(VmState.FAILED, f"recovery failed: {exc}", pid=0))
+                engine.save(record.moved(VmState.FAILED, R.RECOVERY_FAILED, str(exc), pid=0))
     await asyncio.to_thread(engine.host.sweep, keep)
-    known = {vm.id for vm in engine.store.list_vms()}
+    known = {vm.id for vm in engine.store.list_vms()}  # live ones: a TERMINATED VM has no files
     if engine.settings.vms_dir.exists():
         for stray in engine.settings.vms_dir.iterdir():
             if stray.name not in known:
@@ -94,7 +96,7 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
             await asyncio.to_thread(finish_suspend, layout, stray_snap, record.ram, partial)
             await asyncio.to_thread(commit, stray, snap.path)
             vlog(record.id).warning("a suspend cut short by the daemon's end was finished; the VM is SUSPENDED")
-            engine.save(record.moved(VmState.SUSPENDED, StopReason.DAEMON_RESTART.value, pid=0))
+            engine.save(record.moved(VmState.SUSPENDED, R.DAEMON_RESTART, pid=0))
             return False
         move_files(stray, layout.root, layout.own_files(record.ram))
         shutil.rmtree(stray, ignore_errors=True)
@@ -104,7 +106,12 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     if record.state in (VmState.TERMINATING, VmState.PENDING):
         await asyncio.to_thread(engine.host.discard, record.id)
         shutil.rmtree(layout.root, ignore_errors=True)
-        engine.store.delete_vm(record.id)
+        ended = (
+            record.moved(VmState.TERMINATED, R.USER_TERMINATE, record.state_message)
+            if record.state is VmState.TERMINATING
+            else record.moved(VmState.TERMINATED, R.LAUNCH_FAILED, "the daemon stopped during the launch")
+        )
+        engine.save(replace(ended, uid=0, pid=0, terminated_at=utcnow()))
         return False
     if record.state is VmState.FAILED or not alive:
         await asyncio.to_thread(engine.host.discard, record.id)
@@ -116,10 +123,10 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
             hand_over([snap.path / name for name in back], 0)
             if Snapshot.RAM not in manifest.files:
                 layout.ram.unlink(missing_ok=True)
-            engine.save(record.moved(VmState.SUSPENDED, StopReason.DAEMON_RESTART.value, pid=0))
+            engine.save(record.moved(VmState.SUSPENDED, R.DAEMON_RESTART, pid=0))
         elif record.state is not VmState.FAILED:
             vlog(record.id).error("VMM gone after a daemon restart; marking FAILED")
-            engine.save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
+            engine.save(record.moved(VmState.FAILED, R.VMM_EXITED, "the VMM was gone after a daemon restart", pid=0))
         return False
     # The VMM is alive: ask it, then re-attach to the agent.
     vm = await MicroVm.adopt(engine.host, record.id, record.pid)
@@ -132,7 +139,7 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
         await vm.detach()  # never stop a live VMM here: the VM stays listed, and we try again later
         if isinstance(exc, Exception):
             vlog(record.id).warning("%s: %s; will retry every %.0f s", UNREACHABLE, exc, RETRY_EVERY_S)
-            engine.save(record.moved(VmState.RUNNING, f"{UNREACHABLE}: {exc}"))
+            engine.save(record.moved(VmState.RUNNING, R.AGENT_UNREACHABLE, f"{UNREACHABLE}: {exc}"))
             engine.spawn_chore(_keep_trying(engine, record.id))
             return True
         raise
@@ -164,7 +171,7 @@ async def _finish(engine: Engine, record: VmRecord, vm: MicroVm, token: str, sta
         assert vm.agent is not None
         await vm.agent.restore_identity(record.id, token, os.urandom(64), time.time_ns())
         shutil.rmtree(engine.host.layout(record.id).suspended.path, ignore_errors=True)
-    reason = StopReason.DAEMON_RESTART.value if status != "running" else ""
+    reason = R.DAEMON_RESTART if status != "running" else R.RECOVERED
     await engine.take_charge(record, vm, token, reason)
     vlog(record.id).info("re-adopted running VM (pid %d)", record.pid)
 
@@ -175,11 +182,11 @@ async def _keep_trying(engine: Engine, vm_id: str) -> None:
         await asyncio.sleep(RETRY_EVERY_S)
         async with engine.lock(vm_id):
             record = engine.store.get_vm(vm_id)
-            if record is None or engine.has_runtime(vm_id) or not record.state_reason.startswith(UNREACHABLE):
+            if record is None or engine.has_runtime(vm_id) or record.state_reason is not R.AGENT_UNREACHABLE:
                 return
             if not _vmm_alive(engine, record):
                 await asyncio.to_thread(engine.host.discard, vm_id)
-                engine.save(record.moved(VmState.FAILED, StopReason.VMM_EXITED.value, pid=0))
+                engine.save(record.moved(VmState.FAILED, R.VMM_EXITED, pid=0))
                 return
             vm = await MicroVm.adopt(engine.host, vm_id, record.pid)
             try:

@@ -5,25 +5,32 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import pytest
 
 from ember.api import app as api_app
+from ember.api import vms as api_vms
+from ember.api.auth import PRINCIPAL
 from ember.api.execstdin import StdinPipes
 from ember.config import Settings
+from ember.db.store import Store
+from ember.db.tenants import TenantStore
 from ember.engine import Engine
 from ember.errors import Conflict, ImageNotFound, NameTaken, VmNotFound
 from ember.guest.artifacts import GuestArtifacts
 from ember.host.cgroup import CgroupsV2
 from ember.images import ImageStore
-from ember.models import BuildRecord, BuildState
+from ember.models import BuildRecord, BuildState, VmRecord, VmState
 from ember.runtime import Host, UidPool
-from ember.store import Store
+from ember.tenancy.principal import ROOT
+from ember.tenancy.quotas import QuotaGate
 from ember.vmm.accel import Accel, AccelChoice
+from ember.vmm.machine import MachineConfig
 
 if TYPE_CHECKING:
+    from ember.api.auth import Authenticator
     from ember.daemon import Daemon
 
 
@@ -95,11 +102,22 @@ async def test_failed_execs_leave_no_stdin_pipe(engine: Engine, monkeypatch: pyt
             super().__init__()
             tables.append(self)
 
-    monkeypatch.setattr(api_app, "StdinPipes", Recorded)
-    daemon = SimpleNamespace(engine=engine, images=engine.images, settings=engine.settings, builds=None)
-    app = api_app.create_app(cast("Daemon", daemon))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ember") as c:
-        for _ in range(50):
-            r = await c.post("/v1/vms/nope/exec", json={"argv": ["true"], "stdin": True})
-            assert r.status_code == 404 and r.json()["error"] == "VmNotFound"
+    monkeypatch.setattr(api_vms, "StdinPipes", Recorded)
+    daemon = SimpleNamespace(
+        engine=engine, images=engine.images, settings=engine.settings, builds=None, quotas=QuotaGate(),
+        tenants=TenantStore(engine.store.engine),
+    )  # fmt: skip
+    app = api_app.create_app(cast("Daemon", daemon), cast("Authenticator", None))
+    machine = MachineConfig(Accel.TCG, 256, 1, "/k", "/i", "", "QEMU emulator version 10.0.2")
+    engine.store.insert_vm(VmRecord(id="vm-0a", image="x", state=VmState.SUSPENDED, machine=machine, uid=1, token="t"))
+
+    async def as_root(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope[PRINCIPAL] = ROOT
+        await app(scope, receive, send)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=as_root), base_url="http://ember") as c:
+        for vm_id, status in (("vm-0b", 404), ("vm-0a", 409)):  # missing; suspended: the exec cannot start
+            for _ in range(25):
+                r = await c.post(f"/v1/vms/{vm_id}/exec", json={"argv": ["true"], "stdin": True})
+                assert r.status_code == status, r.text
     assert len(tables) == 1 and tables[0].pipes == {}

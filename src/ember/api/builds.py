@@ -10,9 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from ember.api.auth import principal
+from ember.api.limits import Limits
 from ember.api.streaming import Emit, stream_job
 from ember.build.builder import BuildOptions
 from ember.build.context import BuildContext
@@ -23,6 +25,10 @@ from ember.build.unpack import Capacity, Tree, remove_tree
 from ember.engine import Engine
 from ember.errors import ImageNotFound, InvalidRequest, UnsupportedMediaType
 from ember.models import BuildRecord, BuildState
+from ember.tenancy import names
+from ember.tenancy.idempotency import Idempotency, Settle
+from ember.tenancy.principal import Principal
+from ember.tenancy.quotas import Ask, Quota
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,8 @@ LOG_TAIL_MAX = 64 * 1024 * 1024
 
 def build_view(record: BuildRecord) -> dict[str, Any]:
     return {
-        "name": record.name, "repo": record.repo, "version": record.version, "state": record.state.value,
+        "name": names.public(record.name), "repo": names.public(record.repo), "version": record.version,
+        "state": record.state.value, "tenant": record.tenant,
         "error": record.error or None, "failed_step": record.step or None,
         "config": json.loads(record.config) if record.config else None,
         "build": json.loads(record.steps) if record.steps else None,
@@ -76,13 +83,17 @@ def _log_tail(path: Path, limit: int) -> str:
     return note + data[cut:].decode(errors="replace")
 
 
-def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None:
+def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits: Limits) -> None:
+    once = Idempotency(limits.daemon.tenants)
+
     @app.post("/v1/images/build")
     async def build_image(
         request: Request,
-        name: str,
+        name: str = Query(min_length=1, max_length=200),
+        who: Principal = Depends(principal),
+        client_token: str | None = Query(default=None, min_length=1, max_length=64),
         dockerfile: str = "Dockerfile",
-        build_arg: list[str] = Query(default=[]),  # noqa: B008 (FastAPI's way)
+        build_arg: list[str] = Query(default=[]),
         target: str = "",
         ready_cmd: str = "",
         ready_timeout: float = Query(default=120.0, gt=0, le=MAX_READY_TIMEOUT_S, allow_inf_nan=False),
@@ -95,6 +106,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
             # a browser can send text/plain anywhere without asking (CSRF); a tar is declared as one
             raise UnsupportedMediaType("send the build context as a tar with 'Content-Type: application/x-tar'")
         split_name(name)
+        names.new_repo(who.tenant, name.partition(":")[0])
         args = []
         for item in build_arg:
             key, eq, value = item.partition("=")
@@ -103,52 +115,88 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService) -> None
             args.append((key, value))
         tmp = Path(tempfile.mkdtemp(prefix="build-", dir=builds.settings.data_dir))
         try:
-            limits = TarLimits.from_settings(builds.settings)
+            tar_limits = TarLimits.from_settings(builds.settings)
             capacity = Capacity(builds.settings.max_build_context_bytes, "EMBER_MAX_BUILD_CONTEXT_BYTES")
-            await _receive_context(request, tmp, limits, capacity)
-            with BuildContext(tmp / "context", limits, dockerfile) as ctx:
+            await _receive_context(request, tmp, tar_limits, capacity)
+            with BuildContext(tmp / "context", tar_limits, dockerfile) as ctx:
                 parse(ctx.dockerfile_text(), dict(args))  # a bad Dockerfile is a 400 before anything starts
         except BaseException:
             await asyncio.to_thread(remove_tree, tmp)
             raise
         req = BuildRequest(
-            name=name, dockerfile=dockerfile,
+            name=name, tenant=who.tenant, dockerfile=dockerfile,
             options=BuildOptions(build_args=tuple(args), target=target, no_cache=no_cache, network=network,
                                  host_ca_certs=host_ca_certs),
             ready_cmd=("/bin/sh", "-c", ready_cmd) if ready_cmd else (), ready_timeout_s=ready_timeout,
         )  # fmt: skip
 
-        async def run(emit: Emit) -> dict[str, Any]:
-            try:
-                record = await builds.build(req, tmp / "context", lambda line: emit({"log": line}))
-            finally:
-                await asyncio.to_thread(remove_tree, tmp)
-            image = builds.store.get_image(record.name) if record.state is BuildState.CREATED else None
-            if image is not None:
-                engine.warm_up(image)
-            return {"build": build_view(record)}
+        asks = [Ask(Quota.IMAGES, 1), Ask(Quota.CONCURRENT_BUILDS, 1)]
+        body = {"name": name, "dockerfile": dockerfile, "build_arg": build_arg, "target": target,
+                "ready_cmd": ready_cmd, "ready_timeout": ready_timeout, "no_cache": no_cache, "network": network,
+                "host_ca_certs": host_ca_certs}  # fmt: skip
 
-        return stream_job(run, "image build", backlog_bytes=builds.settings.stream_backlog_bytes)
+        async def start(settle: Settle) -> StreamingResponse:
+            # the quota is checked (429) before the answer starts; the build's record makes its use count
+            admitted = limits.admit(who.tenant, asks)
+            release = await admitted.__aenter__()
+
+            async def run(emit: Emit) -> dict[str, Any]:
+                def recorded(record: BuildRecord) -> None:
+                    settle(record.name)
+                    release()
+
+                try:
+                    record = await builds.build(req, tmp / "context", lambda line: emit({"log": line}), recorded)
+                finally:
+                    await admitted.__aexit__(None, None, None)
+                    await asyncio.to_thread(remove_tree, tmp)
+                image = builds.store.get_image(record.name) if record.state is BuildState.CREATED else None
+                if image is not None:
+                    engine.warm_up(image)
+                return {"build": build_view(record)}
+
+            return stream_job(run, "image build", backlog_bytes=builds.settings.stream_backlog_bytes)
+
+        async def existing(build_name: str) -> StreamingResponse:
+            await asyncio.to_thread(remove_tree, tmp)
+            record = builds.store.get_build(build_name)
+            view = build_view(record) if record else {}
+
+            async def done(_: Emit) -> dict[str, Any]:
+                return {"build": view}
+
+            return stream_job(done, "image build", backlog_bytes=builds.settings.stream_backlog_bytes)
+
+        try:
+            return await once.create(who, "build", client_token, body, start, existing)
+        except BaseException:
+            await asyncio.to_thread(remove_tree, tmp)
+            raise
 
     @app.get("/v1/images/{name}/logs", response_class=PlainTextResponse)
     async def image_logs(
         name: str,
         tail: int = Query(default=LOG_TAIL_DEFAULT, gt=0, le=LOG_TAIL_MAX),
+        who: Principal = Depends(principal),
     ) -> str:
         """The last ``tail`` bytes of a build's log (from a line start); says how much it left out."""
-        record = builds.store.get_build(name)
+        internal = names.internal(who.tenant, name)
+        record = builds.store.get_build(internal)
         if record is None and ":" not in name:
-            latest = builds.store.latest_image(name)
+            latest = builds.store.latest_image(internal)
             record = builds.store.get_build(latest.name) if latest else None
         if record is None:
-            raise ImageNotFound(f"{name} (no build of that name: 'ember image ls' lists them)")
+            raise ImageNotFound(name)
         try:
             return await asyncio.to_thread(_log_tail, builds.log_path(record.name), tail)
         except FileNotFoundError:
             return ""
 
     @app.delete("/v1/images/{name}", status_code=204)
-    async def remove_image(name: str, every_version: bool = Query(default=False, alias="all")) -> None:
+    async def remove_image(
+        name: str, every_version: bool = Query(default=False, alias="all"), who: Principal = Depends(principal)
+    ) -> None:
         """Remove an image version; a repo name with several versions needs ``all=true``."""
-        for removed in await engine.remove_image(name, every_version=every_version):
+        internal = names.writable(who.tenant, name)
+        for removed in await engine.remove_image(internal, every_version=every_version):
             builds.log_path(removed).unlink(missing_ok=True)

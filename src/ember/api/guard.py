@@ -3,23 +3,25 @@
 - Body caps: a ``Content-Length`` over the route's cap is refused (413) before a byte of the
   body is read; a chunked body is counted as it streams and cut off at the cap.
 - On the TCP listener only: the ``Host`` must be one of the listener's own names (DNS
-  rebinding), an ``Origin`` must be the listener's own (CSRF from a browser tab), and the
-  request must carry ``Authorization: Bearer <token>`` with the daemon's API token. The Unix
-  socket is owner-only (root) and needs none of this.
+  rebinding), and an ``Origin`` must be the listener's own (CSRF from a browser tab).
+- On both listeners: the caller is authenticated (:mod:`ember.api.auth`): root on the Unix
+  socket, or a bearer API key; the principal goes into the scope and the request's context.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from ember.api.auth import PEER_UID, PRINCIPAL, Authenticator
 from ember.config import Settings
-from ember.errors import EmberError, Forbidden, HostSetupError, PayloadTooLarge, Unauthorized
+from ember.errors import EmberError, Forbidden, HostSetupError, PayloadTooLarge, TooManyRequests, Unauthorized
+from ember.tenancy.principal import CURRENT
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,19 +84,18 @@ def tcp_listener(listen: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class TcpPolicy:
-    """The TCP listener's own names and the bearer token it requires."""
+    """The TCP listener's own names."""
 
-    token: str
     port: int
     hosts: frozenset[str]  # lowercase host names/addresses (IPv6 in brackets), without the port
     any_address: bool  # bound to every address: any IP literal names it (never a DNS name)
 
     @classmethod
-    def for_listener(cls, listen: str, token: str) -> TcpPolicy:
+    def for_listener(cls, listen: str) -> TcpPolicy:
         host, port = tcp_listener(listen)
         host = f"[{host.lower()}]" if ":" in host else host.lower()
         names = {"localhost", "127.0.0.1", "[::1]", host}
-        return cls(token=token, port=port, hosts=frozenset(names), any_address=host in _UNSPECIFIED)
+        return cls(port=port, hosts=frozenset(names), any_address=host in _UNSPECIFIED)
 
     def _own_host(self, value: str) -> bool:
         host, sep, port = value.lower().rpartition(":")
@@ -121,24 +122,25 @@ class TcpPolicy:
         origins = [v for k, v in headers if k == "origin"]
         if origins and (len(origins) > 1 or origins[0].lower() != f"http://{hosts[0].lower()}"):
             return Forbidden("requests from another origin (a web page) are refused; call the API directly")
-        auths = [v for k, v in headers if k == "authorization"]
-        scheme, _, token = (auths[0] if len(auths) == 1 else "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token.encode()):
-            return Unauthorized(
-                "the TCP listener needs 'Authorization: Bearer <token>': the token is in the daemon's "
-                "api-token file (EMBER_API_TOKEN_FILE), readable by root; the ember CLI and SDK send it"
-            )
         return None
+
+
+def error_body(exc: EmberError) -> dict[str, Any]:
+    """Ember's error answer: ``{"error": KIND, "message": ...}``, and a 429's details."""
+    extra = exc.details() if isinstance(exc, TooManyRequests) else {}
+    return {"error": type(exc).__name__, "message": str(exc), **extra}
 
 
 async def reply(send: Send, exc: EmberError, *, close: bool = False) -> None:
     """Answer with ``exc`` as Ember's JSON error."""
-    body = json.dumps({"error": type(exc).__name__, "message": str(exc)}).encode()
+    body = json.dumps(error_body(exc)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:  # the body was not read: the connection cannot carry another request
         headers.append((b"connection", b"close"))
     if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
     await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -172,10 +174,11 @@ class _Cut:
 
 
 class RequestGuard:
-    def __init__(self, app: Asgi, caps: BodyCaps, tcp: TcpPolicy | None) -> None:
+    def __init__(self, app: Asgi, caps: BodyCaps, tcp: TcpPolicy | None, auth: Authenticator) -> None:
         self.app = app
         self.caps = caps
         self.tcp = tcp
+        self.auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,6 +188,19 @@ class RequestGuard:
         if self.tcp is not None and (refused := self.tcp.refusal(headers)) is not None:
             await reply(send, refused, close=True)
             return
+        who = self.auth.principal(headers, scope.get(PEER_UID))
+        if isinstance(who, EmberError):
+            await reply(send, who, close=True)
+            return
+        scope[PRINCIPAL] = who
+        acting = CURRENT.set(who)
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            CURRENT.reset(acting)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         cap = self.caps.for_route(scope["method"], scope["path"])
         length = next((v for k, v in headers if k == "content-length"), None)
         if length is not None and length.isdigit() and int(length) > cap.limit:

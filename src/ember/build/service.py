@@ -45,10 +45,13 @@ from ember.build.tarread import TarLimits
 from ember.build.template import BuilderTemplates
 from ember.build.unpack import remove_tree
 from ember.config import Settings
+from ember.db.store import Store
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken, log_with_id
 from ember.images import RESERVED_NAMES, ImageStore
+from ember.metrics import build_finished
 from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
-from ember.store import Store
+from ember.tenancy import names
+from ember.tenancy.principal import DEFAULT_TENANT
 from ember.vmm.machine import MachineConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ BUILD_LEFTOVERS = ("build-*", ".rootfs-*", ".layout-*", "tmp*")
 
 @dataclass(frozen=True)
 class BuildRequest:
-    name: str  # repo or repo:tag
+    name: str  # repo or repo:tag, as the tenant names it
+    tenant: str = DEFAULT_TENANT
     dockerfile: str = "Dockerfile"
     options: BuildOptions = field(default_factory=BuildOptions)
     ready_cmd: tuple[str, ...] = ()
@@ -247,8 +251,13 @@ class BuildService:
             memory_mib=self.settings.build_memory_mib,
         )  # fmt: skip
 
-    async def build(self, req: BuildRequest, context: Path, emit: Callable[[str], None]) -> BuildRecord:
+    async def build(
+        self, req: BuildRequest, context: Path, emit: Callable[[str], None],
+        on_record: Callable[[BuildRecord], None] | None = None,
+    ) -> BuildRecord:  # fmt: skip
+        """Build ``req``; ``on_record`` is told the BUILDING record as soon as it is stored."""
         repo, tag = split_name(req.name)
+        repo = names.new_repo(req.tenant, repo)
         check_ready_timeout(req.ready_timeout_s)
         ctx = BuildContext(
             context, TarLimits.from_settings(self.settings), req.dockerfile, scan_s=self.settings.build_tool_timeout_s
@@ -258,9 +267,12 @@ class BuildService:
             version = self.store.next_version(repo)
             name = f"{repo}:{tag or version}"
             if self.store.get_build(name) is not None or self.store.get_image(name) is not None:
-                raise NameTaken(f"image {name} exists: remove it ('ember image rm {name}') or pick another tag")
-            record = BuildRecord(name=name, repo=repo, version=version, state=BuildState.BUILDING)
+                shown = names.public(name)
+                raise NameTaken(f"image {shown} exists: remove it ('ember image rm {shown}') or pick another tag")
+            record = BuildRecord(name=name, repo=repo, version=version, state=BuildState.BUILDING, tenant=req.tenant)
             self.store.put_build(record)
+        if on_record is not None:
+            on_record(record)
         started = time.perf_counter()
         try:
             self.logs_dir.mkdir(exist_ok=True)
@@ -274,13 +286,14 @@ class BuildService:
 
             try:
                 async with self.slots.slot(queued):
-                    say(f"building {name} (accelerator: {self.images.accel.accel.value})")
+                    say(f"building {names.public(name)} (accelerator: {self.images.accel.accel.value})")
                     record = await self._run(record, req, dockerfile, ctx, say)
             except Exception as exc:
                 return self._failed(record, exc, started, say.verdict)
             record = dataclasses.replace(record, seconds=time.perf_counter() - started)
             self.store.put_build(record)
-            say.verdict(f"CREATED {name} in {record.seconds:.1f} s")
+            build_finished(record.seconds, error=None)
+            say.verdict(f"CREATED {names.public(name)} in {record.seconds:.1f} s")
             return record
 
     def _failed(self, record: BuildRecord, exc: Exception, started: float, say: Callable[[str], None]) -> BuildRecord:
@@ -291,6 +304,7 @@ class BuildService:
             seconds=time.perf_counter() - started,
         )  # fmt: skip
         self.store.put_build(record)
+        build_finished(record.seconds, error=exc)
         return record
 
     def _reusable(self, repo: str, key: str) -> ImageRecord | None:
@@ -344,7 +358,8 @@ class BuildService:
         key = step_key(built.layer.key, config.to_json(), repr(readiness))
         previous = None if req.options.no_cache else self._reusable(record.repo, key)
         if previous is not None:
-            say(f"nothing changed since {previous.name}: reusing its snapshot (the app as it started then)")
+            shown = names.public(previous.name)
+            say(f"nothing changed since {shown}: reusing its snapshot (the app as it started then)")
             image = await self.images.copy(record.name, previous)
         else:
             # flattened unprivileged from the checked chain; images.py then copies one root-owned flat file

@@ -1,0 +1,368 @@
+"""VM routes: run, list, inspect, events, remove; suspend, resume, snapshot; exec, files.
+
+Every route with a VM id takes the VM through :func:`owned_vm`: another tenant's VM answers exactly like a
+missing one (404, the same body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ember.agent import ExecRequest, ExecResult
+from ember.api.auth import principal, tenant_filter
+from ember.api.execstdin import StdinPipe, StdinPipes
+from ember.api.images import image_view, resolve_image
+from ember.api.limits import Limits
+from ember.api.streaming import ndjson
+from ember.engine import RunOptions
+from ember.errors import EmberError, InvalidRequest, VmNotFound
+from ember.models import EventRecord, ImageRecord, VmRecord, VmState
+from ember.tenancy import names
+from ember.tenancy.idempotency import Idempotency, Settle
+from ember.tenancy.principal import Principal
+from ember.tenancy.quotas import Ask, Quota
+from ember.vmm.accel import TCG_WARNING
+
+if TYPE_CHECKING:
+    from ember.daemon import Daemon
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
+TAG_KEY = re.compile(r"^[A-Za-z0-9_.:/=+@-]{1,128}$")
+MAX_ENV, MAX_TAGS, MAX_VALUE = 128, 50, 4096
+VM_ID = re.compile(r"^vm-[0-9a-f]{1,64}$")
+
+
+class RunBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, max_length=200)
+    version: int | None = Field(default=None, ge=1, le=2**31)
+    memory_mib: int | None = Field(default=None, ge=1, le=1 << 20)
+    vcpus: int | None = Field(default=None, ge=1, le=256)
+    env: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    client_token: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class SnapshotBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=63)
+    client_token: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class ExecBody(BaseModel):
+    # unknown fields are refused: the removed ``stdin_b64`` must not be ignored silently
+    model_config = ConfigDict(extra="forbid")
+
+    argv: list[str] = Field(min_length=1, max_length=1000)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str = ""
+    user: str = ""
+    timeout_s: float = Field(default=0, ge=0, le=86400)
+    stdin: bool = False  # the input follows in PUT /v1/vms/{id}/exec/stdin/{the first event's "stdin"}
+
+
+def accel_view(record_accel: str) -> dict[str, Any]:
+    secure = record_accel == "kvm"
+    return {"name": record_accel, "security_boundary": secure, **({} if secure else {"warning": TCG_WARNING})}
+
+
+def vm_view(vm: VmRecord) -> dict[str, Any]:
+    return {
+        "id": vm.id, "tenant": vm.tenant, "image": names.public(vm.image), "state": vm.state.value,
+        "state_reason": vm.state_reason.value, "state_message": vm.state_message,
+        "accelerator": accel_view(vm.machine.accel.value), "memory_mib": vm.machine.memory_mib,
+        "vcpus": vm.machine.vcpus, "env": vm.env, "tags": vm.tags, "pid": vm.pid or None,
+        "created_at": vm.created_at, "updated_at": vm.updated_at, "terminated_at": vm.terminated_at or None,
+    }  # fmt: skip
+
+
+def event_view(event: EventRecord) -> dict[str, Any]:
+    return {
+        "id": event.id, "vm_id": event.vm_id, "tenant": event.tenant, "at": event.at,
+        "from_state": event.from_state or None, "to_state": event.to_state, "reason": event.reason,
+        "message": event.message, "actor": event.actor,
+    }  # fmt: skip
+
+
+def _checked_map(what: str, items: dict[str, str], key: re.Pattern[str], most: int) -> dict[str, str]:
+    if len(items) > most:
+        raise InvalidRequest(f"at most {most} {what} per VM")
+    for k, v in items.items():
+        if not key.match(k) or len(v) > MAX_VALUE or "\0" in v:
+            raise InvalidRequest(f"bad {what[:-1]} {k[:64]!r}: names {key.pattern}, values at most {MAX_VALUE} bytes")
+    return items
+
+
+def _tag_filters(tag: list[str]) -> dict[str, str]:
+    wanted: dict[str, str] = {}
+    for item in tag:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise InvalidRequest(f"tag filter {item[:64]!r}: expected KEY=VALUE")
+        wanted[k] = v
+    return wanted
+
+
+def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
+    engine = daemon.engine
+    once = Idempotency(daemon.tenants)
+
+    def owned(vm_id: str, who: Principal) -> VmRecord:
+        record = daemon.engine.store.get_vm(vm_id) if VM_ID.match(vm_id) else None
+        if record is None or (not who.admin and record.tenant != who.tenant):
+            raise VmNotFound(vm_id[:80])
+        return record
+
+    def owned_vm(vm_id: str, who: Principal = Depends(principal)) -> VmRecord:
+        """FastAPI dependency: the VM, if the caller may see it."""
+        return owned(vm_id, who)
+
+    def _check_size(image: ImageRecord, body: RunBody) -> None:
+        machine = image.machine
+        for field, asked, has in (("memory_mib", body.memory_mib, machine.memory_mib),
+                                  ("vcpus", body.vcpus, machine.vcpus)):  # fmt: skip
+            if asked is not None and asked != has:
+                raise InvalidRequest(
+                    f"{field}={asked}: image {names.public(image.name)} was snapshotted running with {field}={has}, "
+                    f"and a VM restored from it has exactly that; build an image with the size you need"
+                )
+
+    @app.post("/v1/vms", status_code=201)
+    async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        _checked_map("env variables", body.env, ENV_NAME, MAX_ENV)
+        _checked_map("tags", body.tags, TAG_KEY, MAX_TAGS)
+        image = resolve_image(daemon, who, body.image, body.version)
+        _check_size(image, body)
+        asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
+                Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
+
+        async def create(settle: Settle) -> dict[str, Any]:
+            async with limits.admit(who.tenant, asks) as release:
+
+                def recorded(vm_id: str) -> None:
+                    settle(vm_id)
+                    release()  # the PENDING record counts from here
+
+                options = RunOptions(tenant=who.tenant, env=body.env, tags=body.tags, on_record=recorded)
+                return vm_view(await engine.run(image, options))
+
+        async def existing(vm_id: str) -> dict[str, Any]:
+            return vm_view(owned(vm_id, who))
+
+        return await once.create(who, "vm", body.client_token, body.model_dump(mode="json"), create, existing)
+
+    @app.get("/v1/vms")
+    async def list_vms(
+        who: Principal = Depends(principal),
+        state: VmState | None = None,
+        image: str | None = Query(default=None, max_length=200),
+        tag: list[str] = Query(default=[]),
+        all: bool = False,
+        tenant: str | None = Query(default=None, max_length=63),
+    ) -> list[dict[str, Any]]:
+        """VMs, oldest first. ``tag=K=V`` (repeatable) keeps those with every tag; ``all`` adds TERMINATED ones."""
+        wanted = _tag_filters(tag)
+
+        def listed() -> list[dict[str, Any]]:
+            records = engine.store.list_vms(
+                tenant=tenant_filter(who, tenant), terminated=all or state is VmState.TERMINATED
+            )
+            return [
+                vm_view(v) for v in records
+                if (state is None or v.state is state) and (image is None or names.public(v.image) == image
+                                                            or names.public(v.image).partition(":")[0] == image)
+                and all_tags(v, wanted)
+            ]  # fmt: skip
+
+        # every record read and decoded: milliseconds with hundreds of VMs, so off the event loop
+        return await asyncio.to_thread(listed)
+
+    def all_tags(vm: VmRecord, wanted: dict[str, str]) -> bool:
+        return all(vm.tags.get(k) == v for k, v in wanted.items())
+
+    @app.get("/v1/vms/{vm_id}")
+    async def inspect_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        view = vm_view(vm)
+        if vm.state is not VmState.TERMINATED:
+            view.update(await engine.inspect(vm.id))
+        return view
+
+    @app.get("/v1/vms/{vm_id}/events")
+    async def vm_events(
+        vm: VmRecord = Depends(owned_vm), after: int = Query(default=0, ge=0), limit: int = Query(1000, ge=1, le=10000)
+    ) -> list[dict[str, Any]]:
+        """The VM's state changes, oldest first (``after``: an event id, to page)."""
+        events = await asyncio.to_thread(engine.store.list_events, vm_id=vm.id, after=after, limit=limit)
+        return [event_view(e) for e in events]
+
+    @app.get("/v1/events")
+    async def list_events(
+        who: Principal = Depends(principal),
+        vm: str | None = Query(default=None, max_length=80),
+        after: int = Query(default=0, ge=0),
+        limit: int = Query(default=1000, ge=1, le=10000),
+        tenant: str | None = Query(default=None, max_length=63),
+    ) -> list[dict[str, Any]]:
+        """Every VM state change of the tenant (an admin: of every tenant, or ``tenant``), oldest first."""
+        if vm is not None:
+            owned(vm, who)
+        events = await asyncio.to_thread(
+            engine.store.list_events, tenant=tenant_filter(who, tenant), vm_id=vm, after=after, limit=limit
+        )
+        return [event_view(e) for e in events]
+
+    @app.delete("/v1/vms/{vm_id}", status_code=204)
+    async def remove_vm(vm: VmRecord = Depends(owned_vm)) -> Response:
+        """Terminate the VM: its VMM stops and its files go; its record stays listable (TERMINATED)."""
+        await engine.remove(vm.id)
+        return Response(status_code=204)
+
+    @app.post("/v1/vms/{vm_id}/suspend")
+    async def suspend_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        async with limits.admit(vm.tenant, [Ask(Quota.SUSPENDED_VMS, 1)]):
+            t = await engine.suspend(vm.id)
+        view = vm_view(engine.get(vm.id))
+        return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}
+
+    @app.post("/v1/vms/{vm_id}/resume")
+    async def resume_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        machine = vm.machine
+        asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, machine.vcpus),
+                Ask(Quota.RUNNING_MEMORY_MIB, machine.memory_mib)]  # fmt: skip
+        async with limits.admit(vm.tenant, asks):
+            t = await engine.resume(vm.id)
+        return {**vm_view(engine.get(vm.id)), "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms}
+
+    @app.post("/v1/vms/{vm_id}/snapshot", status_code=201)
+    async def snapshot_vm(body: SnapshotBody, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        """Fork the running VM into a new image of its tenant."""
+        name = names.new_repo(vm.tenant, body.name)
+        source = engine.images.get(vm.image)
+        asks = [Ask(Quota.IMAGES, 1), Ask(Quota.STORAGE_BYTES, source.disk_bytes + source.memory_bytes)]
+        who = Principal(vm.tenant, admin=False)
+
+        async def create(settle: Settle) -> dict[str, Any]:
+            async with limits.admit(vm.tenant, asks):
+                image = await engine.snapshot(vm.id, name)
+            settle(image.name)
+            return image_view(image)
+
+        async def existing(image_name: str) -> dict[str, Any]:
+            return image_view(engine.images.get(image_name))
+
+        return await once.create(who, "snapshot", body.client_token, body.model_dump(mode="json"), create, existing)
+
+    add_exec_routes(app, daemon, owned_vm)
+
+
+def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
+    engine = daemon.engine
+    stdin_pipes = StdinPipes()
+
+    @app.post("/v1/vms/{vm_id}/exec")
+    async def exec_vm(body: ExecBody, vm: VmRecord = Depends(owned_vm)) -> StreamingResponse:
+        """Run a command; NDJSON output events, then its exit status. With ``stdin`` the first
+        event is ``{"stdin": ID}``: stream the input with PUT /v1/vms/{vm_id}/exec/stdin/ID.
+        The VM's own environment (``env`` at run) comes first; the request's overrides it."""
+        for key in body.env:
+            if not key or "=" in key:
+                raise InvalidRequest(f"bad environment variable name {key!r}")
+        env = {**vm.env, **body.env}
+        req = ExecRequest(
+            argv=body.argv, env=[f"{k}={v}" for k, v in env.items()], cwd=body.cwd, user=body.user,
+            timeout_s=body.timeout_s,
+        )  # fmt: skip
+        vm_id = vm.id
+        pipe = stdin_pipes.open(vm_id, daemon.settings.agent_timeout_s) if body.stdin else None
+        try:
+            events = await engine.exec(vm_id, req, pipe)
+        except BaseException:
+            if pipe is not None:
+                stdin_pipes.close(pipe)  # no exec (unknown VM, not running, bad input): no pipe
+            raise
+        # Fail before the 200 if the command cannot start (bad input, cwd, unknown user...):
+        # its first event, or the agent pulling stdin, shows that it runs.
+        first = asyncio.ensure_future(anext(events))
+        try:
+            if pipe is not None:
+                wanted = asyncio.ensure_future(pipe.wanted.wait())
+                await asyncio.wait({first, wanted}, return_when=asyncio.FIRST_COMPLETED)
+                wanted.cancel()
+                if first.done():
+                    first.result()
+            else:
+                await first
+        except BaseException:
+            await _end_exec(events, first, pipe)
+            raise
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                if pipe is not None:
+                    yield ndjson({"stdin": pipe.id})
+                item: tuple[str, bytes] | ExecResult | None = await first
+                while item is not None:
+                    if isinstance(item, ExecResult):
+                        yield ndjson({"exit_code": item.exit_code, "signal": item.signal, "timed_out": item.timed_out})
+                        return
+                    yield ndjson({"stream": item[0], "data": base64.b64encode(item[1]).decode()})
+                    item = await anext(events, None)
+            except EmberError as exc:
+                yield ndjson({"error": type(exc).__name__, "message": str(exc)})
+            finally:
+                await _end_exec(events, first, pipe)
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    async def _end_exec(
+        events: AsyncIterator[tuple[str, bytes] | ExecResult], first: asyncio.Future[Any], pipe: StdinPipe | None
+    ) -> None:
+        if pipe is not None:
+            stdin_pipes.close(pipe)
+        if not first.done():
+            first.cancel()
+        with contextlib.suppress(BaseException):
+            await first
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+
+    @app.put("/v1/vms/{vm_id}/exec/stdin/{stdin_id}")
+    async def exec_stdin(stdin_id: str, request: Request, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        """The stdin of a running exec, as the raw request body (streamed, flow-controlled)."""
+        pipe = stdin_pipes.claim(vm.id, stdin_id)
+        return {"bytes": await pipe.attach(request.stream())}
+
+    @app.put("/v1/vms/{vm_id}/files")
+    async def put_file(
+        request: Request, vm: VmRecord = Depends(owned_vm), path: str = Query(...),
+        mode: int = Query(0o644, ge=0, le=0o7777), mkdirs: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        size = await engine.write_file(vm.id, path, request.stream(), mode, mkdirs)
+        return {"path": path, "bytes": size}
+
+    @app.get("/v1/vms/{vm_id}/files")
+    async def get_file(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> StreamingResponse:
+        size, chunks = await engine.read_file(vm.id, path)
+        # the size at open time; the stream ends at EOF even if the file grew
+        return StreamingResponse(chunks, media_type="application/octet-stream", headers={"X-Ember-Size": str(size)})
+
+    @app.get("/v1/vms/{vm_id}/ls")
+    async def list_files(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> dict[str, Any]:
+        """``entries`` sorted by name; ``truncated``: the directory has more than EMBER_LS_MAX_ENTRIES."""
+        listing = await engine.list_dir(vm.id, path)
+        entries = [
+            {"name": e.name, "mode": e.mode, "size": e.size, "mtime": e.mtime}
+            for e in sorted(listing.entries, key=lambda entry: entry.name)
+        ]
+        return {"entries": entries, "truncated": listing.truncated}

@@ -1,0 +1,1 @@
+"""Ember's database: the schema, its Alembic migrations and the stores over it."""
