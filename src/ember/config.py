@@ -20,10 +20,35 @@ class Settings:
     cache_dir_override: str = _env("EMBER_CACHE_DIR", "")
     # The daemon's Unix socket (the CLI's default endpoint).
     socket_path: Path = _env("EMBER_SOCKET", Path("/run/ember/ember.sock"))
+    # The database: empty = SQLite at <data_dir>/ember.db; else a SQLAlchemy URL such as
+    # "postgresql+psycopg://ember@/ember?host=/run/postgresql".
+    database_url: str = _env("EMBER_DATABASE_URL", "")
+    # The key sealing secrets Ember must read back (SigV4 secret keys, webhook secrets); empty = <data_dir>/secret.key.
+    secret_key_file_override: str = _env("EMBER_SECRET_KEY_FILE", "")
+    # Per-tenant quota defaults (a tenant's own limits override them: 'ember tenant set').
+    quota_running_vms: int = _env("EMBER_QUOTA_RUNNING_VMS", 50)
+    quota_running_vcpus: int = _env("EMBER_QUOTA_RUNNING_VCPUS", 100)
+    quota_running_memory_mib: int = _env("EMBER_QUOTA_RUNNING_MEMORY_MIB", 64 * 1024)
+    quota_suspended_vms: int = _env("EMBER_QUOTA_SUSPENDED_VMS", 500)
+    quota_images: int = _env("EMBER_QUOTA_IMAGES", 100)
+    quota_storage_bytes: int = _env("EMBER_QUOTA_STORAGE_BYTES", 500 * 1024**3)
+    quota_concurrent_builds: int = _env("EMBER_QUOTA_CONCURRENT_BUILDS", 2)
+    # Requests per second each API key may make on average, and its burst (a token bucket); root on the socket
+    # is not limited.
+    rate_limit_per_s: float = _env("EMBER_RATE_LIMIT_PER_S", 200.0)
+    rate_limit_burst: int = _env("EMBER_RATE_LIMIT_BURST", 400)
+    # How long a removed (TERMINATED) VM stays listable with its events, in seconds.
+    terminated_retention_s: float = _env("EMBER_TERMINATED_RETENTION", 7 * 86400.0)
+    # Seconds between storage usage samples (image and suspended-VM snapshot bytes per tenant, ember.usage).
+    usage_sample_s: float = _env("EMBER_USAGE_SAMPLE_S", 60.0)
     # Optional TCP listener, e.g. "127.0.0.1:7070"; empty = Unix socket only.
     listen: str = _env("EMBER_LISTEN", "")
     # Bearer token the TCP listener requires (root-only 0600, made once); empty = <data_dir>/api-token.
     api_token_file_override: str = _env("EMBER_API_TOKEN_FILE", "")
+    # The daemon the SDK and CLI talk to, e.g. "http://127.0.0.1:7070"; empty = the Unix socket above.
+    url: str = _env("EMBER_URL", "")
+    # The SDK's and CLI's bearer key ("ember_..."); empty = none (root on the socket), or the token file above.
+    api_key: str = _env("EMBER_API_KEY", "")
     # Largest request body of a JSON route; refused (413) before it is read.
     max_json_body_bytes: int = _env("EMBER_MAX_JSON_BODY_BYTES", 1024 * 1024)
     # Largest build context upload (the tar as sent); refused (413) before or while it streams.
@@ -104,6 +129,20 @@ class Settings:
     # Registry hosts (comma-separated; any port) the daemon may reach at loopback or private addresses, as
     # it may those above; any other registry, token realm or blob host must resolve to public addresses only.
     trusted_registries: tuple[str, ...] = _env("EMBER_TRUSTED_REGISTRIES", ())
+    # One webhook delivery attempt's whole deadline (connect, send, the receiver's answer).
+    webhook_timeout_s: float = _env("EMBER_WEBHOOK_TIMEOUT", 10.0)
+    # Attempts per event and webhook before the delivery is FAILED (the first one included).
+    webhook_max_attempts: int = _env("EMBER_WEBHOOK_MAX_ATTEMPTS", 8)
+    # Delay before a delivery's second attempt; each later one doubles it, up to webhook_backoff_max_s.
+    webhook_backoff_s: float = _env("EMBER_WEBHOOK_BACKOFF", 1.0)
+    webhook_backoff_max_s: float = _env("EMBER_WEBHOOK_BACKOFF_MAX", 300.0)
+    # Webhook hosts (comma-separated; any port) the daemon may reach at loopback or private addresses; any
+    # other webhook URL must resolve to public addresses only (checked at creation and at every delivery).
+    webhook_trusted_hosts: tuple[str, ...] = _env("EMBER_WEBHOOK_TRUSTED_HOSTS", ())
+    # Webhooks one tenant may register.
+    webhooks_per_tenant: int = _env("EMBER_WEBHOOKS_PER_TENANT", 10)
+    # Finished delivery-log rows kept per webhook (the newest; older ones are pruned).
+    webhook_log_rows: int = _env("EMBER_WEBHOOK_LOG_ROWS", 1000)
     # Hand the host's CA bundle to every build's RUN steps, as if each asked --host-ca-certs (TLS-inspecting proxy).
     build_host_ca_certs: bool = _env("EMBER_BUILD_HOST_CA_CERTS", False)
 
@@ -137,6 +176,14 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "ember.db"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.db_path}"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return Path(self.secret_key_file_override) if self.secret_key_file_override else self.data_dir / "secret.key"
 
     @property
     def images_dir(self) -> Path:
