@@ -11,6 +11,7 @@ import secrets
 import socket
 import stat
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import uvicorn
@@ -101,10 +102,27 @@ async def assemble(settings: Settings) -> Daemon:
     builds = BuildService(store, images, allocate_uid=uids.allocate, release_uid=uids.release)
     await recover(engine)  # first: it kills a killed daemon's build VMMs before the egress filter is renewed
     builds.interrupted()
+    engine.spawn_chore(forget_terminated(store, settings.terminated_retention_s))
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)
     return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock)
+
+
+PURGE_EVERY_S = 3600.0
+
+
+async def forget_terminated(store: Store, retention_s: float) -> None:
+    """Every hour, forget VMs terminated longer than the retention period ago (and their events)."""
+    while True:
+        cutoff = (datetime.now(UTC) - timedelta(seconds=retention_s)).isoformat(timespec="milliseconds")
+        try:
+            gone = await asyncio.to_thread(store.purge_terminated, cutoff)
+            if gone:
+                log.info("forgot %d VMs terminated before %s", gone, cutoff)
+        except Exception:  # a busy or full database: try again next time
+            log.exception("forgetting terminated VMs failed")
+        await asyncio.sleep(PURGE_EVERY_S)
 
 
 def bind_unix_socket(path: Path) -> socket.socket:
