@@ -13,10 +13,10 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy
-from ember.client import call_build, transport_for
 from ember.config import Settings
 from ember.daemon import api_token
 from ember.errors import HostSetupError
+from ember.sdk.core import build_request, endpoint
 
 TOKEN = "t" * 43
 
@@ -143,20 +143,22 @@ def test_api_token_file_is_root_only_made_once_and_checked(tmp_path: Path) -> No
 def test_client_sends_the_token_over_tcp_and_builds_as_tar(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, socket_path=tmp_path / "ember.sock")
     token = api_token(settings.api_token_path)
-    assert transport_for("http://127.0.0.1:7070", settings, None)[2] == {"Authorization": f"Bearer {token}"}
-    assert transport_for(None, settings, None)[2] == {}  # the Unix socket needs none
-    assert transport_for("http://127.0.0.1:7070", settings, "given")[2] == {"Authorization": "Bearer given"}
-    assert call_build("app", b"tar").headers == {"Content-Type": "application/x-tar"}
+    assert endpoint("http://127.0.0.1:7070", settings=settings).headers == {"Authorization": f"Bearer {token}"}
+    assert endpoint(None, settings=settings).headers == {}  # the Unix socket needs none
+    given = endpoint("http://127.0.0.1:7070", api_key="given", settings=settings)
+    assert given.headers == {"Authorization": "Bearer given"}
+    assert build_request("app", b"tar").headers == {"Content-Type": "application/x-tar"}
 
 
 def test_client_sends_the_token_file_only_to_a_loopback_address(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, socket_path=tmp_path / "ember.sock")
     bearer = {"Authorization": f"Bearer {api_token(settings.api_token_path)}"}
     for url in ("http://127.0.0.1:7070", "http://127.3.2.1:7070", "http://[::1]:7070", "http://LocalHost:7070"):
-        assert transport_for(url, settings, None)[2] == bearer, url
+        assert endpoint(url, settings=settings).headers == bearer, url
     for url in (
         "http://10.1.2.3:7070", "http://[fd00::1]:7070", "http://0.0.0.0:7070", "http://ember.example:7070",
         "http://localhost.evil.example:7070", "http://127.0.0.1.evil.example:7070",
     ):  # fmt: skip
-        assert transport_for(url, settings, None)[2] == {}, url  # the local root-only token stays local
-    assert transport_for("http://10.1.2.3:7070", settings, "given")[2] == {"Authorization": "Bearer given"}
+        assert endpoint(url, settings=settings).headers == {}, url  # the local root-only token stays local
+    given = endpoint("http://10.1.2.3:7070", api_key="given", settings=settings)
+    assert given.headers == {"Authorization": "Bearer given"}

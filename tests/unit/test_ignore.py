@@ -12,8 +12,8 @@ import pytest
 from e2b_dockerfile_utils import PatternMatcher
 
 from ember.build.context import BuildContext
-from ember.build.ignore import IgnoreError, IgnoreMatcher, component_matcher
 from ember.build.tarread import TarLimits
+from ember.dockerignore import IgnoreError, IgnoreMatcher, component_matcher
 from ember.errors import BuildFailed
 
 LIMITS = TarLimits(max_bytes=1 << 30, max_members=100_000, max_header=1 << 20, max_depth=256, max_file=1 << 30)

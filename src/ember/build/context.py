@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from ember.build.dockerfile import DockerfileError, Instruction
-from ember.build.ignore import IgnoreError, IgnoreMatcher, component_matcher
 from ember.build.tarread import ArchiveError, Kind, Member, TarLimits, TarReader, clean, is_tar, open_tar
 from ember.build.unpack import DIR_FLAGS, Tree, open_at
+from ember.dockerignore import IgnoreError, IgnoreMatcher, component_matcher
 from ember.errors import BuildFailed
 
 GLOB_CHARS = frozenset("*?[")
