@@ -1,30 +1,32 @@
-"""The ``ember`` command line: a thin client of the daemon's API."""
+"""The ``ember`` command line, on :mod:`ember.sdk` (argparse and the stdlib: it starts in tens of ms).
+
+Every API command takes ``--json`` (the daemon's JSON instead of a table). Exit codes: the
+command's own for ``exec``; 1 for an error of the daemon (``ember: <message>`` on stderr); 2 for
+a usage error. Anything a tenant or a guest chose (names, tags, log lines) is shown escaped.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import json
-import logging
 import os
-import stat
 import sys
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import click
-import httpx
-
-from ember.client import ApiError, Call, Client, call_build, call_simple, context_tar
 from ember.config import Settings
-from ember.errors import EmberError
+from ember.sdk.client import Client
+from ember.sdk.errors import EmberError
+from ember.sdk.types import ExecExit, ExecOutput
 
 CHUNK = 1024 * 1024
-
-
-def _client() -> Client:
-    return Client(os.environ.get("EMBER_URL") or None)
+QUOTAS = (
+    "max_running_vms", "max_running_vcpus", "max_running_memory_mib", "max_suspended_vms", "max_images",
+    "max_storage_bytes", "max_concurrent_builds",
+)  # fmt: skip
+Args = argparse.Namespace
 
 
 def shown(text: str, *, lines: bool = False) -> str:
@@ -37,179 +39,148 @@ def shown(text: str, *, lines: bool = False) -> str:
     )
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"ember: {shown(message, lines=True)}", err=True)
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"ember: {shown(message, lines=True)}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
-class EmberGroup(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ApiError as exc:
-            _fail(str(exc))
-        except httpx.TransportError as exc:
-            sock = Settings.from_env().socket_path
-            _fail(f"cannot reach the Ember daemon at {sock} ({exc}); start it with 'ember serve'")
+def out(line: str = "") -> None:
+    print(line)
 
 
-@click.group(cls=EmberGroup)
-def main() -> None:
-    """Ember: stateful micro-VMs for untrusted code."""
+def err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
-@main.command()
-@click.option("-v", "--verbose", is_flag=True)
-def serve(verbose: bool) -> None:
-    """Run the daemon (as root) on EMBER_SOCKET and, if set, EMBER_LISTEN."""
-    from ember.daemon import serve as run_daemon
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        asyncio.run(run_daemon(Settings.from_env()))
-    except EmberError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        pass
+def dump(value: Any) -> None:
+    """Machine output: a typed result's (or a list's) JSON as the daemon sent it."""
+    if isinstance(value, list):
+        value = [getattr(v, "raw", v) for v in value]
+    print(json.dumps(getattr(value, "raw", value), indent=2))
 
 
-@main.group()
-def image() -> None:
-    """Manage images."""
-
-
-def ensure_base(client: Client, quiet: bool = False) -> None:
-    for event in client.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
-        if "progress" in event and not quiet:
-            click.echo(f"[debian] {event['progress']}", err=True)
-
-
-@image.command("ls")
-def image_ls() -> None:
-    """List images and builds (builds the built-in 'debian' image the first time)."""
-    with _client() as c:
-        ensure_base(c)
-        rows = c.send(call_simple("GET", "/v1/images"))
-    click.echo(f"{'NAME':<24} {'STATE':<14} {'DISK':>10} {'MEMORY':>10} CREATED")
-    for r in rows:
-        click.echo(
-            f"{shown(r['name']):<24} {r.get('state', 'CREATED'):<14} {r.get('disk_bytes', 0) / 2**20:>8.1f}Mi "
-            f"{r.get('memory_bytes', 0) / 2**20:>8.0f}Mi {r['created_at']}"
-        )
-
-
-@image.command("build")
-@click.argument("context", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--name", "-t", required=True, help="image name, optionally name:tag (default tag: next version)")
-@click.option("--file", "-f", "dockerfile", default="Dockerfile", help="Dockerfile path inside the context")
-@click.option("--build-arg", multiple=True, help="NAME=VALUE for an ARG (repeatable)")
-@click.option("--target", default="", help="build this stage instead of the last")
-@click.option("--ready-cmd", default="", help="shell command that exits 0 once the app is ready")
-@click.option("--ready-timeout", default=120.0, show_default=True, help="seconds to wait for the app to be ready")
-@click.option("--no-cache", is_flag=True, help="run every step again")
-@click.option("--no-network", is_flag=True, help="RUN steps get no network at all")
-@click.option("--host-ca-certs", is_flag=True, help="hand the host's CA bundle to RUN steps (TLS-inspecting proxies)")
-def image_build(
-    context: Path, name: str, dockerfile: str, build_arg: tuple[str, ...], target: str, ready_cmd: str,
-    ready_timeout: float, no_cache: bool, no_network: bool, host_ca_certs: bool,
-) -> None:  # fmt: skip
-    """Build an image from CONTEXT/Dockerfile: the app is started and snapshotted running."""
-    try:
-        tar = context_tar(context, dockerfile)
-    except EmberError as exc:
-        _fail(str(exc))
-    call = call_build(
-        name, tar, dockerfile, build_arg=list(build_arg), target=target, ready_cmd=ready_cmd,
-        ready_timeout=ready_timeout, no_cache=no_cache, network=not no_network, host_ca_certs=host_ca_certs,
-    )  # fmt: skip
-    with _client() as c:
-        for event in c.stream_events(call):
-            if "log" in event:
-                click.echo(shown(event["log"]), err=True)
-            elif "build" in event:
-                build = event["build"]
-                if build["state"] != "CREATED":
-                    _fail(f"{build['name']} CREATE_FAILED: {build['error']}")
-                click.echo(shown(build["name"]))
-
-
-@image.command("inspect")
-@click.argument("name")
-def image_inspect(name: str) -> None:
-    """Show an image: state, sizes, Dockerfile config, build time per step (JSON)."""
-    with _client() as c:
-        click.echo(json.dumps(c.send(call_simple("GET", f"/v1/images/{name}")), indent=2))
-
-
-@image.command("logs")
-@click.argument("name")
-@click.option("--tail", type=click.IntRange(1, 64 << 20), default=1 << 20, show_default=True,
-              help="bytes from the end of the log")  # fmt: skip
-def image_logs(name: str, tail: int) -> None:
-    """Print an image's build log (its last --tail bytes)."""
-    with _client() as c:
-        text = c.text(call_simple("GET", f"/v1/images/{name}/logs", tail=tail))
-        click.echo(shown(text, lines=True), nl=False)
-
-
-@image.command("rm")
-@click.argument("name")
-@click.option("--all", "every_version", is_flag=True, help="remove every version of the repo NAME")
-def image_rm(name: str, every_version: bool) -> None:
-    """Remove an image version, e.g. myapp:2 (refused while VMs use it)."""
-    with _client() as c:
-        c.send(call_simple("DELETE", f"/v1/images/{name}", **({"all": "true"} if every_version else {})))
-
-
-@main.command()
-@click.argument("image_name", metavar="IMAGE")
-def run(image_name: str) -> None:
-    """Launch a VM from IMAGE's snapshot; prints its id."""
-    with _client() as c:
-        if image_name == "debian":
-            ensure_base(c)
-        vm = c.run(image_name)
-    click.echo(vm["id"])
-
-
-@main.command(name="exec", context_settings={"ignore_unknown_options": True})
-@click.argument("vm_id")
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("-e", "--env", multiple=True, help="KEY=VALUE (repeatable)")
-@click.option("-w", "--workdir", default="", help="working directory in the guest")
-@click.option("-u", "--user", default="", help="user name or uid[:gid] in the guest")
-@click.option("-i", "--stdin", "use_stdin", is_flag=True, help="send this process's stdin to the command")
-@click.option("-t", "--timeout", type=float, default=0, help="kill the command after this many seconds")
-def exec_cmd(
-    vm_id: str, argv: tuple[str, ...], env: tuple[str, ...], workdir: str, user: str, use_stdin: bool, timeout: float
-) -> None:
-    """Run a command in a VM, streaming its output; exits with its exit code."""
-    envs = {}
-    for item in env:
+def pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _fail(f"--env wants KEY=VALUE, not {item!r}", 2)
-        envs[key] = value
-    stdin = _stdin_chunks() if use_stdin else None  # streamed as the command reads it
-    with _client() as c:
-        for event in c.exec_events(vm_id, list(argv), stdin=stdin, env=envs, cwd=workdir, user=user, timeout_s=timeout):
-            if "stream" in event:
-                out = sys.stdout.buffer if event["stream"] == "stdout" else sys.stderr.buffer
-                out.write(event["data"])
-                out.flush()
-            elif "exit_code" in event:
-                if event["timed_out"]:
-                    _fail(f"command timed out after {timeout:g} s and was killed", 124)
-                code = event["exit_code"]
-                sys.exit(128 + event["signal"] if event["signal"] else code)
-    _fail("lost the exec stream before the command finished", 255)
+            fail(f"{flag} wants KEY=VALUE, not {item!r}", 2)
+        result[key] = value
+    return result
+
+
+def table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        out("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+# ---- VMs -----------------------------------------------------------------------------------
+
+
+def ensure_base(c: Client, *, quiet: bool = False) -> None:
+    c.images.prepare("debian", on_progress=None if quiet else lambda msg: err(f"[debian] {shown(msg)}"))
+
+
+def cmd_run(c: Client, a: Args) -> None:
+    if a.image == "debian":
+        ensure_base(c, quiet=a.json)
+    vm = c.vms.run(
+        a.image, version=a.version, memory_mib=a.memory, vcpus=a.vcpus, env=pairs(a.env, "--env"),
+        tags=pairs(a.tag, "--tag"), client_token=a.client_token,
+    )  # fmt: skip
+    dump(vm) if a.json else out(vm.id)
+
+
+def cmd_ps(c: Client, a: Args) -> None:
+    state, image, tags = a.state, a.image, {}
+    for item in a.filter or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--filter wants tag=KEY=VALUE, state=STATE, image=IMAGE or KEY=VALUE (a tag), not {item!r}", 2)
+        if key == "state":
+            state = value
+        elif key == "image":
+            image = value
+        elif key == "tag":
+            tags.update(pairs([value], "--filter tag="))
+        else:
+            tags[key] = value
+    vms = c.vms.list(state=state, image=image, tags=tags, all=a.all, tenant=a.tenant)
+    if a.json:
+        return dump(vms)
+    rows = [
+        [shown(v.id), v.state, shown(v.image), v.accelerator.name, v.created_at,
+         shown(",".join(f"{k}={val}" for k, val in sorted(v.tags.items())))]
+        for v in vms
+    ]  # fmt: skip
+    table(rows, ["ID", "STATE", "IMAGE", "ACCEL", "CREATED", "TAGS"])
+
+
+def cmd_inspect(c: Client, a: Args) -> None:
+    dump(c.vms.get(a.vm_id))
+
+
+def cmd_rm(c: Client, a: Args) -> None:
+    for vm_id in a.vm_ids:
+        c.vms.remove(vm_id)
+        out(json.dumps({"id": vm_id, "removed": True}) if a.json else vm_id)
+
+
+def cmd_suspend(c: Client, a: Args) -> None:
+    t = c.vms.suspend(a.vm_id)
+    if a.json:
+        return dump(t)
+    out(f"{a.vm_id} suspended in {t.elapsed_ms:.0f} ms ({t.snapshot_bytes / 2**20:.1f} MiB saved)")
+
+
+def cmd_resume(c: Client, a: Args) -> None:
+    t = c.vms.resume(a.vm_id)
+    dump(t) if a.json else out(f"{a.vm_id} resumed in {t.elapsed_ms:.0f} ms")
+
+
+def cmd_snapshot(c: Client, a: Args) -> None:
+    image = c.vms.snapshot(a.vm_id, a.name, client_token=a.client_token)
+    dump(image) if a.json else out(shown(image.name))
+
+
+def cmd_events(c: Client, a: Args) -> None:
+    events = c.vms.events(a.vm_id)
+    if a.json:
+        return dump(events)
+    rows = [[str(e.id), e.at, e.from_state or "-", e.to_state, e.reason, shown(e.actor), shown(e.message)]
+            for e in events]  # fmt: skip
+    table(rows, ["ID", "AT", "FROM", "TO", "REASON", "ACTOR", "MESSAGE"])
 
 
 def _stdin_chunks() -> Iterator[bytes]:
     while chunk := os.read(sys.stdin.fileno(), CHUNK):  # what is there now: a pipe or a terminal line
         yield chunk
+
+
+def cmd_exec(c: Client, a: Args) -> None:
+    argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+    if not argv:
+        fail("usage: ember exec [OPTIONS] VM_ID [--] COMMAND [ARG...]", 2)
+    events = c.vms.exec_events(
+        a.vm_id, argv, env=pairs(a.env, "--env"), cwd=a.workdir, user=a.user, timeout_s=a.timeout,
+        stdin=_stdin_chunks() if a.stdin else None,
+    )  # fmt: skip
+    for event in events:
+        if isinstance(event, ExecOutput):
+            if a.json:
+                out(json.dumps({"stream": event.stream, "data": event.data.decode(errors="replace")}))
+                continue
+            stream = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
+            stream.write(event.data)
+            stream.flush()
+        elif isinstance(event, ExecExit):
+            if a.json:
+                out(json.dumps({"exit_code": event.exit_code, "signal": event.signal, "timed_out": event.timed_out}))
+            if event.timed_out:
+                fail(f"command timed out after {a.timeout:g} s and was killed", 124)
+            sys.exit(128 + event.signal if event.signal else event.exit_code)
+    fail("lost the exec stream before the command finished", 255)
 
 
 def _split_remote(spec: str) -> tuple[str, str] | None:
@@ -225,117 +196,356 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-@main.command()
-@click.argument("src")
-@click.argument("dst")
-def cp(src: str, dst: str) -> None:
-    """Copy a file: 'ember cp ./f ID:/path' or 'ember cp ID:/path ./f'."""
-    remote_src, remote_dst = _split_remote(src), _split_remote(dst)
-    with _client() as c:
-        if remote_dst and not remote_src:
-            local = Path(src)
-            if not local.is_file():
-                _fail(f"{src} is not a regular file")
-            vm_id, path = remote_dst
-            if path.endswith("/"):
-                path += local.name
-            mode = stat.S_IMODE(local.stat().st_mode)
-            r = c.put_file(vm_id, path, _file_chunks(local), mode=mode)
-            click.echo(f"copied {r['bytes']} bytes to {vm_id}:{path}", err=True)
-        elif remote_src and not remote_dst:
-            vm_id, path = remote_src
-            out = Path(dst)
-            if out.is_dir():
-                out = out / Path(path).name
-            n = c.get_file(vm_id, path, out)
-            click.echo(f"copied {n} bytes to {out}", err=True)
-        else:
-            _fail("exactly one side must be VM_ID:/absolute/path")
+def cmd_cp(c: Client, a: Args) -> None:
+    remote_src, remote_dst = _split_remote(a.src), _split_remote(a.dst)
+    if remote_dst and not remote_src:
+        local = Path(a.src)
+        if not local.is_file():
+            fail(f"{a.src} is not a regular file")
+        vm_id, path = remote_dst
+        if path.endswith("/"):
+            path += local.name
+        n = c.files.write(vm_id, path, _file_chunks(local), mode=local.stat().st_mode & 0o7777)
+        where = f"{vm_id}:{path}"
+    elif remote_src and not remote_dst:
+        vm_id, path = remote_src
+        target = Path(a.dst)
+        if target.is_dir():
+            target = target / Path(path).name
+        n = c.files.read_to(vm_id, path, target)
+        where = str(target)
+    else:
+        fail("exactly one side must be VM_ID:/absolute/path", 2)
+    out(json.dumps({"bytes": n, "to": where})) if a.json else err(f"copied {n} bytes to {shown(where)}")
 
 
-@main.command(name="ls")
-@click.argument("spec", metavar="ID:/DIR")
-def ls_cmd(spec: str) -> None:
-    """List a directory in a VM."""
-    remote = _split_remote(spec)
+def cmd_ls(c: Client, a: Args) -> None:
+    remote = _split_remote(a.spec)
     if remote is None:
-        _fail("usage: ember ls VM_ID:/absolute/dir", 2)
-        return
-    with _client() as c:
-        listing = c.send(call_simple("GET", f"/v1/vms/{remote[0]}/ls", path=remote[1]))
-    for r in listing["entries"]:
-        click.echo(f"{stat.filemode(r['mode'])} {r['size']:>12} {shown(r['name'])}")
-    if listing["truncated"]:
-        shown_n = len(listing["entries"])
-        click.echo(f"ember: only the first {shown_n} entries are listed (EMBER_LS_MAX_ENTRIES)", err=True)
+        fail("usage: ember ls VM_ID:/absolute/dir", 2)
+    listing = c.files.ls(*remote)
+    if a.json:
+        return dump(listing)
+    import stat
+
+    for e in listing.entries:
+        out(f"{stat.filemode(e.mode)} {e.size:>12} {shown(e.name)}")
+    if listing.truncated:
+        err(f"ember: only the first {len(listing.entries)} entries are listed (EMBER_LS_MAX_ENTRIES)")
 
 
-def _lifecycle(action: str, vm_id: str) -> dict[str, Any]:
-    with _client() as c:
-        result: dict[str, Any] = c.send(call_simple("POST", f"/v1/vms/{vm_id}/{action}"))
-    return result
+# ---- images --------------------------------------------------------------------------------
 
 
-@main.command()
-@click.argument("vm_id")
-def suspend(vm_id: str) -> None:
-    """Save a VM's memory, devices and disk; free its host resources."""
-    r = _lifecycle("suspend", vm_id)
-    click.echo(f"{vm_id} suspended in {r['elapsed_ms']:.0f} ms ({r['snapshot_bytes'] / 2**20:.1f} MiB saved)")
+def cmd_image_ls(c: Client, a: Args) -> None:
+    ensure_base(c, quiet=a.json)
+    images = c.images.list()
+    if a.json:
+        return dump(images)
+    out(f"{'NAME':<24} {'STATE':<14} {'DISK':>10} {'MEMORY':>10} CREATED")
+    for i in images:
+        out(f"{shown(i.name):<24} {i.state:<14} {i.disk_bytes / 2**20:>8.1f}Mi {i.memory_bytes / 2**20:>8.0f}Mi "
+            f"{i.created_at}")  # fmt: skip
 
 
-@main.command()
-@click.argument("vm_id")
-def resume(vm_id: str) -> None:
-    """Bring a suspended VM back, every process and file as it was."""
-    r = _lifecycle("resume", vm_id)
-    click.echo(f"{vm_id} resumed in {r['elapsed_ms']:.0f} ms")
+def cmd_image_build(c: Client, a: Args) -> None:
+    def log(line: str) -> None:
+        if a.json:
+            out(json.dumps({"log": line}))
+        else:
+            err(shown(line))
+
+    build = c.images.build(
+        a.context, name=a.name, dockerfile=a.file, build_args=pairs(a.build_arg, "--build-arg"), target=a.target,
+        ready_cmd=a.ready_cmd, ready_timeout=a.ready_timeout, no_cache=a.no_cache, network=not a.no_network,
+        host_ca_certs=a.host_ca_certs, client_token=a.client_token, on_log=log,
+    )  # fmt: skip
+    if a.json:
+        out(json.dumps({"build": build.raw}))
+    if not build.ok:
+        fail(f"{build.name} {build.state}: {build.error}")
+    if not a.json:
+        out(shown(build.name))
 
 
-@main.command()
-@click.argument("vm_id")
-@click.option("--name", required=True, help="name of the new image")
-def snapshot(vm_id: str, name: str) -> None:
-    """Turn a running VM into a new image (it keeps running)."""
-    with _client() as c:
-        img = c.send(Call("POST", f"/v1/vms/{vm_id}/snapshot", json={"name": name}))
-    click.echo(shown(img["name"]))
+def cmd_image_inspect(c: Client, a: Args) -> None:
+    dump(c.images.get(a.name))
 
 
-@main.command()
-def ps() -> None:
-    """List VMs."""
-    with _client() as c:
-        rows = c.send(call_simple("GET", "/v1/vms"))
-    click.echo(f"{'ID':<16} {'STATE':<11} {'IMAGE':<16} {'ACCEL':<5} CREATED")
-    for r in rows:
-        click.echo(
-            f"{shown(r['id']):<16} {r['state']:<11} {shown(r['image']):<16} {r['accelerator']['name']:<5} "
-            f"{r['created_at']}"
-        )
+def cmd_image_logs(c: Client, a: Args) -> None:
+    text = c.images.logs(a.name, tail=a.tail)
+    out(json.dumps({"log": text})) if a.json else sys.stdout.write(shown(text, lines=True))
 
 
-@main.command()
-@click.argument("vm_id")
-def inspect(vm_id: str) -> None:
-    """Show a VM's state, image, accelerator, memory and timestamps (JSON)."""
-    with _client() as c:
-        click.echo(json.dumps(c.send(call_simple("GET", f"/v1/vms/{vm_id}")), indent=2))
+def cmd_image_rm(c: Client, a: Args) -> None:
+    c.images.remove(a.name, all_versions=a.all)
+    if a.json:
+        out(json.dumps({"name": a.name, "removed": True}))
 
 
-@main.command()
-@click.argument("vm_ids", nargs=-1, required=True)
-def rm(vm_ids: tuple[str, ...]) -> None:
-    """Remove VMs and everything they use on the host."""
-    with _client() as c:
-        for vm_id in vm_ids:
-            c.send(call_simple("DELETE", f"/v1/vms/{vm_id}"))
-            click.echo(vm_id)
+# ---- tenants, keys, webhooks, usage ------------------------------------------------------
 
 
-@main.command()
-def demo() -> None:
-    """Ember's main job on its embedded defaults (see ember/demo.py)."""
+def _quotas(a: Args) -> dict[str, int]:
+    return {q: getattr(a, q) for q in QUOTAS if getattr(a, q) is not None}
+
+
+def _tenant_table(tenants: list[Any]) -> None:
+    rows = [[shown(t.name), t.account_id, t.created_at,
+             " ".join(f"{k}={v}" for k, v in sorted(t.quotas.items()))] for t in tenants]  # fmt: skip
+    table(rows, ["NAME", "ACCOUNT", "CREATED", "QUOTAS"])
+
+
+def cmd_tenant_create(c: Client, a: Args) -> None:
+    t = c.tenants.create(a.name, quotas=_quotas(a) or None)
+    dump(t) if a.json else out(shown(t.name))
+
+
+def cmd_tenant_ls(c: Client, a: Args) -> None:
+    tenants = c.tenants.list()
+    dump(tenants) if a.json else _tenant_table(tenants)
+
+
+def cmd_tenant_set(c: Client, a: Args) -> None:
+    quotas = _quotas(a)
+    if not quotas:
+        fail(f"name at least one quota: {' '.join('--' + q.replace('_', '-') for q in QUOTAS)}", 2)
+    t = c.tenants.set_quotas(a.name, quotas)
+    dump(t) if a.json else _tenant_table([t])
+
+
+def cmd_key_create(c: Client, a: Args) -> None:
+    key = c.keys.create(tenant=a.tenant, name=a.name, client_token=a.client_token)
+    dump(key)  # the secrets are shown this once: always the whole JSON
+
+
+def cmd_key_ls(c: Client, a: Args) -> None:
+    keys = c.keys.list(tenant=a.tenant)
+    if a.json:
+        return dump(keys)
+    rows = [[k.key_id, shown(k.tenant or "(admin)"), shown(k.name), k.access_key_id, k.created_at,
+             k.revoked_at or "-"] for k in keys]  # fmt: skip
+    table(rows, ["KEY_ID", "TENANT", "NAME", "ACCESS_KEY_ID", "CREATED", "REVOKED"])
+
+
+def cmd_key_revoke(c: Client, a: Args) -> None:
+    c.keys.revoke(a.key_id)
+    out(json.dumps({"key_id": a.key_id, "revoked": True}) if a.json else a.key_id)
+
+
+def cmd_webhook_create(c: Client, a: Args) -> None:
+    dump(c.webhooks.create(a.url, client_token=a.client_token))  # the secret is shown this once
+
+
+def cmd_webhook_ls(c: Client, a: Args) -> None:
+    hooks = c.webhooks.list()
+    dump(hooks) if a.json else table([[h.id, shown(h.url), h.created_at] for h in hooks], ["ID", "URL", "CREATED"])
+
+
+def cmd_webhook_rm(c: Client, a: Args) -> None:
+    c.webhooks.delete(a.webhook_id)
+    out(json.dumps({"id": a.webhook_id, "removed": True}) if a.json else a.webhook_id)
+
+
+def cmd_webhook_deliveries(c: Client, a: Args) -> None:
+    rows = c.webhooks.deliveries(a.webhook_id, limit=a.limit)
+    if a.json:
+        return dump(rows)
+    table(
+        [[str(d.id), str(d.event_id), str(d.attempt), d.at, d.state, str(d.status or "-"), f"{d.duration_ms:.0f}",
+          shown(d.error)] for d in rows],
+        ["ID", "EVENT", "ATTEMPT", "AT", "STATE", "STATUS", "MS", "ERROR"],
+    )  # fmt: skip
+
+
+def cmd_usage(c: Client, a: Args) -> None:
+    u = c.usage(tenant=a.tenant, since=a.since, until=a.until)
+    if a.json:
+        return dump(u)
+    out(f"usage from {u.since} to {u.until}")
+    table(
+        [[shown(t.tenant), f"{t.running_vcpu_seconds:.0f}", f"{t.running_gib_seconds:.0f}",
+          f"{t.suspended_seconds:.0f}", f"{t.snapshot_gib_hours:.3f}", f"{t.image_gib_hours:.3f}", str(t.builds),
+          f"{t.build_seconds:.0f}"] for t in u.tenants],
+        ["TENANT", "VCPU_S", "GIB_S", "SUSPENDED_S", "SNAPSHOT_GIB_H", "IMAGE_GIB_H", "BUILDS", "BUILD_S"],
+    )  # fmt: skip
+
+
+def cmd_whoami(c: Client, a: Args) -> None:
+    w = c.whoami()
+    dump(w) if a.json else out(f"tenant {shown(w.tenant)}{' (admin)' if w.admin else ''} key {w.key_id or 'root'}")
+
+
+# ---- the daemon, the demo ------------------------------------------------------------------
+
+
+def cmd_serve(a: Args) -> None:
+    import asyncio
+    import logging
+
+    from ember.daemon import serve as run_daemon
+    from ember.errors import EmberError as DaemonError
+
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run_daemon(Settings.from_env()))
+    except DaemonError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_demo(_: Args) -> None:
     from ember.demo import run_demo
 
     sys.exit(run_demo())
+
+
+# ---- the parser ----------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ember", description="Ember: stateful micro-VMs for untrusted code.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the daemon's JSON instead of a table")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(group: Any, name: str, fn: Callable[..., None] | None, text: str, *, api: bool = True) -> Any:
+        p = group.add_parser(name, help=text, description=text, parents=[common] if api else [])
+        p.set_defaults(fn=fn, api=api)
+        return p
+
+    p = command(sub, "serve", cmd_serve, "Run the daemon (as root) on EMBER_SOCKET and, if set, EMBER_LISTEN.",
+                api=False)  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true")
+    command(sub, "demo", cmd_demo, "Ember's main job on its embedded defaults (see ember/demo.py).", api=False)
+
+    p = command(sub, "run", cmd_run, "Launch a VM from IMAGE's snapshot; prints its id.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--version", type=int, help="the image version (default: the newest)")
+    p.add_argument("--memory", type=int, metavar="MIB", help="guest memory (at least the image's)")
+    p.add_argument("--vcpus", type=int, metavar="N", help="guest vCPUs (at least the image's)")
+    p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--tag", action="append", metavar="K=V", help="metadata tag (repeatable)")
+    p.add_argument("--client-token", metavar="T", help="idempotency token: a retry returns the same VM")
+
+    p = command(sub, "exec", cmd_exec, "Run a command in a VM, streaming its output; exits with its exit code.")
+    p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("-w", "--workdir", default="", help="working directory in the guest")
+    p.add_argument("-u", "--user", default="", help="user name or uid[:gid] in the guest")
+    p.add_argument("-i", "--stdin", action="store_true", help="send this process's stdin to the command")
+    p.add_argument("-t", "--timeout", type=float, default=0, help="kill the command after this many seconds")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
+
+    p = command(sub, "cp", cmd_cp, "Copy a file: 'ember cp ./f ID:/path' or 'ember cp ID:/path ./f'.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p = command(sub, "ls", cmd_ls, "List a directory in a VM.")
+    p.add_argument("spec", metavar="ID:/DIR")
+    for name, fn, text in (
+        ("suspend", cmd_suspend, "Save a VM's memory, devices and disk; free its host resources."),
+        ("resume", cmd_resume, "Bring a suspended VM back, every process and file as it was."),
+        ("inspect", cmd_inspect, "Show a VM's state, image, accelerator, memory and timestamps (JSON)."),
+        ("events", cmd_events, "Show a VM's state changes: when, from, to, why and by whom."),
+    ):
+        command(sub, name, fn, text).add_argument("vm_id", metavar="VM_ID")
+    p = command(sub, "snapshot", cmd_snapshot, "Turn a running VM into a new image (it keeps running).")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("--name", required=True, help="name of the new image")
+    p.add_argument("--client-token", metavar="T", help="idempotency token")
+    p = command(sub, "ps", cmd_ps, "List VMs.")
+    p.add_argument("--filter", action="append", metavar="F",
+                   help="tag=KEY=VALUE, KEY=VALUE (a tag), state=STATE or image=IMAGE (repeatable)")  # fmt: skip
+    p.add_argument("--state", help="only VMs in this state (RUNNING, SUSPENDED, TERMINATED...)")
+    p.add_argument("--image", help="only VMs of this image")
+    p.add_argument("--all", action="store_true", help="include TERMINATED VMs")
+    p.add_argument("--tenant", help="only this tenant's VMs (admins)")
+    p = command(sub, "rm", cmd_rm, "Remove VMs and everything they use on the host.")
+    p.add_argument("vm_ids", nargs="+", metavar="VM_ID")
+
+    images = command(sub, "image", None, "Manage images.").add_subparsers(dest="sub", metavar="COMMAND", required=True)
+    command(images, "ls", cmd_image_ls, "List images and builds (builds the built-in 'debian' the first time).")
+    p = command(images, "build", cmd_image_build, "Build an image from CONTEXT/Dockerfile, snapshotted running.")
+    p.add_argument("context", type=Path, metavar="CONTEXT")
+    p.add_argument("--name", "-t", required=True, help="image name, optionally name:version (default: next version)")
+    p.add_argument("--file", "-f", default="Dockerfile", help="Dockerfile path inside the context")
+    p.add_argument("--build-arg", action="append", metavar="NAME=VALUE", help="a value for an ARG (repeatable)")
+    p.add_argument("--target", default="", help="build this stage instead of the last")
+    p.add_argument("--ready-cmd", default="", help="shell command that exits 0 once the app is ready")
+    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the app (default 120)")
+    p.add_argument("--no-cache", action="store_true", help="run every step again")
+    p.add_argument("--no-network", action="store_true", help="RUN steps get no network at all")
+    p.add_argument("--host-ca-certs", action="store_true",
+                   help="hand the host's CA bundle to RUN steps (TLS-inspecting proxies)")  # fmt: skip
+    p.add_argument("--client-token", metavar="T", help="idempotency token")
+    p = command(images, "inspect", cmd_image_inspect, "Show an image: state, sizes, config, build steps (JSON).")
+    p.add_argument("name")
+    p = command(images, "logs", cmd_image_logs, "Print an image's build log (its last --tail bytes).")
+    p.add_argument("name")
+    p.add_argument("--tail", type=int, default=1 << 20, help="bytes from the end of the log (default 1 MiB)")
+    p = command(images, "rm", cmd_image_rm, "Remove an image version, e.g. myapp:2 (refused while VMs use it).")
+    p.add_argument("name")
+    p.add_argument("--all", action="store_true", help="remove every version of the repo NAME")
+
+    tenants = command(sub, "tenant", None, "Manage tenants (admins).").add_subparsers(
+        dest="sub", metavar="COMMAND", required=True
+    )
+    for name, fn, text in (
+        ("create", cmd_tenant_create, "Create a tenant, optionally with quotas of its own."),
+        ("set", cmd_tenant_set, "Set a tenant's quotas."),
+    ):
+        p = command(tenants, name, fn, text)
+        p.add_argument("name", metavar="NAME")
+        for quota in QUOTAS:
+            p.add_argument("--" + quota.replace("_", "-"), dest=quota, type=int, metavar="N")
+    command(tenants, "ls", cmd_tenant_ls, "List tenants and their quotas.")
+
+    keys = command(sub, "key", None, "Manage API keys.").add_subparsers(dest="sub", metavar="COMMAND", required=True)
+    p = command(keys, "create", cmd_key_create, "Create a key; prints its secrets, this once (JSON).")
+    p.add_argument("--tenant", help="the tenant it acts for (admins; default: your own)")
+    p.add_argument("--name", help="a label")
+    p.add_argument("--client-token", metavar="T", help="idempotency token")
+    p = command(keys, "ls", cmd_key_ls, "List keys (never their secrets).")
+    p.add_argument("--tenant", help="only this tenant's keys (admins)")
+    p = command(keys, "revoke", cmd_key_revoke, "Revoke a key: it stops working at once.")
+    p.add_argument("key_id", metavar="KEY_ID")
+
+    hooks = command(sub, "webhook", None, "Manage webhooks (every VM event, signed).").add_subparsers(
+        dest="sub", metavar="COMMAND", required=True
+    )
+    p = command(hooks, "create", cmd_webhook_create, "Register a webhook; prints its signing secret, this once.")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--client-token", metavar="T", help="idempotency token")
+    command(hooks, "ls", cmd_webhook_ls, "List webhooks.")
+    p = command(hooks, "rm", cmd_webhook_rm, "Remove a webhook.")
+    p.add_argument("webhook_id", metavar="ID")
+    p = command(hooks, "deliveries", cmd_webhook_deliveries, "Show a webhook's delivery log.")
+    p.add_argument("webhook_id", metavar="ID")
+    p.add_argument("--limit", type=int, help="newest N deliveries")
+
+    p = command(sub, "usage", cmd_usage, "Usage per tenant: vCPU and GiB seconds, storage, builds.")
+    p.add_argument("--tenant", help="only this tenant (admins)")
+    p.add_argument("--since", metavar="ISO", help="start (ISO-8601 UTC)")
+    p.add_argument("--until", metavar="ISO", help="end (ISO-8601 UTC)")
+    command(sub, "whoami", cmd_whoami, "Show the tenant and key this client acts as.")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if not args.api:
+        args.fn(args)
+        return
+    try:
+        with Client() as c:
+            args.fn(c, args)
+    except EmberError as exc:
+        fail(str(exc))
+    except ValueError as exc:  # a bad EMBER_URL or EMBER_* setting
+        fail(str(exc), 2)
+    except BrokenPipeError:
+        sys.stderr.close()  # e.g. 'ember ps | head': the reader is gone
+        sys.exit(1)

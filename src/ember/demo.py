@@ -17,10 +17,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-
-from ember.client import ApiError, Client, call_simple
 from ember.config import Settings
+from ember.sdk import Client, ConnectError, EmberError
 
 # A guest process that keeps a random value in memory and serves it on loopback.
 HOLDER = """
@@ -44,11 +42,11 @@ def daemon(settings: Settings) -> Iterator[None]:
     """Use the running daemon, or start one for the duration of the demo."""
     with Client(settings=settings) as c:
         try:
-            c.send(call_simple("GET", "/v1/info"))
+            c.info()
             say(f"using the Ember daemon at {settings.socket_path}")
             yield
             return
-        except httpx.TransportError:
+        except ConnectError:
             pass
     say(f"starting the Ember daemon (data in {settings.data_dir}, socket {settings.socket_path})")
     log = open(settings.data_dir.parent / "ember-demo-daemon.log", "ab")  # noqa: SIM115
@@ -58,8 +56,8 @@ def daemon(settings: Settings) -> Iterator[None]:
         while True:
             if proc.poll() is not None:
                 raise SystemExit(f"the daemon exited at start-up; see {log.name}")
-            with Client(settings=settings) as c, contextlib.suppress(httpx.TransportError):
-                c.send(call_simple("GET", "/v1/info"))
+            with Client(settings=settings) as c, contextlib.suppress(ConnectError):
+                c.info()
                 break
             if time.monotonic() > deadline:
                 raise SystemExit("the daemon did not start in 120 s")
@@ -83,56 +81,52 @@ def run_demo() -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         with daemon(settings), Client(settings=settings) as c:
-            info = c.send(call_simple("GET", "/v1/info"))
-            accel = info["accelerator"]
-            say(f"accelerator: {accel['name']} ({accel['reason']})")
-            if not accel["security_boundary"]:
-                say(f"  WARNING: {accel['warning']}")
+            accel = c.info().accelerator
+            say(f"accelerator: {accel.name} ({accel.reason})")
+            if not accel.security_boundary:
+                say(f"  WARNING: {accel.warning}")
             say("1. preparing the built-in image 'debian' (built once, then reused)")
             start = time.perf_counter()
-            for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
-                if "progress" in event:
-                    say(f"   {event['progress']}")
+            c.images.prepare("debian", on_progress=lambda msg: say(f"   {msg}"))
             say(f"  image ready: {(time.perf_counter() - start) * 1000:.0f} ms")
             say("2. launching a VM from the image's memory snapshot (no boot)")
-            vm = timed("launch", c.run, "debian")
-            vm_id = vm["id"]
-            say(f"  VM {vm_id}")
+            vm = timed("launch", c.vms.run, "debian")
+            say(f"  VM {vm.id}")
             try:
                 say("3. running code in it")
-                out = timed("exec", lambda: c.exec(vm_id, ["python3", "-c", "print(6 * 7)"]))
+                out = timed("exec", lambda: vm.exec(["python3", "-c", "print(6 * 7)"]))
                 say(f"  python3 -c 'print(6 * 7)' -> {out.stdout.decode().strip()}")
-                c.exec(vm_id, ["sh", "-c", f"nohup python3 -c '{HOLDER}' > /tmp/holder.out 2>&1 &"])
+                vm.exec(["sh", "-c", f"nohup python3 -c '{HOLDER}' > /tmp/holder.out 2>&1 &"])
                 time.sleep(1.0)
-                before = c.exec(vm_id, ["python3", "-c", ASK]).stdout.decode().strip()
-                c.put_file(vm_id, "/root/note.txt", b"written before suspend\n")
+                before = vm.exec(["python3", "-c", ASK]).stdout.decode().strip()
+                vm.files.write("/root/note.txt", b"written before suspend\n")
                 say(f"  a guest process holds {before} in memory; /root/note.txt written")
                 say("4. suspending (memory + devices + disk saved, VMM exits)")
-                r = timed("suspend", c.send, call_simple("POST", f"/v1/vms/{vm_id}/suspend"))
-                say(f"  state saved: {r['snapshot_bytes'] / 2**20:.1f} MiB; VM is {r['state']}")
+                r = timed("suspend", vm.suspend)
+                say(f"  state saved: {r.snapshot_bytes / 2**20:.1f} MiB; VM is {r.state}")
                 say("5. resuming under the same id")
-                timed("resume", c.send, call_simple("POST", f"/v1/vms/{vm_id}/resume"))
-                after = c.exec(vm_id, ["python3", "-c", ASK]).stdout.decode().strip()
-                note = c.exec(vm_id, ["cat", "/root/note.txt"]).stdout.decode().strip()
+                timed("resume", vm.resume)
+                after = vm.exec(["python3", "-c", ASK]).stdout.decode().strip()
+                note = vm.exec(["cat", "/root/note.txt"]).stdout.decode().strip()
                 say(f"  the same process answers {after}; /root/note.txt says: {note!r}")
                 if after != before or note != "written before suspend":
                     say("FAILED: state did not survive suspend/resume")
                     return 1
                 say("state survived suspend/resume")
                 say("6. a second cycle: the VM now has its own RAM file; only state and changed pages are written")
-                r = timed("suspend", c.send, call_simple("POST", f"/v1/vms/{vm_id}/suspend"))
-                say(f"  written: {r['snapshot_bytes'] / 2**20:.1f} MiB; steps (ms): {r['phases_ms']}")
-                r = timed("resume", c.send, call_simple("POST", f"/v1/vms/{vm_id}/resume"))
-                say(f"  steps (ms): {r['phases_ms']}")
-                again = c.exec(vm_id, ["python3", "-c", ASK]).stdout.decode().strip()
+                r = timed("suspend", vm.suspend)
+                say(f"  written: {r.snapshot_bytes / 2**20:.1f} MiB; steps (ms): {dict(r.phases_ms)}")
+                r = timed("resume", vm.resume)
+                say(f"  steps (ms): {dict(r.phases_ms)}")
+                again = vm.exec(["python3", "-c", ASK]).stdout.decode().strip()
                 if again != before:
                     say("FAILED: state did not survive the second cycle")
                     return 1
                 say(f"  the process still answers {again}")
             finally:
-                c.send(call_simple("DELETE", f"/v1/vms/{vm_id}"))
-                say(f"7. removed {vm_id} and everything it used on the host")
-    except ApiError as exc:
+                vm.remove()
+                say(f"7. removed {vm.id} and everything it used on the host")
+    except EmberError as exc:
         say(f"FAILED: {exc}")
         return 1
     return 0
