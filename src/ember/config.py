@@ -49,10 +49,6 @@ class Settings:
     url: str = _env("EMBER_URL", "")
     # The SDK's and CLI's bearer key ("ember_..."); empty = none (root on the socket), or the token file above.
     api_key: str = _env("EMBER_API_KEY", "")
-    # The daemon the SDK and CLI talk to, e.g. "http://127.0.0.1:7070"; empty = the Unix socket above.
-    url: str = _env("EMBER_URL", "")
-    # The SDK's and CLI's bearer key ("ember_..."); empty = none (root on the socket), or the token file above.
-    api_key: str = _env("EMBER_API_KEY", "")
     # Largest request body of a JSON route; refused (413) before it is read.
     max_json_body_bytes: int = _env("EMBER_MAX_JSON_BODY_BYTES", 1024 * 1024)
     # Largest build context upload (the tar as sent); refused (413) before or while it streams.
