@@ -128,6 +128,9 @@ def settings() -> Iterator[Settings]:
             # the webhook tests' receivers listen on 127.0.0.1 (tests/vm/test_webhooks.py); retries come quickly
             "EMBER_WEBHOOK_TRUSTED_HOSTS": "127.0.0.1",
             "EMBER_WEBHOOK_BACKOFF": "0.2",
+            # a burst a test can pass on purpose (tests/vm/test_tenancy.py), and more than any other test sends
+            "EMBER_RATE_LIMIT_PER_S": "100",
+            "EMBER_RATE_LIMIT_BURST": "200",
             "EMBER_USAGE_SAMPLE_S": "1",  # storage usage of a VM suspended for seconds shows (tests/vm/test_usage.py)
         }
     )

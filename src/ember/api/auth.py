@@ -4,7 +4,7 @@
 - Everyone else sends ``Authorization: Bearer <api_key>``, on the socket (0666) and over TCP alike. A key
   belongs to a tenant, or is an admin key (the TCP listener's token file is one).
 - Admins act in the tenant ``default`` unless the request says ``X-Ember-Tenant: NAME``.
-- Each key has a token bucket (``EMBER_RATE_LIMIT_PER_S``/``_BURST``); past it: 429 with ``Retry-After``.
+- Each tenant key has a token bucket (``EMBER_RATE_LIMIT_PER_S``/``_BURST``); past it: 429 with ``Retry-After``.
 
 The principal goes into the ASGI scope (``ember.principal``) and into :data:`ember.tenancy.principal.CURRENT`,
 so the events a request causes name it as their actor.
@@ -93,11 +93,11 @@ class Authenticator:
         key = self._key(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
         if key is None:
             return Unauthorized("the API key is unknown or revoked: make one with 'ember key create --tenant NAME'")
+        if key.tenant is None:  # the operator's keys are not rate limited
+            return self._acting(Principal(DEFAULT_TENANT, admin=True, key_id=key.key_id), acting)
         wait = self.limiter.take(key.key_id)
         if wait > 0:
             return RateLimited(wait)
-        if key.tenant is None:
-            return self._acting(Principal(DEFAULT_TENANT, admin=True, key_id=key.key_id), acting)
         if acting and acting[0] != key.tenant:
             return Forbidden("a tenant key acts only in its own tenant: drop the X-Ember-Tenant header")
         return Principal(key.tenant, admin=False, key_id=key.key_id)

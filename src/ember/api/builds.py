@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ember.api.auth import principal
 from ember.api.limits import Limits
+from ember.api.schema import errors, raw_body, streamed
 from ember.api.streaming import Emit, stream_job
 from ember.build.builder import BuildOptions
 from ember.build.context import BuildContext
@@ -86,7 +87,12 @@ def _log_tail(path: Path, limit: int) -> str:
 def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits: Limits) -> None:
     once = Idempotency(limits.daemon.tenants)
 
-    @app.post("/v1/images/build")
+    @app.post(
+        "/v1/images/build", response_class=StreamingResponse,
+        responses={**streamed("application/x-ndjson", "The build log as NDJSON events, then the build"),
+                   **errors(409, 415)},
+        openapi_extra=raw_body("application/x-tar", "The build context: a tar (plain, gzip, zstd, bzip2 or xz)"),
+    )  # fmt: skip
     async def build_image(
         request: Request,
         name: str = Query(min_length=1, max_length=200),
@@ -192,11 +198,15 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits:
         except FileNotFoundError:
             return ""
 
-    @app.delete("/v1/images/{name}", status_code=204)
+    @app.delete("/v1/images/{name}", status_code=204, responses=errors(409))
     async def remove_image(
         name: str, every_version: bool = Query(default=False, alias="all"), who: Principal = Depends(principal)
     ) -> None:
         """Remove an image version; a repo name with several versions needs ``all=true``."""
         internal = names.writable(who.tenant, name)
-        for removed in await engine.remove_image(internal, every_version=every_version):
+        try:
+            removed_names = await engine.remove_image(internal, every_version=every_version)
+        except ImageNotFound:
+            raise ImageNotFound(name) from None  # the public name, as the caller gave it
+        for removed in removed_names:
             builds.log_path(removed).unlink(missing_ok=True)
