@@ -31,6 +31,7 @@ from ember.runtime import Host, UidPool
 from ember.tenancy.keys import token_hash
 from ember.tenancy.quotas import QuotaGate
 from ember.tenancy.secrets import SecretBox
+from ember.usage import StorageSampler
 from ember.vmm import accel as accel_mod
 
 log = logging.getLogger("ember")
@@ -103,6 +104,7 @@ async def assemble(settings: Settings) -> Daemon:
     await recover(engine)  # first: it kills a killed daemon's build VMMs before the egress filter is renewed
     builds.interrupted()
     engine.spawn_chore(forget_terminated(store, settings.terminated_retention_s))
+    engine.spawn_chore(StorageSampler(settings, store).run())  # storage GiB-hours (ember.usage)
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)
