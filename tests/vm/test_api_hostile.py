@@ -18,6 +18,7 @@ import pytest
 from ember.client import ApiError, Call, Client, call_simple
 from ember.config import Settings
 from tests.conftest import TEST_UID_BLOCK, DaemonProcess, build, remove_quietly
+from tests.databases import daemon_database_url, drop_database
 
 
 def raw_request(sock_path: Path, head: str, timeout: float = 5.0) -> tuple[bytes, float]:
@@ -60,16 +61,18 @@ def free_port() -> int:
 
 @pytest.fixture
 def tcp_daemon(settings: Settings, tmp_path: Path) -> Iterator[DaemonProcess]:
-    """A second daemon with a TCP listener: its own data dir and the run's second uid block."""
+    """A second daemon with a TCP listener: its own data dir and database, and the run's second uid block."""
     data = tmp_path / "tcp-daemon"
     own = dataclasses.replace(
         settings, data_dir=data, socket_path=data / "ember.sock", listen=f"127.0.0.1:{free_port()}",
-        uid_base=settings.uid_base + TEST_UID_BLOCK, pool_size=0,
+        uid_base=settings.uid_base + TEST_UID_BLOCK, pool_size=0, database_url=daemon_database_url("tcp"),
     )  # fmt: skip
     d = DaemonProcess(own, tmp_path / "tcp-daemon.log")
     d.start()
     yield d
     d.stop()
+    if own.database_url:
+        drop_database(own.database_url)
 
 
 def test_tcp_listener_requires_token_and_rejects_foreign_host_origin_and_text_plain_build(
