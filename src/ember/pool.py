@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ember import metrics
 from ember.microvm import MicroVm
 from ember.models import ImageRecord
 from ember.runtime import Host
@@ -75,10 +76,12 @@ class WarmPool:
                 while entries:
                     warm = entries.pop(0)
                     if warm.vm.alive() and warm.vm.agent is not None and not warm.vm.agent.closed:
+                        metrics.pool_hit()
                         return warm
                     self._discard_later(warm)
                 left = deadline - asyncio.get_running_loop().time()
                 if not self._making.get(key) or left <= 0:
+                    metrics.pool_miss()
                     return None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
