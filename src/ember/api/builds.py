@@ -136,7 +136,8 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits:
             ready_cmd=("/bin/sh", "-c", ready_cmd) if ready_cmd else (), ready_timeout_s=ready_timeout,
         )  # fmt: skip
 
-        asks = [Ask(Quota.IMAGES, 1), Ask(Quota.CONCURRENT_BUILDS, 1)]
+        # a build's size is known only at its end: a tenant already past its storage quota builds nothing
+        asks = [Ask(Quota.IMAGES, 1), Ask(Quota.CONCURRENT_BUILDS, 1), Ask(Quota.STORAGE_BYTES, 0)]
         body = {"name": name, "dockerfile": dockerfile, "build_arg": build_arg, "target": target,
                 "ready_cmd": ready_cmd, "ready_timeout": ready_timeout, "no_cache": no_cache, "network": network,
                 "host_ca_certs": host_ca_certs}  # fmt: skip

@@ -22,6 +22,7 @@ from ember.api.auth import principal, tenant_filter
 from ember.api.execstdin import StdinPipe, StdinPipes
 from ember.api.images import image_view, resolve_image
 from ember.api.limits import Limits
+from ember.api.schema import errors, raw_body, streamed
 from ember.api.streaming import ndjson
 from ember.engine import RunOptions
 from ember.errors import EmberError, InvalidRequest, VmNotFound
@@ -138,7 +139,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     f"and a VM restored from it has exactly that; build an image with the size you need"
                 )
 
-    @app.post("/v1/vms", status_code=201)
+    @app.post("/v1/vms", status_code=201, responses=errors(409, 503, 507))
     async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         _checked_map("env variables", body.env, ENV_NAME, MAX_ENV)
         _checked_map("tags", body.tags, TAG_KEY, MAX_TAGS)
@@ -192,9 +193,10 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         return all(vm.tags.get(k) == v for k, v in wanted.items())
 
     @app.get("/v1/vms/{vm_id}")
-    async def inspect_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+    async def inspect_vm(vm: VmRecord = Depends(owned_vm), live: bool = False) -> dict[str, Any]:
+        """The VM's record; ``live`` also asks its VMM and agent (status, host memory, a ping's time)."""
         view = vm_view(vm)
-        if vm.state is not VmState.TERMINATED:
+        if live and vm.state is not VmState.TERMINATED:
             view.update(await engine.inspect(vm.id))
         return view
 
@@ -222,20 +224,22 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         )
         return [event_view(e) for e in events]
 
-    @app.delete("/v1/vms/{vm_id}", status_code=204)
+    @app.delete("/v1/vms/{vm_id}", status_code=204, responses=errors(409))
     async def remove_vm(vm: VmRecord = Depends(owned_vm)) -> Response:
         """Terminate the VM: its VMM stops and its files go; its record stays listable (TERMINATED)."""
         await engine.remove(vm.id)
         return Response(status_code=204)
 
-    @app.post("/v1/vms/{vm_id}/suspend")
+    @app.post("/v1/vms/{vm_id}/suspend", responses=errors(409, 503, 507))
     async def suspend_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
-        async with limits.admit(vm.tenant, [Ask(Quota.SUSPENDED_VMS, 1)]):
+        # a suspend writes at most the guest's memory (its disk's changes are on disk already)
+        asks = [Ask(Quota.SUSPENDED_VMS, 1), Ask(Quota.STORAGE_BYTES, vm.machine.memory_mib << 20)]
+        async with limits.admit(vm.tenant, asks):
             t = await engine.suspend(vm.id)
         view = vm_view(engine.get(vm.id))
         return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}
 
-    @app.post("/v1/vms/{vm_id}/resume")
+    @app.post("/v1/vms/{vm_id}/resume", responses=errors(409, 503, 507))
     async def resume_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         machine = vm.machine
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, machine.vcpus),
@@ -244,7 +248,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
             t = await engine.resume(vm.id)
         return {**vm_view(engine.get(vm.id)), "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms}
 
-    @app.post("/v1/vms/{vm_id}/snapshot", status_code=201)
+    @app.post("/v1/vms/{vm_id}/snapshot", status_code=201, responses=errors(409, 503, 507))
     async def snapshot_vm(body: SnapshotBody, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         """Fork the running VM into a new image of its tenant."""
         name = names.new_repo(vm.tenant, body.name)
@@ -270,7 +274,11 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     engine = daemon.engine
     stdin_pipes = StdinPipes()
 
-    @app.post("/v1/vms/{vm_id}/exec")
+    @app.post(
+        "/v1/vms/{vm_id}/exec", response_class=StreamingResponse,
+        responses={**streamed("application/x-ndjson", "Output events, then the exit status (NDJSON)"),
+                   **errors(409, 422, 503)},
+    )  # fmt: skip
     async def exec_vm(body: ExecBody, vm: VmRecord = Depends(owned_vm)) -> StreamingResponse:
         """Run a command; NDJSON output events, then its exit status. With ``stdin`` the first
         event is ``{"stdin": ID}``: stream the input with PUT /v1/vms/{vm_id}/exec/stdin/ID.
@@ -337,13 +345,19 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]
 
-    @app.put("/v1/vms/{vm_id}/exec/stdin/{stdin_id}")
+    @app.put(
+        "/v1/vms/{vm_id}/exec/stdin/{stdin_id}", responses=errors(409, 422, 503),
+        openapi_extra=raw_body("application/octet-stream", "The exec's stdin"),
+    )  # fmt: skip
     async def exec_stdin(stdin_id: str, request: Request, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         """The stdin of a running exec, as the raw request body (streamed, flow-controlled)."""
         pipe = stdin_pipes.claim(vm.id, stdin_id)
         return {"bytes": await pipe.attach(request.stream())}
 
-    @app.put("/v1/vms/{vm_id}/files")
+    @app.put(
+        "/v1/vms/{vm_id}/files", responses=errors(409, 422, 503, 507),
+        openapi_extra=raw_body("application/octet-stream", "The file's bytes"),
+    )  # fmt: skip
     async def put_file(
         request: Request, vm: VmRecord = Depends(owned_vm), path: str = Query(...),
         mode: int = Query(0o644, ge=0, le=0o7777), mkdirs: bool = False,
@@ -351,13 +365,17 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         size = await engine.write_file(vm.id, path, request.stream(), mode, mkdirs)
         return {"path": path, "bytes": size}
 
-    @app.get("/v1/vms/{vm_id}/files")
+    @app.get(
+        "/v1/vms/{vm_id}/files", response_class=StreamingResponse,
+        responses={**streamed("application/octet-stream", "The file's bytes (X-Ember-Size: its size)"),
+                   **errors(409, 422, 503)},
+    )  # fmt: skip
     async def get_file(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> StreamingResponse:
         size, chunks = await engine.read_file(vm.id, path)
         # the size at open time; the stream ends at EOF even if the file grew
         return StreamingResponse(chunks, media_type="application/octet-stream", headers={"X-Ember-Size": str(size)})
 
-    @app.get("/v1/vms/{vm_id}/ls")
+    @app.get("/v1/vms/{vm_id}/ls", responses=errors(409, 422, 503))
     async def list_files(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> dict[str, Any]:
         """``entries`` sorted by name; ``truncated``: the directory has more than EMBER_LS_MAX_ENTRIES."""
         listing = await engine.list_dir(vm.id, path)
