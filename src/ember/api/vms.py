@@ -115,6 +115,9 @@ def _tag_filters(tag: list[str]) -> dict[str, str]:
     return wanted
 
 
+MAX_EVENT_ID = 2**63 - 1  # an event id is a 64-bit integer in the database: a larger ``after`` is a 400, not a 500
+
+
 def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     engine = daemon.engine
     once = Idempotency(daemon.tenants)
@@ -125,8 +128,8 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
             raise VmNotFound(vm_id[:80])
         return record
 
-    def owned_vm(vm_id: str, who: Principal = Depends(principal)) -> VmRecord:
-        """FastAPI dependency: the VM, if the caller may see it."""
+    async def owned_vm(vm_id: str, who: Principal = Depends(principal)) -> VmRecord:
+        """FastAPI dependency: the VM, if the caller may see it (one indexed read: done inline)."""
         return owned(vm_id, who)
 
     def _check_size(image: ImageRecord, body: RunBody) -> None:
@@ -202,7 +205,9 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
     @app.get("/v1/vms/{vm_id}/events")
     async def vm_events(
-        vm: VmRecord = Depends(owned_vm), after: int = Query(default=0, ge=0), limit: int = Query(1000, ge=1, le=10000)
+        vm: VmRecord = Depends(owned_vm),
+        after: int = Query(default=0, ge=0, le=MAX_EVENT_ID),
+        limit: int = Query(1000, ge=1, le=10000),
     ) -> list[dict[str, Any]]:
         """The VM's state changes, oldest first (``after``: an event id, to page)."""
         events = await asyncio.to_thread(engine.store.list_events, vm_id=vm.id, after=after, limit=limit)
@@ -212,7 +217,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     async def list_events(
         who: Principal = Depends(principal),
         vm: str | None = Query(default=None, max_length=80),
-        after: int = Query(default=0, ge=0),
+        after: int = Query(default=0, ge=0, le=MAX_EVENT_ID),
         limit: int = Query(default=1000, ge=1, le=10000),
         tenant: str | None = Query(default=None, max_length=63),
     ) -> list[dict[str, Any]]:
