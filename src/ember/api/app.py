@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.api.auth import Authenticator
 from ember.api.builds import add_build_routes
@@ -47,6 +48,13 @@ def add_error_handlers(app: FastAPI) -> None:
         error_id = log_with_id(f"internal error in {request.method} {request.url.path}", exc=exc)
         message = f"internal error; the daemon log has the details under id {error_id}"
         return JSONResponse({"error": "InternalError", "message": message, "id": error_id}, status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own answers (an unknown path or method, a body that is not JSON) in Ember's error format
+        kind = {400: "InvalidRequest", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return JSONResponse({"error": kind, "message": str(exc.detail)}, status_code=exc.status_code,
+                            headers=exc.headers)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.api.auth import Authenticator, admin, principal, tenant_filter
 from ember.api.limits import Limits
+from ember.api.schema import errors
 from ember.db.tenants import KeyRecord, TenantRecord
 from ember.errors import InvalidRequest, KeyNotFound, TenantNotFound
 from ember.tenancy.idempotency import Idempotency
@@ -80,7 +81,7 @@ def add_tenant_routes(app: FastAPI, daemon: Daemon, auth: Authenticator, limits:
     async def whoami(who: Principal = Depends(principal)) -> dict[str, Any]:
         return {"tenant": who.tenant, "admin": who.admin, "key_id": who.key_id or None}
 
-    @app.post("/v1/tenants", status_code=201)
+    @app.post("/v1/tenants", status_code=201, responses=errors(409))
     async def create_tenant(body: TenantBody, who: Principal = Depends(admin)) -> dict[str, Any]:
         if not TENANT_NAME.match(body.name):
             raise InvalidRequest(f"bad tenant name {body.name!r}: lowercase letters, digits and '-', at most 63")
@@ -114,7 +115,7 @@ def add_tenant_routes(app: FastAPI, daemon: Daemon, auth: Authenticator, limits:
 
     # ---- keys ----------------------------------------------------------------
 
-    @app.post("/v1/keys", status_code=201)
+    @app.post("/v1/keys", status_code=201, responses=errors(409))
     async def create_key(body: KeyBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         """A new key: its secrets are in this answer only."""
         tenant = body.tenant or who.tenant
