@@ -25,6 +25,7 @@ from ember.build.tarread import ArchiveError, TarLimits
 from ember.build.unpack import Capacity, Tree, remove_tree
 from ember.engine import Engine
 from ember.errors import ImageNotFound, InvalidRequest, UnsupportedMediaType
+from ember.metrics import Operation
 from ember.models import BuildRecord, BuildState
 from ember.tenancy import names
 from ember.tenancy.idempotency import Idempotency, Settle
@@ -144,7 +145,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits:
 
         async def start(settle: Settle) -> StreamingResponse:
             # the quota is checked (429) before the answer starts; the build's record makes its use count
-            admitted = limits.admit(who.tenant, asks)
+            admitted = limits.admit(who.tenant, asks, Operation.BUILD)
             release = await admitted.__aenter__()
 
             async def run(emit: Emit) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from ember import metrics
+from ember.errors import QuotaExceeded
 from ember.models import RUNNING_STATES, BuildState, VmState
 from ember.tenancy import quotas
 from ember.tenancy.quotas import Ask, Quota
@@ -61,7 +63,9 @@ class Limits:
         }
 
     @asynccontextmanager
-    async def admit(self, tenant: str, asks: list[Ask]) -> AsyncIterator[Callable[[], None]]:
+    async def admit(
+        self, tenant: str, asks: list[Ask], operation: metrics.Operation | None = None
+    ) -> AsyncIterator[Callable[[], None]]:
         """Check ``asks`` against the tenant's quotas. The body runs under the tenant's lock until it calls the
         callable it is given (once its use is recorded, e.g. the VM's PENDING record) or ends, so concurrent
         requests cannot both take the last unit."""
@@ -73,7 +77,12 @@ class Limits:
                 lock.release()
 
         try:
-            await asyncio.to_thread(lambda: quotas.check(self.limits(tenant), self.use(tenant), asks))
+            try:
+                await asyncio.to_thread(lambda: quotas.check(self.limits(tenant), self.use(tenant), asks))
+            except QuotaExceeded as exc:
+                if operation is not None:
+                    metrics.failed(operation, exc)  # refused before the engine saw it: counted here
+                raise
             yield release
         finally:
             release()

@@ -26,6 +26,7 @@ from ember.api.schema import errors, raw_body, streamed
 from ember.api.streaming import ndjson
 from ember.engine import RunOptions
 from ember.errors import EmberError, InvalidRequest, VmNotFound
+from ember.metrics import Operation
 from ember.models import EventRecord, ImageRecord, VmRecord, VmState
 from ember.tenancy import names
 from ember.tenancy.idempotency import Idempotency, Settle
@@ -152,7 +153,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                 Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
 
         async def create(settle: Settle) -> dict[str, Any]:
-            async with limits.admit(who.tenant, asks) as release:
+            async with limits.admit(who.tenant, asks, Operation.LAUNCH) as release:
 
                 def recorded(vm_id: str) -> None:
                     settle(vm_id)
@@ -239,7 +240,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     async def suspend_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         # a suspend writes at most the guest's memory (its disk's changes are on disk already)
         asks = [Ask(Quota.SUSPENDED_VMS, 1), Ask(Quota.STORAGE_BYTES, vm.machine.memory_mib << 20)]
-        async with limits.admit(vm.tenant, asks):
+        async with limits.admit(vm.tenant, asks, Operation.SUSPEND):
             t = await engine.suspend(vm.id)
         view = vm_view(engine.get(vm.id))
         return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}
@@ -249,7 +250,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         machine = vm.machine
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, machine.vcpus),
                 Ask(Quota.RUNNING_MEMORY_MIB, machine.memory_mib)]  # fmt: skip
-        async with limits.admit(vm.tenant, asks):
+        async with limits.admit(vm.tenant, asks, Operation.RESUME):
             t = await engine.resume(vm.id)
         return {**vm_view(engine.get(vm.id)), "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms}
 
