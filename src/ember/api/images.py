@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import StreamingResponse
 
-from ember.api.auth import admin, principal, tenant_filter
+from ember.api.auth import principal, tenant_filter
 from ember.api.builds import build_view
 from ember.api.streaming import Emit, stream_job
 from ember.errors import ImageNotFound
+from ember.images import BASE_IMAGE
 from ember.models import BuildRecord, ImageRecord
 from ember.tenancy import names
 from ember.tenancy.principal import Principal
@@ -79,8 +80,10 @@ def add_image_routes(app: FastAPI, daemon: Daemon) -> None:
         return with_build(build) if build else {**image_view(image), "state": "CREATED"}
 
     @app.post("/v1/images/debian/prepare")
-    async def prepare_base(_: Principal = Depends(admin)) -> StreamingResponse:
-        """Build the built-in base image if needed (admins); streams progress lines."""
+    async def prepare_base(who: Principal = Depends(principal)) -> StreamingResponse:
+        """Build the built-in base image if needed (only an admin may start that build); streams progress."""
+        if not who.admin and store.get_image(BASE_IMAGE) is None:
+            raise ImageNotFound(f"{BASE_IMAGE} (the built-in base is not built yet: the operator builds it)")
 
         async def build(emit: Emit) -> dict[str, Any]:
             image = await images.ensure_base(lambda msg, metrics=None: emit({"progress": msg, **(metrics or {})}))
