@@ -20,6 +20,7 @@ from ember.build.service import BuildService
 from ember.config import Settings
 from ember.db.store import Store, connect
 from ember.db.tenants import TenantStore
+from ember.db.webhooks import WebhookStore
 from ember.engine import Engine
 from ember.errors import HostSetupError
 from ember.guest.artifacts import ensure_artifacts
@@ -33,6 +34,7 @@ from ember.tenancy.quotas import QuotaGate
 from ember.tenancy.secrets import SecretBox
 from ember.usage import StorageSampler
 from ember.vmm import accel as accel_mod
+from ember.webhooks import WebhookDispatcher
 
 log = logging.getLogger("ember")
 ADMIN_FILE_KEY = "key-admin-file"  # the api-token file's admin key
@@ -48,6 +50,7 @@ class Daemon:
     secrets: SecretBox
     quotas: QuotaGate
     uid_lock: int  # held for the daemon's lifetime
+    webhooks: WebhookDispatcher  # started here; the API's lifespan closes it
 
 
 def lock_uid_range(settings: Settings) -> int:
@@ -108,7 +111,10 @@ async def assemble(settings: Settings) -> Daemon:
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)
-    return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock)
+    webhooks = WebhookDispatcher(settings, WebhookStore(db), box)
+    store.listeners.append(webhooks.on_event)
+    webhooks.start()  # what was pending before a restart, and every event since, is sent
+    return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock, webhooks)
 
 
 PURGE_EVERY_S = 3600.0

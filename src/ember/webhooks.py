@@ -105,8 +105,10 @@ def verify(secret: str, header: str, body: bytes, *, tolerance_s: float = 300, n
 
 
 def event_body(event: dict[str, Any]) -> bytes:
-    """What a webhook receives for an event (a row of the ``events`` table)."""
-    return json.dumps({"type": EVENT_TYPE, **event}, separators=(",", ":"), sort_keys=True).encode()
+    """What a webhook receives for an event (a row of the ``events`` table): the event as the API shows it
+    (``ember.api.vms.event_view``: a VM's first event has no ``from_state``), and its type."""
+    view = {**event, "from_state": event["from_state"] or None, "type": EVENT_TYPE}
+    return json.dumps(view, separators=(",", ":"), sort_keys=True).encode()
 
 
 # ---- the URL ----------------------------------------------------------------

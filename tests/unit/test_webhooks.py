@@ -248,8 +248,8 @@ async def dispatcher(db: Engine) -> AsyncIterator[webhooks.WebhookDispatcher]:
     await d.close()
 
 
-def add_event(db: Engine, tenant: str = "acme", to_state: str = "RUNNING") -> int:
-    row = {"tenant": tenant, "vm_id": "vm-1", "at": utcnow(), "from_state": "PENDING", "to_state": to_state,
+def add_event(db: Engine, tenant: str = "acme", from_state: str = "PENDING") -> int:
+    row = {"tenant": tenant, "vm_id": "vm-1", "at": utcnow(), "from_state": from_state, "to_state": "RUNNING",
            "reason": "launch", "message": "", "actor": "root"}  # fmt: skip
     with db.begin() as c:
         return int(c.execute(insert(events).values(**row)).inserted_primary_key[0])  # type: ignore[index]
@@ -273,7 +273,7 @@ async def test_an_event_is_delivered_signed(
     hook, secret = await dispatcher.create("acme", receiver.url())
     assert secret.startswith("whsec_") and secret not in hook.secret_sealed
     add_event(db, tenant="other")  # another tenant's: never sent here
-    event_id = add_event(db)
+    event_id = add_event(db, from_state="")  # a VM's first event
     await asyncio.to_thread(dispatcher.on_event, object())  # the store tells listeners from its thread
     rows = await until(lambda: [d for d in log(dispatcher, hook) if d.state is DeliveryState.DELIVERED])
     assert [(d.event_id, d.attempt, d.status, d.error) for d in rows] == [(event_id, 1, 200, "")]
@@ -283,7 +283,7 @@ async def test_an_event_is_delivered_signed(
     assert webhooks.verify(secret, headers["X-Ember-Signature"], body)
     sent = json.loads(body)
     assert sent["type"] == "vm.state_changed" and sent["id"] == event_id and sent["tenant"] == "acme"
-    assert sent["to_state"] == "RUNNING" and sent["actor"] == "root"
+    assert sent["from_state"] is None and sent["to_state"] == "RUNNING" and sent["actor"] == "root"
 
 
 async def test_retries_with_backoff_then_fails(

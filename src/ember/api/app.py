@@ -26,6 +26,7 @@ from ember.api.metrics import add_metrics_route
 from ember.api.schema import document
 from ember.api.tenants import add_tenant_routes
 from ember.api.vms import accel_view, add_vm_routes
+from ember.api.webhooks import add_webhook_routes
 from ember.errors import EmberError, TooManyRequests, log_with_id
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ def create_app(daemon: Daemon, auth: Authenticator) -> FastAPI:
         # inside uvicorn's graceful shutdown: it re-raises SIGTERM afterwards, so later
         # cleanup would never run. Running VMs are left for the next daemon to re-adopt.
         await engine.close()
+        await daemon.webhooks.close()
 
     app = FastAPI(
         title="Ember", version="0.1.0", description="Stateful micro-VMs for untrusted code", lifespan=lifespan
@@ -92,4 +94,5 @@ def create_app(daemon: Daemon, auth: Authenticator) -> FastAPI:
     add_build_routes(app, engine, daemon.builds, limits)
     add_vm_routes(app, daemon, limits)
     add_metrics_route(app, daemon)
+    add_webhook_routes(app, daemon)
     return app
