@@ -17,6 +17,7 @@ from ember.api.execstdin import StdinPipes
 from ember.config import Settings
 from ember.db.store import Store
 from ember.db.tenants import TenantStore
+from ember.db.webhooks import WebhookStore
 from ember.engine import Engine
 from ember.errors import Conflict, ImageNotFound, NameTaken, VmNotFound
 from ember.guest.artifacts import GuestArtifacts
@@ -26,8 +27,10 @@ from ember.models import BuildRecord, BuildState, VmRecord, VmState
 from ember.runtime import Host, UidPool
 from ember.tenancy.principal import ROOT
 from ember.tenancy.quotas import QuotaGate
+from ember.tenancy.secrets import SecretBox
 from ember.vmm.accel import Accel, AccelChoice
 from ember.vmm.machine import MachineConfig
+from ember.webhooks import WebhookDispatcher
 
 if TYPE_CHECKING:
     from ember.api.auth import Authenticator
@@ -106,6 +109,7 @@ async def test_failed_execs_leave_no_stdin_pipe(engine: Engine, monkeypatch: pyt
     daemon = SimpleNamespace(
         engine=engine, images=engine.images, settings=engine.settings, builds=None, quotas=QuotaGate(),
         tenants=TenantStore(engine.store.engine),
+        webhooks=WebhookDispatcher(engine.settings, WebhookStore(engine.store.engine), SecretBox(bytes(32))),
     )  # fmt: skip
     app = api_app.create_app(cast("Daemon", daemon), cast("Authenticator", None))
     machine = MachineConfig(Accel.TCG, 256, 1, "/k", "/i", "", "QEMU emulator version 10.0.2")
