@@ -139,7 +139,7 @@ def check_url(url: str, policy: netpolicy.AddressPolicy) -> httpx.URL:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        if not HOST_NAME.fullmatch(host):
+        if len(host) > 253 or not HOST_NAME.fullmatch(host):
             raise _bad("has an invalid host: give a DNS name, or an IP address in standard form") from None
         return parsed
     if not policy.is_trusted(host) and netpolicy.denied(address, netpolicy.host_addresses()):
@@ -160,7 +160,7 @@ async def check_destination(url: httpx.URL, policy: netpolicy.AddressPolicy, *, 
     try:
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses = await netpolicy.resolve_checked(url.host, port, policy, timeout)
-    except (netpolicy.AddressDenied, OSError, TimeoutError):
+    except (netpolicy.AddressDenied, OSError, TimeoutError, ValueError):  # ValueError: a name IDNA refuses
         raise _refused() from None
     if not addresses:
         raise _refused()

@@ -103,6 +103,8 @@ def test_refused_addresses(url: str) -> None:
         ("http://127.1/", "invalid host"),  # short spelling
         ("http://0177.0.0.1/", "not a valid URL"),  # octal spelling
         ("http://1.2.3.4.5/", "invalid host"),
+        ("http://" + "a." * 127 + "com/", "invalid host"),  # longer than DNS allows
+        ("http://" + "a" * 64 + ".com/", "invalid host"),  # a label longer than DNS allows
         ("http://%31%32%37.0.0.1/", "invalid host"),
         ("http://[fe80::1%25eth0]/", "public address|invalid host|not a valid URL"),
         ("http://user:pass@example.com/", "user name or password"),
