@@ -25,6 +25,7 @@ from ember.api.limits import Limits
 from ember.api.metrics import add_metrics_route
 from ember.api.schema import document
 from ember.api.tenants import add_tenant_routes
+from ember.api.usage import add_usage_routes
 from ember.api.vms import accel_view, add_vm_routes
 from ember.api.webhooks import add_webhook_routes
 from ember.errors import EmberError, TooManyRequests, log_with_id
@@ -95,4 +96,5 @@ def create_app(daemon: Daemon, auth: Authenticator) -> FastAPI:
     add_vm_routes(app, daemon, limits)
     add_metrics_route(app, daemon)
     add_webhook_routes(app, daemon)
+    add_usage_routes(app, daemon)
     return app
