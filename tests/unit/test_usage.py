@@ -7,17 +7,18 @@ import asyncio
 import os
 import random
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, insert
+from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 
 from ember.config import Settings
 from ember.db import usage as db
-from ember.db.schema import builds, events, images, metadata, vms
-from ember.db.store import Store
+from ember.db.schema import builds, events, images, vms
+from ember.db.store import Store, connect
 from ember.errors import InvalidRequest
 from ember.usage import (
     GIB,
@@ -43,6 +44,7 @@ from ember.usage import (
     window_of,
 )
 from ember.vmm.machine import Accel, MachineConfig
+from tests.databases import fresh_database
 
 T0 = datetime(2024, 5, 10, 12, 0, 0, tzinfo=UTC)
 SIZES = {"vm-a": VmSize("acme", 2, 512), "vm-b": VmSize("acme", 1, 1024), "vm-c": VmSize("other", 4, 256)}
@@ -264,11 +266,13 @@ def test_snapshot_walk_never_follows_a_symlink(vms_dir: Path, tmp_path: Path) ->
 # ---- queries on a real database ---------------------------------------------------
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    e = create_engine(f"sqlite:///{tmp_path / 'ember.db'}")
-    metadata.create_all(e)
-    return e
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh database migrated as the daemon makes it (PostgreSQL in the suite's second pass)."""
+    with fresh_database(request.param, tmp_path) as url:
+        e = connect(url)
+        yield e
+        e.dispose()
 
 
 def machine(vcpus: int, memory_mib: int) -> str:
