@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Query
 from pydantic import BaseModel
 
 from ember.api.auth import principal
+from ember.api.schema import errors
 from ember.errors import Forbidden, TenantNotFound
 from ember.tenancy.principal import Principal
 from ember.usage import report, stamp, window_of
@@ -52,7 +53,7 @@ class UsageView(BaseModel):
 def add_usage_routes(app: FastAPI, daemon: Daemon) -> None:
     engine = daemon.engine.store.engine
 
-    @app.get("/v1/usage")
+    @app.get("/v1/usage", responses=errors(400, 403, 404))
     async def usage(
         who: Annotated[Principal, Depends(principal)],
         tenant: Annotated[str | None, Query(max_length=63, description="admins: one tenant (default: all)")] = None,
