@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -101,7 +101,7 @@ class AsyncClient:
         async with self.open(req) as resp:
             return (await resp.aread()).decode(errors="replace")
 
-    async def stream(self, req: Request) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, req: Request) -> AsyncGenerator[dict[str, Any], None]:
         """``req``'s NDJSON events; an error event raises its typed exception."""
         async with self.open(req) as resp:
             pending = b""
@@ -221,16 +221,17 @@ class AsyncVms:
         feed = _Feed(stdin) if stdin is not None else None
         sender: asyncio.Task[Any] | None = None
         try:
-            async for raw in self.client.stream(req):
-                if feed is not None and "stdin" in raw:
-                    put = core.exec_stdin_request(vm_id, str(raw["stdin"]), feed.chunks())
-                    sender = asyncio.create_task(self.client.send(put))
-                    continue
-                event = core.exec_event(raw)
-                if event is not None:
-                    yield event
-                    if isinstance(event, ExecExit):
-                        return
+            async with contextlib.aclosing(self.client.stream(req)) as stream:
+                async for raw in stream:
+                    if feed is not None and "stdin" in raw:
+                        put = core.exec_stdin_request(vm_id, str(raw["stdin"]), feed.chunks())
+                        sender = asyncio.create_task(self.client.send(put))
+                        continue
+                    event = core.exec_event(raw)
+                    if event is not None:
+                        yield event
+                        if isinstance(event, ExecExit):
+                            return
         finally:
             if feed is not None:
                 feed.over = True
@@ -325,11 +326,12 @@ class AsyncImages:
 
     async def prepare(self, name: str = "debian", *, on_progress: Callable[[str], None] | None = None) -> Image:
         """Build the built-in base image ``name`` unless it is built (the first time: minutes)."""
-        async for event in self.client.stream(core.image_prepare(name)):
-            if "progress" in event and on_progress is not None:
-                on_progress(str(event["progress"]))
-            elif "image" in event:
-                return decode(Image, event["image"])
+        async with contextlib.aclosing(self.client.stream(core.image_prepare(name))) as stream:
+            async for event in stream:
+                if "progress" in event and on_progress is not None:
+                    on_progress(str(event["progress"]))
+                elif "image" in event:
+                    return decode(Image, event["image"])
         raise ProtocolError("the prepare stream ended without its image")
 
     async def build(
@@ -347,11 +349,12 @@ class AsyncImages:
             ready_cmd=ready_cmd, ready_timeout=ready_timeout, no_cache=no_cache, network=network,
             host_ca_certs=host_ca_certs, client_token=client_token,
         )  # fmt: skip
-        async for event in self.client.stream(req):
-            if "log" in event and on_log is not None:
-                on_log(str(event["log"]))
-            elif "build" in event:
-                return decode(Build, event["build"])
+        async with contextlib.aclosing(self.client.stream(req)) as stream:
+            async for event in stream:
+                if "log" in event and on_log is not None:
+                    on_log(str(event["log"]))
+                elif "build" in event:
+                    return decode(Build, event["build"])
         raise ProtocolError("the build stream ended without its result")
 
     async def logs(self, name: str, *, tail: int | None = None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +84,7 @@ class Client:
     def text(self, req: Request) -> str:
         return bytes(self._http.call(req)).decode(errors="replace")
 
-    def stream(self, req: Request) -> Iterator[dict[str, Any]]:
+    def stream(self, req: Request) -> Generator[dict[str, Any], None, None]:
         """``req``'s NDJSON events; an error event raises its typed exception."""
         with self.open(req) as resp:
             for line in resp.iter_lines():
@@ -195,17 +195,18 @@ class Vms:
         feed = _Feed(stdin) if stdin is not None else None
         sender: threading.Thread | None = None
         try:
-            for raw in self.client.stream(req):
-                if feed is not None and "stdin" in raw:
-                    put = core.exec_stdin_request(vm_id, str(raw["stdin"]), feed.chunks())
-                    sender = threading.Thread(target=self._send_stdin, args=(put,), daemon=True)
-                    sender.start()
-                    continue
-                event = core.exec_event(raw)
-                if event is not None:
-                    yield event
-                    if isinstance(event, ExecExit):
-                        return
+            with contextlib.closing(self.client.stream(req)) as stream:
+                for raw in stream:
+                    if feed is not None and "stdin" in raw:
+                        put = core.exec_stdin_request(vm_id, str(raw["stdin"]), feed.chunks())
+                        sender = threading.Thread(target=self._send_stdin, args=(put,), daemon=True)
+                        sender.start()
+                        continue
+                    event = core.exec_event(raw)
+                    if event is not None:
+                        yield event
+                        if isinstance(event, ExecExit):
+                            return
         finally:
             if feed is not None:
                 feed.over = True

@@ -10,7 +10,6 @@ token file).
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +180,8 @@ class Endpoint:
 
 def is_loopback(host: str) -> bool:
     """The host names this machine: localhost, 127.0.0.0/8 or ::1."""
+    import ipaddress  # only for a TCP URL: the CLI's usual socket path never pays for it
+
     host = host.lower().strip("[]")
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
