@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ember.client import Client, call_simple
 from ember.host.binaries import compile_static
+from ember.sdk import Client, Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import log, machine, own_daemon, pct
@@ -101,11 +101,11 @@ def build(c: Client, ctx: Path, name: str) -> tuple[dict[str, Any], float]:
 def first_response_ms(c: Client, image: str) -> tuple[float, float, str]:
     """(ms to launch, ms from launch to the app's first answer, the answer)."""
     start = time.perf_counter()
-    vm = c.run(image)["id"]
+    vm = c.vms.run(image).id
     launched = time.perf_counter()
-    out = c.exec(vm, ["/usr/local/bin/hget"])
+    out = c.vms.exec(vm, ["/usr/local/bin/hget"])
     answered = time.perf_counter()
-    c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+    c.send(Request("DELETE", f"/v1/vms/{vm}"))
     if out.exit_code != 0 or b"200 OK" not in out.stdout:
         raise SystemExit(f"the app did not answer: {out}")
     return (launched - start) * 1000, (answered - start) * 1000, out.stdout.decode().rsplit("\n", 1)[-1]
@@ -129,7 +129,7 @@ def main() -> int:
     try:
         daemon.start()
         with Client(settings=settings) as c:
-            result["accel"] = c.send(call_simple("GET", "/v1/info"))["accelerator"]["name"]
+            result["accel"] = c.send(Request("GET", "/v1/info"))["accelerator"]["name"]
             log("cold build (no layer cache)")
             cold, seconds = build(c, ctx, "bench")
             details = cold["build"]
@@ -150,7 +150,7 @@ def main() -> int:
                 captures.append((record["build"]["cold_boot_s"], record["build"]["ready_s"]))
             result["one_file_change_rebuild_s"] = {"p50": p50(changed), "max": round(max(changed), 2)}
 
-            latest = c.send(call_simple("GET", "/v1/images/bench"))
+            latest = c.send(Request("GET", "/v1/images/bench"))
             image_dir = settings.images_dir / latest["name"]
             du = subprocess.run(["du", "-s", "--block-size=1", str(image_dir)], capture_output=True, text=True)
             result["image"] = {
@@ -171,21 +171,21 @@ def main() -> int:
             split: dict[str, list[float]] = {"first_exec_true_ms": [], "then_app_answer_ms": []}
             for _ in range(5):
                 time.sleep(1.0)
-                vm = c.run("bench")["id"]
+                vm = c.vms.run("bench").id
                 for key, argv in zip(split, (["true"], ["/usr/local/bin/hget"]), strict=True):
                     start = time.perf_counter()
-                    c.exec(vm, argv)
+                    c.vms.exec(vm, argv)
                     split[key].append((time.perf_counter() - start) * 1000)
-                c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+                c.send(Request("DELETE", f"/v1/vms/{vm}"))
             result["first_answer_split_ms_p50"] = {k: round(statistics.median(v), 1) for k, v in split.items()}
             result["app_answer_from_snapshot"] = json.loads(body)
-            vm = c.run("bench")["id"]  # what the client call itself costs, for the cold path
+            vm = c.vms.run("bench").id  # what the client call itself costs, for the cold path
             client_calls = []
             for _ in range(5):
                 start = time.perf_counter()
-                c.exec(vm, ["/usr/local/bin/hget"])
+                c.vms.exec(vm, ["/usr/local/bin/hget"])
                 client_calls.append((time.perf_counter() - start) * 1000)
-            c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+            c.send(Request("DELETE", f"/v1/vms/{vm}"))
             client_ms = statistics.median(client_calls)
             launch_p50 = statistics.median(launches)
             cold_ms = statistics.median([(boot + ready) * 1000 for boot, ready in captures]) + client_ms

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ember.client import ApiError, Client, call_simple
 from ember.config import Settings
+from ember.sdk import ApiError, Client, Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.conftest import DaemonProcess  # the same real-daemon harness as the tests
@@ -51,10 +51,10 @@ def own_daemon(prefix: str, uid_base: int, *, loop_report: Path | None = None) -
 def prepare_base(c: Client) -> dict[str, Any]:
     """The accelerator, and the built-in image made ready (its progress logged); returns what the
     daemon said: ``accel`` and, when the image was made now, its ``cold_boot_ms``."""
-    accel = c.send(call_simple("GET", "/v1/info"))["accelerator"]
+    accel = c.send(Request("GET", "/v1/info"))["accelerator"]
     log(f"accelerator: {accel['name']} ({accel['reason']})")
     said: dict[str, Any] = {"accel": accel["name"]}
-    for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+    for event in c.stream(Request("POST", "/v1/images/debian/prepare")):
         if "cold_boot_ms" in event:
             said["cold_boot_ms"] = round(event["cold_boot_ms"], 1)
         if "progress" in event:
@@ -64,10 +64,10 @@ def prepare_base(c: Client) -> dict[str, Any]:
 
 def remove_all(c: Client) -> int:
     """Removes every VM of the daemon (a benchmark's own): how many there were."""
-    vms = c.send(call_simple("GET", "/v1/vms"))
+    vms = c.send(Request("GET", "/v1/vms"))
     for vm in vms:
         with contextlib.suppress(ApiError):
-            c.send(call_simple("DELETE", f"/v1/vms/{vm['id']}"))
+            c.send(Request("DELETE", f"/v1/vms/{vm['id']}"))
     return len(vms)
 
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.client import Client, call_simple
 from ember.config import Settings
+from ember.sdk import Client, Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import log, machine, own_daemon, pct, pcts, prepare_base, remove_all
@@ -64,9 +64,9 @@ def launch_and_first_exec(settings: Settings, image: str, start: threading.Barri
     with Client(settings=settings) as c:
         start.wait()
         t0 = time.perf_counter()
-        vm = c.run(image)["id"]
+        vm = c.vms.run(image).id
         t1 = time.perf_counter()
-        exit_code = c.exec(vm, ["true"]).exit_code
+        exit_code = c.vms.exec(vm, ["true"]).exit_code
         t2 = time.perf_counter()
     if exit_code != 0:
         raise RuntimeError(f"`true` exited {exit_code} in VM {vm}")
@@ -125,7 +125,7 @@ class ListSampler(threading.Thread):
             with Client(settings=self.settings) as c:
                 while not self.stop.is_set():
                     t0 = time.perf_counter()
-                    c.send(call_simple("GET", "/v1/vms"))
+                    c.send(Request("GET", "/v1/vms"))
                     self.samples.append((t0, (time.perf_counter() - t0) * 1000))
                     time.sleep(0.01)
         except Exception as exc:  # raised again by the caller, in its thread

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ember.client import Client, call_simple
+from ember.sdk import Client, Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
@@ -72,9 +72,9 @@ def launch(c: Client, n: int, reserve_kib: int) -> tuple[dict[str, int], list[fl
             log(f"stopping at {i} VMs: the host's available memory is under the reserve")
             break
         start = time.perf_counter()
-        vm = c.run("debian")
+        vm = c.vms.run("debian")
         launches.append((time.perf_counter() - start) * 1000)
-        pids[vm["id"]] = vm["pid"]
+        pids[vm.id] = vm.pid or 0
         if (i + 1) % 20 == 0:
             log(f"  {i + 1} VMs, last launch {launches[-1]:.0f} ms, {mem_available_kib() >> 20} GiB available")
     return pids, launches
@@ -127,10 +127,8 @@ def main() -> int:
 
             log(f"API latency while idle: {args.calls} lists, {args.calls} inspects")
             ids = list(pids)
-            lists = [timed(lambda: c.send(call_simple("GET", "/v1/vms"))) for _ in range(args.calls)]
-            gets = [
-                timed(lambda: c.send(call_simple("GET", f"/v1/vms/{random.choice(ids)}"))) for _ in range(args.calls)
-            ]
+            lists = [timed(lambda: c.send(Request("GET", "/v1/vms"))) for _ in range(args.calls)]
+            gets = [timed(lambda: c.send(Request("GET", f"/v1/vms/{random.choice(ids)}"))) for _ in range(args.calls)]
             result["api_ms"] = {"list": pcts(lists), "get": pcts(gets)}
 
             total_kib = mem_total_kib()

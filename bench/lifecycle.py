@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ember.client import Client, call_simple
+from ember.sdk import Client, Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import log, machine, own_daemon, pct, prepare_base
@@ -51,27 +51,27 @@ def main() -> int:
             for _ in range(args.launches):
                 time.sleep(0.3)  # an idle moment between requests, as between users
                 start = time.perf_counter()
-                vms.append(c.run("debian")["id"])  # returns once the agent answered
+                vms.append(c.vms.run("debian").id)  # returns once the agent answered
                 launches.append(ms_since(start))
             result["launch_ms"] = {"p50": pct(launches, 0.5), "p95": pct(launches, 0.95), "n": len(launches)}
 
             target = vms[0]
-            c.exec(target, ["true"])
+            c.vms.exec(target, ["true"])
             execs = []
             for _ in range(20):
                 start = time.perf_counter()
-                c.exec(target, ["true"])
+                c.vms.exec(target, ["true"])
                 execs.append(ms_since(start))
             result["exec_ms"] = {"p50": pct(execs, 0.5)}
 
             log(f"clone memory with {args.clones} idle clones")
             while len(vms) < args.clones:
-                vms.append(c.run("debian")["id"])
+                vms.append(c.vms.run("debian").id)
             time.sleep(3)
-            pss = [c.send(call_simple("GET", f"/v1/vms/{vm}"))["host_pss_mib"] for vm in vms[: args.clones]]
+            pss = [c.send(Request("GET", f"/v1/vms/{vm}"))["host_pss_mib"] for vm in vms[: args.clones]]
             result["clone_pss_mib"] = round(statistics.mean(pss), 1)
             for vm in vms[1:]:
-                c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+                c.send(Request("DELETE", f"/v1/vms/{vm}"))
 
             log(f"copying {args.copy_mib} MiB host -> guest")
             blob = settings.data_dir / "blob.bin"
@@ -79,30 +79,30 @@ def main() -> int:
                 f.write(os.urandom(args.copy_mib * 1024 * 1024))
             start = time.perf_counter()
             with open(blob, "rb") as f:
-                c.put_file(target, "/root/blob.bin", iter(lambda: f.read(1 << 20), b""))
+                c.files.write(target, "/root/blob.bin", iter(lambda: f.read(1 << 20), b""))
             result["file_copy_mib_s"] = round(args.copy_mib / (ms_since(start) / 1000), 1)
-            c.exec(target, ["rm", "/root/blob.bin"])
+            c.vms.exec(target, ["rm", "/root/blob.bin"])
 
             log(f"{args.cycles} suspend/resume cycles")
             suspends, resumes, sizes, phases = [], [], [], []
             for _ in range(args.cycles):
                 start = time.perf_counter()
-                r = c.send(call_simple("POST", f"/v1/vms/{target}/suspend"))
+                r = c.send(Request("POST", f"/v1/vms/{target}/suspend"))
                 suspends.append(ms_since(start))
                 sizes.append(r["snapshot_bytes"])
                 start = time.perf_counter()
-                back = c.send(call_simple("POST", f"/v1/vms/{target}/resume"))
+                back = c.send(Request("POST", f"/v1/vms/{target}/resume"))
                 resumes.append(ms_since(start))
                 phases.append({"suspend": r["phases_ms"], "resume": back["phases_ms"]})
-                assert c.exec(target, ["true"]).exit_code == 0
+                assert c.vms.exec(target, ["true"]).exit_code == 0
             log("3 more cycles, dropping the host page cache while suspended (a resume after reclaim)")
             cold = []
             for _ in range(3):
-                c.send(call_simple("POST", f"/v1/vms/{target}/suspend"))
+                c.send(Request("POST", f"/v1/vms/{target}/suspend"))
                 subprocess.run(["sync"], check=True)
                 Path("/proc/sys/vm/drop_caches").write_text("1")
                 start = time.perf_counter()
-                c.send(call_simple("POST", f"/v1/vms/{target}/resume"))
+                c.send(Request("POST", f"/v1/vms/{target}/resume"))
                 cold.append(ms_since(start))
             result["suspend_ms"] = {"p50": pct(suspends, 0.5), "first": round(suspends[0], 1)}
             result["resume_ms"] = {
@@ -114,7 +114,7 @@ def main() -> int:
             result["suspend_resume_phases_ms"] = {"first": phases[0], "last": phases[-1]}
             if "cold_boot_ms" in result:
                 result["launch_speedup_vs_cold_boot"] = round(result["cold_boot_ms"] / result["launch_ms"]["p50"], 1)
-            c.send(call_simple("DELETE", f"/v1/vms/{target}"))
+            c.send(Request("DELETE", f"/v1/vms/{target}"))
     finally:
         daemon.stop()
         shutil.rmtree(settings.data_dir, ignore_errors=True)

@@ -25,8 +25,10 @@ from typing import Any
 
 import pytest
 
-from ember.client import ApiError, Client, call_build, call_simple, context_tar
 from ember.config import Settings
+from ember.sdk import ApiError, Client, Request
+from ember.sdk.context import context_tar
+from ember.sdk.core import build_request
 from tests.databases import daemon_database_url, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +148,7 @@ def daemon(settings: Settings) -> Iterator[DaemonProcess]:
     yield d
     # a stopped daemon leaves VMs running for its successor: remove them all first
     with Client(settings=settings) as c:
-        for vm in c.send(call_simple("GET", "/v1/vms")):
+        for vm in c.send(Request("GET", "/v1/vms")):
             remove_quietly(c, vm["id"])
     d.stop()
 
@@ -159,7 +161,7 @@ def client(daemon: DaemonProcess) -> Iterator[Client]:
 
 @pytest.fixture(scope="session")
 def base_image(client: Client) -> str:
-    for event in client.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+    for event in client.stream(Request("POST", "/v1/images/debian/prepare")):
         if "error" in event:
             pytest.fail(f"building the base image failed: {event}")
     return "debian"
@@ -171,7 +173,7 @@ def build(
     """An image build through the API: (the final build record, the streamed log lines)."""
     logs: list[str] = []
     result: dict[str, Any] = {}
-    for event in client.stream_events(call_build(name, context_tar(ctx), **options)):
+    for event in client.stream(build_request(name, context_tar(ctx), **options)):
         if "log" in event:
             logs.append(event["log"])
             if on_log is not None:
@@ -183,17 +185,17 @@ def build(
 
 def remove_quietly(client: Client, vm_id: str) -> None:
     try:
-        client.send(call_simple("DELETE", f"/v1/vms/{vm_id}"))
+        client.send(Request("DELETE", f"/v1/vms/{vm_id}"))
     except ApiError as exc:
         assert exc.status == 404, exc
 
 
 @pytest.fixture(params=["launched", "resumed"])
 def vm(request: pytest.FixtureRequest, client: Client, base_image: str) -> Iterator[str]:
-    vm_id = client.run(base_image)["id"]
+    vm_id = client.vms.run(base_image).id
     if request.param == "resumed":
-        client.send(call_simple("POST", f"/v1/vms/{vm_id}/suspend"))
-        client.send(call_simple("POST", f"/v1/vms/{vm_id}/resume"))
+        client.send(Request("POST", f"/v1/vms/{vm_id}/suspend"))
+        client.send(Request("POST", f"/v1/vms/{vm_id}/resume"))
     yield vm_id
     remove_quietly(client, vm_id)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import Client, call_simple
 from ember.config import Settings
 from ember.guest.protocol import hello_answers, hello_frames
+from ember.sdk import Client, Request
 from tests.conftest import DaemonProcess, build, remove_quietly
 
 pytestmark = pytest.mark.vm
@@ -41,19 +41,19 @@ def _assert_no_token(where: str, text: bytes, tokens: set[str]) -> None:
 
 
 def test_the_token_is_on_no_command_line(client: Client, daemon: DaemonProcess, base_image: str) -> None:
-    vm = client.run(base_image)["id"]
+    vm = client.vms.run(base_image).id
     try:
         for step in ("launched", "resumed"):
             tokens = _tokens(daemon.settings, vm)
-            pid = client.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"]
+            pid = client.send(Request("GET", f"/v1/vms/{vm}"))["pid"]
             argv = Path(f"/proc/{pid}/cmdline").read_bytes()
             assert b"qemu-system" in argv and b"-incoming" in argv  # a restore: no -append at all
             _assert_no_token(f"{step} VM's QEMU argv", argv, tokens)
             for path in ("/proc/cmdline", "/proc/1/environ"):  # as the guest's root sees them
-                _assert_no_token(f"{step} guest {path}", client.exec(vm, ["cat", path]).stdout, tokens)
+                _assert_no_token(f"{step} guest {path}", client.vms.exec(vm, ["cat", path]).stdout, tokens)
             if step == "launched":
-                client.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))
-                client.send(call_simple("POST", f"/v1/vms/{vm}/resume"))  # a new QEMU, a rotated token
+                client.send(Request("POST", f"/v1/vms/{vm}/suspend"))
+                client.send(Request("POST", f"/v1/vms/{vm}/resume"))  # a new QEMU, a rotated token
     finally:
         remove_quietly(client, vm)
 
@@ -67,11 +67,11 @@ def test_a_build_vm_and_a_captured_image_get_their_token_over_the_channel(client
         assert image["state"] == "CREATED", logs[-20:]
         (line,) = [line for line in logs if "| cmdline: " in line]  # the RUN step's output
         assert "ember.build=1" in line and "ember.token" not in line, line
-        vm = client.run(image["name"])["id"]  # the image was cold-booted (a first boot) and captured
-        assert b"ember.token" not in client.exec(vm, ["cat", "/proc/cmdline"]).stdout
+        vm = client.vms.run(image["name"]).id  # the image was cold-booted (a first boot) and captured
+        assert b"ember.token" not in client.vms.exec(vm, ["cat", "/proc/cmdline"]).stdout
         remove_quietly(client, vm)
     finally:
-        client.send(call_simple("DELETE", f"/v1/images/{image['name']}"))
+        client.send(Request("DELETE", f"/v1/images/{image['name']}"))
 
 
 def _agent_socket(settings: Settings, vm_id: str) -> Path:
@@ -82,8 +82,8 @@ def _agent_socket(settings: Settings, vm_id: str) -> Path:
 def test_a_booted_agent_refuses_a_second_token(client: Client, daemon: DaemonProcess, base_image: str) -> None:
     """With the daemon away, whoever reaches the agent's channel cannot give it a token of its
     choosing: the agent answers HELLO_NAK, keeps its own, and the next daemon re-attaches."""
-    vm = client.run(base_image)["id"]
-    client.exec(vm, ["true"])
+    vm = client.vms.run(base_image).id
+    client.vms.exec(vm, ["true"])
     sock = _agent_socket(daemon.settings, vm)
     daemon.stop()  # a stopped daemon leaves its VMs running
     try:
@@ -105,6 +105,6 @@ def test_a_booted_agent_refuses_a_second_token(client: Client, daemon: DaemonPro
     finally:
         daemon.start()
     # the daemon's recovery still authenticates with the token the agent has kept
-    assert client.send(call_simple("GET", f"/v1/vms/{vm}"))["state"] == "RUNNING"
-    assert client.exec(vm, ["echo", "still mine"]).stdout == b"still mine\n"
+    assert client.send(Request("GET", f"/v1/vms/{vm}"))["state"] == "RUNNING"
+    assert client.vms.exec(vm, ["echo", "still mine"]).stdout == b"still mine\n"
     remove_quietly(client, vm)

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ember.client import ApiError, Call, Client, call_simple
 from ember.config import Settings
+from ember.sdk import ApiError, Client, Request
 from tests.conftest import TEST_UID_BLOCK, DaemonProcess, build, remove_quietly
 from tests.databases import daemon_database_url, drop_database
 
@@ -49,7 +49,7 @@ def test_oversized_request_body_rejected_before_buffering(daemon: DaemonProcess)
         assert seconds < 3, path
     # a chunked body (no Content-Length) is cut off at the JSON cap while it streams
     with Client(settings=daemon.settings) as c, pytest.raises(ApiError) as info:
-        c.send(Call("POST", "/v1/vms/vm-x/snapshot", content=iter([b"x" * 65536] * 64)))
+        c.send(Request("POST", "/v1/vms/vm-x/snapshot", body=iter([b"x" * 65536] * 64)))
     assert info.value.status == 413 and "EMBER_MAX_JSON_BODY_BYTES" in str(info.value)
 
 
@@ -104,9 +104,9 @@ def test_tcp_listener_requires_token_and_rejects_foreign_host_origin_and_text_pl
     assert not list(s.data_dir.glob("build-*"))
     # the SDK reads the token file itself; the Unix socket (owner-only) needs no token
     with Client(url, settings=s) as c:
-        assert c.send(call_simple("GET", "/v1/vms")) == []
+        assert c.send(Request("GET", "/v1/vms")) == []
     with Client(settings=s) as c:
-        assert c.send(call_simple("GET", "/v1/vms")) == []
+        assert c.send(Request("GET", "/v1/vms")) == []
     # umask 077: nothing the daemon wrote is readable by other users unless opened up on purpose
     for path in s.data_dir.rglob("*"):
         mode = stat.S_IMODE(path.lstat().st_mode)
@@ -116,13 +116,13 @@ def test_tcp_listener_requires_token_and_rejects_foreign_host_origin_and_text_pl
 
 
 def test_errors_name_no_host_path_but_an_id(client: Client, settings: Settings, base_image: str) -> None:
-    vm_id = client.run(base_image)["id"]
+    vm_id = client.vms.run(base_image).id
     try:
-        client.send(call_simple("POST", f"/v1/vms/{vm_id}/suspend"))
+        client.send(Request("POST", f"/v1/vms/{vm_id}/suspend"))
         manifest = settings.vms_dir / vm_id / "suspend" / "manifest.json"
         manifest.write_text("{not json")
         with pytest.raises(ApiError) as info:
-            client.send(call_simple("POST", f"/v1/vms/{vm_id}/resume"))
+            client.send(Request("POST", f"/v1/vms/{vm_id}/resume"))
         message = str(info.value)
         assert info.value.kind == "SnapshotError" and "corrupt" in message
         assert str(settings.data_dir) not in message and "/" not in message.replace("'", "")
@@ -136,14 +136,14 @@ def test_errors_name_no_host_path_but_an_id(client: Client, settings: Settings, 
 
 
 def test_a_fork_cannot_take_a_built_in_base_name(client: Client, settings: Settings, base_image: str) -> None:
-    vm_id = client.run(base_image)["id"]
+    vm_id = client.vms.run(base_image).id
     try:
         for name in ("python", "debian"):
             with pytest.raises(ApiError) as info:
-                client.send(Call("POST", f"/v1/vms/{vm_id}/snapshot", json={"name": name}))
+                client.send(Request("POST", f"/v1/vms/{vm_id}/snapshot", json={"name": name}))
             assert info.value.status == 409, name
         assert not (settings.images_dir / "python").exists()
-        assert "python" not in [i["name"] for i in client.send(call_simple("GET", "/v1/images"))]
+        assert "python" not in [i["name"] for i in client.send(Request("GET", "/v1/images"))]
     finally:
         remove_quietly(client, vm_id)
     assert os.path.isdir(settings.images_dir / "debian")
@@ -162,4 +162,4 @@ def test_build_log_and_layer_configs_are_root_only(client: Client, settings: Set
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     finally:
         if result.get("name"):
-            client.send(call_simple("DELETE", f"/v1/images/{result['name']}"))
+            client.send(Request("DELETE", f"/v1/images/{result['name']}"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import ApiError, Client, call_simple
 from ember.host.binaries import compile_static
+from ember.sdk import ApiError, Client, Request
 from tests.conftest import build, remove_quietly
 
 pytestmark = pytest.mark.vm
@@ -63,48 +63,48 @@ def python_ctx(root: Path) -> Path:
 
 def test_python_app_is_running_in_launched_vms(client: Client, tmp_path: Path) -> None:
     ctx = python_ctx(tmp_path / "ctx")
-    build(client, ctx, "webapp", build_arg=["GREETING=hi"])  # .dockerignore wins over COPY
-    failed = client.send(call_simple("GET", "/v1/images/webapp:1"))
+    build(client, ctx, "webapp", build_args={"GREETING": "hi"})  # .dockerignore wins over COPY
+    failed = client.send(Request("GET", "/v1/images/webapp:1"))
     assert failed["state"] == "CREATE_FAILED" and "secret.txt" in failed["error"]
     (ctx / "Dockerfile").write_text(DOCKERFILE.replace("COPY secret.txt ./\n", ""))
 
-    image, logs = build(client, ctx, "webapp", build_arg=["GREETING=hi"])
+    image, logs = build(client, ctx, "webapp", build_args={"GREETING": "hi"})
     assert image["state"] == "CREATED", logs
     assert image["name"] == "webapp:2" and image["config"]["workdir"] == "/app"
     assert "WHO=hi" in image["config"]["env"] and image["build"]["readiness"] == "http-hook"
 
-    vm_id = client.run("webapp")["id"]  # the newest version
+    vm_id = client.vms.run("webapp").id  # the newest version
     try:
-        first = json.loads(client.exec(vm_id, ["python3", "-c", GET]).stdout)
-        second = json.loads(client.exec(vm_id, ["python3", "-c", GET]).stdout)
-        pid = int(client.exec(vm_id, ["cat", "/app/pid"]).stdout)
+        first = json.loads(client.vms.exec(vm_id, ["python3", "-c", GET]).stdout)
+        second = json.loads(client.vms.exec(vm_id, ["python3", "-c", GET]).stdout)
+        pid = int(client.vms.exec(vm_id, ["cat", "/app/pid"]).stdout)
         # the process started during the build, with what it had in memory then
         assert first["pid"] == second["pid"] == pid
         assert first["ready_calls"] == 1 and (first["gets"], second["gets"]) == (1, 2)
         assert first["greeting"] == "hi from /app" and first["secret_here"] is False
         with pytest.raises(ApiError) as busy:
-            client.send(call_simple("DELETE", "/v1/images/webapp:2"))
+            client.send(Request("DELETE", "/v1/images/webapp:2"))
         assert busy.value.status == 409 and vm_id in str(busy.value)
     finally:
         remove_quietly(client, vm_id)
 
-    again, logs = build(client, ctx, "webapp", build_arg=["GREETING=hi"])
+    again, logs = build(client, ctx, "webapp", build_args={"GREETING": "hi"})
     assert again["state"] == "CREATED" and again["name"] == "webapp:3"
     assert all(s["cached"] for s in again["build"]["steps"]), logs
     assert again["build"]["snapshot_of"] == "webapp:2", logs  # nothing changed: no new cold boot
-    client.send(call_simple("DELETE", "/v1/images/webapp:2"))  # the copy stands on its own
-    vm_id = client.run("webapp:3")["id"]
+    client.send(Request("DELETE", "/v1/images/webapp:2"))  # the copy stands on its own
+    vm_id = client.vms.run("webapp:3").id
     try:
-        same = json.loads(client.exec(vm_id, ["python3", "-c", GET]).stdout)
+        same = json.loads(client.vms.exec(vm_id, ["python3", "-c", GET]).stdout)
         assert same["pid"] == pid and same["gets"] == 1
     finally:
         remove_quietly(client, vm_id)
     (ctx / "app.py").write_text(APP + "\n# changed\n")
-    changed, logs = build(client, ctx, "webapp", build_arg=["GREETING=hi"])
+    changed, logs = build(client, ctx, "webapp", build_args={"GREETING": "hi"})
     steps = {s["text"].split()[0] + str(s["line"]): s["cached"] for s in changed["build"]["steps"]}
     assert steps["WORKDIR4"] and not steps["COPY5"] and not steps["RUN6"], logs
-    client.send(call_simple("DELETE", "/v1/images/webapp:3"))
-    assert "CREATED webapp:4" in client.text(call_simple("GET", "/v1/images/webapp/logs"))
+    client.send(Request("DELETE", "/v1/images/webapp:3"))
+    assert "CREATED webapp:4" in client.text(Request("GET", "/v1/images/webapp/logs"))
 
 
 def test_failing_run_and_bad_dockerfiles(client: Client, tmp_path: Path) -> None:
@@ -115,13 +115,13 @@ def test_failing_run_and_bad_dockerfiles(client: Client, tmp_path: Path) -> None
     assert result["state"] == "CREATE_FAILED"
     assert "line 2" in result["failed_step"] and "exit code 7" in result["error"]
     assert "about to fail" in result["error"]
-    assert "CREATE_FAILED" in client.text(call_simple("GET", "/v1/images/broken:1/logs"))
+    assert "CREATE_FAILED" in client.text(Request("GET", "/v1/images/broken:1/logs"))
 
     (ctx / "Dockerfile").write_text("FROM ember:debian-python3\nFROBNICATE now\n")
     with pytest.raises(ApiError) as info:
         build(client, ctx, "unknown")
     assert info.value.status == 400 and "line 2" in str(info.value) and "FROBNICATE" in str(info.value)
-    names = [i["name"] for i in client.send(call_simple("GET", "/v1/images"))]
+    names = [i["name"] for i in client.send(Request("GET", "/v1/images"))]
     assert not any(n.startswith("unknown") for n in names)
 
 
@@ -171,10 +171,10 @@ def test_scratch_static_binary_from_a_multi_stage_build(client: Client, tmp_path
     image, logs = build(client, ctx, "static")
     assert image["state"] == "CREATED", logs
     assert image["build"]["readiness"] == "tcp-ports"
-    vm_id = client.run("static:1")["id"]
+    vm_id = client.vms.run("static:1").id
     try:
         # no shell, no python in this image: ask through the agent's own file listing
-        names = {e["name"] for e in client.send(call_simple("GET", f"/v1/vms/{vm_id}/ls", path="/"))["entries"]}
+        names = {e["name"] for e in client.send(Request("GET", f"/v1/vms/{vm_id}/ls", {"path": "/"}))["entries"]}
         assert "server" in names and "bin" not in names and "usr" not in names
     finally:
         remove_quietly(client, vm_id)

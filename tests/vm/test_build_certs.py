@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ember.build.certhint import HINT
-from ember.client import Client
 from ember.config import Settings
+from ember.sdk import Client
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, build, vm_tests_possible
 
 pytestmark = pytest.mark.vm

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import Client
+from ember.sdk import Client
 from tests.conftest import build, remove_quietly
 
 pytestmark = pytest.mark.vm
@@ -48,17 +48,17 @@ def test_pip_dependency_over_https_and_no_way_to_the_host(client: Client, tmp_pa
         listener.listen(8)
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        image, logs = build(client, ctx, "pipapp", host_ca_certs=True, build_arg=[f"HOST_PORT={port}"])
+        image, logs = build(client, ctx, "pipapp", host_ca_certs=True, build_args={"HOST_PORT": str(port)})
         with pytest.raises(BlockingIOError):
             listener.accept()
     assert image["state"] == "CREATED", logs
     assert any("host loopback refused" in line for line in logs), logs
     assert not any(k.startswith(("SSL_CERT_FILE=", "PIP_CERT=")) for k in image["config"]["env"])
-    vm_id = client.run("pipapp")["id"]
+    vm_id = client.vms.run("pipapp").id
     try:
-        assert client.exec(vm_id, ["python3", "-c", GET]).stdout.decode().strip() == "six 1.17.0"
+        assert client.vms.exec(vm_id, ["python3", "-c", GET]).stdout.decode().strip() == "six 1.17.0"
         # the CA was handed in for RUN steps only: nothing of it in the image
-        left = client.exec(vm_id, ["ls", "-d", "/run/ember-ca", "/dev/ember-ca.crt"])
+        left = client.vms.exec(vm_id, ["ls", "-d", "/run/ember-ca", "/dev/ember-ca.crt"])
         assert left.exit_code != 0 and left.stdout == b""
     finally:
         remove_quietly(client, vm_id)
@@ -121,7 +121,7 @@ def test_build_egress_blocks_host_own_addresses_and_metadata(client: Client, tmp
             listeners.append(listener)
         targets = [f"{a}:{p}" for a, p in (s.getsockname() for s in listeners)]
         targets.append("169.254.169.254:80")  # cloud metadata; the filter rejects it before it leaves the host
-        image, logs = build(client, ctx, "egress-probe", build_arg=[f"TARGETS={' '.join(targets)}"])
+        image, logs = build(client, ctx, "egress-probe", build_args={"TARGETS": " ".join(targets)})
         for listener in listeners:
             with pytest.raises(BlockingIOError):
                 listener.accept()  # nothing arrived

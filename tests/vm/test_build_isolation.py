@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import Client
 from ember.config import Settings
 from ember.host.cgroup import group_for
+from ember.sdk import Client
 from tests.conftest import DaemonProcess, build
 
 pytestmark = pytest.mark.vm

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from ember.client import ApiError, Client, call_build, call_simple, context_tar
 from ember.config import Settings
 from ember.host.cgroup import group_for
+from ember.sdk import ApiError, Client, Request
+from ember.sdk.context import context_tar
+from ember.sdk.core import build_request
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, process_alive, vm_tests_possible
 
 pytestmark = pytest.mark.vm
@@ -105,7 +107,7 @@ class BuildThread(threading.Thread):
     def run(self) -> None:
         try:
             with Client(settings=self.settings) as c:
-                for event in c.stream_events(call_build(self.name_, context_tar(self.ctx))):
+                for event in c.stream(build_request(self.name_, context_tar(self.ctx))):
                     if "log" in event:
                         self.lines.append((time.monotonic(), event["log"]))
                     self.result = event.get("build", self.result)
@@ -135,10 +137,10 @@ def test_ready_timeout_nan_inf_rejected(client: Client, daemon: DaemonProcess, t
     ctx = context(tmp_path / "ctx", "FROM scratch\n")
     for bad in ("nan", "inf", "-inf", "0", "-1", "3601"):
         with pytest.raises(ApiError) as err:
-            list(client.stream_events(call_build("sloth", context_tar(ctx), ready_timeout=bad)))
+            list(client.stream(build_request("sloth", context_tar(ctx), ready_timeout=bad)))
         assert err.value.status == 400, (bad, err.value)
         assert "ready_timeout" in str(err.value), str(err.value)
-    assert client.send(call_simple("GET", "/v1/images")) == []
+    assert client.send(Request("GET", "/v1/images")) == []
     assert leftovers(daemon.settings) == []
 
 
@@ -208,7 +210,7 @@ def test_build_log_flood_with_disconnected_client_is_bounded(
     assert daemon.proc is not None
     pid = daemon.proc.pid
     with Client(settings=daemon.settings) as gone:
-        events = gone.stream_events(call_build("flood", context_tar(ctx)))
+        events = gone.stream(build_request("flood", context_tar(ctx)))
         for event in events:
             if "building flood:1" in event.get("log", ""):
                 break
@@ -220,9 +222,9 @@ def test_build_log_flood_with_disconnected_client_is_bounded(
     while state == "BUILDING":
         assert time.monotonic() < deadline, "the flood build did not finish"
         peak = max(peak, _rss_kib(pid))
-        state = client.send(call_simple("GET", "/v1/images/flood:1"))["state"]
+        state = client.send(Request("GET", "/v1/images/flood:1"))["state"]
         time.sleep(0.2)
-    assert state == "CREATED", client.send(call_simple("GET", "/v1/images/flood:1"))
+    assert state == "CREATED", client.send(Request("GET", "/v1/images/flood:1"))
     assert (peak - baseline) < 40 * 1024, f"daemon RSS grew by {(peak - baseline) // 1024} MiB"
 
     log_file = daemon.settings.data_dir / "builds" / "flood:1.log"
@@ -231,13 +233,13 @@ def test_build_log_flood_with_disconnected_client_is_bounded(
     text = log_file.read_text()
     assert "log truncated" in text and text.rstrip().splitlines()[-1].startswith("CREATED flood:1")
 
-    tail = client.text(call_simple("GET", "/v1/images/flood:1/logs", tail=4000))
+    tail = client.text(Request("GET", "/v1/images/flood:1/logs", {"tail": 4000}))
     assert len(tail) <= 4200 and tail.startswith("... ") and "earlier bytes of the log not shown" in tail
     assert "CREATED flood:1" in tail
-    whole = client.text(call_simple("GET", "/v1/images/flood:1/logs"))
+    whole = client.text(Request("GET", "/v1/images/flood:1/logs"))
     assert whole == text, "the default tail holds a whole capped log"
     with pytest.raises(ApiError) as err:
-        client.text(call_simple("GET", "/v1/images/flood:1/logs", tail=0))
+        client.text(Request("GET", "/v1/images/flood:1/logs", {"tail": 0}))
     assert err.value.status == 400
 
 
@@ -258,7 +260,7 @@ def test_daemon_kill9_mid_build_leaves_no_build_dirs(daemon: DaemonProcess, tmp_
     assert leftovers(settings) == [], "an interrupted build's directories survived the restart"
     assert not [p for p in vm_pids if process_alive(p)], "the interrupted build's VM survived the restart"
     with Client(settings=settings) as c:
-        record = c.send(call_simple("GET", "/v1/images/victim:1"))
+        record = c.send(Request("GET", "/v1/images/victim:1"))
     assert record["state"] == "CREATE_FAILED" and "interrupted" in record["error"], record
     assert not list((settings.data_dir / "layers").glob("*.qcow2.tmp")) and all(
         p.with_suffix(".json").exists() for p in (settings.data_dir / "layers").glob("*.qcow2")

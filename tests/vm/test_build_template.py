@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import Client
 from ember.config import Settings
+from ember.sdk import Client
 from ember.snapshot import Snapshot, hash_file
 from tests.conftest import DaemonProcess, build
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import ApiError, Call, Client, call_exec, call_simple
 from ember.config import Settings
 from ember.runtime import SERIAL_LOG_CAP
+from ember.sdk import ApiError, Client, ExecOutput, Request
 from tests.conftest import DaemonProcess, remove_quietly
 
 pytestmark = pytest.mark.vm
@@ -57,71 +57,72 @@ def fill(path: Path, leave_mib: int) -> Path:
 def test_full_disk_suspend_keeps_the_vm_running(small_disk_daemon: DaemonProcess) -> None:
     settings = small_disk_daemon.settings
     with Client(settings=settings) as c:
-        for event in c.stream_events(call_simple("POST", "/v1/images/debian/prepare")):
+        for event in c.stream(Request("POST", "/v1/images/debian/prepare")):
             assert "error" not in event, event
-        vm = c.run("debian")["id"]
+        vm = c.vms.run("debian").id
         filler = settings.data_dir / "filler"
         try:
-            c.exec(vm, ["sh", "-c", "echo before > /root/f"])
+            c.vms.exec(vm, ["sh", "-c", "echo before > /root/f"])
             fill(settings.data_dir, leave_mib=20)  # the first suspend writes a ~90 MB stream
             with pytest.raises(ApiError, match="disk is full") as err:
-                c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))
+                c.send(Request("POST", f"/v1/vms/{vm}/suspend"))
             assert err.value.status == 507
-            view = c.send(call_simple("GET", f"/v1/vms/{vm}"))
+            view = c.send(Request("GET", f"/v1/vms/{vm}"))
             assert view["state"] == "RUNNING" and "suspend failed" in view["state_reason"]
-            assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n", "the VM must keep running"
+            assert c.vms.exec(vm, ["cat", "/root/f"]).stdout == b"before\n", "the VM must keep running"
             assert not list((settings.vms_dir / vm).glob(".suspend*")), "a failed suspend left files behind"
             filler.unlink()
-            assert c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))["state"] == "SUSPENDED"
+            assert c.send(Request("POST", f"/v1/vms/{vm}/suspend"))["state"] == "SUSPENDED"
             # the suspend reserved the blocks of the VM's RAM file: it resumes on a full disk, and its
             # guest can write all of its memory (a hole there would be a SIGBUS in its VMM)
             fill(settings.data_dir, leave_mib=20)
-            assert c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))["state"] == "RUNNING"
-            assert c.exec(vm, ["sh", "-c", "head -c 100000000 /dev/zero > /dev/shm/z && rm /dev/shm/z"]).exit_code == 0
+            assert c.send(Request("POST", f"/v1/vms/{vm}/resume"))["state"] == "RUNNING"
+            shm = "head -c 100000000 /dev/zero > /dev/shm/z && rm /dev/shm/z"
+            assert c.vms.exec(vm, ["sh", "-c", shm]).exit_code == 0
             filler.unlink()
-            assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
+            assert c.vms.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
             # a fork that cannot be written is refused; its staged files go, the VM runs on
             fill(settings.data_dir, leave_mib=20)
             with pytest.raises(ApiError, match="disk is full"):
-                c.send(Call("POST", f"/v1/vms/{vm}/snapshot", json={"name": "nospace"}))
+                c.send(Request("POST", f"/v1/vms/{vm}/snapshot", json={"name": "nospace"}))
             assert not list(settings.images_dir.glob(".*")), "a failed fork left staged files"
-            assert c.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
+            assert c.vms.exec(vm, ["cat", "/root/f"]).stdout == b"before\n"
             filler.unlink()
             # not even the database can be written: a clear 507, and nothing changed
             fill(settings.data_dir, leave_mib=0)
             with pytest.raises(ApiError, match="cannot record the change") as err:
-                c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+                c.send(Request("DELETE", f"/v1/vms/{vm}"))
             assert err.value.status == 507
             filler.unlink()
-            assert c.send(call_simple("GET", f"/v1/vms/{vm}"))["state"] == "RUNNING"
+            assert c.send(Request("GET", f"/v1/vms/{vm}"))["state"] == "RUNNING"
         finally:
             filler.unlink(missing_ok=True)  # a failed assertion must not leave the disk full
             remove_quietly(c, vm)
 
 
 def test_guest_memory_hog_stays_inside_its_vm(client: Client, base_image: str) -> None:
-    hog, neighbour = client.run(base_image)["id"], client.run(base_image)["id"]
+    hog, neighbour = client.vms.run(base_image).id, client.vms.run(base_image).id
     try:
-        out = client.exec(hog, ["python3", "-c", "a = bytearray(600 * 2**20)"], timeout_s=60)
+        out = client.vms.exec(hog, ["python3", "-c", "a = bytearray(600 * 2**20)"], timeout_s=60)
         assert out.exit_code != 0, "a 600 MiB allocation cannot succeed in a 256 MiB guest"
-        assert client.exec(hog, ["true"]).exit_code == 0, "the guest kernel, not the VM, should stop the hog"
-        assert client.exec(neighbour, ["true"]).exit_code == 0
+        assert client.vms.exec(hog, ["true"]).exit_code == 0, "the guest kernel, not the VM, should stop the hog"
+        assert client.vms.exec(neighbour, ["true"]).exit_code == 0
     finally:
         remove_quietly(client, hog)
         remove_quietly(client, neighbour)
 
 
 def test_serial_flood_is_bounded(client: Client, daemon: DaemonProcess, base_image: str) -> None:
-    vm = client.run(base_image)["id"]
+    vm = client.vms.run(base_image).id
     log = daemon.settings.data_dir / "run" / vm / "serial.log"
     try:
-        client.exec(vm, ["sh", "-c", "yes flood-the-host-disk > /dev/ttyS0 &"])
+        client.vms.exec(vm, ["sh", "-c", "yes flood-the-host-disk > /dev/ttyS0 &"])
         deadline = time.monotonic() + 60
         while f"[{vm}] guest serial output passed 1 MiB" not in daemon.log.read_text():
             assert time.monotonic() < deadline, "the flood never reached the cap"
             assert log.stat().st_size <= SERIAL_LOG_CAP + 2 * 1024 * 1024, "serial log grew without bound"
             time.sleep(0.2)
-        assert client.exec(vm, ["true"]).exit_code == 0
+        assert client.vms.exec(vm, ["true"]).exit_code == 0
     finally:
         remove_quietly(client, vm)
 
@@ -129,20 +130,20 @@ def test_serial_flood_is_bounded(client: Client, daemon: DaemonProcess, base_ima
 def test_output_flood_streams_with_bounded_daemon_memory(
     client: Client, daemon: DaemonProcess, base_image: str
 ) -> None:
-    vm = client.run(base_image)["id"]
+    vm = client.vms.run(base_image).id
     assert daemon.proc is not None
     rss_before = _rss_mib(daemon.proc.pid)
     try:
         received, peak = 0, rss_before
         # 150 MB of output, read slowly: the guest must be held back, not buffered on the host
-        for event in client.stream_events(call_exec(vm, ["head", "-c", "150000000", "/dev/zero"])):
-            if "stream" in event:
-                received += len(event["data"])
-                if received % (16 * 1024 * 1024) < len(event["data"]):
+        for event in client.vms.exec_events(vm, ["head", "-c", "150000000", "/dev/zero"]):
+            if isinstance(event, ExecOutput):
+                received += len(event.data)
+                if received % (16 * 1024 * 1024) < len(event.data):
                     time.sleep(0.5)
                     peak = max(peak, _rss_mib(daemon.proc.pid))
-            elif "exit_code" in event:
-                assert event["exit_code"] == 0
+            else:
+                assert event.exit_code == 0
         assert received == 150_000_000
         assert peak - rss_before < 64, f"daemon grew by {peak - rss_before:.0f} MiB while streaming"
     finally:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import ApiError, Client, call_build
 from ember.config import Settings
+from ember.sdk import ApiError, Client
+from ember.sdk.core import build_request
 from tests.conftest import TAR_MAX_BYTES, build
 from tests.oci_images import Entry, Layout, compress, layer_tar
 from tests.unit.test_tarread import info, symlink_chain_tar, tar_bytes
@@ -40,13 +41,13 @@ def test_context_and_oci_archive_symlink_chain_cannot_escape(client: Client, set
     # the uploaded context itself (CVE-2025-4517's archive): escape -> three levels above the context
     chain = symlink_chain_tar(marker, b"FROBNICATE\n")
     with pytest.raises(ApiError) as err:
-        list(client.stream_events(call_build("c1-context", chain)))
+        list(client.stream(build_request("c1-context", chain)))
     assert err.value.status == 400 and "FROBNICATE" in str(err.value)  # unpacked (inside), then refused
     # the same archive as an oci-archive base in a context
     ctx = tar_bytes(
         [(info("image.tar"), symlink_chain_tar(marker)), (info("Dockerfile"), b"FROM oci-archive://image.tar\n")]
     )
-    result = next(e["build"] for e in client.stream_events(call_build("c1-archive", ctx)) if "build" in e)
+    result = next(e["build"] for e in client.stream(build_request("c1-archive", ctx)) if "build" in e)
     assert result["state"] == "CREATE_FAILED" and "not an OCI image layout" in result["error"]
     for parent in (settings.data_dir, *settings.data_dir.parents):
         assert not (parent / marker).exists(), f"the archive wrote {parent / marker}"
@@ -59,7 +60,7 @@ def test_context_upload_decompression_bomb_is_capped(client: Client, settings: S
     )
     assert len(bomb) < 256 * 1024
     with pytest.raises(ApiError) as err:
-        list(client.stream_events(call_build("bomb", bomb)))
+        list(client.stream(build_request("bomb", bomb)))
     assert err.value.status == 400 and "EMBER_TAR_MAX_BYTES" in str(err.value)
     assert leftovers(settings) == []
 
@@ -76,7 +77,7 @@ def test_oci_archive_with_a_deep_layer_fails_cleanly(client: Client, settings: S
     ctx = tar_bytes(
         [(info("image.tar"), archive.getvalue()), (info("Dockerfile"), b"FROM oci-archive://image.tar:1\n")]
     )
-    result = next(e["build"] for e in client.stream_events(call_build("deep", ctx)) if "build" in e)
+    result = next(e["build"] for e in client.stream(build_request("deep", ctx)) if "build" in e)
     assert result["state"] == "CREATE_FAILED" and "EMBER_TAR_MAX_DEPTH" in result["error"], result
     assert leftovers(settings) == []
 

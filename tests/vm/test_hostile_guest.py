@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from ember.client import ApiError, AsyncClient, Call, Client, call_simple
 from ember.config import Settings
+from ember.sdk import ApiError, AsyncClient, Client, Request
 from tests.conftest import DaemonProcess, remove_quietly
 
 pytestmark = pytest.mark.vm
@@ -20,19 +20,19 @@ GENERATION = "/run/ember/generation"
 
 @pytest.fixture
 def one_vm(client: Client, base_image: str) -> Iterator[str]:
-    vm_id = client.run(base_image)["id"]
+    vm_id = client.vms.run(base_image).id
     yield vm_id
     remove_quietly(client, vm_id)
 
 
 def sh(client: Client, vm: str, script: str, **kw: object) -> str:
-    out = client.exec(vm, ["sh", "-c", script], **kw)
+    out = client.vms.exec(vm, ["sh", "-c", script], **kw)
     assert out.exit_code == 0, out
     return out.stdout.decode()
 
 
 def listing(client: Client, vm: str, path: str) -> dict[str, object]:
-    return dict(client.send(call_simple("GET", f"/v1/vms/{vm}/ls", path=path)))
+    return dict(client.send(Request("GET", f"/v1/vms/{vm}/ls", {"path": path})))
 
 
 def test_listing_is_bounded_complete_or_flagged(client: Client, settings: Settings, one_vm: str) -> None:
@@ -41,14 +41,14 @@ def test_listing_is_bounded_complete_or_flagged(client: Client, settings: Settin
         "import os, sys; d = sys.argv[1]; os.makedirs(d)\n"
         "for i in range(int(sys.argv[2])): open(f'{d}/f{i:06}', 'w').close()"
     )
-    client.exec(one_vm, ["python3", "-c", make, "/root/many", "25000"])
+    client.vms.exec(one_vm, ["python3", "-c", make, "/root/many", "25000"])
     full = listing(client, one_vm, "/root/many")
     assert full["truncated"] is False
     names = [e["name"] for e in full["entries"]]  # type: ignore[attr-defined]
     assert names == [f"f{i:06}" for i in range(25000)]
 
     over = settings.ls_max_entries + 1
-    client.exec(one_vm, ["python3", "-c", make, "/root/more", str(over)])
+    client.vms.exec(one_vm, ["python3", "-c", make, "/root/more", str(over)])
     capped = listing(client, one_vm, "/root/more")
     assert capped["truncated"] is True
     entries = capped["entries"]
@@ -59,11 +59,11 @@ def test_listing_is_bounded_complete_or_flagged(client: Client, settings: Settin
 def test_exec_stdin_over_1MiB_with_slow_reader_arrives_intact(client: Client, one_vm: str) -> None:
     # the old agent kept 1 MiB of this and dropped the rest, and the command still exited 0
     data = os.urandom(8 * 1024 * 1024)
-    out = client.exec(one_vm, ["sh", "-c", "sleep 1; sha256sum"], stdin=data)
+    out = client.vms.exec(one_vm, ["sh", "-c", "sleep 1; sha256sum"], stdin=data)
     assert out.exit_code == 0
     assert out.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
     # a command that stops reading early is a pipe closed early, not an error or a hang
-    out = client.exec(one_vm, ["head", "-c", "5"], stdin=iter([data, data]))
+    out = client.vms.exec(one_vm, ["head", "-c", "5"], stdin=iter([data, data]))
     assert (out.exit_code, out.stdout) == (0, data[:5])
 
 
@@ -75,7 +75,7 @@ async def test_async_client_streams_stdin(settings: Settings, one_vm: str) -> No
             yield data[i : i + 100_000]
 
     async with AsyncClient(settings=settings) as c:
-        out = await c.exec(one_vm, ["sh", "-c", "sleep 1; sha256sum"], stdin=chunks())
+        out = await c.vms.exec(one_vm, ["sh", "-c", "sleep 1; sha256sum"], stdin=chunks())
     assert out.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
 
@@ -92,13 +92,13 @@ def test_cli_exec_stdin_streams(daemon: DaemonProcess, one_vm: str) -> None:
 def test_exec_requests_with_nul_or_impossible_ids_get_400(client: Client, one_vm: str) -> None:
     for kw in ({"cwd": "/tmp\x00x"}, {"env": {"K": "a\x00b"}}, {"user": "4294967296"}, {"user": "0:-1"}):
         with pytest.raises(ApiError) as err:
-            client.exec(one_vm, ["true"], **kw)
+            client.vms.exec(one_vm, ["true"], **kw)
         assert err.value.status == 400, err.value
     with pytest.raises(ApiError, match="NUL") as err:
-        client.exec(one_vm, ["echo", "a\x00b"])
+        client.vms.exec(one_vm, ["echo", "a\x00b"])
     assert err.value.status == 400
     with pytest.raises(ApiError, match="stdin_b64") as err:  # the removed field is refused, never ignored
-        client.send(Call("POST", f"/v1/vms/{one_vm}/exec", json={"argv": ["cat"], "stdin_b64": "aGk="}))
+        client.send(Request("POST", f"/v1/vms/{one_vm}/exec", json={"argv": ["cat"], "stdin_b64": "aGk="}))
     assert err.value.status == 400
 
 
@@ -106,17 +106,17 @@ def test_guest_passwd_uid_out_of_range_is_refused_by_the_agent(client: Client, o
     # (uid_t)4294967296 wrapped to 0: the old agent ran this "user" as root
     sh(client, one_vm, "echo 'big:x:4294967296:4294967296::/:/bin/sh' >> /etc/passwd")
     with pytest.raises(ApiError, match="unknown user 'big'"):
-        client.exec(one_vm, ["id", "-u"], user="big")
+        client.vms.exec(one_vm, ["id", "-u"], user="big")
 
 
 def test_cp_does_not_follow_a_guest_symlink_in_the_last_component(client: Client, vm: str) -> None:
     sh(client, vm, "echo keep > /root/secret; ln -s /root/secret /tmp/trap; mkfifo /tmp/fifo")
     with pytest.raises(ApiError, match="symbolic link"):
-        client.put_file(vm, "/tmp/trap", b"clobbered by root")
+        client.files.write(vm, "/tmp/trap", b"clobbered by root")
     assert sh(client, vm, "cat /root/secret") == "keep\n"
     with pytest.raises(ApiError, match="not a regular file"):  # and the agent does not block on it
-        client.put_file(vm, "/tmp/fifo", b"x")
-    assert client.put_file(vm, "/tmp/plain", b"fine")["bytes"] == 4
+        client.files.write(vm, "/tmp/fifo", b"x")
+    assert client.files.write(vm, "/tmp/plain", b"fine") == 4
 
 
 def test_protected_sysctls_are_on(client: Client, vm: str) -> None:
@@ -132,11 +132,11 @@ def test_generation_file_changes_on_every_restore(client: Client, base_image: st
         return int(counter), ident
 
     first = generation(one_vm)
-    client.send(call_simple("POST", f"/v1/vms/{one_vm}/suspend"))
-    client.send(call_simple("POST", f"/v1/vms/{one_vm}/resume"))
+    client.send(Request("POST", f"/v1/vms/{one_vm}/suspend"))
+    client.send(Request("POST", f"/v1/vms/{one_vm}/resume"))
     resumed = generation(one_vm)
     assert resumed[0] > first[0] and resumed[1] != first[1]
-    other = client.run(base_image)["id"]
+    other = client.vms.run(base_image).id
     try:
         sibling = generation(other)
         assert sibling[1] not in (first[1], resumed[1]), "two clones of one snapshot share a generation"

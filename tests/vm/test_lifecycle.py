@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import ApiError, Call, Client, call_simple
 from ember.config import Settings
+from ember.sdk import ApiError, Client, Request
 from tests.conftest import process_alive, remove_quietly
 
 pytestmark = pytest.mark.vm
@@ -36,29 +36,29 @@ def vms(client: Client, base_image: str) -> Iterator[list[str]]:
 
 
 def launch(client: Client, vms: list[str], image: str = "debian") -> str:
-    vm_id = client.run(image)["id"]
+    vm_id = client.vms.run(image).id
     vms.append(vm_id)
     return vm_id
 
 
 def out(client: Client, vm: str, *argv: str) -> str:
-    result = client.exec(vm, list(argv))
+    result = client.vms.exec(vm, list(argv))
     assert result.exit_code == 0, result
     return result.stdout.decode().strip()
 
 
 def action(client: Client, vm: str, verb: str) -> dict[str, object]:
-    return dict(client.send(call_simple("POST", f"/v1/vms/{vm}/{verb}")))
+    return dict(client.send(Request("POST", f"/v1/vms/{vm}/{verb}")))
 
 
 def inspect(client: Client, vm: str) -> dict[str, object]:
-    return dict(client.send(call_simple("GET", f"/v1/vms/{vm}")))
+    return dict(client.send(Request("GET", f"/v1/vms/{vm}")))
 
 
 def test_clones_are_independent_and_unique(client: Client, vms: list[str]) -> None:
     a, b = launch(client, vms), launch(client, vms)
     out(client, a, "sh", "-c", "echo only-in-a > /root/mine")
-    assert client.exec(b, ["cat", "/root/mine"]).exit_code != 0, "a write in one clone leaked into another"
+    assert client.vms.exec(b, ["cat", "/root/mine"]).exit_code != 0, "a write in one clone leaked into another"
     rand_a = out(client, a, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
     rand_b = out(client, b, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
     assert len(rand_a) == 64 and rand_a != rand_b, "two clones produced the same random bytes"
@@ -86,7 +86,7 @@ def test_state_survives_three_suspend_resume_cycles(client: Client, vms: list[st
         assert r["state"] == "SUSPENDED"
         assert not (settings.data_dir / "run" / vm).exists(), "suspended VM still holds host resources"
         with pytest.raises(ApiError, match="resume it first") as err:
-            client.exec(vm, ["true"])
+            client.vms.exec(vm, ["true"])
         assert err.value.status == 409
         assert action(client, vm, "resume")["state"] == "RUNNING"
         assert out(client, vm, "python3", "-c", ASK) == value
@@ -101,7 +101,7 @@ def test_snapshot_makes_a_launchable_image(client: Client, vms: list[str]) -> No
     time.sleep(1.0)
     value = out(client, src, "python3", "-c", ASK)
     name = f"fork-{os.getpid()}"
-    image = client.send(Call("POST", f"/v1/vms/{src}/snapshot", json={"name": name}))
+    image = client.send(Request("POST", f"/v1/vms/{src}/snapshot", json={"name": name}))
     assert image["name"] == name and image["parent"] == "debian"
     assert out(client, src, "cat", "/root/marker") == "forked", "the source VM must keep running"
     child = launch(client, vms, name)
@@ -109,7 +109,7 @@ def test_snapshot_makes_a_launchable_image(client: Client, vms: list[str]) -> No
     assert out(client, child, "python3", "-c", ASK) == value, "the forked process is not running in the clone"
     assert out(client, child, "hostname") == child
     with pytest.raises(ApiError, match="exists") as err:
-        client.send(Call("POST", f"/v1/vms/{src}/snapshot", json={"name": name}))
+        client.send(Request("POST", f"/v1/vms/{src}/snapshot", json={"name": name}))
     assert err.value.status == 409
 
 
@@ -117,7 +117,7 @@ def test_rm_leaves_nothing_behind(client: Client, vms: list[str], settings: Sett
     vm = launch(client, vms)
     pid = inspect(client, vm)["pid"]
     assert isinstance(pid, int) and process_alive(pid)
-    client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+    client.send(Request("DELETE", f"/v1/vms/{vm}"))
     assert not process_alive(pid), "QEMU survived rm"
     assert not (settings.vms_dir / vm).exists(), "VM files survived rm"
     assert not any(p.name == vm for p in Path("/sys/fs/cgroup").glob("**/ember-*/*")), "cgroup survived rm"
@@ -170,29 +170,29 @@ def test_vmm_crash_marks_the_vm_failed(client: Client, vms: list[str], settings:
         time.sleep(0.1)
     assert inspect(client, vm)["state_reason"] == "vmm_exited"
     with pytest.raises(ApiError, match="has failed"):
-        client.exec(vm, ["true"])
-    client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+        client.vms.exec(vm, ["true"])
+    client.send(Request("DELETE", f"/v1/vms/{vm}"))
     assert not (settings.vms_dir / vm).exists()
 
 
 def test_bad_input_gets_clear_errors(client: Client, base_image: str) -> None:
     cases = [
-        (lambda: client.run("no-such-image"), 404, "ember image ls"),
-        (lambda: client.exec("vm-000000000000", ["true"]), 404, "ember ps"),
+        (lambda: client.vms.run("no-such-image"), 404, "ember image ls"),
+        (lambda: client.vms.exec("vm-000000000000", ["true"]), 404, "ember ps"),
         (lambda: action(client, "vm-000000000000", "suspend"), 404, "ember ps"),
-        (lambda: client.send(Call("POST", "/v1/vms", json={})), 400, "image"),
-        (lambda: client.send(Call("POST", "/v1/vms/x/exec", json={"argv": []})), 400, "argv"),
+        (lambda: client.send(Request("POST", "/v1/vms", json={})), 400, "image"),
+        (lambda: client.send(Request("POST", "/v1/vms/x/exec", json={"argv": []})), 400, "argv"),
     ]
-    vm = client.run(base_image)["id"]
+    vm = client.vms.run(base_image).id
     cases += [
-        (lambda: client.exec(vm, ["echo", "x" * 300_000]), 400, "must fit in 256 KiB"),
-        (lambda: client.exec(vm, ["true"], env={f"V{i}": "1" for i in range(1500)}), 400, "1000 entries"),
+        (lambda: client.vms.exec(vm, ["echo", "x" * 300_000]), 400, "must fit in 256 KiB"),
+        (lambda: client.vms.exec(vm, ["true"], env={f"V{i}": "1" for i in range(1500)}), 400, "1000 entries"),
     ]
     try:
         for call, status, hint in cases:
             with pytest.raises(ApiError) as err:
                 call()
             assert err.value.status == status and hint in str(err.value), (status, str(err.value))
-        assert client.exec(vm, ["true"]).exit_code == 0, "bad requests must not disturb the VM"
+        assert client.vms.exec(vm, ["true"]).exit_code == 0, "bad requests must not disturb the VM"
     finally:
         remove_quietly(client, vm)

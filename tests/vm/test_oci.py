@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from ember.client import Client, call_simple
+from ember.sdk import Client, Request
 from tests.conftest import build, remove_quietly
 from tests.oci_images import Entry, Layout, compress, free_port, layer_tar, push, registry
 
@@ -84,9 +84,9 @@ def test_from_a_registry_index_with_gzip_and_zstd_layers(client: Client, tmp_pat
     assert cfg["workdir"] == "/srv" and "GREETING=from the registry" in cfg["env"]
     assert cfg["cmd"][:2] == ["busybox", "httpd"] and cfg["labels"]["org.example.source"] == "test"
     assert image["build"]["readiness"] == "tcp-ports"  # EXPOSE from the pulled image's config
-    vm_id = client.run("pulled")["id"]
+    vm_id = client.vms.run("pulled").id
     try:
-        got = client.exec(vm_id, ["busybox", "wget", "-qO-", "http://127.0.0.1:8080/built.txt"])
+        got = client.vms.exec(vm_id, ["busybox", "wget", "-qO-", "http://127.0.0.1:8080/built.txt"])
         assert got.stdout.decode() == "built: from the registry\n"
     finally:
         remove_quietly(client, vm_id)
@@ -216,5 +216,5 @@ def test_from_a_registry_that_wants_a_bearer_token(client: Client, tmp_path: Pat
     finally:
         tokens.server.shutdown()
         tokens.server.server_close()
-    names = [i["name"] for i in client.send(call_simple("GET", "/v1/images"))]
+    names = [i["name"] for i in client.send(Request("GET", "/v1/images"))]
     assert "tokened:1" in names

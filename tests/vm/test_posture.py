@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import Client, call_simple
 from ember.config import Settings
 from ember.host import cgroup
 from ember.host.binaries import ensure_jailer
 from ember.host.cgroup import CgroupLimits, block_device
 from ember.host.jail import JailSpec
+from ember.sdk import Client, Request
 from tests.conftest import DaemonProcess, vm_tests_possible
 
 pytestmark = pytest.mark.vm
@@ -321,7 +321,7 @@ def under(path: str, *dirs: Path) -> bool:
 
 
 def test_vmm_posture(vm: str, client: Client, daemon: DaemonProcess, settings: Settings) -> None:
-    info = client.send(call_simple("GET", f"/v1/vms/{vm}"))
+    info = client.send(Request("GET", f"/v1/vms/{vm}"))
     pid = info["pid"]
     assert pid and daemon.proc is not None
     data = settings.data_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.concurrency import build_context, under_load
-from ember.client import ApiError, Client, call_simple
+from ember.sdk import ApiError, Client, Request
 from tests.conftest import DaemonProcess, remove_quietly
 
 pytestmark = pytest.mark.vm
@@ -21,7 +21,7 @@ def test_listing_vms_stays_fast_while_ten_launches_and_a_build_run(
 ) -> None:
     assert daemon.proc is not None
     ctx = build_context(tmp_path / "ctx")
-    before = {vm["id"] for vm in client.send(call_simple("GET", "/v1/vms"))}
+    before = {vm["id"] for vm in client.send(Request("GET", "/v1/vms"))}
     try:
         load = under_load(daemon.settings, 10, ctx, on_log=lambda _: None, daemon_pid=daemon.proc.pid)
         if load["build"].get("state") != "CREATED" or load["launches"]["launch_ms"]["n"] != 10:
@@ -29,9 +29,9 @@ def test_listing_vms_stays_fast_while_ten_launches_and_a_build_run(
         for window in ("list_ms_during_launches", "list_ms_whole_build"):
             assert load[window]["p95"] < LIST_P95_MS, f"GET /v1/vms too slow {window}: {load}"
     finally:  # every VM this test made, even when the load broke off (the tests after it count VMMs)
-        for vm in {vm["id"] for vm in client.send(call_simple("GET", "/v1/vms"))} - before:
+        for vm in {vm["id"] for vm in client.send(Request("GET", "/v1/vms"))} - before:
             remove_quietly(client, vm)
-        for image in client.send(call_simple("GET", "/v1/images")):
+        for image in client.send(Request("GET", "/v1/images")):
             if str(image.get("repo", "")).startswith("load-"):
                 with contextlib.suppress(ApiError):
-                    client.send(call_simple("DELETE", f"/v1/images/{image['repo']}", all="true"))
+                    client.send(Request("DELETE", f"/v1/images/{image['repo']}", {"all": "true"}))

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from ember.client import ApiError, Call, Client, call_simple
 from ember.config import Settings
+from ember.sdk import ApiError, Client, Request
 from ember.snapshot import MANIFEST, Snapshot
 from tests.conftest import DaemonProcess, build, process_alive
 from tests.load import Starver, busy_cores, cgroup_group_exists, cgroup_names, vmm_processes
@@ -45,30 +45,30 @@ GONE = "GONE"  # a VM that is no longer listed
 
 
 def vms(c: Client) -> dict[str, dict[str, Any]]:
-    return {v["id"]: v for v in c.send(call_simple("GET", "/v1/vms"))}
+    return {v["id"]: v for v in c.send(Request("GET", "/v1/vms"))}
 
 
 def created_images(c: Client) -> set[str]:
-    return {i["name"] for i in c.send(call_simple("GET", "/v1/images")) if i.get("state", "CREATED") == "CREATED"}
+    return {i["name"] for i in c.send(Request("GET", "/v1/images")) if i.get("state", "CREATED") == "CREATED"}
 
 
-def snapshot_call(vm: str, name: str) -> Call:
-    return Call("POST", f"/v1/vms/{vm}/snapshot", json={"name": name})
+def snapshot_call(vm: str, name: str) -> Request:
+    return Request("POST", f"/v1/vms/{vm}/snapshot", json={"name": name})
 
 
 def mark(c: Client, vm: str) -> None:
     """A file and a long-lived process that later prove it is the same guest, never rebooted."""
     script = f"echo {vm} > {MARK}; sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > {SLEEPER}"
-    out = c.exec(vm, ["sh", "-c", script], timeout_s=60)
+    out = c.vms.exec(vm, ["sh", "-c", script], timeout_s=60)
     assert out.exit_code == 0, (vm, out)
 
 
 def assert_answers(c: Client, vm: str) -> None:
     script = f"cat {MARK} /proc/sys/kernel/hostname && kill -0 $(cat {SLEEPER}) && echo alive"
     try:
-        out = c.exec(vm, ["sh", "-c", script], timeout_s=60)
+        out = c.vms.exec(vm, ["sh", "-c", script], timeout_s=60)
     except ApiError as exc:
-        view = c.send(call_simple("GET", f"/v1/vms/{vm}"))
+        view = c.send(Request("GET", f"/v1/vms/{vm}"))
         pytest.fail(f"{vm} ({view['state']}: {view['state_reason']!r}) does not answer: {exc}")
     assert (out.exit_code, out.stdout.decode()) == (0, f"{vm}\n{vm}\nalive\n"), (vm, out)
 
@@ -160,25 +160,26 @@ def test_suspend_resume_fork_kill9_under_load(daemon: DaemonProcess, base_image:
         for attempt in range(4):
             fork = f"issue-fork-{attempt}"
             with Client(settings=settings) as c:
-                vm = c.run(base_image)["id"]
+                vm = c.vms.run(base_image).id
                 mark(c, vm)
                 for _ in range(2):
-                    c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))
-                    c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))
+                    c.send(Request("POST", f"/v1/vms/{vm}/suspend"))
+                    c.send(Request("POST", f"/v1/vms/{vm}/resume"))
                 c.send(snapshot_call(vm, fork))
-                pid = c.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"]
+                pid = c.send(Request("GET", f"/v1/vms/{vm}"))["pid"]
             daemon.kill9()
             daemon.start()
             with Client(settings=settings) as c:
-                view = c.send(call_simple("GET", f"/v1/vms/{vm}"))
+                view = c.send(Request("GET", f"/v1/vms/{vm}"))
                 assert (view["state"], view["pid"]) == ("RUNNING", pid), f"attempt {attempt}: {view}"
                 assert_answers(c, vm)
-                child = c.run(fork)["id"]
-                out = c.exec(child, ["sh", "-c", f"cat {MARK}; kill -0 $(cat {SLEEPER}) && echo alive"], timeout_s=60)
+                child = c.vms.run(fork).id
+                probe = f"cat {MARK}; kill -0 $(cat {SLEEPER}) && echo alive"
+                out = c.vms.exec(child, ["sh", "-c", probe], timeout_s=60)
                 assert out.stdout.decode() == f"{vm}\nalive\n", out  # the fork has the VM's files and processes
                 for each in (child, vm):
-                    c.send(call_simple("DELETE", f"/v1/vms/{each}"))
-                c.send(call_simple("DELETE", f"/v1/images/{fork}"))
+                    c.send(Request("DELETE", f"/v1/vms/{each}"))
+                c.send(Request("DELETE", f"/v1/images/{fork}"))
             settle(settings, f"attempt {attempt}, after removing the VM, its fork and the fork's image")
 
 
@@ -192,23 +193,23 @@ def test_kill9_mid_resume_keeps_the_vm_suspended(daemon: DaemonProcess, base_ima
     ("recovery failed: the snapshot is missing disk.qcow2")."""
     settings = daemon.settings
     with Client(settings=settings) as c:
-        vm = str(c.run(base_image)["id"])
+        vm = str(c.vms.run(base_image).id)
         mark(c, vm)
         for action in ("suspend", "resume") * cycles + ("suspend",):
-            c.send(call_simple("POST", f"/v1/vms/{vm}/{action}"))
+            c.send(Request("POST", f"/v1/vms/{vm}/{action}"))
     with Starver(settings, lambda name: name == vm) as starver:
-        flight = Flight("resume", vm, settings, lambda cl: cl.send(call_simple("POST", f"/v1/vms/{vm}/resume")))
+        flight = Flight("resume", vm, settings, lambda cl: cl.send(Request("POST", f"/v1/vms/{vm}/resume")))
         wait_until(lambda: vm in starver.starved, 30, "the resume started no VMM")
         time.sleep(0.5)
         daemon.kill9()
     daemon.start()
     assert not flight.land(), "the resume finished before the daemon was killed"
     with Client(settings=settings) as c:
-        view = c.send(call_simple("GET", f"/v1/vms/{vm}"))
+        view = c.send(Request("GET", f"/v1/vms/{vm}"))
         assert view["state"] == "SUSPENDED", view
-        c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))
+        c.send(Request("POST", f"/v1/vms/{vm}/resume"))
         assert_answers(c, vm)
-        c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+        c.send(Request("DELETE", f"/v1/vms/{vm}"))
     settle(settings, "after the interrupted resume")
 
 
@@ -218,12 +219,12 @@ def test_kill9_after_the_vmm_stopped_mid_suspend_keeps_the_vm(daemon: DaemonProc
     flushed and hashed): the VM must not be lost. It ends SUSPENDED and resumes with its processes."""
     settings = daemon.settings
     with busy_cores(), Client(settings=settings) as c:
-        vm = str(c.run(base_image)["id"])
+        vm = str(c.vms.run(base_image).id)
         mark(c, vm)
         for action in ("suspend", "resume"):  # a VM with its own RAM file: the hash takes a while
-            c.send(call_simple("POST", f"/v1/vms/{vm}/{action}"))
-        pid = c.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"]
-        flight = Flight("suspend", vm, settings, lambda cl: cl.send(call_simple("POST", f"/v1/vms/{vm}/suspend")))
+            c.send(Request("POST", f"/v1/vms/{vm}/{action}"))
+        pid = c.send(Request("GET", f"/v1/vms/{vm}"))["pid"]
+        flight = Flight("suspend", vm, settings, lambda cl: cl.send(Request("POST", f"/v1/vms/{vm}/suspend")))
         while flight.running and process_alive(pid):
             time.sleep(0.001)
         daemon.kill9()
@@ -231,13 +232,13 @@ def test_kill9_after_the_vmm_stopped_mid_suspend_keeps_the_vm(daemon: DaemonProc
     if flight.land():
         raise RuntimeError("the suspend committed before the kill: nothing was tested")
     with Client(settings=settings) as c:
-        view = c.send(call_simple("GET", f"/v1/vms/{vm}"))
+        view = c.send(Request("GET", f"/v1/vms/{vm}"))
         try:
             assert view["state"] == "SUSPENDED", view
-            c.send(call_simple("POST", f"/v1/vms/{vm}/resume"))
+            c.send(Request("POST", f"/v1/vms/{vm}/resume"))
             assert_answers(c, vm)
         finally:
-            c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+            c.send(Request("DELETE", f"/v1/vms/{vm}"))
     settle(settings, "after the interrupted suspend")
 
 
@@ -293,17 +294,17 @@ class Model:
         return sorted(vm for vm, s in self.vms.items() if s == state)
 
     def launch(self, c: Client, image: str) -> str:
-        vm = str(c.run(image)["id"])
+        vm = str(c.vms.run(image).id)
         mark(c, vm)
         self.vms[vm], self.images[vm] = "RUNNING", image
         return vm
 
     def move(self, c: Client, vm: str, action: str) -> None:
-        view = c.send(call_simple("POST", f"/v1/vms/{vm}/{action}"))
+        view = c.send(Request("POST", f"/v1/vms/{vm}/{action}"))
         self.vms[vm] = view["state"]
 
     def remove(self, c: Client, vm: str) -> None:
-        c.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+        c.send(Request("DELETE", f"/v1/vms/{vm}"))
         del self.vms[vm]
 
 
@@ -326,7 +327,7 @@ def sync_ops(c: Client, model: Model, rng: random.Random, base: str) -> None:
         model.remove(c, rng.choice(sorted(model.vms)))
     for fork in model.forks[:-1]:  # forks nothing uses any more go (dropping their warm pools)
         if fork not in {model.images[vm] for vm in model.vms}:
-            c.send(call_simple("DELETE", f"/v1/images/{fork}"))
+            c.send(Request("DELETE", f"/v1/images/{fork}"))
             model.forks.remove(fork)
 
 
@@ -350,12 +351,12 @@ def start_flight(
         kind = "launch"
     if kind == "launch":
         image, known = rng.choice([base, *model.forks[-1:]]), set(vms(c))
-        flight = Flight("launch", image, settings, lambda cl: cl.run(image))
+        flight = Flight("launch", image, settings, lambda cl: cl.vms.run(image).raw)
         reached(flight, lambda: bool(set(vms(c)) - known))  # recorded PENDING
         time.sleep(rng.uniform(0, 0.2))
     elif kind in ("suspend", "resume"):
         vm = rng.choice(model.with_state(needs[kind]))
-        flight = Flight(kind, vm, settings, lambda cl: cl.send(call_simple("POST", f"/v1/vms/{vm}/{kind}")))
+        flight = Flight(kind, vm, settings, lambda cl: cl.send(Request("POST", f"/v1/vms/{vm}/{kind}")))
         busy = "SUSPENDING" if kind == "suspend" else "RESUMING"
         reached(flight, lambda: vms(c)[vm]["state"] == busy)
         time.sleep(rng.uniform(0, 0.25))
@@ -366,7 +367,7 @@ def start_flight(
         time.sleep(rng.uniform(0, 0.6))
     elif kind == "remove":
         vm = rng.choice(sorted(model.vms))
-        flight = Flight("remove", vm, settings, lambda cl: cl.send(call_simple("DELETE", f"/v1/vms/{vm}")))
+        flight = Flight("remove", vm, settings, lambda cl: cl.send(Request("DELETE", f"/v1/vms/{vm}")))
         reached(flight, lambda: vms(c).get(vm, {}).get("state") == "TERMINATING")
         time.sleep(rng.uniform(0, 0.05))
     else:  # the daemon dies while the build VM runs (the issue: its run directory and RAM file leaked)
@@ -413,7 +414,7 @@ def reconcile(c: Client, model: Model, flight: Flight, landed: bool, where: str)
         if flight.target in images:  # complete even if its client never heard: it must launch
             model.forks.append(flight.target)
     if flight.kind == "build":
-        record = c.send(call_simple("GET", "/v1/images/chaos-app:1"))
+        record = c.send(Request("GET", "/v1/images/chaos-app:1"))
         if landed or record["state"] != "CREATE_FAILED":
             assert record["state"] == "CREATED", f"{where}: {record}"
         else:
@@ -439,7 +440,7 @@ def test_chaos_of_restarts(daemon: DaemonProcess, base_image: str, tmp_path: Pat
                     result, logs = build(c, app_context(tmp_path / "app"), "chaos-app", ready_cmd="true")
                     assert result["state"] == "CREATED", logs
                     vm = model.launch(c, result["name"])
-                    assert c.exec(vm, ["cat", "/hello.txt"]).stdout == b"hello from a build\n"
+                    assert c.vms.exec(vm, ["cat", "/hello.txt"]).stdout == b"hello from a build\n"
                 ctx = app_context(tmp_path / "interrupted") if r == BUILD_ROUNDS[0] else tmp_path
                 flight = start_flight(c, settings, model, rng, r, base_image, ctx)
             graceful = r % 2 == 1
@@ -466,8 +467,8 @@ def test_chaos_of_restarts(daemon: DaemonProcess, base_image: str, tmp_path: Pat
                 assert_answers(c, vm)
                 model.remove(c, vm)
             for fork in model.forks:
-                c.send(call_simple("DELETE", f"/v1/images/{fork}"))
-            c.send(call_simple("DELETE", "/v1/images/chaos-app", all="true"))
+                c.send(Request("DELETE", f"/v1/images/{fork}"))
+            c.send(Request("DELETE", "/v1/images/chaos-app", {"all": "true"}))
         settle(settings, "after removing every VM and image")
     daemon.stop()
     try:
@@ -492,20 +493,20 @@ def test_image_rm_during_pool_refill_leaves_no_qemu(daemon: DaemonProcess, base_
     settings = daemon.settings
     caught = []
     with busy_cores(), Client(settings=settings) as c:
-        parent = c.run(base_image)["id"]
+        parent = c.vms.run(base_image).id
         for i, delay in enumerate((0.0, 0.2, 0.6, 1.5)):
             fork = f"refill-{i}"
             c.send(snapshot_call(parent, fork))
-            child = c.run(fork)["id"]  # no warm VMM yet: a cold launch, then the refill starts
+            child = c.vms.run(fork).id  # no warm VMM yet: a cold launch, then the refill starts
             time.sleep(delay)
-            c.send(call_simple("DELETE", f"/v1/vms/{child}"))
+            c.send(Request("DELETE", f"/v1/vms/{child}"))
             caught.append(len(pool_pids(settings, fork, {})))
-            c.send(call_simple("DELETE", f"/v1/images/{fork}"))
+            c.send(Request("DELETE", f"/v1/images/{fork}"))
             wait_until(functools.partial(no_vmm_of, settings, fork), 5, f"{fork}: warm VMMs outlived the image")
             time.sleep(2)
             assert no_vmm_of(settings, fork), f"{fork}: a refill started after the image was removed"
             assert not (settings.images_dir / fork).exists()
-        c.send(call_simple("DELETE", f"/v1/vms/{parent}"))
+        c.send(Request("DELETE", f"/v1/vms/{parent}"))
     settle(settings, "after removing the forks during their refills")
     assert any(caught), f"no removal met a warm VMM of its image ({caught}): the test proved nothing"
 
@@ -519,20 +520,20 @@ def test_warm_pool_heals_after_failed_prestarts(daemon: DaemonProcess, base_imag
     offset = daemon.log.stat().st_size
     failed = "could not pre-start a VMM for image heal "
     with busy_cores(), Client(settings=settings) as c:
-        parent = c.run(base_image)["id"]
+        parent = c.vms.run(base_image).id
         c.send(snapshot_call(parent, "heal"))
-        c.send(call_simple("DELETE", f"/v1/vms/{parent}"))
+        c.send(Request("DELETE", f"/v1/vms/{parent}"))
         before = cgroup_names(settings)
-        child = c.run("heal")["id"]  # cold; the pool of 'heal' starts filling now, and starves
+        child = c.vms.run("heal").id  # cold; the pool of 'heal' starts filling now, and starves
         with Starver(settings, lambda name: name not in before | {child}) as starver:
             wait_until(lambda: failed in log_since(daemon, offset), 120, "no pre-start failed")
             assert starver.starved
         wait_until(lambda: len(pool_pids(settings, "heal", vms(c))) == settings.pool_size, 120, "the pool did not heal")
         warm = pool_pids(settings, "heal", vms(c))
-        vm = c.run("heal")["id"]
-        assert c.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"] in warm, "the launch after healing was cold"
-        assert c.exec(vm, ["true"]).exit_code == 0
+        vm = c.vms.run("heal").id
+        assert c.send(Request("GET", f"/v1/vms/{vm}"))["pid"] in warm, "the launch after healing was cold"
+        assert c.vms.exec(vm, ["true"]).exit_code == 0
         for each in (vm, child):
-            c.send(call_simple("DELETE", f"/v1/vms/{each}"))
-        c.send(call_simple("DELETE", "/v1/images/heal"))
+            c.send(Request("DELETE", f"/v1/vms/{each}"))
+        c.send(Request("DELETE", "/v1/images/heal"))
     settle(settings, "after the pool healed")

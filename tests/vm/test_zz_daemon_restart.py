@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from ember.client import Client, call_simple
+from ember.sdk import Client, Request
 from tests.conftest import DaemonProcess, process_alive
 
 pytestmark = pytest.mark.vm
 
 
 def test_daemon_kill9_readopts_running_vms(client: Client, daemon: DaemonProcess, base_image: str) -> None:
-    running = client.run(base_image)["id"]
-    suspended = client.run(base_image)["id"]
-    doomed = client.run(base_image)["id"]
-    client.exec(running, ["sh", "-c", "sleep 1000 & echo $! > /root/sleeper"])
-    sleeper = client.exec(running, ["cat", "/root/sleeper"]).stdout
-    client.send(call_simple("POST", f"/v1/vms/{suspended}/suspend"))
-    pids = {vm: client.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"] for vm in (running, doomed)}
+    running = client.vms.run(base_image).id
+    suspended = client.vms.run(base_image).id
+    doomed = client.vms.run(base_image).id
+    client.vms.exec(running, ["sh", "-c", "sleep 1000 & echo $! > /root/sleeper"])
+    sleeper = client.vms.exec(running, ["cat", "/root/sleeper"]).stdout
+    client.send(Request("POST", f"/v1/vms/{suspended}/suspend"))
+    pids = {vm: client.send(Request("GET", f"/v1/vms/{vm}"))["pid"] for vm in (running, doomed)}
 
     marker = str(daemon.settings.vms_dir).encode()
     before = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_qemu_under(p, marker)}
@@ -38,21 +38,21 @@ def test_daemon_kill9_readopts_running_vms(client: Client, daemon: DaemonProcess
     time.sleep(0.5)
     daemon.start()
 
-    view = client.send(call_simple("GET", f"/v1/vms/{running}"))
+    view = client.send(Request("GET", f"/v1/vms/{running}"))
     assert view["state"] == "RUNNING" and view["pid"] == pids[running], "running VM was not re-adopted"
-    assert client.exec(running, ["cat", "/root/sleeper"]).stdout == sleeper
-    assert client.exec(running, ["sh", "-c", f"kill -0 {sleeper.decode().strip()}"]).exit_code == 0
-    assert client.send(call_simple("GET", f"/v1/vms/{suspended}"))["state"] == "SUSPENDED"
-    failed = client.send(call_simple("GET", f"/v1/vms/{doomed}"))
+    assert client.vms.exec(running, ["cat", "/root/sleeper"]).stdout == sleeper
+    assert client.vms.exec(running, ["sh", "-c", f"kill -0 {sleeper.decode().strip()}"]).exit_code == 0
+    assert client.send(Request("GET", f"/v1/vms/{suspended}"))["state"] == "SUSPENDED"
+    failed = client.send(Request("GET", f"/v1/vms/{doomed}"))
     assert failed["state"] == "FAILED" and failed["state_reason"] == "vmm_exited"
 
     # everything the killed daemon ran and the new one did not adopt (its warm pool too) is gone
     orphans = [pid for pid in before - {pids[running]} if process_alive(pid)]
     assert not orphans, f"QEMU processes of the killed daemon survived: {orphans}"
 
-    client.send(call_simple("POST", f"/v1/vms/{suspended}/resume"))
+    client.send(Request("POST", f"/v1/vms/{suspended}/resume"))
     for vm in (running, suspended, doomed):
-        client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+        client.send(Request("DELETE", f"/v1/vms/{vm}"))
     assert not process_alive(pids[running]), "orphan QEMU after rm"
 
 
@@ -65,19 +65,19 @@ def _is_qemu_under(proc: Path, marker: bytes) -> bool:
 
 
 def test_daemon_kill9_mid_suspend_loses_nothing(client: Client, daemon: DaemonProcess, base_image: str) -> None:
-    vm = client.run(base_image)["id"]
-    client.exec(vm, ["sh", "-c", "echo kept > /root/f; sleep 1000 & echo $! > /root/pid"])
-    pid = client.exec(vm, ["cat", "/root/pid"]).stdout.decode().strip()
+    vm = client.vms.run(base_image).id
+    client.vms.exec(vm, ["sh", "-c", "echo kept > /root/f; sleep 1000 & echo $! > /root/pid"])
+    pid = client.vms.exec(vm, ["cat", "/root/pid"]).stdout.decode().strip()
 
     def suspend() -> None:
         # the daemon dies under this request
         with contextlib.suppress(Exception), Client(settings=daemon.settings) as c:
-            c.send(call_simple("POST", f"/v1/vms/{vm}/suspend"))
+            c.send(Request("POST", f"/v1/vms/{vm}/suspend"))
 
     worker = threading.Thread(target=suspend)
     worker.start()
     deadline = time.monotonic() + 10
-    while client.send(call_simple("GET", f"/v1/vms/{vm}"))["state"] != "SUSPENDING":
+    while client.send(Request("GET", f"/v1/vms/{vm}"))["state"] != "SUSPENDING":
         assert time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(0.15)  # inside the ~0.8 s full-stream save of a clone's first suspend
@@ -85,19 +85,19 @@ def test_daemon_kill9_mid_suspend_loses_nothing(client: Client, daemon: DaemonPr
     worker.join()
     daemon.start()
 
-    state = client.send(call_simple("GET", f"/v1/vms/{vm}"))["state"]
+    state = client.send(Request("GET", f"/v1/vms/{vm}"))["state"]
     assert state in ("RUNNING", "SUSPENDED"), f"an interrupted suspend left the VM {state}"
     if state == "SUSPENDED":
-        client.send(call_simple("POST", f"/v1/vms/{vm}/resume"))
-    assert client.exec(vm, ["cat", "/root/f"]).stdout == b"kept\n"
-    assert client.exec(vm, ["sh", "-c", f"kill -0 {pid}"]).exit_code == 0, "a guest process was lost"
+        client.send(Request("POST", f"/v1/vms/{vm}/resume"))
+    assert client.vms.exec(vm, ["cat", "/root/f"]).stdout == b"kept\n"
+    assert client.vms.exec(vm, ["sh", "-c", f"kill -0 {pid}"]).exit_code == 0, "a guest process was lost"
     assert not list((daemon.settings.vms_dir / vm).glob(".suspend*")), "half-written snapshot left behind"
-    client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+    client.send(Request("DELETE", f"/v1/vms/{vm}"))
 
 
 def test_graceful_restart_keeps_vms_and_drops_the_pool(client: Client, daemon: DaemonProcess, base_image: str) -> None:
-    vm = client.run(base_image)["id"]
-    pid = client.send(call_simple("GET", f"/v1/vms/{vm}"))["pid"]
+    vm = client.vms.run(base_image).id
+    pid = client.send(Request("GET", f"/v1/vms/{vm}"))["pid"]
     marker = str(daemon.settings.vms_dir).encode()
     time.sleep(2)  # let the pool refill behind the launch
     pooled = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_qemu_under(p, marker)} - {pid}
@@ -106,16 +106,16 @@ def test_graceful_restart_keeps_vms_and_drops_the_pool(client: Client, daemon: D
     assert process_alive(pid), "a graceful stop must leave running VMs for the next daemon"
     assert not [p for p in pooled if process_alive(p)], "warm clones outlived their daemon"
     daemon.start()
-    view = client.send(call_simple("GET", f"/v1/vms/{vm}"))
+    view = client.send(Request("GET", f"/v1/vms/{vm}"))
     assert view["state"] == "RUNNING" and view["pid"] == pid
-    assert client.exec(vm, ["true"]).exit_code == 0
-    client.send(call_simple("DELETE", f"/v1/vms/{vm}"))
+    assert client.vms.exec(vm, ["true"]).exit_code == 0
+    client.send(Request("DELETE", f"/v1/vms/{vm}"))
 
 
 def test_stopped_daemon_without_vms_leaves_no_cgroup(daemon: DaemonProcess, client: Client, base_image: str) -> None:
     from ember.host.cgroup import group_for
 
-    assert not client.send(call_simple("GET", "/v1/vms")), "this test needs a daemon without VMs"
+    assert not client.send(Request("GET", "/v1/vms")), "this test needs a daemon without VMs"
     group = group_for(daemon.settings.data_dir)
     assert list(Path("/sys/fs/cgroup").glob(f"*/{group}")) or Path(f"/sys/fs/cgroup/{group}").exists()
     daemon.stop()
