@@ -231,7 +231,12 @@ def parse_time(raw: str, what: str) -> datetime:
         raise InvalidRequest(
             f"{what}={raw[:64]!r} is not an ISO-8601 time: give e.g. 2024-05-01 or 2024-05-01T12:00:00Z"
         ) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # within a day of the calendar's ends (0001-01-01T00:00+05:00): clamp there
+        return (datetime.min if parsed.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def month_start(t: datetime) -> datetime:

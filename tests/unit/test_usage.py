@@ -164,8 +164,15 @@ def test_request_windows() -> None:
         window_of("yesterday", None, now)
     with pytest.raises(InvalidRequest, match="until='2024-13-01' is not an ISO-8601 time"):
         window_of(None, "2024-13-01", now)
+    # an offset that moves a time past the calendar's ends clamps there (no 500 from an OverflowError)
+    assert window_of("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59", now) == Window(
+        datetime.min.replace(tzinfo=UTC), now
+    )
     with pytest.raises(InvalidRequest, match=r"since \(2024-05-02T00:00:00\+00:00\) is after until"):
         window_of("2024-05-02", "2024-05-01", now)
+    # an offset that puts the time outside the calendar is clamped to its end (it was a 500)
+    assert window_of("0001-01-01T00:00:00+05:00", None, now).since == datetime.min.replace(tzinfo=UTC)
+    assert window_of("2024-05-01", "9999-12-31T23:00:00-05:00", now).until == now
 
 
 def test_hours() -> None:
