@@ -262,7 +262,9 @@ def stamp(t: datetime) -> str:
 
 
 def hour_bucket(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H")
+    """``YYYY-MM-DDTHH`` (UTC); the year always has four digits (strftime's %Y drops them before 1000), so
+    buckets compare as strings."""
+    return t.astimezone(UTC).isoformat(timespec="hours")[:13]
 
 
 def hours_of(window: Window) -> tuple[str, str] | None:

@@ -190,6 +190,7 @@ def test_hours() -> None:
     )
     assert hours_of(Window(at(-1), at(1))) == ("2024-05-10T11", "2024-05-10T12")
     assert hours_of(Window(T0, T0)) is None
+    assert hours_of(Window(datetime(999, 1, 1, tzinfo=UTC), T0)) == ("0999-01-01T00", "2024-05-10T11")
 
 
 def test_a_sample_bills_the_time_since_the_last_one_at_most_twice_the_interval() -> None:
