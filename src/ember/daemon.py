@@ -120,10 +120,19 @@ async def assemble(settings: Settings) -> Daemon:
 PURGE_EVERY_S = 3600.0
 
 
+def forget_before(now: datetime, retention_s: float) -> str:
+    """Terminated VMs are listed for the retention period, but their records and events (what usage is
+    computed from) are kept until the previous month can no longer be billed: the later of the two."""
+    listed = now - timedelta(seconds=retention_s)
+    this_month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    previous_month = (this_month - timedelta(days=1)).replace(day=1)
+    return min(listed, previous_month).isoformat(timespec="milliseconds")
+
+
 async def forget_terminated(store: Store, retention_s: float) -> None:
-    """Every hour, forget VMs terminated longer than the retention period ago (and their events)."""
+    """Every hour, forget VMs terminated before :func:`forget_before` (and their events)."""
     while True:
-        cutoff = (datetime.now(UTC) - timedelta(seconds=retention_s)).isoformat(timespec="milliseconds")
+        cutoff = forget_before(datetime.now(UTC), retention_s)
         try:
             gone = await asyncio.to_thread(store.purge_terminated, cutoff)
             if gone:

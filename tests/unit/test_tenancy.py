@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from ember.api.auth import Authenticator
+from ember.daemon import forget_before
 from ember.db.store import Store, connect
 from ember.db.tenants import KeyRecord, TenantStore
 from ember.errors import (
@@ -194,3 +197,22 @@ def test_state_changes_are_events_with_their_actor_and_terminated_vms_are_forgot
     assert store.list_events(tenant="other") == []
     assert store.purge_terminated("2001-01-01") == 1
     assert store.list_vms(terminated=True) == [] and store.list_events(vm_id="vm-1") == []
+
+
+def test_terminated_vms_are_listed_for_the_retention_but_kept_until_their_month_is_billed() -> None:
+    week = 7 * 86400.0
+    # mid-month: a week ago is after the previous month's start, so records go back to that start
+    assert forget_before(datetime(2026, 11, 27, 12, tzinfo=UTC), week) == "2026-10-01T00:00:00.000+00:00"
+    # a retention longer than that wins
+    assert forget_before(datetime(2026, 11, 27, tzinfo=UTC), 90 * 86400.0).startswith("2026-08-29")
+
+
+def test_the_list_of_terminated_vms_ends_at_the_retention(tmp_path: Path) -> None:
+    store = Store(tmp_path / "ember.db")
+    for vm_id, ended in (("vm-1", "2026-11-01T00:00:00.000+00:00"), ("vm-2", "2026-11-20T00:00:00.000+00:00")):
+        vm = VmRecord(id=vm_id, image="debian", state=VmState.PENDING, machine=MACHINE, uid=0, token="t")
+        store.insert_vm(vm)
+        store.update_vm(replace(vm.moved(VmState.TERMINATED, StateReason.USER_TERMINATE), terminated_at=ended))
+    listed = store.list_vms(terminated=True, terminated_since="2026-11-10T00:00:00.000+00:00")
+    assert [v.id for v in listed] == ["vm-2"]
+    assert len(store.list_vms(terminated=True)) == 2

@@ -11,17 +11,31 @@ import base64
 import contextlib
 import re
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from ember.agent import ExecRequest, ExecResult
 from ember.api.auth import principal, tenant_filter
 from ember.api.execstdin import StdinPipe, StdinPipes
 from ember.api.images import image_view, resolve_image
 from ember.api.limits import Limits
+from ember.api.models import (
+    UNSET,
+    ClientToken,
+    Event,
+    FileWritten,
+    Image,
+    Listing,
+    LiveVm,
+    Resumed,
+    StdinWritten,
+    Suspended,
+    Vm,
+)
 from ember.api.schema import errors, raw_body, streamed
 from ember.api.streaming import ndjson
 from ember.engine import RunOptions
@@ -37,10 +51,38 @@ from ember.vmm.accel import TCG_WARNING
 if TYPE_CHECKING:
     from ember.daemon import Daemon
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
-TAG_KEY = re.compile(r"^[A-Za-z0-9_.:/=+@-]{1,128}$")
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,255}$"
+TAG_KEY = r"^[A-Za-z0-9_.:/=+@-]{1,128}$"
+EXEC_ENV_NAME = r"^[^=]+$"  # an exec's variables: any name the guest's environment can hold
+NO_NUL = r"^[^\x00]*$"
 MAX_ENV, MAX_TAGS, MAX_VALUE = 128, 50, 4096
+TAG_FILTER = r"^[^=]+="  # KEY=VALUE
 VM_ID = re.compile(r"^vm-[0-9a-f]{1,64}$")
+
+
+def _map_schema(key: str, most: int | None, value: dict[str, Any]) -> WithJsonSchema:
+    # pydantic documents a dict with constrained keys as patternProperties, which lets any other key
+    # through: this says that every key matches
+    bound = {} if most is None else {"maxProperties": most}
+    return WithJsonSchema({"type": "object", **bound, "propertyNames": {"pattern": key}, "additionalProperties": value})
+
+
+Value = Annotated[str, StringConstraints(max_length=MAX_VALUE, pattern=NO_NUL)]
+VALUE_SCHEMA = {"type": "string", "maxLength": MAX_VALUE, "pattern": NO_NUL}
+EnvMap = Annotated[
+    dict[Annotated[str, StringConstraints(pattern=ENV_NAME)], Value],
+    Field(max_length=MAX_ENV, description=f"Environment variables of every exec (at most {MAX_ENV})"),
+    _map_schema(ENV_NAME, MAX_ENV, VALUE_SCHEMA),
+]
+TagMap = Annotated[
+    dict[Annotated[str, StringConstraints(pattern=TAG_KEY)], Value],
+    Field(max_length=MAX_TAGS, description=f"Metadata tags (at most {MAX_TAGS}): GET /v1/vms?tag=K=V finds them"),
+    _map_schema(TAG_KEY, MAX_TAGS, VALUE_SCHEMA),
+]
+ExecEnv = Annotated[
+    dict[Annotated[str, StringConstraints(pattern=EXEC_ENV_NAME)], str],
+    _map_schema(EXEC_ENV_NAME, None, {"type": "string"}),
+]
 
 
 class RunBody(BaseModel):
@@ -50,16 +92,16 @@ class RunBody(BaseModel):
     version: int | None = Field(default=None, ge=1, le=2**31)
     memory_mib: int | None = Field(default=None, ge=1, le=1 << 20)
     vcpus: int | None = Field(default=None, ge=1, le=256)
-    env: dict[str, str] = Field(default_factory=dict)
-    tags: dict[str, str] = Field(default_factory=dict)
-    client_token: str | None = Field(default=None, min_length=1, max_length=64)
+    env: EnvMap = Field(default_factory=dict)
+    tags: TagMap = Field(default_factory=dict)
+    client_token: ClientToken | None = None
 
 
 class SnapshotBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=63)
-    client_token: str | None = Field(default=None, min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=63, pattern=names.REPO.pattern, description="The new image's repo")
+    client_token: ClientToken | None = None
 
 
 class ExecBody(BaseModel):
@@ -67,7 +109,7 @@ class ExecBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     argv: list[str] = Field(min_length=1, max_length=1000)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: ExecEnv = Field(default_factory=dict)
     cwd: str = ""
     user: str = ""
     timeout_s: float = Field(default=0, ge=0, le=86400)
@@ -97,26 +139,16 @@ def event_view(event: EventRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _checked_map(what: str, items: dict[str, str], key: re.Pattern[str], most: int) -> dict[str, str]:
-    if len(items) > most:
-        raise InvalidRequest(f"at most {most} {what} per VM")
-    for k, v in items.items():
-        if not key.match(k) or len(v) > MAX_VALUE or "\0" in v:
-            raise InvalidRequest(f"bad {what[:-1]} {k[:64]!r}: names {key.pattern}, values at most {MAX_VALUE} bytes")
-    return items
-
-
 def _tag_filters(tag: list[str]) -> dict[str, str]:
-    wanted: dict[str, str] = {}
-    for item in tag:
-        k, eq, v = item.partition("=")
-        if not eq or not k:
-            raise InvalidRequest(f"tag filter {item[:64]!r}: expected KEY=VALUE")
-        wanted[k] = v
-    return wanted
+    """``KEY=VALUE`` filters (TAG_FILTER) as a dict."""
+    return {k: v for k, _, v in (item.partition("=") for item in tag)}
 
 
 MAX_EVENT_ID = 2**63 - 1  # an event id is a 64-bit integer in the database: a larger ``after`` is a 400, not a 500
+
+
+def ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
 
 
 def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
@@ -143,10 +175,8 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     f"and a VM restored from it has exactly that; build an image with the size you need"
                 )
 
-    @app.post("/v1/vms", status_code=201, responses=errors(409, 503, 507))
+    @app.post("/v1/vms", status_code=201, response_model=Vm, responses=errors(409, 503, 507), **UNSET)
     async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
-        _checked_map("env variables", body.env, ENV_NAME, MAX_ENV)
-        _checked_map("tags", body.tags, TAG_KEY, MAX_TAGS)
         image = resolve_image(daemon, who, body.image, body.version)
         _check_size(image, body)
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
@@ -167,12 +197,14 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
         return await once.create(who, "vm", body.client_token, body.model_dump(mode="json"), create, existing)
 
-    @app.get("/v1/vms")
+    @app.get("/v1/vms", response_model=list[Vm], **UNSET)
     async def list_vms(
         who: Principal = Depends(principal),
         state: VmState | None = None,
         image: str | None = Query(default=None, max_length=200),
-        tag: list[str] = Query(default=[]),
+        tag: list[Annotated[str, StringConstraints(pattern=TAG_FILTER)]] = Query(
+            default=[], description="KEY=VALUE (repeatable): VMs with every one of these tags"
+        ),
         all: bool = False,
         tenant: str | None = Query(default=None, max_length=63),
     ) -> list[dict[str, Any]]:
@@ -181,8 +213,9 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
         def listed() -> list[dict[str, Any]]:
             records = engine.store.list_vms(
-                tenant=tenant_filter(who, tenant), terminated=all or state is VmState.TERMINATED
-            )
+                tenant=tenant_filter(who, tenant), terminated=all or state is VmState.TERMINATED,
+                terminated_since=ago(daemon.settings.terminated_retention_s),
+            )  # fmt: skip
             return [
                 vm_view(v) for v in records
                 if (state is None or v.state is state) and (image is None or names.public(v.image) == image
@@ -196,7 +229,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     def all_tags(vm: VmRecord, wanted: dict[str, str]) -> bool:
         return all(vm.tags.get(k) == v for k, v in wanted.items())
 
-    @app.get("/v1/vms/{vm_id}")
+    @app.get("/v1/vms/{vm_id}", response_model=LiveVm, **UNSET)
     async def inspect_vm(vm: VmRecord = Depends(owned_vm), live: bool = False) -> dict[str, Any]:
         """The VM's record; ``live`` also asks its VMM and agent (status, host memory, a ping's time)."""
         view = vm_view(vm)
@@ -204,7 +237,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
             view.update(await engine.inspect(vm.id))
         return view
 
-    @app.get("/v1/vms/{vm_id}/events")
+    @app.get("/v1/vms/{vm_id}/events", response_model=list[Event])
     async def vm_events(
         vm: VmRecord = Depends(owned_vm),
         after: int = Query(default=0, ge=0, le=MAX_EVENT_ID),
@@ -214,7 +247,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         events = await asyncio.to_thread(engine.store.list_events, vm_id=vm.id, after=after, limit=limit)
         return [event_view(e) for e in events]
 
-    @app.get("/v1/events")
+    @app.get("/v1/events", response_model=list[Event])
     async def list_events(
         who: Principal = Depends(principal),
         vm: str | None = Query(default=None, max_length=80),
@@ -236,7 +269,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         await engine.remove(vm.id)
         return Response(status_code=204)
 
-    @app.post("/v1/vms/{vm_id}/suspend", responses=errors(409, 503, 507))
+    @app.post("/v1/vms/{vm_id}/suspend", response_model=Suspended, responses=errors(409, 503, 507), **UNSET)
     async def suspend_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         # a suspend writes at most the guest's memory (its disk's changes are on disk already)
         asks = [Ask(Quota.SUSPENDED_VMS, 1), Ask(Quota.STORAGE_BYTES, vm.machine.memory_mib << 20)]
@@ -245,7 +278,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         view = vm_view(engine.get(vm.id))
         return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}
 
-    @app.post("/v1/vms/{vm_id}/resume", responses=errors(409, 503, 507))
+    @app.post("/v1/vms/{vm_id}/resume", response_model=Resumed, responses=errors(409, 503, 507), **UNSET)
     async def resume_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         machine = vm.machine
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, machine.vcpus),
@@ -254,7 +287,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
             t = await engine.resume(vm.id)
         return {**vm_view(engine.get(vm.id)), "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms}
 
-    @app.post("/v1/vms/{vm_id}/snapshot", status_code=201, responses=errors(409, 503, 507))
+    @app.post("/v1/vms/{vm_id}/snapshot", status_code=201, response_model=Image, responses=errors(409, 503, 507))
     async def snapshot_vm(body: SnapshotBody, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         """Fork the running VM into a new image of its tenant."""
         name = names.new_repo(vm.tenant, body.name)
@@ -289,9 +322,6 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         """Run a command; NDJSON output events, then its exit status. With ``stdin`` the first
         event is ``{"stdin": ID}``: stream the input with PUT /v1/vms/{vm_id}/exec/stdin/ID.
         The VM's own environment (``env`` at run) comes first; the request's overrides it."""
-        for key in body.env:
-            if not key or "=" in key:
-                raise InvalidRequest(f"bad environment variable name {key!r}")
         env = {**vm.env, **body.env}
         req = ExecRequest(
             argv=body.argv, env=[f"{k}={v}" for k, v in env.items()], cwd=body.cwd, user=body.user,
@@ -352,7 +382,7 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
             await events.aclose()  # type: ignore[attr-defined]
 
     @app.put(
-        "/v1/vms/{vm_id}/exec/stdin/{stdin_id}", responses=errors(409, 422, 503),
+        "/v1/vms/{vm_id}/exec/stdin/{stdin_id}", response_model=StdinWritten, responses=errors(409, 422, 503),
         openapi_extra=raw_body("application/octet-stream", "The exec's stdin"),
     )  # fmt: skip
     async def exec_stdin(stdin_id: str, request: Request, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
@@ -361,7 +391,7 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         return {"bytes": await pipe.attach(request.stream())}
 
     @app.put(
-        "/v1/vms/{vm_id}/files", responses=errors(409, 422, 503, 507),
+        "/v1/vms/{vm_id}/files", response_model=FileWritten, responses=errors(409, 422, 503, 507),
         openapi_extra=raw_body("application/octet-stream", "The file's bytes"),
     )  # fmt: skip
     async def put_file(
@@ -381,7 +411,7 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         # the size at open time; the stream ends at EOF even if the file grew
         return StreamingResponse(chunks, media_type="application/octet-stream", headers={"X-Ember-Size": str(size)})
 
-    @app.get("/v1/vms/{vm_id}/ls", responses=errors(409, 422, 503))
+    @app.get("/v1/vms/{vm_id}/ls", response_model=Listing, responses=errors(409, 422, 503))
     async def list_files(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> dict[str, Any]:
         """``entries`` sorted by name; ``truncated``: the directory has more than EMBER_LS_MAX_ENTRIES."""
         listing = await engine.list_dir(vm.id, path)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sqlalchemy import create_engine, delete, event, func, insert, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import OperationalError
 
@@ -218,11 +218,16 @@ class Store:
             row = c.execute(select(vms).where(vms.c.id == vm_id)).mappings().first()
         return _vm(row) if row else None
 
-    def list_vms(self, *, tenant: str | None = None, terminated: bool = False) -> list[VmRecord]:
-        """Live VMs (oldest first), of one tenant or all; ``terminated`` adds the TERMINATED ones kept."""
+    def list_vms(
+        self, *, tenant: str | None = None, terminated: bool = False, terminated_since: str = ""
+    ) -> list[VmRecord]:
+        """Live VMs (oldest first), of one tenant or all; ``terminated`` adds the TERMINATED ones (those
+        terminated at or after ``terminated_since``, if given)."""
         query = select(vms).order_by(vms.c.created_at)
         if not terminated:
             query = query.where(vms.c.state != VmState.TERMINATED.value)
+        elif terminated_since:
+            query = query.where(or_(vms.c.state != VmState.TERMINATED.value, vms.c.terminated_at >= terminated_since))
         if tenant is not None:
             query = query.where(vms.c.tenant == tenant)
         with self.engine.connect() as c:
