@@ -102,6 +102,7 @@ events = Table(
     Column("actor", String(64), nullable=False),
     Index("ix_events_tenant_id", "tenant", "id"),
     Index("ix_events_vm_id_id", "vm_id", "id"),
+    Index("ix_events_at", "at"),  # usage: each VM's last state before a window
 )
 
 idempotency = Table(

@@ -98,6 +98,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_events_tenant_id", "events", ["tenant", "id"])
     op.create_index("ix_events_vm_id_id", "events", ["vm_id", "id"])
+    op.create_index("ix_events_at", "events", ["at"])
     op.create_table(
         "idempotency",
         sa.Column("tenant", sa.String(63), primary_key=True),
