@@ -12,11 +12,16 @@ import pytest
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
+from ember.api.auth import Authenticator
 from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy
 from ember.config import Settings
 from ember.daemon import api_token
+from ember.db.store import connect
+from ember.db.tenants import TenantStore
 from ember.errors import HostSetupError
 from ember.sdk.core import build_request, endpoint
+from ember.tenancy.keys import token_hash
+from ember.tenancy.ratelimit import RateLimiter
 
 TOKEN = "t" * 43
 
@@ -25,7 +30,14 @@ class Body(BaseModel):
     text: str
 
 
-def guarded(tcp: TcpPolicy | None) -> tuple[RequestGuard, list[int]]:
+def authenticator(db: Path) -> Authenticator:
+    """The real authenticator on a real store, with ``TOKEN`` as an admin key (the api-token file's)."""
+    tenants = TenantStore(connect(db))
+    tenants.put_admin_key("key-admin-file", token_hash(TOKEN))
+    return Authenticator(tenants, RateLimiter(1000.0, 1000))
+
+
+def guarded(tcp: TcpPolicy | None, db: Path) -> tuple[RequestGuard, list[int]]:
     """A small app behind the guard; ``seen`` records the body bytes each upload route read."""
     app = FastAPI()
     seen: list[int] = []
@@ -49,11 +61,12 @@ def guarded(tcp: TcpPolicy | None) -> tuple[RequestGuard, list[int]]:
     caps = BodyCaps.from_settings(
         Settings(max_json_body_bytes=1000, max_build_context_bytes=5000, max_file_upload_bytes=3000)
     )
-    return RequestGuard(app, caps, tcp), seen
+    return RequestGuard(app, caps, tcp, authenticator(db)), seen
 
 
-def http(app: RequestGuard, host: str = "127.0.0.1:7070") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{host}")
+def http(app: RequestGuard, host: str = "127.0.0.1:7070", *, key: bool = True) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {TOKEN}"} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{host}", headers=headers)
 
 
 async def chunks(n: int, size: int) -> AsyncIterator[bytes]:
@@ -61,8 +74,8 @@ async def chunks(n: int, size: int) -> AsyncIterator[bytes]:
         yield b"x" * size
 
 
-async def test_content_length_over_the_route_cap_is_refused_before_the_body_is_read() -> None:
-    app, seen = guarded(None)
+async def test_content_length_over_the_route_cap_is_refused_before_the_body_is_read(tmp_path: Path) -> None:
+    app, seen = guarded(None, tmp_path / "db")
     async with http(app) as c:
         r = await c.post("/v1/vms/x/snapshot", json={"text": "a" * 2000})
         assert r.status_code == 413
@@ -80,8 +93,8 @@ async def test_content_length_over_the_route_cap_is_refused_before_the_body_is_r
     assert caps.for_route("POST", "/v1/vms/vm-1/exec") is caps.json
 
 
-async def test_a_streamed_body_is_cut_off_at_the_cap() -> None:
-    app, seen = guarded(None)
+async def test_a_streamed_body_is_cut_off_at_the_cap(tmp_path: Path) -> None:
+    app, seen = guarded(None, tmp_path / "db")
     async with http(app) as c:
         r = await c.put("/v1/vms/x/files", content=chunks(10, 1000))  # chunked: no Content-Length
         assert r.status_code == 413
@@ -91,13 +104,13 @@ async def test_a_streamed_body_is_cut_off_at_the_cap() -> None:
         assert r.status_code == 413  # whatever the JSON route made of its cut body, the answer is ours
 
 
-async def test_tcp_listener_wants_its_token_its_own_host_and_no_foreign_origin() -> None:
-    app, _ = guarded(TcpPolicy.for_listener("127.0.0.1:7070", TOKEN))
+async def test_tcp_listener_wants_a_key_its_own_host_and_no_foreign_origin(tmp_path: Path) -> None:
+    app, _ = guarded(TcpPolicy.for_listener("127.0.0.1:7070"), tmp_path / "db")
     ok = {"authorization": f"Bearer {TOKEN}"}
-    async with http(app) as c:
+    async with http(app, key=False) as c:
         r = await c.get("/v1/vms")
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        assert "api-token" in r.json()["message"]
+        assert "ember key create" in r.json()["message"]
         assert (await c.get("/v1/vms", headers={"authorization": "Bearer " + "u" * 43})).status_code == 401
         assert (await c.get("/v1/vms", headers={"authorization": f"Basic {TOKEN}"})).status_code == 401
         assert (await c.get("/v1/vms", headers=ok)).status_code == 200
@@ -109,14 +122,14 @@ async def test_tcp_listener_wants_its_token_its_own_host_and_no_foreign_origin()
             assert r.json()["error"] == "Forbidden"
         # an unauthenticated client never learns the body cap
         assert (await c.put("/v1/vms/x/files", content=b"x" * 5000)).status_code == 401
-    async with http(app, "localhost:7070") as c:
+    async with http(app, "localhost:7070", key=False) as c:
         assert (await c.get("/v1/vms", headers=ok)).status_code == 200
-    async with http(app, "[::1]:7070") as c:
+    async with http(app, "[::1]:7070", key=False) as c:
         assert (await c.get("/v1/vms", headers=ok)).status_code == 200
 
 
 async def test_a_listener_on_every_address_takes_ip_literals_but_no_dns_name() -> None:
-    policy = TcpPolicy.for_listener("0.0.0.0:7070", TOKEN)
+    policy = TcpPolicy.for_listener("0.0.0.0:7070")
     ok = [("authorization", f"Bearer {TOKEN}")]
     assert policy.refusal([("host", "10.1.2.3:7070"), *ok]) is None
     assert policy.refusal([("host", "[fd00::1]:7070"), *ok]) is None

@@ -20,10 +20,10 @@ from ember.build.service import (
     split_name,
 )
 from ember.config import Settings
+from ember.db.store import Store
 from ember.errors import InvalidRequest, NameTaken
 from ember.host.qemuimg import QemuImg
 from ember.models import BuildState
-from ember.store import Store
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 0.0, -1.0, 3600.5])

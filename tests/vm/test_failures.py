@@ -68,7 +68,8 @@ def test_full_disk_suspend_keeps_the_vm_running(small_disk_daemon: DaemonProcess
                 c.send(Request("POST", f"/v1/vms/{vm}/suspend"))
             assert err.value.status == 507
             view = c.send(Request("GET", f"/v1/vms/{vm}"))
-            assert view["state"] == "RUNNING" and "suspend failed" in view["state_reason"]
+            assert (view["state"], view["state_reason"]) == ("RUNNING", "suspend_failed")
+            assert "full" in view["state_message"]
             assert c.vms.exec(vm, ["cat", "/root/f"]).stdout == b"before\n", "the VM must keep running"
             assert not list((settings.vms_dir / vm).glob(".suspend*")), "a failed suspend left files behind"
             filler.unlink()

@@ -52,7 +52,7 @@ def action(client: Client, vm: str, verb: str) -> dict[str, object]:
 
 
 def inspect(client: Client, vm: str) -> dict[str, object]:
-    return dict(client.send(Request("GET", f"/v1/vms/{vm}")))
+    return dict(client.send(Request("GET", f"/v1/vms/{vm}", {"live": "true"})))
 
 
 def test_clones_are_independent_and_unique(client: Client, vms: list[str]) -> None:
@@ -121,9 +121,11 @@ def test_rm_leaves_nothing_behind(client: Client, vms: list[str], settings: Sett
     assert not process_alive(pid), "QEMU survived rm"
     assert not (settings.vms_dir / vm).exists(), "VM files survived rm"
     assert not any(p.name == vm for p in Path("/sys/fs/cgroup").glob("**/ember-*/*")), "cgroup survived rm"
+    view = inspect(client, vm)  # kept, TERMINATED, for the retention period
+    assert (view["state"], view["state_reason"], view["pid"]) == ("TERMINATED", "user_terminate", None)
     with pytest.raises(ApiError) as err:
-        inspect(client, vm)
-    assert err.value.status == 404 and "ember ps" in str(err.value)
+        client.vms.exec(vm, ["true"])
+    assert err.value.status == 409 and "removed" in str(err.value)
 
 
 def test_corrupt_suspend_snapshot_is_refused(client: Client, vms: list[str], settings: Settings) -> None:
@@ -181,10 +183,10 @@ def test_bad_input_gets_clear_errors(client: Client, base_image: str) -> None:
         (lambda: client.vms.exec("vm-000000000000", ["true"]), 404, "ember ps"),
         (lambda: action(client, "vm-000000000000", "suspend"), 404, "ember ps"),
         (lambda: client.send(Request("POST", "/v1/vms", json={})), 400, "image"),
-        (lambda: client.send(Request("POST", "/v1/vms/x/exec", json={"argv": []})), 400, "argv"),
     ]
     vm = client.vms.run(base_image).id
     cases += [
+        (lambda: client.send(Request("POST", f"/v1/vms/{vm}/exec", json={"argv": []})), 400, "argv"),
         (lambda: client.vms.exec(vm, ["echo", "x" * 300_000]), 400, "must fit in 256 KiB"),
         (lambda: client.vms.exec(vm, ["true"], env={f"V{i}": "1" for i in range(1500)}), 400, "1000 entries"),
     ]
