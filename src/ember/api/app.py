@@ -23,6 +23,7 @@ from ember.api.guard import error_body
 from ember.api.images import add_image_routes
 from ember.api.limits import Limits
 from ember.api.metrics import add_metrics_route
+from ember.api.models import Info
 from ember.api.schema import document
 from ember.api.tenants import add_tenant_routes
 from ember.api.usage import add_usage_routes
@@ -82,7 +83,7 @@ def create_app(daemon: Daemon, auth: Authenticator) -> FastAPI:
     add_error_handlers(app)
     document(app)  # the OpenAPI document completed: ember.api.schema
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", response_model=Info)
     async def info() -> dict[str, Any]:
         return {
             "accelerator": {**accel_view(images.accel.accel.value), "reason": images.accel.reason},

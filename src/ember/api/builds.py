@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ember.api.auth import principal
 from ember.api.limits import Limits
+from ember.api.models import ClientToken
 from ember.api.schema import errors, raw_body, streamed
 from ember.api.streaming import Emit, stream_job
 from ember.build.builder import BuildOptions
@@ -98,7 +99,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits:
         request: Request,
         name: str = Query(min_length=1, max_length=200),
         who: Principal = Depends(principal),
-        client_token: str | None = Query(default=None, min_length=1, max_length=64),
+        client_token: ClientToken | None = None,
         dockerfile: str = "Dockerfile",
         build_arg: list[str] = Query(default=[]),
         target: str = "",

@@ -13,6 +13,8 @@ from fastapi.responses import StreamingResponse
 
 from ember.api.auth import principal, tenant_filter
 from ember.api.builds import build_view
+from ember.api.models import UNSET, ImageItem
+from ember.api.schema import streamed
 from ember.api.streaming import Emit, stream_job
 from ember.errors import ImageNotFound
 from ember.images import BASE_IMAGE
@@ -58,7 +60,7 @@ def add_image_routes(app: FastAPI, daemon: Daemon) -> None:
         image = store.get_image(build.name)
         return {**(image_view(image) if image else {}), **build_view(build)}
 
-    @app.get("/v1/images")
+    @app.get("/v1/images", response_model=list[ImageItem], **UNSET)
     async def list_images(
         who: Principal = Depends(principal), tenant: str | None = Query(default=None, max_length=63)
     ) -> list[dict[str, Any]]:
@@ -69,7 +71,7 @@ def add_image_routes(app: FastAPI, daemon: Daemon) -> None:
         plain = [{**image_view(i), "state": "CREATED"} for i in store.list_images(tenants) if i.name not in built]
         return plain + [with_build(b) for b in built.values()]
 
-    @app.get("/v1/images/{name}")
+    @app.get("/v1/images/{name}", response_model=ImageItem, **UNSET)
     async def get_image(name: str, who: Principal = Depends(principal)) -> dict[str, Any]:
         for internal in names.candidates(who.tenant, name):
             build = store.get_build(internal)
@@ -79,7 +81,10 @@ def add_image_routes(app: FastAPI, daemon: Daemon) -> None:
         build = store.get_build(image.name)
         return with_build(build) if build else {**image_view(image), "state": "CREATED"}
 
-    @app.post("/v1/images/debian/prepare")
+    @app.post(
+        "/v1/images/debian/prepare", response_class=StreamingResponse,
+        responses=streamed("application/x-ndjson", "Progress events as NDJSON, then the image"),
+    )  # fmt: skip
     async def prepare_base(who: Principal = Depends(principal)) -> StreamingResponse:
         """Build the built-in base image if needed (only an admin may start that build); streams progress."""
         if not who.admin and store.get_image(BASE_IMAGE) is None:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ember.api.auth import Authenticator, admin, principal, tenant_filter
 from ember.api.limits import Limits
+from ember.api.models import UNSET, ApiKey, ClientToken, CreatedKey, Tenant, TenantWithUsage, WhoAmI
 from ember.api.schema import errors
 from ember.db.tenants import KeyRecord, TenantRecord
-from ember.errors import InvalidRequest, KeyNotFound, TenantNotFound
+from ember.errors import KeyNotFound, TenantNotFound
 from ember.tenancy.idempotency import Idempotency
 from ember.tenancy.keys import NewKey, token_hash
 from ember.tenancy.principal import Principal
@@ -22,33 +23,33 @@ if TYPE_CHECKING:
     from ember.daemon import Daemon
 
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-Quotas = dict[Quota, int]
+Quotas = dict[Quota, Annotated[int, Field(ge=0, le=2**53)]]  # a limit: a whole number from 0 up
 
 
 class TenantBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=63)
-    quotas: dict[Quota, int] = Field(default_factory=dict)
-    client_token: str | None = Field(default=None, max_length=64)
+    name: str = Field(
+        min_length=1, max_length=63, pattern=TENANT_NAME.pattern,
+        description="Lowercase letters, digits and '-' (not first), at most 63",
+    )  # fmt: skip
+    quotas: Quotas = Field(default_factory=dict, description="Overrides of the default limits")
+    client_token: ClientToken | None = None
 
 
 class QuotasBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    quotas: dict[Quota, int]
+    quotas: Quotas = Field(description="Limits to change (the others stay)")
 
 
 class KeyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tenant: str | None = Field(default=None, max_length=63)
+    tenant: str | None = Field(default=None, max_length=63, description="Admins: the key's tenant (default: theirs)")
     name: str = Field(default="", max_length=200)
-    client_token: str | None = Field(default=None, max_length=64)
+    client_token: ClientToken | None = None
 
 
-def _check_quotas(quotas: dict[Quota, int]) -> dict[str, int]:
-    for quota, limit in quotas.items():
-        if not 0 <= limit <= 2**53:
-            raise InvalidRequest(f"quota {quota.value}={limit}: give a whole number from 0 up")
-    return {q.value: int(v) for q, v in quotas.items()}
+def _overrides(quotas: dict[Quota, int]) -> dict[str, int]:
+    return {q.value: v for q, v in quotas.items()}
 
 
 def key_view(key: KeyRecord) -> dict[str, Any]:
@@ -77,15 +78,13 @@ def add_tenant_routes(app: FastAPI, daemon: Daemon, auth: Authenticator, limits:
             raise TenantNotFound(name[:63])
         return record
 
-    @app.get("/v1/whoami")
+    @app.get("/v1/whoami", response_model=WhoAmI)
     async def whoami(who: Principal = Depends(principal)) -> dict[str, Any]:
         return {"tenant": who.tenant, "admin": who.admin, "key_id": who.key_id or None}
 
-    @app.post("/v1/tenants", status_code=201, responses=errors(409))
+    @app.post("/v1/tenants", status_code=201, response_model=Tenant, responses=errors(409))
     async def create_tenant(body: TenantBody, who: Principal = Depends(admin)) -> dict[str, Any]:
-        if not TENANT_NAME.match(body.name):
-            raise InvalidRequest(f"bad tenant name {body.name!r}: lowercase letters, digits and '-', at most 63")
-        overrides = _check_quotas(body.quotas)
+        overrides = _overrides(body.quotas)
 
         async def create(settle: Any) -> dict[str, Any]:
             record = tenants.create_tenant(body.name)
@@ -99,25 +98,25 @@ def add_tenant_routes(app: FastAPI, daemon: Daemon, auth: Authenticator, limits:
 
         return await once.create(who, "tenant", body.client_token, body.model_dump(mode="json"), create, existing)
 
-    @app.get("/v1/tenants")
+    @app.get("/v1/tenants", response_model=list[Tenant])
     async def list_tenants(_: Principal = Depends(admin)) -> list[dict[str, Any]]:
         return [tenant_view(t) for t in tenants.list_tenants()]
 
-    @app.get("/v1/tenants/{name}")
+    @app.get("/v1/tenants/{name}", response_model=TenantWithUsage)
     async def show_tenant(name: str, _: Principal = Depends(admin)) -> dict[str, Any]:
         return tenant_view(get_tenant(name), with_use=True)
 
-    @app.patch("/v1/tenants/{name}")
+    @app.patch("/v1/tenants/{name}", response_model=TenantWithUsage)
     async def set_quotas(name: str, body: QuotasBody, _: Principal = Depends(admin)) -> dict[str, Any]:
         record = get_tenant(name)
-        tenants.set_quotas(name, {**record.quotas, **_check_quotas(body.quotas)})
+        tenants.set_quotas(name, {**record.quotas, **_overrides(body.quotas)})
         return tenant_view(get_tenant(name), with_use=True)
 
     # ---- keys ----------------------------------------------------------------
 
-    @app.post("/v1/keys", status_code=201, responses=errors(409))
+    @app.post("/v1/keys", status_code=201, response_model=CreatedKey, responses=errors(409), **UNSET)
     async def create_key(body: KeyBody, who: Principal = Depends(principal)) -> dict[str, Any]:
-        """A new key: its secrets are in this answer only."""
+        """A new key: its secrets are in this answer only (a retry with its client_token answers without them)."""
         tenant = body.tenant or who.tenant
         if not who.admin and tenant != who.tenant:
             raise TenantNotFound(tenant)  # as if missing: a tenant cannot learn other tenants' names
@@ -145,7 +144,7 @@ def add_tenant_routes(app: FastAPI, daemon: Daemon, auth: Authenticator, limits:
             raise KeyNotFound(key_id[:64])
         return key
 
-    @app.get("/v1/keys")
+    @app.get("/v1/keys", response_model=list[ApiKey])
     async def list_keys(tenant: str | None = None, who: Principal = Depends(principal)) -> list[dict[str, Any]]:
         keys = tenants.list_keys(tenant_filter(who, tenant))
         return [key_view(k) for k in keys if k.tenant is not None]

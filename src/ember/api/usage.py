@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, WithJsonSchema
 
 from ember.api.auth import principal
 from ember.api.schema import errors
@@ -22,6 +22,11 @@ from ember.usage import report, stamp, window_of
 
 if TYPE_CHECKING:
     from ember.daemon import Daemon
+
+
+# the document states RFC 3339 date-times; a plain date (2024-05-01) is taken too
+DATE_TIME = WithJsonSchema({"type": "string", "format": "date-time", "minLength": 1, "maxLength": 64})
+SINCE, UNTIL = "ISO-8601 (default: month start, UTC)", "ISO-8601 (default and latest: now)"
 
 
 class TenantUsageView(BaseModel):
@@ -57,8 +62,8 @@ def add_usage_routes(app: FastAPI, daemon: Daemon) -> None:
     async def usage(
         who: Annotated[Principal, Depends(principal)],
         tenant: Annotated[str | None, Query(max_length=63, description="admins: one tenant (default: all)")] = None,
-        since: Annotated[str | None, Query(max_length=64, description="ISO-8601 (default: month start, UTC)")] = None,
-        until: Annotated[str | None, Query(max_length=64, description="ISO-8601 (default and latest: now)")] = None,
+        since: Annotated[str | None, Query(min_length=1, max_length=64, description=SINCE), DATE_TIME] = None,
+        until: Annotated[str | None, Query(min_length=1, max_length=64, description=UNTIL), DATE_TIME] = None,
     ) -> UsageView:
         """Running vCPU- and GiB-seconds, suspended seconds, snapshot and image GiB-hours and builds,
         per tenant and per VM, in ``[since, until)``."""

@@ -15,6 +15,9 @@ from fastapi import Depends, FastAPI, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ember.api.auth import principal, tenant_filter
+from ember.api.models import ClientToken, CreatedWebhook
+from ember.api.models import Delivery as DeliveryView
+from ember.api.models import Webhook as WebhookView
 from ember.db.webhooks import Delivery, Webhook
 from ember.errors import WebhookNotFound
 from ember.tenancy.idempotency import Idempotency, Settle
@@ -31,8 +34,11 @@ Who = Annotated[Principal, Depends(principal)]  # module level: FastAPI resolves
 class WebhookBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1, max_length=MAX_URL)
-    client_token: str | None = Field(default=None, min_length=1, max_length=64)
+    url: str = Field(
+        min_length=1, max_length=MAX_URL, pattern=r"^https?://",
+        description="http:// or https://, at public addresses (or a host in EMBER_WEBHOOK_TRUSTED_HOSTS)",
+    )  # fmt: skip
+    client_token: ClientToken | None = None
 
 
 def webhook_view(hook: Webhook) -> dict[str, Any]:
@@ -57,7 +63,7 @@ def add_webhook_routes(app: FastAPI, daemon: Daemon) -> None:
             raise WebhookNotFound(webhook_id[:64])
         return hook
 
-    @app.post("/v1/webhooks", status_code=201)
+    @app.post("/v1/webhooks", status_code=201, response_model=CreatedWebhook)
     async def create_webhook(body: WebhookBody, who: Who) -> dict[str, Any]:
         """Register a URL that receives every VM event of the tenant; the answer's ``secret`` signs them."""
 
@@ -72,12 +78,12 @@ def add_webhook_routes(app: FastAPI, daemon: Daemon) -> None:
 
         return await once.create(who, "webhook", body.client_token, body.model_dump(mode="json"), create, existing)
 
-    @app.get("/v1/webhooks")
+    @app.get("/v1/webhooks", response_model=list[WebhookView])
     async def list_webhooks(who: Who, tenant: str | None = None) -> list[dict[str, Any]]:
         found = await asyncio.to_thread(store.list_webhooks, tenant=tenant_filter(who, tenant))
         return [webhook_view(h) for h in found]
 
-    @app.get("/v1/webhooks/{webhook_id}")
+    @app.get("/v1/webhooks/{webhook_id}", response_model=WebhookView)
     async def get_webhook(webhook_id: str, who: Who) -> dict[str, Any]:
         return webhook_view(await owned(webhook_id, who))
 
@@ -88,7 +94,7 @@ def add_webhook_routes(app: FastAPI, daemon: Daemon) -> None:
             raise WebhookNotFound(webhook_id[:64])
         return Response(status_code=204)
 
-    @app.get("/v1/webhooks/{webhook_id}/deliveries")
+    @app.get("/v1/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryView])
     async def list_deliveries(
         webhook_id: str, who: Who, limit: Annotated[int, Query(ge=1, le=MAX_DELIVERIES)] = 100
     ) -> list[dict[str, Any]]:
