@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
+import pydantic_core
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
@@ -197,7 +198,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
         return await once.create(who, "vm", body.client_token, body.model_dump(mode="json"), create, existing)
 
-    @app.get("/v1/vms", response_model=list[Vm], **UNSET)
+    @app.get("/v1/vms", response_model=list[Vm])
     async def list_vms(
         who: Principal = Depends(principal),
         state: VmState | None = None,
@@ -207,24 +208,26 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         ),
         all: bool = False,
         tenant: str | None = Query(default=None, max_length=63),
-    ) -> list[dict[str, Any]]:
+    ) -> Response:
         """VMs, oldest first. ``tag=K=V`` (repeatable) keeps those with every tag; ``all`` adds TERMINATED ones."""
         wanted = _tag_filters(tag)
 
-        def listed() -> list[dict[str, Any]]:
+        def listed() -> bytes:
             records = engine.store.list_vms(
                 tenant=tenant_filter(who, tenant), terminated=all or state is VmState.TERMINATED,
                 terminated_since=ago(daemon.settings.terminated_retention_s),
             )  # fmt: skip
-            return [
+            # written as they are: each is vm_view's, the shape GET /v1/vms/{id} checks against Vm; checking
+            # hundreds again here would cost more than the whole list (the benchmark's list p95 <= 20 ms)
+            return pydantic_core.to_json([
                 vm_view(v) for v in records
                 if (state is None or v.state is state) and (image is None or names.public(v.image) == image
                                                             or names.public(v.image).partition(":")[0] == image)
                 and all_tags(v, wanted)
-            ]  # fmt: skip
+            ])  # fmt: skip
 
-        # every record read and decoded: milliseconds with hundreds of VMs, so off the event loop
-        return await asyncio.to_thread(listed)
+        # every record read, decoded and written: milliseconds with hundreds of VMs, so off the event loop
+        return Response(await asyncio.to_thread(listed), media_type="application/json")
 
     def all_tags(vm: VmRecord, wanted: dict[str, str]) -> bool:
         return all(vm.tags.get(k) == v for k, v in wanted.items())
