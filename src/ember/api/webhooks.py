@@ -35,7 +35,7 @@ class WebhookBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(
-        min_length=1, max_length=MAX_URL, pattern=r"^https?://",
+        min_length=1, max_length=MAX_URL,
         description="http:// or https://, at public addresses (or a host in EMBER_WEBHOOK_TRUSTED_HOSTS)",
     )  # fmt: skip
     client_token: ClientToken | None = None
