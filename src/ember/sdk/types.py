@@ -200,10 +200,11 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class CreatedKey:
-    """A new key with its secrets, which the daemon shows this once."""
+    """A new key with its secrets, which the daemon shows this once: a retry with the same client_token
+    answers the key without them (``api_key`` and ``secret_access_key`` are "")."""
 
     key_id: str
-    api_key: str
+    api_key: str = ""
     tenant: str | None = None
     name: str = ""
     access_key_id: str = ""
