@@ -1,6 +1,7 @@
 """The OpenAPI document's shared parts: the error model, each route's error answers, and what every route can answer.
 
-Every error is ``ErrorBody``. A route declares the errors its own code raises with ``responses=errors(...)``;
+Success bodies are the models of :mod:`ember.api.models` (each route's ``response_model``). Every error is
+``ErrorBody``. A route declares the errors its own code raises with ``responses=errors(...)``;
 ``document(app)`` adds what every route can answer because of the request guard and FastAPI's validation
 (ember.api.guard, ember.api.auth): 400 (a parameter or body that does not validate), 401 (no, unknown or
 revoked key), 403 (a foreign Host/Origin, a tenant key naming another tenant), 404 (an admin's
