@@ -8,12 +8,13 @@ Each operation gets ``EXAMPLES`` positive cases (valid per the document) and as 
 (invalid on purpose); every answer must be no 5xx, of a status the operation documents, of the
 documented Content-Type and headers, with a body matching the documented (typed) schema; invalid input
 must be refused, and valid input accepted: the document states every limit the daemon's validation
-has, except the few rules in ``RULES_NOT_IN_THE_DOCUMENT``. Generation is derandomized: a run is
-repeatable.
+has, except the few rules in ``RULES_NOT_IN_THE_DOCUMENT`` and ``holds_nul``. Generation is
+derandomized: a run is repeatable.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -226,6 +227,13 @@ def test_the_daemon_keeps_to_its_document_under_fuzzing(api: Api, document: dict
     assert vms.status_code == 200 and vms.json() == [], vms.text
 
 
+def holds_nul(case: Any) -> bool:
+    """A NUL character in the case's path, query or JSON body: every route refuses one (ember.api.guard:
+    no name or id holds one; PostgreSQL stores none), a rule the document does not state."""
+    body = case.body if isinstance(case.body, (dict, list, str)) else None
+    return "\\u0000" in json.dumps((case.path_parameters, case.query, body), default=str)
+
+
 def fuzz_one(
     operation: Any,
     mode: GenerationMode,
@@ -250,14 +258,14 @@ def fuzz_one(
     def run(case: Any) -> None:
         response = case.call(base_url=api.base, session=session, headers=api.headers, timeout=30)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-        case.validate_response(response, checks=checks_for(label, response), headers=api.headers)
+        case.validate_response(response, checks=checks_for(label, case, response), headers=api.headers)
 
     label = f"{operation.method.upper()} {operation.path}"
     acceptance = CHECKS.get_one("positive_data_acceptance")
     without_acceptance = [check for check in checks if check is not acceptance]
 
-    def checks_for(label: str, response: requests.Response) -> list[Any]:
-        if label in NOT_ACCEPTANCE_CHECKED:
+    def checks_for(label: str, case: Any, response: requests.Response) -> list[Any]:
+        if label in NOT_ACCEPTANCE_CHECKED or (response.status_code == 400 and holds_nul(case)):
             return without_acceptance
         rule = RULES_NOT_IN_THE_DOCUMENT.get(label)
         if rule is not None and response.status_code == 400 and rule.search(response.json().get("message", "")):
