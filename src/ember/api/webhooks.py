@@ -18,6 +18,7 @@ from ember.api.auth import principal, tenant_filter
 from ember.api.models import ClientToken, CreatedWebhook
 from ember.api.models import Delivery as DeliveryView
 from ember.api.models import Webhook as WebhookView
+from ember.api.schema import errors
 from ember.db.webhooks import Delivery, Webhook
 from ember.errors import WebhookNotFound
 from ember.tenancy.idempotency import Idempotency, Settle
@@ -63,7 +64,7 @@ def add_webhook_routes(app: FastAPI, daemon: Daemon) -> None:
             raise WebhookNotFound(webhook_id[:64])
         return hook
 
-    @app.post("/v1/webhooks", status_code=201, response_model=CreatedWebhook)
+    @app.post("/v1/webhooks", status_code=201, response_model=CreatedWebhook, responses=errors(409))
     async def create_webhook(body: WebhookBody, who: Who) -> dict[str, Any]:
         """Register a URL that receives every VM event of the tenant; the answer's ``secret`` signs them."""
 
