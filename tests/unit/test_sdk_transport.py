@@ -1,5 +1,6 @@
-"""The sync client's stdlib HTTP against a real HTTP/1.1 server on a Unix socket (no daemon):
-keep-alive, chunked uploads, NDJSON streams read line by line, typed errors; and the SDK's imports."""
+"""The sync client's HTTP/1.1 (ember.sdk.transport) against a real HTTP/1.1 server on a Unix socket (no
+daemon): keep-alive, chunked uploads, NDJSON streams read line by line, typed errors; against a raw
+server sending malformed, oversized or cut-short answers; and the SDK's imports."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -16,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from ember.config import Settings
-from ember.sdk import Client, ConnectError, InvalidState, NotFound, RateLimited
+from ember.sdk import ApiError, Client, ConnectError, InvalidState, NotFound, ProtocolError, RateLimited, Request
 from ember.sdk.context import context_tar
+from ember.sdk.core import MAX_LINE
 from ember.sdk.errors import ContextError
 
 
@@ -80,7 +83,7 @@ class Handler(BaseHTTPRequestHandler):
 def client(tmp_path: Path) -> Iterator[Client]:
     sock = tmp_path / "s.sock"
     server = socketserver.ThreadingUnixStreamServer(str(sock), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     Handler.seen.clear()
     Handler.ports.clear()
@@ -162,3 +165,165 @@ def test_the_sdk_and_the_cli_import_no_server_module_nor_httpx_or_click() -> Non
     assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout == (
         "True True\n"
     )
+
+
+# ---- the HTTP/1.1 client against answers a buggy or foreign server might send ----------------
+
+
+class Scripted(socketserver.StreamRequestHandler):
+    """Reads each request (head and Content-Length or chunked body) and writes the next scripted
+    answer, then closes the connection if the answer says so (HTTP/1.0, Connection: close). An answer
+    b"" reads the request and closes the connection without answering; None closes it at once (an
+    idle connection, after the previous answer). Records each connection's requests."""
+
+    answers: list[bytes | None] = []  # noqa: RUF012 (one server per test)
+    requests: list[tuple[int, bytes]] = []  # noqa: RUF012 (connection number, request head)
+    connections = 0
+
+    def handle(self) -> None:
+        Scripted.connections += 1
+        number = Scripted.connections
+        while True:
+            if Scripted.answers and Scripted.answers[0] is None:
+                Scripted.answers.pop(0)
+                return
+            head = b""
+            while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                head += line
+            if not head:
+                return
+            Scripted.requests.append((number, head))
+            if b"transfer-encoding: chunked" in head.lower():
+                while size := int(self.rfile.readline().strip(), 16):
+                    self.rfile.read(size + 2)
+                self.rfile.readline()
+            else:
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        self.rfile.read(int(line.split(b":")[1]))
+            answer = Scripted.answers.pop(0) if Scripted.answers else b""
+            if not answer:
+                return
+            try:
+                self.wfile.write(answer)
+                self.wfile.flush()
+            except BrokenPipeError:
+                return  # the client stopped reading (an answer over a bound)
+            if answer.startswith(b"HTTP/1.0") or b"Connection: close" in answer:
+                return
+
+
+@pytest.fixture
+def scripted(tmp_path: Path) -> Iterator[tuple[Client, list[bytes | None]]]:
+    sock = tmp_path / "raw.sock"
+    server = socketserver.ThreadingUnixStreamServer(str(sock), Scripted)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    Scripted.answers, Scripted.requests, Scripted.connections = [], [], 0
+    with Client(settings=Settings(data_dir=tmp_path, socket_path=sock)) as c:
+        yield c, Scripted.answers
+    server.shutdown()
+    server.server_close()
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+WHOAMI = b'{"tenant": "t", "admin": false, "key_id": ""}'
+
+
+def ok(body: bytes = WHOAMI, extra: bytes = b"") -> bytes:
+    return OK_HEAD + b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"garbage\r\n\r\n", "status line"),
+        (b"HTTP/2.0 200 OK\r\n\r\n", "status line"),
+        (b"HTTP/1.1 99999 OK\r\n\r\n", "status line"),
+        (b"HTTP/1.1 700 Odd\r\n\r\n", "status 700"),
+        (b"HTTP/1.1 200 OK" + b"x" * 70_000, "status line"),
+        (OK_HEAD + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n", "header line over 65536 bytes"),
+        (OK_HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", "over 100 headers"),
+        (OK_HEAD + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 5000) for i in range(60)) + b"\r\n", "over 262144 bytes"),
+        (OK_HEAD + b"Bad Name: x\r\n\r\n", "malformed header"),
+        (OK_HEAD + b"X-A: 1\r\n folded\r\n\r\n", "malformed header"),
+        (OK_HEAD + b"Content-Length: -1\r\n\r\n", "Content-Length"),
+        (OK_HEAD + b"Content-Length: 2, 3\r\n\r\n{}", "Content-Length"),
+        (OK_HEAD + b"Content-Length: 99999999999999999999999\r\n\r\n", "Content-Length"),
+        (OK_HEAD + b"Content-Length: 100\r\n\r\n{}", "cut short"),
+        (OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 20 + b"\r\n", "chunk size"),
+        (OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", "not ended by CRLF"),
+        (OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n9\r\n{}", "cut short"),
+        (OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + b"X: 1\r\n" * 101 + b"\r\n", "trailer"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "101"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + ok(), "interim"),
+        (OK_HEAD + b"Content-Length: 0", "cut short"),
+    ],
+)
+def test_a_malformed_answer_is_a_protocol_error_never_a_hang(
+    scripted: tuple[Client, list[bytes | None]], answer: bytes, error: str
+) -> None:
+    client, answers = scripted
+    answers += [answer, None]  # and the connection closes
+    with pytest.raises(ProtocolError, match=error):
+        client.whoami()
+
+
+def test_framings_interim_answers_and_connection_reuse(scripted: tuple[Client, list[bytes | None]]) -> None:
+    client, answers = scripted
+    chunked = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5;ext=1\r\n" + WHOAMI[:5] + b"\r\n"
+    chunked += b"%x\r\n" % (len(WHOAMI) - 5) + WHOAMI[5:] + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    answers += [
+        b"HTTP/1.1 100 Continue\r\n\r\n" + ok(),  # interim answers are skipped
+        chunked,  # chunks with an extension and a trailer, same connection
+        ok(extra=b"Connection: close\r\n"),  # the daemon closes after it: the next request opens another
+        b"HTTP/1.0 200 OK\r\n\r\n" + WHOAMI,  # HTTP/1.0, body up to the close
+        ok(),  # reused no more (the HTTP/1.0 answer ended with the close)
+    ]
+    for _ in range(5):
+        assert client.whoami().tenant == "t"
+    assert [n for n, _ in Scripted.requests] == [1, 1, 1, 2, 3]
+    head = Scripted.requests[0][1]
+    assert head.startswith(b"GET /v1/whoami HTTP/1.1\r\nHost: ember\r\n")
+
+
+def test_a_kept_alive_connection_the_daemon_closed_is_replaced(scripted: tuple[Client, list[bytes | None]]) -> None:
+    client, answers = scripted
+    answers += [ok(), None, ok()]  # after its first answer the daemon closes the idle connection
+    assert client.whoami().tenant == "t"
+    time.sleep(0.1)
+    assert client.whoami().tenant == "t"
+    answers += [b"", ok()]  # the daemon reads the next request, then closes without an answer
+    assert client.whoami().tenant == "t"  # sent once more, on a new connection
+    assert [n for n, _ in Scripted.requests] == [1, 2, 2, 3]
+
+
+def test_a_connection_closed_before_any_answer_is_a_connect_error(scripted: tuple[Client, list[bytes | None]]) -> None:
+    client, answers = scripted
+    answers.append(b"")
+    with pytest.raises(ConnectError, match="closed the connection"):
+        client.whoami()
+
+
+def test_stream_lines_and_error_bodies_are_bounded(scripted: tuple[Client, list[bytes | None]]) -> None:
+    client, answers = scripted
+    huge = b"a" * (MAX_LINE + 1)
+    answers.append(OK_HEAD + b"Content-Length: %d\r\n\r\n" % len(huge) + huge)
+    with pytest.raises(ProtocolError, match="stream line over"):
+        list(client.stream(Request("GET", "/v1/x")))
+    error = b'{"error": "VmNotFound", "message": "' + b"m" * (2 << 20) + b'"}'
+    answers += [b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n" % len(error) + error, ok()]
+    with pytest.raises(ApiError) as info:  # cut at 1 MiB: not JSON any more, still the status's class
+        client.vms.get("vm-1")
+    assert isinstance(info.value, NotFound) and len(str(info.value)) <= 2000
+    assert client.whoami().tenant == "t"
+    assert Scripted.connections == 3  # the cut answer's connection was not reused
+
+
+def test_a_header_or_target_that_could_split_the_request_is_refused_before_sending(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, socket_path=tmp_path / "none.sock")
+    with Client(api_key="k\r\nX-Evil: 1", settings=settings) as c, pytest.raises(ValueError, match="control"):
+        c.whoami()  # refused before connecting (no daemon is there)
+    with Client(settings=settings) as c, pytest.raises(ValueError, match="target"):
+        c.send(Request("GET", "/v1/vms x"))
