@@ -32,7 +32,10 @@ class Settings:
     quota_suspended_vms: int = _env("EMBER_QUOTA_SUSPENDED_VMS", 500)
     quota_images: int = _env("EMBER_QUOTA_IMAGES", 100)
     quota_storage_bytes: int = _env("EMBER_QUOTA_STORAGE_BYTES", 500 * 1024**3)
-    quota_concurrent_builds: int = _env("EMBER_QUOTA_CONCURRENT_BUILDS", 2)
+    quota_concurrent_builds: int = _env("EMBER_QUOTA_CONCURRENT_BUILDS", 1)  # below EMBER_MAX_BUILDS: one tenant
+    # cannot hold every build slot
+    # Live (unrevoked) API keys one tenant may hold: each key has its own rate limit.
+    keys_per_tenant: int = _env("EMBER_KEYS_PER_TENANT", 20)
     # Requests per second each API key may make on average, and its burst (a token bucket); root on the socket
     # is not limited.
     rate_limit_per_s: float = _env("EMBER_RATE_LIMIT_PER_S", 200.0)

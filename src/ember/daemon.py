@@ -29,6 +29,7 @@ from ember.host.binaries import ensure_jailer
 from ember.images import BASE_IMAGE, ImageStore
 from ember.recovery import recover
 from ember.runtime import Host, UidPool
+from ember.tenancy.idempotency import KEPT_S
 from ember.tenancy.keys import token_hash
 from ember.tenancy.quotas import QuotaGate
 from ember.tenancy.secrets import SecretBox
@@ -106,7 +107,7 @@ async def assemble(settings: Settings) -> Daemon:
     builds = BuildService(store, images, allocate_uid=uids.allocate, release_uid=uids.release)
     await recover(engine)  # first: it kills a killed daemon's build VMMs before the egress filter is renewed
     builds.interrupted()
-    engine.spawn_chore(forget_terminated(store, settings.terminated_retention_s))
+    engine.spawn_chore(forget_terminated(store, tenants, settings.terminated_retention_s))
     engine.spawn_chore(StorageSampler(settings, store).run())  # storage GiB-hours (ember.usage)
     base = store.get_image(BASE_IMAGE)
     if base is not None:
@@ -129,14 +130,18 @@ def forget_before(now: datetime, retention_s: float) -> str:
     return min(listed, previous_month).isoformat(timespec="milliseconds")
 
 
-async def forget_terminated(store: Store, retention_s: float) -> None:
-    """Every hour, forget VMs terminated before :func:`forget_before` (and their events)."""
+async def forget_terminated(store: Store, tenants: TenantStore, retention_s: float) -> None:
+    """Every hour, forget VMs terminated before :func:`forget_before` (and their events), and client tokens
+    past the day they answer retries."""
     while True:
-        cutoff = forget_before(datetime.now(UTC), retention_s)
+        now = datetime.now(UTC)
+        cutoff = forget_before(now, retention_s)
         try:
             gone = await asyncio.to_thread(store.purge_terminated, cutoff)
             if gone:
                 log.info("forgot %d VMs terminated before %s", gone, cutoff)
+            tokens_before = (now - timedelta(seconds=KEPT_S)).isoformat(timespec="milliseconds")
+            await asyncio.to_thread(tenants.purge_tokens, tokens_before)
         except Exception:  # a busy or full database: try again next time
             log.exception("forgetting terminated VMs failed")
         await asyncio.sleep(PURGE_EVERY_S)

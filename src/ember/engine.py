@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -33,6 +34,7 @@ from ember.errors import (
     InvalidRequest,
     VmmError,
     VmNotFound,
+    log_with_id,
 )
 from ember.images import ImageStore
 from ember.logs import vlog
@@ -91,6 +93,14 @@ class Timings:
     total_ms: float
     phases_ms: dict[str, float]
     bytes_written: int = 0
+
+
+def public_reason(exc: BaseException) -> str:
+    """What a VM's record, events and webhooks may say of ``exc``: Ember's own message (written for the
+    client), else only an id under which the daemon log has the details (host paths, QMP text)."""
+    if isinstance(exc, EmberError):
+        return str(exc)[:2000]
+    return f"internal error; the daemon log has the details under id {log_with_id('VM state change', exc=exc)}"
 
 
 @dataclass(frozen=True)
@@ -174,7 +184,8 @@ class Engine:
                 failed = record.moved(VmState.FAILED, StateReason.VMM_EXITED, "the VMM exited unasked", pid=0)
                 await self.save_async(failed)
 
-        self._watchers[vm.id] = asyncio.create_task(watch(), name=f"watch-{vm.id}")
+        # a fresh context: what the watcher records is the daemon's doing (actor "system"), not the launcher's
+        self._watchers[vm.id] = asyncio.create_task(watch(), name=f"watch-{vm.id}", context=contextvars.Context())
 
     async def take_charge(
         self, record: VmRecord, vm: MicroVm, token: str, reason: StateReason, ram: RamMode | None = None
@@ -195,7 +206,7 @@ class Engine:
 
     def spawn_chore(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` in the background; cancelled when the daemon stops."""
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(work, context=contextvars.Context())  # the daemon's own work: actor "system"
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
 
@@ -316,9 +327,9 @@ class Engine:
             token=image.token, ram=RamMode.CLONE, tenant=options.tenant, env=dict(options.env),
             tags=dict(options.tags),
         )  # fmt: skip
-        if options.on_record is not None:
-            options.on_record(vm_id)
         await asyncio.to_thread(self.store.insert_vm, record)
+        if options.on_record is not None:
+            options.on_record(vm_id)  # after the commit: a quota check from here on counts this VM
         self.host.uids.settle(uid)
         async with self._lock(vm_id):
             vm: MicroVm | None = warm.vm if warm is not None else None
@@ -337,8 +348,7 @@ class Engine:
                 if vm is not None:
                     await vm.close()
                 await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-                why = str(exc)[:2000] or type(exc).__name__
-                failed = record.moved(VmState.TERMINATED, StateReason.LAUNCH_FAILED, why, uid=0)
+                failed = record.moved(VmState.TERMINATED, StateReason.LAUNCH_FAILED, public_reason(exc), uid=0)
                 await self.save_async(replace(failed, terminated_at=failed.updated_at))
                 raise
             finally:
@@ -484,14 +494,14 @@ class Engine:
             vlog(record.id).warning("suspend failed (%s); the VM keeps running", exc)
             with contextlib.suppress(EmberError):
                 await vm.vmm.resume()
-            await self.save_async(record.moved(VmState.RUNNING, StateReason.SUSPEND_FAILED, str(exc)))
+            await self.save_async(record.moved(VmState.RUNNING, StateReason.SUSPEND_FAILED, public_reason(exc)))
             return
         # The VMM already stopped: put its files back and give up on this VM.
         self._runtimes.pop(record.id, None)
         await vm.close()
         for stray in layout.root.glob(".suspend.tmp-*"):
             move_files(stray, layout.root, layout.own_files(record.ram))
-        message = f"the VMM had stopped: {exc}"
+        message = f"the VMM had stopped: {public_reason(exc)}"
         await self.save_async(record.moved(VmState.FAILED, StateReason.SUSPEND_FAILED, message, pid=0))
 
     @timed(Operation.RESUME)
@@ -545,7 +555,7 @@ class Engine:
                 move_files(layout.root, snap.path, moved)
                 await asyncio.to_thread(hand_over, [snap.path / name for name in moved], 0)
                 vlog(vm_id).error("resume failed: %s", exc)
-                await self.save_async(record.moved(VmState.SUSPENDED, StateReason.RESUME_FAILED, str(exc)))
+                await self.save_async(record.moved(VmState.SUSPENDED, StateReason.RESUME_FAILED, public_reason(exc)))
                 raise
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
             consumed = snap.path.rename(layout.root / f".consumed-{secrets.token_hex(4)}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.api.auth import Authenticator
@@ -29,7 +30,7 @@ from ember.api.tenants import add_tenant_routes
 from ember.api.usage import add_usage_routes
 from ember.api.vms import accel_view, add_vm_routes
 from ember.api.webhooks import add_webhook_routes
-from ember.errors import EmberError, TooManyRequests, log_with_id
+from ember.errors import EmberError, InvalidRequest, TooManyRequests, log_with_id
 
 if TYPE_CHECKING:
     from ember.daemon import Daemon
@@ -44,6 +45,12 @@ def add_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, TooManyRequests) and exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(DataError)
+    async def unstorable(_: Request, exc: DataError) -> JSONResponse:
+        # a value the database refuses (PostgreSQL: a NUL character in text, a number out of range)
+        refused = InvalidRequest("a value in the request cannot be stored (a NUL character, or a number out of range)")
+        return JSONResponse(error_body(refused), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

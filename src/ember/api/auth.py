@@ -12,6 +12,7 @@ so the events a request causes name it as their actor.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 from collections import OrderedDict
@@ -31,7 +32,8 @@ Scope = MutableMapping[str, Any]
 PEER_UID = "ember.peer_uid"
 PRINCIPAL = "ember.principal"
 TENANT_HEADER = "x-ember-tenant"
-KEY_CACHE = 10_000  # known keys remembered (revocations and new keys in this daemon update it)
+KEY_CACHE = 10_000  # known keys (and unknown tokens) remembered; a revocation in this daemon updates it
+TOKEN_SHAPE = re.compile(r"^(ember_)?[A-Za-z0-9_-]{32,64}$")  # an API key, or the api-token file's admin key
 
 
 class PeerCredProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
@@ -58,6 +60,7 @@ class Authenticator:
         self.tenants = tenants
         self.limiter = limiter
         self._keys: OrderedDict[str, KeyRecord] = OrderedDict()
+        self._unknown: OrderedDict[str, None] = OrderedDict()  # hashes of tokens that are no live key
 
     def forget(self, key_id: str) -> None:
         """A key was revoked: it stops working with the next request."""
@@ -66,11 +69,19 @@ class Authenticator:
                 del self._keys[digest]
 
     def _key(self, token: str) -> KeyRecord | None:
+        """The live key ``token`` is; a token of no key's shape, or one just found unknown, costs no query."""
+        if not TOKEN_SHAPE.match(token):
+            return None
         digest = token_hash(token)
         key = self._keys.get(digest)
         if key is None:
+            if digest in self._unknown:  # a random token cannot become a key later: no expiry needed
+                return None
             key = self.tenants.key_by_hash(digest)
             if key is None or key.revoked_at:
+                self._unknown[digest] = None
+                if len(self._unknown) > KEY_CACHE:
+                    self._unknown.popitem(last=False)
                 return None
             self._keys[digest] = key
             if len(self._keys) > KEY_CACHE:

@@ -150,7 +150,10 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits:
             release = await admitted.__aenter__()
 
             async def run(emit: Emit) -> dict[str, Any]:
+                made: list[BuildRecord] = []
+
                 def recorded(record: BuildRecord) -> None:
+                    made.append(record)
                     settle(record.name)
                     release()
 
@@ -159,6 +162,8 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits:
                 finally:
                     await admitted.__aexit__(None, None, None)
                     await asyncio.to_thread(remove_tree, tmp)
+                    if not made:  # refused before its record (a name taken, bad input): a retry runs again
+                        once.release(who, "build", client_token)
                 image = builds.store.get_image(record.name) if record.state is BuildState.CREATED else None
                 if image is not None:
                     engine.warm_up(image)

@@ -20,7 +20,15 @@ from typing import Any
 
 from ember.api.auth import PEER_UID, PRINCIPAL, Authenticator
 from ember.config import Settings
-from ember.errors import EmberError, Forbidden, HostSetupError, PayloadTooLarge, TooManyRequests, Unauthorized
+from ember.errors import (
+    EmberError,
+    Forbidden,
+    HostSetupError,
+    InvalidRequest,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+)
 from ember.tenancy.principal import CURRENT
 
 Scope = MutableMapping[str, Any]
@@ -181,12 +189,18 @@ class RequestGuard:
         self.auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no WebSocket route is served yet: fail closed
+            await send({"type": "websocket.close", "code": 1008})
             return
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         if self.tcp is not None and (refused := self.tcp.refusal(headers)) is not None:
             await reply(send, refused, close=True)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope["query_string"].lower():
+            await reply(send, InvalidRequest("a NUL character in the path or query: no name or id holds one"))
             return
         who = self.auth.principal(headers, scope.get(PEER_UID))
         if isinstance(who, EmberError):

@@ -28,7 +28,7 @@ class Limits:
         return quotas.effective(self.daemon.settings, record.quotas if record else {})
 
     def _saved_bytes(self, vm_id: str) -> int:
-        """Bytes a suspended VM's saved state holds on disk (allocated, links not followed)."""
+        """Bytes a suspended (or failed) VM's files hold on disk (allocated, links not followed)."""
         root = self.daemon.engine.host.layout(vm_id).root
         total = 0
         try:
@@ -49,16 +49,18 @@ class Limits:
         vms = store.list_vms(tenant=tenant)
         running = [v for v in vms if v.state in RUNNING_STATES]
         suspended = [v for v in vms if v.state is VmState.SUSPENDED]
+        # a FAILED VM holds no CPU or memory, but keeps its uid and disk until it is removed
+        failed = [v for v in vms if v.state is VmState.FAILED]
         images = store.list_images((tenant,))
         builds = store.list_builds((tenant,))
         image_bytes = sum(i.disk_bytes + i.memory_bytes for i in images)
         return {
-            Quota.RUNNING_VMS: len(running),
+            Quota.RUNNING_VMS: len(running) + len(failed),
             Quota.RUNNING_VCPUS: sum(v.machine.vcpus for v in running),
             Quota.RUNNING_MEMORY_MIB: sum(v.machine.memory_mib for v in running),
             Quota.SUSPENDED_VMS: len(suspended),
             Quota.IMAGES: len({i.name for i in images} | {b.name for b in builds}),
-            Quota.STORAGE_BYTES: image_bytes + sum(self._saved_bytes(v.id) for v in suspended),
+            Quota.STORAGE_BYTES: image_bytes + sum(self._saved_bytes(v.id) for v in suspended + failed),
             Quota.CONCURRENT_BUILDS: sum(1 for b in builds if b.state is BuildState.BUILDING),
         }
 

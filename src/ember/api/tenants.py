@@ -13,7 +13,7 @@ from ember.api.limits import Limits
 from ember.api.models import UNSET, ApiKey, ClientToken, CreatedKey, Tenant, TenantWithUsage, WhoAmI
 from ember.api.schema import errors
 from ember.db.tenants import KeyRecord, TenantRecord
-from ember.errors import KeyNotFound, TenantNotFound
+from ember.errors import Conflict, KeyNotFound, TenantNotFound
 from ember.tenancy.idempotency import Idempotency
 from ember.tenancy.keys import NewKey, token_hash
 from ember.tenancy.principal import Principal
@@ -123,6 +123,15 @@ def add_tenant_routes(app: FastAPI, daemon: Daemon, auth: Authenticator, limits:
         get_tenant(tenant)
 
         async def create(settle: Any) -> dict[str, Any]:
+            async with daemon.quotas.lock(tenant):  # the count and the insert together: the cap holds
+                return make(settle)
+
+        def make(settle: Any) -> dict[str, Any]:
+            live = [k for k in tenants.list_keys(tenant) if not k.revoked_at]
+            cap = daemon.settings.keys_per_tenant
+            if len(live) >= cap:
+                raise Conflict(f"tenant {tenant} has {len(live)} live API keys, the most it may hold "
+                               f"(EMBER_KEYS_PER_TENANT={cap}): revoke one with 'ember key revoke KEY_ID'")  # fmt: skip
             new = NewKey.make()
             record = KeyRecord(
                 key_id=new.key_id, tenant=tenant, name=body.name, token_hash=token_hash(new.api_key),

@@ -307,7 +307,8 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         async def existing(image_name: str) -> dict[str, Any]:
             return image_view(engine.images.get(image_name))
 
-        return await once.create(who, "snapshot", body.client_token, body.model_dump(mode="json"), create, existing)
+        request = {"vm_id": vm.id, **body.model_dump(mode="json")}  # the same token on another VM is a 409
+        return await once.create(who, "snapshot", body.client_token, request, create, existing)
 
     add_exec_routes(app, daemon, owned_vm)
 

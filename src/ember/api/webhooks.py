@@ -69,7 +69,8 @@ def add_webhook_routes(app: FastAPI, daemon: Daemon) -> None:
         """Register a URL that receives every VM event of the tenant; the answer's ``secret`` signs them."""
 
         async def create(settle: Settle) -> dict[str, Any]:
-            hook, secret = await hooks.create(who.tenant, body.url)
+            async with daemon.quotas.lock(who.tenant):  # the count and the insert together: the cap holds
+                hook, secret = await hooks.create(who.tenant, body.url)
             settle(hook.id)
             return {**webhook_view(hook), "secret": secret}
 

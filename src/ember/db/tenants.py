@@ -115,9 +115,12 @@ class TenantStore:
             ))  # fmt: skip
 
     # idempotency
-    def claim_token(self, tenant: str, kind: str, token: str, body_hash: str) -> tuple[bool, str, str]:
+    def claim_token(
+        self, tenant: str, kind: str, token: str, body_hash: str, abandoned_before: str = ""
+    ) -> tuple[bool, str, str]:
         """Claim ``token`` for a create call: (claimed by us, body hash, resource id of whoever holds it; "" while
-        its create runs)."""
+        its create runs). A claim still without a resource made before ``abandoned_before`` was abandoned (its
+        daemon died mid-create): it is taken over."""
         row = {"tenant": tenant, "kind": kind, "token": token, "body_hash": body_hash, "resource_id": "",
                "created_at": utcnow()}  # fmt: skip
         try:
@@ -126,10 +129,15 @@ class TenantStore:
             return True, body_hash, ""
         except IntegrityError:
             with self.engine.connect() as c:
-                held = c.execute(select(idempotency.c.body_hash, idempotency.c.resource_id).where(*self._key(
-                    tenant, kind, token))).first()  # fmt: skip
-            if held is None:  # released between our insert and this read: claim again
-                return self.claim_token(tenant, kind, token, body_hash)
+                held = c.execute(select(idempotency.c.body_hash, idempotency.c.resource_id, idempotency.c.created_at)
+                                 .where(*self._key(tenant, kind, token))).first()  # fmt: skip
+            if held is not None and not held[1] and str(held[2]) < abandoned_before:
+                with self.engine.begin() as c:
+                    c.execute(delete(idempotency).where(*self._key(tenant, kind, token),
+                                                        idempotency.c.created_at == held[2]))  # fmt: skip
+                held = None
+            if held is None:  # released (or abandoned) between our insert and this read: claim again
+                return self.claim_token(tenant, kind, token, body_hash, abandoned_before)
             return False, str(held[0]), str(held[1])
 
     def settle_token(self, tenant: str, kind: str, token: str, resource_id: str) -> None:
@@ -140,6 +148,11 @@ class TenantStore:
         """A create that failed frees its token, so the client's retry runs again."""
         with self.engine.begin() as c:
             c.execute(delete(idempotency).where(*self._key(tenant, kind, token)))
+
+    def purge_tokens(self, before: str) -> int:
+        """Forget client tokens claimed before ``before``: a retry that late makes a new resource."""
+        with self.engine.begin() as c:
+            return int(c.execute(delete(idempotency).where(idempotency.c.created_at < before)).rowcount)
 
     @staticmethod
     def _key(tenant: str, kind: str, token: str) -> tuple[Any, ...]:

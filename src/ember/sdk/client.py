@@ -3,40 +3,40 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from ember.config import Settings
 from ember.sdk import core
+from ember.sdk import types as t
 from ember.sdk.core import Op, Request
 from ember.sdk.errors import ProtocolError
+from ember.sdk.results.vms import VmData
 from ember.sdk.transport import Response, Transport
-from ember.sdk.types import (
-    ApiKey,
-    Build,
-    CreatedKey,
-    CreatedWebhook,
-    Delivery,
-    Event,
-    ExecEvent,
-    ExecExit,
-    ExecOutput,
-    ExecResult,
-    Image,
-    Info,
-    Listing,
-    Tenant,
-    Transition,
-    Usage,
-    VmData,
-    Webhook,
-    Whoami,
-    decode,
-)
+from ember.sdk.types import decode
+
+if TYPE_CHECKING:
+    from ember.sdk.types import (
+        ApiKey,
+        Build,
+        CreatedKey,
+        CreatedWebhook,
+        Delivery,
+        Event,
+        ExecEvent,
+        ExecResult,
+        Image,
+        Info,
+        Listing,
+        Tenant,
+        Transition,
+        Usage,
+        Webhook,
+        Whoami,
+    )
 
 T = TypeVar("T")
 OnOutput = Callable[[str, bytes], None]
@@ -176,12 +176,12 @@ class Vms:
         """Run ``argv`` to its end: its output (``on_output`` gets each piece as it comes) and exit status."""
         out, err = bytearray(), bytearray()
         for event in self.exec_events(vm_id, argv, env=env, cwd=cwd, user=user, timeout_s=timeout_s, stdin=stdin):
-            if isinstance(event, ExecOutput):
+            if isinstance(event, t.ExecOutput):
                 (out if event.stream == "stdout" else err).extend(event.data)
                 if on_output is not None:
                     on_output(event.stream, event.data)
             else:
-                return ExecResult(event.exit_code, event.signal, event.timed_out, bytes(out), bytes(err))
+                return t.ExecResult(event.exit_code, event.signal, event.timed_out, bytes(out), bytes(err))
         raise ProtocolError("the exec stream ended without an exit status")
 
     def exec_events(
@@ -199,13 +199,15 @@ class Vms:
                 for raw in stream:
                     if feed is not None and "stdin" in raw:
                         put = core.exec_stdin_request(vm_id, str(raw["stdin"]), feed.chunks())
+                        import threading  # only an exec with input starts a thread
+
                         sender = threading.Thread(target=self._send_stdin, args=(put,), daemon=True)
                         sender.start()
                         continue
                     event = core.exec_event(raw)
                     if event is not None:
                         yield event
-                        if isinstance(event, ExecExit):
+                        if isinstance(event, t.ExecExit):
                             return
         finally:
             if feed is not None:
@@ -329,7 +331,7 @@ class Images:
             if "progress" in event and on_progress is not None:
                 on_progress(str(event["progress"]))
             elif "image" in event:
-                return decode(Image, event["image"])
+                return decode(t.Image, event["image"])
         raise ProtocolError("the prepare stream ended without its image")
 
     def build(
@@ -351,7 +353,7 @@ class Images:
             if "log" in event and on_log is not None:
                 on_log(str(event["log"]))
             elif "build" in event:
-                return decode(Build, event["build"])
+                return decode(t.Build, event["build"])
         raise ProtocolError("the build stream ended without its result")
 
     def logs(self, name: str, *, tail: int | None = None) -> str:

@@ -13,33 +13,31 @@ import base64
 import json
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from ember.config import Settings
+from ember.sdk import types as t
 from ember.sdk.errors import ProtocolError, api_error
-from ember.sdk.types import (
-    Accelerator,
-    ApiKey,
-    CreatedKey,
-    CreatedWebhook,
-    Delivery,
-    Event,
-    ExecEvent,
-    ExecExit,
-    ExecOutput,
-    FileEntry,
-    Image,
-    Info,
-    Listing,
-    Tenant,
-    Transition,
-    Usage,
-    Webhook,
-    Whoami,
-    decode,
-    decode_list,
-)
+from ember.sdk.types import decode, decode_list
+
+if TYPE_CHECKING:
+    from ember.sdk.types import (
+        ApiKey,
+        CreatedKey,
+        CreatedWebhook,
+        Delivery,
+        Event,
+        ExecEvent,
+        Image,
+        Info,
+        Listing,
+        Tenant,
+        Transition,
+        Usage,
+        Webhook,
+        Whoami,
+    )
 
 T = TypeVar("T")
 Body = bytes | Iterable[bytes] | AsyncIterable[bytes]
@@ -148,9 +146,9 @@ def stream_line(line: bytes) -> dict[str, Any] | None:
 def exec_event(event: Mapping[str, Any]) -> ExecEvent | None:
     """An exec stream's event as a typed one (None for one this SDK does not know)."""
     if "stream" in event:
-        return ExecOutput(str(event["stream"]), base64.b64decode(event.get("data", "")))
+        return t.ExecOutput(str(event["stream"]), base64.b64decode(event.get("data", "")))
     if "exit_code" in event:
-        return decode(ExecExit, event)
+        return decode(t.ExecExit, event)
     return None
 
 
@@ -260,12 +258,12 @@ def vm_list(
 
 
 def vm_transition(vm_id: str, action: str) -> Op[Transition]:
-    return Op(Request("POST", _vm_path(vm_id, action)), lambda data: decode(Transition, data))
+    return Op(Request("POST", _vm_path(vm_id, action)), lambda data: decode(t.Transition, data))
 
 
 def vm_snapshot(vm_id: str, name: str, *, client_token: str | None = None) -> Op[Image]:
     body = _drop_none(name=name, client_token=client_token)
-    return Op(Request("POST", _vm_path(vm_id, "snapshot"), json=body), lambda data: decode(Image, data))
+    return Op(Request("POST", _vm_path(vm_id, "snapshot"), json=body), lambda data: decode(t.Image, data))
 
 
 def vm_remove(vm_id: str) -> Op[None]:
@@ -273,7 +271,7 @@ def vm_remove(vm_id: str) -> Op[None]:
 
 
 def vm_events(vm_id: str) -> Op[list[Event]]:
-    return Op(Request("GET", _vm_path(vm_id, "events")), lambda data: decode_list(Event, data))
+    return Op(Request("GET", _vm_path(vm_id, "events")), lambda data: decode_list(t.Event, data))
 
 
 def exec_request(
@@ -305,18 +303,18 @@ def file_read(vm_id: str, path: str) -> Request:
 
 def file_ls(vm_id: str, path: str) -> Op[Listing]:
     def read(data: Any) -> Listing:
-        entries = tuple(decode_list(FileEntry, data.get("entries") if isinstance(data, dict) else None))
-        return decode(Listing, data, entries=entries)
+        entries = tuple(decode_list(t.FileEntry, data.get("entries") if isinstance(data, dict) else None))
+        return decode(t.Listing, data, entries=entries)
 
     return Op(Request("GET", _vm_path(vm_id, "ls"), {"path": path}), read)
 
 
 def image_list() -> Op[list[Image]]:
-    return Op(Request("GET", "/v1/images"), lambda data: decode_list(Image, data))
+    return Op(Request("GET", "/v1/images"), lambda data: decode_list(t.Image, data))
 
 
 def image_get(name: str) -> Op[Image]:
-    return Op(Request("GET", f"/v1/images/{seg(name)}"), lambda data: decode(Image, data))
+    return Op(Request("GET", f"/v1/images/{seg(name)}"), lambda data: decode(t.Image, data))
 
 
 def image_prepare(name: str = "debian") -> Request:
@@ -349,31 +347,31 @@ def build_request(
 
 def tenant_create(name: str, *, quotas: Mapping[str, int] | None = None) -> Op[Tenant]:
     body = _drop_none(name=name, quotas=dict(quotas) if quotas else None)
-    return Op(Request("POST", "/v1/tenants", json=body), lambda data: decode(Tenant, data))
+    return Op(Request("POST", "/v1/tenants", json=body), lambda data: decode(t.Tenant, data))
 
 
 def tenant_list() -> Op[list[Tenant]]:
-    return Op(Request("GET", "/v1/tenants"), lambda data: decode_list(Tenant, data))
+    return Op(Request("GET", "/v1/tenants"), lambda data: decode_list(t.Tenant, data))
 
 
 def tenant_get(name: str) -> Op[Tenant]:
-    return Op(Request("GET", f"/v1/tenants/{seg(name)}"), lambda data: decode(Tenant, data))
+    return Op(Request("GET", f"/v1/tenants/{seg(name)}"), lambda data: decode(t.Tenant, data))
 
 
 def tenant_set_quotas(name: str, quotas: Mapping[str, int]) -> Op[Tenant]:
     req = Request("PATCH", f"/v1/tenants/{seg(name)}", json={"quotas": dict(quotas)})
-    return Op(req, lambda data: decode(Tenant, data))
+    return Op(req, lambda data: decode(t.Tenant, data))
 
 
 def key_create(
     *, tenant: str | None = None, name: str | None = None, client_token: str | None = None
 ) -> Op[CreatedKey]:
     body = _drop_none(tenant=tenant, name=name, client_token=client_token)
-    return Op(Request("POST", "/v1/keys", json=body), lambda data: decode(CreatedKey, data))
+    return Op(Request("POST", "/v1/keys", json=body), lambda data: decode(t.CreatedKey, data))
 
 
 def key_list(*, tenant: str | None = None) -> Op[list[ApiKey]]:
-    return Op(Request("GET", "/v1/keys", _drop_none(tenant=tenant)), lambda data: decode_list(ApiKey, data))
+    return Op(Request("GET", "/v1/keys", _drop_none(tenant=tenant)), lambda data: decode_list(t.ApiKey, data))
 
 
 def key_revoke(key_id: str) -> Op[None]:
@@ -382,15 +380,15 @@ def key_revoke(key_id: str) -> Op[None]:
 
 def webhook_create(url: str, *, client_token: str | None = None) -> Op[CreatedWebhook]:
     body = _drop_none(url=url, client_token=client_token)
-    return Op(Request("POST", "/v1/webhooks", json=body), lambda data: decode(CreatedWebhook, data))
+    return Op(Request("POST", "/v1/webhooks", json=body), lambda data: decode(t.CreatedWebhook, data))
 
 
 def webhook_list() -> Op[list[Webhook]]:
-    return Op(Request("GET", "/v1/webhooks"), lambda data: decode_list(Webhook, data))
+    return Op(Request("GET", "/v1/webhooks"), lambda data: decode_list(t.Webhook, data))
 
 
 def webhook_get(webhook_id: str) -> Op[Webhook]:
-    return Op(Request("GET", f"/v1/webhooks/{seg(webhook_id)}"), lambda data: decode(Webhook, data))
+    return Op(Request("GET", f"/v1/webhooks/{seg(webhook_id)}"), lambda data: decode(t.Webhook, data))
 
 
 def webhook_delete(webhook_id: str) -> Op[None]:
@@ -399,26 +397,26 @@ def webhook_delete(webhook_id: str) -> Op[None]:
 
 def webhook_deliveries(webhook_id: str, *, limit: int | None = None) -> Op[list[Delivery]]:
     req = Request("GET", f"/v1/webhooks/{seg(webhook_id)}/deliveries", _drop_none(limit=limit))
-    return Op(req, lambda data: decode_list(Delivery, data))
+    return Op(req, lambda data: decode_list(t.Delivery, data))
 
 
 def event_list(*, vm: str | None = None, since: int | None = None, limit: int | None = None) -> Op[list[Event]]:
     req = Request("GET", "/v1/events", _drop_none(vm=vm, since=since, limit=limit))
-    return Op(req, lambda data: decode_list(Event, data))
+    return Op(req, lambda data: decode_list(t.Event, data))
 
 
 def usage(*, tenant: str | None = None, since: str | None = None, until: str | None = None) -> Op[Usage]:
-    return Op(Request("GET", "/v1/usage", _drop_none(tenant=tenant, since=since, until=until)), Usage.from_json)
+    return Op(Request("GET", "/v1/usage", _drop_none(tenant=tenant, since=since, until=until)), t.Usage.from_json)
 
 
 def whoami() -> Op[Whoami]:
-    return Op(Request("GET", "/v1/whoami"), lambda data: decode(Whoami, data))
+    return Op(Request("GET", "/v1/whoami"), lambda data: decode(t.Whoami, data))
 
 
 def info() -> Op[Info]:
     def read(data: Any) -> Info:
-        accel = decode(Accelerator, data.get("accelerator") if isinstance(data, dict) else None)
-        return decode(Info, data, accelerator=accel)
+        accel = decode(t.Accelerator, data.get("accelerator") if isinstance(data, dict) else None)
+        return decode(t.Info, data, accelerator=accel)
 
     return Op(Request("GET", "/v1/info"), read)
 

@@ -2,7 +2,8 @@
 
 The token is claimed (per tenant and kind of resource) before the create runs and names the resource once it
 exists; the same token with a different request is a 409; a retry while the first create still runs is a 409
-that says to retry; a create that fails releases its token.
+that says to retry; a create that fails releases its token, and one cut short by a daemon's death is taken
+over after ten minutes. Tokens answer retries for a day.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from ember.db.tenants import TenantStore
@@ -18,6 +20,8 @@ from ember.tenancy.principal import Principal
 
 T = TypeVar("T")
 MAX_TOKEN = 64
+ABANDONED_S = 600.0  # a claim with no resource this old was cut short (its daemon died): taken over
+KEPT_S = 86400.0  # how long a client token keeps answering its retries
 
 Settle = Callable[[str], None]
 
@@ -42,7 +46,8 @@ class Idempotency:
         if not 1 <= len(token) <= MAX_TOKEN or not token.isprintable():
             raise InvalidRequest(f"client_token must be 1 to {MAX_TOKEN} printable characters")
         digest = body_hash(body)
-        claimed, held_hash, resource = self.store.claim_token(who.tenant, kind, token, digest)
+        abandoned = (datetime.now(UTC) - timedelta(seconds=ABANDONED_S)).isoformat(timespec="milliseconds")
+        claimed, held_hash, resource = self.store.claim_token(who.tenant, kind, token, digest, abandoned)
         if not claimed:
             if held_hash != digest:
                 raise IdempotencyConflict(token)
@@ -56,5 +61,10 @@ class Idempotency:
         try:
             return await create(settle)
         except BaseException:
-            self.store.release_token(who.tenant, kind, token)
+            self.release(who, kind, token)
             raise
+
+    def release(self, who: Principal, kind: str, token: str | None) -> None:
+        """Free ``token`` after a create that failed (a streamed one fails after it answered)."""
+        if token is not None:
+            self.store.release_token(who.tenant, kind, token)

@@ -18,12 +18,12 @@ from ember.errors import QuotaExceeded
 class Quota(enum.StrEnum):
     """The closed set of quotas (names as in the API, the CLI's flags and 429 answers)."""
 
-    RUNNING_VMS = "max_running_vms"  # VMs holding a VMM (PENDING, RUNNING, SUSPENDING, RESUMING)
+    RUNNING_VMS = "max_running_vms"  # VMs holding a VMM (PENDING, RUNNING, SUSPENDING, RESUMING) or, FAILED, a disk
     RUNNING_VCPUS = "max_running_vcpus"  # their vCPUs
     RUNNING_MEMORY_MIB = "max_running_memory_mib"  # their guest memory
     SUSPENDED_VMS = "max_suspended_vms"
     IMAGES = "max_images"  # image versions (builds included, failed ones too: they keep a log)
-    STORAGE_BYTES = "max_storage_bytes"  # images' snapshots plus suspended VMs' saved state
+    STORAGE_BYTES = "max_storage_bytes"  # images' snapshots plus suspended and failed VMs' files
     CONCURRENT_BUILDS = "max_concurrent_builds"
 
 
