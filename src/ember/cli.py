@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ember.config import Settings
+from ember.sdk import types as t
 from ember.sdk.client import Client
 from ember.sdk.errors import EmberError
-from ember.sdk.types import ExecExit, ExecOutput
 
 CHUNK = 1024 * 1024
 QUOTAS = (
@@ -167,14 +167,14 @@ def cmd_exec(c: Client, a: Args) -> None:
         stdin=_stdin_chunks() if a.stdin else None,
     )  # fmt: skip
     for event in events:
-        if isinstance(event, ExecOutput):
+        if isinstance(event, t.ExecOutput):
             if a.json:
                 out(json.dumps({"stream": event.stream, "data": event.data.decode(errors="replace")}))
                 continue
             stream = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
             stream.write(event.data)
             stream.flush()
-        elif isinstance(event, ExecExit):
+        elif isinstance(event, t.ExecExit):
             if a.json:
                 out(json.dumps({"exit_code": event.exit_code, "signal": event.signal, "timed_out": event.timed_out}))
             if event.timed_out:

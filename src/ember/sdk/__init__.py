@@ -11,13 +11,14 @@
         vm.remove()
 
 The package imports no server module (ember.engine, ember.api, ember.build...), so it is cheap
-to import; AsyncClient (and httpx) load on first use.
+to import; AsyncClient (and httpx) and each resource's result types load on first use.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ember.sdk import types
 from ember.sdk.client import Client, Vm
 from ember.sdk.core import Request
 from ember.sdk.errors import (
@@ -45,27 +46,27 @@ from ember.sdk.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from ember.sdk.types import (
-    ApiKey,
-    Build,
-    CreatedKey,
-    CreatedWebhook,
-    Delivery,
-    Event,
-    ExecExit,
-    ExecOutput,
-    ExecResult,
-    Image,
-    Listing,
-    Tenant,
-    Transition,
-    Usage,
-    Webhook,
-    Whoami,
-)
 
 if TYPE_CHECKING:
     from ember.sdk.aio import AsyncClient, AsyncVm
+    from ember.sdk.types import (
+        ApiKey,
+        Build,
+        CreatedKey,
+        CreatedWebhook,
+        Delivery,
+        Event,
+        ExecExit,
+        ExecOutput,
+        ExecResult,
+        Image,
+        Listing,
+        Tenant,
+        Transition,
+        Usage,
+        Webhook,
+        Whoami,
+    )
 
 __all__ = [
     "ApiError", "ApiKey", "AsyncClient", "AsyncVm", "Build", "BuildFailed", "Client", "Conflict", "ConnectError",
@@ -82,4 +83,6 @@ def __getattr__(name: str) -> Any:
         from ember.sdk import aio
 
         return getattr(aio, name)
+    if name in types.HOMES:  # each resource's result types load when first used (ember.sdk.types)
+        return getattr(types, name)
     raise AttributeError(f"module 'ember.sdk' has no attribute {name!r}")

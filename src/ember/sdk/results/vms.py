@@ -1,0 +1,46 @@
+"""A VM as the daemon describes it (``ember ps`` needs only this module)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ember.sdk.types import decode, raw_field
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    security_boundary: bool = False
+    warning: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VmData:
+    """A VM as the daemon last described it (the bound ``Vm`` of each client adds its verbs)."""
+
+    id: str
+    image: str
+    state: str
+    accelerator: Accelerator
+    tenant: str = "default"
+    state_reason: str = ""
+    state_message: str = ""
+    memory_mib: int = 0
+    vcpus: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    pid: int | None = None
+    created_at: str = ""
+    updated_at: str = ""
+    terminated_at: str = ""
+    raw: Mapping[str, Any] = raw_field()
+
+    @classmethod
+    def fields_from(cls, data: Any) -> dict[str, Any]:
+        """The constructor arguments of a VM (of this class or a bound subclass) from its JSON."""
+        accel = decode(Accelerator, data.get("accelerator") if isinstance(data, Mapping) else None)
+        base = decode(VmData, data, accelerator=accel)
+        return {f.name: getattr(base, f.name) for f in fields(VmData)}
