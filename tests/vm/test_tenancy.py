@@ -7,9 +7,12 @@ idempotent; a lifecycle leaves its events in order with their actor.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,3 +255,88 @@ def test_a_lifecycle_leaves_its_events_in_order_and_a_terminated_record(alice: T
     assert ended[0]["terminated_at"] is not None
     r = alice.http.post(f"/v1/vms/{vm_id}/exec", json={"argv": ["true"]})
     assert r.status_code == 409 and "removed" in r.json()["message"]
+
+
+def test_concurrent_launches_cannot_pass_a_quota_together(
+    daemon: DaemonProcess, root: httpx.Client, base_image: str
+) -> None:
+    t = new_tenant(daemon, root, max_running_vms=1)
+    answers: list[httpx.Response] = []
+
+    def launch() -> None:
+        with socket_client(daemon, t.http.headers["Authorization"].split()[1]) as c:
+            answers.append(c.post("/v1/vms", json={"image": base_image}))
+
+    threads = [threading.Thread(target=launch) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201, 429, 429, 429, 429, 429], [r.text for r in answers]
+    assert len(t.http.get("/v1/vms").json()) == 1
+    for r in answers:
+        if r.status_code == 201:
+            assert t.http.delete(f"/v1/vms/{r.json()['id']}").status_code == 204
+    t.http.close()
+
+
+def test_a_failed_vm_counts_until_removed_and_its_end_is_the_daemons_doing(
+    daemon: DaemonProcess, root: httpx.Client, base_image: str
+) -> None:
+    """A guest can end its own VMM (sysrq, reboot): the FAILED VM keeps its disk and uid, so it counts."""
+    t = new_tenant(daemon, root, max_running_vms=1)
+    vm = run(t, base_image)
+    pid = root.get(f"/v1/vms/{vm['id']}").json()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while t.http.get(f"/v1/vms/{vm['id']}").json()["state"] != "FAILED":
+        assert time.monotonic() < deadline, "the VMM's death was not noticed"
+        time.sleep(0.2)
+    r = t.http.post("/v1/vms", json={"image": base_image})
+    assert r.status_code == 429 and r.json()["quota"] == "max_running_vms", r.text
+    last = t.http.get(f"/v1/vms/{vm['id']}/events").json()[-1]
+    assert (last["to_state"], last["reason"], last["actor"]) == ("FAILED", "vmm_exited", "system")
+    assert t.http.delete(f"/v1/vms/{vm['id']}").status_code == 204
+    again = run(t, base_image)
+    assert t.http.delete(f"/v1/vms/{again['id']}").status_code == 204
+    t.http.close()
+
+
+def test_keys_per_tenant_are_capped(daemon: DaemonProcess, root: httpx.Client) -> None:
+    t = new_tenant(daemon, root)  # holds one key
+    made = [t.http.post("/v1/keys", json={}) for _ in range(daemon.settings.keys_per_tenant)]
+    assert [r.status_code for r in made].count(201) == daemon.settings.keys_per_tenant - 1
+    refused = made[-1]
+    assert refused.status_code == 409 and "EMBER_KEYS_PER_TENANT" in refused.json()["message"]
+    assert t.http.delete(f"/v1/keys/{made[0].json()['key_id']}").status_code == 204  # revoking frees one
+    assert t.http.post("/v1/keys", json={}).status_code == 201
+    t.http.close()
+
+
+def test_a_build_refused_before_it_starts_frees_its_client_token(alice: Tenant, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY f /f\n")
+    (tmp_path / "f").write_text("y")
+    tar = b"".join(context_tar(tmp_path))
+
+    def build(name: str, token: str) -> str:
+        r = alice.http.post("/v1/images/build", params={"name": name, "client_token": token}, content=tar,
+                            headers={"Content-Type": "application/x-tar"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.text.splitlines()[-1]
+
+    assert '"CREATED"' in build("tokened:1", secrets.token_hex(4))
+    token = secrets.token_hex(4)
+    for _ in range(2):  # the tag is taken: refused each time, never "still running"
+        last = build("tokened:1", token)
+        assert "NameTaken" in last and "still running" not in last, last
+    assert alice.http.delete("/v1/images/tokened:1").status_code == 204
+
+
+def test_nul_characters_are_refused_not_stored(alice: Tenant) -> None:
+    for method, url, body in (
+        ("GET", "/v1/webhooks/a%00b", None), ("DELETE", "/v1/keys/%00", None), ("GET", "/v1/vms?tenant=%00", None),
+        ("POST", "/v1/keys", {"name": "a\u0000b"}),
+    ):  # fmt: skip
+        r = alice.http.request(method, url, json=body)
+        assert r.status_code == 400, (url, r.text)

@@ -41,10 +41,13 @@ class QuotasBody(BaseModel):
     quotas: Quotas = Field(description="Limits to change (the others stay)")
 
 
+LABEL = r"^[^\x00-\x1f\x7f]*$"
+
+
 class KeyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tenant: str | None = Field(default=None, max_length=63, description="Admins: the key's tenant (default: theirs)")
-    name: str = Field(default="", max_length=200)
+    name: str = Field(default="", max_length=200, pattern=LABEL, description="a label: no control characters")
     client_token: ClientToken | None = None
 
 
