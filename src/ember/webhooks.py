@@ -29,6 +29,7 @@ read, and at most 200 characters of it go into the delivery log.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -63,6 +64,7 @@ ANSWER_READ = 4096  # bytes of a receiver's answer read at most
 ERROR_CHARS = 200  # characters of it kept in the delivery log
 IN_FLIGHT = 16  # attempts at once, all webhooks together
 PER_WEBHOOK = 2  # attempts at once to one webhook (a slow receiver does not hold up the others)
+PER_TENANT = 4  # attempts at once for one tenant's webhooks: slow receivers of one tenant never fill every slot
 EVENT_BATCH = 500  # events queued per webhook per pass
 POLL_S = 60.0  # the worker looks at the queue at least this often
 HOST_NAME = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\.?")
@@ -206,6 +208,8 @@ class WebhookDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._sending: dict[int, asyncio.Task[None]] = {}
+        self._sending_for: dict[int, str] = {}  # delivery id -> its webhook's tenant
+        self._tenant_of: dict[str, str] = {}  # webhook id -> tenant, as of the last pass
         self._cursors: dict[str, int] = {}
         self._client: httpx.AsyncClient | None = None
 
@@ -296,9 +300,10 @@ class WebhookDispatcher:
         if room > 0:
             busy = frozenset(self._sending)
             due = await asyncio.to_thread(self.store.due, now=now, per_webhook=PER_WEBHOOK, busy=busy)
-            for delivery in due[:room]:
+            for delivery in self._fair(due)[:room]:
                 task = asyncio.create_task(self._attempt(delivery), name=f"webhook-delivery-{delivery.id}")
                 self._sending[delivery.id] = task
+                self._sending_for[delivery.id] = self._tenant_of.get(delivery.webhook_id, "")
                 task.add_done_callback(functools.partial(self._done, delivery.id))
         # attempts due by now but not started wait for a slot: a finished attempt wakes the worker
         nxt = await asyncio.to_thread(self.store.next_due, after=now)
@@ -306,12 +311,30 @@ class WebhookDispatcher:
             return POLL_S
         return min(max(datetime.fromisoformat(nxt).timestamp() - time.time(), 0.01), POLL_S)
 
+    def _fair(self, due: list[Delivery]) -> list[Delivery]:
+        """``due`` taken in turns across tenants (oldest first within one), at most PER_TENANT in flight each."""
+        busy = collections.Counter(self._sending_for.values())
+        queues: dict[str, collections.deque[Delivery]] = {}
+        for delivery in due:
+            queues.setdefault(self._tenant_of.get(delivery.webhook_id, ""), collections.deque()).append(delivery)
+        picked: list[Delivery] = []
+        while queues:
+            for tenant in list(queues):
+                if busy[tenant] >= PER_TENANT or not queues[tenant]:
+                    del queues[tenant]
+                    continue
+                picked.append(queues[tenant].popleft())
+                busy[tenant] += 1
+        return picked
+
     def _done(self, delivery_id: int, _: asyncio.Task[None]) -> None:
         self._sending.pop(delivery_id, None)
+        self._sending_for.pop(delivery_id, None)
         self._wake.set()
 
     def _queue_events(self) -> None:
         hooks = self.store.list_webhooks(tenant=None)
+        self._tenant_of = {h.id: h.tenant for h in hooks}
         self._cursors = {h.id: self._cursors[h.id] for h in hooks if h.id in self._cursors}
         for hook in hooks:
             after = self._cursors[hook.id] if hook.id in self._cursors else self.store.cursor(hook)
@@ -358,11 +381,15 @@ class WebhookDispatcher:
         except InvalidRequest as exc:
             return 0, str(exc)[:ERROR_CHARS], True
         body = event_body(event)
+        try:
+            secret = self.secrets.open(hook.secret_sealed)
+        except ValueError:  # sealed under another key (the key file was replaced): it can never be signed
+            return 0, "the webhook's secret cannot be read (the daemon's secret key changed): make it again", True
         headers = {
             "Content-Type": "application/json",
             EVENT_ID_HEADER: str(event["id"]),
             WEBHOOK_ID_HEADER: hook.id,
-            SIGNATURE_HEADER: sign(self.secrets.open(hook.secret_sealed), body, timestamp=int(time.time())),
+            SIGNATURE_HEADER: sign(secret, body, timestamp=int(time.time())),
         }
         assert self._client is not None
         timeout = self.settings.webhook_timeout_s

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -415,3 +416,18 @@ async def test_the_delivery_log_is_pruned(db: Engine) -> None:
     store.prune(hook.id, keep=0)
     assert [d.event_id for d in store.deliveries(hook.id, limit=100)] == [ids[5], ids[4]]  # PENDING ones stay
     assert store.cursor(hook) == ids[-1]
+
+
+def test_due_attempts_are_taken_in_turns_across_tenants_and_capped_per_tenant() -> None:
+    """One tenant's slow receivers cannot fill every delivery slot (hostile review M2)."""
+
+    def due(i: int, hook: str) -> Delivery:
+        return Delivery(i, hook, i, 1, "", 0, "", DeliveryState.PENDING, 0.0, "")
+
+    backlog = [due(i, "wh-greedy") for i in range(1, 21)] + [due(100, "wh-other")]
+    state = SimpleNamespace(_sending_for={}, _tenant_of={"wh-greedy": "greedy", "wh-other": "other"})
+    picked = webhooks.WebhookDispatcher._fair(state, backlog)  # type: ignore[arg-type]
+    assert [d.webhook_id for d in picked[:2]] == ["wh-greedy", "wh-other"]  # the other tenant is not last
+    assert sum(d.webhook_id == "wh-greedy" for d in picked) == webhooks.PER_TENANT
+    state._sending_for = {i: "greedy" for i in range(webhooks.PER_TENANT)}  # its slots are all in flight
+    assert [d.webhook_id for d in webhooks.WebhookDispatcher._fair(state, backlog)] == ["wh-other"]  # type: ignore[arg-type]
