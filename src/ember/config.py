@@ -105,6 +105,8 @@ class Settings:
     stream_backlog_bytes: int = _env("EMBER_STREAM_BACKLOG_BYTES", 1024 * 1024)
     # Pre-started VMMs kept per launched image (0 disables the pool).
     pool_size: int = _env("EMBER_POOL_SIZE", 2)
+    # Pre-started VMMs kept for all images together; past it, the least recently launched image gives one up.
+    pool_max_vmms: int = _env("EMBER_POOL_MAX_VMMS", 16)
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
     # A restored guest's first answer (launch, pool pre-start, resume): under TCG on a loaded host a
     # fresh QEMU translates the guest's code again first, which can take far longer than one request.

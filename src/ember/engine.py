@@ -123,7 +123,7 @@ class Engine:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._chores: set[asyncio.Task[Any]] = set()
-        self.pool = WarmPool(host, settings.pool_size, self._prewarm)
+        self.pool = WarmPool(host, settings.pool_size, self._prewarm, budget=settings.pool_max_vmms)
 
     # ---- helpers ---------------------------------------------------------
 

@@ -50,10 +50,12 @@ def new_vm_id() -> str:
 
 
 class WarmPool:
-    def __init__(self, host: Host, size: int, start: Starter) -> None:
+    def __init__(self, host: Host, size: int, start: Starter, *, budget: int) -> None:
         self.host = host
         self.size = size
+        self.budget = budget  # warm and pre-starting VMMs of every image together
         self._start = start
+        self._used: dict[tuple[str, str], float] = {}  # when each image last asked for a refill (a launch, a build)
         self._entries: dict[tuple[str, str], list[Warm]] = {}
         self._making: dict[tuple[str, str], set[asyncio.Task[None]]] = {}  # pre-starts in flight
         self._failures: dict[tuple[str, str], int] = {}  # consecutive failed pre-starts
@@ -92,8 +94,11 @@ class WarmPool:
         key = self.key(image)
         if self.size <= 0 or key in self._dropped:
             return
+        self._used[key] = asyncio.get_running_loop().time()
         making = self._making.setdefault(key, set())
         for _ in range(self.size - len(self._entries.get(key, [])) - len(making)):
+            if self.warm_count() >= self.budget and not self._evict_for(key):
+                return  # every warm VMM belongs to an image launched more recently
             task = asyncio.create_task(self._make(image), name=f"pool-{image.name}")
             making.add(task)
             task.add_done_callback(making.discard)
@@ -123,6 +128,21 @@ class WarmPool:
         self._entries.setdefault(key, []).append(warm)
         async with self._changed:
             self._changed.notify_all()
+
+    def warm_count(self) -> int:
+        return sum(map(len, self._entries.values())) + sum(map(len, self._making.values()))
+
+    def _evict_for(self, key: tuple[str, str]) -> bool:
+        """Make room under the budget for ``key``: the least recently used other image with a warm entry
+        gives one up, if it was used before ``key`` was."""
+        others = [k for k, entries in self._entries.items() if entries and k != key]
+        if not others:
+            return False
+        victim = min(others, key=lambda k: self._used.get(k, 0.0))
+        if self._used.get(victim, 0.0) >= self._used[key]:
+            return False
+        self._discard_later(self._entries[victim].pop())
+        return True
 
     def _discard_later(self, warm: Warm) -> None:
         task = asyncio.create_task(self._discard(warm))
