@@ -407,8 +407,7 @@ def cmd_demo(_: Args) -> None:
 
 
 class _Unused:
-    """Stands in for the parser of a command this run does not use: only the one asked for gets
-    its arguments (argparse costs about half a millisecond a command; the CLI starts in tens)."""
+    """Stands in for the parser of a command this run does not use."""
 
     def add_argument(self, *_: Any, **__: Any) -> None:
         pass
@@ -417,19 +416,59 @@ class _Unused:
         return self
 
 
-def parser(wanted: str | None = None) -> argparse.ArgumentParser:
-    """The CLI's parser; with ``wanted`` (a command name), only that command's arguments are defined."""
-    top = argparse.ArgumentParser(prog="ember", description="Ember: stateful micro-VMs for untrusted code.")
-    common = argparse.ArgumentParser(add_help=False)
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter at the terminal's width, found once: argparse's own way imports
+    shutil (2 ms) and asks the terminal for every argument of every parser."""
+
+    columns = 0
+
+    def __init__(self, prog: str) -> None:
+        if not _Formatter.columns:
+            _Formatter.columns = _terminal_columns()
+        super().__init__(prog, width=_Formatter.columns - 2)
+
+
+def _terminal_columns() -> int:
+    """As shutil.get_terminal_size().columns: COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(1).columns
+        except (ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. With ``words`` (the command line's leading words), only the command they
+    name gets a parser, with its options and arguments; every other command is only listed in the
+    help (a parser costs argparse about 0.2 ms, and ``ember ps`` should start in tens of ms).
+    Words that name no command get the whole parser (its error lists every command)."""
+    top = argparse.ArgumentParser(prog="ember", description="Ember: stateful micro-VMs for untrusted code.",
+                                  formatter_class=_Formatter)  # fmt: skip
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     common.add_argument("--json", action="store_true", help="print the daemon's JSON instead of a table")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    named = [False, False]  # words[0] named a command; words[1] a command of that group
+    grouped = False  # words[0] named a group of commands (image, tenant, key, webhook)
 
     def command(group: Any, name: str, fn: Callable[..., None] | None, text: str, *, api: bool = True) -> Any:
+        nonlocal grouped
         if isinstance(group, _Unused):
             return group
-        p = group.add_parser(name, help=text, description=text, parents=[common] if api else [])
+        depth = 0 if group is sub else 1
+        grouped |= depth == 1
+        if words is not None and (len(words) <= depth or words[depth] != name):
+            group._choices_actions.append(group._ChoicesPseudoAction(name, (), text))  # only listed (argparse's
+            return _Unused()  # own entry for a parser's help, without the parser)
+        named[depth] = True
+        p = group.add_parser(name, help=text, description=text, parents=[common] if api else [],
+                             formatter_class=_Formatter)  # fmt: skip
         p.set_defaults(fn=fn, api=api)
-        return p if wanted is None or group is not sub or name == wanted else _Unused()
+        return p
 
     p = command(sub, "serve", cmd_serve, "Run the daemon (as root) on EMBER_SOCKET and, if set, EMBER_LISTEN.",
                 api=False)  # fmt: skip
@@ -545,12 +584,22 @@ def parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="ISO", help="start (ISO-8601 UTC)")
     p.add_argument("--until", metavar="ISO", help="end (ISO-8601 UTC)")
     command(sub, "whoami", cmd_whoami, "Show the tenant and key this client acts as.")
+    if words and (not named[0] or (grouped and len(words) > 1 and not named[1])):
+        return parser()
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
+    words = []
+    for word in argv[:2]:
+        if word.startswith("-"):
+            break
+        words.append(word)
+    if not words and argv not in ([], ["-h"], ["--help"]):
+        args = parser().parse_args(argv)  # options before the command (an error) or '--': the whole parser
+    else:
+        args = parser(words).parse_args(argv)
     if not args.api:
         args.fn(args)
         return

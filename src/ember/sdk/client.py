@@ -107,7 +107,7 @@ class Client:
         return self.call(core.info())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)  # VmData's own __eq__, __hash__ and __repr__ (``client`` is in none)
 class Vm(VmData):
     """A VM with its verbs; its fields are as of when it was fetched (``refresh()`` fetches again)."""
 

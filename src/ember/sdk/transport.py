@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
+from _thread import allocate_lock  # threading.Lock, without importing threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -269,7 +269,7 @@ class Transport:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._idle: list[Connection] = []
-        self._lock = threading.Lock()
+        self._lock = allocate_lock()
 
     def _connect(self) -> Connection:
         ep = self.endpoint
