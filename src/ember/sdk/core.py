@@ -9,7 +9,6 @@ token file).
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +145,8 @@ def stream_line(line: bytes) -> dict[str, Any] | None:
 def exec_event(event: Mapping[str, Any]) -> ExecEvent | None:
     """An exec stream's event as a typed one (None for one this SDK does not know)."""
     if "stream" in event:
+        import base64  # only exec streams carry base64 (importing it costs ~0.7 ms of every start)
+
         return t.ExecOutput(str(event["stream"]), base64.b64decode(event.get("data", "")))
     if "exit_code" in event:
         return decode(t.ExecExit, event)

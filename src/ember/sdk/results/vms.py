@@ -11,6 +11,8 @@ from ember.sdk.types import decode, raw_field
 
 @dataclass(frozen=True)
 class Accelerator:
+    """The accelerator a VM runs under (kvm, tcg), whether it is a security boundary, and a warning if not."""
+
     name: str
     security_boundary: bool = False
     warning: str = ""
