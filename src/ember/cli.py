@@ -14,12 +14,15 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
 
 from ember.config import Settings
 from ember.sdk import types as t
 from ember.sdk.client import Client
 from ember.sdk.errors import EmberError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 CHUNK = 1024 * 1024
 QUOTAS = (

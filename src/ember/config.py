@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start, ember.cli)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _env(name: str, default: object) -> Any:

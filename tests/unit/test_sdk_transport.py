@@ -327,3 +327,22 @@ def test_a_header_or_target_that_could_split_the_request_is_refused_before_sendi
         c.whoami()  # refused before connecting (no daemon is there)
     with Client(settings=settings) as c, pytest.raises(ValueError, match="target"):
         c.send(Request("GET", "/v1/vms x"))
+
+
+def test_ember_ps_starts_without_the_modules_that_made_it_slow(tmp_path: Path) -> None:
+    """'ember ps' (issue 10: under 60 ms) loads no http.client (email, ssl), typing, shutil, threading or
+    base64, and of the result types only the VM's (each resource's cost ~0.5 ms a dataclass)."""
+    check = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+        "from ember import cli\n"
+        "cli.main(['ps'])\n"
+    )
+    env = {"EMBER_SOCKET": str(tmp_path / "none.sock"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "cannot reach the Ember daemon" in done.stderr  # no daemon: as far as ps goes
+    loaded = set(done.stderr.split("\n")[-2].split())
+    assert "ember.sdk.transport" in loaded and "argparse" in loaded
+    costly = {"http.client", "email", "ssl", "typing", "shutil", "threading", "base64", "httpx", "h11"}
+    assert not loaded & costly
+    assert {m for m in loaded if m.startswith("ember.sdk.results.")} == {"ember.sdk.results.vms"}

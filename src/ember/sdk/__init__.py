@@ -16,8 +16,6 @@ to import; AsyncClient (and httpx) and each resource's result types load on firs
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ember.sdk import types
 from ember.sdk.client import Client, Vm
 from ember.sdk.core import Request
@@ -47,7 +45,10 @@ from ember.sdk.errors import (
     UnsupportedMediaType,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ember.sdk.aio import AsyncClient, AsyncVm
     from ember.sdk.types import (
         ApiKey,

@@ -31,7 +31,10 @@ class its kind raises as a status: :func:`api_error` maps the kind first, then t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class EmberError(Exception):

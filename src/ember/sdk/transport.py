@@ -23,11 +23,11 @@ import socket
 from _thread import allocate_lock  # threading.Lock, without importing threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from ember.sdk.core import CONNECT_TIMEOUT_S, MAX_LINE, Endpoint, Request, check, connect_hint
 from ember.sdk.errors import ConnectError, ProtocolError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start)
 if TYPE_CHECKING:
     from ember.sdk.core import Body
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import MISSING, field, fields
 from importlib import import_module
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from ember.sdk.errors import ProtocolError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start)
 if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
     from ember.sdk.results.account import ApiKey, CreatedKey, Info, Tenant, Whoami
     from ember.sdk.results.exec import ExecEvent, ExecExit, ExecOutput, ExecResult
     from ember.sdk.results.files import FileEntry, Listing
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from ember.sdk.results.usage import TenantUsage, Usage, VmUsage
     from ember.sdk.results.vms import Accelerator, VmData
     from ember.sdk.results.webhooks import CreatedWebhook, Delivery, Webhook
+
+    T = TypeVar("T")
 
 __all__ = [
     "EMPTY", "Accelerator", "ApiKey", "Build", "CreatedKey", "CreatedWebhook", "Delivery", "Event", "ExecEvent",
@@ -41,7 +45,6 @@ HOMES = {
     "Whoami": "account", "Info": "account", "Webhook": "webhooks", "CreatedWebhook": "webhooks",
     "Delivery": "webhooks", "TenantUsage": "usage", "VmUsage": "usage", "Usage": "usage",
 }  # fmt: skip
-T = TypeVar("T")
 EMPTY: Mapping[str, Any] = {}
 
 
