@@ -12,7 +12,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from ember.sdk import ApiError, Client, ConnectError, InvalidState, NotFound, Pr
 from ember.sdk.context import context_tar
 from ember.sdk.core import MAX_LINE
 from ember.sdk.errors import ContextError
+from tests.unit.test_oci import make_ca
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -346,3 +347,41 @@ def test_ember_ps_starts_without_the_modules_that_made_it_slow(tmp_path: Path) -
     costly = {"http.client", "email", "ssl", "typing", "shutil", "threading", "base64", "httpx", "h11"}
     assert not loaded & costly
     assert {m for m in loaded if m.startswith("ember.sdk.results.")} == {"ember.sdk.results.vms"}
+
+
+class WhoamiHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str | None, str | None]] = []  # noqa: RUF012 (one server per test)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        WhoamiHandler.seen.append((self.headers.get("Host"), self.headers.get("Authorization")))
+        body = WHOAMI
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_https_verifies_the_daemons_certificate_and_keeps_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_file, tls = make_ca(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WhoamiHandler)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url, settings = f"https://localhost:{server.server_address[1]}", Settings(data_dir=tmp_path)
+    WhoamiHandler.seen = []
+    try:
+        with Client(url, api_key="k", settings=settings) as c, pytest.raises(ConnectError, match="CERTIFICATE_VERIFY"):
+            c.whoami()  # the system's CAs do not vouch for it
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        with Client(url, api_key="k", settings=settings) as c:
+            assert c.whoami().tenant == "t" and c.whoami().tenant == "t"
+            assert len(c._http._idle) == 1  # one TLS connection, kept alive
+        assert WhoamiHandler.seen == [(f"localhost:{server.server_address[1]}", "Bearer k")] * 2
+    finally:
+        server.shutdown()
+        server.server_close()
