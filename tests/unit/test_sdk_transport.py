@@ -242,6 +242,7 @@ def ok(body: bytes = WHOAMI, extra: bytes = b"") -> bytes:
         (b"HTTP/2.0 200 OK\r\n\r\n", "status line"),
         (b"HTTP/1.1 99999 OK\r\n\r\n", "status line"),
         (b"HTTP/1.1 700 Odd\r\n\r\n", "status 700"),
+        (b"HTTP/1.1 2\xb200 OK\r\n\r\n", "status line"),  # a Latin-1 digit int() refuses
         (b"HTTP/1.1 200 OK" + b"x" * 70_000, "status line"),
         (OK_HEAD + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n", "header line over 65536 bytes"),
         (OK_HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", "over 100 headers"),
@@ -249,6 +250,7 @@ def ok(body: bytes = WHOAMI, extra: bytes = b"") -> bytes:
         (OK_HEAD + b"Bad Name: x\r\n\r\n", "malformed header"),
         (OK_HEAD + b"X-A: 1\r\n folded\r\n\r\n", "malformed header"),
         (OK_HEAD + b"Content-Length: -1\r\n\r\n", "Content-Length"),
+        (OK_HEAD + b"Content-Length: 1\xb2\r\n\r\n", "Content-Length"),
         (OK_HEAD + b"Content-Length: 2, 3\r\n\r\n{}", "Content-Length"),
         (OK_HEAD + b"Content-Length: 99999999999999999999999\r\n\r\n", "Content-Length"),
         (OK_HEAD + b"Content-Length: 100\r\n\r\n{}", "cut short"),

@@ -40,6 +40,7 @@ MAX_ERROR_BODY = 1 << 20  # an error answer's body read; a longer one is cut and
 READ_SIZE = 64 * 1024
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _HEX = frozenset("0123456789abcdefABCDEF")
+_DIGITS = frozenset("0123456789")  # str.isdigit() is also true of "²", which int() refuses
 
 
 class _Gone(Exception):
@@ -108,7 +109,12 @@ def _fields(conn: Connection, what: str, budget: int) -> tuple[list[tuple[str, s
 def _status(line: bytes) -> tuple[str, int]:
     version, _, rest = line.decode("latin-1").partition(" ")
     code = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit() or rest[3:4] not in ("", " "):
+    if (
+        version not in ("HTTP/1.1", "HTTP/1.0")
+        or len(code) != 3
+        or not _DIGITS.issuperset(code)
+        or rest[3:4] not in ("", " ")
+    ):
         raise _bad(f"the status line {line[:80]!r}")
     status = int(code)
     if not 100 <= status <= 599:
@@ -156,7 +162,7 @@ class Response:
             self.will_close |= not self._chunked
         elif lengths:
             length = lengths.pop()
-            if lengths or not length.isdigit() or len(length) > 19:
+            if lengths or not length or not _DIGITS.issuperset(length) or len(length) > 19:
                 raise _bad(f"the Content-Length {', '.join(self._all('content-length'))!r}")
             self._left = int(length)
             self._done = self._left == 0
