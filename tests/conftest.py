@@ -131,6 +131,8 @@ def settings() -> Iterator[Settings]:
             "EMBER_WEBHOOK_TRUSTED_HOSTS": "127.0.0.1",
             "EMBER_WEBHOOK_BACKOFF": "0.2",
             # a burst a test can pass on purpose (tests/vm/test_tenancy.py), and more than any other test sends
+            # the build tests queue concurrent builds of one tenant behind EMBER_MAX_BUILDS
+            "EMBER_QUOTA_CONCURRENT_BUILDS": "8",
             "EMBER_RATE_LIMIT_PER_S": "100",
             "EMBER_RATE_LIMIT_BURST": "200",
             "EMBER_USAGE_SAMPLE_S": "1",  # storage usage of a VM suspended for seconds shows (tests/vm/test_usage.py)

@@ -30,6 +30,8 @@ import pytest
 from ember.config import Settings
 from ember.sdk import ApiError, Client, Request
 from ember.snapshot import MANIFEST, Snapshot
+from ember.tenancy import names
+from ember.tenancy.principal import DEFAULT_TENANT
 from tests.conftest import DaemonProcess, build, process_alive
 from tests.load import Starver, busy_cores, cgroup_group_exists, cgroup_names, vmm_processes
 
@@ -49,7 +51,11 @@ def vms(c: Client) -> dict[str, dict[str, Any]]:
 
 
 def created_images(c: Client) -> set[str]:
-    return {i["name"] for i in c.send(Request("GET", "/v1/images")) if i.get("state", "CREATED") == "CREATED"}
+    """Every tenant's CREATED images (root sees all) by the names their files are kept under."""
+    return {
+        names.internal(i.get("tenant") or DEFAULT_TENANT, i["name"])
+        for i in c.send(Request("GET", "/v1/images")) if i.get("state", "CREATED") == "CREATED"
+    }  # fmt: skip
 
 
 def snapshot_call(vm: str, name: str) -> Request:
