@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
 
 from ember.config import Settings
+from ember.db.store import Store
 from ember.guest.protocol import hello_answers, hello_frames
 from ember.sdk import Client, Request
 from tests.conftest import DaemonProcess, build, remove_quietly
@@ -25,10 +26,14 @@ pytestmark = pytest.mark.vm
 
 
 def _tokens(settings: Settings, vm_id: str) -> set[str]:
-    """Every agent token the daemon holds for ``vm_id`` and its image (read from its database)."""
-    with sqlite3.connect(settings.db_path) as db:
-        (image, *vm_tokens) = db.execute("SELECT image, token, next_token FROM vms WHERE id = ?", (vm_id,)).fetchone()
-        (image_token,) = db.execute("SELECT token FROM images WHERE name = ?", (image,)).fetchone()
+    """Every agent token the daemon holds for ``vm_id`` and its image (read from its database: SQLite or
+    PostgreSQL)."""
+    db = Store(create_engine(settings.db_url))  # no migration: the daemon made the schema
+    vm = db.get_vm(vm_id)
+    image = db.get_image(vm.image) if vm else None
+    assert vm is not None and image is not None
+    vm_tokens, image_token = (vm.token, vm.next_token), image.token
+    db.engine.dispose()
     tokens = {t for t in (*vm_tokens, image_token) if t}
     assert len(tokens) >= 2, "a launched VM's token is rotated away from its image's"
     return tokens
