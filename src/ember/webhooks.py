@@ -208,6 +208,7 @@ class WebhookDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._sending: dict[int, asyncio.Task[None]] = {}
+        self._queueing: asyncio.Future[None] | None = None  # the pass's queueing thread, if one runs
         self._sending_for: dict[int, str] = {}  # delivery id -> its webhook's tenant
         self._tenant_of: dict[str, str] = {}  # webhook id -> tenant, as of the last pass
         self._cursors: dict[str, int] = {}
@@ -252,6 +253,9 @@ class WebhookDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._queueing is not None:
+            await asyncio.gather(self._queueing, return_exceptions=True)
+            self._queueing = None
         self._task = None
         if self._client is not None:
             await self._client.aclose()
@@ -294,7 +298,9 @@ class WebhookDispatcher:
 
     async def _pass(self) -> float:
         """Queue new events, start the attempts that are due; seconds until the next one is."""
-        await asyncio.to_thread(self._queue_events)
+        # shielded: a thread cannot be cancelled, so close() waits for it rather than leave it queueing behind
+        self._queueing = asyncio.ensure_future(asyncio.to_thread(self._queue_events))
+        await asyncio.shield(self._queueing)
         now = _iso(time.time())
         room = IN_FLIGHT - len(self._sending)
         if room > 0:

@@ -173,16 +173,21 @@ class WebhookStore:
         return dict(row) if row else None
 
     def enqueue(self, webhook_id: str, event_ids: list[int], *, now: str) -> None:
-        """A first attempt, due at once, of each event for the webhook (none if it was removed meanwhile)."""
+        """A first attempt, due at once, of each event for the webhook (none if it was removed meanwhile, none
+        for an event it already has: a worker stopping mid-pass may queue what its successor queues too)."""
         if not event_ids:
             return
-        rows = [
-            {"webhook_id": webhook_id, "event_id": e, "attempt": 1, "at": now, "status": 0, "error": "",
-             "state": DeliveryState.PENDING.value, "duration_ms": 0.0, "next_at": now}
-            for e in event_ids
-        ]  # fmt: skip
         with self._write() as c:
-            if c.execute(select(webhooks.c.id).where(webhooks.c.id == webhook_id)).first() is not None:
+            if c.execute(select(webhooks.c.id).where(webhooks.c.id == webhook_id)).first() is None:
+                return
+            queued = select(D.c.event_id).where(D.c.webhook_id == webhook_id, D.c.event_id.in_(event_ids))
+            fresh = sorted(set(event_ids) - {int(r[0]) for r in c.execute(queued)})
+            rows = [
+                {"webhook_id": webhook_id, "event_id": e, "attempt": 1, "at": now, "status": 0, "error": "",
+                 "state": DeliveryState.PENDING.value, "duration_ms": 0.0, "next_at": now}
+                for e in fresh
+            ]  # fmt: skip
+            if rows:
                 c.execute(insert(D), rows)
 
     # attempts
