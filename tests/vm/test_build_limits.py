@@ -55,6 +55,7 @@ def daemon() -> Iterator[DaemonProcess]:
             "EMBER_BUILD_STEP_TIMEOUT": str(STEP_TIMEOUT_S),
             "EMBER_BUILD_LOG_MAX_BYTES": str(LOG_CAP),
             "EMBER_MAX_BUILDS": "2",
+            "EMBER_QUOTA_CONCURRENT_BUILDS": "8",  # root's builds queue behind EMBER_MAX_BUILDS, not a quota
         }
     )
     d = DaemonProcess(settings, data.parent / f"{data.name}-daemon.log")
