@@ -174,3 +174,9 @@ def test_sync_and_async_clients_have_the_same_verbs() -> None:
             checked += 1
     assert checked > 40
     assert Client.__init__.__kwdefaults__ == AsyncClient.__init__.__kwdefaults__
+
+
+def test_the_event_list_pages_with_the_daemons_parameter_name() -> None:
+    """GET /v1/events takes ``after`` (an event id); the SDK sent ``since``, which the daemon ignored."""
+    op = core.event_list(vm="vm-1", after=5, limit=10)
+    assert (op.request.path, dict(op.request.params)) == ("/v1/events", {"vm": "vm-1", "after": 5, "limit": 10})

@@ -424,8 +424,8 @@ class AsyncEvents:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
 
-    async def list(self, *, vm: str | None = None, since: int | None = None, limit: int | None = None) -> list[Event]:
-        return await self.client.call(core.event_list(vm=vm, since=since, limit=limit))
+    async def list(self, *, vm: str | None = None, after: int | None = None, limit: int | None = None) -> list[Event]:
+        return await self.client.call(core.event_list(vm=vm, after=after, limit=limit))
 
 
 async def _aiter(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:

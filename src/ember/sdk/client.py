@@ -426,5 +426,5 @@ class Events:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def list(self, *, vm: str | None = None, since: int | None = None, limit: int | None = None) -> list[Event]:
-        return self.client.call(core.event_list(vm=vm, since=since, limit=limit))
+    def list(self, *, vm: str | None = None, after: int | None = None, limit: int | None = None) -> list[Event]:
+        return self.client.call(core.event_list(vm=vm, after=after, limit=limit))

@@ -412,8 +412,8 @@ def webhook_deliveries(webhook_id: str, *, limit: int | None = None) -> Op[list[
     return Op(req, lambda data: decode_list(t.Delivery, data))
 
 
-def event_list(*, vm: str | None = None, since: int | None = None, limit: int | None = None) -> Op[list[Event]]:
-    req = Request("GET", "/v1/events", _drop_none(vm=vm, since=since, limit=limit))
+def event_list(*, vm: str | None = None, after: int | None = None, limit: int | None = None) -> Op[list[Event]]:
+    req = Request("GET", "/v1/events", _drop_none(vm=vm, after=after, limit=limit))
     return Op(req, lambda data: decode_list(t.Event, data))
 
 
