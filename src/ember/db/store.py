@@ -86,27 +86,31 @@ def connect(url_or_path: str | Path) -> Engine:
     return engine
 
 
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A write transaction; a full disk is reported like every other full disk (every store writes so)."""
+    try:
+        with engine.begin() as c:
+            yield c
+    except OperationalError as exc:
+        # SQLite: SQLITE_FULL / SQLITE_IOERR; PostgreSQL: disk_full (SQLSTATE 53100, "could not extend file")
+        if getattr(exc.orig, "sqlstate", None) == "53100" or any(
+            m in str(exc) for m in ("disk is full", "disk I/O error")
+        ):
+            raise ResourceExhausted(
+                "the host disk is full: Ember cannot record the change; free space and retry"
+            ) from exc
+        raise
+
+
 class Store:
     def __init__(self, db: Engine | str | Path) -> None:
         """On an engine, or a database URL or SQLite file (migrated first)."""
         self.engine = db if isinstance(db, Engine) else connect(db)
         self.listeners: list[EventListener] = []  # called (from any thread) after an event is committed
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """A write transaction; a full disk is reported like every other full disk."""
-        try:
-            with self.engine.begin() as c:
-                yield c
-        except OperationalError as exc:
-            # SQLite: SQLITE_FULL / SQLITE_IOERR; PostgreSQL: disk_full (SQLSTATE 53100, "could not extend file")
-            if getattr(exc.orig, "sqlstate", None) == "53100" or any(
-                m in str(exc) for m in ("disk is full", "disk I/O error")
-            ):
-                raise ResourceExhausted(
-                    "the host disk is full: Ember cannot record the change; free space and retry"
-                ) from exc
-            raise
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        return write_transaction(self.engine)
 
     # images
     def put_image(self, record: ImageRecord) -> None:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
-from sqlalchemy.exc import OperationalError
 
 from ember.db.schema import events, webhook_deliveries, webhooks
-from ember.errors import ResourceExhausted
+from ember.db.store import write_transaction
 
 D = webhook_deliveries
 
@@ -86,17 +84,8 @@ class WebhookStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        try:
-            with self.engine.begin() as c:
-                yield c
-        except OperationalError as exc:
-            if "disk is full" in str(exc) or "disk I/O error" in str(exc):
-                raise ResourceExhausted(
-                    "the host disk is full: Ember cannot record the change; free space and retry"
-                ) from exc
-            raise
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        return write_transaction(self.engine)  # a full disk (SQLite or PostgreSQL) is ResourceExhausted
 
     # webhooks
     def create(self, webhook: Webhook, *, limit: int) -> bool:
