@@ -89,11 +89,14 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     alive = _vmm_alive(engine, record)
     for stray in layout.root.glob(".suspend.tmp-*"):  # a suspend cut short
         stray_snap = Snapshot(stray)
-        if record.state is VmState.SUSPENDING and not alive and stray_snap.saved_file.exists():
-            # its state was saved and its VMM is gone: finish it rather than lose the VM
+        saved, complete = stray_snap.saved_file.exists(), stray_snap.manifest_file.exists()
+        if record.state is VmState.SUSPENDING and not alive and (saved or complete):
+            # its state was saved and its VMM is gone: finish it (or, if only its commit was left,
+            # commit it) rather than lose the VM
             await asyncio.to_thread(engine.host.discard, record.id)
-            partial = SnapshotManifest.from_json(stray_snap.saved_file.read_text())
-            await asyncio.to_thread(finish_suspend, layout, stray_snap, record.ram, partial)
+            if saved:
+                partial = SnapshotManifest.from_json(stray_snap.saved_file.read_text())
+                await asyncio.to_thread(finish_suspend, layout, stray_snap, record.ram, partial)
             await asyncio.to_thread(commit, stray, snap.path)
             vlog(record.id).warning("a suspend cut short by the daemon's end was finished; the VM is SUSPENDED")
             engine.save(record.moved(VmState.SUSPENDED, R.DAEMON_RESTART, pid=0))

@@ -95,6 +95,41 @@ def test_daemon_kill9_mid_suspend_loses_nothing(client: Client, daemon: DaemonPr
     client.send(Request("DELETE", f"/v1/vms/{vm}"))
 
 
+def test_daemon_killed_before_a_suspend_commit_keeps_the_vm(
+    client: Client, daemon: DaemonProcess, base_image: str
+) -> None:
+    """The last window of a suspend: its manifest is written in the staging directory, the VMM has
+    exited, and the daemon dies before the rename that commits it (the state on disk is made
+    exactly so from a finished suspend). The restarted daemon commits it: the VM is SUSPENDED
+    and resumes with its files and processes, not FAILED."""
+    from dataclasses import replace
+
+    from ember.db.store import Store
+    from ember.models import VmState
+
+    vm = client.vms.run(base_image).id
+    client.vms.exec(vm, ["sh", "-c", "echo kept > /root/f; sleep 1000 & echo $! > /root/pid"])
+    pid = client.vms.exec(vm, ["cat", "/root/pid"]).stdout.decode().strip()
+    client.send(Request("POST", f"/v1/vms/{vm}/suspend"))
+    daemon.kill9()
+    root = daemon.settings.vms_dir / vm
+    (root / "suspend").rename(root / ".suspend.tmp-0badcafe")
+    store = Store(daemon.settings.db_url)
+    record = store.get_vm(vm)
+    assert record is not None and record.state is VmState.SUSPENDED
+    store.update_vm(replace(record, state=VmState.SUSPENDING))
+    store.engine.dispose()
+    daemon.start()
+
+    view = client.send(Request("GET", f"/v1/vms/{vm}"))
+    assert view["state"] == "SUSPENDED", f"a suspend killed before its commit left the VM {view}"
+    client.send(Request("POST", f"/v1/vms/{vm}/resume"))
+    assert client.vms.exec(vm, ["cat", "/root/f"]).stdout == b"kept\n"
+    assert client.vms.exec(vm, ["sh", "-c", f"kill -0 {pid}"]).exit_code == 0, "a guest process was lost"
+    assert not list(root.glob(".suspend*")), "the staging directory was left behind"
+    client.send(Request("DELETE", f"/v1/vms/{vm}"))
+
+
 def test_graceful_restart_keeps_vms_and_drops_the_pool(client: Client, daemon: DaemonProcess, base_image: str) -> None:
     vm = client.vms.run(base_image).id
     pid = client.send(Request("GET", f"/v1/vms/{vm}"))["pid"]

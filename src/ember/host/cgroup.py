@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import signal
 import stat
@@ -21,6 +22,8 @@ from typing import ClassVar, Protocol
 
 from ember.config import Settings
 from ember.errors import HostSetupError
+
+log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
@@ -120,25 +123,43 @@ def _read_pids(procs: Path) -> list[int]:
         return []
 
 
+# How long a killed VMM may take to leave its cgroup: tearing down gigabytes of guest memory
+# mappings takes seconds on a loaded host (a cgroup left behind is swept by release()).
+KILL_WAIT_S = 15.0
+
+
 def _kill_and_rmdir(dirs: list[Path]) -> None:
     for d in dirs:
         for pid in _read_pids(d / "cgroup.procs"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_S
     for d in dirs:
-        for _ in range(200):
+        pause = 0.005
+        while True:
             try:
                 d.rmdir()
                 break
             except FileNotFoundError:
                 break
-            except OSError:
-                time.sleep(0.01)  # busy until the killed processes are gone
+            except OSError as exc:  # busy until the killed processes are gone
+                if time.monotonic() > deadline:
+                    log.warning("cgroup %s still busy %.0f s after its processes were killed: %s", d, KILL_WAIT_S, exc)
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
 
 
 def _rmdir_if_empty(dirs: list[Path]) -> None:
+    """Remove each of ``dirs`` and every child cgroup in it that no process uses (one whose VMM
+    died late, after its destroy gave up); busy ones (VMs left for the next daemon) stay."""
     for d in dirs:
-        with contextlib.suppress(OSError):  # busy (VMs left for the next daemon) or already gone
+        with contextlib.suppress(OSError):
+            for child in d.iterdir():
+                if child.is_dir() and not _read_pids(child / "cgroup.procs"):
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+        with contextlib.suppress(OSError):  # busy or already gone
             d.rmdir()
 
 
