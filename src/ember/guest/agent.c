@@ -979,6 +979,21 @@ static void set_token_once(const unsigned char *p, size_t n) {
     token_len = (size_t)l;
 }
 
+/* Forget every session of the host's previous connection: its commands keep running (their
+ * output is drained, they are reaped), its streams end. A host that connects afresh (a new
+ * daemon, or any restore: the agent was saved connected and never saw that host go) numbers its
+ * streams from 1 again, and must not meet the old ones (e.g. the app an image captured running). */
+static void drop_sessions(void) {
+    for (int i = 0; i < MAX_SESS; i++) {
+        if (sessions[i].kind == S_EXEC) { /* keep reaping; output goes nowhere */
+            orphan_fd(sessions[i].out_fd); orphan_fd(sessions[i].err_fd);
+            sessions[i].out_fd = sessions[i].err_fd = -1;
+            if (sessions[i].in_fd >= 0) { close(sessions[i].in_fd); sessions[i].in_fd = -1; }
+            sessions[i].kind = S_FREE;
+        } else if (sessions[i].kind != S_FREE) sess_free(&sessions[i]);
+    }
+}
+
 static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t n) {
     struct sess *s;
     if (type == M_SET_TOKEN) { set_token_once(p, n); return; }
@@ -992,6 +1007,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
             return;
         }
         authed = 1;
+        drop_sessions();
         out_frame(0, G_HELLO_ACK, "EMBERACK", 8, nonce, 16);
         return;
     }
@@ -1024,14 +1040,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
 
 static void disconnect(void) {
     connected = 0; authed = 0; in_len = 0; out_head = out_len = 0;
-    for (int i = 0; i < MAX_SESS; i++) {
-        if (sessions[i].kind == S_EXEC) { /* keep reaping; output goes nowhere */
-            orphan_fd(sessions[i].out_fd); orphan_fd(sessions[i].err_fd);
-            sessions[i].out_fd = sessions[i].err_fd = -1;
-            if (sessions[i].in_fd >= 0) { close(sessions[i].in_fd); sessions[i].in_fd = -1; }
-            sessions[i].kind = S_FREE;
-        } else if (sessions[i].kind != S_FREE) sess_free(&sessions[i]);
-    }
+    drop_sessions();
 }
 
 /* Handle every complete frame in inbuf; keeps a partial tail. */
