@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ember.sdk import ApiError, Client, Request
+from ember.sdk import ApiError, AsyncClient, Client, Request
 from ember.sdk.types import LogEvent, LogOutput, LogSkipped
 from tests.conftest import DaemonProcess, build, remove_quietly
 
@@ -119,7 +122,9 @@ def test_base_images_keep_root_slash_and_absolute_paths(client: Client, base_ima
         remove_quietly(client, vm_id)
 
 
-def test_logs_start_with_the_apps_startup_output_and_follow_new_lines(client: Client, app_image: str) -> None:
+def test_logs_start_with_the_apps_startup_output_and_follow_new_lines(
+    client: Client, app_image: str, daemon: DaemonProcess
+) -> None:
     first, second = client.vms.run(app_image).id, client.vms.run(app_image).id
     try:
         for vm_id in (first, second):  # every clone starts with the output of the app's start at build time
@@ -129,21 +134,47 @@ def test_logs_start_with_the_apps_startup_output_and_follow_new_lines(client: Cl
         assert b"request" not in log_text(client.vms.logs(second))  # each clone's log is its own
         assert log_text(client.vms.logs(first, tail=11)) == b"1 for /one\n"
 
+        async def async_tail() -> bytes:
+            async with AsyncClient(settings=daemon.settings) as c:
+                return b"".join([e.data async for e in (await c.vms.get(first)).logs(tail=19)])
+
+        assert asyncio.run(async_tail()) == b"request 1 for /one\n"
+        cli = [sys.executable, "-m", "ember", "logs", first]
+        shown = subprocess.run([*cli, "--tail", "19"], capture_output=True, env=daemon.env, timeout=60, check=True)
+        assert shown.stdout == b"request 1 for /one\n"
+
         lines: queue.Queue[bytes | BaseException] = queue.Queue()
 
         def follow() -> None:
             try:
-                for event in client.vms.logs(first, follow=True, tail=0):
+                for event in client.vms.logs(first, follow=True):
                     if isinstance(event, LogOutput):
                         lines.put(event.data)
             except BaseException as exc:  # the VM goes away at the end
                 lines.put(exc)
 
+        def followed_until(line: bytes) -> bytes:
+            got = b""
+            while line not in got:
+                item = lines.get(timeout=30)
+                assert isinstance(item, bytes), item
+                got += item
+            return got
+
         threading.Thread(target=follow, daemon=True).start()
+        assert followed_until(b"request 1 for /one\n").startswith(b"app started")  # what is kept, then...
         client.vms.exec(first, get("/two"))
-        assert lines.get(timeout=30) == b"request 2 for /two\n"
+        assert followed_until(b"request 2 for /two\n") == b"request 2 for /two\n"  # ...new lines as they come
         client.vms.exec(first, get("/three"))
-        assert lines.get(timeout=30) == b"request 3 for /three\n"
+        assert followed_until(b"request 3 for /three\n") == b"request 3 for /three\n"
+        with subprocess.Popen([*cli, "-f"], stdout=subprocess.PIPE, env=daemon.env) as cli_follow:
+            assert cli_follow.stdout is not None
+            try:
+                assert [cli_follow.stdout.readline() for _ in range(5)][2:] == [
+                    b"request 1 for /one\n", b"request 2 for /two\n", b"request 3 for /three\n",
+                ]  # fmt: skip
+            finally:
+                cli_follow.kill()
     finally:
         remove_quietly(client, first)
         remove_quietly(client, second)

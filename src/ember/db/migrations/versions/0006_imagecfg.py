@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_imagecfg"
-down_revision = "0002"
+down_revision = "0002"  # the lead chains it after 0005_hooks when merging (design11.md)
 branch_labels = None
 depends_on = None
 
