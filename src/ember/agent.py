@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.applog import LogChunk, decode_chunk
 from ember.config import Settings
 from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostSetupError, InvalidRequest, TokenRefused
 from ember.guest.protocol import (
@@ -159,6 +160,7 @@ class ExecRequest:
     timeout_s: float = 0.0
     root: str = ""  # build VMs only: run chrooted into this directory
     tool: bool = False  # build VMs only: argv[0] is an Ember tool outside ``root``
+    log_bytes: int = 0  # the image's app: the agent keeps its output in a log of this size (ember.applog)
 
 
 @dataclass(frozen=True)
@@ -480,6 +482,8 @@ class AgentConnection:
             fields.append((Tag.ROOT, req.root))
         if req.tool:
             fields.append((Tag.TOOL, True))
+        if req.log_bytes:
+            fields.append((Tag.APPLOG, req.log_bytes))
         fields.append((Tag.STDIN, stdin is not None))
         payload = encode_fields(fields)
         if len(payload) > MAX_PAYLOAD or len(req.argv) > MAX_ARGS or len(req.env) > MAX_ARGS:
@@ -554,10 +558,34 @@ class AgentConnection:
                 await self._send(Msg.SIGNAL, stream, encode_fields([(Tag.SIGNAL, 9)]))
             raise
 
-    async def write_file(self, path: str, data: AsyncIterator[bytes], mode: int = 0o644, mkdirs: bool = False) -> int:
+    async def read_log(self, start: int, limit: int, wait_s: float) -> LogChunk:
+        """At most ``limit`` bytes of the app's log from offset ``start``; waits in the guest up to
+        ``wait_s`` for output past it (ember.applog)."""
+        stream = self._open()
+        ended = False
+        try:
+            fields: list[Field] = [(Tag.LOG_FROM, start), (Tag.LIMIT, limit), (Tag.LOG_WAIT_MS, int(wait_s * 1000))]
+            await self._send(Msg.LOGS, stream, encode_fields(fields))
+            frame = await self._recv(stream, timeout=wait_s + self._timeout)
+            ended = True
+            _raise_for(frame, Msg.LOGDATA)
+            return decode_chunk(frame.payload, asked=start, limit=limit)
+        finally:
+            if ended:
+                self._close(stream)
+            else:
+                self._cancel(stream)  # the reader went away while the agent waits: free its wait
+
+    async def write_file(
+        self, path: str, data: AsyncIterator[bytes], mode: int = 0o644, mkdirs: bool = False, *, owner: str = ""
+    ) -> int:
+        """``owner`` (a user name or uid[:gid]; "": root) gets the file and the directories ``mkdirs`` makes."""
+        check_user(owner)
         stream = self._open()
         try:
             fields: list[Field] = [(Tag.PATH, path), (Tag.MODE, mode), (Tag.MKDIRS, mkdirs)]
+            if owner:
+                fields.append((Tag.USER, owner))
             await self._send(Msg.WRITE, stream, encode_fields(fields))
             _raise_for(await self._recv(stream), Msg.OK)
             async for chunk in data:

@@ -198,8 +198,9 @@ def cmd_exec(c: Client, a: Args) -> None:
 
 
 def _split_remote(spec: str) -> tuple[str, str] | None:
+    """VM_ID:PATH (a relative PATH is under the image's WORKDIR)."""
     vm_id, sep, path = spec.partition(":")
-    if sep and vm_id.startswith("vm-") and path.startswith("/"):
+    if sep and vm_id.startswith("vm-") and path:
         return vm_id, path
     return None
 
@@ -219,7 +220,7 @@ def cmd_cp(c: Client, a: Args) -> None:
         vm_id, path = remote_dst
         if path.endswith("/"):
             path += local.name
-        n = c.files.write(vm_id, path, _file_chunks(local), mode=local.stat().st_mode & 0o7777)
+        n = c.files.write(vm_id, path, _file_chunks(local), mode=local.stat().st_mode & 0o7777, user=a.user)
         where = f"{vm_id}:{path}"
     elif remote_src and not remote_dst:
         vm_id, path = remote_src
@@ -229,14 +230,14 @@ def cmd_cp(c: Client, a: Args) -> None:
         n = c.files.read_to(vm_id, path, target)
         where = str(target)
     else:
-        fail("exactly one side must be VM_ID:/absolute/path", 2)
+        fail("exactly one side must be VM_ID:PATH", 2)
     out(json.dumps({"bytes": n, "to": where})) if a.json else err(f"copied {n} bytes to {shown(where)}")
 
 
 def cmd_ls(c: Client, a: Args) -> None:
     remote = _split_remote(a.spec)
     if remote is None:
-        fail("usage: ember ls VM_ID:/absolute/dir", 2)
+        fail("usage: ember ls VM_ID:DIR", 2)
     listing = c.files.ls(*remote)
     if a.json:
         return dump(listing)
@@ -246,6 +247,23 @@ def cmd_ls(c: Client, a: Args) -> None:
         out(f"{stat.filemode(e.mode)} {e.size:>12} {shown(e.name)}")
     if listing.truncated:
         err(f"ember: only the first {len(listing.entries)} entries are listed (EMBER_LS_MAX_ENTRIES)")
+
+
+def cmd_logs(c: Client, a: Args) -> None:
+    import codecs
+
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for event in c.vms.logs(a.vm_id, follow=a.follow, tail=a.tail):
+        if isinstance(event, t.LogSkipped):
+            if a.json:
+                out(json.dumps({"offset": event.offset, "skipped": event.skipped}))
+            else:
+                err(f"ember: ... {event.skipped} bytes of the log skipped (overwritten before they were read) ...")
+        elif a.json:
+            out(json.dumps({"offset": event.offset, "data": event.data.decode(errors="replace")}))
+        else:
+            sys.stdout.write(shown(text.decode(event.data), lines=True))
+            sys.stdout.flush()
 
 
 # ---- images --------------------------------------------------------------------------------
@@ -511,6 +529,12 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = command(sub, "cp", cmd_cp, "Copy a file: 'ember cp ./f ID:/path' or 'ember cp ID:/path ./f'.")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("-u", "--user", default=None,
+                   help="owner of a file copied into the VM (default: the image's USER, else root)")  # fmt: skip
+    p = command(sub, "logs", cmd_logs, "Print the output of a VM's app (its image's ENTRYPOINT/CMD).")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("-f", "--follow", action="store_true", help="go on printing new output")
+    p.add_argument("--tail", type=int, default=None, metavar="BYTES", help="only the last BYTES of the log")
     p = command(sub, "ls", cmd_ls, "List a directory in a VM.")
     p.add_argument("spec", metavar="ID:/DIR")
     for name, fn, text in (

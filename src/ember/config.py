@@ -106,6 +106,8 @@ class Settings:
     build_log_max_bytes: int = _env("EMBER_BUILD_LOG_MAX_BYTES", 16 * 1024 * 1024)
     # Bytes of progress a streamed job keeps for a slow or gone client; older lines become one "dropped" line.
     stream_backlog_bytes: int = _env("EMBER_STREAM_BACKLOG_BYTES", 1024 * 1024)
+    # Each VM's app log (`ember logs`): its newest bytes, kept in the guest (4 KiB-64 MiB; fixed at image build).
+    app_log_bytes: int = _env("EMBER_APP_LOG_BYTES", 1024 * 1024)
     # Pre-started VMMs kept per launched image (0 disables the pool).
     pool_size: int = _env("EMBER_POOL_SIZE", 2)
     # Pre-started VMMs kept for all images together; past it, the least recently launched image gives one up.

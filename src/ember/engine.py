@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.agent import AgentConnection, ExecRequest, ExecResult, Listing, identity_request
+from ember.applog import LogChunk
 from ember.config import Settings
 from ember.db.store import Store
 from ember.errors import (
@@ -32,12 +33,12 @@ from ember.errors import (
     GuestError,
     HookFailed,
     ImageNotFound,
-    InvalidRequest,
     VmmError,
     VmNotFound,
     log_with_id,
 )
 from ember.hooks import AppHooks, Hook
+from ember.imagecfg import ImageDefaults, file_owner, guest_path
 from ember.images import ImageStore
 from ember.logs import vlog
 from ember.metrics import Operation, timed
@@ -378,17 +379,35 @@ class Engine:
     ) -> AsyncIterator[tuple[str, bytes] | ExecResult]:
         return self._agent(self.get(vm_id), "exec in").exec(req, stdin)
 
-    async def write_file(self, vm_id: str, path: str, data: AsyncIterator[bytes], mode: int, mkdirs: bool) -> int:
-        _check_guest_path(path)
-        return await self._agent(self.get(vm_id), "copy files into").write_file(path, data, mode, mkdirs)
+    def image_defaults(self, record: VmRecord) -> ImageDefaults | None:
+        """What exec, shell and file calls in the VM default to (ember.imagecfg): its image's
+        ENV, WORKDIR and USER; None for an image without a Dockerfile config."""
+        image = self.store.get_image(record.image)  # kept while a VM uses it (remove_image refuses)
+        return image.defaults if image is not None else None
+
+    async def write_file(
+        self, vm_id: str, path: str, data: AsyncIterator[bytes], mode: int, mkdirs: bool, *, user: str | None = None
+    ) -> int:
+        """``user`` owns the file (None: the image's USER, else root)."""
+        record = self.get(vm_id)
+        defaults = self.image_defaults(record)
+        agent = self._agent(record, "copy files into")
+        owner = file_owner(defaults, user)
+        return await agent.write_file(guest_path(defaults, path), data, mode, mkdirs, owner=owner)
 
     async def read_file(self, vm_id: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
-        _check_guest_path(path)
-        return await self._agent(self.get(vm_id), "copy files from").read_file(path)
+        record = self.get(vm_id)
+        resolved = guest_path(self.image_defaults(record), path)
+        return await self._agent(record, "copy files from").read_file(resolved)
 
     async def list_dir(self, vm_id: str, path: str) -> Listing:
-        _check_guest_path(path)
-        return await self._agent(self.get(vm_id), "list files in").list_dir(path)
+        record = self.get(vm_id)
+        resolved = guest_path(self.image_defaults(record), path)
+        return await self._agent(record, "list files in").list_dir(resolved)
+
+    async def read_log(self, vm_id: str, start: int, limit: int, wait_s: float) -> LogChunk:
+        """A piece of the VM's app log (ember.applog: it lives in the guest; the host keeps none)."""
+        return await self._agent(self.get(vm_id), "read the app log of").read_log(start, limit, wait_s)
 
     async def inspect(self, vm_id: str) -> dict[str, Any]:
         record = self.get(vm_id)
@@ -725,13 +744,6 @@ def host_pss_mib(pid: int) -> float | None:
     except OSError:
         pass
     return None
-
-
-def _check_guest_path(path: str) -> None:
-    if not path.startswith("/"):
-        raise InvalidRequest(f"guest path {path!r} must be absolute (start with '/')")
-    if "\0" in path or len(path) > 4096:
-        raise InvalidRequest("guest path is malformed")
 
 
 __all__ = ["Engine", "ImageNotFound", "Timings"]

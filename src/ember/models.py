@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from ember.errors import InvalidStateTransition
+from ember.imagecfg import ImageDefaults
 from ember.vmm.machine import MachineConfig, RamMode
 
 
@@ -132,6 +133,7 @@ class ImageRecord:
     created_at: str = field(default_factory=utcnow)
     parent: str = ""
     tenant: str = ""  # "": a built-in base image, visible to every tenant
+    defaults: ImageDefaults | None = None  # a Dockerfile image's ENV, WORKDIR and USER (ember.imagecfg)
 
 
 @dataclass(frozen=True)

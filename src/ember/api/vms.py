@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from ember import applog
 from ember.agent import ExecRequest, ExecResult
 from ember.api.auth import principal, tenant_filter
 from ember.api.execstdin import StdinPipe, StdinPipes
@@ -39,8 +40,10 @@ from ember.api.models import (
 )
 from ember.api.schema import errors, raw_body, streamed
 from ember.api.streaming import ndjson
+from ember.applog import LogChunk
 from ember.engine import RunOptions
 from ember.errors import EmberError, InvalidRequest, VmNotFound
+from ember.imagecfg import exec_settings
 from ember.metrics import Operation
 from ember.models import EventRecord, ImageRecord, VmRecord, VmState
 from ember.tenancy import names
@@ -337,12 +340,10 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     async def exec_vm(body: ExecBody, vm: VmRecord = Depends(owned_vm)) -> StreamingResponse:
         """Run a command; NDJSON output events, then its exit status. With ``stdin`` the first
         event is ``{"stdin": ID}``: stream the input with PUT /v1/vms/{vm_id}/exec/stdin/ID.
-        The VM's own environment (``env`` at run) comes first; the request's overrides it."""
-        env = {**vm.env, **body.env}
-        req = ExecRequest(
-            argv=body.argv, env=[f"{k}={v}" for k, v in env.items()], cwd=body.cwd, user=body.user,
-            timeout_s=body.timeout_s,
-        )  # fmt: skip
+        The image's ENV comes first, then the VM's own environment (``env`` at run), then the
+        request's; ``cwd`` and ``user`` default to the image's WORKDIR and USER (ember.imagecfg)."""
+        run = exec_settings(engine.image_defaults(vm), vm.env, body.env, cwd=body.cwd, user=body.user)
+        req = ExecRequest(argv=body.argv, env=run.env, cwd=run.cwd, user=run.user, timeout_s=body.timeout_s)
         vm_id = vm.id
         pipe = stdin_pipes.open(vm_id, daemon.settings.agent_timeout_s) if body.stdin else None
         try:
@@ -397,6 +398,34 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]
 
+    @app.get(
+        "/v1/vms/{vm_id}/logs", response_class=StreamingResponse,
+        responses={**streamed("application/x-ndjson", "The app's output: {offset, data} (base64) and "
+                              "{offset, skipped} events (NDJSON)"), **errors(409, 422, 503)},
+    )  # fmt: skip
+    async def vm_logs(
+        vm: VmRecord = Depends(owned_vm), follow: bool = False,
+        tail: int | None = Query(default=None, ge=0, le=2**62, description="Only the last this many bytes"),
+    ) -> StreamingResponse:  # fmt: skip
+        """The app's stdout and stderr (its ENTRYPOINT/CMD), as the guest keeps them (the newest
+        EMBER_APP_LOG_BYTES of the image's build); ``follow`` goes on with new output. A reader slower
+        than the app gets a ``skipped`` event for the bytes overwritten meanwhile (ember.applog)."""
+        vm_id = vm.id
+
+        async def read(start: int, limit: int, wait_s: float) -> LogChunk:
+            return await engine.read_log(vm_id, start, limit, wait_s)
+
+        head = await applog.first_chunk(read)  # a VM without an app, or not running: an error, not a 200
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for event in applog.events(read, head, tail=tail, follow=follow):
+                    yield ndjson(event)
+            except EmberError as exc:
+                yield ndjson({"error": type(exc).__name__, "message": str(exc)})
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
     @app.put(
         "/v1/vms/{vm_id}/exec/stdin/{stdin_id}", response_model=StdinWritten, responses=errors(409, 422, 503),
         openapi_extra=raw_body("application/octet-stream", "The exec's stdin"),
@@ -413,8 +442,11 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     async def put_file(
         request: Request, vm: VmRecord = Depends(owned_vm), path: str = Query(...),
         mode: int = Query(0o644, ge=0, le=0o7777), mkdirs: bool = False,
+        user: str | None = Query(None, max_length=256, pattern=NO_NUL,
+                                 description="Owner: a name or uid[:gid] (default: the image's USER, else root)"),
     ) -> dict[str, Any]:  # fmt: skip
-        size = await engine.write_file(vm.id, path, request.stream(), mode, mkdirs)
+        """Write a file (a relative ``path`` is under the image's WORKDIR)."""
+        size = await engine.write_file(vm.id, path, request.stream(), mode, mkdirs, user=user)
         return {"path": path, "bytes": size}
 
     @app.get(

@@ -72,12 +72,16 @@ def choose(config: ImageConfig, ready_cmd: tuple[str, ...]) -> Readiness:
 
 
 class AppRun:
-    """The app's process, started through the agent; its output is kept (tail) and echoed."""
+    """The app's process, started through the agent; its output is kept (tail) and echoed, and the
+    agent keeps it in the VM's app log of ``log_bytes`` (ember.applog), which every clone inherits."""
 
-    def __init__(self, agent: AgentConnection, config: ImageConfig, echo: Callable[[str], None]) -> None:
+    def __init__(
+        self, agent: AgentConnection, config: ImageConfig, echo: Callable[[str], None], *, log_bytes: int
+    ) -> None:
         self.agent = agent
         self.config = config
         self.echo = echo
+        self.log_bytes = log_bytes
         self.tail = ""
         self.result: ExecResult | None = None
         self.pid = 0
@@ -88,8 +92,9 @@ class AppRun:
 
     def start(self) -> None:
         req = ExecRequest(
-            argv=list(self.config.app_argv()), env=self._env(), cwd=self.config.workdir, user=self.config.user
-        )
+            argv=list(self.config.app_argv()), env=self._env(), cwd=self.config.workdir, user=self.config.user,
+            log_bytes=self.log_bytes,
+        )  # fmt: skip
         self._task = asyncio.create_task(self._pump(req))
 
     async def _pump(self, req: ExecRequest) -> None:

@@ -45,6 +45,7 @@ images = Table(
     Column("created_at", String, nullable=False),
     Column("parent", String, nullable=False),
     Column("tenant", String(63), nullable=False, index=True),  # "": a built-in base, visible to all
+    Column("defaults", Text, nullable=False),  # JSON: exec/file defaults (ember.imagecfg); "": none
 )
 
 builds = Table(

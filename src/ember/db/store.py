@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from ember.db import migrate
 from ember.db.schema import builds, events, images, vms
 from ember.errors import ResourceExhausted
+from ember.imagecfg import ImageDefaults
 from ember.models import (
     BuildRecord,
     BuildState,
@@ -38,13 +39,14 @@ def _image_row(r: ImageRecord) -> dict[str, object]:
     return {
         "name": r.name, "machine": r.machine.to_json(), "gid": r.gid, "token": r.token,
         "disk_bytes": r.disk_bytes, "memory_bytes": r.memory_bytes, "created_at": r.created_at, "parent": r.parent,
-        "tenant": r.tenant,
+        "tenant": r.tenant, "defaults": r.defaults.to_json() if r.defaults is not None else "",
     }  # fmt: skip
 
 
 def _image(row: RowMapping) -> ImageRecord:
     data = dict(row)
     data["machine"] = MachineConfig.from_json(data["machine"])
+    data["defaults"] = ImageDefaults.from_json(data["defaults"])
     return ImageRecord(**data)
 
 

@@ -83,13 +83,14 @@
 #define PORT_NAME "org.ember.agent"
 
 enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
-       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE, M_SET_TOKEN };
+       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE, M_SET_TOKEN, M_LOGS = 24 };
 enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED, G_CREDIT,
-       G_HELLO_NAK };
+       G_HELLO_NAK, G_LOGDATA = 85 };
 enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
        T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
-       T_TOOL, T_PORT, T_HTTP, T_LIMIT, T_TRUNCATED, T_CLOSED };
+       T_TOOL, T_PORT, T_HTTP, T_LIMIT, T_TRUNCATED, T_CLOSED,
+       T_APPLOG = 50, T_LOG_FROM, T_LOG_END, T_LOG_WAIT_MS, T_LOG_DATA };
 /* app hooks (protocol.py: Msg.HOOK, Tag.HOOK_*) */
 enum { M_HOOK = 30 };
 enum { T_HOOK_NAME = 60, T_HOOK_BODY, T_HOOK_ANSWER };
@@ -98,7 +99,7 @@ enum { T_HOOK_NAME = 60, T_HOOK_BODY, T_HOOK_ANSWER };
 #define HOOK_NAME_MAX 32
 #define HOOK_TIMEOUT_MAX_MS 3600000ull
 
-enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST, S_HOOK };
+enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST, S_HOOK, S_LOGWAIT };
 
 struct sess {
     enum kind kind;
@@ -115,6 +116,8 @@ struct sess {
     DIR *dir; uint64_t limit, count;
     /* hook: fd is the socket; phase 0 connecting, 1 sending, 2 reading */
     char *req; size_t req_len, req_off; char *ans; size_t ans_len; int phase; unsigned hook_port;
+    /* log read: from (offset), limit (bytes), deadline_ms */
+    uint64_t from;
 };
 
 static struct sess sessions[MAX_SESS];
@@ -132,6 +135,48 @@ static size_t out_head, out_len;
 static int build_mode;
 static int build_root_mounted;
 static char root_dev[64] = "/dev/vda";
+
+/* ---------- the app's log ----------
+ * The app (an EXEC with T_APPLOG: the image's ENTRYPOINT/CMD, started once when the image is
+ * built) writes its stdout and stderr into a ring the agent keeps: the newest `cap` bytes of
+ * everything it wrote, `end` counting every byte since it started. The ring is guest memory,
+ * so every snapshot holds it: each clone starts with the app's startup output and keeps its own
+ * log from then on, and it survives suspend/resume. The agent reads the app's pipes whether or
+ * not a host is attached (the app never waits on a host that does not read: old bytes are
+ * overwritten instead); while the build's exec stream is attached, the output also goes there.
+ * LOGS reads at most CHUNK bytes from an offset, waiting up to LOG_WAIT_MAX_MS for new output. */
+#define LOG_MIN (4 * 1024ull)
+#define LOG_MAX (64 * 1024 * 1024ull)
+#define LOG_WAITERS 16 /* log reads waiting for output at once */
+#define LOG_WAIT_MAX_MS 30000
+
+struct ring { unsigned char *buf; uint64_t cap, end; };
+
+static void ring_put(struct ring *r, const unsigned char *d, size_t n) {
+    if (n > r->cap) { d += n - r->cap; r->end += n - r->cap; n = (size_t)r->cap; }
+    size_t at = (size_t)(r->end % r->cap), first = n < r->cap - at ? n : (size_t)(r->cap - at);
+    memcpy(r->buf + at, d, first);
+    memcpy(r->buf, d + first, n - first);
+    r->end += n;
+}
+
+/* Copies at most max bytes from *from on; *from is raised to the oldest byte still held
+ * (and lowered to end if past it). Returns the number of bytes copied. */
+static size_t ring_get(const struct ring *r, uint64_t *from, unsigned char *out, size_t max) {
+    uint64_t oldest = r->end > r->cap ? r->end - r->cap : 0;
+    if (*from < oldest) *from = oldest;
+    if (*from > r->end) *from = r->end;
+    size_t n = r->end - *from < max ? (size_t)(r->end - *from) : max;
+    if (!n) return 0;
+    size_t at = (size_t)(*from % r->cap), first = n < r->cap - at ? n : (size_t)(r->cap - at);
+    memcpy(out, r->buf + at, first);
+    memcpy(out + first, r->buf, n - first);
+    return n;
+}
+
+static struct ring applog; /* cap 0: this VM has no app */
+static int applog_fd[2] = {-1, -1}; /* the app's stdout and stderr pipes */
+static uint32_t applog_stream; /* the exec stream that also gets the output (0: none) */
 
 static void logmsg(const char *fmt, ...) {
     va_list ap;
@@ -273,6 +318,7 @@ static void orphan_fd(int fd) {
 }
 
 static void sess_free(struct sess *s) {
+    if (s->kind == S_EXEC && s->stream == applog_stream) applog_stream = 0;
     orphan_fd(s->out_fd);
     orphan_fd(s->err_fd);
     if (s->in_fd >= 0) close(s->in_fd);
@@ -358,6 +404,8 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     int tool_fd = -1;
     uint64_t timeout = tlv_u(p, n, T_TIMEOUT_MS, 0);
     int want_stdin = (int)tlv_u(p, n, T_STDIN, 0);
+    uint64_t logcap = tlv_u(p, n, T_APPLOG, 0);
+    unsigned char *logbuf = NULL;
     struct ident id;
     int outp[2] = {-1, -1}, errp[2] = {-1, -1}, inp[2] = {-1, -1}, failp[2] = {-1, -1};
     struct sess *s = NULL;
@@ -375,6 +423,11 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     int looked = lookup_user(root, user, &id);
     if (looked == -2) { reply_err(stream, EINVAL, "user '%s': uids and gids are 0-%llu", user, MAX_ID); goto out; }
     if (looked < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
+    if (logcap) {
+        if (applog.cap) { reply_err(stream, EBUSY, "this VM's app is started already"); goto out; }
+        if (logcap < LOG_MIN || logcap > LOG_MAX) { reply_err(stream, EINVAL, "an app log holds %llu-%llu bytes", LOG_MIN, LOG_MAX); goto out; }
+        if (!(logbuf = malloc((size_t)logcap))) { reply_err(stream, ENOMEM, "no memory for the app's log"); goto out; }
+    }
     if (!(s = sess_new(stream, S_EXEC))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); goto out; }
     if (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC) || pipe2(failp, O_CLOEXEC) ||
         (want_stdin && pipe2(inp, O_CLOEXEC))) {
@@ -425,6 +478,12 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     }
     set_nonblock(outp[0]); set_nonblock(errp[0]);
     s->pid = pid; s->out_fd = outp[0]; s->err_fd = errp[0];
+    if (logbuf) { /* the app: its pipes are the log's, for as long as anything holds them */
+        applog.buf = logbuf; applog.cap = logcap; applog.end = 0; logbuf = NULL;
+        applog_fd[0] = s->out_fd; applog_fd[1] = s->err_fd;
+        s->out_fd = s->err_fd = -1;
+        applog_stream = stream;
+    }
     if (want_stdin) { s->in_fd = inp[1]; set_nonblock(inp[1]); }
     s->deadline_ms = timeout ? now_ms() + (int64_t)timeout : 0;
     struct tlvbuf b = {.len = 0};
@@ -441,6 +500,7 @@ fail:
     }
     memset(s, 0, sizeof *s);
 out:
+    free(logbuf);
     for (int i = 0; i < argc; i++) free(argv[i]);
     for (int i = 0; i < envc; i++) free(envp[i]);
     if (tool_fd >= 0) close(tool_fd);
@@ -522,11 +582,32 @@ static int pump_pipe(struct sess *s, int *fd, uint8_t type) {
     return 0;
 }
 
+/* Read what the app wrote into its log (and to the build's stream while attached).
+ * A pass reads at most 1 MiB of each pipe, so a flood cannot starve the host's requests. */
+static void pump_applog(void) {
+    static unsigned char buf[CHUNK];
+    for (int i = 0; i < 2; i++) {
+        for (int pass = 0; applog_fd[i] >= 0 && pass < 16; pass++) {
+            int forward = applog_stream && authed;
+            if (forward && !producers_may_run()) break;
+            ssize_t r = read(applog_fd[i], buf, sizeof buf);
+            if (r > 0) {
+                ring_put(&applog, buf, (size_t)r);
+                if (forward) out_frame(applog_stream, i ? G_STDERR : G_STDOUT, buf, (size_t)r, NULL, 0);
+                continue;
+            }
+            if (r < 0 && (errno == EAGAIN || errno == EINTR)) break;
+            close(applog_fd[i]); applog_fd[i] = -1; /* every writer is gone */
+        }
+    }
+}
+
 static void finish_exec_if_done(struct sess *s) {
     if (!s->exited) return;
     /* The main process is gone: send what its pipes already hold, then hand
      * them to the orphan drain (background children may still hold them). */
     if (!producers_may_run()) return;
+    if (s->stream == applog_stream) pump_applog();
     pump_pipe(s, &s->out_fd, G_STDOUT);
     pump_pipe(s, &s->err_fd, G_STDERR);
     if (!producers_may_run()) return;
@@ -553,24 +634,32 @@ static void reap(void) {
 
 /* ---------- files ---------- */
 
-static int mkdirs(const char *path) {
+/* The parents of path; those it makes belong to owner (NULL: root's). */
+static int mkdirs(const char *path, const struct ident *owner) {
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s", path);
     for (char *p = tmp + 1; *p; p++)
         if (*p == '/') {
             *p = 0;
-            if (mkdir(tmp, 0755) < 0 && errno != EEXIST) return -1;
+            if (mkdir(tmp, 0755) == 0) {
+                if (owner && lchown(tmp, owner->uid, owner->gid) < 0) return -1;
+            } else if (errno != EEXIST) return -1;
             *p = '/';
         }
     return 0;
 }
 
 static void do_write(uint32_t stream, const unsigned char *p, size_t n) {
-    char *path = tlv_str(p, n, T_PATH, 0);
+    char *path = tlv_str(p, n, T_PATH, 0), *user = tlv_str(p, n, T_USER, 0);
     uint64_t mode = tlv_u(p, n, T_MODE, 0644);
     struct sess *s;
+    struct ident id;
     if (!path || path[0] != '/') { reply_err(stream, EINVAL, "path must be absolute"); goto out; }
-    if (tlv_u(p, n, T_MKDIRS, 0) && mkdirs(path) < 0) { reply_err(stream, errno, "cannot create parents of %s: %s", path, strerror(errno)); goto out; }
+    int looked = lookup_user(NULL, user, &id);
+    if (looked == -2) { reply_err(stream, EINVAL, "user '%s': uids and gids are 0-%llu", user, MAX_ID); goto out; }
+    if (looked < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
+    const struct ident *owner = user && *user ? &id : NULL;
+    if (tlv_u(p, n, T_MKDIRS, 0) && mkdirs(path, owner) < 0) { reply_err(stream, errno, "cannot create parents of %s: %s", path, strerror(errno)); goto out; }
     if (!(s = sess_new(stream, S_WRITE))) { reply_err(stream, EBUSY, "too many concurrent sessions"); goto out; }
     /* never through a symlink in the last component (a guest user's link in a shared
      * directory would aim root's write anywhere), never into a FIFO or device */
@@ -593,10 +682,15 @@ static void do_write(uint32_t stream, const unsigned char *p, size_t n) {
         goto out;
     }
     fcntl(s->fd, F_SETFL, fcntl(s->fd, F_GETFL) & ~O_NONBLOCK);
-    fchmod(s->fd, (mode_t)(mode & 07777));
+    if (owner && fchown(s->fd, owner->uid, owner->gid) < 0) {
+        reply_err(stream, errno, "cannot give %s to '%s': %s", path, user, strerror(errno));
+        sess_free(s);
+        goto out;
+    }
+    fchmod(s->fd, (mode_t)(mode & 07777)); /* after the chown, which clears set-id bits */
     reply_ok(stream, NULL);
 out:
-    free(path);
+    free(path); free(user);
 }
 
 static void do_wdata(struct sess *s, const unsigned char *p, size_t n) {
@@ -713,6 +807,45 @@ static void pump_list(struct sess *s) {
             return;
         }
     }
+}
+
+/* ---------- the app's log: reads ---------- */
+
+static int log_waiters(void) {
+    int n = 0;
+    for (int i = 0; i < MAX_SESS; i++) n += sessions[i].kind == S_LOGWAIT;
+    return n;
+}
+
+/* Every LOGS request is answered from the loop, when it has bytes past `from`
+ * or its wait is over, and the output buffer has room for a whole chunk. */
+static void do_logs(uint32_t stream, const unsigned char *p, size_t n) {
+    uint64_t wait = tlv_u(p, n, T_LOG_WAIT_MS, 0);
+    if (wait > LOG_WAIT_MAX_MS) wait = LOG_WAIT_MAX_MS;
+    if (wait && log_waiters() >= LOG_WAITERS) { reply_err(stream, EBUSY, "too many log reads waiting in this VM"); return; }
+    struct sess *s = sess_new(stream, S_LOGWAIT);
+    if (!s) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); return; }
+    s->from = tlv_u(p, n, T_LOG_FROM, 0);
+    s->limit = tlv_u(p, n, T_LIMIT, CHUNK);
+    if (s->limit > CHUNK) s->limit = CHUNK;
+    s->deadline_ms = now_ms() + (int64_t)wait;
+}
+
+static int log_due(const struct sess *s, int64_t now) { return applog.end > s->from || now >= s->deadline_ms; }
+
+static void answer_log(struct sess *s, int64_t now) {
+    static unsigned char data[CHUNK];
+    if (!log_due(s, now) || !producers_may_run()) return;
+    uint64_t from = s->from;
+    size_t len = applog.cap ? ring_get(&applog, &from, data, (size_t)s->limit) : 0;
+    struct tlvbuf b = {.len = 0};
+    tlv_u64(&b, T_LOG_FROM, applog.cap ? from : 0);
+    tlv_u64(&b, T_LOG_END, applog.end);
+    tlv_u64(&b, T_SIZE, applog.cap);
+    uint32_t dl = (uint32_t)len;
+    b.data[b.len] = T_LOG_DATA; memcpy(b.data + b.len + 1, &dl, 4); b.len += 5;
+    out_frame(s->stream, G_LOGDATA, b.data, b.len, data, len);
+    sess_free(s);
 }
 
 /* ---------- build mode: the root disk ---------- */
@@ -984,6 +1117,7 @@ static void set_token_once(const unsigned char *p, size_t n) {
  * daemon, or any restore: the agent was saved connected and never saw that host go) numbers its
  * streams from 1 again, and must not meet the old ones (e.g. the app an image captured running). */
 static void drop_sessions(void) {
+    applog_stream = 0; /* the build's exec stream (if any) is gone; the app's log goes on */
     for (int i = 0; i < MAX_SESS; i++) {
         if (sessions[i].kind == S_EXEC) { /* keep reaping; output goes nowhere */
             orphan_fd(sessions[i].out_fd); orphan_fd(sessions[i].err_fd);
@@ -1022,7 +1156,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
         if ((s = sess_find(stream)) && s->kind == S_EXEC && !s->exited) {
             int sig = (int)tlv_u(p, n, T_SIGNAL, SIGKILL);
             if (sig > 0 && sig < 65) kill(-s->pid, sig);
-        } else if (s && (s->kind == S_READ || s->kind == S_LIST || s->kind == S_HOOK)) sess_free(s); /* the host gave up on it */
+        } else if (s && (s->kind == S_READ || s->kind == S_LIST || s->kind == S_HOOK || s->kind == S_LOGWAIT)) sess_free(s); /* the host gave up on it */
         break;
     case M_WRITE: do_write(stream, p, n); break;
     case M_WDATA: if ((s = sess_find(stream)) && s->kind == S_WRITE) do_wdata(s, p, n); break;
@@ -1034,6 +1168,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
     case M_PING: reply_ok(stream, NULL); break;
     case M_PROBE: do_probe(stream, p, n); break;
     case M_HOOK: do_hook(stream, p, n); break;
+    case M_LOGS: do_logs(stream, p, n); break;
     default: reply_err(stream, ENOSYS, "unknown request type %u", type);
     }
 }
@@ -1115,7 +1250,7 @@ static void serve(void) {
     outbuf = malloc(OUT_CAP);
     if (!outbuf) die("malloc");
 
-    struct pollfd fds[2 + MAX_SESS * 3 + MAX_ORPHANS];
+    struct pollfd fds[4 + 2 + MAX_SESS * 3 + MAX_ORPHANS]; /* 2: the app log's pipes */
     struct { struct sess *s; int which; } map[sizeof fds / sizeof fds[0]];
     for (;;) {
         if (!connected) probe_connection();
@@ -1150,12 +1285,19 @@ static void serve(void) {
                 fds[nf].fd = s->fd; fds[nf].events = s->phase == 2 ? POLLIN : POLLOUT;
                 map[nf].s = s; map[nf].which = 6; nf++;
             } else if (s->kind == S_HOOK && (timeout < 0 || timeout > 5)) timeout = 5; /* no room for its answer yet */
+            else if (s->kind == S_LOGWAIT) {
+                if (log_due(s, now)) { if (producers_may_run()) timeout = 0; }
+                else if (timeout < 0 || s->deadline_ms - now < timeout) timeout = (int)(s->deadline_ms - now);
+            }
         }
+        if (!applog_stream || !authed || producers_may_run())
+            for (int i = 0; i < 2; i++)
+                if (applog_fd[i] >= 0) { fds[nf].fd = applog_fd[i]; fds[nf].events = POLLIN; map[nf].s = NULL; map[nf].which = 7; nf++; }
         for (int i = 0; i < n_orphans; i++) { fds[nf].fd = orphans[i]; fds[nf].events = POLLIN; map[nf].s = NULL; map[nf].which = 5; nf++; }
 
         int r = poll(fds, (nfds_t)nf, timeout);
         if (r < 0 && errno != EINTR) die("poll");
-        int orphan_ready = 0;
+        int orphan_ready = 0, applog_ready = 0;
         for (int i = 0; r > 0 && i < nf; i++) {
             if (!fds[i].revents) continue;
             struct sess *s = map[i].s;
@@ -1171,14 +1313,18 @@ static void serve(void) {
             case 4: if (s->kind == S_EXEC) flush_stdin(s); break;
             case 5: orphan_ready = 1; break;
             case 6: if (s->kind == S_HOOK && s->fd == fds[i].fd) pump_hook(s); break;
+            case 7: applog_ready = 1; break;
             }
         }
         if (orphan_ready) drain_orphans();
+        if (applog_ready) pump_applog();
         reap();
+        now = now_ms();
         for (int i = 0; i < MAX_SESS; i++) {
             if (sessions[i].kind == S_EXEC) { send_credit(&sessions[i]); finish_exec_if_done(&sessions[i]); }
             else if (sessions[i].kind == S_READ) pump_read(&sessions[i]);
             else if (sessions[i].kind == S_LIST) pump_list(&sessions[i]);
+            else if (sessions[i].kind == S_LOGWAIT) answer_log(&sessions[i], now);
         }
         if (connected && out_len) write_port();
     }

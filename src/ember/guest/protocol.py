@@ -68,6 +68,7 @@ class Msg(enum.IntEnum):
     PING = 13
     PROBE = 14
     SET_TOKEN = 15  # a freshly booted agent's one token (accepted once, before any HELLO succeeds)
+    LOGS = 24  # read the app's log (ember.applog)
     HOOK = 30  # POST /ember/v1/<HOOK_NAME> with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
     # guest -> host
     HELLO_ACK = 64
@@ -81,6 +82,7 @@ class Msg(enum.IntEnum):
     STARTED = 72
     CREDIT = 73
     HELLO_NAK = 74
+    LOGDATA = 85  # a piece of the app's log: LOG_FROM, LOG_END, SIZE (the ring's capacity), LOG_DATA
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
@@ -117,6 +119,11 @@ class Tag(enum.IntEnum):
     LIMIT = 29  # LIST: the most entries the host takes
     TRUNCATED = 30  # REOF of a LIST: entries were left out at LIMIT
     CLOSED = 31  # CREDIT: the command closed its stdin
+    APPLOG = 50  # EXEC: this is the app; keep its output in a log ring of this many bytes
+    LOG_FROM = 51  # LOGS: the offset to read from; LOGDATA: the offset its data starts at
+    LOG_END = 52  # LOGDATA: every byte the app wrote (the offset after the newest)
+    LOG_WAIT_MS = 53  # LOGS: wait this long for output past LOG_FROM
+    LOG_DATA = 54  # LOGDATA: the bytes
     HOOK_NAME = 60  # HOOK: lowercase letters, at most 32
     HOOK_BODY = 61  # HOOK: at most HOOK_BODY_MAX bytes
     HOOK_ANSWER = 62  # OK of a HOOK: the answer's first bytes, raw (at most HOOK_ANSWER_MAX)

@@ -29,6 +29,7 @@ from ember.sdk.types import (
     Image,
     Info,
     Listing,
+    LogEvent,
     Tenant,
     Transition,
     Usage,
@@ -176,6 +177,10 @@ class AsyncVm(VmData):
     async def events(self) -> list[Event]:
         return await self.client.vms.events(self.id)
 
+    async def logs(self, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[LogEvent]:
+        async for event in self.client.vms.logs(self.id, follow=follow, tail=tail):
+            yield event
+
 
 class AsyncVms:
     def __init__(self, client: AsyncClient) -> None:
@@ -258,6 +263,14 @@ class AsyncVms:
     async def events(self, vm_id: str) -> list[Event]:
         return await self.client.call(core.vm_events(vm_id))
 
+    async def logs(self, vm_id: str, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[LogEvent]:
+        """The app's stdout and stderr as they are kept (``follow``: then new output as it comes)."""
+        async with contextlib.aclosing(self.client.stream(core.vm_logs(vm_id, follow=follow, tail=tail))) as stream:
+            async for raw in stream:
+                event = core.log_event(raw)
+                if event is not None:
+                    yield event
+
     async def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,
         all: bool = False, tenant: str | None = None,
@@ -272,9 +285,11 @@ class AsyncFiles:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
 
-    async def write(self, vm_id: str, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False) -> int:
+    async def write(
+        self, vm_id: str, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False, user: str | None = None
+    ) -> int:
         """Write ``data`` (bytes, or chunks streamed as they come) to ``path``; the bytes written."""
-        return await self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs))
+        return await self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user))
 
     async def read(self, vm_id: str, path: str) -> bytes:
         async with self.client.open(core.file_read(vm_id, path)) as resp:
@@ -305,8 +320,10 @@ class AsyncVmFiles:
     files: AsyncFiles
     vm_id: str
 
-    async def write(self, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False) -> int:
-        return await self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs)
+    async def write(
+        self, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False, user: str | None = None
+    ) -> int:
+        return await self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user)
 
     async def read(self, path: str) -> bytes:
         return await self.files.read(self.vm_id, path)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         Image,
         Info,
         Listing,
+        LogEvent,
         Tenant,
         Transition,
         Usage,
@@ -153,6 +154,9 @@ class Vm(VmData):
     def events(self) -> list[Event]:
         return self.client.vms.events(self.id)
 
+    def logs(self, *, follow: bool = False, tail: int | None = None) -> Iterator[LogEvent]:
+        return self.client.vms.logs(self.id, follow=follow, tail=tail)
+
 
 class Vms:
     def __init__(self, client: Client) -> None:
@@ -240,6 +244,14 @@ class Vms:
     def events(self, vm_id: str) -> list[Event]:
         return self.client.call(core.vm_events(vm_id))
 
+    def logs(self, vm_id: str, *, follow: bool = False, tail: int | None = None) -> Iterator[LogEvent]:
+        """The app's stdout and stderr as they are kept (``follow``: then new output as it comes)."""
+        with contextlib.closing(self.client.stream(core.vm_logs(vm_id, follow=follow, tail=tail))) as stream:
+            for raw in stream:
+                event = core.log_event(raw)
+                if event is not None:
+                    yield event
+
     def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,
         all: bool = False, tenant: str | None = None,
@@ -275,10 +287,11 @@ class Files:
         self.client = client
 
     def write(
-        self, vm_id: str, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False
-    ) -> int:
+        self, vm_id: str, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False,
+        user: str | None = None,
+    ) -> int:  # fmt: skip
         """Write ``data`` (bytes, or chunks streamed as they come) to ``path``; the bytes written."""
-        return self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs))
+        return self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user))
 
     def read(self, vm_id: str, path: str) -> bytes:
         with self.client.open(core.file_read(vm_id, path)) as resp:
@@ -309,8 +322,11 @@ class VmFiles:
     files: Files
     vm_id: str
 
-    def write(self, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False) -> int:
-        return self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs)
+    def write(
+        self, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False,
+        user: str | None = None,
+    ) -> int:  # fmt: skip
+        return self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user)
 
     def read(self, path: str) -> bytes:
         return self.files.read(self.vm_id, path)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         Image,
         Info,
         Listing,
+        LogEvent,
         Tenant,
         Transition,
         Usage,
@@ -161,6 +162,17 @@ def exec_event(event: Mapping[str, Any]) -> ExecEvent | None:
         return t.ExecOutput(str(event["stream"]), base64.b64decode(event.get("data", "")))
     if "exit_code" in event:
         return decode(t.ExecExit, event)
+    return None
+
+
+def log_event(event: Mapping[str, Any]) -> LogEvent | None:
+    """An app log stream's event as a typed one (None for one this SDK does not know)."""
+    if "data" in event:
+        import base64
+
+        return t.LogOutput(int(event.get("offset", 0)), base64.b64decode(event["data"]))
+    if "skipped" in event:
+        return t.LogSkipped(int(event.get("offset", 0)), int(event["skipped"]))
     return None
 
 
@@ -304,9 +316,18 @@ def exec_stdin_request(vm_id: str, stdin_id: str, body: Body) -> Request:
     return Request("PUT", _vm_path(vm_id, "exec", "stdin", seg(stdin_id)), body=body)
 
 
-def file_write(vm_id: str, path: str, data: Body, *, mode: int = 0o644, mkdirs: bool = False) -> Op[int]:
-    """Write ``data`` (bytes or chunks) to ``path`` in the VM; the answer is the bytes written."""
-    params = {"path": path, "mode": mode, "mkdirs": mkdirs or None}
+def vm_logs(vm_id: str, *, follow: bool = False, tail: int | None = None) -> Request:
+    """The app's output (NDJSON, read with :func:`log_event`); ``follow`` goes on with new output,
+    ``tail`` starts at the last that many bytes."""
+    return Request("GET", _vm_path(vm_id, "logs"), _drop_none(follow=follow or None, tail=tail))
+
+
+def file_write(
+    vm_id: str, path: str, data: Body, *, mode: int = 0o644, mkdirs: bool = False, user: str | None = None
+) -> Op[int]:
+    """Write ``data`` (bytes or chunks) to ``path`` in the VM; the answer is the bytes written. ``user``
+    owns the file (None: the image's USER, else root); a relative ``path`` is under the image's WORKDIR."""
+    params = {"path": path, "mode": mode, "mkdirs": mkdirs or None, "user": user}
     return Op(Request("PUT", _vm_path(vm_id, "files"), params, body=data), lambda data: int(data["bytes"]))
 
 

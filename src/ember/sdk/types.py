@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ember.sdk.results.files import FileEntry, Listing
     from ember.sdk.results.images import Build, Image
     from ember.sdk.results.lifecycle import Event, Transition
+    from ember.sdk.results.logs import LogEvent, LogOutput, LogSkipped
     from ember.sdk.results.usage import TenantUsage, Usage, VmUsage
     from ember.sdk.results.vms import Accelerator, VmData
     from ember.sdk.results.webhooks import CreatedWebhook, Delivery, Webhook
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMPTY", "Accelerator", "ApiKey", "Build", "CreatedKey", "CreatedWebhook", "Delivery", "Event", "ExecEvent",
-    "ExecExit", "ExecOutput", "ExecResult", "FileEntry", "Image", "Info", "Listing", "Tenant", "TenantUsage",
+    "ExecExit", "ExecOutput", "ExecResult", "FileEntry", "Image", "Info", "Listing", "LogEvent", "LogOutput",
+    "LogSkipped", "Tenant", "TenantUsage",
     "Transition", "Usage", "VmData", "VmUsage", "Webhook", "Whoami", "decode", "decode_list", "raw_field",
 ]  # fmt: skip
 # each result type: its module in ember.sdk.results
@@ -44,6 +46,7 @@ HOMES = {
     "Image": "images", "Build": "images", "Tenant": "account", "ApiKey": "account", "CreatedKey": "account",
     "Whoami": "account", "Info": "account", "Webhook": "webhooks", "CreatedWebhook": "webhooks",
     "Delivery": "webhooks", "TenantUsage": "usage", "VmUsage": "usage", "Usage": "usage",
+    "LogOutput": "logs", "LogSkipped": "logs", "LogEvent": "logs",
 }  # fmt: skip
 EMPTY: Mapping[str, Any] = {}
 
