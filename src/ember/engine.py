@@ -364,6 +364,10 @@ class Engine:
     ) -> AsyncIterator[tuple[str, bytes] | ExecResult]:
         return self._agent(self.get(vm_id), "exec in").exec(req, stdin)
 
+    def guest(self, vm_id: str, action: str) -> AgentConnection:
+        """A RUNNING VM's agent channel (shells, background processes); ``action`` words the refusal."""
+        return self._agent(self.get(vm_id), action)
+
     async def write_file(self, vm_id: str, path: str, data: AsyncIterator[bytes], mode: int, mkdirs: bool) -> int:
         _check_guest_path(path)
         return await self._agent(self.get(vm_id), "copy files into").write_file(path, data, mode, mkdirs)
