@@ -201,7 +201,7 @@ def api_token(path: Path) -> str:
 
 async def serve(settings: Settings) -> None:
     from ember.api.app import create_app
-    from ember.api.auth import Authenticator, PeerCredProtocol
+    from ember.api.auth import Authenticator, PeerCredProtocol, PeerCredWSProtocol
     from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy, tcp_listener
     from ember.tenancy.ratelimit import RateLimiter
 
@@ -217,7 +217,7 @@ async def serve(settings: Settings) -> None:
         RequestGuard(app, caps, None, auth),
         http=PeerCredProtocol,
         log_level="warning",
-        ws="wsproto",
+        ws=PeerCredWSProtocol,
         ws_max_size=ws_max,
     )
     servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [(uvicorn.Server(on_socket), [unix])]
