@@ -29,6 +29,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.utilities import RemoteProtocolError
 
 from ember.sdk.core import Endpoint, _vm_path, check, connect_hint
 from ember.sdk.errors import ConnectError, ProtocolError
@@ -69,14 +70,17 @@ class ShellProtocol:
 
     def feed(self, data: bytes) -> tuple[bytes, bytes]:
         """Take what the socket read (b"" at its end); returns (terminal output, bytes to send back)."""
-        self._ws.receive_data(data or None)
+        if not data and not self.accepted and self._refused is None:
+            raise ProtocolError("the daemon closed the connection before the shell opened")
         out, reply = bytearray(), bytearray()
-        for event in self._ws.events():
-            self._event(event, out, reply)
+        try:
+            self._ws.receive_data(data or None)
+            for event in self._ws.events():
+                self._event(event, out, reply)
+        except RemoteProtocolError as exc:
+            raise ProtocolError(f"the daemon's WebSocket answer is malformed ({exc})") from None
         if self._refused is not None and (self._refusal_done or not data):
             self._raise_refusal()
-        if not data and not self.accepted:
-            raise ProtocolError("the daemon closed the connection before the shell opened")
         if not data:
             self.ended = True
         return bytes(out), bytes(reply)
