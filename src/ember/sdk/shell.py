@@ -169,7 +169,8 @@ class Shell:
             raise ProtocolError(f"the connection to the daemon broke ({exc})") from None
         out, reply = self._proto.feed(data)
         if reply:
-            self._sock.sendall(reply)
+            with contextlib.suppress(OSError):  # a pong or the close's answer: the daemon may be gone already
+                self._sock.sendall(reply)
         return out
 
     def fileno(self) -> int:
@@ -253,7 +254,8 @@ class AsyncShell:
             raise ProtocolError(f"the connection to the daemon broke ({exc})") from None
         out, reply = self._proto.feed(data)
         if reply:
-            await self._write(reply)
+            with contextlib.suppress(OSError):  # a pong or the close's answer: the daemon may be gone already
+                await self._write(reply)
         return out
 
     async def _write(self, data: bytes) -> None:
