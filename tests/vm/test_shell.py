@@ -17,7 +17,7 @@ import pexpect
 import pytest
 from wsproto.events import TextMessage
 
-from ember.sdk import Client, GuestError, InvalidRequest, NotFound, Unauthorized
+from ember.sdk import AsyncClient, Client, GuestError, InvalidRequest, NotFound, Unauthorized
 from ember.sdk.shell import Shell
 from tests.conftest import ROOT, DaemonProcess, remove_quietly
 
@@ -68,6 +68,26 @@ def test_shell_command_and_exit_status_over_the_websocket(client: Client, vm: st
         while shell.recv():
             pass
         assert (shell.exit_code, shell.signal) == (5, 0)
+
+
+async def test_async_shell_and_processes(daemon: DaemonProcess, base_image: str) -> None:
+    async with AsyncClient(settings=daemon.settings) as ember:
+        vm = await ember.vms.run(base_image)
+        try:
+            async with await ember.vms.shell(vm.id, ["sh", "-c", "stty size; read x; exit 4"], rows=7, cols=9) as sh:
+                seen = b""
+                while b"7 9" not in seen:
+                    seen += await sh.recv()
+                await sh.resize(8, 10)
+                await sh.send(b"go\r")
+                while await sh.recv():
+                    pass
+                assert sh.exit_code == 4
+            pid = (await ember.vms.start_process(vm.id, ["sleep", "60"])).pid
+            assert [p.pid for p in await ember.vms.processes(vm.id) if p.running] == [pid]
+            await ember.vms.kill(vm.id, pid, "KILL")
+        finally:
+            await ember.vms.remove(vm.id)
 
 
 @pytest.fixture(scope="module")
