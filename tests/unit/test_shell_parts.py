@@ -1,22 +1,31 @@
 """The pure parts of interactive work: the shell route's query and control messages, signal names,
-the terminal size bounds, the background-process frames, and the SDK's WebSocket client state."""
+the terminal size bounds, the background-process frames, the SDK's WebSocket client state, and the
+request guard on WebSocket handshakes."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, RejectConnection, RejectData, TextMessage
 
 from ember.agentproc import TermSize, _process
+from ember.api.auth import PEER_UID, Authenticator
+from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy
 from ember.api.processes import parse_signal
 from ember.api.shell import control_message, shell_options
+from ember.config import Settings
+from ember.db.store import connect
+from ember.db.tenants import TenantStore
 from ember.errors import GuestProtocolError, InvalidRequest
 from ember.guest.protocol import Msg, Tag, encode_fields
 from ember.sdk import NotFound, ProtocolError
 from ember.sdk.core import Endpoint
 from ember.sdk.shell import ShellProtocol, shell_target
+from ember.tenancy.ratelimit import RateLimiter
 
 
 def test_shell_options_defaults_and_bounds() -> None:
@@ -96,3 +105,41 @@ def test_sdk_shell_protocol_refusals_raise_typed_errors() -> None:
         client.feed(refusal)
     with pytest.raises(ProtocolError, match="before the shell opened"):
         ShellProtocol(Endpoint(), "/x").feed(b"")
+
+
+async def _handshake(guard: RequestGuard, path: str, headers: list[tuple[bytes, bytes]], uid: int | None) -> list[dict]:
+    """What the guard sends for a WebSocket handshake (the app behind it accepts at once)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": path, "query_string": b"", "headers": headers, PEER_UID: uid,
+             "extensions": {"websocket.http.response": {}}}  # fmt: skip
+    await guard(scope, receive, send)
+    return sent
+
+
+async def test_the_guard_opens_only_the_shell_websocket_and_authenticates_it(tmp_path: Path) -> None:
+    async def app(scope: dict, receive: object, send: Any) -> None:
+        await send({"type": "websocket.accept"})
+
+    tenants = TenantStore(connect(tmp_path / "db"))
+    guard = RequestGuard(app, BodyCaps.from_settings(Settings()), TcpPolicy.for_listener("127.0.0.1:7070"),
+                         Authenticator(tenants, RateLimiter(1000.0, 1000)))  # fmt: skip
+    host = [(b"host", b"127.0.0.1:7070")]
+    assert await _handshake(guard, "/v1/vms/vm-1/shell", host, 0) == [{"type": "websocket.accept"}]
+    # no key and not root: a 401 as the handshake's answer, with Ember's error body
+    refused = await _handshake(guard, "/v1/vms/vm-1/shell", host, 1000)
+    assert refused[0]["type"] == "websocket.http.response.start" and refused[0]["status"] == 401
+    assert b'"Unauthorized"' in refused[1]["body"]
+    bad_key = await _handshake(guard, "/v1/vms/vm-1/shell", [*host, (b"authorization", b"Bearer " + b"x" * 43)], 0)
+    assert bad_key[0]["status"] == 401
+    # the TCP listener's Host and Origin checks hold for WebSockets too (a page of another origin)
+    other = await _handshake(guard, "/v1/vms/vm-1/shell", [*host, (b"origin", b"http://evil.example")], 0)
+    assert other[0]["status"] == 403
+    # any other WebSocket path is closed unanswered, root or not
+    assert await _handshake(guard, "/v1/vms/vm-1/exec", host, 0) == [{"type": "websocket.close", "code": 1008}]

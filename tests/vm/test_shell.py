@@ -117,15 +117,7 @@ def test_shell_route_tenancy_and_authentication(
             refusals.append(str(caught.value).replace(vm_id, "<id>"))
         assert refusals[0] == refusals[1]
         with Client(settings=daemon.settings, api_key="ember_" + "x" * 43) as stranger, pytest.raises(Unauthorized):
-            stranger.vms.shell(vm.id)
-        # no key at all, from a user other than root on the socket
-        probe = (
-            "from ember.sdk import Client, Unauthorized\n"
-            f"try:\n    Client().vms.shell({vm.id!r})\nexcept Unauthorized:\n    print('refused')\n"
-        )
-        out = subprocess.run([sys.executable, "-c", probe], env=cli_env(daemon), user=65534, capture_output=True,
-                             timeout=60)  # fmt: skip
-        assert out.stdout.strip() == b"refused", out
+            stranger.vms.shell(vm.id)  # (no key from a user other than root: tests/unit/test_shell_parts.py)
     finally:
         alice.vms.remove(vm.id)
 
