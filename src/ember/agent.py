@@ -224,6 +224,32 @@ class _Credit:
         return n
 
 
+def exec_payload(req: ExecRequest, extra: list[Field]) -> bytes:
+    """An EXEC request's fields (``extra``: the mode: STDIN, PTY, DETACH), bounded as the agent takes them."""
+    check_user(req.user)
+    fields: list[Field] = [(Tag.ARG, a) for a in req.argv]
+    fields += [(Tag.ENV, e) for e in req.env]
+    if req.cwd:
+        fields.append((Tag.CWD, req.cwd))
+    if req.user:
+        fields.append((Tag.USER, req.user))
+    if req.timeout_s:
+        fields.append((Tag.TIMEOUT_MS, max(1, int(req.timeout_s * 1000))))
+    if req.root:
+        fields.append((Tag.ROOT, req.root))
+    if req.tool:
+        fields.append((Tag.TOOL, True))
+    if req.log_bytes:
+        fields.append((Tag.APPLOG, req.log_bytes))
+    payload = encode_fields([*fields, *extra])
+    if len(payload) > MAX_PAYLOAD or len(req.argv) > MAX_ARGS or len(req.env) > MAX_ARGS:
+        raise InvalidRequest(
+            f"the command line and environment must fit in {MAX_PAYLOAD // 1024} KiB and {MAX_ARGS} entries "
+            "each: pass large input through stdin or a file ('ember cp')"
+        )
+    return payload
+
+
 def identity_request(hostname: str, new_token: str, entropy: bytes, time_ns: int) -> tuple[Msg, list[Field]]:
     """After a restore: reseed the guest RNG, set its clock and hostname, rotate the token."""
     fields: list[Field] = [(Tag.ENTROPY, entropy), (Tag.TIME_NS, time_ns), (Tag.HOSTNAME, hostname)]
@@ -469,28 +495,7 @@ class AgentConnection:
         credit (what the command has read). If the command closes its stdin, the rest is
         not pulled. If ``stdin`` raises, the command is killed and the error is raised.
         """
-        check_user(req.user)
-        fields: list[Field] = [(Tag.ARG, a) for a in req.argv]
-        fields += [(Tag.ENV, e) for e in req.env]
-        if req.cwd:
-            fields.append((Tag.CWD, req.cwd))
-        if req.user:
-            fields.append((Tag.USER, req.user))
-        if req.timeout_s:
-            fields.append((Tag.TIMEOUT_MS, max(1, int(req.timeout_s * 1000))))
-        if req.root:
-            fields.append((Tag.ROOT, req.root))
-        if req.tool:
-            fields.append((Tag.TOOL, True))
-        if req.log_bytes:
-            fields.append((Tag.APPLOG, req.log_bytes))
-        fields.append((Tag.STDIN, stdin is not None))
-        payload = encode_fields(fields)
-        if len(payload) > MAX_PAYLOAD or len(req.argv) > MAX_ARGS or len(req.env) > MAX_ARGS:
-            raise InvalidRequest(
-                f"the command line and environment must fit in {MAX_PAYLOAD // 1024} KiB and {MAX_ARGS} entries "
-                "each: pass large input through stdin or a file ('ember cp')"
-            )
+        payload = exec_payload(req, [(Tag.STDIN, stdin is not None)])
         stream = self._open()
         feeder: asyncio.Task[None] | None = None
         running = False

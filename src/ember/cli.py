@@ -176,6 +176,11 @@ def cmd_exec(c: Client, a: Args) -> None:
     argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
     if not argv:
         fail("usage: ember exec [OPTIONS] VM_ID [--] COMMAND [ARG...]", 2)
+    if a.detach:
+        if a.stdin or a.timeout:
+            fail("--detach takes neither -i nor --timeout (stop it with 'ember kill')", 2)
+        proc = c.vms.start_process(a.vm_id, argv, env=pairs(a.env, "--env"), cwd=a.workdir, user=a.user)
+        return dump(proc) if a.json else out(str(proc.pid))
     events = c.vms.exec_events(
         a.vm_id, argv, env=pairs(a.env, "--env"), cwd=a.workdir, user=a.user, timeout_s=a.timeout,
         stdin=_stdin_chunks() if a.stdin else None,
@@ -195,6 +200,30 @@ def cmd_exec(c: Client, a: Args) -> None:
                 fail(f"command timed out after {a.timeout:g} s and was killed", 124)
             sys.exit(128 + event.signal if event.signal else event.exit_code)
     fail("lost the exec stream before the command finished", 255)
+
+
+def cmd_shell(c: Client, a: Args) -> None:
+    from ember.cliterm import run_shell  # termios, tty, select: only for a shell
+
+    argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+    sys.exit(run_shell(c, a.vm_id, argv, user=a.user, cwd=a.workdir))
+
+
+def cmd_ps_guest(c: Client, a: Args) -> None:
+    procs = c.vms.processes(a.vm_id)
+    if a.json:
+        return dump(procs)
+    rows = [[str(p.pid), "running" if p.running else _ended(p.exit_code, p.signal), p.started_at, shown(p.command)]
+            for p in procs]  # fmt: skip
+    table(rows, ["PID", "STATUS", "STARTED", "COMMAND"])
+
+
+def _ended(code: int | None, signal: int | None) -> str:
+    return f"killed by signal {signal}" if signal else f"exited {code}"
+
+
+def cmd_kill(c: Client, a: Args) -> None:
+    c.vms.kill(a.vm_id, a.pid, int(a.signal) if a.signal.isdigit() else a.signal)
 
 
 def _split_remote(spec: str) -> tuple[str, str] | None:
@@ -523,8 +552,22 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-u", "--user", default="", help="user name or uid[:gid] in the guest")
     p.add_argument("-i", "--stdin", action="store_true", help="send this process's stdin to the command")
     p.add_argument("-t", "--timeout", type=float, default=0, help="kill the command after this many seconds")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="start it in the background (output discarded); prints its pid (ps-guest, kill)")  # fmt: skip
     p.add_argument("vm_id", metavar="VM_ID")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
+
+    p = command(sub, "shell", cmd_shell, "Open a terminal in a VM (its user's login shell, or COMMAND).")
+    p.add_argument("-w", "--workdir", default="", help="working directory in the guest")
+    p.add_argument("-u", "--user", default="", help="user name or uid[:gid] in the guest")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
+    p = command(sub, "ps-guest", cmd_ps_guest, "List a VM's background processes (started with exec --detach).")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p = command(sub, "kill", cmd_kill, "Signal a background process of a VM (started with exec --detach).")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("-s", "--signal", default="TERM", help="a name (TERM, KILL, INT, HUP...) or number (default TERM)")
 
     p = command(sub, "cp", cmd_cp, "Copy a file: 'ember cp ./f ID:/path' or 'ember cp ID:/path ./f'.")
     p.add_argument("src")

@@ -130,6 +130,10 @@ class Settings:
     agent_daemon_buffer_bytes: int = _env("EMBER_AGENT_DAEMON_BUFFER_BYTES", 256 * 1024 * 1024)
     # A VM's first queued bytes that never wait for the daemon-wide budget (other VMs cannot pause its replies).
     agent_vm_reserved_bytes: int = _env("EMBER_AGENT_VM_RESERVED_BYTES", 1024 * 1024)
+    # The largest WebSocket message a shell client may send (terminal input or a control message); larger: closed.
+    shell_max_message_bytes: int = _env("EMBER_SHELL_MAX_MESSAGE_BYTES", 64 * 1024)
+    # A shell with neither input nor output for this long is closed (its command is killed).
+    shell_idle_timeout_s: float = _env("EMBER_SHELL_IDLE_TIMEOUT", 3600.0)
     # Most entries one directory listing ('ember ls') returns; more are reported as truncated.
     ls_max_entries: int = _env("EMBER_LS_MAX_ENTRIES", 50_000)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)

@@ -201,7 +201,7 @@ def api_token(path: Path) -> str:
 
 async def serve(settings: Settings) -> None:
     from ember.api.app import create_app
-    from ember.api.auth import Authenticator, PeerCredProtocol
+    from ember.api.auth import Authenticator, PeerCredProtocol, PeerCredWSProtocol
     from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy, tcp_listener
     from ember.tenancy.ratelimit import RateLimiter
 
@@ -211,12 +211,23 @@ async def serve(settings: Settings) -> None:
     app = create_app(daemon, auth)
     caps = BodyCaps.from_settings(settings)
     unix = bind_unix_socket(settings.socket_path)
-    on_socket = uvicorn.Config(RequestGuard(app, caps, None, auth), http=PeerCredProtocol, log_level="warning")
+    # WebSockets (the shell): wsproto, each message at most EMBER_SHELL_MAX_MESSAGE_BYTES before it is read
+    ws_max = settings.shell_max_message_bytes
+    on_socket = uvicorn.Config(
+        RequestGuard(app, caps, None, auth),
+        http=PeerCredProtocol,
+        log_level="warning",
+        ws=PeerCredWSProtocol,
+        ws_max_size=ws_max,
+    )
     servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [(uvicorn.Server(on_socket), [unix])]
     if tcp is not None:
         daemon.tenants.put_admin_key(ADMIN_FILE_KEY, token_hash(api_token(settings.api_token_path)))
         log.info("TCP listener %s; the admin key is in %s", settings.listen, settings.api_token_path)
         guarded = RequestGuard(app, caps, TcpPolicy.for_listener(settings.listen), auth)
-        servers.append((uvicorn.Server(uvicorn.Config(guarded, host=tcp[0], port=tcp[1], log_level="warning")), None))
+        config = uvicorn.Config(
+            guarded, host=tcp[0], port=tcp[1], log_level="warning", ws="wsproto", ws_max_size=ws_max
+        )
+        servers.append((uvicorn.Server(config), None))
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")
     await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))

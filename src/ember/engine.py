@@ -379,6 +379,10 @@ class Engine:
     ) -> AsyncIterator[tuple[str, bytes] | ExecResult]:
         return self._agent(self.get(vm_id), "exec in").exec(req, stdin)
 
+    def guest(self, vm_id: str, action: str) -> AgentConnection:
+        """A RUNNING VM's agent channel (shells, background processes); ``action`` words the refusal."""
+        return self._agent(self.get(vm_id), action)
+
     def image_defaults(self, record: VmRecord) -> ImageDefaults | None:
         """What exec, shell and file calls in the VM default to (ember.imagecfg): its image's
         ENV, WORKDIR and USER; None for an image without a Dockerfile config."""

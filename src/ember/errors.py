@@ -85,6 +85,11 @@ class KeyNotFound(NotFound):
         super().__init__(f"no API key with id '{key_id}': list keys with 'ember key ls'")
 
 
+class ProcessNotFound(NotFound):
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"no background process {pid} is running in this VM: list them with 'ember ps-guest'")
+
+
 class WebhookNotFound(NotFound):
     def __init__(self, webhook_id: str) -> None:
         super().__init__(f"no webhook with id '{webhook_id}': list webhooks with 'ember webhook ls'")

@@ -38,7 +38,9 @@ from ember.api.models import (
     Suspended,
     Vm,
 )
+from ember.api.processes import add_process_routes
 from ember.api.schema import errors, raw_body, streamed
+from ember.api.shell import add_shell_routes
 from ember.api.streaming import ndjson
 from ember.applog import LogChunk
 from ember.engine import RunOptions
@@ -326,6 +328,8 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         return await once.create(who, "snapshot", body.client_token, request, create, existing)
 
     add_exec_routes(app, daemon, owned_vm)
+    add_process_routes(app, daemon, owned_vm)
+    add_shell_routes(app, daemon, owned)
 
 
 def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:

@@ -81,15 +81,20 @@
 #define GENERATION_DIR "/run/ember"
 #define GENERATION_FILE GENERATION_DIR "/generation"
 #define PORT_NAME "org.ember.agent"
+#define MAX_PROCS 64 /* background processes tracked (exec with T_DETACH): running, or exited until evicted */
+#define PROC_CMD_MAX 256 /* bytes of a background process's command line kept for PS */
+#define PTY_MAX_DIM 1000 /* rows and columns of a PTY: 1 .. PTY_MAX_DIM */
 
 enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
-       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE, M_SET_TOKEN, M_LOGS = 24 };
+       M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE, M_SET_TOKEN,
+       M_RESIZE = 20, M_PS, M_KILL, M_LOGS = 24 };
 enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED, G_CREDIT,
-       G_HELLO_NAK, G_LOGDATA = 85 };
+       G_HELLO_NAK, G_PROC = 80, G_LOGDATA = 85 };
 enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
        T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
        T_TOOL, T_PORT, T_HTTP, T_LIMIT, T_TRUNCATED, T_CLOSED,
+       T_PTY = 45, T_ROWS, T_COLS, T_DETACH, T_RUNNING,
        T_APPLOG = 50, T_LOG_FROM, T_LOG_END, T_LOG_WAIT_MS, T_LOG_DATA };
 /* app hooks (protocol.py: Msg.HOOK, Tag.HOOK_*) */
 enum { M_HOOK = 30 };
@@ -110,6 +115,7 @@ struct sess {
     char *pending; size_t pending_len; int stdin_eof;
     uint64_t credit_owed; int stdin_closed; int closed_told;
     int64_t deadline_ms; int timed_out; int exited; int status;
+    int pty; /* out_fd is a PTY master (in_fd a duplicate of it); no stderr */
     /* file */
     int fd; uint64_t bytes;
     /* listing */
@@ -121,6 +127,10 @@ struct sess {
 };
 
 static struct sess sessions[MAX_SESS];
+
+/* Background processes (exec with T_DETACH): the only ones PS lists and KILL signals. */
+struct proc { pid_t pid; int running; int status; uint64_t started_ns; char cmd[PROC_CMD_MAX]; };
+static struct proc procs[MAX_PROCS];
 static int orphans[MAX_ORPHANS];
 static int n_orphans;
 static int port = -1;
@@ -332,7 +342,7 @@ static void sess_free(struct sess *s) {
 
 /* ---------- user lookup (the image's /etc/passwd, no NSS) ---------- */
 
-struct ident { uid_t uid; gid_t gid; char home[256]; };
+struct ident { uid_t uid; gid_t gid; char home[256]; char shell[256]; };
 
 /* A decimal id 0..MAX_ID: 1; digits out of range: -1; anything else: 0. */
 static int parse_id(const char *s, uint64_t *out) {
@@ -350,7 +360,7 @@ static int parse_id(const char *s, uint64_t *out) {
 /* 0: found; -1: unknown user or bad group; -2: an id out of range. */
 static int lookup_user(const char *root, const char *spec, struct ident *id) {
     char name[128] = "", *colon;
-    id->uid = 0; id->gid = 0; strcpy(id->home, "/root");
+    id->uid = 0; id->gid = 0; strcpy(id->home, "/root"); strcpy(id->shell, "/bin/sh");
     if (!spec || !*spec) return 0;
     snprintf(name, sizeof name, "%s", spec);
     colon = strchr(name, ':');
@@ -375,6 +385,10 @@ static int lookup_user(const char *root, const char *spec, struct ident *id) {
                 id->uid = (uid_t)uid;
                 id->gid = (gid_t)gid;
                 snprintf(id->home, sizeof id->home, "%s", fields[5]);
+                if (nf == 7) { /* the login shell, if the entry names one */
+                    fields[6][strcspn(fields[6], "\r\n")] = 0;
+                    if (fields[6][0] == '/') snprintf(id->shell, sizeof id->shell, "%s", fields[6]);
+                }
                 found = 1;
                 break;
             }
@@ -398,15 +412,38 @@ static int lookup_user(const char *root, const char *spec, struct ident *id) {
 
 static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
+/* A free slot of the background table: an unused one, else the oldest exited; NULL when all run. */
+static struct proc *proc_slot(void) {
+    struct proc *oldest = NULL;
+    for (int i = 0; i < MAX_PROCS; i++) {
+        if (!procs[i].pid) return &procs[i];
+        if (!procs[i].running && (!oldest || procs[i].started_ns < oldest->started_ns)) oldest = &procs[i];
+    }
+    return oldest;
+}
+
+static uint64_t realtime_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* EXEC: pipes for stdout/stderr (and stdin with T_STDIN); or a pseudo-terminal (T_PTY, with
+ * T_ROWS x T_COLS) as stdin, stdout and stderr, running the user's login shell without T_ARG;
+ * or detached (T_DETACH): stdio on /dev/null, no session, tracked in the background table. */
 static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     char *argv[1024]; char *envp[1024]; int argc = 0, envc = 0;
     char *cwd = tlv_str(p, n, T_CWD, 0), *user = tlv_str(p, n, T_USER, 0), *root = tlv_str(p, n, T_ROOT, 0);
-    int tool_fd = -1;
+    char *path = NULL; /* what to execute when it is not argv[0] (the login shell) */
+    int tool_fd = -1, master = -1;
     uint64_t timeout = tlv_u(p, n, T_TIMEOUT_MS, 0);
-    int want_stdin = (int)tlv_u(p, n, T_STDIN, 0);
+    int pty = (int)tlv_u(p, n, T_PTY, 0), detach = (int)tlv_u(p, n, T_DETACH, 0);
+    int want_stdin = !detach && (pty || (int)tlv_u(p, n, T_STDIN, 0));
+    uint64_t rows = tlv_u(p, n, T_ROWS, 24), cols = tlv_u(p, n, T_COLS, 80);
     uint64_t logcap = tlv_u(p, n, T_APPLOG, 0);
     unsigned char *logbuf = NULL;
     struct ident id;
+    struct proc *bg = NULL;
     int outp[2] = {-1, -1}, errp[2] = {-1, -1}, inp[2] = {-1, -1}, failp[2] = {-1, -1};
     struct sess *s = NULL;
 
@@ -414,7 +451,18 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     argv[argc] = NULL;
     while (envc < 1023 && (envp[envc] = tlv_str(p, n, T_ENV, envc))) envc++;
     envp[envc] = NULL;
-    if (argc == 0) { reply_err(stream, EINVAL, "exec needs a command"); goto out; }
+    if (argc == 0 && !pty) { reply_err(stream, EINVAL, "exec needs a command"); goto out; }
+    if (pty && detach) { reply_err(stream, EINVAL, "a background process has no terminal"); goto out; }
+    if (pty && (rows < 1 || rows > PTY_MAX_DIM || cols < 1 || cols > PTY_MAX_DIM)) {
+        reply_err(stream, EINVAL, "a terminal has 1-%d rows and columns", PTY_MAX_DIM);
+        goto out;
+    }
+    if (logcap && (pty || detach)) { reply_err(stream, EINVAL, "the app runs on pipes, not a terminal nor detached"); goto out; }
+    if (logcap) {
+        if (applog.cap) { reply_err(stream, EBUSY, "this VM's app is started already"); goto out; }
+        if (logcap < LOG_MIN || logcap > LOG_MAX) { reply_err(stream, EINVAL, "an app log holds %llu-%llu bytes", LOG_MIN, LOG_MAX); goto out; }
+        if (!(logbuf = malloc((size_t)logcap))) { reply_err(stream, ENOMEM, "no memory for the app's log"); goto out; }
+    }
     if (root && (!*root || root[0] != '/')) { reply_err(stream, EINVAL, "root must be an absolute path"); goto out; }
     if (tlv_u(p, n, T_TOOL, 0) && (tool_fd = open(argv[0], O_PATH | O_CLOEXEC)) < 0) {
         reply_err(stream, errno, "no tool '%s' in this VM: %s", argv[0], strerror(errno));
@@ -423,15 +471,38 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
     int looked = lookup_user(root, user, &id);
     if (looked == -2) { reply_err(stream, EINVAL, "user '%s': uids and gids are 0-%llu", user, MAX_ID); goto out; }
     if (looked < 0) { reply_err(stream, EINVAL, "unknown user '%s' in the guest's /etc/passwd", user); goto out; }
-    if (logcap) {
-        if (applog.cap) { reply_err(stream, EBUSY, "this VM's app is started already"); goto out; }
-        if (logcap < LOG_MIN || logcap > LOG_MAX) { reply_err(stream, EINVAL, "an app log holds %llu-%llu bytes", LOG_MIN, LOG_MAX); goto out; }
-        if (!(logbuf = malloc((size_t)logcap))) { reply_err(stream, ENOMEM, "no memory for the app's log"); goto out; }
+    if (argc == 0) { /* the login shell: argv[0] is "-" and its name */
+        path = strdup(access(id.shell, X_OK) == 0 ? id.shell : "/bin/sh");
+        const char *base = path ? strrchr(path, '/') : NULL;
+        if (!base || !(argv[0] = malloc(strlen(base) + 1))) { reply_err(stream, ENOMEM, "out of memory"); goto out; }
+        sprintf(argv[0], "-%s", base + 1);
+        argv[argc = 1] = NULL;
     }
-    if (!(s = sess_new(stream, S_EXEC))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); goto out; }
-    if (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC) || pipe2(failp, O_CLOEXEC) ||
-        (want_stdin && pipe2(inp, O_CLOEXEC))) {
+    if (detach) {
+        if (!(bg = proc_slot())) {
+            reply_err(stream, EBUSY, "%d background processes are running: kill some first", MAX_PROCS);
+            goto out;
+        }
+    } else if (!(s = sess_new(stream, S_EXEC))) {
+        reply_err(stream, EBUSY, "too many concurrent sessions or stream reused");
+        goto out;
+    }
+    if (pty) {
+        struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+        if ((master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0 || grantpt(master) < 0 || unlockpt(master) < 0 ||
+            ioctl(master, TIOCSWINSZ, &ws) < 0 || pipe2(failp, O_CLOEXEC)) {
+            reply_err(stream, errno, "cannot open a terminal: %s", strerror(errno));
+            goto fail;
+        }
+    } else if (pipe2(failp, O_CLOEXEC) ||
+               (!detach && (pipe2(outp, O_CLOEXEC) || pipe2(errp, O_CLOEXEC))) ||
+               (want_stdin && pipe2(inp, O_CLOEXEC))) {
         reply_err(stream, errno, "pipe: %s", strerror(errno));
+        goto fail;
+    }
+    char slave_name[64] = "";
+    if (pty && ptsname_r(master, slave_name, sizeof slave_name) != 0) {
+        reply_err(stream, errno, "cannot name the terminal: %s", strerror(errno));
         goto fail;
     }
     pid_t pid = fork();
@@ -441,19 +512,33 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
         signal(SIGPIPE, SIG_DFL);
         setsid();
         int devnull = open("/dev/null", O_RDWR);
-        dup2(want_stdin ? inp[0] : devnull, 0);
-        dup2(outp[1], 1);
-        dup2(errp[1], 2);
+        if (pty) { /* the terminal becomes this new session's controlling terminal */
+            int slave = open(slave_name, O_RDWR);
+            if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) < 0) {
+                int msg[2] = {2, errno};
+                if (write(failp[1], msg, sizeof msg) < 0) _exit(127);
+                _exit(127);
+            }
+            if (fchown(slave, id.uid, (gid_t)-1) < 0) { /* the user's own terminal, as login makes it */ }
+            dup2(slave, 0); dup2(slave, 1); dup2(slave, 2);
+            if (slave > 2) close(slave);
+        } else {
+            dup2(want_stdin ? inp[0] : devnull, 0);
+            dup2(detach ? devnull : outp[1], 1);
+            dup2(detach ? devnull : errp[1], 2);
+        }
         int err = 0;
         if (root && (chroot(root) < 0 || chdir("/") < 0)) err = errno;
         else if (cwd && *cwd && chdir(cwd) < 0) err = errno;
+        else if (!(cwd && *cwd) && pty && chdir(id.home) < 0 && chdir("/") < 0) err = errno;
         else if (setgroups(1, &id.gid) < 0 || setgid(id.gid) < 0 || setuid(id.uid) < 0) err = errno;
         if (!err) {
             extern char **environ;
             environ = envp;
             if (!getenv("HOME")) setenv("HOME", id.home, 0);
             if (!getenv("PATH")) setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 0);
-            if (tool_fd >= 0) syscall(SYS_execveat, tool_fd, "", argv, environ, AT_EMPTY_PATH);
+            if (path) { setenv("SHELL", path, 0); execv(path, argv); }
+            else if (tool_fd >= 0) syscall(SYS_execveat, tool_fd, "", argv, environ, AT_EMPTY_PATH);
             else execvp(argv[0], argv);
             err = errno;
         }
@@ -462,32 +547,48 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
         if (write(failp[1], msg, sizeof msg) < 0) _exit(127);
         _exit(127);
     }
-    close(outp[1]); close(errp[1]); close(failp[1]);
-    if (want_stdin) close(inp[0]);
+    close(failp[1]); failp[1] = -1;
+    if (outp[1] >= 0) { close(outp[1]); outp[1] = -1; }
+    if (errp[1] >= 0) { close(errp[1]); errp[1] = -1; }
+    if (inp[0] >= 0) { close(inp[0]); inp[0] = -1; }
     int msg[2];
     ssize_t got = read(failp[0], msg, sizeof msg);
-    close(failp[0]);
     if (got == (ssize_t)sizeof msg) {
         waitpid(pid, NULL, 0);
-        close(outp[0]); close(errp[0]);
-        if (want_stdin) close(inp[1]);
-        memset(s, 0, sizeof *s);
         if (msg[0] == 1) reply_err(stream, msg[1], "cannot enter working directory '%s': %s", cwd, strerror(msg[1]));
-        else reply_err(stream, msg[1], "cannot run '%s': %s", argv[0], strerror(msg[1]));
-        goto out;
+        else reply_err(stream, msg[1], "cannot run '%s': %s", path ? path : argv[0], strerror(msg[1]));
+        goto fail;
     }
-    set_nonblock(outp[0]); set_nonblock(errp[0]);
-    s->pid = pid; s->out_fd = outp[0]; s->err_fd = errp[0];
-    if (logbuf) { /* the app: its pipes are the log's, for as long as anything holds them */
-        applog.buf = logbuf; applog.cap = logcap; applog.end = 0; logbuf = NULL;
-        applog_fd[0] = s->out_fd; applog_fd[1] = s->err_fd;
-        s->out_fd = s->err_fd = -1;
-        applog_stream = stream;
-    }
-    if (want_stdin) { s->in_fd = inp[1]; set_nonblock(inp[1]); }
-    s->deadline_ms = timeout ? now_ms() + (int64_t)timeout : 0;
+    close(failp[0]); failp[0] = -1;
     struct tlvbuf b = {.len = 0};
     tlv_u64(&b, T_PID, (uint64_t)pid);
+    if (detach) {
+        memset(bg, 0, sizeof *bg);
+        bg->pid = pid; bg->running = 1; bg->started_ns = realtime_ns();
+        size_t used = 0;
+        for (int i = 0; i < argc && used + 1 < sizeof bg->cmd; i++)
+            used += (size_t)snprintf(bg->cmd + used, sizeof bg->cmd - used, i ? " %s" : "%s", argv[i]);
+        out_frame(stream, G_STARTED, b.data, b.len, NULL, 0);
+        goto out;
+    }
+    if (pty) {
+        s->pty = 1; s->out_fd = master; master = -1;
+        if ((s->in_fd = dup(s->out_fd)) < 0) { /* no stdin: the host is told at once */ s->stdin_closed = 1; }
+        else { fcntl(s->in_fd, F_SETFD, FD_CLOEXEC); set_nonblock(s->in_fd); }
+        set_nonblock(s->out_fd);
+    } else {
+        set_nonblock(outp[0]); set_nonblock(errp[0]);
+        s->out_fd = outp[0]; s->err_fd = errp[0]; outp[0] = errp[0] = -1;
+        if (want_stdin) { s->in_fd = inp[1]; inp[1] = -1; set_nonblock(s->in_fd); }
+        if (logbuf) { /* the app: its pipes are the log's, for as long as anything holds them */
+            applog.buf = logbuf; applog.cap = logcap; applog.end = 0; logbuf = NULL;
+            applog_fd[0] = s->out_fd; applog_fd[1] = s->err_fd;
+            s->out_fd = s->err_fd = -1;
+            applog_stream = stream;
+        }
+    }
+    s->pid = pid;
+    s->deadline_ms = timeout ? now_ms() + (int64_t)timeout : 0;
     if (want_stdin) tlv_u64(&b, T_SIZE, STDIN_WINDOW);
     out_frame(stream, G_STARTED, b.data, b.len, NULL, 0);
     goto out;
@@ -498,13 +599,58 @@ fail:
         if (inp[i] >= 0) close(inp[i]);
         if (failp[i] >= 0) close(failp[i]);
     }
-    memset(s, 0, sizeof *s);
+    if (master >= 0) close(master);
+    if (s) memset(s, 0, sizeof *s);
 out:
-    free(logbuf);
     for (int i = 0; i < argc; i++) free(argv[i]);
     for (int i = 0; i < envc; i++) free(envp[i]);
     if (tool_fd >= 0) close(tool_fd);
-    free(cwd); free(user); free(root);
+    free(cwd); free(user); free(root); free(path);
+    free(logbuf);
+}
+
+/* RESIZE of a PTY exec: the terminal's new size (its foreground processes get SIGWINCH). */
+static void do_resize(struct sess *s, const unsigned char *p, size_t n) {
+    uint64_t rows = tlv_u(p, n, T_ROWS, 0), cols = tlv_u(p, n, T_COLS, 0);
+    if (!s->pty || s->out_fd < 0 || rows < 1 || rows > PTY_MAX_DIM || cols < 1 || cols > PTY_MAX_DIM) return;
+    struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+    ioctl(s->out_fd, TIOCSWINSZ, &ws);
+}
+
+/* PS: one G_PROC per background process, then OK. */
+static void do_ps(uint32_t stream) {
+    for (int i = 0; i < MAX_PROCS; i++) {
+        struct proc *pr = &procs[i];
+        if (!pr->pid) continue;
+        struct tlvbuf b = {.len = 0};
+        tlv_u64(&b, T_PID, (uint64_t)pr->pid);
+        tlv_put(&b, T_ARG, pr->cmd, (uint32_t)strlen(pr->cmd));
+        tlv_u64(&b, T_TIME_NS, pr->started_ns);
+        tlv_u64(&b, T_RUNNING, (uint64_t)pr->running);
+        if (!pr->running) {
+            int code = WIFEXITED(pr->status) ? WEXITSTATUS(pr->status) : -1;
+            tlv_u64(&b, T_EXIT_CODE, (uint64_t)(int64_t)code);
+            tlv_u64(&b, T_EXIT_SIGNAL, WIFSIGNALED(pr->status) ? (uint64_t)WTERMSIG(pr->status) : 0);
+        }
+        out_frame(stream, G_PROC, b.data, b.len, NULL, 0);
+    }
+    reply_ok(stream, NULL);
+}
+
+/* KILL: signal a running background process (its whole process group: it leads its own session). */
+static void do_kill(uint32_t stream, const unsigned char *p, size_t n) {
+    uint64_t pid = tlv_u(p, n, T_PID, 0), sig = tlv_u(p, n, T_SIGNAL, SIGTERM);
+    if (sig < 1 || sig > 64) { reply_err(stream, EINVAL, "signals are 1-64"); return; }
+    for (int i = 0; pid && i < MAX_PROCS; i++)
+        if (procs[i].running && (uint64_t)procs[i].pid == pid) {
+            if (kill(-procs[i].pid, (int)sig) < 0 && kill(procs[i].pid, (int)sig) < 0) {
+                reply_err(stream, errno, "kill: %s", strerror(errno));
+                return;
+            }
+            reply_ok(stream, NULL);
+            return;
+        }
+    reply_err(stream, ESRCH, "no background process %llu is running", (unsigned long long)pid);
 }
 
 /* Give the host back the stdin credit of what reached the command (in batches,
@@ -629,6 +775,8 @@ static void reap(void) {
                 sessions[i].exited = 1;
                 sessions[i].status = status;
             }
+        for (int i = 0; i < MAX_PROCS; i++)
+            if (procs[i].running && procs[i].pid == pid) { procs[i].running = 0; procs[i].status = status; }
     }
 }
 
@@ -1120,7 +1268,9 @@ static void drop_sessions(void) {
     applog_stream = 0; /* the build's exec stream (if any) is gone; the app's log goes on */
     for (int i = 0; i < MAX_SESS; i++) {
         if (sessions[i].kind == S_EXEC) { /* keep reaping; output goes nowhere */
-            orphan_fd(sessions[i].out_fd); orphan_fd(sessions[i].err_fd);
+            if (sessions[i].pty) close(sessions[i].out_fd); /* a hangup: the terminal's processes get SIGHUP */
+            else orphan_fd(sessions[i].out_fd);
+            orphan_fd(sessions[i].err_fd);
             sessions[i].out_fd = sessions[i].err_fd = -1;
             if (sessions[i].in_fd >= 0) { close(sessions[i].in_fd); sessions[i].in_fd = -1; }
             sessions[i].kind = S_FREE;
@@ -1169,6 +1319,9 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
     case M_PROBE: do_probe(stream, p, n); break;
     case M_HOOK: do_hook(stream, p, n); break;
     case M_LOGS: do_logs(stream, p, n); break;
+    case M_RESIZE: if ((s = sess_find(stream)) && s->kind == S_EXEC) do_resize(s, p, n); break;
+    case M_PS: do_ps(stream); break;
+    case M_KILL: do_kill(stream, p, n); break;
     default: reply_err(stream, ENOSYS, "unknown request type %u", type);
     }
 }

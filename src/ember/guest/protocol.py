@@ -27,6 +27,12 @@ Exec stdin is flow-controlled: STARTED carries the agent's initial stdin credit
 (SIZE, bytes) and CREDIT frames grant more as the agent writes to the command's
 stdin (CLOSED set: the command closed its stdin, send nothing more). The host
 never sends more STDIN bytes than it was granted.
+
+A PTY exec is an exec whose stdin, stdout and stderr are one pseudo-terminal: its output
+comes as STDOUT frames, its input as STDIN within the same credit, and RESIZE changes the
+terminal's size. A DETACH exec starts in the background and is answered by STARTED alone;
+the agent keeps at most MAX_PROCS of them (an exited one gives its place to a new one), PS
+lists them and KILL signals only them (never another guest process).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ NONCE_LEN = 16
 TOKEN_MIN, TOKEN_MAX = 16, 128  # bytes of an agent token (the host makes 32 hex digits)
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
 NAME_MAX = 255  # the longest file name (bytes) a directory entry has
+PTY_MAX_DIM = 1000  # a terminal's most rows and columns
+MAX_PROCS = 64  # background processes the agent tracks (running ones, and exited ones until evicted)
 HOOK_BODY_MAX = 64 * 1024  # the agent's bound on a hook request's body
 HOOK_ANSWER_MAX = 4096  # the most of a hook's answer the agent returns
 MAX_ID = 2**32 - 2  # the largest uid or gid: (uid_t)-1 means "leave unchanged" to setuid() and chown()
@@ -68,6 +76,9 @@ class Msg(enum.IntEnum):
     PING = 13
     PROBE = 14
     SET_TOKEN = 15  # a freshly booted agent's one token (accepted once, before any HELLO succeeds)
+    RESIZE = 20  # a PTY exec's stream: ROWS, COLS (its processes get SIGWINCH)
+    PS = 21  # the background processes: one PROC each, then OK
+    KILL = 22  # PID, SIGNAL: signal a running background process (no other)
     LOGS = 24  # read the app's log (ember.applog)
     HOOK = 30  # POST /ember/v1/<HOOK_NAME> with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
     # guest -> host
@@ -82,6 +93,7 @@ class Msg(enum.IntEnum):
     STARTED = 72
     CREDIT = 73
     HELLO_NAK = 74
+    PROC = 80  # one background process: PID, ARG (its command line), TIME_NS (started), RUNNING, EXIT_*
     LOGDATA = 85  # a piece of the app's log: LOG_FROM, LOG_END, SIZE (the ring's capacity), LOG_DATA
 
 
@@ -119,6 +131,11 @@ class Tag(enum.IntEnum):
     LIMIT = 29  # LIST: the most entries the host takes
     TRUNCATED = 30  # REOF of a LIST: entries were left out at LIMIT
     CLOSED = 31  # CREDIT: the command closed its stdin
+    PTY = 45  # EXEC: on a pseudo-terminal (stdin, stdout and stderr); no ARG = the user's login shell
+    ROWS = 46  # EXEC with PTY, RESIZE: the terminal's rows (1-PTY_MAX_DIM)
+    COLS = 47  # ... and columns
+    DETACH = 48  # EXEC: in the background (stdio on /dev/null), tracked for PS and KILL; STARTED is the reply
+    RUNNING = 49  # PROC: 1 while the process runs
     APPLOG = 50  # EXEC: this is the app; keep its output in a log ring of this many bytes
     LOG_FROM = 51  # LOGS: the offset to read from; LOGDATA: the offset its data starts at
     LOG_END = 52  # LOGDATA: every byte the app wrote (the offset after the newest)

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -30,6 +30,7 @@ from ember.sdk.types import (
     Info,
     Listing,
     LogEvent,
+    Process,
     Tenant,
     Transition,
     Usage,
@@ -38,6 +39,9 @@ from ember.sdk.types import (
     Whoami,
     decode,
 )
+
+if TYPE_CHECKING:
+    from ember.sdk.shell import AsyncShell
 
 T = TypeVar("T")
 OnOutput = Callable[[str, bytes], None]
@@ -270,6 +274,31 @@ class AsyncVms:
                 event = core.log_event(raw)
                 if event is not None:
                     yield event
+
+    async def shell(
+        self, vm_id: str, command: Sequence[str] = (), *, user: str = "", cwd: str = "", rows: int = 24,
+        cols: int = 80, term: str = "xterm-256color",
+    ) -> AsyncShell:  # fmt: skip
+        """A terminal running ``command`` (none: the user's login shell) in the VM, on a connection of its own."""
+        from ember.sdk.shell import AsyncShell, shell_target
+
+        ep = self.client.endpoint
+        target = shell_target(ep, vm_id, command, user=user, cwd=cwd, rows=rows, cols=cols, term=term)
+        return await AsyncShell.open(ep, target)
+
+    async def start_process(
+        self, vm_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "", user: str = ""
+    ) -> Process:
+        """Start ``argv`` in the background (output to /dev/null); list it with :meth:`processes`."""
+        return await self.client.call(core.process_start(vm_id, argv, env=env, cwd=cwd, user=user))
+
+    async def processes(self, vm_id: str) -> list[Process]:
+        """The VM's background processes: running ones, and exited ones with their status."""
+        return await self.client.call(core.process_list(vm_id))
+
+    async def kill(self, vm_id: str, pid: int, signal: str | int = "TERM") -> None:
+        """Signal a running background process (NotFound for any other pid)."""
+        await self.client.call(core.process_kill(vm_id, pid, signal))
 
     async def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,

@@ -21,6 +21,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms o
 if TYPE_CHECKING:
     from typing import IO, Any, TypeVar
 
+    from ember.sdk.shell import Shell
     from ember.sdk.types import (
         ApiKey,
         Build,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
         Info,
         Listing,
         LogEvent,
+        Process,
         Tenant,
         Transition,
         Usage,
@@ -251,6 +253,31 @@ class Vms:
                 event = core.log_event(raw)
                 if event is not None:
                     yield event
+
+    def shell(
+        self, vm_id: str, command: Sequence[str] = (), *, user: str = "", cwd: str = "", rows: int = 24,
+        cols: int = 80, term: str = "xterm-256color",
+    ) -> Shell:  # fmt: skip
+        """A terminal running ``command`` (none: the user's login shell) in the VM, on a connection of its own."""
+        from ember.sdk.shell import Shell, ShellProtocol, shell_target
+
+        ep = self.client.endpoint
+        target = shell_target(ep, vm_id, command, user=user, cwd=cwd, rows=rows, cols=cols, term=term)
+        return Shell(self.client._http.new_socket(), ShellProtocol(ep, target))
+
+    def start_process(
+        self, vm_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "", user: str = ""
+    ) -> Process:
+        """Start ``argv`` in the background (output to /dev/null); list it with :meth:`processes`."""
+        return self.client.call(core.process_start(vm_id, argv, env=env, cwd=cwd, user=user))
+
+    def processes(self, vm_id: str) -> list[Process]:
+        """The VM's background processes: running ones, and exited ones with their status."""
+        return self.client.call(core.process_list(vm_id))
+
+    def kill(self, vm_id: str, pid: int, signal: str | int = "TERM") -> None:
+        """Signal a running background process (NotFound for any other pid)."""
+        self.client.call(core.process_kill(vm_id, pid, signal))
 
     def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         Info,
         Listing,
         LogEvent,
+        Process,
         Tenant,
         Transition,
         Usage,
@@ -310,6 +311,23 @@ def exec_request(
     if stdin:
         body["stdin"] = True
     return Request("POST", _vm_path(vm_id, "exec"), json=body)
+
+
+def process_start(
+    vm_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "", user: str = ""
+) -> Op[Process]:
+    """Start ``argv`` in the background (its output goes to /dev/null: redirect it inside the command)."""
+    body = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd, "user": user}
+    return Op(Request("POST", _vm_path(vm_id, "processes"), json=body), lambda data: decode(t.Process, data))
+
+
+def process_list(vm_id: str) -> Op[list[Process]]:
+    return Op(Request("GET", _vm_path(vm_id, "processes")), lambda data: decode_list(t.Process, data))
+
+
+def process_kill(vm_id: str, pid: int, signal: str | int = "TERM") -> Op[None]:
+    target = _vm_path(vm_id, "processes", str(int(pid)), "kill")
+    return Op(Request("POST", target, json={"signal": signal}), _nothing)
 
 
 def exec_stdin_request(vm_id: str, stdin_id: str, body: Body) -> Request:
