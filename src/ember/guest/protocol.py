@@ -66,6 +66,7 @@ class Msg(enum.IntEnum):
     PING = 13
     PROBE = 14
     SET_TOKEN = 15  # a freshly booted agent's one token (accepted once, before any HELLO succeeds)
+    IDLE_QUERY = 28  # does the guest hold itself awake, or ask to be suspended now (ember-idle)?
     # guest -> host
     HELLO_ACK = 64
     OK = 65
@@ -78,6 +79,7 @@ class Msg(enum.IntEnum):
     STARTED = 72
     CREDIT = 73
     HELLO_NAK = 74
+    IDLE_STATE = 90  # the answer to IDLE_QUERY: HOLD and SUSPEND_NOW, two flags
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
@@ -114,6 +116,8 @@ class Tag(enum.IntEnum):
     LIMIT = 29  # LIST: the most entries the host takes
     TRUNCATED = 30  # REOF of a LIST: entries were left out at LIMIT
     CLOSED = 31  # CREDIT: the command closed its stdin
+    HOLD = 55  # IDLE_STATE: the guest holds itself awake (ember-idle hold)
+    SUSPEND_NOW = 56  # IDLE_STATE: the guest asked to be suspended (ember-idle suspend; consumed by the answer)
 
 
 @dataclass(frozen=True)
