@@ -32,14 +32,18 @@ log = logging.getLogger(__name__)
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
+def stat_cpu_seconds(raw: bytes) -> float:
+    """User + system CPU seconds (all threads) from a ``/proc/<pid>/stat`` line. The command name in it is the
+    VMM's to choose (it may hold ')' and spaces): the fields are read after the last ')'."""
+    fields = raw.rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
 def vmm_cpu(pid: int) -> float | None:
-    """The process's user + system CPU seconds (all its threads), or None if it cannot be read. The command
-    name in the file is the VMM's to choose (it may hold ')' and spaces): the fields are read after the last ')'."""
+    """The process's CPU seconds so far, or None if they cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read(4096)
-        fields = raw.rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+            return stat_cpu_seconds(f.read(4096))
     except (OSError, IndexError, ValueError):
         return None
 
@@ -100,6 +104,9 @@ class Scheduler:
         sample = CpuSample(now, cpu) if cpu is not None else None
         if sample is None or watch.cpu is None or cpu_busy(watch.cpu, sample, self.settings.idle_cpu_threshold):
             watch.last_busy = now
+        if sample is not None and watch.cpu is not None and sample.at > watch.cpu.at:
+            rate = (sample.cpu_s - watch.cpu.cpu_s) / (sample.at - watch.cpu.at)
+            vlog(record.id).debug("VMM CPU %.4f cores over %.2f s", rate, sample.at - watch.cpu.at)
         watch.cpu = sample
         activity = self.engine.activity
         if activity.busy(record.id):
