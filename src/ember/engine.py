@@ -130,6 +130,8 @@ class Engine:
         self.pool = WarmPool(host, settings.pool_size, self._prewarm, budget=settings.pool_max_vmms)
         self.activity = Activity()  # what keeps each VM busy (exec, files, shells, ingress): ember.lifecycle
         self._waker = Waker(self)
+        # an auto-resume runs inside this (the API's quota check of a resume), when the API has set it
+        self.admit_resume: Callable[[VmRecord], contextlib.AbstractAsyncContextManager[Any]] | None = None
 
     # ---- helpers ---------------------------------------------------------
 

@@ -4,7 +4,9 @@ request's bounds and the guest's idle answer on a fake, hostile agent channel.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -13,7 +15,7 @@ import pytest
 from ember.agent import IDLE_STATE_MAX, GuestIdleState
 from ember.api.vms import RunBody, idle_policy
 from ember.config import Settings
-from ember.errors import GuestProtocolError, InvalidRequest, InvalidStateTransition
+from ember.errors import GuestProtocolError, InvalidRequest, InvalidStateTransition, QuotaExceeded
 from ember.guest.protocol import Frame, Msg, Tag, encode_fields, encode_frame
 from ember.lifecycle.activity import Activity
 from ember.lifecycle.policy import (
@@ -170,6 +172,7 @@ class FakeEngine:
         self.record = record
         self.resumes: list[StateReason] = []
         self._lock = asyncio.Lock()
+        self.admit_resume = None
 
     def get(self, vm_id: str) -> VmRecord:
         return self.record
@@ -230,3 +233,20 @@ async def test_the_guest_answers_two_flags_and_nothing_else(agents: Agents) -> N
         await conn.idle_state(2.0)
     with pytest.raises(GuestProtocolError, match="OK where IDLE_STATE was expected"):
         await conn.idle_state(2.0)
+
+
+async def test_an_auto_resume_is_held_to_the_quotas_of_a_resume() -> None:
+    engine = FakeEngine(vm(VmState.SUSPENDED, auto_resume=True))
+    asked: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def refuse(record: VmRecord) -> AsyncIterator[None]:
+        asked.append(record.id)
+        raise QuotaExceeded("max_running_vms", 1, 1)
+        yield
+
+    engine.admit_resume = refuse  # type: ignore[assignment]
+    waker = Waker(engine)  # type: ignore[arg-type]
+    results = await asyncio.gather(*(waker.wake("vm-1") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, QuotaExceeded) for r in results)  # every caller: 429
+    assert engine.resumes == [] and engine.record.state is VmState.SUSPENDED and asked == ["vm-1"]

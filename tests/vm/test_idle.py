@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ember.config import Settings
-from ember.sdk import Client, IdlePolicy, InvalidState, Request
+from ember.sdk import Client, IdlePolicy, InvalidState, QuotaExceeded, Request
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, remove_quietly, vm_tests_possible
 
 pytestmark = pytest.mark.vm
@@ -225,6 +225,20 @@ def test_concurrent_calls_to_a_suspended_vm_share_one_resume(client: Client, lau
         t.join(60)
     assert results == [b"42"] * 6
     assert [e for e in events(client, vm) if e[0] == "RESUMING"] == [("RESUMING", "auto_resume", "system")]
+
+
+def test_an_auto_resume_past_the_running_quota_is_a_429(client: Client, launch: Any) -> None:
+    vm = launch(auto_resume=True)
+    client.vms.suspend(vm)
+    launch()  # the one running VM the quota allows
+    client.tenants.set_quotas("default", {"max_running_vms": 1})
+    try:
+        with pytest.raises(QuotaExceeded, match="quota max_running_vms would be exceeded"):
+            client.vms.exec(vm, ["true"])
+    finally:
+        client.tenants.set_quotas("default", {"max_running_vms": 50})
+    assert state(client, vm)["state"] == "SUSPENDED"
+    assert client.vms.exec(vm, ["true"]).exit_code == 0
 
 
 def test_deadlines_survive_a_daemon_kill9(client: Client, daemon: DaemonProcess, launch: Any) -> None:

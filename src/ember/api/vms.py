@@ -319,12 +319,17 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         view = vm_view(engine.get(vm.id))
         return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}
 
-    @app.post("/v1/vms/{vm_id}/resume", response_model=Resumed, responses=errors(409, 503, 507), **UNSET)
-    async def resume_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+    def admit_resume(vm: VmRecord) -> contextlib.AbstractAsyncContextManager[Any]:
         machine = vm.machine
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, machine.vcpus),
                 Ask(Quota.RUNNING_MEMORY_MIB, machine.memory_mib)]  # fmt: skip
-        async with limits.admit(vm.tenant, asks, Operation.RESUME):
+        return limits.admit(vm.tenant, asks, Operation.RESUME)
+
+    engine.admit_resume = admit_resume  # auto-resumes (ember.lifecycle.wake) are held to the same quotas
+
+    @app.post("/v1/vms/{vm_id}/resume", response_model=Resumed, responses=errors(409, 503, 507), **UNSET)
+    async def resume_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        async with admit_resume(vm):
             t = await engine.resume(vm.id)
         return {**vm_view(engine.get(vm.id)), "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms}
 

@@ -1,7 +1,9 @@
 """Auto-resume: ``await engine.wake(vm_id)`` returns once the VM is RUNNING.
 
 A SUSPENDED VM run with auto-resume is resumed (reason ``auto_resume``, actor ``system``); one being
-suspended or resumed is waited for, then looked at again. Concurrent callers share one resume (single flight),
+suspended or resumed is waited for, then looked at again. It is held to the tenant's quotas as a resume
+request is (running VMs, vCPUs, memory: 429 QuotaExceeded to every caller). Concurrent callers share one resume
+(single flight),
 which a caller that goes away does not cancel. Without auto-resume, or in any other state, the caller gets the
 error a request to a VM that is not running always got.
 """
@@ -50,5 +52,9 @@ class Waker:
     async def _resume(self, vm_id: str) -> None:
         async with self._engine.lock(vm_id):  # a suspend in flight finishes first
             pass
-        if self._engine.get(vm_id).state is VmState.SUSPENDED:
+        record = self._engine.get(vm_id)
+        if record.state is not VmState.SUSPENDED:
+            return
+        admit = self._engine.admit_resume
+        async with admit(record) if admit is not None else contextlib.nullcontext():  # quotas, as a resume's
             await self._engine.resume(vm_id, reason=StateReason.AUTO_RESUME)
