@@ -92,6 +92,9 @@ class StateReason(enum.StrEnum):
     ``max_duration``       TERMINATING, then TERMINATED: it lived past its maximum duration
     ``auto_resume``        RESUMING, then RUNNING: an exec, file call, shell or ingress request reached it while
                            SUSPENDED, and it was run with auto-resume
+    ``run_hook_failed``    TERMINATED: the app's run hook (ember.hooks) failed or timed out; the VM was removed
+    ``hook``               events only, no state change: an app hook was called (the message says which, its
+                           outcome, HTTP status and duration); never a VM's state_reason
     """
 
     LAUNCH = "launch"
@@ -110,6 +113,8 @@ class StateReason(enum.StrEnum):
     SUSPENDED_TTL = "suspended_ttl"
     MAX_DURATION = "max_duration"
     AUTO_RESUME = "auto_resume"
+    RUN_HOOK_FAILED = "run_hook_failed"
+    HOOK = "hook"
 
 
 def utcnow() -> str:

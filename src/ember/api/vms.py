@@ -97,6 +97,10 @@ class RunBody(BaseModel):
     env: EnvMap = Field(default_factory=dict)
     tags: TagMap = Field(default_factory=dict)
     client_token: ClientToken | None = None
+    run_payload: str | None = Field(
+        default=None, description="The body of the app's run hook (POST /ember/v1/run), at most "
+        "EMBER_RUN_PAYLOAD_MAX_BYTES (16 KiB) of UTF-8; images without a run hook ignore it",
+    )  # fmt: skip
     # idle policy and lifetime (ember.lifecycle); the bounds that are Settings are checked in idle_policy()
     idle_timeout_s: int | None = Field(
         default=None, ge=1, le=2**31, description="Suspend it once idle this long (at least EMBER_MIN_IDLE_SECONDS)"
@@ -215,6 +219,12 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
     @app.post("/v1/vms", status_code=201, response_model=Vm, responses=errors(409, 503, 507), **UNSET)
     async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        payload = (body.run_payload or "").encode()
+        if len(payload) > daemon.settings.run_payload_max_bytes:
+            raise InvalidRequest(
+                f"run_payload is {len(payload)} bytes: at most {daemon.settings.run_payload_max_bytes} "
+                "(pass larger input to the app through a file: 'ember cp')"
+            )
         image = resolve_image(daemon, who, body.image, body.version)
         _check_size(image, body)
         policy = idle_policy(body, daemon.settings)
@@ -228,7 +238,10 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     settle(vm_id)
                     release()  # the PENDING record counts from here
 
-                options = RunOptions(tenant=who.tenant, env=body.env, tags=body.tags, idle=policy, on_record=recorded)
+                options = RunOptions(
+                    tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
+                    on_record=recorded,
+                )  # fmt: skip
                 return vm_view(await engine.run(image, options))
 
         async def existing(vm_id: str) -> dict[str, Any]:
