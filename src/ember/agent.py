@@ -171,6 +171,15 @@ class ExecResult:
 
 
 @dataclass(frozen=True)
+class GuestIdleState:
+    hold: bool  # the guest holds itself awake (ember-idle hold)
+    suspend_now: bool  # the guest asked to be suspended now (ember-idle suspend)
+
+
+IDLE_STATE_MAX = 64  # bytes of an IDLE_STATE answer (two 8-byte fields take 26)
+
+
+@dataclass(frozen=True)
 class Listing:
     entries: list[DirEntry]
     truncated: bool  # the directory has more entries than the listing limit
@@ -482,6 +491,23 @@ class AgentConnection:
         """Connect to the guest's 127.0.0.1:``port`` (app hooks, HTTP, are ``ember.hooks``). Raises
         GuestError while nothing listens."""
         await self.request(Msg.PROBE, [(Tag.PORT, port)])
+
+    async def idle_state(self, timeout_s: float) -> GuestIdleState:
+        """Whether the guest holds itself awake or asks to be suspended now (``ember-idle``). Hostile: the
+        answer is two flags in a small frame, or a protocol error."""
+        stream = self._open()
+        try:
+            await self._send(Msg.IDLE_QUERY, stream)
+            frame = await self._recv(stream, timeout_s)
+            _raise_for(frame, Msg.IDLE_STATE)
+            if len(frame.payload) > IDLE_STATE_MAX:
+                raise GuestProtocolError(f"an idle state of {len(frame.payload)} bytes")
+            fields = decode_fields(frame.payload)
+            return GuestIdleState(
+                hold=field_int(fields, Tag.HOLD, 0) != 0, suspend_now=field_int(fields, Tag.SUSPEND_NOW, 0) != 0
+            )
+        finally:
+            self._close(stream)
 
     async def restore_identity(self, hostname: str, new_token: str, entropy: bytes, time_ns: int) -> None:
         await self.request(*identity_request(hostname, new_token, entropy, time_ns))

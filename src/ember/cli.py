@@ -18,6 +18,7 @@ from pathlib import Path
 from ember.config import Settings
 from ember.sdk import types as t
 from ember.sdk.client import Client
+from ember.sdk.core import IdlePolicy
 from ember.sdk.errors import EmberError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start)
@@ -102,6 +103,8 @@ def cmd_run(c: Client, a: Args) -> None:
     vm = c.vms.run(
         a.image, version=a.version, memory_mib=a.memory, vcpus=a.vcpus, env=pairs(a.env, "--env"),
         tags=pairs(a.tag, "--tag"), client_token=a.client_token, run_payload=payload_arg(a.payload),
+        idle=IdlePolicy(timeout_s=a.idle_timeout, auto_resume=a.auto_resume, suspended_ttl_s=a.suspended_ttl,
+                        max_duration_s=a.max_duration, max_duration_running_only=a.max_duration_running_only),
     )  # fmt: skip
     dump(vm) if a.json else out(vm.id)
 
@@ -544,6 +547,11 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--tag", action="append", metavar="K=V", help="metadata tag (repeatable)")
     p.add_argument("--client-token", metavar="T", help="idempotency token: a retry returns the same VM")
+    p.add_argument("--idle-timeout", type=int, metavar="S", help="suspend it once idle this many seconds (>= 60)")
+    p.add_argument("--auto-resume", action="store_true", help="exec, files, shell and ingress resume it when suspended")
+    p.add_argument("--suspended-ttl", type=int, metavar="S", help="terminate it S s after it suspends (0: on idle)")
+    p.add_argument("--max-duration", type=int, metavar="S", help="terminate it S seconds after launch")
+    p.add_argument("--max-duration-running-only", action="store_true", help="--max-duration counts running time only")
     p.add_argument("--payload", metavar="@FILE|TEXT", help="the app's run hook body (at most 16 KiB)")
 
     p = command(sub, "exec", cmd_exec, "Run a command in a VM, streaming its output; exits with its exit code.")

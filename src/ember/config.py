@@ -165,6 +165,18 @@ class Settings:
     webhooks_per_tenant: int = _env("EMBER_WEBHOOKS_PER_TENANT", 10)
     # Finished delivery-log rows kept per webhook (the newest; older ones are pruned).
     webhook_log_rows: int = _env("EMBER_WEBHOOK_LOG_ROWS", 1000)
+    # Idle policy (ember.lifecycle): the shortest idle timeout a run may ask (60 s, as AWS's; tests lower it).
+    min_idle_s: int = _env("EMBER_MIN_IDLE_SECONDS", 60)
+    # The longest maximum duration a run may ask, in seconds (30 days; AWS allows 8 hours).
+    max_duration_limit_s: int = _env("EMBER_MAX_DURATION_LIMIT", 30 * 86400)
+    # Seconds between the idle scheduler's passes (idle checks, suspended TTLs, maximum durations, guest
+    # "suspend now" requests): an automatic transition comes at most this late.
+    idle_check_s: float = _env("EMBER_IDLE_CHECK_S", 5.0)
+    # A VMM using more host CPU than this (cores, over one pass) is busy, not idle. An idle TCG guest costs
+    # 0.00-0.04 here (its timer ticks; measured over 0.5 s passes); a guest process that computes, ~1.
+    idle_cpu_threshold: float = _env("EMBER_IDLE_CPU_THRESHOLD", 0.1)
+    # Host-side deadline of asking a guest whether it holds itself awake or asks to be suspended (ember-idle).
+    idle_guest_answer_s: float = _env("EMBER_IDLE_GUEST_ANSWER_S", 5.0)
     # Hand the host's CA bundle to every build's RUN steps, as if each asked --host-ca-certs (TLS-inspecting proxy).
     build_host_ca_certs: bool = _env("EMBER_BUILD_HOST_CA_CERTS", False)
 

@@ -27,6 +27,7 @@ from ember.guest.artifacts import ensure_artifacts
 from ember.host import cgroup
 from ember.host.binaries import ensure_jailer
 from ember.images import BASE_IMAGE, ImageStore
+from ember.lifecycle.scheduler import Scheduler
 from ember.recovery import recover
 from ember.runtime import Host, UidPool
 from ember.tenancy.idempotency import KEPT_S
@@ -111,6 +112,7 @@ async def assemble(settings: Settings) -> Daemon:
     builds.interrupted()
     engine.spawn_chore(forget_terminated(store, tenants, settings.terminated_retention_s))
     engine.spawn_chore(StorageSampler(settings, store).run())  # storage GiB-hours (ember.usage)
+    engine.spawn_chore(Scheduler(engine).run())  # idle suspends, suspended TTLs, maximum durations
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ember.agent import AgentConnection, ExecRequest, ExecResult, Listing, identity_request
+from ember.agent import AgentConnection, ExecRequest, ExecResult, GuestIdleState, Listing, identity_request
 from ember.applog import LogChunk
 from ember.config import Settings
 from ember.db.store import Store
@@ -40,11 +40,14 @@ from ember.errors import (
 from ember.hooks import AppHooks, Hook
 from ember.imagecfg import ImageDefaults, file_owner, guest_path
 from ember.images import ImageStore
+from ember.lifecycle.activity import Activity
+from ember.lifecycle.wake import Waker
 from ember.logs import vlog
 from ember.metrics import Operation, timed
 from ember.microvm import MicroVm, VmPlan
 from ember.models import (
     FileDigest,
+    IdlePolicy,
     ImageRecord,
     StateReason,
     VmRecord,
@@ -113,6 +116,7 @@ class RunOptions:
     tenant: str
     env: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    idle: IdlePolicy = field(default_factory=IdlePolicy)  # idle policy and lifetime (ember.lifecycle)
     run_payload: bytes = b""  # the body of the app's run hook (ember.hooks)
     on_record: Callable[[str], None] | None = None  # told the VM's id once its record exists
 
@@ -128,6 +132,10 @@ class Engine:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._chores: set[asyncio.Task[Any]] = set()
         self.pool = WarmPool(host, settings.pool_size, self._prewarm, budget=settings.pool_max_vmms)
+        self.activity = Activity()  # what keeps each VM busy (exec, files, shells, ingress): ember.lifecycle
+        self._waker = Waker(self)
+        # an auto-resume runs inside this (the API's quota check of a resume), when the API has set it
+        self.admit_resume: Callable[[VmRecord], contextlib.AbstractAsyncContextManager[Any]] | None = None
         self.hooks = AppHooks(settings, store)
 
     # ---- helpers ---------------------------------------------------------
@@ -334,7 +342,7 @@ class Engine:
         record = VmRecord(
             id=vm_id, image=image.name, state=VmState.PENDING, machine=image.machine, uid=uid,
             token=image.token, ram=RamMode.CLONE, tenant=options.tenant, env=dict(options.env),
-            tags=dict(options.tags),
+            tags=dict(options.tags), idle=options.idle,
         )  # fmt: skip
         await asyncio.to_thread(self.store.insert_vm, record)
         if options.on_record is not None:
@@ -413,6 +421,16 @@ class Engine:
         """A piece of the VM's app log (ember.applog: it lives in the guest; the host keeps none)."""
         return await self._agent(self.get(vm_id), "read the app log of").read_log(start, limit, wait_s)
 
+    async def wake(self, vm_id: str, *, action: str = "reach") -> VmRecord:
+        """Return once the VM is RUNNING: a SUSPENDED VM run with auto-resume is resumed (one resume for every
+        concurrent caller); otherwise a VM that is not running raises the usual error (``action`` names what the
+        caller wanted, e.g. "exec in")."""
+        return await self._waker.wake(vm_id, action=action)
+
+    async def guest_idle_state(self, vm_id: str, timeout_s: float) -> GuestIdleState:
+        """Whether the guest holds itself awake or asks to be suspended (ember-idle)."""
+        return await self._agent(self.get(vm_id), "ask").idle_state(timeout_s)
+
     async def inspect(self, vm_id: str) -> dict[str, Any]:
         record = self.get(vm_id)
         info: dict[str, Any] = {"vmm_status": None, "host_pss_mib": None, "agent_ping_ms": None}
@@ -430,7 +448,9 @@ class Engine:
     # ---- suspend / resume ------------------------------------------------
 
     @timed(Operation.SUSPEND)
-    async def suspend(self, vm_id: str) -> Timings:
+    async def suspend(
+        self, vm_id: str, *, reason: StateReason = StateReason.USER_SUSPEND, message: str = ""
+    ) -> Timings:
         """Save memory, devices and disk durably; the VMM exits and the VM holds no memory or CPU.
 
         Its snapshot files may stay in the host page cache, which the kernel
@@ -448,7 +468,7 @@ class Engine:
             agent = self._agent(record, "suspend")
             phases = Phases()
             own_ram = record.ram is RamMode.OWN
-            record = await self.save_async(record.moved(VmState.SUSPENDING, StateReason.USER_SUSPEND))
+            record = await self.save_async(record.moved(VmState.SUSPENDING, reason, message))
             layout = self.host.layout(vm_id)
             try:
                 await self.hooks.fire(record, agent, Hook.SUSPEND)  # a failed one is recorded; the suspend goes on
@@ -481,7 +501,7 @@ class Engine:
             except BaseException as exc:
                 await self._suspend_failed(record, vm, exc)
                 raise
-            await self.save_async(record.moved(VmState.SUSPENDED, StateReason.USER_SUSPEND, pid=0))
+            await self.save_async(record.moved(VmState.SUSPENDED, reason, message, pid=0))
             vlog(vm_id).info("suspended in %.0f ms (%d bytes written) %s", phases.total_ms, written, phases.ms)
             return Timings(phases.total_ms, phases.ms, written)
 
@@ -544,7 +564,7 @@ class Engine:
         await self.save_async(record.moved(VmState.FAILED, StateReason.SUSPEND_FAILED, message, pid=0))
 
     @timed(Operation.RESUME)
-    async def resume(self, vm_id: str) -> Timings:
+    async def resume(self, vm_id: str, *, reason: StateReason = StateReason.USER_RESUME) -> Timings:
         """Restore a suspended VM under the same id, into its own RAM file.
 
         Nothing of the snapshot reaches QEMU unchecked: the disk (which QEMU parses as it
@@ -562,7 +582,7 @@ class Engine:
             self.images.check_restorable(manifest.machine, f"the snapshot of VM {vm_id}")
             mapped = manifest.mapped_ram
             image = self.images.get(record.image)
-            record = await self.save_async(record.moved(VmState.RESUMING, StateReason.USER_RESUME))
+            record = await self.save_async(record.moved(VmState.RESUMING, reason))
             moved = move_files(snap.path, layout.root, Snapshot.VM_FILES)
             owned = [layout.root / name for name in moved]
             vm: MicroVm | None = None
@@ -602,7 +622,7 @@ class Engine:
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
             consumed = snap.path.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
             self.spawn_chore(asyncio.to_thread(shutil.rmtree, consumed, True))
-            await self.take_charge(record, vm, token, StateReason.USER_RESUME, ram=RamMode.OWN)
+            await self.take_charge(record, vm, token, reason, ram=RamMode.OWN)
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)
@@ -642,14 +662,14 @@ class Engine:
 
     # ---- remove ------------------------------------------------------------
 
-    async def remove(self, vm_id: str) -> None:
+    async def remove(self, vm_id: str, *, reason: StateReason = StateReason.USER_TERMINATE, message: str = "") -> None:
         """Stop the VM and delete its files; its record stays, TERMINATED, for the retention period."""
         async with self._lock(vm_id):
             record = self.get(vm_id)
             if record.state is VmState.TERMINATED:
                 return
             running = self._runtimes.get(vm_id) if record.state is VmState.RUNNING else None
-            record = await self.save_async(record.moved(VmState.TERMINATING, StateReason.USER_TERMINATE))
+            record = await self.save_async(record.moved(VmState.TERMINATING, reason, message))
             if running is not None and running.agent is not None and not running.agent.closed:
                 await self.hooks.fire(record, running.agent, Hook.TERMINATE)  # a failed one is recorded only
             self._unwatch(vm_id)
@@ -658,9 +678,10 @@ class Engine:
                 await vm.close()
             await asyncio.to_thread(self.host.discard, vm_id)  # a VMM recovery could not reach, too
             await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-            ended = record.moved(VmState.TERMINATED, StateReason.USER_TERMINATE, pid=0, uid=0)
+            ended = record.moved(VmState.TERMINATED, reason, message, pid=0, uid=0)
             await self.save_async(replace(ended, terminated_at=ended.updated_at))
         self._locks.pop(vm_id, None)
+        self.activity.forget(vm_id)
         vlog(vm_id).info("removed")
 
     # ---- daemon start / stop -------------------------------------------

@@ -153,7 +153,7 @@ def test_a_fresh_database_gets_this_schema_and_upgrading_again_changes_nothing(b
 def test_images_get_their_builds_exec_defaults_and_forks_their_parents(
     old_database: tuple[Engine, dict[str, list[dict[str, Any]]]],
 ) -> None:
-    """0006_imagecfg: a built image's ENV, WORKDIR and USER (ember.imagecfg) come from its build's config, a
+    """Migration 0004: a built image's ENV, WORKDIR and USER (ember.imagecfg) come from its build's config, a
     fork's from the image it was forked from; the built-in base has none."""
     engine, _ = old_database
     with engine.begin() as c:  # an ENV as Ember 0.1 kept it: an object

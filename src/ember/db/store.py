@@ -25,6 +25,7 @@ from ember.models import (
     BuildRecord,
     BuildState,
     EventRecord,
+    IdlePolicy,
     ImageRecord,
     StateReason,
     VmRecord,
@@ -56,7 +57,10 @@ def _vm_row(r: VmRecord) -> dict[str, object]:
         "token": r.token, "ram": r.ram.value, "pid": r.pid, "state_reason": r.state_reason.value,
         "next_token": r.next_token, "created_at": r.created_at, "updated_at": r.updated_at, "tenant": r.tenant,
         "env": json.dumps(r.env), "tags": json.dumps(r.tags), "state_message": r.state_message,
-        "terminated_at": r.terminated_at,
+        "terminated_at": r.terminated_at, "idle_timeout_s": r.idle.idle_timeout_s, "auto_resume": r.idle.auto_resume,
+        "suspended_ttl_s": r.idle.suspended_ttl_s, "max_duration_s": r.idle.max_duration_s,
+        "max_duration_running_only": r.idle.max_duration_running_only, "suspended_at": r.suspended_at,
+        "suspended_s": r.suspended_s,
     }  # fmt: skip
 
 
@@ -69,6 +73,11 @@ def _vm(row: RowMapping) -> VmRecord:
     data["state_reason"] = StateReason(data["state_reason"])
     data["env"] = json.loads(data["env"])
     data["tags"] = json.loads(data["tags"])
+    data["idle"] = IdlePolicy(
+        idle_timeout_s=data.pop("idle_timeout_s"), auto_resume=bool(data.pop("auto_resume")),
+        suspended_ttl_s=data.pop("suspended_ttl_s"), max_duration_s=data.pop("max_duration_s"),
+        max_duration_running_only=bool(data.pop("max_duration_running_only")),
+    )  # fmt: skip
     return VmRecord(**data)
 
 

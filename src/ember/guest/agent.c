@@ -32,6 +32,12 @@
  * or a child (each exec replaces the forked copy of this memory before any image code runs).
  * HELLO with any other token (or before one is set) gets HELLO_NAK with the host's nonce.
  *
+ * Idle control: the same binary, copied at boot to IDLE_BIN (a read-only tmpfs, last on exec's default PATH),
+ * is the guest command `ember-idle hold|release|suspend|status` when run under that name. It only creates or
+ * removes a file in IDLE_DIR (a small tmpfs any guest user may write); IDLE_QUERY answers the host with two
+ * flags (HOLD: the file "hold" exists; SUSPEND_NOW: a "suspend" file existed, consumed by the answer). The
+ * host's idle scheduler asks; a guest can only keep itself awake or ask to be suspended sooner.
+ *
  * Restores: every identity step (RESTORE) rewrites GENERATION_FILE (on a
  * tmpfs, world-readable, fixed width, in place) with a new counter and random
  * id, so apps can tell they were cloned or resumed and regenerate secrets.
@@ -81,21 +87,27 @@
 #define GENERATION_DIR "/run/ember"
 #define GENERATION_FILE GENERATION_DIR "/generation"
 #define PORT_NAME "org.ember.agent"
+#define IDLE_DIR GENERATION_DIR "/idle"
+#define IDLE_BIN_DIR GENERATION_DIR "/bin"
+#define IDLE_BIN IDLE_BIN_DIR "/ember-idle"
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:" IDLE_BIN_DIR
+
 #define MAX_PROCS 64 /* background processes tracked (exec with T_DETACH): running, or exited until evicted */
 #define PROC_CMD_MAX 256 /* bytes of a background process's command line kept for PS */
 #define PTY_MAX_DIM 1000 /* rows and columns of a PTY: 1 .. PTY_MAX_DIM */
 
 enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
        M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE, M_SET_TOKEN,
-       M_RESIZE = 20, M_PS, M_KILL, M_LOGS = 24 };
+       M_RESIZE = 20, M_PS, M_KILL, M_LOGS = 24, M_IDLE_QUERY = 28 };
 enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED, G_CREDIT,
-       G_HELLO_NAK, G_PROC = 80, G_LOGDATA = 85 };
+       G_HELLO_NAK, G_PROC = 80, G_LOGDATA = 85, G_IDLE_STATE = 90 };
 enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
        T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
        T_TOOL, T_PORT, T_HTTP, T_LIMIT, T_TRUNCATED, T_CLOSED,
        T_PTY = 45, T_ROWS, T_COLS, T_DETACH, T_RUNNING,
-       T_APPLOG = 50, T_LOG_FROM, T_LOG_END, T_LOG_WAIT_MS, T_LOG_DATA };
+       T_APPLOG = 50, T_LOG_FROM, T_LOG_END, T_LOG_WAIT_MS, T_LOG_DATA,
+       T_HOLD = 55, T_SUSPEND_NOW };
 /* app hooks (protocol.py: Msg.HOOK, Tag.HOOK_*) */
 enum { M_HOOK = 30 };
 enum { T_HOOK_NAME = 60, T_HOOK_BODY, T_HOOK_ANSWER };
@@ -536,7 +548,7 @@ static void do_exec(uint32_t stream, const unsigned char *p, size_t n) {
             extern char **environ;
             environ = envp;
             if (!getenv("HOME")) setenv("HOME", id.home, 0);
-            if (!getenv("PATH")) setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 0);
+            if (!getenv("PATH")) setenv("PATH", DEFAULT_PATH, 0);
             if (path) { setenv("SHELL", path, 0); execv(path, argv); }
             else if (tool_fd >= 0) syscall(SYS_execveat, tool_fd, "", argv, environ, AT_EMPTY_PATH);
             else execvp(argv[0], argv);
@@ -1114,12 +1126,76 @@ static void do_restore(uint32_t stream, const unsigned char *p, size_t n) {
         reply_err(stream, errno, "writing %s failed: %s", GENERATION_FILE, strerror(errno));
         return;
     }
+    if (!build_mode) unlink(IDLE_DIR "/suspend"); /* asked of the VM that was saved, not of this one */
     if (build_mode && !build_root_mounted) {
         const char *failed = mount_build_root();
         if (failed) { reply_err(stream, errno, "the build VM could not mount %s: %s", failed, strerror(errno)); return; }
         build_root_mounted = 1;
     }
     reply_ok(stream, NULL);
+}
+
+/* ---------- idle control (ember-idle) ---------- */
+
+static void mount_or_die(const char *src, const char *dst, const char *type, unsigned long flags, const char *data);
+
+/* Two flags and nothing else: whether the guest holds itself awake, and whether it asked to be suspended
+ * (that request is consumed by this answer). */
+static void do_idle_query(uint32_t stream) {
+    struct tlvbuf b = {.len = 0};
+    struct stat st;
+    tlv_u64(&b, T_HOLD, fstatat(AT_FDCWD, IDLE_DIR "/hold", &st, AT_SYMLINK_NOFOLLOW) == 0);
+    tlv_u64(&b, T_SUSPEND_NOW, unlink(IDLE_DIR "/suspend") == 0);
+    out_frame(stream, G_IDLE_STATE, b.data, b.len, NULL, 0);
+}
+
+/* The guest command, run by any guest user: create or remove a flag file in IDLE_DIR. */
+static int idle_main(int argc, char **argv) {
+    const char *cmd = argc == 2 ? argv[1] : "";
+    static const char *const cmds[] = {"hold", "release", "suspend", "status"};
+    int known = 0, dir = -1, fd;
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) known |= !strcmp(cmd, cmds[i]);
+    if (known && (dir = open(IDLE_DIR, O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+        fprintf(stderr, "ember-idle: %s: %s (not an Ember VM?)\n", IDLE_DIR, strerror(errno));
+        return 1;
+    }
+    if (!strcmp(cmd, "hold") || !strcmp(cmd, "suspend")) {
+        fd = openat(dir, cmd, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0666);
+        if (fd < 0) { fprintf(stderr, "ember-idle %s: %s\n", cmd, strerror(errno)); return 1; }
+        close(fd);
+        return 0;
+    }
+    if (!strcmp(cmd, "release")) {
+        if (unlinkat(dir, "hold", 0) < 0 && errno != ENOENT) { fprintf(stderr, "ember-idle release: %s\n", strerror(errno)); return 1; }
+        return 0;
+    }
+    if (!strcmp(cmd, "status")) {
+        struct stat st;
+        puts(fstatat(dir, "hold", &st, AT_SYMLINK_NOFOLLOW) == 0 ? "held" : "not held");
+        return 0;
+    }
+    fputs("usage: ember-idle hold|release|suspend|status\n"
+          "  hold     keep this VM awake (no idle suspend) until 'ember-idle release'; its maximum duration still ends it\n"
+          "  release  let it be suspended when idle again\n"
+          "  suspend  ask Ember to suspend it now (VMs run with --idle-timeout; within one scheduler pass)\n"
+          "  status   print whether it is held\n", stderr);
+    return 2;
+}
+
+/* At boot: a tmpfs for the flags (small: any guest user writes it) and a read-only one holding this binary. */
+static void idle_setup(void) {
+    mount_or_die("tmpfs", IDLE_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0777,size=16k,nr_inodes=64");
+    mount_or_die("tmpfs", IDLE_BIN_DIR, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m");
+    int in = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    int out = open(IDLE_BIN, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0755);
+    if (in < 0 || out < 0) die(IDLE_BIN);
+    char buf[CHUNK];
+    ssize_t r;
+    while ((r = read(in, buf, sizeof buf)) > 0)
+        if (write(out, buf, (size_t)r) != r) die(IDLE_BIN);
+    if (r < 0) die(IDLE_BIN);
+    close(in); close(out);
+    if (mount(NULL, IDLE_BIN_DIR, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0) die(IDLE_BIN_DIR);
 }
 
 /* ---------- dispatch ---------- */
@@ -1317,6 +1393,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
     case M_SYNC: sync(); reply_ok(stream, NULL); break;
     case M_PING: reply_ok(stream, NULL); break;
     case M_PROBE: do_probe(stream, p, n); break;
+    case M_IDLE_QUERY: do_idle_query(stream); break;
     case M_HOOK: do_hook(stream, p, n); break;
     case M_LOGS: do_logs(stream, p, n); break;
     case M_RESIZE: if ((s = sess_find(stream)) && s->kind == S_EXEC) do_resize(s, p, n); break;
@@ -1580,6 +1657,7 @@ static void stage2(void) {
         mkdir("/run", 0755);
         mount_or_die("tmpfs", GENERATION_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k");
         if (write_generation() < 0) die(GENERATION_FILE);
+        idle_setup();
     }
     sethostname("ember", 5);
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -1614,7 +1692,9 @@ static void stage2(void) {
     logmsg("ready on %s", dev);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    const char *name = argc > 0 ? strrchr(argv[0], '/') : NULL;
+    if (argc > 0 && !strcmp(name ? name + 1 : argv[0], "ember-idle")) return idle_main(argc, argv);
     if (getpid() != 1) { fprintf(stderr, "ember-agent must run as PID 1 of an Ember VM\n"); return 2; }
     if (access("/ember/modules", F_OK) == 0) stage1();
     stage2();

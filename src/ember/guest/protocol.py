@@ -80,6 +80,7 @@ class Msg(enum.IntEnum):
     PS = 21  # the background processes: one PROC each, then OK
     KILL = 22  # PID, SIGNAL: signal a running background process (no other)
     LOGS = 24  # read the app's log (ember.applog)
+    IDLE_QUERY = 28  # does the guest hold itself awake, or ask to be suspended now (ember-idle)?
     HOOK = 30  # POST /ember/v1/<HOOK_NAME> with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
     # guest -> host
     HELLO_ACK = 64
@@ -95,6 +96,7 @@ class Msg(enum.IntEnum):
     HELLO_NAK = 74
     PROC = 80  # one background process: PID, ARG (its command line), TIME_NS (started), RUNNING, EXIT_*
     LOGDATA = 85  # a piece of the app's log: LOG_FROM, LOG_END, SIZE (the ring's capacity), LOG_DATA
+    IDLE_STATE = 90  # the answer to IDLE_QUERY: HOLD and SUSPEND_NOW, two flags
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
@@ -141,6 +143,8 @@ class Tag(enum.IntEnum):
     LOG_END = 52  # LOGDATA: every byte the app wrote (the offset after the newest)
     LOG_WAIT_MS = 53  # LOGS: wait this long for output past LOG_FROM
     LOG_DATA = 54  # LOGDATA: the bytes
+    HOLD = 55  # IDLE_STATE: the guest holds itself awake (ember-idle hold)
+    SUSPEND_NOW = 56  # IDLE_STATE: the guest asked to be suspended (ember-idle suspend; consumed by the answer)
     HOOK_NAME = 60  # HOOK: lowercase letters, at most 32
     HOOK_BODY = 61  # HOOK: at most HOOK_BODY_MAX bytes
     HOOK_ANSWER = 62  # OK of a HOOK: the answer's first bytes, raw (at most HOOK_ANSWER_MAX)

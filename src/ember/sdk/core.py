@@ -258,14 +258,37 @@ def _drop_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class IdlePolicy:
+    """A VM's idle policy and lifetime (None: no limit). ``timeout_s``: suspend it once idle that long (at least
+    60 s unless the daemon says less); ``auto_resume``: exec, file calls, shells and ingress requests resume it;
+    ``suspended_ttl_s``: terminate it once suspended that long (0: terminate it instead of suspending it);
+    ``max_duration_s``: terminate it that long after launch, suspended time included unless
+    ``max_duration_running_only``."""
+
+    timeout_s: int | None = None
+    auto_resume: bool = False
+    suspended_ttl_s: int | None = None
+    max_duration_s: int | None = None
+    max_duration_running_only: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        """The run request's fields."""
+        return _drop_none(
+            idle_timeout_s=self.timeout_s, auto_resume=self.auto_resume or None, suspended_ttl_s=self.suspended_ttl_s,
+            max_duration_s=self.max_duration_s, max_duration_running_only=self.max_duration_running_only or None,
+        )  # fmt: skip
+
+
 def vm_run(
     image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
     env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
-    run_payload: str | None = None,
+    run_payload: str | None = None, idle: IdlePolicy | None = None,
 ) -> Request:  # fmt: skip
     body = _drop_none(
         image=image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=dict(env) if env else None,
         tags=dict(tags) if tags else None, client_token=client_token, run_payload=run_payload,
+        **(idle.fields() if idle else {}),
     )  # fmt: skip
     return Request("POST", "/v1/vms", json=body)
 

@@ -41,6 +41,12 @@ class VmData:
     created_at: str = ""
     updated_at: str = ""
     terminated_at: str = ""
+    idle_timeout_s: int | None = None  # idle policy and lifetime (ember.sdk.IdlePolicy); None: no limit
+    auto_resume: bool = False
+    suspended_ttl_s: int | None = None
+    max_duration_s: int | None = None
+    max_duration_running_only: bool = False
+    suspended_at: str = ""
     raw: Mapping[str, Any] = raw_field()
 
     @classmethod

@@ -3,8 +3,8 @@
 An image built before this gets them from its build's config; a fork from the image it was forked from
 (its ``parent``, followed up the chain); the built-in bases and their forks get none ("").
 
-Revision ID: 0006_imagecfg
-Revises: 0005_hooks
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_imagecfg"
-down_revision = "0002"  # the lead chains it after 0005_hooks when merging (design11.md)
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
