@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.config import Settings
 from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostSetupError, InvalidRequest, TokenRefused
@@ -44,6 +45,7 @@ from ember.guest.protocol import (
     MAX_ID,
     MAX_PAYLOAD,
     NONCE_LEN,
+    TCP_WINDOW,
     DirEntry,
     Field,
     Frame,
@@ -59,6 +61,9 @@ from ember.guest.protocol import (
     hello_answers,
     hello_frames,
 )
+
+if TYPE_CHECKING:
+    from ember.relay import TcpStream
 
 FRAME_COST = 256  # host bytes charged per queued frame beyond its payload (empty frames are not free)
 RESYNC_LIMIT = 8 * 1024 * 1024  # stale bytes we are willing to skip while resyncing
@@ -108,11 +113,14 @@ class ChannelLimits:
     ``reserved`` ones, so that share is always admitted (the daemon holds at most its budget
     + VMs x ``reserved``); and the most entries one listing returns."""
 
-    def __init__(self, *, vm: ByteBudget, daemon: ByteBudget, reserved: int, ls_max_entries: int) -> None:
+    def __init__(
+        self, *, vm: ByteBudget, daemon: ByteBudget, reserved: int, ls_max_entries: int, tcp_relays: int = 32
+    ) -> None:
         self.vm = vm
         self.daemon = daemon
         self.reserved = reserved
         self.ls_max_entries = ls_max_entries
+        self.tcp_relays = tcp_relays  # TCP relays (ingress) open at once
         self._charged = 0  # bytes this VM holds of the daemon budget: its queue beyond ``reserved``
 
     @classmethod
@@ -124,7 +132,12 @@ class ChannelLimits:
             )
         vm = ByteBudget(settings.agent_vm_buffer_bytes, "EMBER_AGENT_VM_BUFFER_BYTES")
         reserved = max(0, settings.agent_vm_reserved_bytes)
-        return cls(vm=vm, daemon=daemon, reserved=reserved, ls_max_entries=max(1, settings.ls_max_entries))
+        # relays hold at most their credit each: together at most half the VM's budget, leaving the rest to
+        # every other reply
+        relays = max(1, min(settings.ingress_vm_connections, settings.agent_vm_buffer_bytes // (2 * TCP_WINDOW)))
+        limits = cls(vm=vm, daemon=daemon, reserved=reserved, ls_max_entries=max(1, settings.ls_max_entries))
+        limits.tcp_relays = relays
+        return limits
 
     async def take(self, n: int) -> None:
         await self.vm.take(n)
@@ -243,6 +256,7 @@ class AgentConnection:
         self._task: asyncio.Task[None] | None = None
         self._leftover = b""
         self.error: str | None = None
+        self.tcp_open = 0  # TCP relays open now (ember.relay)
 
     # ---- connection ------------------------------------------------------
 
@@ -455,6 +469,13 @@ class AgentConnection:
         and return its HTTP status. Raises GuestError while nothing listens."""
         reply = await self.request(Msg.PROBE, [(Tag.PORT, port), (Tag.HTTP, http)])
         return field_int(decode_fields(reply.payload), Tag.EXIT_CODE, 0)
+
+    async def open_tcp(self, port: int, *, timeout_s: float) -> TcpStream:
+        """A TCP connection to the guest's 127.0.0.1:``port``, relayed over this channel
+        (:class:`ember.relay.TcpStream`)."""
+        from ember.relay import TcpStream
+
+        return await TcpStream.open(self, port, timeout_s=timeout_s)
 
     async def restore_identity(self, hostname: str, new_token: str, entropy: bytes, time_ns: int) -> None:
         await self.request(*identity_request(hostname, new_token, entropy, time_ns))

@@ -27,6 +27,13 @@ Exec stdin is flow-controlled: STARTED carries the agent's initial stdin credit
 (SIZE, bytes) and CREDIT frames grant more as the agent writes to the command's
 stdin (CLOSED set: the command closed its stdin, send nothing more). The host
 never sends more STDIN bytes than it was granted.
+
+TCP relays (the ingress) are credit-based both ways. TCP_CONNECT (PORT, SIZE: the bytes the host
+may take now) opens 127.0.0.1:PORT in the guest; TCP_CONNECTED carries the agent's window (SIZE)
+for the host's TCP_SEND bytes, given back by CREDIT frames (CLOSED: the app stopped reading). The
+agent reads the socket only within the host's credit, which TCP_CREDIT renews as the host forwards
+what it got, so a guest can never make the host hold more than one window per relay. TCP_SHUT and
+TCP_EOF are the two half-closes; SIGNAL drops the relay. A refused connection is an ERROR (ERRNO).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ NONCE_LEN = 16
 TOKEN_MIN, TOKEN_MAX = 16, 128  # bytes of an agent token (the host makes 32 hex digits)
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
 NAME_MAX = 255  # the longest file name (bytes) a directory entry has
+TCP_WINDOW = 256 * 1024  # the credit the host grants a relay: the most of it the host holds at once
 MAX_ID = 2**32 - 2  # the largest uid or gid: (uid_t)-1 means "leave unchanged" to setuid() and chown()
 
 
@@ -66,6 +74,10 @@ class Msg(enum.IntEnum):
     PING = 13
     PROBE = 14
     SET_TOKEN = 15  # a freshly booted agent's one token (accepted once, before any HELLO succeeds)
+    TCP_CONNECT = 16  # ingress: open a relay to the guest's 127.0.0.1:PORT (SIZE: the host's initial credit)
+    TCP_SEND = 17  # bytes for the relay's socket (within the agent's credit)
+    TCP_SHUT = 18  # the host's half-close: shutdown(SHUT_WR) once the bytes before it are written
+    TCP_CREDIT = 19  # SIZE more bytes the agent may send from the socket
     # guest -> host
     HELLO_ACK = 64
     OK = 65
@@ -78,6 +90,9 @@ class Msg(enum.IntEnum):
     STARTED = 72
     CREDIT = 73
     HELLO_NAK = 74
+    TCP_CONNECTED = 75  # the relay is open; SIZE: the agent's window for TCP_SEND bytes
+    TCP_RECV = 76  # bytes the app sent
+    TCP_EOF = 77  # the app closed its sending side
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
