@@ -70,6 +70,9 @@ class Vm(BaseModel):
     created_at: str
     updated_at: str
     terminated_at: str | None
+    endpoint: str | None = Field(
+        default=None, description="Its ingress address, http://<vm-id>.<domain>:<port>/ (run and inspect answers)"
+    )
 
 
 class LiveVm(Vm):

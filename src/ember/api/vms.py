@@ -23,6 +23,7 @@ from ember.agent import ExecRequest, ExecResult
 from ember.api.auth import principal, tenant_filter
 from ember.api.execstdin import StdinPipe, StdinPipes
 from ember.api.images import image_view, resolve_image
+from ember.api.ingress import add_token_routes, endpoint
 from ember.api.limits import Limits
 from ember.api.models import (
     UNSET,
@@ -191,10 +192,11 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     release()  # the PENDING record counts from here
 
                 options = RunOptions(tenant=who.tenant, env=body.env, tags=body.tags, on_record=recorded)
-                return vm_view(await engine.run(image, options))
+                vm = vm_view(await engine.run(image, options))
+                return {**vm, "endpoint": endpoint(daemon.settings, vm["id"])}
 
         async def existing(vm_id: str) -> dict[str, Any]:
-            return vm_view(owned(vm_id, who))
+            return {**vm_view(owned(vm_id, who)), "endpoint": endpoint(daemon.settings, vm_id)}
 
         return await once.create(who, "vm", body.client_token, body.model_dump(mode="json"), create, existing)
 
@@ -235,7 +237,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     @app.get("/v1/vms/{vm_id}", response_model=LiveVm, **UNSET)
     async def inspect_vm(vm: VmRecord = Depends(owned_vm), live: bool = False) -> dict[str, Any]:
         """The VM's record; ``live`` also asks its VMM and agent (status, host memory, a ping's time)."""
-        view = vm_view(vm)
+        view = {**vm_view(vm), "endpoint": endpoint(daemon.settings, vm.id)}
         if live and vm.state is not VmState.TERMINATED:
             view.update(await engine.inspect(vm.id))
         return view
@@ -311,6 +313,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         return await once.create(who, "snapshot", body.client_token, request, create, existing)
 
     add_exec_routes(app, daemon, owned_vm)
+    add_token_routes(app, daemon, owned_vm)
 
 
 def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:

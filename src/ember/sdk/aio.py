@@ -17,6 +17,7 @@ from ember.sdk.core import Op, Request
 from ember.sdk.errors import ConnectError, ProtocolError
 from ember.sdk.types import (
     ApiKey,
+    AuthToken,
     Build,
     CreatedKey,
     CreatedWebhook,
@@ -176,6 +177,10 @@ class AsyncVm(VmData):
     async def events(self) -> list[Event]:
         return await self.client.vms.events(self.id)
 
+    async def auth_token(self, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
+        return await self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
+
 
 class AsyncVms:
     def __init__(self, client: AsyncClient) -> None:
@@ -256,6 +261,9 @@ class AsyncVms:
 
     async def events(self, vm_id: str) -> list[Event]:
         return await self.client.call(core.vm_events(vm_id))
+
+    async def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        return await self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
 
     async def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,

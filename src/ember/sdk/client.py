@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from ember.sdk.types import (
         ApiKey,
+        AuthToken,
         Build,
         CreatedKey,
         CreatedWebhook,
@@ -153,6 +154,10 @@ class Vm(VmData):
     def events(self) -> list[Event]:
         return self.client.vms.events(self.id)
 
+    def auth_token(self, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
+        return self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
+
 
 class Vms:
     def __init__(self, client: Client) -> None:
@@ -238,6 +243,9 @@ class Vms:
 
     def events(self, vm_id: str) -> list[Event]:
         return self.client.call(core.vm_events(vm_id))
+
+    def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        return self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
 
     def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,
