@@ -215,8 +215,9 @@ class ClientConnection:
             await self.refuse(400, "InvalidRequest", f"a malformed request: {exc}"[:300])
             return False
         assert isinstance(request, h11.Request)
-        client.receive_data(bytes(self.buf))  # what followed the head: body bytes (or a pipelined request)
-        self.buf.clear()
+        if self.buf:  # what followed the head: body bytes (or a pipelined request); b"" would mean EOF to h11
+            client.receive_data(bytes(self.buf))
+            self.buf.clear()
         headers = list(request.headers)
         try:
             host = next((v for k, v in headers if k == b"host"), None)
@@ -245,7 +246,7 @@ class ClientConnection:
             if where.port not in grant.ports:
                 raise Forbidden(f"the auth token does not allow port {where.port} (it allows {grant.ports})")
             record = store.get_vm(where.vm_id)
-            if record is None or record.tenant != grant.tenant:
+            if record is None or record.tenant != grant.tenant or record.state is VmState.TERMINATED:
                 raise VmNotFound(where.vm_id)
             return record, False
         keys = [(k.decode(), v.decode("latin-1")) for k, v in headers if k in (b"authorization", TENANT_HEADER)]
@@ -257,7 +258,7 @@ class ClientConnection:
         if isinstance(who, EmberError):
             raise who
         record = store.get_vm(where.vm_id)
-        if record is None or (not who.admin and record.tenant != who.tenant):
+        if record is None or (not who.admin and record.tenant != who.tenant) or record.state is VmState.TERMINATED:
             raise VmNotFound(where.vm_id)
         return record, True
 
@@ -328,6 +329,7 @@ class ClientConnection:
                 await self.refuse(exc.status, exc.kind, exc.message)  # nothing of a response went out yet
             else:
                 REQUESTS.labels("aborted").inc()
+            log.debug("ingress request to %s ended early: %r", where.vm_id, exc)
             if isinstance(exc, Exception):
                 return False
             raise
@@ -336,10 +338,11 @@ class ClientConnection:
             await self._tunnel(client, guest, relay.stream)
             return False
         if not pump.done():
-            pump.cancel()  # the app answered before it read the whole body: this connection ends here
+            # the app answered before the pump was through: the request's rest (if the client sent it all) is
+            # skipped, and the relay, whose request may be incomplete, is not kept
+            pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
-            self._drop_relay()
-            return False
+            _skip_received_body(client)
         if guest.our_state is h11.DONE and guest.their_state is h11.DONE:
             guest.start_next_cycle()
         else:
@@ -403,11 +406,13 @@ class ClientConnection:
                             return event
                         raise h11.RemoteProtocolError("a 101 to a request that asked no upgrade")
                     kept = response_headers(list(event.headers))
-                    await self._write(client.send(h11.InformationalResponse(status_code=event.status_code,
-                                                                            headers=kept)))  # fmt: skip
+                    early = h11.InformationalResponse(status_code=event.status_code, headers=kept, reason=event.reason)
+                    await self._write(client.send(early))
                 elif isinstance(event, h11.Response):
                     kept = response_headers(list(event.headers))
-                    await self._write(client.send(h11.Response(status_code=event.status_code, headers=kept)))
+                    await self._write(
+                        client.send(h11.Response(status_code=event.status_code, headers=kept, reason=event.reason))
+                    )
                 elif isinstance(event, h11.Data):
                     await self._write(client.send(h11.Data(data=event.data)))
                 elif isinstance(event, h11.EndOfMessage):
@@ -425,7 +430,7 @@ class ClientConnection:
         kept = response_headers(list(event.headers))
         upgrade = [v for k, v in event.headers if k == b"upgrade"][:1]
         kept += [(b"connection", b"upgrade"), *((b"upgrade", v) for v in upgrade)]
-        await self._write(client.send(h11.InformationalResponse(status_code=101, headers=kept)))
+        await self._write(client.send(h11.InformationalResponse(status_code=101, headers=kept, reason=event.reason)))
 
     async def _write(self, data: bytes | None) -> None:
         if data:
@@ -472,6 +477,13 @@ class ClientConnection:
                 task.cancel()
             await asyncio.gather(*tasks, dog, return_exceptions=True)
             self._drop_relay()
+
+
+def _skip_received_body(client: h11.Connection) -> None:
+    """Consume what is left of a request body among the bytes already received (none is read)."""
+    with contextlib.suppress(h11.RemoteProtocolError):
+        while client.their_state is h11.SEND_BODY and client.next_event() is not h11.NEED_DATA:
+            pass
 
 
 class _Failed(Exception):
