@@ -257,6 +257,7 @@ class AgentConnection:
         self._leftover = b""
         self.error: str | None = None
         self.tcp_open = 0  # TCP relays open now (ember.relay)
+        self.tcp_credit: dict[int, int] = {}  # per relay stream: bytes the agent may still send (ember.relay)
 
     # ---- connection ------------------------------------------------------
 
@@ -356,6 +357,10 @@ class AgentConnection:
                 queue = self._streams.get(stream)
                 if queue is None:
                     continue  # a stream we gave up on (or one the guest made up)
+                if type_ is Msg.TCP_RECV and stream in self.tcp_credit:
+                    self.tcp_credit[stream] -= length  # granted before the agent could use it: never below 0
+                    if self.tcp_credit[stream] < 0:
+                        raise GuestProtocolError("a TCP relay sent beyond its credit")
                 cost = len(payload) + FRAME_COST
                 await self._limits.take(cost)  # a spent budget pauses this channel here
                 if self._streams.get(stream) is not queue:
@@ -415,6 +420,7 @@ class AgentConnection:
         self._drain(stream)
         self._streams.pop(stream, None)
         self._credits.pop(stream, None)
+        self.tcp_credit.pop(stream, None)
 
     def _cancel(self, stream: int) -> None:
         """Close a file or listing stream the caller gave up on, and tell the agent to stop it

@@ -37,7 +37,6 @@ class TcpStream:
         self._conn = conn
         self._stream = stream
         self._credit = credit  # what the agent may take of our bytes
-        self._allowed = TCP_WINDOW  # what the agent may still send us
         self._owed = 0  # bytes read by our caller, not yet granted back
         self._rest = b""
         self._eof = False
@@ -54,6 +53,7 @@ class TcpStream:
             )
         stream = conn._open()
         conn.tcp_open += 1
+        conn.tcp_credit[stream] = TCP_WINDOW  # checked as frames arrive (the reader loop)
         try:
             await conn._send(Msg.TCP_CONNECT, stream, encode_fields([(Tag.PORT, port), (Tag.SIZE, TCP_WINDOW)]))
             try:
@@ -86,16 +86,15 @@ class TcpStream:
             if frame.type is not Msg.TCP_RECV:
                 _raise_for(frame)
                 raise GuestProtocolError(f"{frame.type.name} in a TCP relay")
-            if len(frame.payload) > self._allowed:
-                self.drop()
-                raise GuestProtocolError("a TCP relay sent beyond its credit")
-            self._allowed -= len(frame.payload)
             self._rest = frame.payload
         data, self._rest = self._rest[:n], self._rest[n:]
         self._owed += len(data)
         if self._owed >= CREDIT_BATCH and not self._eof:
             owed, self._owed = self._owed, 0
-            self._allowed += owed
+            if self._conn.closed:  # say why (a hostile agent's flood, say), not just that the channel went
+                raise AgentUnavailable(self._conn.error or "the guest agent channel closed")
+            if self._stream in self._conn.tcp_credit:
+                self._conn.tcp_credit[self._stream] += owed
             await self._conn._send(Msg.TCP_CREDIT, self._stream, encode_fields([(Tag.SIZE, owed)]))
         return data
 
