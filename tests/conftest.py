@@ -203,6 +203,19 @@ def remove_quietly(client: Client, vm_id: str) -> None:
         assert exc.status == 404, exc
 
 
+@pytest.fixture
+def no_vms_left(daemon: DaemonProcess) -> Iterator[None]:
+    """For tests that kill and restart the session's daemon: whatever happens in the test, the
+    next one starts with a running daemon and no VM (a failure here must not cascade into load,
+    leftover QEMUs and false failures of the tests after it)."""
+    yield
+    if daemon.proc is None or daemon.proc.poll() is not None:
+        daemon.start()
+    with Client(settings=daemon.settings) as c:
+        for vm in c.send(Request("GET", "/v1/vms")):
+            remove_quietly(c, vm["id"])
+
+
 @pytest.fixture(params=["launched", "resumed"])
 def vm(request: pytest.FixtureRequest, client: Client, base_image: str) -> Iterator[str]:
     vm_id = client.vms.run(base_image).id

@@ -451,12 +451,12 @@ class AgentConnection:
         self._limits.release(len(frame.payload) + FRAME_COST)
         return frame
 
-    async def request(self, type_: Msg, fields: list[Field]) -> Frame:
-        """One request, one OK reply (raises the agent's error as GuestError)."""
+    async def request(self, type_: Msg, fields: list[Field], *, timeout: float | None = 0) -> Frame:
+        """One request, one OK reply (raises the agent's error as GuestError); ``timeout`` as ``_recv``'s."""
         stream = self._open()
         try:
             await self._send(type_, stream, encode_fields(fields))
-            frame = await self._recv(stream)
+            frame = await self._recv(stream, timeout)
             _raise_for(frame, Msg.OK)
             return frame
         finally:
@@ -470,11 +470,10 @@ class AgentConnection:
     async def sync(self) -> None:
         await self.request(Msg.SYNC, [])
 
-    async def probe(self, port: int, http: bool) -> int:
-        """Connect to the guest's 127.0.0.1:``port``; with ``http`` POST the ready hook
-        and return its HTTP status. Raises GuestError while nothing listens."""
-        reply = await self.request(Msg.PROBE, [(Tag.PORT, port), (Tag.HTTP, http)])
-        return field_int(decode_fields(reply.payload), Tag.EXIT_CODE, 0)
+    async def probe(self, port: int) -> None:
+        """Connect to the guest's 127.0.0.1:``port`` (app hooks, HTTP, are ``ember.hooks``). Raises
+        GuestError while nothing listens."""
+        await self.request(Msg.PROBE, [(Tag.PORT, port)])
 
     async def open_tcp(self, port: int, *, timeout_s: float) -> TcpStream:
         """A TCP connection to the guest's 127.0.0.1:``port``, relayed over this channel

@@ -72,6 +72,17 @@ def pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
     return result
 
 
+def payload_arg(value: str | None) -> str | None:
+    """``--payload``: the text itself, or ``@FILE`` for a file's (UTF-8) content."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], "rb") as f:
+            return f.read(1 << 20).decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"--payload {value}: cannot read it as UTF-8 text ({exc})", 2)
+
+
 def table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -90,7 +101,7 @@ def cmd_run(c: Client, a: Args) -> None:
         ensure_base(c, quiet=a.json)
     vm = c.vms.run(
         a.image, version=a.version, memory_mib=a.memory, vcpus=a.vcpus, env=pairs(a.env, "--env"),
-        tags=pairs(a.tag, "--tag"), client_token=a.client_token,
+        tags=pairs(a.tag, "--tag"), client_token=a.client_token, run_payload=payload_arg(a.payload),
     )  # fmt: skip
     dump(vm) if a.json else out(vm.id)
 
@@ -491,6 +502,7 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--tag", action="append", metavar="K=V", help="metadata tag (repeatable)")
     p.add_argument("--client-token", metavar="T", help="idempotency token: a retry returns the same VM")
+    p.add_argument("--payload", metavar="@FILE|TEXT", help="the app's run hook body (at most 16 KiB)")
 
     p = command(sub, "exec", cmd_exec, "Run a command in a VM, streaming its output; exits with its exit code.")
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")

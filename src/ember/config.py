@@ -110,6 +110,14 @@ class Settings:
     pool_size: int = _env("EMBER_POOL_SIZE", 2)
     # Pre-started VMMs kept for all images together; past it, the least recently launched image gives one up.
     pool_max_vmms: int = _env("EMBER_POOL_MAX_VMMS", 16)
+    # App hooks (ember.hooks): the timeout of a runtime hook (run, resume, suspend, terminate; 1-60 s) and of
+    # validate (1-3600 s) when the image declares none (LABEL ember.hooks.<hook>.timeout).
+    hook_timeout_s: float = _env("EMBER_HOOK_TIMEOUT", 10.0)
+    validate_timeout_s: float = _env("EMBER_VALIDATE_TIMEOUT", 300.0)
+    # The most a pool pre-start spends warming the app (its validate hook, else its readiness check).
+    pool_warm_timeout_s: float = _env("EMBER_POOL_WARM_TIMEOUT", 30.0)
+    # Largest run payload (the run hook's body; 400 beyond), at most 65536 (the agent's bound).
+    run_payload_max_bytes: int = _env("EMBER_RUN_PAYLOAD_MAX_BYTES", 16 * 1024)
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
     # A restored guest's first answer (launch, pool pre-start, resume): under TCG on a loaded host a
     # fresh QEMU translates the guest's code again first, which can take far longer than one request.

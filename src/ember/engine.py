@@ -30,12 +30,14 @@ from ember.errors import (
     Conflict,
     EmberError,
     GuestError,
+    HookFailed,
     ImageNotFound,
     InvalidRequest,
     VmmError,
     VmNotFound,
     log_with_id,
 )
+from ember.hooks import AppHooks, Hook
 from ember.images import ImageStore
 from ember.logs import vlog
 from ember.metrics import Operation, timed
@@ -110,6 +112,7 @@ class RunOptions:
     tenant: str
     env: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    run_payload: bytes = b""  # the body of the app's run hook (ember.hooks)
     on_record: Callable[[str], None] | None = None  # told the VM's id once its record exists
 
 
@@ -124,6 +127,7 @@ class Engine:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._chores: set[asyncio.Task[Any]] = set()
         self.pool = WarmPool(host, settings.pool_size, self._prewarm, budget=settings.pool_max_vmms)
+        self.hooks = AppHooks(settings, store)
 
     # ---- helpers ---------------------------------------------------------
 
@@ -305,8 +309,12 @@ class Engine:
             with contextlib.suppress(GuestError):  # no `true` (FROM scratch): the failed exec warmed most of it
                 async for _ in vm.agent.exec(ExecRequest(("true",), timeout_s=10)):
                     pass
-            await vm.vmm.pause()
             phases.mark("exec_true")
+            warmed = await self.hooks.warm(image.name, vm.agent)  # the app's request path, once
+            if warmed is not None and not warmed.ok:
+                vlog(vm_id).warning("pre-start for the pool of %s: %s", image.name, warmed.describe())
+            await vm.vmm.pause()
+            phases.mark("app_warm")
             vlog(vm_id).debug("pre-started for the pool of %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
             return vm
         except BaseException:
@@ -344,11 +352,17 @@ class Engine:
                 else:
                     phases.mark("warm_vmm")
                     token = await self._give_identity(record, vm, phases, False)
+                assert vm.agent is not None
+                ran = await self.hooks.fire(record, vm.agent, Hook.RUN, options.run_payload)
+                if ran is not None and not ran.ok:
+                    raise HookFailed(f"the app's run hook failed, so the VM was removed: {ran.describe()}")
+                phases.mark("run_hook")
             except BaseException as exc:
                 if vm is not None:
                     await vm.close()
                 await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-                failed = record.moved(VmState.TERMINATED, StateReason.LAUNCH_FAILED, public_reason(exc), uid=0)
+                why = StateReason.RUN_HOOK_FAILED if isinstance(exc, HookFailed) else StateReason.LAUNCH_FAILED
+                failed = record.moved(VmState.TERMINATED, why, public_reason(exc), uid=0)
                 await self.save_async(replace(failed, terminated_at=failed.updated_at))
                 raise
             finally:
@@ -414,6 +428,8 @@ class Engine:
             record = await self.save_async(record.moved(VmState.SUSPENDING, StateReason.USER_SUSPEND))
             layout = self.host.layout(vm_id)
             try:
+                await self.hooks.fire(record, agent, Hook.SUSPEND)  # a failed one is recorded; the suspend goes on
+                phases.mark("suspend_hook")
                 await agent.sync()
                 phases.mark("guest_sync")
                 async with staging(layout.suspended.path) as tmp, self._files_back_on_failure(layout, tmp, record):
@@ -549,6 +565,9 @@ class Engine:
                         load = lambda: load_verified(started.vmm, snap.state, expected, True)  # noqa: E731
                         token = await self._activate(record, vm, load, phases)
                 await asyncio.to_thread(layout.set_ram_offset, manifest.ram_offset)
+                assert vm.agent is not None
+                await self.hooks.fire(record, vm.agent, Hook.RESUME)  # the restore bumped the generation already
+                phases.mark("resume_hook")
             except BaseException as exc:
                 if vm is not None:
                     await vm.close()
@@ -606,7 +625,10 @@ class Engine:
             record = self.get(vm_id)
             if record.state is VmState.TERMINATED:
                 return
+            running = self._runtimes.get(vm_id) if record.state is VmState.RUNNING else None
             record = await self.save_async(record.moved(VmState.TERMINATING, StateReason.USER_TERMINATE))
+            if running is not None and running.agent is not None and not running.agent.closed:
+                await self.hooks.fire(record, running.agent, Hook.TERMINATE)  # a failed one is recorded only
             self._unwatch(vm_id)
             vm = self._runtimes.pop(vm_id, None)
             if vm is not None:

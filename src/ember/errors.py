@@ -21,6 +21,7 @@ EmberError
 │   ├── PayloadTooLarge     a request body over its route's cap (HTTP 413)
 │   └── UnsupportedMediaType  a body of the wrong Content-Type (HTTP 415)
 ├── GuestError              the guest agent refused or failed a request (HTTP 422)
+│   ├── HookFailed          the app's run hook failed: the VM was removed (HTTP 422)
 │   ├── AgentUnavailable    the agent cannot be reached (VM crashed or hung; HTTP 503)
 │   └── GuestProtocolError  the agent's reply broke the wire protocol (hostile or broken guest; HTTP 503)
 ├── VmmError                QEMU failed (start, QMP, migration)
@@ -165,6 +166,10 @@ class GuestError(EmberError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class HookFailed(GuestError):
+    """The app's run hook failed or timed out (ember.hooks); the VM was terminated."""
 
 
 class AgentUnavailable(GuestError):

@@ -86,6 +86,9 @@ class StateReason(enum.StrEnum):
     ``recovered``          RUNNING: a restarted daemon re-adopted the running VMM
     ``agent_unreachable``  RUNNING: a restarted daemon could not reach its agent yet (retried every 30 s)
     ``recovery_failed``    FAILED: a restarted daemon could not take the VM over
+    ``run_hook_failed``    TERMINATED: the app's run hook (ember.hooks) failed or timed out; the VM was removed
+    ``hook``               events only, no state change: an app hook was called (the message says which, its
+                           outcome, HTTP status and duration); never a VM's state_reason
     """
 
     LAUNCH = "launch"
@@ -100,6 +103,8 @@ class StateReason(enum.StrEnum):
     RECOVERED = "recovered"
     AGENT_UNREACHABLE = "agent_unreachable"
     RECOVERY_FAILED = "recovery_failed"
+    RUN_HOOK_FAILED = "run_hook_failed"
+    HOOK = "hook"
 
 
 def utcnow() -> str:

@@ -97,6 +97,10 @@ class RunBody(BaseModel):
     env: EnvMap = Field(default_factory=dict)
     tags: TagMap = Field(default_factory=dict)
     client_token: ClientToken | None = None
+    run_payload: str | None = Field(
+        default=None, description="The body of the app's run hook (POST /ember/v1/run), at most "
+        "EMBER_RUN_PAYLOAD_MAX_BYTES (16 KiB) of UTF-8; images without a run hook ignore it",
+    )  # fmt: skip
 
 
 class SnapshotBody(BaseModel):
@@ -179,6 +183,12 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
     @app.post("/v1/vms", status_code=201, response_model=Vm, responses=errors(409, 503, 507), **UNSET)
     async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        payload = (body.run_payload or "").encode()
+        if len(payload) > daemon.settings.run_payload_max_bytes:
+            raise InvalidRequest(
+                f"run_payload is {len(payload)} bytes: at most {daemon.settings.run_payload_max_bytes} "
+                "(pass larger input to the app through a file: 'ember cp')"
+            )
         image = resolve_image(daemon, who, body.image, body.version)
         _check_size(image, body)
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
@@ -191,7 +201,9 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     settle(vm_id)
                     release()  # the PENDING record counts from here
 
-                options = RunOptions(tenant=who.tenant, env=body.env, tags=body.tags, on_record=recorded)
+                options = RunOptions(
+                    tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, on_record=recorded
+                )
                 vm = vm_view(await engine.run(image, options))
                 return {**vm, "endpoint": endpoint(daemon.settings, vm["id"])}
 

@@ -47,6 +47,7 @@ from ember.build.unpack import remove_tree
 from ember.config import Settings
 from ember.db.store import Store
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken, log_with_id
+from ember.hooks import Hook, hook_config
 from ember.images import RESERVED_NAMES, ImageStore
 from ember.metrics import build_finished
 from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
@@ -332,6 +333,7 @@ class BuildService:
         built = await builder.build(dockerfile, ctx, req.options)
         config = built.layer.config
         readiness = app_mod.choose(config, req.ready_cmd)
+        hooks = hook_config(dict(config.labels))  # a bad hook label fails the build here, naming it
         steps = [dataclasses.asdict(s) for s in built.steps]
         timings: dict[str, float] = {}
 
@@ -344,6 +346,8 @@ class BuildService:
             say(f"waiting until {readiness.describe()} (timeout {req.ready_timeout_s:.0f} s)")
             timings["ready_s"] = await app_mod.wait_ready(agent, app, readiness, config, req.ready_timeout_s)
             say(f"ready after {timings['ready_s']:.2f} s")
+            if hooks is not None and hooks.has(Hook.VALIDATE):
+                timings["validate_s"] = await app_mod.validate(agent, app, hooks, self.settings, say)
             await agent.sync()
             if app is not None:
                 await app.detach()

@@ -28,6 +28,7 @@ from ember.models import (
     StateReason,
     VmRecord,
     VmState,
+    utcnow,
 )
 from ember.tenancy.principal import CURRENT
 from ember.vmm.machine import MachineConfig, RamMode
@@ -202,6 +203,13 @@ class Store:
             if before is not None and before != record.state.value:
                 event = self._record_event(c, record, VmState(before))
         self._tell(event)
+
+    def record_hook(self, record: VmRecord, message: str) -> EventRecord:
+        """An app hook call (ember.hooks) as an event of the VM: no state change (from = to = its state),
+        reason ``hook``, ``message`` what the call did. Not told to the listeners (webhooks send state changes)."""
+        call = dataclasses.replace(record, state_reason=StateReason.HOOK, state_message=message, updated_at=utcnow())
+        with self._write() as c:
+            return self._record_event(c, call, record.state)
 
     def _record_event(self, c: Connection, record: VmRecord, before: VmState | None) -> EventRecord:
         row = {

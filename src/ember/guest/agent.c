@@ -93,8 +93,15 @@ enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
        T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
        T_TOOL, T_PORT, T_HTTP, T_LIMIT, T_TRUNCATED, T_CLOSED };
+/* app hooks (protocol.py: Msg.HOOK, Tag.HOOK_*) */
+enum { M_HOOK = 30 };
+enum { T_HOOK_NAME = 60, T_HOOK_BODY, T_HOOK_ANSWER };
+#define HOOK_BODY_MAX (64 * 1024) /* a hook request's body (the host sends at most its run payload limit) */
+#define HOOK_ANSWER_MAX 4096      /* the head of a hook's answer kept for the host: status line, headers, body start */
+#define HOOK_NAME_MAX 32
+#define HOOK_TIMEOUT_MAX_MS 3600000ull
 
-enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST, S_TCP };
+enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST, S_HOOK, S_TCP };
 
 struct sess {
     enum kind kind;
@@ -111,6 +118,8 @@ struct sess {
     DIR *dir; uint64_t limit, count;
     /* tcp relay (fd: the socket; pending, stdin_eof, credit_owed, stdin_closed: as exec stdin) */
     int connecting, rd_eof, wr_shut; uint64_t tx_credit; uint16_t port;
+    /* hook: fd is the socket; phase 0 connecting, 1 sending, 2 reading */
+    char *req; size_t req_len, req_off; char *ans; size_t ans_len; int phase; unsigned hook_port;
 };
 
 static struct sess sessions[MAX_SESS];
@@ -275,6 +284,8 @@ static void sess_free(struct sess *s) {
     if (s->fd >= 0) close(s->fd);
     if (s->dir) closedir(s->dir);
     free(s->pending);
+    free(s->req);
+    free(s->ans);
     memset(s, 0, sizeof *s);
 }
 
@@ -938,11 +949,10 @@ static void pump_tcp(struct sess *s) {
 
 /* ---------- readiness probe ---------- */
 
-/* Connect to 127.0.0.1:port; with T_HTTP also POST the ready hook and report
- * the HTTP status. Bounded by short socket timeouts (only used while an image
- * is being captured). */
+/* Connect to 127.0.0.1:port (an EXPOSEd port accepts: the app is ready). Bounded by short
+ * socket timeouts (only used while an image is being captured); HTTP hooks are do_hook's. */
 static void do_probe(uint32_t stream, const unsigned char *p, size_t n) {
-    uint64_t port_no = tlv_u(p, n, T_PORT, 0), http = tlv_u(p, n, T_HTTP, 0);
+    uint64_t port_no = tlv_u(p, n, T_PORT, 0);
     if (port_no == 0 || port_no > 65535) { reply_err(stream, EINVAL, "probe needs a port 1-65535"); return; }
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) { reply_err(stream, errno, "socket: %s", strerror(errno)); return; }
@@ -956,30 +966,105 @@ static void do_probe(uint32_t stream, const unsigned char *p, size_t n) {
         close(fd);
         return;
     }
-    uint64_t status = 0;
-    if (http) {
-        static const char req[] = "POST /ember/v1/ready HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n";
-        char buf[64] = "";
-        size_t got = 0;
-        if (write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1))
-            while (got < sizeof buf - 1) {
-                ssize_t r = read(fd, buf + got, sizeof buf - 1 - got);
-                if (r <= 0) break;
-                got += (size_t)r;
-            }
-        buf[got] = 0;
-        unsigned code = 0;
-        if (sscanf(buf, "HTTP/%*d.%*d %u", &code) != 1) {
-            reply_err(stream, EPROTO, "port %u did not answer POST /ember/v1/ready with HTTP", (unsigned)port_no);
-            close(fd);
-            return;
-        }
-        status = code;
-    }
     close(fd);
-    struct tlvbuf b = {.len = 0};
-    tlv_u64(&b, T_EXIT_CODE, status);
-    reply_ok(stream, &b);
+    reply_ok(stream, NULL);
+}
+
+/* ---------- app hooks ---------- */
+
+/* POST /ember/v1/<name> with a body to 127.0.0.1:<port>, without ever blocking the loop: a
+ * non-blocking socket driven by serve() (pump_hook) until the answer ends (EOF, its
+ * Content-Length, or HOOK_ANSWER_MAX bytes kept) or the deadline passes. The host gets the
+ * answer's first HOOK_ANSWER_MAX bytes raw (it parses and bounds them) or an error
+ * (ETIMEDOUT past the deadline, the connect error, EPROTO for no answer at all). */
+static int hook_room(void) { return connected && out_free() >= HOOK_ANSWER_MAX + 1024 + OUT_RESERVE / 2; }
+
+static void do_hook(uint32_t stream, const unsigned char *p, size_t n) {
+    uint64_t port_no = tlv_u(p, n, T_PORT, 0), timeout = tlv_u(p, n, T_TIMEOUT_MS, 0);
+    const unsigned char *name = NULL, *body = NULL;
+    long name_len = tlv_get(p, n, T_HOOK_NAME, 0, &name), body_len = tlv_get(p, n, T_HOOK_BODY, 0, &body);
+    struct sess *s;
+    if (port_no == 0 || port_no > 65535) { reply_err(stream, EINVAL, "a hook needs a port 1-65535"); return; }
+    if (timeout == 0 || timeout > HOOK_TIMEOUT_MAX_MS) { reply_err(stream, EINVAL, "a hook needs a timeout of 1 ms to 1 hour"); return; }
+    if (name_len < 1 || name_len > HOOK_NAME_MAX) { reply_err(stream, EINVAL, "a hook needs a name of 1-%d letters", HOOK_NAME_MAX); return; }
+    for (long i = 0; i < name_len; i++)
+        if (name[i] < 'a' || name[i] > 'z') { reply_err(stream, EINVAL, "a hook name is lowercase letters"); return; }
+    if (body_len < 0) body_len = 0;
+    if (body_len > HOOK_BODY_MAX) { reply_err(stream, E2BIG, "a hook body is at most %d bytes", HOOK_BODY_MAX); return; }
+    if (!(s = sess_new(stream, S_HOOK))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); return; }
+    char head[256];
+    int hl = snprintf(head, sizeof head,
+                      "POST /ember/v1/%.*s HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n"
+                      "Content-Length: %ld\r\nConnection: close\r\n\r\n", (int)name_len, (const char *)name, body_len);
+    s->req = malloc((size_t)hl + (size_t)body_len);
+    s->ans = malloc(HOOK_ANSWER_MAX + 1);
+    if (!s->req || !s->ans) { reply_err(stream, ENOMEM, "out of memory for a hook"); sess_free(s); return; }
+    memcpy(s->req, head, (size_t)hl);
+    if (body_len) memcpy(s->req + hl, body, (size_t)body_len);
+    s->req_len = (size_t)hl + (size_t)body_len;
+    s->hook_port = (unsigned)port_no;
+    s->deadline_ms = now_ms() + (int64_t)timeout;
+    s->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (s->fd < 0) { reply_err(stream, errno, "socket: %s", strerror(errno)); sess_free(s); return; }
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port_no)};
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(s->fd, (struct sockaddr *)&addr, sizeof addr) == 0) s->phase = 1;
+    else if (errno == EINPROGRESS) s->phase = 0;
+    else { reply_err(stream, errno, "port %u: %s", s->hook_port, strerror(errno)); sess_free(s); }
+}
+
+/* The answer is complete: the headers ended and the body holds Content-Length bytes. */
+static int hook_answer_complete(struct sess *s) {
+    s->ans[s->ans_len] = 0;
+    char *end = strstr(s->ans, "\r\n\r\n");
+    if (!end) return 0;
+    char *cl = strcasestr(s->ans, "\ncontent-length:");
+    if (!cl || cl > end) return 0;
+    unsigned long long want = strtoull(cl + 16, NULL, 10);
+    return (unsigned long long)(s->ans_len - (size_t)(end + 4 - s->ans)) >= want;
+}
+
+static void hook_finish(struct sess *s) {
+    if (!s->ans_len) reply_err(s->stream, EPROTO, "port %u closed the connection without an answer", s->hook_port);
+    else {
+        struct tlvbuf b = {.len = 0};
+        tlv_put(&b, T_HOOK_ANSWER, s->ans, (uint32_t)s->ans_len);
+        reply_ok(s->stream, &b);
+    }
+    sess_free(s);
+}
+
+static void pump_hook(struct sess *s) {
+    if (s->phase == 0) {
+        int err = 0; socklen_t len = sizeof err;
+        if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+        if (err == EINPROGRESS || err == EALREADY) return;
+        if (err) { reply_err(s->stream, err, "port %u: %s", s->hook_port, strerror(err)); sess_free(s); return; }
+        s->phase = 1;
+    }
+    while (s->phase == 1) {
+        ssize_t w = write(s->fd, s->req + s->req_off, s->req_len - s->req_off);
+        if (w < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        if (w < 0) { s->phase = 2; break; } /* it may have answered before reading it all (e.g. 413) */
+        s->req_off += (size_t)w;
+        if (s->req_off == s->req_len) s->phase = 2;
+    }
+    while (s->ans_len < HOOK_ANSWER_MAX) {
+        ssize_t r = read(s->fd, s->ans + s->ans_len, HOOK_ANSWER_MAX - s->ans_len);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno == EAGAIN) { if (hook_answer_complete(s)) hook_finish(s); return; }
+        if (r <= 0) { hook_finish(s); return; } /* EOF, or a reset after it answered */
+        s->ans_len += (size_t)r;
+    }
+    hook_finish(s); /* the rest of a long answer is not read */
+}
+
+/* A hook past its deadline answers ETIMEDOUT; returns the ms until it is due (or -1 once answered). */
+static int hook_deadline(struct sess *s, int64_t now) {
+    if (now < s->deadline_ms) return (int)(s->deadline_ms - now);
+    reply_err(s->stream, ETIMEDOUT, "port %u did not answer the hook in time", s->hook_port);
+    sess_free(s);
+    return -1;
 }
 
 static int ct_equal(const unsigned char *a, size_t al, const unsigned char *b, size_t bl) {
@@ -998,6 +1083,21 @@ static void set_token_once(const unsigned char *p, size_t n) {
     token_len = (size_t)l;
 }
 
+/* Forget every session of the host's previous connection: its commands keep running (their
+ * output is drained, they are reaped), its streams end. A host that connects afresh (a new
+ * daemon, or any restore: the agent was saved connected and never saw that host go) numbers its
+ * streams from 1 again, and must not meet the old ones (e.g. the app an image captured running). */
+static void drop_sessions(void) {
+    for (int i = 0; i < MAX_SESS; i++) {
+        if (sessions[i].kind == S_EXEC) { /* keep reaping; output goes nowhere */
+            orphan_fd(sessions[i].out_fd); orphan_fd(sessions[i].err_fd);
+            sessions[i].out_fd = sessions[i].err_fd = -1;
+            if (sessions[i].in_fd >= 0) { close(sessions[i].in_fd); sessions[i].in_fd = -1; }
+            sessions[i].kind = S_FREE;
+        } else if (sessions[i].kind != S_FREE) sess_free(&sessions[i]);
+    }
+}
+
 static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t n) {
     struct sess *s;
     if (type == M_SET_TOKEN) { set_token_once(p, n); return; }
@@ -1011,6 +1111,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
             return;
         }
         authed = 1;
+        drop_sessions();
         out_frame(0, G_HELLO_ACK, "EMBERACK", 8, nonce, 16);
         return;
     }
@@ -1025,7 +1126,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
         if ((s = sess_find(stream)) && s->kind == S_EXEC && !s->exited) {
             int sig = (int)tlv_u(p, n, T_SIGNAL, SIGKILL);
             if (sig > 0 && sig < 65) kill(-s->pid, sig);
-        } else if (s && (s->kind == S_READ || s->kind == S_LIST || s->kind == S_TCP)) sess_free(s); /* the host gave up on it */
+        } else if (s && (s->kind == S_READ || s->kind == S_LIST || s->kind == S_HOOK || s->kind == S_TCP)) sess_free(s); /* the host gave up on it */
         break;
     case M_WRITE: do_write(stream, p, n); break;
     case M_WDATA: if ((s = sess_find(stream)) && s->kind == S_WRITE) do_wdata(s, p, n); break;
@@ -1047,20 +1148,14 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
             s->tx_credit = s->tx_credit + more > TCP_CREDIT_MAX ? TCP_CREDIT_MAX : s->tx_credit + more;
         }
         break;
+    case M_HOOK: do_hook(stream, p, n); break;
     default: reply_err(stream, ENOSYS, "unknown request type %u", type);
     }
 }
 
 static void disconnect(void) {
     connected = 0; authed = 0; in_len = 0; out_head = out_len = 0;
-    for (int i = 0; i < MAX_SESS; i++) {
-        if (sessions[i].kind == S_EXEC) { /* keep reaping; output goes nowhere */
-            orphan_fd(sessions[i].out_fd); orphan_fd(sessions[i].err_fd);
-            sessions[i].out_fd = sessions[i].err_fd = -1;
-            if (sessions[i].in_fd >= 0) { close(sessions[i].in_fd); sessions[i].in_fd = -1; }
-            sessions[i].kind = S_FREE;
-        } else if (sessions[i].kind != S_FREE) sess_free(&sessions[i]);
-    }
+    drop_sessions();
 }
 
 /* Handle every complete frame in inbuf; keeps a partial tail. */
@@ -1163,6 +1258,13 @@ static void serve(void) {
                 }
                 if (s->in_fd >= 0 && s->pending_len) { fds[nf].fd = s->in_fd; fds[nf].events = POLLOUT; map[nf].s = s; map[nf].which = 4; nf++; }
             } else if ((s->kind == S_READ || s->kind == S_LIST) && producers_may_run()) timeout = 0;
+            else if (s->kind == S_HOOK && hook_room()) {
+                int left = hook_deadline(s, now);
+                if (left < 0) continue;
+                if (timeout < 0 || left < timeout) timeout = left;
+                fds[nf].fd = s->fd; fds[nf].events = s->phase == 2 ? POLLIN : POLLOUT;
+                map[nf].s = s; map[nf].which = 6; nf++;
+            } else if (s->kind == S_HOOK && (timeout < 0 || timeout > 5)) timeout = 5; /* no room for its answer yet */
             else if (s->kind == S_TCP) {
                 short ev = 0;
                 if (s->connecting) ev = producers_may_run() ? POLLOUT : 0;
@@ -1170,7 +1272,7 @@ static void serve(void) {
                     if (!s->rd_eof && s->tx_credit && producers_may_run()) ev |= POLLIN;
                     if (s->pending_len && !s->stdin_closed) ev |= POLLOUT;
                 }
-                if (ev) { fds[nf].fd = s->fd; fds[nf].events = ev; map[nf].s = s; map[nf].which = 6; nf++; }
+                if (ev) { fds[nf].fd = s->fd; fds[nf].events = ev; map[nf].s = s; map[nf].which = 7; nf++; }
             }
         }
         for (int i = 0; i < n_orphans; i++) { fds[nf].fd = orphans[i]; fds[nf].events = POLLIN; map[nf].s = NULL; map[nf].which = 5; nf++; }
@@ -1192,7 +1294,8 @@ static void serve(void) {
             case 3: if (s->kind == S_EXEC) pump_pipe(s, &s->err_fd, G_STDERR); break;
             case 4: if (s->kind == S_EXEC) flush_stdin(s); break;
             case 5: orphan_ready = 1; break;
-            case 6:
+            case 6: if (s->kind == S_HOOK && s->fd == fds[i].fd) pump_hook(s); break;
+            case 7:
                 if (s->kind == S_TCP && s->connecting) { tcp_connect_done(s); break; }
                 if (s->kind == S_TCP && s->pending_len) flush_tcp(s);
                 if (s->kind == S_TCP) pump_tcp(s);

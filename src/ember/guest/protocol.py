@@ -54,6 +54,8 @@ TOKEN_MIN, TOKEN_MAX = 16, 128  # bytes of an agent token (the host makes 32 hex
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
 NAME_MAX = 255  # the longest file name (bytes) a directory entry has
 TCP_WINDOW = 256 * 1024  # the credit the host grants a relay: the most of it the host holds at once
+HOOK_BODY_MAX = 64 * 1024  # the agent's bound on a hook request's body
+HOOK_ANSWER_MAX = 4096  # the most of a hook's answer the agent returns
 MAX_ID = 2**32 - 2  # the largest uid or gid: (uid_t)-1 means "leave unchanged" to setuid() and chown()
 
 
@@ -78,6 +80,7 @@ class Msg(enum.IntEnum):
     TCP_SEND = 17  # bytes for the relay's socket (within the agent's credit)
     TCP_SHUT = 18  # the host's half-close: shutdown(SHUT_WR) once the bytes before it are written
     TCP_CREDIT = 19  # SIZE more bytes the agent may send from the socket
+    HOOK = 30  # POST /ember/v1/<HOOK_NAME> with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
     # guest -> host
     HELLO_ACK = 64
     OK = 65
@@ -125,10 +128,13 @@ class Tag(enum.IntEnum):
     ROOT = 25  # build VMs: chroot into this directory first
     TOOL = 26  # build VMs: argv[0] is one of Ember's tools, outside the image
     PORT = 27
-    HTTP = 28
+    HTTP = 28  # retired (PROBE once POSTed the ready hook itself; now Msg.HOOK): never reused
     LIMIT = 29  # LIST: the most entries the host takes
     TRUNCATED = 30  # REOF of a LIST: entries were left out at LIMIT
     CLOSED = 31  # CREDIT: the command closed its stdin
+    HOOK_NAME = 60  # HOOK: lowercase letters, at most 32
+    HOOK_BODY = 61  # HOOK: at most HOOK_BODY_MAX bytes
+    HOOK_ANSWER = 62  # OK of a HOOK: the answer's first bytes, raw (at most HOOK_ANSWER_MAX)
 
 
 @dataclass(frozen=True)

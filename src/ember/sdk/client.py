@@ -169,9 +169,10 @@ class Vms:
     def run(
         self, image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
         env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
+        run_payload: str | None = None,
     ) -> Vm:  # fmt: skip
         req = core.vm_run(image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=env, tags=tags,
-                          client_token=client_token)  # fmt: skip
+                          client_token=client_token, run_payload=run_payload)  # fmt: skip
         return self._bind(self.client.send(req))
 
     def get(self, vm_id: str) -> Vm:
