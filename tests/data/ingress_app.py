@@ -23,6 +23,7 @@ PATTERN = bytes(range(256)) * 256
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    wbufsize = 1 << 16  # a head and a small body in one segment (flushed after every request)
 
     def log_message(self, *args):
         pass

@@ -43,6 +43,7 @@
 #include <linux/random.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <poll.h>
 #include <signal.h>
@@ -870,6 +871,8 @@ static void do_tcp_connect(uint32_t stream, const unsigned char *p, size_t n) {
     if (s->fd < 0) { reply_err(stream, errno, "socket: %s", strerror(errno)); sess_free(s); return; }
     s->port = (uint16_t)port_no;
     s->tx_credit = credit;
+    int one = 1; /* a request's head and body are separate sends: Nagle would hold the second for an ACK */
+    setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port_no)};
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (connect(s->fd, (struct sockaddr *)&addr, sizeof addr) == 0) tcp_connected(s);
