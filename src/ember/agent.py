@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.applog import LogChunk, decode_chunk
 from ember.config import Settings
@@ -45,6 +46,7 @@ from ember.guest.protocol import (
     MAX_ID,
     MAX_PAYLOAD,
     NONCE_LEN,
+    TCP_WINDOW,
     DirEntry,
     Field,
     Frame,
@@ -60,6 +62,9 @@ from ember.guest.protocol import (
     hello_answers,
     hello_frames,
 )
+
+if TYPE_CHECKING:
+    from ember.relay import TcpStream
 
 FRAME_COST = 256  # host bytes charged per queued frame beyond its payload (empty frames are not free)
 RESYNC_LIMIT = 8 * 1024 * 1024  # stale bytes we are willing to skip while resyncing
@@ -109,11 +114,14 @@ class ChannelLimits:
     ``reserved`` ones, so that share is always admitted (the daemon holds at most its budget
     + VMs x ``reserved``); and the most entries one listing returns."""
 
-    def __init__(self, *, vm: ByteBudget, daemon: ByteBudget, reserved: int, ls_max_entries: int) -> None:
+    def __init__(
+        self, *, vm: ByteBudget, daemon: ByteBudget, reserved: int, ls_max_entries: int, tcp_relays: int = 32
+    ) -> None:
         self.vm = vm
         self.daemon = daemon
         self.reserved = reserved
         self.ls_max_entries = ls_max_entries
+        self.tcp_relays = tcp_relays  # TCP relays (ingress) open at once
         self._charged = 0  # bytes this VM holds of the daemon budget: its queue beyond ``reserved``
 
     @classmethod
@@ -125,7 +133,12 @@ class ChannelLimits:
             )
         vm = ByteBudget(settings.agent_vm_buffer_bytes, "EMBER_AGENT_VM_BUFFER_BYTES")
         reserved = max(0, settings.agent_vm_reserved_bytes)
-        return cls(vm=vm, daemon=daemon, reserved=reserved, ls_max_entries=max(1, settings.ls_max_entries))
+        # relays hold at most their credit each: together at most half the VM's budget, leaving the rest to
+        # every other reply
+        relays = max(1, min(settings.ingress_vm_connections, settings.agent_vm_buffer_bytes // (2 * TCP_WINDOW)))
+        limits = cls(vm=vm, daemon=daemon, reserved=reserved, ls_max_entries=max(1, settings.ls_max_entries))
+        limits.tcp_relays = relays
+        return limits
 
     async def take(self, n: int) -> None:
         await self.vm.take(n)
@@ -280,6 +293,8 @@ class AgentConnection:
         self._task: asyncio.Task[None] | None = None
         self._leftover = b""
         self.error: str | None = None
+        self.tcp_open = 0  # TCP relays open now (ember.relay)
+        self.tcp_credit: dict[int, int] = {}  # per relay stream: bytes the agent may still send (ember.relay)
 
     # ---- connection ------------------------------------------------------
 
@@ -379,6 +394,10 @@ class AgentConnection:
                 queue = self._streams.get(stream)
                 if queue is None:
                     continue  # a stream we gave up on (or one the guest made up)
+                if type_ is Msg.TCP_RECV and stream in self.tcp_credit:
+                    self.tcp_credit[stream] -= length  # granted before the agent could use it: never below 0
+                    if self.tcp_credit[stream] < 0:
+                        raise GuestProtocolError("a TCP relay sent beyond its credit")
                 cost = len(payload) + FRAME_COST
                 await self._limits.take(cost)  # a spent budget pauses this channel here
                 if self._streams.get(stream) is not queue:
@@ -438,6 +457,7 @@ class AgentConnection:
         self._drain(stream)
         self._streams.pop(stream, None)
         self._credits.pop(stream, None)
+        self.tcp_credit.pop(stream, None)
 
     def _cancel(self, stream: int) -> None:
         """Close a file or listing stream the caller gave up on, and tell the agent to stop it
@@ -508,6 +528,13 @@ class AgentConnection:
             )
         finally:
             self._close(stream)
+
+    async def open_tcp(self, port: int, *, timeout_s: float) -> TcpStream:
+        """A TCP connection to the guest's 127.0.0.1:``port``, relayed over this channel
+        (:class:`ember.relay.TcpStream`)."""
+        from ember.relay import TcpStream
+
+        return await TcpStream.open(self, port, timeout_s=timeout_s)
 
     async def restore_identity(self, hostname: str, new_token: str, entropy: bytes, time_ns: int) -> None:
         await self.request(*identity_request(hostname, new_token, entropy, time_ns))

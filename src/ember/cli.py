@@ -397,6 +397,11 @@ def cmd_key_revoke(c: Client, a: Args) -> None:
     out(json.dumps({"key_id": a.key_id, "revoked": True}) if a.json else a.key_id)
 
 
+def cmd_token_create(c: Client, a: Args) -> None:
+    token = c.vms.auth_token(a.vm_id, ports=a.port, minutes=a.minutes)
+    dump(token) if a.json else out(token.token)
+
+
 def cmd_webhook_create(c: Client, a: Args) -> None:
     dump(c.webhooks.create(a.url, client_token=a.client_token))  # the secret is shown this once
 
@@ -655,6 +660,14 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="only this tenant's keys (admins)")
     p = command(keys, "revoke", cmd_key_revoke, "Revoke a key: it stops working at once.")
     p.add_argument("key_id", metavar="KEY_ID")
+
+    tokens = command(sub, "token", None, "Make VM auth tokens for the ingress.").add_subparsers(
+        dest="sub", metavar="COMMAND", required=True
+    )
+    p = command(tokens, "create", cmd_token_create, "Make a token for a VM's endpoint (X-Ember-Proxy-Auth).")
+    p.add_argument("vm_id", metavar="ID")
+    p.add_argument("--port", default="8080", help='the guest ports it opens: 8080, 8000-8100 or "all" (default 8080)')
+    p.add_argument("--minutes", type=int, default=10, help="its lifetime, 1-60 minutes (default 10)")
 
     hooks = command(sub, "webhook", None, "Manage webhooks (every VM event, signed).").add_subparsers(
         dest="sub", metavar="COMMAND", required=True

@@ -134,6 +134,24 @@ class Settings:
     shell_max_message_bytes: int = _env("EMBER_SHELL_MAX_MESSAGE_BYTES", 64 * 1024)
     # A shell with neither input nor output for this long is closed (its command is killed).
     shell_idle_timeout_s: float = _env("EMBER_SHELL_IDLE_TIMEOUT", 3600.0)
+    # Ingress: the HTTP listener that reaches apps in VMs ("" = none), and the domain of VM endpoints
+    # (http://<vm-id>.<domain>:<port>/; "localhost" names 127.0.0.1 in browsers).
+    ingress_listen: str = _env("EMBER_INGRESS_LISTEN", "127.0.0.1:7080")
+    ingress_domain: str = _env("EMBER_INGRESS_DOMAIN", "localhost")
+    # The key signing ingress auth tokens (32 bytes, root-only, made once); empty = <data_dir>/ingress.key.
+    # Replacing it revokes every token.
+    ingress_key_file_override: str = _env("EMBER_INGRESS_KEY_FILE", "")
+    # Client connections the ingress serves at once; more wait in the listen backlog.
+    ingress_max_connections: int = _env("EMBER_INGRESS_MAX_CONNECTIONS", 1024)
+    # TCP relays (ingress connections into the guest) one VM may have open at once; each holds at most
+    # 256 KiB of the VM's agent buffer, and all together at most half of it (fewer are allowed if need be).
+    ingress_vm_connections: int = _env("EMBER_INGRESS_VM_CONNECTIONS", 32)
+    # Seconds a client has to send a request head (slowloris), and a kept-alive connection may wait for the next.
+    ingress_head_timeout_s: float = _env("EMBER_INGRESS_HEAD_TIMEOUT", 10.0)
+    # Seconds a request or response (or WebSocket) may pass without a byte either way before it is cut.
+    ingress_idle_timeout_s: float = _env("EMBER_INGRESS_IDLE_TIMEOUT", 300.0)
+    # Seconds the app in the guest has to accept a connection.
+    ingress_connect_timeout_s: float = _env("EMBER_INGRESS_CONNECT_TIMEOUT", 10.0)
     # Most entries one directory listing ('ember ls') returns; more are reported as truncated.
     ls_max_entries: int = _env("EMBER_LS_MAX_ENTRIES", 50_000)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)
@@ -218,6 +236,10 @@ class Settings:
     @property
     def secret_key_path(self) -> Path:
         return Path(self.secret_key_file_override) if self.secret_key_file_override else self.data_dir / "secret.key"
+
+    @property
+    def ingress_key_path(self) -> Path:
+        return Path(self.ingress_key_file_override) if self.ingress_key_file_override else self.data_dir / "ingress.key"
 
     @property
     def images_dir(self) -> Path:

@@ -27,6 +27,7 @@ from ember.guest.artifacts import ensure_artifacts
 from ember.host import cgroup
 from ember.host.binaries import ensure_jailer
 from ember.images import BASE_IMAGE, ImageStore
+from ember.ingress.tokens import TokenSigner
 from ember.lifecycle.scheduler import Scheduler
 from ember.recovery import recover
 from ember.runtime import Host, UidPool
@@ -53,6 +54,7 @@ class Daemon:
     quotas: QuotaGate
     uid_lock: int  # held for the daemon's lifetime
     webhooks: WebhookDispatcher  # started here; the API's lifespan closes it
+    tokens: TokenSigner  # VM auth tokens of the ingress
 
 
 def lock_uid_range(settings: Settings) -> int:
@@ -119,7 +121,8 @@ async def assemble(settings: Settings) -> Daemon:
     webhooks = WebhookDispatcher(settings, WebhookStore(db), box)
     store.listeners.append(webhooks.on_event)
     webhooks.start()  # what was pending before a restart, and every event since, is sent
-    return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock, webhooks)
+    tokens = TokenSigner.from_file(settings.ingress_key_path)
+    return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock, webhooks, tokens)
 
 
 PURGE_EVERY_S = 3600.0
@@ -211,6 +214,12 @@ async def serve(settings: Settings) -> None:
     daemon = await assemble(settings)
     auth = Authenticator(daemon.tenants, RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
     app = create_app(daemon, auth)
+    if settings.ingress_listen:  # HTTP into VMs; its connections end with the daemon's chores
+        from ember.ingress.proxy import IngressServer
+
+        ingress = IngressServer(settings, daemon.engine, auth, daemon.tokens)
+        await ingress.start()
+        daemon.engine.spawn_chore(ingress.run())
     caps = BodyCaps.from_settings(settings)
     unix = bind_unix_socket(settings.socket_path)
     # WebSockets (the shell): wsproto, each message at most EMBER_SHELL_MAX_MESSAGE_BYTES before it is read

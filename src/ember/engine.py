@@ -391,6 +391,14 @@ class Engine:
         """A RUNNING VM's agent channel (shells, background processes); ``action`` words the refusal."""
         return self._agent(self.get(vm_id), action)
 
+    @contextlib.asynccontextmanager
+    async def using(self, vm_id: str, action: str) -> AsyncIterator[AgentConnection]:
+        """A guest call (exec, files, shell, processes): the VM is held busy (no idle suspend) for as long as
+        the block runs, and woken first (auto-resume; else a VM not running is refused)."""
+        async with self.activity.hold(vm_id):
+            await self.wake(vm_id, action=action)
+            yield self.guest(vm_id, action)
+
     def image_defaults(self, record: VmRecord) -> ImageDefaults | None:
         """What exec, shell and file calls in the VM default to (ember.imagecfg): its image's
         ENV, WORKDIR and USER; None for an image without a Dockerfile config."""

@@ -188,6 +188,22 @@ class TokenRefused(AgentUnavailable):
     """The guest's agent answered and refused the token (as opposed to not answering in time)."""
 
 
+class RelayUnavailable(AgentUnavailable):
+    """A TCP relay into the guest (ingress) cannot be opened now: the VM's relays are all in use."""
+
+
+class VmNotServing(EmberError):
+    """The VM cannot take ingress traffic now (it is not RUNNING)."""
+
+    http_status = 503
+
+
+class GatewayTimeout(EmberError):
+    """The app in the guest did not accept or answer in time (ingress)."""
+
+    http_status = 504
+
+
 class GuestProtocolError(GuestError):
     """The guest sent bytes that do not follow the wire protocol (a hostile or broken agent)."""
 

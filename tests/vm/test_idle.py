@@ -6,6 +6,7 @@ idle suspend shows within seconds; it is killed with -9 and restarted by the las
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ import pytest
 from ember.config import Settings
 from ember.sdk import Client, IdlePolicy, InvalidState, QuotaExceeded, Request
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, remove_quietly, vm_tests_possible
+from tests.vm.test_ingress import echo, open_websocket, start_app
+from tests.vm.test_ingress import get as ingress_get
 
 pytestmark = pytest.mark.vm
 
@@ -129,6 +132,33 @@ def test_an_idle_vm_suspends_and_an_exec_or_a_file_read_resumes_it_intact(client
         ("SUSPENDING", "idle", "system"), ("SUSPENDED", "idle", "system"),
         ("RESUMING", "auto_resume", "system"), ("RUNNING", "auto_resume", "system"),
     ] * 2  # fmt: skip
+
+
+def test_ingress_requests_and_websockets_resume_an_idle_vm_and_an_open_one_keeps_it_awake(
+    client: Client, launch: Any, daemon: DaemonProcess
+) -> None:
+    """The ingress is activity: an open WebSocket keeps the VM awake past its idle timeout; once it is
+    closed the VM suspends, and an HTTP request, then a WebSocket, through the ingress resume it with
+    its app (a process started before) still serving."""
+    host, _, port = daemon.settings.ingress_listen.rpartition(":")
+    ingress = (host, int(port))
+    vm = client.vms.get(launch(timeout_s=2, auto_resume=True))
+    start_app(vm)
+    token = vm.auth_token(ports=8080, minutes=10).token
+    with open_websocket(ingress, vm.id, token) as ws:
+        time.sleep(6)  # three idle timeouts
+        assert state(client, vm.id)["state"] == "RUNNING", "suspended under an open ingress connection"
+        echo(ws, b"still here")
+    wait_state(client, vm.id, "SUSPENDED", 2 + SLACK_S)
+
+    started = time.perf_counter()
+    status, body = ingress_get(ingress, "/headers", {"X-Ember-Proxy-Auth": token}, vm.id)
+    print(f"auto-resume: an HTTP request to a suspended VM took {(time.perf_counter() - started) * 1000:.0f} ms")
+    assert status == 200 and json.loads(body)["port"] == 8080
+    wait_state(client, vm.id, "SUSPENDED", 2 + SLACK_S)
+    with open_websocket(ingress, vm.id, token) as ws:
+        echo(ws, b"resumed by a websocket")
+    assert [e[1] for e in events(client, vm.id) if e[0] == "RESUMING"] == ["auto_resume", "auto_resume"]
 
 
 def test_a_busy_vm_is_not_suspended_until_it_is_idle(client: Client, launch: Any) -> None:

@@ -76,6 +76,9 @@ class Vm(BaseModel):
     max_duration_s: int | None = Field(description="Terminated this long after launch (null: no limit)")
     max_duration_running_only: bool = Field(description="The maximum duration counts running time only")
     suspended_at: str | None = Field(description="When it was suspended, while it is")
+    endpoint: str | None = Field(
+        default=None, description="Its ingress address, http://<vm-id>.<domain>:<port>/ (run and inspect answers)"
+    )
 
 
 class LiveVm(Vm):

@@ -18,6 +18,7 @@ from ember.agent import ExecRequest
 from ember.agentproc import GuestProcess, kill_process, list_processes, start_detached
 from ember.api.schema import errors
 from ember.errors import GuestError, InvalidRequest, ProcessNotFound
+from ember.imagecfg import exec_settings
 from ember.models import VmRecord
 
 if TYPE_CHECKING:
@@ -75,10 +76,12 @@ def add_process_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
 
     @app.post("/v1/vms/{vm_id}/processes", status_code=201, response_model=Process, responses=errors(409, 422, 503))
     async def start_process(body: StartBody, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
-        """Start a command in the background (the VM's ``env`` first, the request's over it)."""
-        env = {**vm.env, **body.env}
-        req = ExecRequest(argv=body.argv, env=[f"{k}={v}" for k, v in env.items()], cwd=body.cwd, user=body.user)
-        pid = await start_detached(engine.guest(vm.id, "start processes in"), req)
+        """Start a command in the background (the image's ENV, then the VM's ``env``, then the request's; the image's
+        WORKDIR and USER unless given)."""
+        run = exec_settings(engine.image_defaults(vm), vm.env, body.env, cwd=body.cwd, user=body.user)
+        req = ExecRequest(argv=body.argv, env=list(run.env), cwd=run.cwd, user=run.user)
+        async with engine.using(vm.id, "start processes in") as agent:
+            pid = await start_detached(agent, req)
         started = datetime.now(UTC).isoformat(timespec="milliseconds")  # as it started (GET: how it is now)
         return {"pid": pid, "command": " ".join(body.argv)[:255], "started_at": started, "running": True,
                 "exit_code": None, "signal": None}  # fmt: skip
@@ -86,14 +89,16 @@ def add_process_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     @app.get("/v1/vms/{vm_id}/processes", response_model=list[Process], responses=errors(409, 503))
     async def get_processes(vm: VmRecord = Depends(owned_vm)) -> list[dict[str, Any]]:
         """The background processes, oldest first: running ones, and exited ones with their status."""
-        return [process_view(p) for p in await list_processes(engine.guest(vm.id, "list processes in"))]
+        async with engine.using(vm.id, "list processes in") as agent:
+            return [process_view(p) for p in await list_processes(agent)]
 
     @app.post("/v1/vms/{vm_id}/processes/{pid}/kill", status_code=204, responses=errors(409, 503))
     async def kill(body: KillBody, vm: VmRecord = Depends(owned_vm), pid: int = Path(ge=1, le=2**31 - 1)) -> Response:
         """Signal a running background process and its process group (default TERM)."""
         number = parse_signal(body.signal)
         try:
-            await kill_process(engine.guest(vm.id, "signal processes in"), pid, number)
+            async with engine.using(vm.id, "signal processes in") as agent:
+                await kill_process(agent, pid, number)
         except GuestError as exc:
             if exc.errno == errno.ESRCH:
                 raise ProcessNotFound(pid) from None

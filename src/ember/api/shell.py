@@ -37,6 +37,7 @@ from ember.agentproc import PtySession, TermSize, open_pty
 from ember.api.auth import PRINCIPAL
 from ember.api.guard import error_body
 from ember.errors import EmberError, InvalidRequest
+from ember.imagecfg import exec_settings
 from ember.models import VmRecord
 from ember.tenancy.principal import Principal
 
@@ -169,7 +170,7 @@ async def _input(ws: WebSocket, session: PtySession, idle: _Idle, max_bytes: int
 def add_shell_routes(app: FastAPI, daemon: Daemon, owned: Callable[[str, Principal], VmRecord]) -> None:
     engine, settings = daemon.engine, daemon.settings
 
-    async def open_session(ws: WebSocket, vm_id: str) -> PtySession:
+    async def open_session(ws: WebSocket, vm_id: str, stack: contextlib.AsyncExitStack) -> PtySession:
         who = ws.scope.get(PRINCIPAL)
         assert isinstance(who, Principal), "every WebSocket passes the request guard"
         vm = owned(vm_id, who)
@@ -177,23 +178,28 @@ def add_shell_routes(app: FastAPI, daemon: Daemon, owned: Callable[[str, Princip
         for name, value in ws.query_params.multi_items():
             query.setdefault(name, []).append(value)
         options = shell_options(query)
-        env = {**vm.env, "TERM": options.term}
-        req = ExecRequest(argv=options.command, env=[f"{k}={v}" for k, v in env.items()], cwd=options.cwd,
-                          user=options.user)  # fmt: skip
-        return await open_pty(engine.guest(vm.id, "open a shell in"), req, options.size)
+        run = exec_settings(engine.image_defaults(vm), vm.env, {"TERM": options.term}, cwd=options.cwd,
+                            user=options.user)  # fmt: skip
+        req = ExecRequest(argv=options.command, env=list(run.env), cwd=run.cwd, user=run.user)
+        # held busy (no idle suspend) while the shell is open, and woken for it (auto-resume)
+        agent = await stack.enter_async_context(engine.using(vm.id, "open a shell in"))
+        return await open_pty(agent, req, options.size)
 
     @app.websocket("/v1/vms/{vm_id}/shell")
     async def shell(ws: WebSocket, vm_id: str) -> None:
-        try:
-            session = await open_session(ws, vm_id)
-        except EmberError as exc:
-            await ws.send_denial_response(JSONResponse(error_body(exc), status_code=exc.http_status))
-            return
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                session = await open_session(ws, vm_id, stack)
+            except EmberError as exc:
+                await ws.send_denial_response(JSONResponse(error_body(exc), status_code=exc.http_status))
+                return
+            await _serve(ws, session)
+
+    async def _serve(ws: WebSocket, session: PtySession) -> None:
         idle = _Idle(settings.shell_idle_timeout_s)
         close = _Close(CLOSE_NORMAL, "")
         try:
             await ws.accept()
-            # the idle part: `async with engine.activity.hold(vm_id):` around this block keeps the VM awake
             tasks = [asyncio.ensure_future(_output(ws, session, idle)),
                      asyncio.ensure_future(_input(ws, session, idle, settings.shell_max_message_bytes)),
                      asyncio.ensure_future(idle.expired())]  # fmt: skip

@@ -24,6 +24,7 @@ from ember.agent import ExecRequest, ExecResult
 from ember.api.auth import principal, tenant_filter
 from ember.api.execstdin import StdinPipe, StdinPipes
 from ember.api.images import image_view, resolve_image
+from ember.api.ingress import add_token_routes, endpoint
 from ember.api.limits import Limits
 from ember.api.models import (
     UNSET,
@@ -247,10 +248,11 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
                     on_record=recorded,
                 )  # fmt: skip
-                return vm_view(await engine.run(image, options))
+                vm = vm_view(await engine.run(image, options))
+                return {**vm, "endpoint": endpoint(daemon.settings, vm["id"])}
 
         async def existing(vm_id: str) -> dict[str, Any]:
-            return vm_view(owned(vm_id, who))
+            return {**vm_view(owned(vm_id, who)), "endpoint": endpoint(daemon.settings, vm_id)}
 
         return await once.create(who, "vm", body.client_token, body.model_dump(mode="json"), create, existing)
 
@@ -291,7 +293,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     @app.get("/v1/vms/{vm_id}", response_model=LiveVm, **UNSET)
     async def inspect_vm(vm: VmRecord = Depends(owned_vm), live: bool = False) -> dict[str, Any]:
         """The VM's record; ``live`` also asks its VMM and agent (status, host memory, a ping's time)."""
-        view = vm_view(vm)
+        view = {**vm_view(vm), "endpoint": endpoint(daemon.settings, vm.id)}
         if live and vm.state is not VmState.TERMINATED:
             view.update(await engine.inspect(vm.id))
         return view
@@ -374,6 +376,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     add_exec_routes(app, daemon, owned_vm)
     add_process_routes(app, daemon, owned_vm)
     add_shell_routes(app, daemon, owned)
+    add_token_routes(app, daemon, owned_vm)
 
 
 def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
@@ -444,12 +447,7 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         """Hold the VM busy (no idle suspend) and wake it (auto-resume) for a guest call; the caller closes the
         returned stack when the call, its streams included, has ended."""
         stack = contextlib.AsyncExitStack()
-        await stack.enter_async_context(engine.activity.hold(vm_id))
-        try:
-            await engine.wake(vm_id, action=action)
-        except BaseException:
-            await stack.aclose()
-            raise
+        await stack.enter_async_context(engine.using(vm_id, action))
         return stack
 
     async def _end_exec(

@@ -49,6 +49,7 @@
 #include <linux/random.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <poll.h>
 #include <signal.h>
@@ -81,6 +82,8 @@
 #define MAX_ORPHANS 1024
 #define STDIN_WINDOW (1024 * 1024) /* stdin bytes the host may send beyond what was credited back */
 #define CREDIT_BATCH (64 * 1024)
+#define TCP_WINDOW (256 * 1024) /* bytes the host may send a TCP relay beyond what was credited back */
+#define TCP_CREDIT_MAX (16 * 1024 * 1024) /* the most unsent credit the host may grant one relay */
 #define LIST_DEFAULT_LIMIT 100000
 #define TOKEN_MIN 16 /* bytes of an agent token: TOKEN_MIN .. sizeof token */
 #define MAX_ID 4294967294ull /* (uid_t)-1 means "unchanged" to setuid: never a real id */
@@ -98,9 +101,10 @@
 
 enum { M_HELLO = 1, M_EXEC, M_STDIN, M_STDIN_EOF, M_SIGNAL, M_WRITE, M_WDATA, M_WEOF,
        M_READ, M_LIST, M_RESTORE, M_SYNC, M_PING, M_PROBE, M_SET_TOKEN,
+       M_TCP_CONNECT = 16, M_TCP_SEND, M_TCP_SHUT, M_TCP_CREDIT,
        M_RESIZE = 20, M_PS, M_KILL, M_LOGS = 24, M_IDLE_QUERY = 28 };
 enum { G_HELLO_ACK = 64, G_OK, G_ERROR, G_STDOUT, G_STDERR, G_EXIT, G_RDATA, G_REOF, G_STARTED, G_CREDIT,
-       G_HELLO_NAK, G_PROC = 80, G_LOGDATA = 85, G_IDLE_STATE = 90 };
+       G_HELLO_NAK, G_TCP_CONNECTED = 75, G_TCP_RECV, G_TCP_EOF, G_PROC = 80, G_LOGDATA = 85, G_IDLE_STATE = 90 };
 enum { T_ARG = 1, T_ENV, T_CWD, T_USER, T_TIMEOUT_MS, T_PATH, T_MODE, T_TOKEN, T_NONCE,
        T_ENTROPY, T_TIME_NS, T_HOSTNAME, T_NEW_TOKEN, T_STDIN, T_SIGNAL, T_ERRNO = 17,
        T_MESSAGE, T_EXIT_CODE, T_EXIT_SIGNAL, T_TIMED_OUT, T_PID, T_SIZE, T_MKDIRS, T_ROOT,
@@ -116,7 +120,7 @@ enum { T_HOOK_NAME = 60, T_HOOK_BODY, T_HOOK_ANSWER };
 #define HOOK_NAME_MAX 32
 #define HOOK_TIMEOUT_MAX_MS 3600000ull
 
-enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST, S_HOOK, S_LOGWAIT };
+enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST, S_HOOK, S_LOGWAIT, S_TCP };
 
 struct sess {
     enum kind kind;
@@ -132,6 +136,8 @@ struct sess {
     int fd; uint64_t bytes;
     /* listing */
     DIR *dir; uint64_t limit, count;
+    /* tcp relay (fd: the socket; pending, stdin_eof, credit_owed, stdin_closed: as exec stdin) */
+    int connecting, rd_eof, wr_shut; uint64_t tx_credit; uint16_t port;
     /* hook: fd is the socket; phase 0 connecting, 1 sending, 2 reading */
     char *req; size_t req_len, req_off; char *ans; size_t ans_len; int phase; unsigned hook_port;
     /* log read: from (offset), limit (bytes), deadline_ms */
@@ -1198,6 +1204,107 @@ static void idle_setup(void) {
     if (mount(NULL, IDLE_BIN_DIR, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0) die(IDLE_BIN_DIR);
 }
 
+/* ---------- tcp relays (the host's ingress) ----------
+ * CONNECT opens a TCP connection to 127.0.0.1:port inside the guest. Bytes flow both ways as frames,
+ * each direction on credit: the host grants what it may receive (T_SIZE of CONNECT, then TCP_CREDIT)
+ * and the socket is read only within it; the host may send TCP_WINDOW bytes beyond what this agent
+ * credited back (G_CREDIT, as for exec stdin, T_CLOSED once the socket refuses more). TCP_SHUT is the
+ * host's half-close (shutdown(SHUT_WR) once pending bytes are written); G_TCP_EOF is the app's. */
+
+static void tcp_connected(struct sess *s) {
+    struct tlvbuf b = {.len = 0};
+    s->connecting = 0;
+    tlv_u64(&b, T_SIZE, TCP_WINDOW);
+    out_frame(s->stream, G_TCP_CONNECTED, b.data, b.len, NULL, 0);
+}
+
+static void do_tcp_connect(uint32_t stream, const unsigned char *p, size_t n) {
+    uint64_t port_no = tlv_u(p, n, T_PORT, 0), credit = tlv_u(p, n, T_SIZE, 0);
+    struct sess *s;
+    if (port_no == 0 || port_no > 65535) { reply_err(stream, EINVAL, "connect needs a port 1-65535"); return; }
+    if (credit > TCP_CREDIT_MAX) credit = TCP_CREDIT_MAX;
+    if (!(s = sess_new(stream, S_TCP))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); return; }
+    s->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (s->fd < 0) { reply_err(stream, errno, "socket: %s", strerror(errno)); sess_free(s); return; }
+    s->port = (uint16_t)port_no;
+    s->tx_credit = credit;
+    int one = 1; /* a request's head and body are separate sends: Nagle would hold the second for an ACK */
+    setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port_no)};
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(s->fd, (struct sockaddr *)&addr, sizeof addr) == 0) tcp_connected(s);
+    else if (errno == EINPROGRESS) s->connecting = 1;
+    else { reply_err(stream, errno, "port %u: %s", (unsigned)port_no, strerror(errno)); sess_free(s); }
+}
+
+static void tcp_connect_done(struct sess *s) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    if (err == EINPROGRESS) return;
+    if (err) { reply_err(s->stream, err, "port %u: %s", (unsigned)s->port, strerror(err)); sess_free(s); return; }
+    tcp_connected(s);
+}
+
+/* The relay is over once the app's side ended and the host's is shut (or refused): free it. */
+static void tcp_maybe_done(struct sess *s) {
+    if (s->kind == S_TCP && s->rd_eof && !s->pending_len && (s->wr_shut || (s->stdin_closed && s->closed_told)) &&
+        !s->credit_owed)
+        sess_free(s);
+}
+
+static void flush_tcp(struct sess *s) {
+    while (s->pending_len && !s->stdin_closed) {
+        ssize_t w = send(s->fd, s->pending, s->pending_len, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EAGAIN) break;
+            if (errno == EINTR) continue;
+            s->credit_owed += s->pending_len; /* the app stopped reading (reset, or it shut its side) */
+            s->pending_len = 0;
+            s->stdin_closed = 1;
+            break;
+        }
+        memmove(s->pending, s->pending + w, s->pending_len - (size_t)w);
+        s->pending_len -= (size_t)w;
+        s->credit_owed += (uint64_t)w;
+    }
+    if (!s->pending_len && s->stdin_eof && !s->wr_shut && !s->stdin_closed) {
+        shutdown(s->fd, SHUT_WR);
+        s->wr_shut = 1;
+    }
+    send_credit(s);
+}
+
+static void do_tcp_send(struct sess *s, const unsigned char *p, size_t n) {
+    if (s->stdin_closed || s->wr_shut || s->stdin_eof) { s->credit_owed += n; send_credit(s); return; }
+    if (s->pending_len + n > TCP_WINDOW) {
+        logmsg("tcp bytes beyond the granted credit on stream %u", s->stream);
+        reply_err(s->stream, EOVERFLOW, "data arrived beyond the agent's credit; the connection was closed");
+        sess_free(s);
+        return;
+    }
+    char *np = realloc(s->pending, s->pending_len + n);
+    if (!np) { reply_err(s->stream, ENOMEM, "out of memory for a relay"); sess_free(s); return; }
+    s->pending = np;
+    memcpy(s->pending + s->pending_len, p, n);
+    s->pending_len += n;
+    flush_tcp(s);
+}
+
+/* Read the socket within the host's credit while the output buffer has room. */
+static void pump_tcp(struct sess *s) {
+    char buf[CHUNK];
+    while (!s->connecting && !s->rd_eof && s->tx_credit && producers_may_run()) {
+        size_t want = s->tx_credit < sizeof buf ? (size_t)s->tx_credit : sizeof buf;
+        ssize_t r = recv(s->fd, buf, want, 0);
+        if (r > 0) { out_frame(s->stream, G_TCP_RECV, buf, (size_t)r, NULL, 0); s->tx_credit -= (uint64_t)r; continue; }
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        if (r < 0) { reply_err(s->stream, errno, "port %u: %s", (unsigned)s->port, strerror(errno)); sess_free(s); return; }
+        out_frame(s->stream, G_TCP_EOF, NULL, 0, NULL, 0);
+        s->rd_eof = 1;
+    }
+}
+
 /* ---------- dispatch ---------- */
 
 /* ---------- readiness probe ---------- */
@@ -1382,7 +1489,7 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
         if ((s = sess_find(stream)) && s->kind == S_EXEC && !s->exited) {
             int sig = (int)tlv_u(p, n, T_SIGNAL, SIGKILL);
             if (sig > 0 && sig < 65) kill(-s->pid, sig);
-        } else if (s && (s->kind == S_READ || s->kind == S_LIST || s->kind == S_HOOK || s->kind == S_LOGWAIT)) sess_free(s); /* the host gave up on it */
+        } else if (s && (s->kind == S_READ || s->kind == S_LIST || s->kind == S_HOOK || s->kind == S_LOGWAIT || s->kind == S_TCP)) sess_free(s); /* the host gave up on it */
         break;
     case M_WRITE: do_write(stream, p, n); break;
     case M_WDATA: if ((s = sess_find(stream)) && s->kind == S_WRITE) do_wdata(s, p, n); break;
@@ -1394,6 +1501,17 @@ static void handle(uint32_t stream, uint8_t type, const unsigned char *p, size_t
     case M_PING: reply_ok(stream, NULL); break;
     case M_PROBE: do_probe(stream, p, n); break;
     case M_IDLE_QUERY: do_idle_query(stream); break;
+    case M_TCP_CONNECT: do_tcp_connect(stream, p, n); break;
+    case M_TCP_SEND: if ((s = sess_find(stream)) && s->kind == S_TCP && !s->connecting) do_tcp_send(s, p, n); break;
+    case M_TCP_SHUT:
+        if ((s = sess_find(stream)) && s->kind == S_TCP && !s->connecting) { s->stdin_eof = 1; flush_tcp(s); }
+        break;
+    case M_TCP_CREDIT:
+        if ((s = sess_find(stream)) && s->kind == S_TCP) {
+            uint64_t more = tlv_u(p, n, T_SIZE, 0);
+            s->tx_credit = s->tx_credit + more > TCP_CREDIT_MAX ? TCP_CREDIT_MAX : s->tx_credit + more;
+        }
+        break;
     case M_HOOK: do_hook(stream, p, n); break;
     case M_LOGS: do_logs(stream, p, n); break;
     case M_RESIZE: if ((s = sess_find(stream)) && s->kind == S_EXEC) do_resize(s, p, n); break;
@@ -1519,6 +1637,15 @@ static void serve(void) {
                 if (log_due(s, now)) { if (producers_may_run()) timeout = 0; }
                 else if (timeout < 0 || s->deadline_ms - now < timeout) timeout = (int)(s->deadline_ms - now);
             }
+            else if (s->kind == S_TCP) {
+                short ev = 0;
+                if (s->connecting) ev = producers_may_run() ? POLLOUT : 0;
+                else {
+                    if (!s->rd_eof && s->tx_credit && producers_may_run()) ev |= POLLIN;
+                    if (s->pending_len && !s->stdin_closed) ev |= POLLOUT;
+                }
+                if (ev) { fds[nf].fd = s->fd; fds[nf].events = ev; map[nf].s = s; map[nf].which = 8; nf++; }
+            }
         }
         if (!applog_stream || !authed || producers_may_run())
             for (int i = 0; i < 2; i++)
@@ -1544,6 +1671,11 @@ static void serve(void) {
             case 5: orphan_ready = 1; break;
             case 6: if (s->kind == S_HOOK && s->fd == fds[i].fd) pump_hook(s); break;
             case 7: applog_ready = 1; break;
+            case 8:
+                if (s->kind == S_TCP && s->connecting) { tcp_connect_done(s); break; }
+                if (s->kind == S_TCP && s->pending_len) flush_tcp(s);
+                if (s->kind == S_TCP) pump_tcp(s);
+                break;
             }
         }
         if (orphan_ready) drain_orphans();
@@ -1555,6 +1687,7 @@ static void serve(void) {
             else if (sessions[i].kind == S_READ) pump_read(&sessions[i]);
             else if (sessions[i].kind == S_LIST) pump_list(&sessions[i]);
             else if (sessions[i].kind == S_LOGWAIT) answer_log(&sessions[i], now);
+            else if (sessions[i].kind == S_TCP) { send_credit(&sessions[i]); tcp_maybe_done(&sessions[i]); }
         }
         if (connected && out_len) write_port();
     }

@@ -33,6 +33,13 @@ comes as STDOUT frames, its input as STDIN within the same credit, and RESIZE ch
 terminal's size. A DETACH exec starts in the background and is answered by STARTED alone;
 the agent keeps at most MAX_PROCS of them (an exited one gives its place to a new one), PS
 lists them and KILL signals only them (never another guest process).
+
+TCP relays (the ingress) are credit-based both ways. TCP_CONNECT (PORT, SIZE: the bytes the host
+may take now) opens 127.0.0.1:PORT in the guest; TCP_CONNECTED carries the agent's window (SIZE)
+for the host's TCP_SEND bytes, given back by CREDIT frames (CLOSED: the app stopped reading). The
+agent reads the socket only within the host's credit, which TCP_CREDIT renews as the host forwards
+what it got, so a guest can never make the host hold more than one window per relay. TCP_SHUT and
+TCP_EOF are the two half-closes; SIGNAL drops the relay. A refused connection is an ERROR (ERRNO).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
 NAME_MAX = 255  # the longest file name (bytes) a directory entry has
 PTY_MAX_DIM = 1000  # a terminal's most rows and columns
 MAX_PROCS = 64  # background processes the agent tracks (running ones, and exited ones until evicted)
+TCP_WINDOW = 256 * 1024  # the credit the host grants a relay: the most of it the host holds at once
 HOOK_BODY_MAX = 64 * 1024  # the agent's bound on a hook request's body
 HOOK_ANSWER_MAX = 4096  # the most of a hook's answer the agent returns
 MAX_ID = 2**32 - 2  # the largest uid or gid: (uid_t)-1 means "leave unchanged" to setuid() and chown()
@@ -81,6 +89,10 @@ class Msg(enum.IntEnum):
     KILL = 22  # PID, SIGNAL: signal a running background process (no other)
     LOGS = 24  # read the app's log (ember.applog)
     IDLE_QUERY = 28  # does the guest hold itself awake, or ask to be suspended now (ember-idle)?
+    TCP_CONNECT = 16  # ingress: open a relay to the guest's 127.0.0.1:PORT (SIZE: the host's initial credit)
+    TCP_SEND = 17  # bytes for the relay's socket (within the agent's credit)
+    TCP_SHUT = 18  # the host's half-close: shutdown(SHUT_WR) once the bytes before it are written
+    TCP_CREDIT = 19  # SIZE more bytes the agent may send from the socket
     HOOK = 30  # POST /ember/v1/<HOOK_NAME> with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
     # guest -> host
     HELLO_ACK = 64
@@ -97,6 +109,9 @@ class Msg(enum.IntEnum):
     PROC = 80  # one background process: PID, ARG (its command line), TIME_NS (started), RUNNING, EXIT_*
     LOGDATA = 85  # a piece of the app's log: LOG_FROM, LOG_END, SIZE (the ring's capacity), LOG_DATA
     IDLE_STATE = 90  # the answer to IDLE_QUERY: HOLD and SUSPEND_NOW, two flags
+    TCP_CONNECTED = 75  # the relay is open; SIZE: the agent's window for TCP_SEND bytes
+    TCP_RECV = 76  # bytes the app sent
+    TCP_EOF = 77  # the app closed its sending side
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)

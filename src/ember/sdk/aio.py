@@ -17,6 +17,7 @@ from ember.sdk.core import Op, Request
 from ember.sdk.errors import ConnectError, ProtocolError
 from ember.sdk.types import (
     ApiKey,
+    AuthToken,
     Build,
     CreatedKey,
     CreatedWebhook,
@@ -185,6 +186,10 @@ class AsyncVm(VmData):
         async for event in self.client.vms.logs(self.id, follow=follow, tail=tail):
             yield event
 
+    async def auth_token(self, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
+        return await self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
+
 
 class AsyncVms:
     def __init__(self, client: AsyncClient) -> None:
@@ -299,6 +304,9 @@ class AsyncVms:
     async def kill(self, vm_id: str, pid: int, signal: str | int = "TERM") -> None:
         """Signal a running background process (NotFound for any other pid)."""
         await self.client.call(core.process_kill(vm_id, pid, signal))
+
+    async def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        return await self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
 
     async def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,

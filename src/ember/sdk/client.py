@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ember.sdk.shell import Shell
     from ember.sdk.types import (
         ApiKey,
+        AuthToken,
         Build,
         CreatedKey,
         CreatedWebhook,
@@ -159,6 +160,10 @@ class Vm(VmData):
     def logs(self, *, follow: bool = False, tail: int | None = None) -> Iterator[LogEvent]:
         return self.client.vms.logs(self.id, follow=follow, tail=tail)
 
+    def auth_token(self, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
+        return self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
+
 
 class Vms:
     def __init__(self, client: Client) -> None:
@@ -278,6 +283,9 @@ class Vms:
     def kill(self, vm_id: str, pid: int, signal: str | int = "TERM") -> None:
         """Signal a running background process (NotFound for any other pid)."""
         self.client.call(core.process_kill(vm_id, pid, signal))
+
+    def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        return self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
 
     def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from ember.sdk.types import (
         ApiKey,
+        AuthToken,
         CreatedKey,
         CreatedWebhook,
         Delivery,
@@ -317,6 +318,12 @@ def vm_snapshot(vm_id: str, name: str, *, client_token: str | None = None) -> Op
 
 def vm_remove(vm_id: str) -> Op[None]:
     return Op(Request("DELETE", _vm_path(vm_id)), _nothing)
+
+
+def vm_auth_token(vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> Op[AuthToken]:
+    """A token for the VM's ingress: ``ports`` a port, a range ("8000-8100") or "all"; 1-60 minutes."""
+    body = {"allowed_ports": ports, "expires_in_minutes": minutes}
+    return Op(Request("POST", _vm_path(vm_id, "auth-tokens"), json=body), lambda data: decode(t.AuthToken, data))
 
 
 def vm_events(vm_id: str) -> Op[list[Event]]:
