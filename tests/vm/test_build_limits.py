@@ -29,7 +29,7 @@ from tests.databases import daemon_database_url, drop_database
 
 pytestmark = pytest.mark.vm
 
-STEP_TIMEOUT_S = 60
+STEP_TIMEOUT_S = 50
 LOG_CAP = 1024 * 1024
 # In the build VM, root can move the agent (PID 1) into a frozen cgroup: it never answers again.
 FREEZE_AGENT = (
