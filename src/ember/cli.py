@@ -90,7 +90,7 @@ def cmd_run(c: Client, a: Args) -> None:
         ensure_base(c, quiet=a.json)
     vm = c.vms.run(
         a.image, version=a.version, memory_mib=a.memory, vcpus=a.vcpus, env=pairs(a.env, "--env"),
-        tags=pairs(a.tag, "--tag"), client_token=a.client_token,
+        tags=pairs(a.tag, "--tag"), client_token=a.client_token, egress=a.egress, allow=a.allow,
     )  # fmt: skip
     dump(vm) if a.json else out(vm.id)
 
@@ -486,6 +486,9 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--tag", action="append", metavar="K=V", help="metadata tag (repeatable)")
     p.add_argument("--client-token", metavar="T", help="idempotency token: a retry returns the same VM")
+    p.add_argument("--egress", choices=("none", "internet", "allow"), help="network: none (default), public "
+                   "addresses, or only --allow")  # fmt: skip
+    p.add_argument("--allow", action="append", metavar="CIDR_OR_DOMAIN", help="with --egress allow (repeatable)")
 
     p = command(sub, "exec", cmd_exec, "Run a command in a VM, streaming its output; exits with its exit code.")
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from ember.errors import InvalidStateTransition
+from ember.network.policy import EgressPolicy
 from ember.vmm.machine import MachineConfig, RamMode
 
 
@@ -148,6 +149,7 @@ class VmRecord:
     tags: dict[str, str] = field(default_factory=dict)
     state_message: str = ""  # detail of state_reason (an error's text), for people
     terminated_at: str = ""
+    egress: EgressPolicy = field(default_factory=EgressPolicy)  # kept across suspend/resume
 
     def moved(self, state: VmState, reason: StateReason, message: str = "", **changes: object) -> VmRecord:
         return replace(

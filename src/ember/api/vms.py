@@ -43,6 +43,7 @@ from ember.engine import RunOptions
 from ember.errors import EmberError, InvalidRequest, VmNotFound
 from ember.metrics import Operation
 from ember.models import EventRecord, ImageRecord, VmRecord, VmState
+from ember.network.policy import parse_policy
 from ember.tenancy import names
 from ember.tenancy.idempotency import Idempotency, Settle
 from ember.tenancy.principal import Principal
@@ -95,6 +96,10 @@ class RunBody(BaseModel):
     vcpus: int | None = Field(default=None, ge=1, le=256)
     env: EnvMap = Field(default_factory=dict)
     tags: TagMap = Field(default_factory=dict)
+    egress: str = Field(default="none", max_length=16, description="none (default), internet or allow")
+    allow: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, max_length=1000, description="With egress allow: CIDRs and domain names"
+    )
     client_token: ClientToken | None = None
 
 
@@ -127,7 +132,7 @@ def vm_view(vm: VmRecord) -> dict[str, Any]:
         "id": vm.id, "tenant": vm.tenant, "image": names.public(vm.image), "state": vm.state.value,
         "state_reason": vm.state_reason.value, "state_message": vm.state_message,
         "accelerator": accel_view(vm.machine.accel.value), "memory_mib": vm.machine.memory_mib,
-        "vcpus": vm.machine.vcpus, "env": vm.env, "tags": vm.tags, "pid": vm.pid or None,
+        "vcpus": vm.machine.vcpus, "env": vm.env, "tags": vm.tags, "egress": vm.egress.view(), "pid": vm.pid or None,
         "created_at": vm.created_at, "updated_at": vm.updated_at, "terminated_at": vm.terminated_at or None,
     }  # fmt: skip
 
@@ -180,6 +185,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         image = resolve_image(daemon, who, body.image, body.version)
         _check_size(image, body)
+        egress = parse_policy(body.egress, body.allow, max_entries=daemon.settings.egress_max_allow)
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
                 Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
 
@@ -190,7 +196,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     settle(vm_id)
                     release()  # the PENDING record counts from here
 
-                options = RunOptions(tenant=who.tenant, env=body.env, tags=body.tags, on_record=recorded)
+                options = RunOptions(tenant=who.tenant, env=body.env, tags=body.tags, egress=egress, on_record=recorded)
                 return vm_view(await engine.run(image, options))
 
         async def existing(vm_id: str) -> dict[str, Any]:

@@ -86,6 +86,7 @@ vms = Table(
     Column("tags", Text, nullable=False),  # JSON object
     Column("state_message", Text, nullable=False),
     Column("terminated_at", String(32), nullable=False),
+    Column("egress", Text, nullable=False, server_default='{"mode": "none", "allow": []}'),  # JSON: ember.network
 )
 
 events = Table(

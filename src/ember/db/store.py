@@ -29,6 +29,7 @@ from ember.models import (
     VmRecord,
     VmState,
 )
+from ember.network.policy import EgressPolicy
 from ember.tenancy.principal import CURRENT
 from ember.vmm.machine import MachineConfig, RamMode
 
@@ -53,7 +54,7 @@ def _vm_row(r: VmRecord) -> dict[str, object]:
         "token": r.token, "ram": r.ram.value, "pid": r.pid, "state_reason": r.state_reason.value,
         "next_token": r.next_token, "created_at": r.created_at, "updated_at": r.updated_at, "tenant": r.tenant,
         "env": json.dumps(r.env), "tags": json.dumps(r.tags), "state_message": r.state_message,
-        "terminated_at": r.terminated_at,
+        "terminated_at": r.terminated_at, "egress": r.egress.to_json(),
     }  # fmt: skip
 
 
@@ -66,6 +67,7 @@ def _vm(row: RowMapping) -> VmRecord:
     data["state_reason"] = StateReason(data["state_reason"])
     data["env"] = json.loads(data["env"])
     data["tags"] = json.loads(data["tags"])
+    data["egress"] = EgressPolicy.from_json(data["egress"])
     return VmRecord(**data)
 
 

@@ -164,9 +164,10 @@ class Vms:
     def run(
         self, image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
         env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
+        egress: str | None = None, allow: Sequence[str] | None = None,
     ) -> Vm:  # fmt: skip
         req = core.vm_run(image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=env, tags=tags,
-                          client_token=client_token)  # fmt: skip
+                          client_token=client_token, egress=egress, allow=allow)  # fmt: skip
         return self._bind(self.client.send(req))
 
     def get(self, vm_id: str) -> Vm:

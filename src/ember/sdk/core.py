@@ -248,10 +248,12 @@ def _drop_none(**values: Any) -> dict[str, Any]:
 def vm_run(
     image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
     env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
+    egress: str | None = None, allow: Sequence[str] | None = None,
 ) -> Request:  # fmt: skip
     body = _drop_none(
         image=image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=dict(env) if env else None,
-        tags=dict(tags) if tags else None, client_token=client_token,
+        tags=dict(tags) if tags else None, client_token=client_token, egress=egress,
+        allow=list(allow) if allow else None,
     )  # fmt: skip
     return Request("POST", "/v1/vms", json=body)
 
