@@ -1192,6 +1192,13 @@ static void configure_nic(void) {
     strcpy(ifr.ifr_name, "eth0");
     if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) { close(s); return; } /* no NIC: an image from before */
     short flags = ifr.ifr_flags;
+    /* IPv4 only (the namespace lets nothing else in): no IPv6 autoconfiguration, whose timers
+     * (DAD, router solicitations) would run on in every clone */
+    int v6 = open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", O_WRONLY | O_CLOEXEC);
+    if (v6 >= 0) {
+        if (write(v6, "1", 1) != 1) logmsg("eth0: disable_ipv6: %s", strerror(errno));
+        close(v6);
+    }
     set_inet(&ifr.ifr_addr, NIC_GUEST_IP);
     int ok = ioctl(s, SIOCSIFADDR, &ifr) == 0;
     set_inet(&ifr.ifr_netmask, NIC_NETMASK);

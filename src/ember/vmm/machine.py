@@ -186,7 +186,7 @@ def nic_args(tap_fd: int | None) -> tuple[str, ...]:
     Offloads are off, so the guest negotiates the same features on either backend and a snapshot
     taken on one restores on the other."""
     offloads = "csum=off,guest_csum=off,gso=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off," \
-               "host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,mrg_rxbuf=off"  # fmt: skip
+               "host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,mrg_rxbuf=off,guest_announce=off"  # fmt: skip
     device = f"virtio-net-device,id=nic0,mac={GUEST_MAC},{offloads}"
     if tap_fd is None:
         return ("-device", device)
