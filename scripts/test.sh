@@ -33,7 +33,7 @@ pass() {  # NAME [COMMAND PREFIX...] -- runs pytest "$ARGS", its output also in 
     [ "$status" = 0 ] || [ "$FIRST_FAILURE" != 0 ] || FIRST_FAILURE=$status
 }
 
-ARGS=("$@")
+ARGS=(--durations=20 "$@") # the slowest tests of each pass, to keep CI inside its time budget
 RESULTS=()
 FIRST_FAILURE=0
 pass sqlite env EMBER_TEST_DATABASE_URL=

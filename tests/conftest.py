@@ -10,6 +10,7 @@ VMM logs of every VM and the daemon log are copied to ``artifacts/``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -44,6 +45,8 @@ class DaemonProcess:
     def __init__(
         self, settings: Settings, log: Path, command: tuple[str, ...] = ("-m", "ember", "serve", "-v")
     ) -> None:
+        if settings.ingress_listen == Settings().ingress_listen:  # never a real daemon's port, nor another test's
+            settings = dataclasses.replace(settings, ingress_listen=f"127.0.0.1:{free_port()}")
         self.settings = settings
         self.log = log
         self.command = command  # the Python arguments that start the daemon
@@ -87,6 +90,13 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def process_alive(pid: int) -> bool:
@@ -136,6 +146,7 @@ def settings() -> Iterator[Settings]:
             "EMBER_QUOTA_CONCURRENT_BUILDS": "8",
             "EMBER_RATE_LIMIT_PER_S": "100",
             "EMBER_RATE_LIMIT_BURST": "200",
+            "EMBER_INGRESS_HEAD_TIMEOUT": "2",  # a slow request head is cut quickly (tests/vm/test_ingress.py)
             "EMBER_USAGE_SAMPLE_S": "1",  # storage usage of a VM suspended for seconds shows (tests/vm/test_usage.py)
         }
     )
@@ -191,6 +202,19 @@ def remove_quietly(client: Client, vm_id: str) -> None:
         client.send(Request("DELETE", f"/v1/vms/{vm_id}"))
     except ApiError as exc:
         assert exc.status == 404, exc
+
+
+@pytest.fixture
+def no_vms_left(daemon: DaemonProcess) -> Iterator[None]:
+    """For tests that kill and restart the session's daemon: whatever happens in the test, the
+    next one starts with a running daemon and no VM (a failure here must not cascade into load,
+    leftover QEMUs and false failures of the tests after it)."""
+    yield
+    if daemon.proc is None or daemon.proc.poll() is not None:
+        daemon.start()
+    with Client(settings=daemon.settings) as c:
+        for vm in c.send(Request("GET", "/v1/vms")):
+            remove_quietly(c, vm["id"])
 
 
 @pytest.fixture(params=["launched", "resumed"])

@@ -36,7 +36,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ember.applog import LogChunk, decode_chunk
 from ember.config import Settings
 from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, HostSetupError, InvalidRequest, TokenRefused
 from ember.guest.protocol import (
@@ -44,6 +46,7 @@ from ember.guest.protocol import (
     MAX_ID,
     MAX_PAYLOAD,
     NONCE_LEN,
+    TCP_WINDOW,
     DirEntry,
     Field,
     Frame,
@@ -59,6 +62,9 @@ from ember.guest.protocol import (
     hello_answers,
     hello_frames,
 )
+
+if TYPE_CHECKING:
+    from ember.relay import TcpStream
 
 FRAME_COST = 256  # host bytes charged per queued frame beyond its payload (empty frames are not free)
 RESYNC_LIMIT = 8 * 1024 * 1024  # stale bytes we are willing to skip while resyncing
@@ -108,11 +114,14 @@ class ChannelLimits:
     ``reserved`` ones, so that share is always admitted (the daemon holds at most its budget
     + VMs x ``reserved``); and the most entries one listing returns."""
 
-    def __init__(self, *, vm: ByteBudget, daemon: ByteBudget, reserved: int, ls_max_entries: int) -> None:
+    def __init__(
+        self, *, vm: ByteBudget, daemon: ByteBudget, reserved: int, ls_max_entries: int, tcp_relays: int = 32
+    ) -> None:
         self.vm = vm
         self.daemon = daemon
         self.reserved = reserved
         self.ls_max_entries = ls_max_entries
+        self.tcp_relays = tcp_relays  # TCP relays (ingress) open at once
         self._charged = 0  # bytes this VM holds of the daemon budget: its queue beyond ``reserved``
 
     @classmethod
@@ -124,7 +133,12 @@ class ChannelLimits:
             )
         vm = ByteBudget(settings.agent_vm_buffer_bytes, "EMBER_AGENT_VM_BUFFER_BYTES")
         reserved = max(0, settings.agent_vm_reserved_bytes)
-        return cls(vm=vm, daemon=daemon, reserved=reserved, ls_max_entries=max(1, settings.ls_max_entries))
+        # relays hold at most their credit each: together at most half the VM's budget, leaving the rest to
+        # every other reply
+        relays = max(1, min(settings.ingress_vm_connections, settings.agent_vm_buffer_bytes // (2 * TCP_WINDOW)))
+        limits = cls(vm=vm, daemon=daemon, reserved=reserved, ls_max_entries=max(1, settings.ls_max_entries))
+        limits.tcp_relays = relays
+        return limits
 
     async def take(self, n: int) -> None:
         await self.vm.take(n)
@@ -159,6 +173,7 @@ class ExecRequest:
     timeout_s: float = 0.0
     root: str = ""  # build VMs only: run chrooted into this directory
     tool: bool = False  # build VMs only: argv[0] is an Ember tool outside ``root``
+    log_bytes: int = 0  # the image's app: the agent keeps its output in a log of this size (ember.applog)
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,15 @@ class ExecResult:
     exit_code: int
     signal: int
     timed_out: bool
+
+
+@dataclass(frozen=True)
+class GuestIdleState:
+    hold: bool  # the guest holds itself awake (ember-idle hold)
+    suspend_now: bool  # the guest asked to be suspended now (ember-idle suspend)
+
+
+IDLE_STATE_MAX = 64  # bytes of an IDLE_STATE answer (two 8-byte fields take 26)
 
 
 @dataclass(frozen=True)
@@ -222,6 +246,32 @@ class _Credit:
         return n
 
 
+def exec_payload(req: ExecRequest, extra: list[Field]) -> bytes:
+    """An EXEC request's fields (``extra``: the mode: STDIN, PTY, DETACH), bounded as the agent takes them."""
+    check_user(req.user)
+    fields: list[Field] = [(Tag.ARG, a) for a in req.argv]
+    fields += [(Tag.ENV, e) for e in req.env]
+    if req.cwd:
+        fields.append((Tag.CWD, req.cwd))
+    if req.user:
+        fields.append((Tag.USER, req.user))
+    if req.timeout_s:
+        fields.append((Tag.TIMEOUT_MS, max(1, int(req.timeout_s * 1000))))
+    if req.root:
+        fields.append((Tag.ROOT, req.root))
+    if req.tool:
+        fields.append((Tag.TOOL, True))
+    if req.log_bytes:
+        fields.append((Tag.APPLOG, req.log_bytes))
+    payload = encode_fields([*fields, *extra])
+    if len(payload) > MAX_PAYLOAD or len(req.argv) > MAX_ARGS or len(req.env) > MAX_ARGS:
+        raise InvalidRequest(
+            f"the command line and environment must fit in {MAX_PAYLOAD // 1024} KiB and {MAX_ARGS} entries "
+            "each: pass large input through stdin or a file ('ember cp')"
+        )
+    return payload
+
+
 def identity_request(hostname: str, new_token: str, entropy: bytes, time_ns: int) -> tuple[Msg, list[Field]]:
     """After a restore: reseed the guest RNG, set its clock and hostname, rotate the token."""
     fields: list[Field] = [(Tag.ENTROPY, entropy), (Tag.TIME_NS, time_ns), (Tag.HOSTNAME, hostname)]
@@ -243,6 +293,8 @@ class AgentConnection:
         self._task: asyncio.Task[None] | None = None
         self._leftover = b""
         self.error: str | None = None
+        self.tcp_open = 0  # TCP relays open now (ember.relay)
+        self.tcp_credit: dict[int, int] = {}  # per relay stream: bytes the agent may still send (ember.relay)
 
     # ---- connection ------------------------------------------------------
 
@@ -342,6 +394,10 @@ class AgentConnection:
                 queue = self._streams.get(stream)
                 if queue is None:
                     continue  # a stream we gave up on (or one the guest made up)
+                if type_ is Msg.TCP_RECV and stream in self.tcp_credit:
+                    self.tcp_credit[stream] -= length  # granted before the agent could use it: never below 0
+                    if self.tcp_credit[stream] < 0:
+                        raise GuestProtocolError("a TCP relay sent beyond its credit")
                 cost = len(payload) + FRAME_COST
                 await self._limits.take(cost)  # a spent budget pauses this channel here
                 if self._streams.get(stream) is not queue:
@@ -401,6 +457,7 @@ class AgentConnection:
         self._drain(stream)
         self._streams.pop(stream, None)
         self._credits.pop(stream, None)
+        self.tcp_credit.pop(stream, None)
 
     def _cancel(self, stream: int) -> None:
         """Close a file or listing stream the caller gave up on, and tell the agent to stop it
@@ -431,12 +488,12 @@ class AgentConnection:
         self._limits.release(len(frame.payload) + FRAME_COST)
         return frame
 
-    async def request(self, type_: Msg, fields: list[Field]) -> Frame:
-        """One request, one OK reply (raises the agent's error as GuestError)."""
+    async def request(self, type_: Msg, fields: list[Field], *, timeout: float | None = 0) -> Frame:
+        """One request, one OK reply (raises the agent's error as GuestError); ``timeout`` as ``_recv``'s."""
         stream = self._open()
         try:
             await self._send(type_, stream, encode_fields(fields))
-            frame = await self._recv(stream)
+            frame = await self._recv(stream, timeout)
             _raise_for(frame, Msg.OK)
             return frame
         finally:
@@ -450,11 +507,34 @@ class AgentConnection:
     async def sync(self) -> None:
         await self.request(Msg.SYNC, [])
 
-    async def probe(self, port: int, http: bool) -> int:
-        """Connect to the guest's 127.0.0.1:``port``; with ``http`` POST the ready hook
-        and return its HTTP status. Raises GuestError while nothing listens."""
-        reply = await self.request(Msg.PROBE, [(Tag.PORT, port), (Tag.HTTP, http)])
-        return field_int(decode_fields(reply.payload), Tag.EXIT_CODE, 0)
+    async def probe(self, port: int) -> None:
+        """Connect to the guest's 127.0.0.1:``port`` (app hooks, HTTP, are ``ember.hooks``). Raises
+        GuestError while nothing listens."""
+        await self.request(Msg.PROBE, [(Tag.PORT, port)])
+
+    async def idle_state(self, timeout_s: float) -> GuestIdleState:
+        """Whether the guest holds itself awake or asks to be suspended now (``ember-idle``). Hostile: the
+        answer is two flags in a small frame, or a protocol error."""
+        stream = self._open()
+        try:
+            await self._send(Msg.IDLE_QUERY, stream)
+            frame = await self._recv(stream, timeout_s)
+            _raise_for(frame, Msg.IDLE_STATE)
+            if len(frame.payload) > IDLE_STATE_MAX:
+                raise GuestProtocolError(f"an idle state of {len(frame.payload)} bytes")
+            fields = decode_fields(frame.payload)
+            return GuestIdleState(
+                hold=field_int(fields, Tag.HOLD, 0) != 0, suspend_now=field_int(fields, Tag.SUSPEND_NOW, 0) != 0
+            )
+        finally:
+            self._close(stream)
+
+    async def open_tcp(self, port: int, *, timeout_s: float) -> TcpStream:
+        """A TCP connection to the guest's 127.0.0.1:``port``, relayed over this channel
+        (:class:`ember.relay.TcpStream`)."""
+        from ember.relay import TcpStream
+
+        return await TcpStream.open(self, port, timeout_s=timeout_s)
 
     async def restore_identity(self, hostname: str, new_token: str, entropy: bytes, time_ns: int) -> None:
         await self.request(*identity_request(hostname, new_token, entropy, time_ns))
@@ -468,26 +548,7 @@ class AgentConnection:
         credit (what the command has read). If the command closes its stdin, the rest is
         not pulled. If ``stdin`` raises, the command is killed and the error is raised.
         """
-        check_user(req.user)
-        fields: list[Field] = [(Tag.ARG, a) for a in req.argv]
-        fields += [(Tag.ENV, e) for e in req.env]
-        if req.cwd:
-            fields.append((Tag.CWD, req.cwd))
-        if req.user:
-            fields.append((Tag.USER, req.user))
-        if req.timeout_s:
-            fields.append((Tag.TIMEOUT_MS, max(1, int(req.timeout_s * 1000))))
-        if req.root:
-            fields.append((Tag.ROOT, req.root))
-        if req.tool:
-            fields.append((Tag.TOOL, True))
-        fields.append((Tag.STDIN, stdin is not None))
-        payload = encode_fields(fields)
-        if len(payload) > MAX_PAYLOAD or len(req.argv) > MAX_ARGS or len(req.env) > MAX_ARGS:
-            raise InvalidRequest(
-                f"the command line and environment must fit in {MAX_PAYLOAD // 1024} KiB and {MAX_ARGS} entries "
-                "each: pass large input through stdin or a file ('ember cp')"
-            )
+        payload = exec_payload(req, [(Tag.STDIN, stdin is not None)])
         stream = self._open()
         feeder: asyncio.Task[None] | None = None
         running = False
@@ -555,10 +616,34 @@ class AgentConnection:
                 await self._send(Msg.SIGNAL, stream, encode_fields([(Tag.SIGNAL, 9)]))
             raise
 
-    async def write_file(self, path: str, data: AsyncIterator[bytes], mode: int = 0o644, mkdirs: bool = False) -> int:
+    async def read_log(self, start: int, limit: int, wait_s: float) -> LogChunk:
+        """At most ``limit`` bytes of the app's log from offset ``start``; waits in the guest up to
+        ``wait_s`` for output past it (ember.applog)."""
+        stream = self._open()
+        ended = False
+        try:
+            fields: list[Field] = [(Tag.LOG_FROM, start), (Tag.LIMIT, limit), (Tag.LOG_WAIT_MS, int(wait_s * 1000))]
+            await self._send(Msg.LOGS, stream, encode_fields(fields))
+            frame = await self._recv(stream, timeout=wait_s + self._timeout)
+            ended = True
+            _raise_for(frame, Msg.LOGDATA)
+            return decode_chunk(frame.payload, asked=start, limit=limit)
+        finally:
+            if ended:
+                self._close(stream)
+            else:
+                self._cancel(stream)  # the reader went away while the agent waits: free its wait
+
+    async def write_file(
+        self, path: str, data: AsyncIterator[bytes], mode: int = 0o644, mkdirs: bool = False, *, owner: str = ""
+    ) -> int:
+        """``owner`` (a user name or uid[:gid]; "": root) gets the file and the directories ``mkdirs`` makes."""
+        check_user(owner)
         stream = self._open()
         try:
             fields: list[Field] = [(Tag.PATH, path), (Tag.MODE, mode), (Tag.MKDIRS, mkdirs)]
+            if owner:
+                fields.append((Tag.USER, owner))
             await self._send(Msg.WRITE, stream, encode_fields(fields))
             _raise_for(await self._recv(stream), Msg.OK)
             async for chunk in data:

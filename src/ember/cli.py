@@ -18,6 +18,7 @@ from pathlib import Path
 from ember.config import Settings
 from ember.sdk import types as t
 from ember.sdk.client import Client
+from ember.sdk.core import IdlePolicy
 from ember.sdk.errors import EmberError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms of the CLI's start)
@@ -72,6 +73,17 @@ def pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
     return result
 
 
+def payload_arg(value: str | None) -> str | None:
+    """``--payload``: the text itself, or ``@FILE`` for a file's (UTF-8) content."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], "rb") as f:
+            return f.read(1 << 20).decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"--payload {value}: cannot read it as UTF-8 text ({exc})", 2)
+
+
 def table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -90,7 +102,10 @@ def cmd_run(c: Client, a: Args) -> None:
         ensure_base(c, quiet=a.json)
     vm = c.vms.run(
         a.image, version=a.version, memory_mib=a.memory, vcpus=a.vcpus, env=pairs(a.env, "--env"),
-        tags=pairs(a.tag, "--tag"), client_token=a.client_token, egress=a.egress, allow=a.allow,
+        tags=pairs(a.tag, "--tag"), client_token=a.client_token, run_payload=payload_arg(a.payload),
+        idle=IdlePolicy(timeout_s=a.idle_timeout, auto_resume=a.auto_resume, suspended_ttl_s=a.suspended_ttl,
+                        max_duration_s=a.max_duration, max_duration_running_only=a.max_duration_running_only),
+        egress=a.egress, allow=a.allow,
     )  # fmt: skip
     dump(vm) if a.json else out(vm.id)
 
@@ -165,6 +180,11 @@ def cmd_exec(c: Client, a: Args) -> None:
     argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
     if not argv:
         fail("usage: ember exec [OPTIONS] VM_ID [--] COMMAND [ARG...]", 2)
+    if a.detach:
+        if a.stdin or a.timeout:
+            fail("--detach takes neither -i nor --timeout (stop it with 'ember kill')", 2)
+        proc = c.vms.start_process(a.vm_id, argv, env=pairs(a.env, "--env"), cwd=a.workdir, user=a.user)
+        return dump(proc) if a.json else out(str(proc.pid))
     events = c.vms.exec_events(
         a.vm_id, argv, env=pairs(a.env, "--env"), cwd=a.workdir, user=a.user, timeout_s=a.timeout,
         stdin=_stdin_chunks() if a.stdin else None,
@@ -186,9 +206,34 @@ def cmd_exec(c: Client, a: Args) -> None:
     fail("lost the exec stream before the command finished", 255)
 
 
+def cmd_shell(c: Client, a: Args) -> None:
+    from ember.cliterm import run_shell  # termios, tty, select: only for a shell
+
+    argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+    sys.exit(run_shell(c, a.vm_id, argv, user=a.user, cwd=a.workdir))
+
+
+def cmd_ps_guest(c: Client, a: Args) -> None:
+    procs = c.vms.processes(a.vm_id)
+    if a.json:
+        return dump(procs)
+    rows = [[str(p.pid), "running" if p.running else _ended(p.exit_code, p.signal), p.started_at, shown(p.command)]
+            for p in procs]  # fmt: skip
+    table(rows, ["PID", "STATUS", "STARTED", "COMMAND"])
+
+
+def _ended(code: int | None, signal: int | None) -> str:
+    return f"killed by signal {signal}" if signal else f"exited {code}"
+
+
+def cmd_kill(c: Client, a: Args) -> None:
+    c.vms.kill(a.vm_id, a.pid, int(a.signal) if a.signal.isdigit() else a.signal)
+
+
 def _split_remote(spec: str) -> tuple[str, str] | None:
+    """VM_ID:PATH (a relative PATH is under the image's WORKDIR)."""
     vm_id, sep, path = spec.partition(":")
-    if sep and vm_id.startswith("vm-") and path.startswith("/"):
+    if sep and vm_id.startswith("vm-") and path:
         return vm_id, path
     return None
 
@@ -208,7 +253,7 @@ def cmd_cp(c: Client, a: Args) -> None:
         vm_id, path = remote_dst
         if path.endswith("/"):
             path += local.name
-        n = c.files.write(vm_id, path, _file_chunks(local), mode=local.stat().st_mode & 0o7777)
+        n = c.files.write(vm_id, path, _file_chunks(local), mode=local.stat().st_mode & 0o7777, user=a.user)
         where = f"{vm_id}:{path}"
     elif remote_src and not remote_dst:
         vm_id, path = remote_src
@@ -218,14 +263,14 @@ def cmd_cp(c: Client, a: Args) -> None:
         n = c.files.read_to(vm_id, path, target)
         where = str(target)
     else:
-        fail("exactly one side must be VM_ID:/absolute/path", 2)
+        fail("exactly one side must be VM_ID:PATH", 2)
     out(json.dumps({"bytes": n, "to": where})) if a.json else err(f"copied {n} bytes to {shown(where)}")
 
 
 def cmd_ls(c: Client, a: Args) -> None:
     remote = _split_remote(a.spec)
     if remote is None:
-        fail("usage: ember ls VM_ID:/absolute/dir", 2)
+        fail("usage: ember ls VM_ID:DIR", 2)
     listing = c.files.ls(*remote)
     if a.json:
         return dump(listing)
@@ -235,6 +280,23 @@ def cmd_ls(c: Client, a: Args) -> None:
         out(f"{stat.filemode(e.mode)} {e.size:>12} {shown(e.name)}")
     if listing.truncated:
         err(f"ember: only the first {len(listing.entries)} entries are listed (EMBER_LS_MAX_ENTRIES)")
+
+
+def cmd_logs(c: Client, a: Args) -> None:
+    import codecs
+
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for event in c.vms.logs(a.vm_id, follow=a.follow, tail=a.tail):
+        if isinstance(event, t.LogSkipped):
+            if a.json:
+                out(json.dumps({"offset": event.offset, "skipped": event.skipped}))
+            else:
+                err(f"ember: ... {event.skipped} bytes of the log skipped (overwritten before they were read) ...")
+        elif a.json:
+            out(json.dumps({"offset": event.offset, "data": event.data.decode(errors="replace")}))
+        else:
+            sys.stdout.write(shown(text.decode(event.data), lines=True))
+            sys.stdout.flush()
 
 
 # ---- images --------------------------------------------------------------------------------
@@ -334,6 +396,11 @@ def cmd_key_ls(c: Client, a: Args) -> None:
 def cmd_key_revoke(c: Client, a: Args) -> None:
     c.keys.revoke(a.key_id)
     out(json.dumps({"key_id": a.key_id, "revoked": True}) if a.json else a.key_id)
+
+
+def cmd_token_create(c: Client, a: Args) -> None:
+    token = c.vms.auth_token(a.vm_id, ports=a.port, minutes=a.minutes)
+    dump(token) if a.json else out(token.token)
 
 
 def cmd_webhook_create(c: Client, a: Args) -> None:
@@ -486,6 +553,12 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--tag", action="append", metavar="K=V", help="metadata tag (repeatable)")
     p.add_argument("--client-token", metavar="T", help="idempotency token: a retry returns the same VM")
+    p.add_argument("--idle-timeout", type=int, metavar="S", help="suspend it once idle this many seconds (>= 60)")
+    p.add_argument("--auto-resume", action="store_true", help="exec, files, shell and ingress resume it when suspended")
+    p.add_argument("--suspended-ttl", type=int, metavar="S", help="terminate it S s after it suspends (0: on idle)")
+    p.add_argument("--max-duration", type=int, metavar="S", help="terminate it S seconds after launch")
+    p.add_argument("--max-duration-running-only", action="store_true", help="--max-duration counts running time only")
+    p.add_argument("--payload", metavar="@FILE|TEXT", help="the app's run hook body (at most 16 KiB)")
     p.add_argument("--egress", choices=("none", "internet", "allow"), help="network: none (default), public "
                    "addresses, or only --allow")  # fmt: skip
     p.add_argument("--allow", action="append", metavar="CIDR_OR_DOMAIN", help="with --egress allow (repeatable)")
@@ -496,12 +569,32 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-u", "--user", default="", help="user name or uid[:gid] in the guest")
     p.add_argument("-i", "--stdin", action="store_true", help="send this process's stdin to the command")
     p.add_argument("-t", "--timeout", type=float, default=0, help="kill the command after this many seconds")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="start it in the background (output discarded); prints its pid (ps-guest, kill)")  # fmt: skip
     p.add_argument("vm_id", metavar="VM_ID")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
+
+    p = command(sub, "shell", cmd_shell, "Open a terminal in a VM (its user's login shell, or COMMAND).")
+    p.add_argument("-w", "--workdir", default="", help="working directory in the guest")
+    p.add_argument("-u", "--user", default="", help="user name or uid[:gid] in the guest")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
+    p = command(sub, "ps-guest", cmd_ps_guest, "List a VM's background processes (started with exec --detach).")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p = command(sub, "kill", cmd_kill, "Signal a background process of a VM (started with exec --detach).")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("-s", "--signal", default="TERM", help="a name (TERM, KILL, INT, HUP...) or number (default TERM)")
 
     p = command(sub, "cp", cmd_cp, "Copy a file: 'ember cp ./f ID:/path' or 'ember cp ID:/path ./f'.")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("-u", "--user", default=None,
+                   help="owner of a file copied into the VM (default: the image's USER, else root)")  # fmt: skip
+    p = command(sub, "logs", cmd_logs, "Print the output of a VM's app (its image's ENTRYPOINT/CMD).")
+    p.add_argument("vm_id", metavar="VM_ID")
+    p.add_argument("-f", "--follow", action="store_true", help="go on printing new output")
+    p.add_argument("--tail", type=int, default=None, metavar="BYTES", help="only the last BYTES of the log")
     p = command(sub, "ls", cmd_ls, "List a directory in a VM.")
     p.add_argument("spec", metavar="ID:/DIR")
     for name, fn, text in (
@@ -571,6 +664,14 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="only this tenant's keys (admins)")
     p = command(keys, "revoke", cmd_key_revoke, "Revoke a key: it stops working at once.")
     p.add_argument("key_id", metavar="KEY_ID")
+
+    tokens = command(sub, "token", None, "Make VM auth tokens for the ingress.").add_subparsers(
+        dest="sub", metavar="COMMAND", required=True
+    )
+    p = command(tokens, "create", cmd_token_create, "Make a token for a VM's endpoint (X-Ember-Proxy-Auth).")
+    p.add_argument("vm_id", metavar="ID")
+    p.add_argument("--port", default="8080", help='the guest ports it opens: 8080, 8000-8100 or "all" (default 8080)')
+    p.add_argument("--minutes", type=int, default=10, help="its lifetime, 1-60 minutes (default 10)")
 
     hooks = command(sub, "webhook", None, "Manage webhooks (every VM event, signed).").add_subparsers(
         dest="sub", metavar="COMMAND", required=True

@@ -111,10 +111,20 @@ class Settings:
     build_log_max_bytes: int = _env("EMBER_BUILD_LOG_MAX_BYTES", 16 * 1024 * 1024)
     # Bytes of progress a streamed job keeps for a slow or gone client; older lines become one "dropped" line.
     stream_backlog_bytes: int = _env("EMBER_STREAM_BACKLOG_BYTES", 1024 * 1024)
+    # Each VM's app log (`ember logs`): its newest bytes, kept in the guest (4 KiB-64 MiB; fixed at image build).
+    app_log_bytes: int = _env("EMBER_APP_LOG_BYTES", 1024 * 1024)
     # Pre-started VMMs kept per launched image (0 disables the pool).
     pool_size: int = _env("EMBER_POOL_SIZE", 2)
     # Pre-started VMMs kept for all images together; past it, the least recently launched image gives one up.
     pool_max_vmms: int = _env("EMBER_POOL_MAX_VMMS", 16)
+    # App hooks (ember.hooks): the timeout of a runtime hook (run, resume, suspend, terminate; 1-60 s) and of
+    # validate (1-3600 s) when the image declares none (LABEL ember.hooks.<hook>.timeout).
+    hook_timeout_s: float = _env("EMBER_HOOK_TIMEOUT", 10.0)
+    validate_timeout_s: float = _env("EMBER_VALIDATE_TIMEOUT", 300.0)
+    # The most a pool pre-start spends warming the app (its validate hook, else its readiness check).
+    pool_warm_timeout_s: float = _env("EMBER_POOL_WARM_TIMEOUT", 30.0)
+    # Largest run payload (the run hook's body; 400 beyond), at most 65536 (the agent's bound).
+    run_payload_max_bytes: int = _env("EMBER_RUN_PAYLOAD_MAX_BYTES", 16 * 1024)
     agent_timeout_s: float = _env("EMBER_AGENT_TIMEOUT", 30.0)
     # A restored guest's first answer (launch, pool pre-start, resume): under TCG on a loaded host a
     # fresh QEMU translates the guest's code again first, which can take far longer than one request.
@@ -125,6 +135,28 @@ class Settings:
     agent_daemon_buffer_bytes: int = _env("EMBER_AGENT_DAEMON_BUFFER_BYTES", 256 * 1024 * 1024)
     # A VM's first queued bytes that never wait for the daemon-wide budget (other VMs cannot pause its replies).
     agent_vm_reserved_bytes: int = _env("EMBER_AGENT_VM_RESERVED_BYTES", 1024 * 1024)
+    # The largest WebSocket message a shell client may send (terminal input or a control message); larger: closed.
+    shell_max_message_bytes: int = _env("EMBER_SHELL_MAX_MESSAGE_BYTES", 64 * 1024)
+    # A shell with neither input nor output for this long is closed (its command is killed).
+    shell_idle_timeout_s: float = _env("EMBER_SHELL_IDLE_TIMEOUT", 3600.0)
+    # Ingress: the HTTP listener that reaches apps in VMs ("" = none), and the domain of VM endpoints
+    # (http://<vm-id>.<domain>:<port>/; "localhost" names 127.0.0.1 in browsers).
+    ingress_listen: str = _env("EMBER_INGRESS_LISTEN", "127.0.0.1:7080")
+    ingress_domain: str = _env("EMBER_INGRESS_DOMAIN", "localhost")
+    # The key signing ingress auth tokens (32 bytes, root-only, made once); empty = <data_dir>/ingress.key.
+    # Replacing it revokes every token.
+    ingress_key_file_override: str = _env("EMBER_INGRESS_KEY_FILE", "")
+    # Client connections the ingress serves at once; more wait in the listen backlog.
+    ingress_max_connections: int = _env("EMBER_INGRESS_MAX_CONNECTIONS", 1024)
+    # TCP relays (ingress connections into the guest) one VM may have open at once; each holds at most
+    # 256 KiB of the VM's agent buffer, and all together at most half of it (fewer are allowed if need be).
+    ingress_vm_connections: int = _env("EMBER_INGRESS_VM_CONNECTIONS", 32)
+    # Seconds a client has to send a request head (slowloris), and a kept-alive connection may wait for the next.
+    ingress_head_timeout_s: float = _env("EMBER_INGRESS_HEAD_TIMEOUT", 10.0)
+    # Seconds a request or response (or WebSocket) may pass without a byte either way before it is cut.
+    ingress_idle_timeout_s: float = _env("EMBER_INGRESS_IDLE_TIMEOUT", 300.0)
+    # Seconds the app in the guest has to accept a connection.
+    ingress_connect_timeout_s: float = _env("EMBER_INGRESS_CONNECT_TIMEOUT", 10.0)
     # Most entries one directory listing ('ember ls') returns; more are reported as truncated.
     ls_max_entries: int = _env("EMBER_LS_MAX_ENTRIES", 50_000)
     boot_timeout_s: float = _env("EMBER_BOOT_TIMEOUT", 120.0)
@@ -156,6 +188,18 @@ class Settings:
     webhooks_per_tenant: int = _env("EMBER_WEBHOOKS_PER_TENANT", 10)
     # Finished delivery-log rows kept per webhook (the newest; older ones are pruned).
     webhook_log_rows: int = _env("EMBER_WEBHOOK_LOG_ROWS", 1000)
+    # Idle policy (ember.lifecycle): the shortest idle timeout a run may ask (60 s, as AWS's; tests lower it).
+    min_idle_s: int = _env("EMBER_MIN_IDLE_SECONDS", 60)
+    # The longest maximum duration a run may ask, in seconds (30 days; AWS allows 8 hours).
+    max_duration_limit_s: int = _env("EMBER_MAX_DURATION_LIMIT", 30 * 86400)
+    # Seconds between the idle scheduler's passes (idle checks, suspended TTLs, maximum durations, guest
+    # "suspend now" requests): an automatic transition comes at most this late.
+    idle_check_s: float = _env("EMBER_IDLE_CHECK_S", 5.0)
+    # A VMM using more host CPU than this (cores, over one pass) is busy, not idle. An idle TCG guest costs
+    # 0.00-0.04 here (its timer ticks; measured over 0.5 s passes); a guest process that computes, ~1.
+    idle_cpu_threshold: float = _env("EMBER_IDLE_CPU_THRESHOLD", 0.1)
+    # Host-side deadline of asking a guest whether it holds itself awake or asks to be suspended (ember-idle).
+    idle_guest_answer_s: float = _env("EMBER_IDLE_GUEST_ANSWER_S", 5.0)
     # Hand the host's CA bundle to every build's RUN steps, as if each asked --host-ca-certs (TLS-inspecting proxy).
     build_host_ca_certs: bool = _env("EMBER_BUILD_HOST_CA_CERTS", False)
 
@@ -197,6 +241,10 @@ class Settings:
     @property
     def secret_key_path(self) -> Path:
         return Path(self.secret_key_file_override) if self.secret_key_file_override else self.data_dir / "secret.key"
+
+    @property
+    def ingress_key_path(self) -> Path:
+        return Path(self.ingress_key_file_override) if self.ingress_key_file_override else self.data_dir / "ingress.key"
 
     @property
     def images_dir(self) -> Path:

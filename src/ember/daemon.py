@@ -27,6 +27,8 @@ from ember.guest.artifacts import ensure_artifacts
 from ember.host import cgroup
 from ember.host.binaries import ensure_jailer
 from ember.images import BASE_IMAGE, ImageStore
+from ember.ingress.tokens import TokenSigner
+from ember.lifecycle.scheduler import Scheduler
 from ember.recovery import recover
 from ember.runtime import Host, UidPool
 from ember.tenancy.idempotency import KEPT_S
@@ -52,6 +54,7 @@ class Daemon:
     quotas: QuotaGate
     uid_lock: int  # held for the daemon's lifetime
     webhooks: WebhookDispatcher  # started here; the API's lifespan closes it
+    tokens: TokenSigner  # VM auth tokens of the ingress
 
 
 def lock_uid_range(settings: Settings) -> int:
@@ -111,13 +114,15 @@ async def assemble(settings: Settings) -> Daemon:
     builds.interrupted()
     engine.spawn_chore(forget_terminated(store, tenants, settings.terminated_retention_s))
     engine.spawn_chore(StorageSampler(settings, store).run())  # storage GiB-hours (ember.usage)
+    engine.spawn_chore(Scheduler(engine).run())  # idle suspends, suspended TTLs, maximum durations
     base = store.get_image(BASE_IMAGE)
     if base is not None:
         engine.warm_up(base)
     webhooks = WebhookDispatcher(settings, WebhookStore(db), box)
     store.listeners.append(webhooks.on_event)
     webhooks.start()  # what was pending before a restart, and every event since, is sent
-    return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock, webhooks)
+    tokens = TokenSigner.from_file(settings.ingress_key_path)
+    return Daemon(settings, engine, images, builds, tenants, box, QuotaGate(), uid_lock, webhooks, tokens)
 
 
 PURGE_EVERY_S = 3600.0
@@ -201,7 +206,7 @@ def api_token(path: Path) -> str:
 
 async def serve(settings: Settings) -> None:
     from ember.api.app import create_app
-    from ember.api.auth import Authenticator, PeerCredProtocol
+    from ember.api.auth import Authenticator, PeerCredProtocol, PeerCredWSProtocol
     from ember.api.guard import BodyCaps, RequestGuard, TcpPolicy, tcp_listener
     from ember.tenancy.ratelimit import RateLimiter
 
@@ -209,14 +214,31 @@ async def serve(settings: Settings) -> None:
     daemon = await assemble(settings)
     auth = Authenticator(daemon.tenants, RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
     app = create_app(daemon, auth)
+    if settings.ingress_listen:  # HTTP into VMs; its connections end with the daemon's chores
+        from ember.ingress.proxy import IngressServer
+
+        ingress = IngressServer(settings, daemon.engine, auth, daemon.tokens)
+        await ingress.start()
+        daemon.engine.spawn_chore(ingress.run())
     caps = BodyCaps.from_settings(settings)
     unix = bind_unix_socket(settings.socket_path)
-    on_socket = uvicorn.Config(RequestGuard(app, caps, None, auth), http=PeerCredProtocol, log_level="warning")
+    # WebSockets (the shell): wsproto, each message at most EMBER_SHELL_MAX_MESSAGE_BYTES before it is read
+    ws_max = settings.shell_max_message_bytes
+    on_socket = uvicorn.Config(
+        RequestGuard(app, caps, None, auth),
+        http=PeerCredProtocol,
+        log_level="warning",
+        ws=PeerCredWSProtocol,
+        ws_max_size=ws_max,
+    )
     servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [(uvicorn.Server(on_socket), [unix])]
     if tcp is not None:
         daemon.tenants.put_admin_key(ADMIN_FILE_KEY, token_hash(api_token(settings.api_token_path)))
         log.info("TCP listener %s; the admin key is in %s", settings.listen, settings.api_token_path)
         guarded = RequestGuard(app, caps, TcpPolicy.for_listener(settings.listen), auth)
-        servers.append((uvicorn.Server(uvicorn.Config(guarded, host=tcp[0], port=tcp[1], log_level="warning")), None))
+        config = uvicorn.Config(
+            guarded, host=tcp[0], port=tcp[1], log_level="warning", ws="wsproto", ws_max_size=ws_max
+        )
+        servers.append((uvicorn.Server(config), None))
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")
     await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))

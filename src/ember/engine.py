@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ember.agent import AgentConnection, ExecRequest, ExecResult, Listing, identity_request
+from ember.agent import AgentConnection, ExecRequest, ExecResult, GuestIdleState, Listing, identity_request
+from ember.applog import LogChunk
 from ember.config import Settings
 from ember.db.store import Store
 from ember.errors import (
@@ -30,18 +31,24 @@ from ember.errors import (
     Conflict,
     EmberError,
     GuestError,
+    HookFailed,
     ImageNotFound,
     InvalidRequest,
     VmmError,
     VmNotFound,
     log_with_id,
 )
+from ember.hooks import AppHooks, Hook
+from ember.imagecfg import ImageDefaults, file_owner, guest_path
 from ember.images import ImageStore
+from ember.lifecycle.activity import Activity
+from ember.lifecycle.wake import Waker
 from ember.logs import vlog
 from ember.metrics import Operation, timed
 from ember.microvm import MicroVm, VmPlan
 from ember.models import (
     FileDigest,
+    IdlePolicy,
     ImageRecord,
     StateReason,
     VmRecord,
@@ -111,6 +118,8 @@ class RunOptions:
     tenant: str
     env: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    idle: IdlePolicy = field(default_factory=IdlePolicy)  # idle policy and lifetime (ember.lifecycle)
+    run_payload: bytes = b""  # the body of the app's run hook (ember.hooks)
     egress: EgressPolicy = NO_EGRESS  # ember.network.policy
     on_record: Callable[[str], None] | None = None  # told the VM's id once its record exists
 
@@ -126,6 +135,11 @@ class Engine:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._chores: set[asyncio.Task[Any]] = set()
         self.pool = WarmPool(host, settings.pool_size, self._prewarm, budget=settings.pool_max_vmms)
+        self.activity = Activity()  # what keeps each VM busy (exec, files, shells, ingress): ember.lifecycle
+        self._waker = Waker(self)
+        # an auto-resume runs inside this (the API's quota check of a resume), when the API has set it
+        self.admit_resume: Callable[[VmRecord], contextlib.AbstractAsyncContextManager[Any]] | None = None
+        self.hooks = AppHooks(settings, store)
 
     # ---- helpers ---------------------------------------------------------
 
@@ -309,8 +323,12 @@ class Engine:
             with contextlib.suppress(GuestError):  # no `true` (FROM scratch): the failed exec warmed most of it
                 async for _ in vm.agent.exec(ExecRequest(("true",), timeout_s=10)):
                     pass
-            await vm.vmm.pause()
             phases.mark("exec_true")
+            warmed = await self.hooks.warm(image.name, vm.agent)  # the app's request path, once
+            if warmed is not None and not warmed.ok:
+                vlog(vm_id).warning("pre-start for the pool of %s: %s", image.name, warmed.describe())
+            await vm.vmm.pause()
+            phases.mark("app_warm")
             vlog(vm_id).debug("pre-started for the pool of %s in %.0f ms %s", image.name, phases.total_ms, phases.ms)
             return vm
         except BaseException:
@@ -334,7 +352,7 @@ class Engine:
         record = VmRecord(
             id=vm_id, image=image.name, state=VmState.PENDING, machine=image.machine, uid=uid,
             token=image.token, ram=RamMode.CLONE, tenant=options.tenant, env=dict(options.env),
-            tags=dict(options.tags), egress=options.egress,
+            tags=dict(options.tags), idle=options.idle, egress=options.egress,
         )  # fmt: skip
         await asyncio.to_thread(self.store.insert_vm, record)
         if options.on_record is not None:
@@ -353,11 +371,17 @@ class Engine:
                 else:
                     phases.mark("warm_vmm")
                     token = await self._give_identity(record, vm, phases, False)
+                assert vm.agent is not None
+                ran = await self.hooks.fire(record, vm.agent, Hook.RUN, options.run_payload)
+                if ran is not None and not ran.ok:
+                    raise HookFailed(f"the app's run hook failed, so the VM was removed: {ran.describe()}")
+                phases.mark("run_hook")
             except BaseException as exc:
                 if vm is not None:
                     await vm.close()
                 await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-                failed = record.moved(VmState.TERMINATED, StateReason.LAUNCH_FAILED, public_reason(exc), uid=0)
+                why = StateReason.RUN_HOOK_FAILED if isinstance(exc, HookFailed) else StateReason.LAUNCH_FAILED
+                failed = record.moved(VmState.TERMINATED, why, public_reason(exc), uid=0)
                 await self.save_async(replace(failed, terminated_at=failed.updated_at))
                 raise
             finally:
@@ -373,17 +397,57 @@ class Engine:
     ) -> AsyncIterator[tuple[str, bytes] | ExecResult]:
         return self._agent(self.get(vm_id), "exec in").exec(req, stdin)
 
-    async def write_file(self, vm_id: str, path: str, data: AsyncIterator[bytes], mode: int, mkdirs: bool) -> int:
-        _check_guest_path(path)
-        return await self._agent(self.get(vm_id), "copy files into").write_file(path, data, mode, mkdirs)
+    def guest(self, vm_id: str, action: str) -> AgentConnection:
+        """A RUNNING VM's agent channel (shells, background processes); ``action`` words the refusal."""
+        return self._agent(self.get(vm_id), action)
+
+    @contextlib.asynccontextmanager
+    async def using(self, vm_id: str, action: str) -> AsyncIterator[AgentConnection]:
+        """A guest call (exec, files, shell, processes): the VM is held busy (no idle suspend) for as long as
+        the block runs, and woken first (auto-resume; else a VM not running is refused)."""
+        async with self.activity.hold(vm_id):
+            await self.wake(vm_id, action=action)
+            yield self.guest(vm_id, action)
+
+    def image_defaults(self, record: VmRecord) -> ImageDefaults | None:
+        """What exec, shell and file calls in the VM default to (ember.imagecfg): its image's
+        ENV, WORKDIR and USER; None for an image without a Dockerfile config."""
+        image = self.store.get_image(record.image)  # kept while a VM uses it (remove_image refuses)
+        return image.defaults if image is not None else None
+
+    async def write_file(
+        self, vm_id: str, path: str, data: AsyncIterator[bytes], mode: int, mkdirs: bool, *, user: str | None = None
+    ) -> int:
+        """``user`` owns the file (None: the image's USER, else root)."""
+        record = self.get(vm_id)
+        defaults = self.image_defaults(record)
+        agent = self._agent(record, "copy files into")
+        owner = file_owner(defaults, user)
+        return await agent.write_file(guest_path(defaults, path), data, mode, mkdirs, owner=owner)
 
     async def read_file(self, vm_id: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
-        _check_guest_path(path)
-        return await self._agent(self.get(vm_id), "copy files from").read_file(path)
+        record = self.get(vm_id)
+        resolved = guest_path(self.image_defaults(record), path)
+        return await self._agent(record, "copy files from").read_file(resolved)
 
     async def list_dir(self, vm_id: str, path: str) -> Listing:
-        _check_guest_path(path)
-        return await self._agent(self.get(vm_id), "list files in").list_dir(path)
+        record = self.get(vm_id)
+        resolved = guest_path(self.image_defaults(record), path)
+        return await self._agent(record, "list files in").list_dir(resolved)
+
+    async def read_log(self, vm_id: str, start: int, limit: int, wait_s: float) -> LogChunk:
+        """A piece of the VM's app log (ember.applog: it lives in the guest; the host keeps none)."""
+        return await self._agent(self.get(vm_id), "read the app log of").read_log(start, limit, wait_s)
+
+    async def wake(self, vm_id: str, *, action: str = "reach") -> VmRecord:
+        """Return once the VM is RUNNING: a SUSPENDED VM run with auto-resume is resumed (one resume for every
+        concurrent caller); otherwise a VM that is not running raises the usual error (``action`` names what the
+        caller wanted, e.g. "exec in")."""
+        return await self._waker.wake(vm_id, action=action)
+
+    async def guest_idle_state(self, vm_id: str, timeout_s: float) -> GuestIdleState:
+        """Whether the guest holds itself awake or asks to be suspended (ember-idle)."""
+        return await self._agent(self.get(vm_id), "ask").idle_state(timeout_s)
 
     async def inspect(self, vm_id: str) -> dict[str, Any]:
         record = self.get(vm_id)
@@ -402,7 +466,9 @@ class Engine:
     # ---- suspend / resume ------------------------------------------------
 
     @timed(Operation.SUSPEND)
-    async def suspend(self, vm_id: str) -> Timings:
+    async def suspend(
+        self, vm_id: str, *, reason: StateReason = StateReason.USER_SUSPEND, message: str = ""
+    ) -> Timings:
         """Save memory, devices and disk durably; the VMM exits and the VM holds no memory or CPU.
 
         Its snapshot files may stay in the host page cache, which the kernel
@@ -420,9 +486,11 @@ class Engine:
             agent = self._agent(record, "suspend")
             phases = Phases()
             own_ram = record.ram is RamMode.OWN
-            record = await self.save_async(record.moved(VmState.SUSPENDING, StateReason.USER_SUSPEND))
+            record = await self.save_async(record.moved(VmState.SUSPENDING, reason, message))
             layout = self.host.layout(vm_id)
             try:
+                await self.hooks.fire(record, agent, Hook.SUSPEND)  # a failed one is recorded; the suspend goes on
+                phases.mark("suspend_hook")
                 await agent.sync()
                 phases.mark("guest_sync")
                 async with staging(layout.suspended.path) as tmp, self._files_back_on_failure(layout, tmp, record):
@@ -451,7 +519,7 @@ class Engine:
             except BaseException as exc:
                 await self._suspend_failed(record, vm, exc)
                 raise
-            await self.save_async(record.moved(VmState.SUSPENDED, StateReason.USER_SUSPEND, pid=0))
+            await self.save_async(record.moved(VmState.SUSPENDED, reason, message, pid=0))
             vlog(vm_id).info("suspended in %.0f ms (%d bytes written) %s", phases.total_ms, written, phases.ms)
             return Timings(phases.total_ms, phases.ms, written)
 
@@ -514,7 +582,7 @@ class Engine:
         await self.save_async(record.moved(VmState.FAILED, StateReason.SUSPEND_FAILED, message, pid=0))
 
     @timed(Operation.RESUME)
-    async def resume(self, vm_id: str) -> Timings:
+    async def resume(self, vm_id: str, *, reason: StateReason = StateReason.USER_RESUME) -> Timings:
         """Restore a suspended VM under the same id, into its own RAM file.
 
         Nothing of the snapshot reaches QEMU unchecked: the disk (which QEMU parses as it
@@ -532,7 +600,7 @@ class Engine:
             self.images.check_restorable(manifest.machine, f"the snapshot of VM {vm_id}")
             mapped = manifest.mapped_ram
             image = self.images.get(record.image)
-            record = await self.save_async(record.moved(VmState.RESUMING, StateReason.USER_RESUME))
+            record = await self.save_async(record.moved(VmState.RESUMING, reason))
             moved = move_files(snap.path, layout.root, Snapshot.VM_FILES)
             owned = [layout.root / name for name in moved]
             vm: MicroVm | None = None
@@ -558,6 +626,9 @@ class Engine:
                         load = lambda: load_verified(started.vmm, snap.state, expected, True)  # noqa: E731
                         token = await self._activate(record, vm, load, phases)
                 await asyncio.to_thread(layout.set_ram_offset, manifest.ram_offset)
+                assert vm.agent is not None
+                await self.hooks.fire(record, vm.agent, Hook.RESUME)  # the restore bumped the generation already
+                phases.mark("resume_hook")
             except BaseException as exc:
                 if vm is not None:
                     await vm.close()
@@ -569,7 +640,7 @@ class Engine:
             # the consumed snapshot is deleted off the critical path (a 90 MB unlink takes ~60 ms)
             consumed = snap.path.rename(layout.root / f".consumed-{secrets.token_hex(4)}")
             self.spawn_chore(asyncio.to_thread(shutil.rmtree, consumed, True))
-            await self.take_charge(record, vm, token, StateReason.USER_RESUME, ram=RamMode.OWN)
+            await self.take_charge(record, vm, token, reason, ram=RamMode.OWN)
             phases.mark("commit")
             vlog(vm_id).info("resumed in %.0f ms %s", phases.total_ms, phases.ms)
             return Timings(phases.total_ms, phases.ms)
@@ -609,22 +680,26 @@ class Engine:
 
     # ---- remove ------------------------------------------------------------
 
-    async def remove(self, vm_id: str) -> None:
+    async def remove(self, vm_id: str, *, reason: StateReason = StateReason.USER_TERMINATE, message: str = "") -> None:
         """Stop the VM and delete its files; its record stays, TERMINATED, for the retention period."""
         async with self._lock(vm_id):
             record = self.get(vm_id)
             if record.state is VmState.TERMINATED:
                 return
-            record = await self.save_async(record.moved(VmState.TERMINATING, StateReason.USER_TERMINATE))
+            running = self._runtimes.get(vm_id) if record.state is VmState.RUNNING else None
+            record = await self.save_async(record.moved(VmState.TERMINATING, reason, message))
+            if running is not None and running.agent is not None and not running.agent.closed:
+                await self.hooks.fire(record, running.agent, Hook.TERMINATE)  # a failed one is recorded only
             self._unwatch(vm_id)
             vm = self._runtimes.pop(vm_id, None)
             if vm is not None:
                 await vm.close()
             await asyncio.to_thread(self.host.discard, vm_id)  # a VMM recovery could not reach, too
             await asyncio.to_thread(shutil.rmtree, self.host.layout(vm_id).root, True)
-            ended = record.moved(VmState.TERMINATED, StateReason.USER_TERMINATE, pid=0, uid=0)
+            ended = record.moved(VmState.TERMINATED, reason, message, pid=0, uid=0)
             await self.save_async(replace(ended, terminated_at=ended.updated_at))
         self._locks.pop(vm_id, None)
+        self.activity.forget(vm_id)
         vlog(vm_id).info("removed")
 
     # ---- daemon start / stop -------------------------------------------
@@ -713,13 +788,6 @@ def host_pss_mib(pid: int) -> float | None:
     except OSError:
         pass
     return None
-
-
-def _check_guest_path(path: str) -> None:
-    if not path.startswith("/"):
-        raise InvalidRequest(f"guest path {path!r} must be absolute (start with '/')")
-    if "\0" in path or len(path) > 4096:
-        raise InvalidRequest("guest path is malformed")
 
 
 __all__ = ["Engine", "ImageNotFound", "Timings"]

@@ -21,6 +21,7 @@ EmberError
 │   ├── PayloadTooLarge     a request body over its route's cap (HTTP 413)
 │   └── UnsupportedMediaType  a body of the wrong Content-Type (HTTP 415)
 ├── GuestError              the guest agent refused or failed a request (HTTP 422)
+│   ├── HookFailed          the app's run hook failed: the VM was removed (HTTP 422)
 │   ├── AgentUnavailable    the agent cannot be reached (VM crashed or hung; HTTP 503)
 │   └── GuestProtocolError  the agent's reply broke the wire protocol (hostile or broken guest; HTTP 503)
 ├── VmmError                QEMU failed (start, QMP, migration)
@@ -82,6 +83,11 @@ class TenantNotFound(NotFound):
 class KeyNotFound(NotFound):
     def __init__(self, key_id: str) -> None:
         super().__init__(f"no API key with id '{key_id}': list keys with 'ember key ls'")
+
+
+class ProcessNotFound(NotFound):
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"no background process {pid} is running in this VM: list them with 'ember ps-guest'")
 
 
 class WebhookNotFound(NotFound):
@@ -167,6 +173,10 @@ class GuestError(EmberError):
         self.errno = errno
 
 
+class HookFailed(GuestError):
+    """The app's run hook failed or timed out (ember.hooks); the VM was terminated."""
+
+
 class AgentUnavailable(GuestError):
     http_status = 503
 
@@ -176,6 +186,22 @@ class AgentUnavailable(GuestError):
 
 class TokenRefused(AgentUnavailable):
     """The guest's agent answered and refused the token (as opposed to not answering in time)."""
+
+
+class RelayUnavailable(AgentUnavailable):
+    """A TCP relay into the guest (ingress) cannot be opened now: the VM's relays are all in use."""
+
+
+class VmNotServing(EmberError):
+    """The VM cannot take ingress traffic now (it is not RUNNING)."""
+
+    http_status = 503
+
+
+class GatewayTimeout(EmberError):
+    """The app in the guest did not accept or answer in time (ingress)."""
+
+    http_status = 504
 
 
 class GuestProtocolError(GuestError):

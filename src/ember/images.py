@@ -43,6 +43,7 @@ from ember.errors import (
     logged,
 )
 from ember.guest.artifacts import GuestArtifacts
+from ember.imagecfg import ImageDefaults
 from ember.microvm import MicroVm, VmPlan
 from ember.models import FileDigest, ImageRecord, VmRecord, utcnow
 from ember.runtime import Host
@@ -311,8 +312,9 @@ class ImageStore:
             await vm.close()
 
     async def from_disk(
-        self, name: str, top: Path, parent: str, progress: Progress, prepare: Prepare | None
-    ) -> ImageRecord:
+        self, name: str, top: Path, parent: str, progress: Progress, prepare: Prepare | None,
+        defaults: ImageDefaults | None = None,
+    ) -> ImageRecord:  # fmt: skip
         """An image from a built disk (a qcow2 chain, flattened here) with its app started by ``prepare``.
 
         Builds run concurrently: each has its own name, staging directory, template VM id and group id."""
@@ -323,6 +325,7 @@ class ImageStore:
                 progress("booting the image to start the app (cold boot)")
                 token = secrets.token_hex(16)
                 image = await self._capture(name, tmp, self.machine(token), token, None, parent, progress, prepare)
+            image = replace(image, defaults=defaults)
             self.store.put_image(image)
             return image
 
@@ -354,5 +357,7 @@ class ImageStore:
                     qemu_img = self.host.qemu_img.with_groups(self.get(source.image).gid)
                     await qemu_img.flatten([disk_copy, base.disk], Snapshot(tmp).disk)
                     image = await self._capture(name, tmp, source.machine, source.token, (stream, digest), source.image)
+                # the fork runs what its VM ran: the same exec defaults
+                image = replace(image, defaults=self.get(source.image).defaults)
                 self.store.put_image(image)
                 return image

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from ember.errors import InvalidStateTransition
+from ember.imagecfg import ImageDefaults
 from ember.network.policy import EgressPolicy
 from ember.vmm.machine import MachineConfig, RamMode
 
@@ -87,6 +88,15 @@ class StateReason(enum.StrEnum):
     ``recovered``          RUNNING: a restarted daemon re-adopted the running VMM
     ``agent_unreachable``  RUNNING: a restarted daemon could not reach its agent yet (retried every 30 s)
     ``recovery_failed``    FAILED: a restarted daemon could not take the VM over
+    ``idle``               SUSPENDING, then SUSPENDED (or TERMINATING, then TERMINATED with a suspended TTL of 0):
+                           idle for its idle timeout, or its guest ran ``ember-idle suspend`` (ember.lifecycle)
+    ``suspended_ttl``      TERMINATING, then TERMINATED: it stayed SUSPENDED longer than its suspended TTL
+    ``max_duration``       TERMINATING, then TERMINATED: it lived past its maximum duration
+    ``auto_resume``        RESUMING, then RUNNING: an exec, file call, shell or ingress request reached it while
+                           SUSPENDED, and it was run with auto-resume
+    ``run_hook_failed``    TERMINATED: the app's run hook (ember.hooks) failed or timed out; the VM was removed
+    ``hook``               events only, no state change: an app hook was called (the message says which, its
+                           outcome, HTTP status and duration); never a VM's state_reason
     """
 
     LAUNCH = "launch"
@@ -101,10 +111,38 @@ class StateReason(enum.StrEnum):
     RECOVERED = "recovered"
     AGENT_UNREACHABLE = "agent_unreachable"
     RECOVERY_FAILED = "recovery_failed"
+    IDLE = "idle"
+    SUSPENDED_TTL = "suspended_ttl"
+    MAX_DURATION = "max_duration"
+    AUTO_RESUME = "auto_resume"
+    RUN_HOOK_FAILED = "run_hook_failed"
+    HOOK = "hook"
 
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def parse_time(stamp: str) -> datetime:
+    """A timestamp :func:`utcnow` wrote."""
+    return datetime.fromisoformat(stamp)
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    """A VM's idle policy and lifetime (run options; enforced by ember.lifecycle). None: no limit.
+
+    ``idle_timeout_s``: suspend it once idle that long (no exec, file call, shell or ingress traffic, and its
+    VMM's CPU under EMBER_IDLE_CPU_THRESHOLD). ``suspended_ttl_s``: terminate it once SUSPENDED that long; 0
+    terminates it instead of suspending it. ``max_duration_s``: terminate it that long after its launch,
+    counting suspended time unless ``max_duration_running_only``. ``auto_resume``: an exec, file call, shell or
+    ingress request to it while SUSPENDED resumes it."""
+
+    idle_timeout_s: int | None = None
+    auto_resume: bool = False
+    suspended_ttl_s: int | None = None
+    max_duration_s: int | None = None
+    max_duration_running_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +166,7 @@ class ImageRecord:
     created_at: str = field(default_factory=utcnow)
     parent: str = ""
     tenant: str = ""  # "": a built-in base image, visible to every tenant
+    defaults: ImageDefaults | None = None  # a Dockerfile image's ENV, WORKDIR and USER (ember.imagecfg)
 
 
 @dataclass(frozen=True)
@@ -149,16 +188,28 @@ class VmRecord:
     tags: dict[str, str] = field(default_factory=dict)
     state_message: str = ""  # detail of state_reason (an error's text), for people
     terminated_at: str = ""
+    idle: IdlePolicy = field(default_factory=IdlePolicy)
+    # when it last became SUSPENDED ("" while it is not), and the seconds of its earlier suspended spans: the
+    # suspended TTL and a running-only maximum duration count from them, across daemon restarts
+    suspended_at: str = ""
+    suspended_s: float = 0.0
     egress: EgressPolicy = field(default_factory=EgressPolicy)  # kept across suspend/resume
 
     def moved(self, state: VmState, reason: StateReason, message: str = "", **changes: object) -> VmRecord:
+        now = utcnow()
+        spans: dict[str, object] = {}
+        if state is VmState.SUSPENDED and self.state is not VmState.SUSPENDED:
+            spans = {"suspended_at": now}
+        elif state is not VmState.SUSPENDED and self.suspended_at:
+            spent = (parse_time(now) - parse_time(self.suspended_at)).total_seconds()
+            spans = {"suspended_at": "", "suspended_s": self.suspended_s + max(0.0, spent)}
         return replace(
             self,
             state=state,
             state_reason=reason,
             state_message=message,
-            updated_at=utcnow(),
-            **changes,  # type: ignore[arg-type]
+            updated_at=now,
+            **(spans | changes),  # type: ignore[arg-type]
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ember import hooks
 from ember.agent import FRAME_COST, AgentConnection, ByteBudget, ChannelLimits, ExecRequest, ExecResult
 from ember.config import Settings
 from ember.errors import AgentUnavailable, GuestError, GuestProtocolError, InvalidRequest
@@ -130,7 +131,7 @@ BAD_REPLIES: dict[str, Callable[[int], bytes]] = {
 @pytest.mark.parametrize("bad", sorted(BAD_REPLIES))
 async def test_malformed_guest_replies_become_503_not_500(agents: Agents, bad: str) -> None:
     async def handler(fake: FakeAgent, frame: Frame, writer: asyncio.StreamWriter) -> None:
-        if frame.type is Msg.PROBE:
+        if frame.type in (Msg.PROBE, Msg.HOOK):
             await send(writer, BAD_REPLIES[bad](frame.stream))
         elif frame.type is Msg.PING:
             await send(writer, ok(frame.stream))
@@ -146,7 +147,7 @@ async def test_malformed_guest_replies_become_503_not_500(agents: Agents, bad: s
     conn, _ = await agents(handler)
     try:
         calls: list[Callable[[], Awaitable[object]]] = [
-            lambda: conn.probe(80, http=True),
+            lambda: hooks.request(conn, hooks.Hook.READY, 80, 5),
             lambda: _drain(conn.exec(ExecRequest(["true"]))),
             lambda: conn.read_file("/etc/hostname"),
             lambda: conn.list_dir("/"),

@@ -79,7 +79,9 @@ async def test_vm_answers_are_the_views_json(api: tuple[httpx.AsyncClient, Engin
     assert "warning" not in views[0]["accelerator"] and "warning" in views[1]["accelerator"]
     for view in views:
         answer = await client.get(f"/v1/vms/{view['id']}")
-        assert answer.status_code == 200 and answer.json() == view, answer.text
+        # inspect adds the VM's ingress endpoint (EMBER_INGRESS_LISTEN's and _DOMAIN's defaults here)
+        expected = {**view, "endpoint": f"http://{view['id']}.localhost:7080/"}
+        assert answer.status_code == 200 and answer.json() == expected, answer.text
     listed = await client.get("/v1/vms", params={"tag": "team=a"})
     assert listed.status_code == 200 and listed.json() == views, listed.text
 

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from ember.db import migrate
 from ember.db.schema import metadata, tenants
 from ember.db.store import Store, connect
+from ember.imagecfg import ImageDefaults
 from ember.models import StateReason, VmRecord, VmState
 from ember.vmm.machine import MachineConfig
 from tests.databases import fresh_database
@@ -147,3 +148,17 @@ def test_a_fresh_database_gets_this_schema_and_upgrading_again_changes_nothing(b
             assert {t: rows(engine, t) for t in ("tenants", *OLD_TABLES)} == tables
         finally:
             engine.dispose()
+
+
+def test_images_get_their_builds_exec_defaults_and_forks_their_parents(
+    old_database: tuple[Engine, dict[str, list[dict[str, Any]]]],
+) -> None:
+    """Migration 0004: a built image's ENV, WORKDIR and USER (ember.imagecfg) come from its build's config, a
+    fork's from the image it was forked from; the built-in base has none."""
+    engine, _ = old_database
+    with engine.begin() as c:  # an ENV as Ember 0.1 kept it: an object
+        c.exec_driver_sql("""UPDATE builds SET config = '{"env": {"MODE": "x=1"}, "workdir": "/app"}'""")
+    migrate.upgrade(engine)
+    store = Store(engine)
+    web = ImageDefaults(env=(("MODE", "x=1"),), workdir="/app", user="")
+    assert [store.get_image(n).defaults for n in ("web:1", "snap-a", "debian")] == [web, web, None]  # type: ignore[union-attr]

@@ -80,7 +80,8 @@ def test_python_app_is_running_in_launched_vms(client: Client, tmp_path: Path) -
         pid = int(client.vms.exec(vm_id, ["cat", "/app/pid"]).stdout)
         # the process started during the build, with what it had in memory then
         assert first["pid"] == second["pid"] == pid
-        assert first["ready_calls"] == 1 and (first["gets"], second["gets"]) == (1, 2)
+        # ready once at build, and once more if a pool clone warmed the app before this launch took it
+        assert first["ready_calls"] in (1, 2) and (first["gets"], second["gets"]) == (1, 2)
         assert first["greeting"] == "hi from /app" and first["secret_here"] is False
         with pytest.raises(ApiError) as busy:
             client.send(Request("DELETE", "/v1/images/webapp:2"))

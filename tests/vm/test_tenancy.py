@@ -85,6 +85,8 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/v1/vms/{vm_id}/ls"): {"params": {"path": "/"}},
     ("put", "/v1/vms/{vm_id}/exec/stdin/{stdin_id}"): {"content": b"x"},
     ("patch", "/v1/tenants/{name}"): {"json": {"quotas": {}}},
+    ("post", "/v1/vms/{vm_id}/processes"): {"json": {"argv": ["true"]}},
+    ("post", "/v1/vms/{vm_id}/processes/{pid}/kill"): {"json": {"signal": "TERM"}},
 }
 ADMIN_ONLY = re.compile(r"^/v1/tenants")
 
@@ -103,9 +105,9 @@ def test_another_tenants_resources_answer_exactly_like_missing_ones(
     hook = alice.http.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"})
     assert hook.status_code == 201, hook.text
     owned = {"vm_id": vm["id"], "name": "app:1", "webhook_id": hook.json()["id"], "key_id": alice.key_id,
-             "stdin_id": "0"}  # fmt: skip
+             "stdin_id": "0", "pid": "1"}  # fmt: skip
     missing = {"vm_id": "vm-" + "0" * 12, "name": "nope:1", "webhook_id": "wh-" + "0" * 16,
-               "key_id": "key-" + "0" * 16, "stdin_id": "0"}  # fmt: skip
+               "key_id": "key-" + "0" * 16, "stdin_id": "0", "pid": "1"}  # fmt: skip
     paths = root.get("/openapi.json").json()["paths"]
     checked = 0
     for template, operations in paths.items():

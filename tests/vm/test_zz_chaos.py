@@ -35,7 +35,7 @@ from ember.tenancy.principal import DEFAULT_TENANT
 from tests.conftest import DaemonProcess, build, process_alive
 from tests.load import Starver, busy_cores, cgroup_group_exists, cgroup_names, vmm_processes
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_vms_left")]
 
 SETTLE_S = 45  # how long a loaded daemon may take to reap, refill its pools and settle
 MARK = "/root/chaos-mark"

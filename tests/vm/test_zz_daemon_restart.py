@@ -17,7 +17,7 @@ import pytest
 from ember.sdk import Client, Request
 from tests.conftest import DaemonProcess, process_alive
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_vms_left")]
 
 
 def test_daemon_kill9_readopts_running_vms(client: Client, daemon: DaemonProcess, base_image: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import Request
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 
 from ember.db.tenants import KeyRecord, TenantStore
 from ember.errors import EmberError, Forbidden, RateLimited, TenantNotFound, Unauthorized
@@ -36,22 +37,35 @@ KEY_CACHE = 10_000  # known keys (and unknown tokens) remembered; a revocation i
 TOKEN_SHAPE = re.compile(r"^(ember_)?[A-Za-z0-9_-]{32,64}$")  # an API key, or the api-token file's admin key
 
 
+def _with_peer(protocol: Any, transport: Any) -> None:
+    """Wrap ``protocol``'s app so every scope carries the connecting process's uid (Unix socket only)."""
+    uid: int | None = None
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        uid = struct.unpack("3i", creds)[1]
+    app: Any = vars(protocol)["app"]
+
+    async def with_peer(scope: Scope, receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+        scope[PEER_UID] = uid
+        await app(scope, receive, send)
+
+    protocol.app = with_peer
+
+
 class PeerCredProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     """uvicorn's HTTP protocol, putting the connecting process's uid (Unix socket only) into every scope."""
 
     def connection_made(self, transport: Any) -> None:
-        uid: int | None = None
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            uid = struct.unpack("3i", creds)[1]
-        app: Any = vars(self)["app"]
+        _with_peer(self, transport)
+        super().connection_made(transport)
 
-        async def with_peer(scope: Scope, receive: Callable[[], Awaitable[Any]], send: Any) -> None:
-            scope[PEER_UID] = uid
-            await app(scope, receive, send)
 
-        self.app = with_peer
+class PeerCredWSProtocol(WSProtocol):
+    """The same for a WebSocket (the shell): uvicorn hands an upgraded connection to a protocol of its own."""
+
+    def connection_made(self, transport: Any) -> None:
+        _with_peer(self, transport)
         super().connection_made(transport)
 
 

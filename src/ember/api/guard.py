@@ -4,6 +4,8 @@
   body is read; a chunked body is counted as it streams and cut off at the cap.
 - On the TCP listener only: the ``Host`` must be one of the listener's own names (DNS
   rebinding), and an ``Origin`` must be the listener's own (CSRF from a browser tab).
+- WebSockets: only the shell route opens; it passes the same checks, and a refusal is the handshake's
+  HTTP answer (the WebSocket Denial Response extension), else a close before the handshake.
 - On both listeners: the caller is authenticated (:mod:`ember.api.auth`): root on the Unix
   socket, or a bearer API key; the principal goes into the scope and the request's context.
 """
@@ -37,6 +39,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+_WEBSOCKETS = re.compile(r"^/v1/vms/[^/]+/shell$")  # the only WebSocket routes: any other is closed unanswered
 _STREAMED_INTO_VM = re.compile(r"^/v1/vms/[^/]+/(files|exec/stdin/[^/]+)$")  # a file upload, an exec's stdin
 
 
@@ -139,18 +142,35 @@ def error_body(exc: EmberError) -> dict[str, Any]:
     return {"error": type(exc).__name__, "message": str(exc), **extra}
 
 
-async def reply(send: Send, exc: EmberError, *, close: bool = False) -> None:
-    """Answer with ``exc`` as Ember's JSON error."""
+def _answer(exc: EmberError) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and body of ``exc`` as Ember's JSON error."""
     body = json.dumps(error_body(exc)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if close:  # the body was not read: the connection cannot carry another request
-        headers.append((b"connection", b"close"))
     if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b"Bearer"))
     if isinstance(exc, TooManyRequests) and exc.retry_after is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    return headers, body
+
+
+async def reply(send: Send, exc: EmberError, *, close: bool = False) -> None:
+    """Answer with ``exc`` as Ember's JSON error."""
+    headers, body = _answer(exc)
+    if close:  # the body was not read: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def deny(scope: Scope, send: Send, exc: EmberError) -> None:
+    """Refuse a WebSocket handshake with ``exc`` as Ember's JSON error (a bare close where the server
+    cannot answer a handshake with HTTP)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    headers, body = _answer(exc)
+    await send({"type": "websocket.http.response.start", "status": exc.http_status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 class _Cut:
@@ -192,24 +212,29 @@ class RequestGuard:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
-        if scope["type"] != "http":  # no WebSocket route is served yet: fail closed
-            await send({"type": "websocket.close", "code": 1008})
+        websocket = scope["type"] == "websocket"
+        if not (scope["type"] == "http" or (websocket and _WEBSOCKETS.match(scope["path"]))):
+            await send({"type": "websocket.close", "code": 1008})  # fail closed
             return
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+
+        async def answer(exc: EmberError, *, close: bool = True) -> None:
+            await (deny(scope, send, exc) if websocket else reply(send, exc, close=close))
+
         if self.tcp is not None and (refused := self.tcp.refusal(headers)) is not None:
-            await reply(send, refused, close=True)
+            await answer(refused)
             return
         if "\x00" in scope["path"] or b"%00" in scope["query_string"].lower():
-            await reply(send, InvalidRequest("a NUL character in the path or query: no name or id holds one"))
+            await answer(InvalidRequest("a NUL character in the path or query: no name or id holds one"), close=False)
             return
         who = self.auth.principal(headers, scope.get(PEER_UID))
         if isinstance(who, EmberError):
-            await reply(send, who, close=True)
+            await answer(who)
             return
         scope[PRINCIPAL] = who
         acting = CURRENT.set(who)
         try:
-            await self._guarded(scope, receive, send)
+            await (self.app(scope, receive, send) if websocket else self._guarded(scope, receive, send))
         finally:
             CURRENT.reset(acting)
 

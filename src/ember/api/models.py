@@ -76,6 +76,15 @@ class Vm(BaseModel):
     created_at: str
     updated_at: str
     terminated_at: str | None
+    idle_timeout_s: int | None = Field(description="Suspended once idle this long (null: never)")
+    auto_resume: bool = Field(description="Exec, file calls, shells and ingress requests resume it when suspended")
+    suspended_ttl_s: int | None = Field(description="Terminated once suspended this long (0: when idle; null: kept)")
+    max_duration_s: int | None = Field(description="Terminated this long after launch (null: no limit)")
+    max_duration_running_only: bool = Field(description="The maximum duration counts running time only")
+    suspended_at: str | None = Field(description="When it was suspended, while it is")
+    endpoint: str | None = Field(
+        default=None, description="Its ingress address, http://<vm-id>.<domain>:<port>/ (run and inspect answers)"
+    )
 
 
 class LiveVm(Vm):

@@ -19,10 +19,12 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from ember import applog
 from ember.agent import ExecRequest, ExecResult
 from ember.api.auth import principal, tenant_filter
 from ember.api.execstdin import StdinPipe, StdinPipes
 from ember.api.images import image_view, resolve_image
+from ember.api.ingress import add_token_routes, endpoint
 from ember.api.limits import Limits
 from ember.api.models import (
     UNSET,
@@ -37,12 +39,17 @@ from ember.api.models import (
     Suspended,
     Vm,
 )
+from ember.api.processes import add_process_routes
 from ember.api.schema import errors, raw_body, streamed
+from ember.api.shell import add_shell_routes
 from ember.api.streaming import ndjson
+from ember.applog import LogChunk
+from ember.config import Settings
 from ember.engine import RunOptions
 from ember.errors import EmberError, InvalidRequest, VmNotFound
+from ember.imagecfg import exec_settings
 from ember.metrics import Operation
-from ember.models import EventRecord, ImageRecord, VmRecord, VmState
+from ember.models import EventRecord, IdlePolicy, ImageRecord, VmRecord, VmState
 from ember.network.policy import parse_policy
 from ember.tenancy import names
 from ember.tenancy.idempotency import Idempotency, Settle
@@ -101,6 +108,43 @@ class RunBody(BaseModel):
         default_factory=list, max_length=1000, description="With egress allow: CIDRs and domain names"
     )
     client_token: ClientToken | None = None
+    run_payload: str | None = Field(
+        default=None, description="The body of the app's run hook (POST /ember/v1/run), at most "
+        "EMBER_RUN_PAYLOAD_MAX_BYTES (16 KiB) of UTF-8; images without a run hook ignore it",
+    )  # fmt: skip
+    # idle policy and lifetime (ember.lifecycle); the bounds that are Settings are checked in idle_policy()
+    idle_timeout_s: int | None = Field(
+        default=None, ge=1, le=2**31, description="Suspend it once idle this long (at least EMBER_MIN_IDLE_SECONDS)"
+    )
+    auto_resume: bool = Field(default=False, description="An exec, file call, shell or ingress request resumes it")
+    suspended_ttl_s: int | None = Field(
+        default=None, ge=0, le=2**31, description="Terminate it once suspended this long; 0: terminate when idle"
+    )
+    max_duration_s: int | None = Field(
+        default=None, ge=1, le=2**31, description="Terminate it this long after launch (EMBER_MAX_DURATION_LIMIT)"
+    )
+    max_duration_running_only: bool = Field(default=False, description="The maximum duration counts running time only")
+
+
+def idle_policy(body: RunBody, settings: Settings) -> IdlePolicy:
+    """The run's idle policy, checked against the daemon's bounds (clear 400s)."""
+    if body.idle_timeout_s is not None and body.idle_timeout_s < settings.min_idle_s:
+        raise InvalidRequest(
+            f"idle_timeout_s={body.idle_timeout_s}: the shortest idle timeout is {settings.min_idle_s} seconds"
+        )
+    if body.max_duration_s is not None and body.max_duration_s > settings.max_duration_limit_s:
+        raise InvalidRequest(
+            f"max_duration_s={body.max_duration_s}: the longest maximum duration is {settings.max_duration_limit_s} "
+            "seconds"
+        )
+    if body.max_duration_running_only and body.max_duration_s is None:
+        raise InvalidRequest("max_duration_running_only needs max_duration_s")
+    if body.suspended_ttl_s == 0 and body.idle_timeout_s is None:
+        raise InvalidRequest("suspended_ttl_s=0 terminates the VM when it is idle: it needs idle_timeout_s")
+    return IdlePolicy(
+        idle_timeout_s=body.idle_timeout_s, auto_resume=body.auto_resume, suspended_ttl_s=body.suspended_ttl_s,
+        max_duration_s=body.max_duration_s, max_duration_running_only=body.max_duration_running_only,
+    )  # fmt: skip
 
 
 class SnapshotBody(BaseModel):
@@ -134,6 +178,9 @@ def vm_view(vm: VmRecord) -> dict[str, Any]:
         "accelerator": accel_view(vm.machine.accel.value), "memory_mib": vm.machine.memory_mib,
         "vcpus": vm.machine.vcpus, "env": vm.env, "tags": vm.tags, "egress": vm.egress.view(), "pid": vm.pid or None,
         "created_at": vm.created_at, "updated_at": vm.updated_at, "terminated_at": vm.terminated_at or None,
+        "idle_timeout_s": vm.idle.idle_timeout_s, "auto_resume": vm.idle.auto_resume,
+        "suspended_ttl_s": vm.idle.suspended_ttl_s, "max_duration_s": vm.idle.max_duration_s,
+        "max_duration_running_only": vm.idle.max_duration_running_only, "suspended_at": vm.suspended_at or None,
     }  # fmt: skip
 
 
@@ -183,8 +230,15 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
     @app.post("/v1/vms", status_code=201, response_model=Vm, responses=errors(409, 503, 507), **UNSET)
     async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        payload = (body.run_payload or "").encode()
+        if len(payload) > daemon.settings.run_payload_max_bytes:
+            raise InvalidRequest(
+                f"run_payload is {len(payload)} bytes: at most {daemon.settings.run_payload_max_bytes} "
+                "(pass larger input to the app through a file: 'ember cp')"
+            )
         image = resolve_image(daemon, who, body.image, body.version)
         _check_size(image, body)
+        policy = idle_policy(body, daemon.settings)
         egress = parse_policy(body.egress, body.allow, max_entries=daemon.settings.egress_max_allow)
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
                 Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
@@ -196,11 +250,16 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
                     settle(vm_id)
                     release()  # the PENDING record counts from here
 
-                options = RunOptions(tenant=who.tenant, env=body.env, tags=body.tags, egress=egress, on_record=recorded)
-                return vm_view(await engine.run(image, options))
+                options = RunOptions(
+                    tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
+                    egress=egress,
+                    on_record=recorded,
+                )  # fmt: skip
+                vm = vm_view(await engine.run(image, options))
+                return {**vm, "endpoint": endpoint(daemon.settings, vm["id"])}
 
         async def existing(vm_id: str) -> dict[str, Any]:
-            return vm_view(owned(vm_id, who))
+            return {**vm_view(owned(vm_id, who)), "endpoint": endpoint(daemon.settings, vm_id)}
 
         return await once.create(who, "vm", body.client_token, body.model_dump(mode="json"), create, existing)
 
@@ -241,7 +300,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     @app.get("/v1/vms/{vm_id}", response_model=LiveVm, **UNSET)
     async def inspect_vm(vm: VmRecord = Depends(owned_vm), live: bool = False) -> dict[str, Any]:
         """The VM's record; ``live`` also asks its VMM and agent (status, host memory, a ping's time)."""
-        view = vm_view(vm)
+        view = {**vm_view(vm), "endpoint": endpoint(daemon.settings, vm.id)}
         if live and vm.state is not VmState.TERMINATED:
             view.update(await engine.inspect(vm.id))
         return view
@@ -287,12 +346,17 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         view = vm_view(engine.get(vm.id))
         return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}
 
-    @app.post("/v1/vms/{vm_id}/resume", response_model=Resumed, responses=errors(409, 503, 507), **UNSET)
-    async def resume_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+    def admit_resume(vm: VmRecord) -> contextlib.AbstractAsyncContextManager[Any]:
         machine = vm.machine
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, machine.vcpus),
                 Ask(Quota.RUNNING_MEMORY_MIB, machine.memory_mib)]  # fmt: skip
-        async with limits.admit(vm.tenant, asks, Operation.RESUME):
+        return limits.admit(vm.tenant, asks, Operation.RESUME)
+
+    engine.admit_resume = admit_resume  # auto-resumes (ember.lifecycle.wake) are held to the same quotas
+
+    @app.post("/v1/vms/{vm_id}/resume", response_model=Resumed, responses=errors(409, 503, 507), **UNSET)
+    async def resume_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        async with admit_resume(vm):
             t = await engine.resume(vm.id)
         return {**vm_view(engine.get(vm.id)), "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms}
 
@@ -317,6 +381,9 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         return await once.create(who, "snapshot", body.client_token, request, create, existing)
 
     add_exec_routes(app, daemon, owned_vm)
+    add_process_routes(app, daemon, owned_vm)
+    add_shell_routes(app, daemon, owned)
+    add_token_routes(app, daemon, owned_vm)
 
 
 def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
@@ -331,17 +398,21 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     async def exec_vm(body: ExecBody, vm: VmRecord = Depends(owned_vm)) -> StreamingResponse:
         """Run a command; NDJSON output events, then its exit status. With ``stdin`` the first
         event is ``{"stdin": ID}``: stream the input with PUT /v1/vms/{vm_id}/exec/stdin/ID.
-        The VM's own environment (``env`` at run) comes first; the request's overrides it."""
-        env = {**vm.env, **body.env}
-        req = ExecRequest(
-            argv=body.argv, env=[f"{k}={v}" for k, v in env.items()], cwd=body.cwd, user=body.user,
-            timeout_s=body.timeout_s,
-        )  # fmt: skip
+        The image's ENV comes first, then the VM's own environment (``env`` at run), then the
+        request's; ``cwd`` and ``user`` default to the image's WORKDIR and USER (ember.imagecfg)."""
+        run = exec_settings(engine.image_defaults(vm), vm.env, body.env, cwd=body.cwd, user=body.user)
+        req = ExecRequest(argv=body.argv, env=run.env, cwd=run.cwd, user=run.user, timeout_s=body.timeout_s)
         vm_id = vm.id
-        pipe = stdin_pipes.open(vm_id, daemon.settings.agent_timeout_s) if body.stdin else None
+        busy = await _busy(vm_id, "exec in")  # until the output stream ends
+        try:
+            pipe = stdin_pipes.open(vm_id, daemon.settings.agent_timeout_s) if body.stdin else None
+        except BaseException:
+            await busy.aclose()
+            raise
         try:
             events = await engine.exec(vm_id, req, pipe)
         except BaseException:
+            await busy.aclose()
             if pipe is not None:
                 stdin_pipes.close(pipe)  # no exec (unknown VM, not running, bad input): no pipe
             raise
@@ -358,7 +429,7 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
             else:
                 await first
         except BaseException:
-            await _end_exec(events, first, pipe)
+            await _end_exec(events, first, pipe, busy)
             raise
 
         async def stream() -> AsyncIterator[bytes]:
@@ -375,13 +446,22 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
             except EmberError as exc:
                 yield ndjson({"error": type(exc).__name__, "message": str(exc)})
             finally:
-                await _end_exec(events, first, pipe)
+                await _end_exec(events, first, pipe, busy)
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
+    async def _busy(vm_id: str, action: str) -> contextlib.AsyncExitStack:
+        """Hold the VM busy (no idle suspend) and wake it (auto-resume) for a guest call; the caller closes the
+        returned stack when the call, its streams included, has ended."""
+        stack = contextlib.AsyncExitStack()
+        await stack.enter_async_context(engine.using(vm_id, action))
+        return stack
+
     async def _end_exec(
-        events: AsyncIterator[tuple[str, bytes] | ExecResult], first: asyncio.Future[Any], pipe: StdinPipe | None
-    ) -> None:
+        events: AsyncIterator[tuple[str, bytes] | ExecResult], first: asyncio.Future[Any], pipe: StdinPipe | None,
+        busy: contextlib.AsyncExitStack,
+    ) -> None:  # fmt: skip
+        await busy.aclose()
         if pipe is not None:
             stdin_pipes.close(pipe)
         if not first.done():
@@ -390,6 +470,34 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
             await first
         with contextlib.suppress(Exception):
             await events.aclose()  # type: ignore[attr-defined]
+
+    @app.get(
+        "/v1/vms/{vm_id}/logs", response_class=StreamingResponse,
+        responses={**streamed("application/x-ndjson", "The app's output: {offset, data} (base64) and "
+                              "{offset, skipped} events (NDJSON)"), **errors(409, 422, 503)},
+    )  # fmt: skip
+    async def vm_logs(
+        vm: VmRecord = Depends(owned_vm), follow: bool = False,
+        tail: int | None = Query(default=None, ge=0, le=2**62, description="Only the last this many bytes"),
+    ) -> StreamingResponse:  # fmt: skip
+        """The app's stdout and stderr (its ENTRYPOINT/CMD), as the guest keeps them (the newest
+        EMBER_APP_LOG_BYTES of the image's build); ``follow`` goes on with new output. A reader slower
+        than the app gets a ``skipped`` event for the bytes overwritten meanwhile (ember.applog)."""
+        vm_id = vm.id
+
+        async def read(start: int, limit: int, wait_s: float) -> LogChunk:
+            return await engine.read_log(vm_id, start, limit, wait_s)
+
+        head = await applog.first_chunk(read)  # a VM without an app, or not running: an error, not a 200
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for event in applog.events(read, head, tail=tail, follow=follow):
+                    yield ndjson(event)
+            except EmberError as exc:
+                yield ndjson({"error": type(exc).__name__, "message": str(exc)})
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     @app.put(
         "/v1/vms/{vm_id}/exec/stdin/{stdin_id}", response_model=StdinWritten, responses=errors(409, 422, 503),
@@ -407,8 +515,12 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     async def put_file(
         request: Request, vm: VmRecord = Depends(owned_vm), path: str = Query(...),
         mode: int = Query(0o644, ge=0, le=0o7777), mkdirs: bool = False,
+        user: str | None = Query(None, max_length=256, pattern=NO_NUL,
+                                 description="Owner: a name or uid[:gid] (default: the image's USER, else root)"),
     ) -> dict[str, Any]:  # fmt: skip
-        size = await engine.write_file(vm.id, path, request.stream(), mode, mkdirs)
+        """Write a file (a relative ``path`` is under the image's WORKDIR)."""
+        async with await _busy(vm.id, "copy files into"):
+            size = await engine.write_file(vm.id, path, request.stream(), mode, mkdirs, user=user)
         return {"path": path, "bytes": size}
 
     @app.get(
@@ -417,14 +529,32 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
                    **errors(409, 422, 503)},
     )  # fmt: skip
     async def get_file(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> StreamingResponse:
-        size, chunks = await engine.read_file(vm.id, path)
+        busy = await _busy(vm.id, "copy files from")  # until the file has streamed
+        try:
+            size, chunks = await engine.read_file(vm.id, path)
+        except BaseException:
+            await busy.aclose()
+            raise
+
+        async def streamed_file() -> AsyncIterator[bytes]:
+            async with busy:
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                finally:
+                    with contextlib.suppress(Exception):
+                        await chunks.aclose()  # type: ignore[attr-defined]
+
         # the size at open time; the stream ends at EOF even if the file grew
-        return StreamingResponse(chunks, media_type="application/octet-stream", headers={"X-Ember-Size": str(size)})
+        return StreamingResponse(
+            streamed_file(), media_type="application/octet-stream", headers={"X-Ember-Size": str(size)}
+        )
 
     @app.get("/v1/vms/{vm_id}/ls", response_model=Listing, responses=errors(409, 422, 503))
     async def list_files(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> dict[str, Any]:
         """``entries`` sorted by name; ``truncated``: the directory has more than EMBER_LS_MAX_ENTRIES."""
-        listing = await engine.list_dir(vm.id, path)
+        async with await _busy(vm.id, "list files in"):
+            listing = await engine.list_dir(vm.id, path)
         entries = [
             {"name": e.name, "mode": e.mode, "size": e.size, "mtime": e.mtime}
             for e in sorted(listing.entries, key=lambda entry: entry.name)

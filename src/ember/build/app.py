@@ -1,7 +1,8 @@
 """Start an image's app under the agent and wait until it is ready (pure policy + agent calls).
 
 What "ready" means, first match wins: ``--ready-cmd`` exits 0; the image's
-HEALTHCHECK exits 0; ``LABEL ember.ready.http=PORT`` answers
+HEALTHCHECK exits 0; ``LABEL ember.ready.http=PORT`` (or ``ready`` among the
+image's hooks, ``ember.hooks``, on its hook port) answers
 ``POST /ember/v1/ready`` with 2xx; every EXPOSEd TCP port accepts a
 connection; with none of these, the app counts as ready once started. Probes
 run inside the guest (the agent connects to the guest's loopback), so images
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 
 from ember.agent import AgentConnection, ExecRequest, ExecResult
 from ember.build.dockerfile import ImageConfig
+from ember.config import Settings
 from ember.errors import AgentUnavailable, BuildFailed, GuestError
+from ember.hooks import Hook, HookConfig, Outcome, hook_config, poll
+from ember.hooks import call as call_hook
 
-READY_LABEL = "ember.ready.http"
 PROBE_INTERVAL_S = 0.25
+READY_CALL_TIMEOUT_S = 10.0  # one call of the ready hook (it is called again until the readiness timeout)
 TAIL = 3000
 # Past the readiness timeout, a probe that still has not answered (the app may have stopped the
 # agent) is given this long before the host gives up on it.
@@ -58,12 +62,9 @@ def choose(config: ImageConfig, ready_cmd: tuple[str, ...]) -> Readiness:
         return Readiness(ReadyKind.CMD, ready_cmd)
     if config.healthcheck is not None and config.healthcheck.argv:
         return Readiness(ReadyKind.HEALTHCHECK, config.healthcheck.argv)
-    labels = dict(config.labels)
-    if READY_LABEL in labels:
-        port = labels[READY_LABEL]
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise BuildFailed(f"LABEL {READY_LABEL}={port}: expected a port number")
-        return Readiness(ReadyKind.HTTP, ports=(int(port),))
+    hooks = hook_config(dict(config.labels))
+    if hooks is not None and hooks.has(Hook.READY):
+        return Readiness(ReadyKind.HTTP, ports=(hooks.port,))
     tcp = tuple(int(p.split("/")[0]) for p in config.exposed if p.endswith("/tcp"))
     if tcp:
         return Readiness(ReadyKind.TCP, ports=tcp)
@@ -71,12 +72,16 @@ def choose(config: ImageConfig, ready_cmd: tuple[str, ...]) -> Readiness:
 
 
 class AppRun:
-    """The app's process, started through the agent; its output is kept (tail) and echoed."""
+    """The app's process, started through the agent; its output is kept (tail) and echoed, and the
+    agent keeps it in the VM's app log of ``log_bytes`` (ember.applog), which every clone inherits."""
 
-    def __init__(self, agent: AgentConnection, config: ImageConfig, echo: Callable[[str], None]) -> None:
+    def __init__(
+        self, agent: AgentConnection, config: ImageConfig, echo: Callable[[str], None], *, log_bytes: int
+    ) -> None:
         self.agent = agent
         self.config = config
         self.echo = echo
+        self.log_bytes = log_bytes
         self.tail = ""
         self.result: ExecResult | None = None
         self.pid = 0
@@ -87,8 +92,9 @@ class AppRun:
 
     def start(self) -> None:
         req = ExecRequest(
-            argv=list(self.config.app_argv()), env=self._env(), cwd=self.config.workdir, user=self.config.user
-        )
+            argv=list(self.config.app_argv()), env=self._env(), cwd=self.config.workdir, user=self.config.user,
+            log_bytes=self.log_bytes,
+        )  # fmt: skip
         self._task = asyncio.create_task(self._pump(req))
 
     async def _pump(self, req: ExecRequest) -> None:
@@ -181,12 +187,32 @@ async def _probe(agent: AgentConnection, readiness: Readiness, config: ImageConf
                 tail = (tail + item[1].decode(errors="replace"))[-400:]
             return False, "no exit status"
         if readiness.kind is ReadyKind.HTTP:
-            status = await agent.probe(readiness.ports[0], http=True)
-            return 200 <= status < 300, f"HTTP {status}"
+            done = await call_hook(agent, Hook.READY, readiness.ports[0], READY_CALL_TIMEOUT_S)
+            if done.outcome is Outcome.ERROR:
+                raise AgentUnavailable(done.detail)
+            return done.ok, done.describe()
         for port in readiness.ports:
-            await agent.probe(port, http=False)
+            await agent.probe(port)
         return True, "connected"
     except GuestError as exc:
         if isinstance(exc, AgentUnavailable):
             raise
         return False, str(exc)
+
+
+async def validate(
+    agent: AgentConnection, app: AppRun | None, hooks: HookConfig, settings: Settings, say: Callable[[str], None]
+) -> float:
+    """After ready: POST the validate hook, again while it answers 503, until its timeout; returns the
+    seconds it took. Anything but a 2xx fails the build with the answer and the app's last output."""
+    timeout = hooks.timeout_s(Hook.VALIDATE, settings.validate_timeout_s)
+    say(f"calling the validate hook on port {hooks.port} (timeout {timeout:.0f} s)")
+    done = await poll(agent, Hook.VALIDATE, hooks.port, timeout)
+    if done.outcome is Outcome.ERROR:
+        raise AgentUnavailable(done.detail)
+    if not done.ok:
+        output = app.tail.strip()[-2000:] if app is not None else ""
+        why = f"the app's validate hook did not pass: {done.describe()}; its last output:\n{output}"
+        raise BuildFailed(why, "validate")
+    say(f"validated after {done.duration_ms / 1000:.2f} s")
+    return done.duration_ms / 1000

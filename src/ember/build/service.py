@@ -47,6 +47,8 @@ from ember.build.unpack import remove_tree
 from ember.config import Settings
 from ember.db.store import Store
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken, log_with_id
+from ember.hooks import Hook, hook_config
+from ember.imagecfg import ImageDefaults
 from ember.images import RESERVED_NAMES, ImageStore
 from ember.metrics import build_finished
 from ember.models import BuildRecord, BuildState, ImageRecord, utcnow
@@ -332,6 +334,7 @@ class BuildService:
         built = await builder.build(dockerfile, ctx, req.options)
         config = built.layer.config
         readiness = app_mod.choose(config, req.ready_cmd)
+        hooks = hook_config(dict(config.labels))  # a bad hook label fails the build here, naming it
         steps = [dataclasses.asdict(s) for s in built.steps]
         timings: dict[str, float] = {}
 
@@ -339,11 +342,13 @@ class BuildService:
             app = None
             if config.app_argv():
                 say(f"starting the app: {json.dumps(list(config.app_argv()))[:200]}")
-                app = app_mod.AppRun(agent, config, say)
+                app = app_mod.AppRun(agent, config, say, log_bytes=self.settings.app_log_bytes)
                 app.start()
             say(f"waiting until {readiness.describe()} (timeout {req.ready_timeout_s:.0f} s)")
             timings["ready_s"] = await app_mod.wait_ready(agent, app, readiness, config, req.ready_timeout_s)
             say(f"ready after {timings['ready_s']:.2f} s")
+            if hooks is not None and hooks.has(Hook.VALIDATE):
+                timings["validate_s"] = await app_mod.validate(agent, app, hooks, self.settings, say)
             await agent.sync()
             if app is not None:
                 await app.detach()
@@ -354,8 +359,10 @@ class BuildService:
                 if key.endswith("_ms"):
                     timings[key.removesuffix("_ms") + "_s"] = value / 1000
 
-        # the same disk, config and readiness as an earlier version: its snapshot is this build's result
-        key = step_key(built.layer.key, config.to_json(), repr(readiness))
+        # the same disk, config, readiness and app log size as an earlier version: its snapshot is this
+        # build's result (an image from before app logs has none: its key differs)
+        log_size = {"app_log_bytes": self.settings.app_log_bytes}
+        key = step_key(built.layer.key, config.to_json(), repr(readiness), log_size)
         previous = None if req.options.no_cache else self._reusable(record.repo, key)
         if previous is not None:
             shown = names.public(previous.name)
@@ -366,7 +373,8 @@ class BuildService:
             flat = self.settings.data_dir / f"tmp-flat-{secrets.token_hex(6)}.qcow2"  # swept if the daemon dies
             try:
                 await self.bases.cache.qemu_img.flatten(built.layer.chain, flat)
-                image = await self.images.from_disk(record.name, flat, "", progress, prepare)
+                defaults = ImageDefaults(env=config.env, workdir=config.workdir, user=config.user)
+                image = await self.images.from_disk(record.name, flat, "", progress, prepare, defaults)
             finally:
                 flat.unlink(missing_ok=True)
         details = {"steps": steps, "readiness": readiness.kind.value, "cache_key": key, **timings}

@@ -7,7 +7,7 @@ Alembic migrations in ``ember/db/migrations/versions``; their head must equal th
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -45,6 +45,7 @@ images = Table(
     Column("created_at", String, nullable=False),
     Column("parent", String, nullable=False),
     Column("tenant", String(63), nullable=False, index=True),  # "": a built-in base, visible to all
+    Column("defaults", Text, nullable=False),  # JSON: exec/file defaults (ember.imagecfg); "": none
 )
 
 builds = Table(
@@ -86,6 +87,14 @@ vms = Table(
     Column("tags", Text, nullable=False),  # JSON object
     Column("state_message", Text, nullable=False),
     Column("terminated_at", String(32), nullable=False),
+    # idle policy and lifetime (ember.models.IdlePolicy; NULL: no limit), and the suspended spans they count
+    Column("idle_timeout_s", Integer, nullable=True),
+    Column("auto_resume", Boolean, nullable=False),
+    Column("suspended_ttl_s", Integer, nullable=True),
+    Column("max_duration_s", Integer, nullable=True),
+    Column("max_duration_running_only", Boolean, nullable=False),
+    Column("suspended_at", String(32), nullable=False),
+    Column("suspended_s", Float, nullable=False),
     Column("egress", Text, nullable=False, server_default='{"mode": "none", "allow": []}'),  # JSON: ember.network
 )
 

@@ -20,14 +20,17 @@ from sqlalchemy.exc import OperationalError
 from ember.db import migrate
 from ember.db.schema import builds, events, images, vms
 from ember.errors import ResourceExhausted
+from ember.imagecfg import ImageDefaults
 from ember.models import (
     BuildRecord,
     BuildState,
     EventRecord,
+    IdlePolicy,
     ImageRecord,
     StateReason,
     VmRecord,
     VmState,
+    utcnow,
 )
 from ember.network.policy import EgressPolicy
 from ember.tenancy.principal import CURRENT
@@ -38,13 +41,14 @@ def _image_row(r: ImageRecord) -> dict[str, object]:
     return {
         "name": r.name, "machine": r.machine.to_json(), "gid": r.gid, "token": r.token,
         "disk_bytes": r.disk_bytes, "memory_bytes": r.memory_bytes, "created_at": r.created_at, "parent": r.parent,
-        "tenant": r.tenant,
+        "tenant": r.tenant, "defaults": r.defaults.to_json() if r.defaults is not None else "",
     }  # fmt: skip
 
 
 def _image(row: RowMapping) -> ImageRecord:
     data = dict(row)
     data["machine"] = MachineConfig.from_json(data["machine"])
+    data["defaults"] = ImageDefaults.from_json(data["defaults"])
     return ImageRecord(**data)
 
 
@@ -54,7 +58,10 @@ def _vm_row(r: VmRecord) -> dict[str, object]:
         "token": r.token, "ram": r.ram.value, "pid": r.pid, "state_reason": r.state_reason.value,
         "next_token": r.next_token, "created_at": r.created_at, "updated_at": r.updated_at, "tenant": r.tenant,
         "env": json.dumps(r.env), "tags": json.dumps(r.tags), "state_message": r.state_message,
-        "terminated_at": r.terminated_at, "egress": r.egress.to_json(),
+        "terminated_at": r.terminated_at, "idle_timeout_s": r.idle.idle_timeout_s, "auto_resume": r.idle.auto_resume,
+        "suspended_ttl_s": r.idle.suspended_ttl_s, "max_duration_s": r.idle.max_duration_s,
+        "max_duration_running_only": r.idle.max_duration_running_only, "suspended_at": r.suspended_at,
+        "suspended_s": r.suspended_s, "egress": r.egress.to_json(),
     }  # fmt: skip
 
 
@@ -67,6 +74,11 @@ def _vm(row: RowMapping) -> VmRecord:
     data["state_reason"] = StateReason(data["state_reason"])
     data["env"] = json.loads(data["env"])
     data["tags"] = json.loads(data["tags"])
+    data["idle"] = IdlePolicy(
+        idle_timeout_s=data.pop("idle_timeout_s"), auto_resume=bool(data.pop("auto_resume")),
+        suspended_ttl_s=data.pop("suspended_ttl_s"), max_duration_s=data.pop("max_duration_s"),
+        max_duration_running_only=bool(data.pop("max_duration_running_only")),
+    )  # fmt: skip
     data["egress"] = EgressPolicy.from_json(data["egress"])
     return VmRecord(**data)
 
@@ -204,6 +216,13 @@ class Store:
             if before is not None and before != record.state.value:
                 event = self._record_event(c, record, VmState(before))
         self._tell(event)
+
+    def record_hook(self, record: VmRecord, message: str) -> EventRecord:
+        """An app hook call (ember.hooks) as an event of the VM: no state change (from = to = its state),
+        reason ``hook``, ``message`` what the call did. Not told to the listeners (webhooks send state changes)."""
+        call = dataclasses.replace(record, state_reason=StateReason.HOOK, state_message=message, updated_at=utcnow())
+        with self._write() as c:
+            return self._record_event(c, call, record.state)
 
     def _record_event(self, c: Connection, record: VmRecord, before: VmState | None) -> EventRecord:
         row = {

@@ -27,6 +27,19 @@ Exec stdin is flow-controlled: STARTED carries the agent's initial stdin credit
 (SIZE, bytes) and CREDIT frames grant more as the agent writes to the command's
 stdin (CLOSED set: the command closed its stdin, send nothing more). The host
 never sends more STDIN bytes than it was granted.
+
+A PTY exec is an exec whose stdin, stdout and stderr are one pseudo-terminal: its output
+comes as STDOUT frames, its input as STDIN within the same credit, and RESIZE changes the
+terminal's size. A DETACH exec starts in the background and is answered by STARTED alone;
+the agent keeps at most MAX_PROCS of them (an exited one gives its place to a new one), PS
+lists them and KILL signals only them (never another guest process).
+
+TCP relays (the ingress) are credit-based both ways. TCP_CONNECT (PORT, SIZE: the bytes the host
+may take now) opens 127.0.0.1:PORT in the guest; TCP_CONNECTED carries the agent's window (SIZE)
+for the host's TCP_SEND bytes, given back by CREDIT frames (CLOSED: the app stopped reading). The
+agent reads the socket only within the host's credit, which TCP_CREDIT renews as the host forwards
+what it got, so a guest can never make the host hold more than one window per relay. TCP_SHUT and
+TCP_EOF are the two half-closes; SIGNAL drops the relay. A refused connection is an ERROR (ERRNO).
 """
 
 from __future__ import annotations
@@ -46,6 +59,11 @@ NONCE_LEN = 16
 TOKEN_MIN, TOKEN_MAX = 16, 128  # bytes of an agent token (the host makes 32 hex digits)
 ENTRY_HEADER = struct.Struct("<IQq")  # mode, size, mtime (seconds)
 NAME_MAX = 255  # the longest file name (bytes) a directory entry has
+PTY_MAX_DIM = 1000  # a terminal's most rows and columns
+MAX_PROCS = 64  # background processes the agent tracks (running ones, and exited ones until evicted)
+TCP_WINDOW = 256 * 1024  # the credit the host grants a relay: the most of it the host holds at once
+HOOK_BODY_MAX = 64 * 1024  # the agent's bound on a hook request's body
+HOOK_ANSWER_MAX = 4096  # the most of a hook's answer the agent returns
 MAX_ID = 2**32 - 2  # the largest uid or gid: (uid_t)-1 means "leave unchanged" to setuid() and chown()
 
 
@@ -66,6 +84,16 @@ class Msg(enum.IntEnum):
     PING = 13
     PROBE = 14
     SET_TOKEN = 15  # a freshly booted agent's one token (accepted once, before any HELLO succeeds)
+    RESIZE = 20  # a PTY exec's stream: ROWS, COLS (its processes get SIGWINCH)
+    PS = 21  # the background processes: one PROC each, then OK
+    KILL = 22  # PID, SIGNAL: signal a running background process (no other)
+    LOGS = 24  # read the app's log (ember.applog)
+    IDLE_QUERY = 28  # does the guest hold itself awake, or ask to be suspended now (ember-idle)?
+    TCP_CONNECT = 16  # ingress: open a relay to the guest's 127.0.0.1:PORT (SIZE: the host's initial credit)
+    TCP_SEND = 17  # bytes for the relay's socket (within the agent's credit)
+    TCP_SHUT = 18  # the host's half-close: shutdown(SHUT_WR) once the bytes before it are written
+    TCP_CREDIT = 19  # SIZE more bytes the agent may send from the socket
+    HOOK = 30  # POST /ember/v1/<HOOK_NAME> with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
     # guest -> host
     HELLO_ACK = 64
     OK = 65
@@ -78,6 +106,12 @@ class Msg(enum.IntEnum):
     STARTED = 72
     CREDIT = 73
     HELLO_NAK = 74
+    PROC = 80  # one background process: PID, ARG (its command line), TIME_NS (started), RUNNING, EXIT_*
+    LOGDATA = 85  # a piece of the app's log: LOG_FROM, LOG_END, SIZE (the ring's capacity), LOG_DATA
+    IDLE_STATE = 90  # the answer to IDLE_QUERY: HOLD and SUSPEND_NOW, two flags
+    TCP_CONNECTED = 75  # the relay is open; SIZE: the agent's window for TCP_SEND bytes
+    TCP_RECV = 76  # bytes the app sent
+    TCP_EOF = 77  # the app closed its sending side
 
 
 GUEST_TYPES = frozenset(m for m in Msg if m >= 64)
@@ -110,10 +144,25 @@ class Tag(enum.IntEnum):
     ROOT = 25  # build VMs: chroot into this directory first
     TOOL = 26  # build VMs: argv[0] is one of Ember's tools, outside the image
     PORT = 27
-    HTTP = 28
+    HTTP = 28  # retired (PROBE once POSTed the ready hook itself; now Msg.HOOK): never reused
     LIMIT = 29  # LIST: the most entries the host takes
     TRUNCATED = 30  # REOF of a LIST: entries were left out at LIMIT
     CLOSED = 31  # CREDIT: the command closed its stdin
+    PTY = 45  # EXEC: on a pseudo-terminal (stdin, stdout and stderr); no ARG = the user's login shell
+    ROWS = 46  # EXEC with PTY, RESIZE: the terminal's rows (1-PTY_MAX_DIM)
+    COLS = 47  # ... and columns
+    DETACH = 48  # EXEC: in the background (stdio on /dev/null), tracked for PS and KILL; STARTED is the reply
+    RUNNING = 49  # PROC: 1 while the process runs
+    APPLOG = 50  # EXEC: this is the app; keep its output in a log ring of this many bytes
+    LOG_FROM = 51  # LOGS: the offset to read from; LOGDATA: the offset its data starts at
+    LOG_END = 52  # LOGDATA: every byte the app wrote (the offset after the newest)
+    LOG_WAIT_MS = 53  # LOGS: wait this long for output past LOG_FROM
+    LOG_DATA = 54  # LOGDATA: the bytes
+    HOLD = 55  # IDLE_STATE: the guest holds itself awake (ember-idle hold)
+    SUSPEND_NOW = 56  # IDLE_STATE: the guest asked to be suspended (ember-idle suspend; consumed by the answer)
+    HOOK_NAME = 60  # HOOK: lowercase letters, at most 32
+    HOOK_BODY = 61  # HOOK: at most HOOK_BODY_MAX bytes
+    HOOK_ANSWER = 62  # OK of a HOOK: the answer's first bytes, raw (at most HOOK_ANSWER_MAX)
 
 
 @dataclass(frozen=True)

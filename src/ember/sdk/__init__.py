@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ember.sdk import types
 from ember.sdk.client import Client, Vm
-from ember.sdk.core import Request
+from ember.sdk.core import IdlePolicy, Request
 from ember.sdk.errors import (
     ApiError,
     BuildFailed,
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ApiError", "ApiKey", "AsyncClient", "AsyncVm", "Build", "BuildFailed", "Client", "Conflict", "ConnectError",
     "ContextError", "CreatedKey", "CreatedWebhook", "Delivery", "EmberError", "Event", "ExecExit", "ExecOutput",
-    "ExecResult", "Forbidden", "GuestError", "IdempotencyConflict", "Image", "InsufficientStorage",
+    "ExecResult", "Forbidden", "GuestError", "IdempotencyConflict", "IdlePolicy", "Image", "InsufficientStorage",
     "InvalidRequest", "InvalidState", "Listing", "NameTaken", "NotFound", "PayloadTooLarge", "ProtocolError",
     "QuotaExceeded", "RateLimited", "Request", "ServerError", "Tenant", "TooManyRequests", "Transition",
     "Unauthorized", "Unavailable", "UnsupportedMediaType", "Usage", "Vm", "Webhook", "Whoami",

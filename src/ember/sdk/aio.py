@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -17,6 +17,7 @@ from ember.sdk.core import Op, Request
 from ember.sdk.errors import ConnectError, ProtocolError
 from ember.sdk.types import (
     ApiKey,
+    AuthToken,
     Build,
     CreatedKey,
     CreatedWebhook,
@@ -29,6 +30,8 @@ from ember.sdk.types import (
     Image,
     Info,
     Listing,
+    LogEvent,
+    Process,
     Tenant,
     Transition,
     Usage,
@@ -37,6 +40,9 @@ from ember.sdk.types import (
     Whoami,
     decode,
 )
+
+if TYPE_CHECKING:
+    from ember.sdk.shell import AsyncShell
 
 T = TypeVar("T")
 OnOutput = Callable[[str, bytes], None]
@@ -176,6 +182,14 @@ class AsyncVm(VmData):
     async def events(self) -> list[Event]:
         return await self.client.vms.events(self.id)
 
+    async def logs(self, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[LogEvent]:
+        async for event in self.client.vms.logs(self.id, follow=follow, tail=tail):
+            yield event
+
+    async def auth_token(self, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
+        return await self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
+
 
 class AsyncVms:
     def __init__(self, client: AsyncClient) -> None:
@@ -187,10 +201,12 @@ class AsyncVms:
     async def run(
         self, image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
         env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
+        run_payload: str | None = None, idle: core.IdlePolicy | None = None,
         egress: str | None = None, allow: Sequence[str] | None = None,
     ) -> AsyncVm:  # fmt: skip
         req = core.vm_run(image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=env, tags=tags,
-                          client_token=client_token, egress=egress, allow=allow)  # fmt: skip
+                          client_token=client_token, run_payload=run_payload, idle=idle,
+                          egress=egress, allow=allow)  # fmt: skip
         return self._bind(await self.client.send(req))
 
     async def get(self, vm_id: str) -> AsyncVm:
@@ -258,6 +274,42 @@ class AsyncVms:
     async def events(self, vm_id: str) -> list[Event]:
         return await self.client.call(core.vm_events(vm_id))
 
+    async def logs(self, vm_id: str, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[LogEvent]:
+        """The app's stdout and stderr as they are kept (``follow``: then new output as it comes)."""
+        async with contextlib.aclosing(self.client.stream(core.vm_logs(vm_id, follow=follow, tail=tail))) as stream:
+            async for raw in stream:
+                event = core.log_event(raw)
+                if event is not None:
+                    yield event
+
+    async def shell(
+        self, vm_id: str, command: Sequence[str] = (), *, user: str = "", cwd: str = "", rows: int = 24,
+        cols: int = 80, term: str = "xterm-256color",
+    ) -> AsyncShell:  # fmt: skip
+        """A terminal running ``command`` (none: the user's login shell) in the VM, on a connection of its own."""
+        from ember.sdk.shell import AsyncShell, shell_target
+
+        ep = self.client.endpoint
+        target = shell_target(ep, vm_id, command, user=user, cwd=cwd, rows=rows, cols=cols, term=term)
+        return await AsyncShell.open(ep, target)
+
+    async def start_process(
+        self, vm_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "", user: str = ""
+    ) -> Process:
+        """Start ``argv`` in the background (output to /dev/null); list it with :meth:`processes`."""
+        return await self.client.call(core.process_start(vm_id, argv, env=env, cwd=cwd, user=user))
+
+    async def processes(self, vm_id: str) -> list[Process]:
+        """The VM's background processes: running ones, and exited ones with their status."""
+        return await self.client.call(core.process_list(vm_id))
+
+    async def kill(self, vm_id: str, pid: int, signal: str | int = "TERM") -> None:
+        """Signal a running background process (NotFound for any other pid)."""
+        await self.client.call(core.process_kill(vm_id, pid, signal))
+
+    async def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        return await self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
+
     async def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,
         all: bool = False, tenant: str | None = None,
@@ -272,9 +324,11 @@ class AsyncFiles:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
 
-    async def write(self, vm_id: str, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False) -> int:
+    async def write(
+        self, vm_id: str, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False, user: str | None = None
+    ) -> int:
         """Write ``data`` (bytes, or chunks streamed as they come) to ``path``; the bytes written."""
-        return await self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs))
+        return await self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user))
 
     async def read(self, vm_id: str, path: str) -> bytes:
         async with self.client.open(core.file_read(vm_id, path)) as resp:
@@ -305,8 +359,10 @@ class AsyncVmFiles:
     files: AsyncFiles
     vm_id: str
 
-    async def write(self, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False) -> int:
-        return await self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs)
+    async def write(
+        self, path: str, data: Input, *, mode: int = 0o644, mkdirs: bool = False, user: str | None = None
+    ) -> int:
+        return await self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user)
 
     async def read(self, path: str) -> bytes:
         return await self.files.read(self.vm_id, path)

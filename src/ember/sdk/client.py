@@ -21,8 +21,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2.5 ms o
 if TYPE_CHECKING:
     from typing import IO, Any, TypeVar
 
+    from ember.sdk.shell import Shell
     from ember.sdk.types import (
         ApiKey,
+        AuthToken,
         Build,
         CreatedKey,
         CreatedWebhook,
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
         Image,
         Info,
         Listing,
+        LogEvent,
+        Process,
         Tenant,
         Transition,
         Usage,
@@ -153,6 +157,13 @@ class Vm(VmData):
     def events(self) -> list[Event]:
         return self.client.vms.events(self.id)
 
+    def logs(self, *, follow: bool = False, tail: int | None = None) -> Iterator[LogEvent]:
+        return self.client.vms.logs(self.id, follow=follow, tail=tail)
+
+    def auth_token(self, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
+        return self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
+
 
 class Vms:
     def __init__(self, client: Client) -> None:
@@ -164,10 +175,12 @@ class Vms:
     def run(
         self, image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
         env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
+        run_payload: str | None = None, idle: core.IdlePolicy | None = None,
         egress: str | None = None, allow: Sequence[str] | None = None,
     ) -> Vm:  # fmt: skip
         req = core.vm_run(image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=env, tags=tags,
-                          client_token=client_token, egress=egress, allow=allow)  # fmt: skip
+                          client_token=client_token, run_payload=run_payload, idle=idle,
+                          egress=egress, allow=allow)  # fmt: skip
         return self._bind(self.client.send(req))
 
     def get(self, vm_id: str) -> Vm:
@@ -240,6 +253,42 @@ class Vms:
     def events(self, vm_id: str) -> list[Event]:
         return self.client.call(core.vm_events(vm_id))
 
+    def logs(self, vm_id: str, *, follow: bool = False, tail: int | None = None) -> Iterator[LogEvent]:
+        """The app's stdout and stderr as they are kept (``follow``: then new output as it comes)."""
+        with contextlib.closing(self.client.stream(core.vm_logs(vm_id, follow=follow, tail=tail))) as stream:
+            for raw in stream:
+                event = core.log_event(raw)
+                if event is not None:
+                    yield event
+
+    def shell(
+        self, vm_id: str, command: Sequence[str] = (), *, user: str = "", cwd: str = "", rows: int = 24,
+        cols: int = 80, term: str = "xterm-256color",
+    ) -> Shell:  # fmt: skip
+        """A terminal running ``command`` (none: the user's login shell) in the VM, on a connection of its own."""
+        from ember.sdk.shell import Shell, ShellProtocol, shell_target
+
+        ep = self.client.endpoint
+        target = shell_target(ep, vm_id, command, user=user, cwd=cwd, rows=rows, cols=cols, term=term)
+        return Shell(self.client._http.new_socket(), ShellProtocol(ep, target))
+
+    def start_process(
+        self, vm_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "", user: str = ""
+    ) -> Process:
+        """Start ``argv`` in the background (output to /dev/null); list it with :meth:`processes`."""
+        return self.client.call(core.process_start(vm_id, argv, env=env, cwd=cwd, user=user))
+
+    def processes(self, vm_id: str) -> list[Process]:
+        """The VM's background processes: running ones, and exited ones with their status."""
+        return self.client.call(core.process_list(vm_id))
+
+    def kill(self, vm_id: str, pid: int, signal: str | int = "TERM") -> None:
+        """Signal a running background process (NotFound for any other pid)."""
+        self.client.call(core.process_kill(vm_id, pid, signal))
+
+    def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
+        return self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
+
     def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,
         all: bool = False, tenant: str | None = None,
@@ -275,10 +324,11 @@ class Files:
         self.client = client
 
     def write(
-        self, vm_id: str, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False
-    ) -> int:
+        self, vm_id: str, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False,
+        user: str | None = None,
+    ) -> int:  # fmt: skip
         """Write ``data`` (bytes, or chunks streamed as they come) to ``path``; the bytes written."""
-        return self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs))
+        return self.client.call(core.file_write(vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user))
 
     def read(self, vm_id: str, path: str) -> bytes:
         with self.client.open(core.file_read(vm_id, path)) as resp:
@@ -309,8 +359,11 @@ class VmFiles:
     files: Files
     vm_id: str
 
-    def write(self, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False) -> int:
-        return self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs)
+    def write(
+        self, path: str, data: bytes | Iterable[bytes], *, mode: int = 0o644, mkdirs: bool = False,
+        user: str | None = None,
+    ) -> int:  # fmt: skip
+        return self.files.write(self.vm_id, path, data, mode=mode, mkdirs=mkdirs, user=user)
 
     def read(self, path: str) -> bytes:
         return self.files.read(self.vm_id, path)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from ember.sdk.types import (
         ApiKey,
+        AuthToken,
         CreatedKey,
         CreatedWebhook,
         Delivery,
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
         Image,
         Info,
         Listing,
+        LogEvent,
+        Process,
         Tenant,
         Transition,
         Usage,
@@ -164,6 +167,17 @@ def exec_event(event: Mapping[str, Any]) -> ExecEvent | None:
     return None
 
 
+def log_event(event: Mapping[str, Any]) -> LogEvent | None:
+    """An app log stream's event as a typed one (None for one this SDK does not know)."""
+    if "data" in event:
+        import base64
+
+        return t.LogOutput(int(event.get("offset", 0)), base64.b64decode(event["data"]))
+    if "skipped" in event:
+        return t.LogSkipped(int(event.get("offset", 0)), int(event["skipped"]))
+    return None
+
+
 # ---- connection ------------------------------------------------------------------------------
 
 
@@ -245,15 +259,38 @@ def _drop_none(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class IdlePolicy:
+    """A VM's idle policy and lifetime (None: no limit). ``timeout_s``: suspend it once idle that long (at least
+    60 s unless the daemon says less); ``auto_resume``: exec, file calls, shells and ingress requests resume it;
+    ``suspended_ttl_s``: terminate it once suspended that long (0: terminate it instead of suspending it);
+    ``max_duration_s``: terminate it that long after launch, suspended time included unless
+    ``max_duration_running_only``."""
+
+    timeout_s: int | None = None
+    auto_resume: bool = False
+    suspended_ttl_s: int | None = None
+    max_duration_s: int | None = None
+    max_duration_running_only: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        """The run request's fields."""
+        return _drop_none(
+            idle_timeout_s=self.timeout_s, auto_resume=self.auto_resume or None, suspended_ttl_s=self.suspended_ttl_s,
+            max_duration_s=self.max_duration_s, max_duration_running_only=self.max_duration_running_only or None,
+        )  # fmt: skip
+
+
 def vm_run(
     image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
     env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
-    egress: str | None = None, allow: Sequence[str] | None = None,
+    run_payload: str | None = None, idle: IdlePolicy | None = None, egress: str | None = None,
+    allow: Sequence[str] | None = None,
 ) -> Request:  # fmt: skip
     body = _drop_none(
         image=image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=dict(env) if env else None,
-        tags=dict(tags) if tags else None, client_token=client_token, egress=egress,
-        allow=list(allow) if allow else None,
+        tags=dict(tags) if tags else None, client_token=client_token, run_payload=run_payload,
+        egress=egress, allow=list(allow) if allow else None, **(idle.fields() if idle else {}),
     )  # fmt: skip
     return Request("POST", "/v1/vms", json=body)
 
@@ -284,6 +321,12 @@ def vm_remove(vm_id: str) -> Op[None]:
     return Op(Request("DELETE", _vm_path(vm_id)), _nothing)
 
 
+def vm_auth_token(vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> Op[AuthToken]:
+    """A token for the VM's ingress: ``ports`` a port, a range ("8000-8100") or "all"; 1-60 minutes."""
+    body = {"allowed_ports": ports, "expires_in_minutes": minutes}
+    return Op(Request("POST", _vm_path(vm_id, "auth-tokens"), json=body), lambda data: decode(t.AuthToken, data))
+
+
 def vm_events(vm_id: str) -> Op[list[Event]]:
     return Op(Request("GET", _vm_path(vm_id, "events")), lambda data: decode_list(t.Event, data))
 
@@ -301,13 +344,39 @@ def exec_request(
     return Request("POST", _vm_path(vm_id, "exec"), json=body)
 
 
+def process_start(
+    vm_id: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "", user: str = ""
+) -> Op[Process]:
+    """Start ``argv`` in the background (its output goes to /dev/null: redirect it inside the command)."""
+    body = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd, "user": user}
+    return Op(Request("POST", _vm_path(vm_id, "processes"), json=body), lambda data: decode(t.Process, data))
+
+
+def process_list(vm_id: str) -> Op[list[Process]]:
+    return Op(Request("GET", _vm_path(vm_id, "processes")), lambda data: decode_list(t.Process, data))
+
+
+def process_kill(vm_id: str, pid: int, signal: str | int = "TERM") -> Op[None]:
+    target = _vm_path(vm_id, "processes", str(int(pid)), "kill")
+    return Op(Request("POST", target, json={"signal": signal}), _nothing)
+
+
 def exec_stdin_request(vm_id: str, stdin_id: str, body: Body) -> Request:
     return Request("PUT", _vm_path(vm_id, "exec", "stdin", seg(stdin_id)), body=body)
 
 
-def file_write(vm_id: str, path: str, data: Body, *, mode: int = 0o644, mkdirs: bool = False) -> Op[int]:
-    """Write ``data`` (bytes or chunks) to ``path`` in the VM; the answer is the bytes written."""
-    params = {"path": path, "mode": mode, "mkdirs": mkdirs or None}
+def vm_logs(vm_id: str, *, follow: bool = False, tail: int | None = None) -> Request:
+    """The app's output (NDJSON, read with :func:`log_event`); ``follow`` goes on with new output,
+    ``tail`` starts at the last that many bytes."""
+    return Request("GET", _vm_path(vm_id, "logs"), _drop_none(follow=follow or None, tail=tail))
+
+
+def file_write(
+    vm_id: str, path: str, data: Body, *, mode: int = 0o644, mkdirs: bool = False, user: str | None = None
+) -> Op[int]:
+    """Write ``data`` (bytes or chunks) to ``path`` in the VM; the answer is the bytes written. ``user``
+    owns the file (None: the image's USER, else root); a relative ``path`` is under the image's WORKDIR."""
+    params = {"path": path, "mode": mode, "mkdirs": mkdirs or None, "user": user}
     return Op(Request("PUT", _vm_path(vm_id, "files"), params, body=data), lambda data: int(data["bytes"]))
 
 

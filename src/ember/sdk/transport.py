@@ -277,7 +277,17 @@ class Transport:
         self._idle: list[Connection] = []
         self._lock = allocate_lock()
 
+    def new_socket(self) -> socket.socket:
+        """A connection of its own, outside the pool (a WebSocket's); ConnectError says how to reach the daemon."""
+        try:
+            return self._socket()
+        except OSError as exc:
+            raise ConnectError(connect_hint(self.endpoint.where, exc)) from None
+
     def _connect(self) -> Connection:
+        return Connection(self._socket())
+
+    def _socket(self) -> socket.socket:
         ep = self.endpoint
         if ep.socket:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -300,7 +310,7 @@ class Transport:
                     sock.close()
                     raise
         sock.settimeout(None)  # answers (an exec, a build) may take as long as they take
-        return Connection(sock)
+        return sock
 
     def _connection(self) -> Connection:
         while True:

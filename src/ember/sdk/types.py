@@ -22,28 +22,32 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from ember.sdk.results.account import ApiKey, CreatedKey, Info, Tenant, Whoami
-    from ember.sdk.results.exec import ExecEvent, ExecExit, ExecOutput, ExecResult
+    from ember.sdk.results.exec import ExecEvent, ExecExit, ExecOutput, ExecResult, Process
     from ember.sdk.results.files import FileEntry, Listing
     from ember.sdk.results.images import Build, Image
     from ember.sdk.results.lifecycle import Event, Transition
+    from ember.sdk.results.logs import LogEvent, LogOutput, LogSkipped
     from ember.sdk.results.usage import TenantUsage, Usage, VmUsage
-    from ember.sdk.results.vms import Accelerator, VmData
+    from ember.sdk.results.vms import Accelerator, AuthToken, VmData
     from ember.sdk.results.webhooks import CreatedWebhook, Delivery, Webhook
 
     T = TypeVar("T")
 
 __all__ = [
-    "EMPTY", "Accelerator", "ApiKey", "Build", "CreatedKey", "CreatedWebhook", "Delivery", "Event", "ExecEvent",
-    "ExecExit", "ExecOutput", "ExecResult", "FileEntry", "Image", "Info", "Listing", "Tenant", "TenantUsage",
+    "EMPTY", "Accelerator", "ApiKey", "AuthToken", "Build", "CreatedKey", "CreatedWebhook", "Delivery", "Event",
+    "ExecEvent", "ExecExit", "ExecOutput", "ExecResult", "FileEntry", "Image", "Info", "Listing", "LogEvent",
+    "LogOutput", "LogSkipped", "Process", "Tenant", "TenantUsage",
     "Transition", "Usage", "VmData", "VmUsage", "Webhook", "Whoami", "decode", "decode_list", "raw_field",
 ]  # fmt: skip
 # each result type: its module in ember.sdk.results
 HOMES = {
-    "Accelerator": "vms", "VmData": "vms", "Transition": "lifecycle", "Event": "lifecycle", "ExecOutput": "exec",
-    "ExecExit": "exec", "ExecEvent": "exec", "ExecResult": "exec", "FileEntry": "files", "Listing": "files",
+    "Accelerator": "vms", "VmData": "vms", "AuthToken": "vms", "Transition": "lifecycle", "Event": "lifecycle",
+    "ExecOutput": "exec", "ExecExit": "exec", "ExecEvent": "exec", "ExecResult": "exec", "Process": "exec",
+    "FileEntry": "files", "Listing": "files",
     "Image": "images", "Build": "images", "Tenant": "account", "ApiKey": "account", "CreatedKey": "account",
     "Whoami": "account", "Info": "account", "Webhook": "webhooks", "CreatedWebhook": "webhooks",
     "Delivery": "webhooks", "TenantUsage": "usage", "VmUsage": "usage", "Usage": "usage",
+    "LogOutput": "logs", "LogSkipped": "logs", "LogEvent": "logs",
 }  # fmt: skip
 EMPTY: Mapping[str, Any] = {}
 

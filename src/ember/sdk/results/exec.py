@@ -1,4 +1,4 @@
-"""A command's output and exit status."""
+"""A command's output and exit status; background processes."""
 
 from __future__ import annotations
 
@@ -30,3 +30,15 @@ class ExecResult:
     timed_out: bool
     stdout: bytes
     stderr: bytes
+
+
+@dataclass(frozen=True)
+class Process:
+    """A background process (started with ``start_process``): ``exit_code`` and ``signal`` once it exited."""
+
+    pid: int
+    command: str
+    started_at: str
+    running: bool
+    exit_code: int | None = None
+    signal: int | None = None

@@ -42,6 +42,13 @@ class VmData:
     created_at: str = ""
     updated_at: str = ""
     terminated_at: str = ""
+    idle_timeout_s: int | None = None  # idle policy and lifetime (ember.sdk.IdlePolicy); None: no limit
+    auto_resume: bool = False
+    suspended_ttl_s: int | None = None
+    max_duration_s: int | None = None
+    max_duration_running_only: bool = False
+    suspended_at: str = ""
+    endpoint: str = ""  # its ingress address (run and inspect answers; "" without an ingress)
     raw: Mapping[str, Any] = raw_field()
 
     @classmethod
@@ -50,3 +57,16 @@ class VmData:
         accel = decode(Accelerator, data.get("accelerator") if isinstance(data, Mapping) else None)
         base = decode(VmData, data, accelerator=accel)
         return {f.name: getattr(base, f.name) for f in fields(VmData)}
+
+
+@dataclass(frozen=True)
+class AuthToken:
+    """A VM auth token for the ingress: send ``token`` as the X-Ember-Proxy-Auth header to ``endpoint``."""
+
+    token: str
+    vm_id: str
+    expires_at: str
+    allowed_ports: str
+    kind: str = "proxy"
+    endpoint: str = ""
+    raw: Mapping[str, Any] = raw_field()

@@ -2,8 +2,8 @@
 
 Every VM made before has none (no network), as it had.
 
-Revision ID: 0004_net
-Revises: 0003_idle
+Revision ID: 0005
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_net"
-down_revision = "0002"  # the lead chains it after 0003_idle when merging
+revision = "0005"
+down_revision = "0004"  # after 0004_imagecfg (main: 0003 idle, 0004 imagecfg)
 branch_labels = None
 depends_on = None
 
