@@ -251,7 +251,8 @@ class RequestGuard:
         """A shell token's principal, else the key's (or root's); the token leaves the query (it reaches no
         route nor log line), and the subprotocol the shell selects goes into the scope."""
         try:
-            offered = shell_credential(headers, scope["query_string"])
+            key = any(k == "authorization" for k, _ in headers)
+            offered = shell_credential(list(scope.get("subprotocols", ())), scope["query_string"], authorization=key)
             scope["query_string"] = offered.query_string  # in place: the server's own log line loses it too
             scope[SUBPROTOCOL] = offered.subprotocol
             if offered.token is not None:

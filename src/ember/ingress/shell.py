@@ -40,7 +40,7 @@ Message = MutableMapping[str, Any]
 Asgi = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 SHELL_PATH = b"/ember/shell"
 READ_CHUNK = 64 * 1024
-_KEPT_OUT = (b"authorization", b"x-ember-", b"x-aws-proxy-")  # never in the shell's scope
+_KEPT_OUT = (b"authorization", b"x-ember-", b"x-aws-proxy-", b"sec-websocket-protocol")  # in "subprotocols" if at all
 
 
 def is_shell(where: Route) -> bool:
@@ -64,13 +64,6 @@ def shell_scope(
     handshake; HeadError (400) for no or a malformed upgrade, 400/401 for a missing or ambiguous token."""
     if is_upgrade(headers) is None:
         raise HeadError(400, f"{SHELL_PATH.decode()} is the VM's shell, a WebSocket: send a WebSocket upgrade")
-    query = where.target.partition(b"?")[2]
-    text = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
-    if shell_credential(text, query).token is None:
-        raise Unauthorized(
-            "the shell on the ingress takes a shell token ('ember token create ID --shell'): offer the WebSocket "
-            "subprotocols ember.authentication.<token> and ember, or send ?token=<token>"
-        )
     ws = WSConnection(ConnectionType.SERVER)
     try:
         ws.receive_data(head)
@@ -79,6 +72,13 @@ def shell_scope(
         request = None
     if not isinstance(request, Request):
         raise HeadError(400, "a malformed WebSocket handshake (Sec-WebSocket-Key and Version 13 are needed)")
+    query = where.target.partition(b"?")[2]
+    key = any(k == b"authorization" for k, _ in headers)
+    if shell_credential(request.subprotocols, query, authorization=key).token is None:
+        raise Unauthorized(
+            "the shell on the ingress takes a shell token ('ember token create ID --shell'): offer the WebSocket "
+            "subprotocols ember.authentication.<token> and ember, or send ?token=<token>"
+        )
     path = f"/v1/vms/{where.vm_id}/shell"
     scope: Scope = {
         "type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",

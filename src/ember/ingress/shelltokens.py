@@ -17,6 +17,7 @@ query loses its ``token``), so it reaches neither the guest nor a log line.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
@@ -43,20 +44,14 @@ class ShellCredential:
     query_string: bytes
 
 
-def _subprotocols(headers: list[tuple[str, str]]) -> list[str]:
-    values = [v for k, v in headers if k == "sec-websocket-protocol"]
-    if sum(len(v) for v in values) > MAX_PROTOCOL_CHARS:
-        raise InvalidRequest(f"the Sec-WebSocket-Protocol header is over {MAX_PROTOCOL_CHARS} characters")
-    offered = [p.strip() for v in values for p in v.split(",") if p.strip()]
+def shell_credential(offered: Sequence[str], query_string: bytes, *, authorization: bool) -> ShellCredential:
+    """The shell token a handshake offers, if any: ``offered`` its subprotocols (the ASGI scope's, split from
+    Sec-WebSocket-Protocol), ``authorization`` whether it has that header too. InvalidRequest (400) for too
+    many or too long subprotocols, Unauthorized (401) for more than one token, or a token and a key."""
+    if sum(len(p) for p in offered) > MAX_PROTOCOL_CHARS:
+        raise InvalidRequest(f"the WebSocket subprotocols are over {MAX_PROTOCOL_CHARS} characters in all")
     if len(offered) > MAX_PROTOCOLS:
         raise InvalidRequest(f"more than {MAX_PROTOCOLS} WebSocket subprotocols offered")
-    return offered
-
-
-def shell_credential(headers: list[tuple[str, str]], query_string: bytes) -> ShellCredential:
-    """The shell token a handshake offers (``headers``: lowercase names), if any; InvalidRequest (400) for an
-    oversized header, Unauthorized (401) for more than one token."""
-    offered = _subprotocols(headers)
     tokens = [p[len(prefix) :] for p in offered for prefix in AUTH_PREFIXES if p.startswith(prefix)]
     kept: list[bytes] = []
     for part in query_string.split(b"&"):
@@ -67,7 +62,7 @@ def shell_credential(headers: list[tuple[str, str]], query_string: bytes) -> She
             kept.append(part)
     if len(tokens) > 1:
         raise Unauthorized("send one shell token: in the Sec-WebSocket-Protocol header or the token query parameter")
-    if tokens and any(k == "authorization" for k, _ in headers):
+    if tokens and authorization:
         raise Unauthorized("send a shell token or an Authorization header, not both")
     selected = next((p for p in offered if p in PLAIN), None)
     return ShellCredential(tokens[0] if tokens else None, selected, b"&".join(kept))
