@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what Ember needs, then run lint, types and the whole test suite (unit tests and real micro-VM
-# tests) twice: on SQLite (the default), then on a throwaway PostgreSQL cluster (scripts/postgres.sh sets
-# EMBER_TEST_DATABASE_URL; every test daemon gets a database of its own there). Extra arguments go to
+# tests) on SQLite (the default), then again, but for the store-agnostic modules, on a throwaway
+# PostgreSQL cluster (scripts/postgres.sh sets EMBER_TEST_DATABASE_URL; every test daemon gets a
+# database of its own there). Extra arguments go to
 # pytest, in both passes. Exits non-zero if either pass fails; prints both passes' results at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,9 @@ ARGS=(--durations=20 "$@") # the slowest tests of each pass, to keep CI inside i
 RESULTS=()
 FIRST_FAILURE=0
 pass sqlite env EMBER_TEST_DATABASE_URL=
+# the PostgreSQL pass: everything that goes through the store; the store-agnostic modules (the guest agent, the
+# jail, the build sandbox: pyproject.toml's markers) ran in the first pass and use the database as the rest do
+ARGS+=(-m "not store_agnostic")
 pass postgresql scripts/postgres.sh run
 for r in "${RESULTS[@]}"; do
     say "$r"

@@ -25,6 +25,7 @@ from ember.build.certhint import HINT
 from ember.config import Settings
 from ember.sdk import Client
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, build, vm_tests_possible
+from tests.databases import daemon_database_url, drop_database
 
 pytestmark = pytest.mark.vm
 
@@ -102,9 +103,11 @@ def ca_daemon() -> Iterator[DaemonProcess]:
     if reason:
         pytest.fail(reason)
     data = Path(tempfile.mkdtemp(prefix="ember-certs-"))
+    database_url = daemon_database_url("certs")  # PostgreSQL in the suite's second pass
     settings = Settings.from_env(
         {
             "EMBER_DATA_DIR": str(data),
+            "EMBER_DATABASE_URL": database_url,
             "EMBER_SOCKET": str(data / "ember.sock"),
             "EMBER_CACHE_DIR": os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test"),
             "EMBER_AGENT_TIMEOUT": "10",
@@ -119,6 +122,8 @@ def ca_daemon() -> Iterator[DaemonProcess]:
     yield d
     d.stop()
     shutil.rmtree(data, ignore_errors=True)
+    if database_url:
+        drop_database(database_url)
 
 
 def test_the_operator_setting_hands_the_certificates_to_every_build(ca_daemon: DaemonProcess, tmp_path: Path) -> None:

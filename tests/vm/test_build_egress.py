@@ -14,7 +14,7 @@ import pytest
 from ember.sdk import Client
 from tests.conftest import build, remove_quietly
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 
 GET = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/').read().decode())"
 

@@ -17,7 +17,7 @@ from ember.host.cgroup import group_for
 from ember.sdk import Client
 from tests.conftest import DaemonProcess, build
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 
 DOCKERFILE = "FROM ember:debian-python3\nRUN echo {tag} > /made-by-run && sleep {sleep}\n"
 

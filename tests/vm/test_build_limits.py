@@ -25,10 +25,11 @@ from ember.sdk import ApiError, Client, Request
 from ember.sdk.context import context_tar
 from ember.sdk.core import build_request
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, process_alive, vm_tests_possible
+from tests.databases import daemon_database_url, drop_database
 
 pytestmark = pytest.mark.vm
 
-STEP_TIMEOUT_S = 60
+STEP_TIMEOUT_S = 50
 LOG_CAP = 1024 * 1024
 # In the build VM, root can move the agent (PID 1) into a frozen cgroup: it never answers again.
 FREEZE_AGENT = (
@@ -43,9 +44,11 @@ def daemon() -> Iterator[DaemonProcess]:
     if reason:
         pytest.fail(reason)
     data = Path(tempfile.mkdtemp(prefix="ember-limits-"))
+    database_url = daemon_database_url("limits")  # PostgreSQL in the suite's second pass
     settings = Settings.from_env(
         {
             "EMBER_DATA_DIR": str(data),
+            "EMBER_DATABASE_URL": database_url,
             "EMBER_SOCKET": str(data / "ember.sock"),
             "EMBER_CACHE_DIR": os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test"),
             "EMBER_AGENT_TIMEOUT": "10",
@@ -63,6 +66,8 @@ def daemon() -> Iterator[DaemonProcess]:
     yield d
     d.stop()
     shutil.rmtree(data, ignore_errors=True)
+    if database_url:
+        drop_database(database_url)
 
 
 @pytest.fixture(scope="module")

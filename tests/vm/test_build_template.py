@@ -16,7 +16,7 @@ from ember.sdk import Client
 from ember.snapshot import Snapshot, hash_file
 from tests.conftest import DaemonProcess, build
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 
 RESTORED = "starting the build VM (from the builder snapshot)"
 # RUN output goes to the build log; the marker lines let the test pick them out.

@@ -13,7 +13,7 @@ from ember.config import Settings
 from ember.sdk import ApiError, AsyncClient, Client, ExecExit, ExecOutput, Request
 from tests.conftest import AGENT_TIMEOUT_S
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 
 
 def sh(client: Client, vm: str, script: str, **kw: object) -> tuple[int, str, str]:

@@ -21,7 +21,7 @@ from tests.conftest import TAR_MAX_BYTES, build
 from tests.oci_images import Entry, Layout, compress, layer_tar
 from tests.unit.test_tarread import info, symlink_chain_tar, tar_bytes
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 
 CONFIG = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]}}
 

@@ -14,7 +14,7 @@ from ember.config import Settings
 from ember.sdk import ApiError, AsyncClient, Client, Request
 from tests.conftest import DaemonProcess, remove_quietly
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 GENERATION = "/run/ember/generation"
 
 

@@ -22,6 +22,7 @@ import pytest
 from ember.config import Settings
 from ember.sdk import Client, IdlePolicy, InvalidState, QuotaExceeded, Request
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, remove_quietly, vm_tests_possible
+from tests.databases import daemon_database_url, drop_database
 from tests.vm.test_ingress import echo, open_websocket, start_app
 from tests.vm.test_ingress import get as ingress_get
 
@@ -37,9 +38,11 @@ def daemon() -> Iterator[DaemonProcess]:
     if reason:
         pytest.fail(reason)
     data = Path(tempfile.mkdtemp(prefix="ember-idle-"))
+    database_url = daemon_database_url("idle")  # PostgreSQL in the suite's second pass
     settings = Settings.from_env(
         {
             "EMBER_DATA_DIR": str(data),
+            "EMBER_DATABASE_URL": database_url,
             "EMBER_SOCKET": str(data / "ember.sock"),
             "EMBER_CACHE_DIR": os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test"),
             "EMBER_AGENT_TIMEOUT": "10",
@@ -59,6 +62,8 @@ def daemon() -> Iterator[DaemonProcess]:
             remove_quietly(c, vm["id"])
     d.stop()
     shutil.rmtree(data, ignore_errors=True)
+    if database_url:
+        drop_database(database_url)
 
 
 @pytest.fixture(scope="module")

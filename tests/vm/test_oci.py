@@ -27,7 +27,7 @@ from ember.sdk import Client, Request
 from tests.conftest import build, remove_quietly
 from tests.oci_images import Entry, Layout, compress, free_port, layer_tar, push, registry
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 CONFIG = {

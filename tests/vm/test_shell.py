@@ -21,7 +21,7 @@ from ember.sdk import AsyncClient, Client, GuestError, InvalidRequest, NotFound,
 from ember.sdk.shell import Shell
 from tests.conftest import ROOT, DaemonProcess, remove_quietly
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]
 
 
 def cli_env(daemon: DaemonProcess) -> dict[str, str]:

@@ -250,7 +250,7 @@ def test_kill9_after_the_vmm_stopped_mid_suspend_keeps_the_vm(daemon: DaemonProc
 
 # ---- 2: chaos ---------------------------------------------------------------------
 
-ROUNDS = 20
+ROUNDS = 14
 MAX_VMS = 4  # launched VMs at once (each an idle TCG guest using some CPU)
 IN_FLIGHT = ("launch", "suspend", "snapshot", "resume", "remove")
 BUILD_ROUNDS = (2, 3)  # the daemon is killed (-9) during the first build; the second completes
