@@ -399,7 +399,10 @@ def cmd_key_revoke(c: Client, a: Args) -> None:
 
 
 def cmd_token_create(c: Client, a: Args) -> None:
-    token = c.vms.auth_token(a.vm_id, ports=a.port, minutes=a.minutes)
+    if a.shell and a.port is not None:
+        fail("a shell token opens no port: give --shell or --port, not both", 2)
+    token = c.vms.shell_token(a.vm_id, minutes=a.minutes) if a.shell else c.vms.auth_token(
+        a.vm_id, ports=a.port or "8080", minutes=a.minutes)  # fmt: skip
     dump(token) if a.json else out(token.token)
 
 
@@ -665,12 +668,13 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = command(keys, "revoke", cmd_key_revoke, "Revoke a key: it stops working at once.")
     p.add_argument("key_id", metavar="KEY_ID")
 
-    tokens = command(sub, "token", None, "Make VM auth tokens for the ingress.").add_subparsers(
+    tokens = command(sub, "token", None, "Make VM auth tokens for the ingress, and shell tokens.").add_subparsers(
         dest="sub", metavar="COMMAND", required=True
     )
     p = command(tokens, "create", cmd_token_create, "Make a token for a VM's endpoint (X-Ember-Proxy-Auth).")
     p.add_argument("vm_id", metavar="ID")
-    p.add_argument("--port", default="8080", help='the guest ports it opens: 8080, 8000-8100 or "all" (default 8080)')
+    p.add_argument("--port", help='the guest ports it opens: 8080, 8000-8100 or "all" (default 8080)')
+    p.add_argument("--shell", action="store_true", help="a shell token instead: it opens the VM's shell alone")
     p.add_argument("--minutes", type=int, default=10, help="its lifetime, 1-60 minutes (default 10)")
 
     hooks = command(sub, "webhook", None, "Manage webhooks (every VM event, signed).").add_subparsers(

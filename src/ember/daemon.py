@@ -214,18 +214,19 @@ async def serve(settings: Settings) -> None:
     daemon = await assemble(settings)
     auth = Authenticator(daemon.tenants, RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
     app = create_app(daemon, auth)
+    caps = BodyCaps.from_settings(settings)
     if settings.ingress_listen:  # HTTP into VMs; its connections end with the daemon's chores
         from ember.ingress.proxy import IngressServer
 
-        ingress = IngressServer(settings, daemon.engine, auth, daemon.tokens)
+        shell = RequestGuard(app, caps, None, auth, daemon.tokens)  # /ember/shell: shell tokens only
+        ingress = IngressServer(settings, daemon.engine, auth, daemon.tokens, shell=shell)
         await ingress.start()
         daemon.engine.spawn_chore(ingress.run())
-    caps = BodyCaps.from_settings(settings)
     unix = bind_unix_socket(settings.socket_path)
     # WebSockets (the shell): wsproto, each message at most EMBER_SHELL_MAX_MESSAGE_BYTES before it is read
     ws_max = settings.shell_max_message_bytes
     on_socket = uvicorn.Config(
-        RequestGuard(app, caps, None, auth),
+        RequestGuard(app, caps, None, auth, daemon.tokens),
         http=PeerCredProtocol,
         log_level="warning",
         ws=PeerCredWSProtocol,
@@ -235,7 +236,7 @@ async def serve(settings: Settings) -> None:
     if tcp is not None:
         daemon.tenants.put_admin_key(ADMIN_FILE_KEY, token_hash(api_token(settings.api_token_path)))
         log.info("TCP listener %s; the admin key is in %s", settings.listen, settings.api_token_path)
-        guarded = RequestGuard(app, caps, TcpPolicy.for_listener(settings.listen), auth)
+        guarded = RequestGuard(app, caps, TcpPolicy.for_listener(settings.listen), auth, daemon.tokens)
         config = uvicorn.Config(
             guarded, host=tcp[0], port=tcp[1], log_level="warning", ws="wsproto", ws_max_size=ws_max
         )

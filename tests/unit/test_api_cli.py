@@ -98,3 +98,22 @@ def test_api_errors_exit_1_and_usage_errors_exit_2(sent: list[Request], capsys: 
     assert run(["tenant", "set", "acme"], capsys)[0] == 2  # no quota named
     assert run(["nosuchcommand"], capsys)[0] == 2
     assert run(["cp", "a", "b"], capsys)[0] == 2
+
+
+def test_token_create_makes_a_shell_token_with_shell(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    requests: list[Request] = []
+    made = {"token": "emt1.a.b", "vm_id": "vm-1", "expires_at": "later", "allowed_ports": "8080"}
+
+    def send(self: Client, req: Request) -> Any:
+        requests.append(req)
+        return {**made, "kind": "shell" if req.path.endswith("shell-tokens") else "proxy"}
+
+    monkeypatch.setattr(Client, "send", send)
+    assert run(["token", "create", "vm-1", "--shell", "--minutes", "7"], capsys) == (0, "emt1.a.b\n", "")
+    assert (requests[-1].path, requests[-1].json) == ("/v1/vms/vm-1/shell-tokens", {"expires_in_minutes": 7})
+    assert run(["token", "create", "vm-1"], capsys)[0] == 0
+    assert (requests[-1].path, requests[-1].json) == ("/v1/vms/vm-1/auth-tokens",
+                                                      {"allowed_ports": "8080", "expires_in_minutes": 10})  # fmt: skip
+    code, _, err = run(["token", "create", "vm-1", "--shell", "--port", "22"], capsys)
+    assert code == 2 and "not both" in err and len(requests) == 2

@@ -19,6 +19,7 @@ from ember.daemon import api_token
 from ember.db.store import connect
 from ember.db.tenants import TenantStore
 from ember.errors import HostSetupError
+from ember.ingress.tokens import TokenSigner
 from ember.sdk.core import build_request, endpoint
 from ember.tenancy.keys import token_hash
 from ember.tenancy.ratelimit import RateLimiter
@@ -61,7 +62,7 @@ def guarded(tcp: TcpPolicy | None, db: Path) -> tuple[RequestGuard, list[int]]:
     caps = BodyCaps.from_settings(
         Settings(max_json_body_bytes=1000, max_build_context_bytes=5000, max_file_upload_bytes=3000)
     )
-    return RequestGuard(app, caps, tcp, authenticator(db)), seen
+    return RequestGuard(app, caps, tcp, authenticator(db), TokenSigner(b"k" * 32)), seen
 
 
 def http(app: RequestGuard, host: str = "127.0.0.1:7070", *, key: bool = True) -> httpx.AsyncClient:

@@ -22,6 +22,7 @@ from ember.db.store import connect
 from ember.db.tenants import TenantStore
 from ember.errors import GuestProtocolError, InvalidRequest
 from ember.guest.protocol import Msg, Tag, encode_fields
+from ember.ingress.tokens import TokenSigner
 from ember.sdk import NotFound, ProtocolError
 from ember.sdk.core import Endpoint
 from ember.sdk.shell import ShellProtocol, shell_target
@@ -129,7 +130,7 @@ async def test_the_guard_opens_only_the_shell_websocket_and_authenticates_it(tmp
 
     tenants = TenantStore(connect(tmp_path / "db"))
     guard = RequestGuard(app, BodyCaps.from_settings(Settings()), TcpPolicy.for_listener("127.0.0.1:7070"),
-                         Authenticator(tenants, RateLimiter(1000.0, 1000)))  # fmt: skip
+                         Authenticator(tenants, RateLimiter(1000.0, 1000)), TokenSigner(b"k" * 32))  # fmt: skip
     host = [(b"host", b"127.0.0.1:7070")]
     assert await _handshake(guard, "/v1/vms/vm-1/shell", host, 0) == [{"type": "websocket.accept"}]
     # no key and not root: a 401 as the handshake's answer, with Ember's error body

@@ -7,7 +7,8 @@
 - WebSockets: only the shell route opens; it passes the same checks, and a refusal is the handshake's
   HTTP answer (the WebSocket Denial Response extension), else a close before the handshake.
 - On both listeners: the caller is authenticated (:mod:`ember.api.auth`): root on the Unix
-  socket, or a bearer API key; the principal goes into the scope and the request's context.
+  socket, or a bearer API key; the principal goes into the scope and the request's context. The
+  shell's WebSocket may carry a shell token instead (:mod:`ember.ingress.shelltokens`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from ember.errors import (
     TooManyRequests,
     Unauthorized,
 )
-from ember.tenancy.principal import CURRENT
+from ember.ingress.shelltokens import SUBPROTOCOL, shell_credential, shell_principal
+from ember.ingress.tokens import TokenSigner
+from ember.tenancy.principal import CURRENT, Principal
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -202,11 +205,14 @@ class _Cut:
 
 
 class RequestGuard:
-    def __init__(self, app: Asgi, caps: BodyCaps, tcp: TcpPolicy | None, auth: Authenticator) -> None:
+    def __init__(
+        self, app: Asgi, caps: BodyCaps, tcp: TcpPolicy | None, auth: Authenticator, tokens: TokenSigner
+    ) -> None:
         self.app = app
         self.caps = caps
         self.tcp = tcp
         self.auth = auth
+        self.tokens = tokens  # shell tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -227,7 +233,10 @@ class RequestGuard:
         if "\x00" in scope["path"] or b"%00" in scope["query_string"].lower():
             await answer(InvalidRequest("a NUL character in the path or query: no name or id holds one"), close=False)
             return
-        who = self.auth.principal(headers, scope.get(PEER_UID))
+        if websocket:
+            who = self._websocket_principal(scope, headers)
+        else:
+            who = self.auth.principal(headers, scope.get(PEER_UID))
         if isinstance(who, EmberError):
             await answer(who)
             return
@@ -237,6 +246,20 @@ class RequestGuard:
             await (self.app(scope, receive, send) if websocket else self._guarded(scope, receive, send))
         finally:
             CURRENT.reset(acting)
+
+    def _websocket_principal(self, scope: Scope, headers: list[tuple[str, str]]) -> Principal | EmberError:
+        """A shell token's principal, else the key's (or root's); the token leaves the query (it reaches no
+        route nor log line), and the subprotocol the shell selects goes into the scope."""
+        try:
+            key = any(k == "authorization" for k, _ in headers)
+            offered = shell_credential(list(scope.get("subprotocols", ())), scope["query_string"], authorization=key)
+            scope["query_string"] = offered.query_string  # in place: the server's own log line loses it too
+            scope[SUBPROTOCOL] = offered.subprotocol
+            if offered.token is not None:
+                return shell_principal(self.tokens, offered.token, scope["path"])
+        except EmberError as exc:
+            return exc
+        return self.auth.principal(headers, scope.get(PEER_UID))
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]

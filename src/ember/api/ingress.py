@@ -1,4 +1,5 @@
-"""``POST /v1/vms/{id}/auth-tokens``: a VM auth token for the ingress (:mod:`ember.ingress.tokens`)."""
+"""``POST /v1/vms/{id}/auth-tokens``: a VM auth token for the ingress (:mod:`ember.ingress.tokens`);
+``POST /v1/vms/{id}/shell-tokens``: a shell token (:mod:`ember.ingress.shelltokens`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.api.schema import errors
 from ember.errors import InvalidStateTransition
-from ember.ingress.tokens import MAX_MINUTES, MIN_MINUTES, Ports, TokenKind
+from ember.ingress.tokens import MAX_MINUTES, MIN_MINUTES, NO_PORTS, Ports, TokenKind
 from ember.models import VmRecord, VmState
 
 if TYPE_CHECKING:
@@ -36,6 +37,29 @@ class AuthToken(BaseModel):
     endpoint: str | None = Field(description="The VM's ingress address (null: the daemon has no ingress)")
 
 
+class ShellTokenBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expires_in_minutes: int = Field(default=10, ge=MIN_MINUTES, le=MAX_MINUTES, description="The token's lifetime")
+
+
+class ShellToken(BaseModel):
+    token: str = Field(
+        description="Offer it as the WebSocket subprotocol ember.authentication.<token> (with 'ember'), or send "
+        "it as the token query parameter, to the VM's shell"
+    )
+    kind: str
+    vm_id: str
+    expires_at: str
+    url: str | None = Field(description="The shell on the ingress (null: the daemon has no ingress)")
+
+
+def shell_url(settings: Settings, vm_id: str) -> str | None:
+    """``ws://<vm-id>.<EMBER_INGRESS_DOMAIN>:<port>/ember/shell``, or None without an ingress listener."""
+    base = endpoint(settings, vm_id)
+    return None if base is None else "ws" + base.removeprefix("http") + "ember/shell"
+
+
 def endpoint(settings: Settings, vm_id: str) -> str | None:
     """``http://<vm-id>.<EMBER_INGRESS_DOMAIN>:<port>/``, or None without an ingress listener."""
     if not settings.ingress_listen:
@@ -58,3 +82,16 @@ def add_token_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
         expires = datetime.fromtimestamp(grant.expires_at, UTC).isoformat(timespec="seconds")
         return {"token": token, "kind": grant.kind.value, "vm_id": vm.id, "expires_at": expires,
                 "allowed_ports": str(ports), "endpoint": endpoint(daemon.settings, vm.id)}  # fmt: skip
+
+    @app.post("/v1/vms/{vm_id}/shell-tokens", status_code=201, response_model=ShellToken, responses=errors(409))
+    async def create_shell_token(body: ShellTokenBody, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
+        """A token that opens this VM's shell (and nothing else) for 1-60 minutes, as AWS's
+        CreateMicrovmShellAuthToken: on the API's shell route or the ingress's, without an API key."""
+        if vm.state is VmState.TERMINATED:
+            raise InvalidStateTransition(f"VM {vm.id} is TERMINATED: it has no shell")
+        token, grant = daemon.tokens.issue(
+            vm_id=vm.id, tenant=vm.tenant, kind=TokenKind.SHELL, ports=NO_PORTS, minutes=body.expires_in_minutes
+        )
+        expires = datetime.fromtimestamp(grant.expires_at, UTC).isoformat(timespec="seconds")
+        return {"token": token, "kind": grant.kind.value, "vm_id": vm.id, "expires_at": expires,
+                "url": shell_url(daemon.settings, vm.id)}  # fmt: skip

@@ -14,7 +14,8 @@ Output flows only as fast as the client reads it (the agent channel's credit and
 the socket's), input only as fast as the command reads it.
 
 Refusals before the upgrade (unknown or another tenant's VM: the same 404; not running: 409;
-bad query: 400) are Ember's JSON errors, sent as the handshake's HTTP answer.
+bad query: 400) are Ember's JSON errors, sent as the handshake's HTTP answer. A shell token may stand
+for the API key (:mod:`ember.ingress.shelltokens`); the ingress serves this route too (``/ember/shell``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ember.api.auth import PRINCIPAL
 from ember.api.guard import error_body
 from ember.errors import EmberError, InvalidRequest
 from ember.imagecfg import exec_settings
+from ember.ingress.shelltokens import SUBPROTOCOL
 from ember.models import VmRecord
 from ember.tenancy.principal import Principal
 
@@ -199,7 +201,7 @@ def add_shell_routes(app: FastAPI, daemon: Daemon, owned: Callable[[str, Princip
         idle = _Idle(settings.shell_idle_timeout_s)
         close = _Close(CLOSE_NORMAL, "")
         try:
-            await ws.accept()
+            await ws.accept(subprotocol=ws.scope.get(SUBPROTOCOL))  # a shell token's companion (ember.ingress)
             tasks = [asyncio.ensure_future(_output(ws, session, idle)),
                      asyncio.ensure_future(_input(ws, session, idle, settings.shell_max_message_bytes)),
                      asyncio.ensure_future(idle.expired())]  # fmt: skip

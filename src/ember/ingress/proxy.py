@@ -8,7 +8,8 @@ proxy header, or the Authorization header of an Ember key.
 
 Bodies stream both ways without being held whole (h11 on both sides: the request is written to the
 guest afresh); a relay is kept for the client's next request to the same VM and port. A request asking
-to upgrade (WebSocket) becomes a byte tunnel once the app answers 101. Errors are small JSON bodies:
+to upgrade (WebSocket) becomes a byte tunnel once the app answers 101; one to ``/ember/shell`` is the VM's shell
+instead, opened with a shell token (:mod:`ember.ingress.shell`). Errors are small JSON bodies:
 400/431 bad request, 401/403 access, 404 no such VM, 502 the app failed, 503 the VM is not serving,
 504 the app took too long.
 """
@@ -54,6 +55,7 @@ from ember.ingress.http import (
     response_headers,
     route,
 )
+from ember.ingress.shell import Asgi, AsgiWebSocket, is_shell, refuse_token_on_proxy, shell_scope
 from ember.ingress.tokens import TokenKind, TokenSigner
 from ember.metrics import REGISTRY
 from ember.models import VmRecord, VmState
@@ -84,11 +86,14 @@ def status_of(exc: EmberError) -> int:
 
 
 class IngressServer:
-    def __init__(self, settings: Settings, engine: Engine, auth: Authenticator, signer: TokenSigner) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, auth: Authenticator, signer: TokenSigner, *, shell: Asgi
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.auth = auth
         self.signer = signer
+        self.shell = shell  # the daemon's API behind its request guard: it serves /ember/shell
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -242,6 +247,10 @@ class ClientConnection:
         try:
             host = next((v for k, v in headers if k == b"host"), None)
             where = route(host, request.target, headers, self.server.domain)
+            if is_shell(where):
+                await self.shell(head, headers, where)
+                return False
+            refuse_token_on_proxy(headers)
             record, used_key = self.authorize(headers, where)
             relay = await self.reach(record, where)
         except HeadError as exc:
@@ -251,6 +260,20 @@ class ClientConnection:
             await self._refuse_error(exc)
             return False
         return await self.forward(client, request, headers, where, relay, drop_authorization=used_key)
+
+    async def shell(self, head: bytes, headers: list[tuple[bytes, bytes]], where: Route) -> None:
+        """The VM's shell, served by the daemon's shell route (which checks the token); HeadError or EmberError
+        before anything was answered."""
+        scope, ws = shell_scope(head, headers, where, self.writer.get_extra_info("peername"))
+        self._drop_relay()
+        limit = self.settings.shell_max_message_bytes
+        socket = AsgiWebSocket(
+            ws, self.reader, self.writer, bytes(self.buf), max_message=limit, write_timeout_s=self.idle
+        )
+        self.buf.clear()
+        await self.server.shell(scope, socket.receive, socket.send)
+        if not socket.answered:
+            await self.refuse(500, "InternalError", "the shell ended without an answer")
 
     def authorize(self, headers: list[tuple[bytes, bytes]], where: Route) -> tuple[VmRecord, bool]:
         """The VM, if the request may reach ``where``; raises 401/403/404 (without touching the VM).

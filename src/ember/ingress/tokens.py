@@ -38,6 +38,7 @@ class TokenKind(enum.StrEnum):
     """What a token opens."""
 
     PROXY = "proxy"  # HTTP (and WebSocket) requests to the VM's ports through the ingress
+    SHELL = "shell"  # the VM's shell WebSocket (ember.ingress.shelltokens), as AWS's CreateMicrovmShellAuthToken
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Ports:
         if (self.low, self.high) == (1, 65535):
             return "all"
         return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+NO_PORTS = Ports(0, 0)  # a shell token's: it opens no port
 
 
 @dataclass(frozen=True)

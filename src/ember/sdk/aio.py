@@ -32,6 +32,7 @@ from ember.sdk.types import (
     Listing,
     LogEvent,
     Process,
+    ShellToken,
     Tenant,
     Transition,
     Usage,
@@ -190,6 +191,10 @@ class AsyncVm(VmData):
         """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
         return await self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
 
+    async def shell_token(self, *, minutes: int = 10) -> ShellToken:
+        """A token that opens this VM's shell alone, without an API key (on the API or the ingress)."""
+        return await self.client.vms.shell_token(self.id, minutes=minutes)
+
 
 class AsyncVms:
     def __init__(self, client: AsyncClient) -> None:
@@ -309,6 +314,9 @@ class AsyncVms:
 
     async def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
         return await self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
+
+    async def shell_token(self, vm_id: str, *, minutes: int = 10) -> ShellToken:
+        return await self.client.call(core.vm_shell_token(vm_id, minutes=minutes))
 
     async def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         Listing,
         LogEvent,
         Process,
+        ShellToken,
         Tenant,
         Transition,
         Usage,
@@ -164,6 +165,10 @@ class Vm(VmData):
         """A token for this VM's ingress endpoint (``endpoint``): the X-Ember-Proxy-Auth header's value."""
         return self.client.vms.auth_token(self.id, ports=ports, minutes=minutes)
 
+    def shell_token(self, *, minutes: int = 10) -> ShellToken:
+        """A token that opens this VM's shell alone, without an API key (on the API or the ingress)."""
+        return self.client.vms.shell_token(self.id, minutes=minutes)
+
 
 class Vms:
     def __init__(self, client: Client) -> None:
@@ -288,6 +293,9 @@ class Vms:
 
     def auth_token(self, vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> AuthToken:
         return self.client.call(core.vm_auth_token(vm_id, ports=ports, minutes=minutes))
+
+    def shell_token(self, vm_id: str, *, minutes: int = 10) -> ShellToken:
+        return self.client.call(core.vm_shell_token(vm_id, minutes=minutes))
 
     def list(
         self, *, state: str | None = None, image: str | None = None, tags: Mapping[str, str] | None = None,

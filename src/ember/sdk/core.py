@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         Listing,
         LogEvent,
         Process,
+        ShellToken,
         Tenant,
         Transition,
         Usage,
@@ -325,6 +326,12 @@ def vm_auth_token(vm_id: str, *, ports: int | str = 8080, minutes: int = 10) -> 
     """A token for the VM's ingress: ``ports`` a port, a range ("8000-8100") or "all"; 1-60 minutes."""
     body = {"allowed_ports": ports, "expires_in_minutes": minutes}
     return Op(Request("POST", _vm_path(vm_id, "auth-tokens"), json=body), lambda data: decode(t.AuthToken, data))
+
+
+def vm_shell_token(vm_id: str, *, minutes: int = 10) -> Op[ShellToken]:
+    """A token that opens the VM's shell alone (as AWS's CreateMicrovmShellAuthToken); 1-60 minutes."""
+    body = {"expires_in_minutes": minutes}
+    return Op(Request("POST", _vm_path(vm_id, "shell-tokens"), json=body), lambda data: decode(t.ShellToken, data))
 
 
 def vm_events(vm_id: str) -> Op[list[Event]]:

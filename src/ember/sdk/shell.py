@@ -54,11 +54,14 @@ def shell_target(
 class ShellProtocol:
     """The client side of a shell's WebSocket, without I/O: bytes in (:meth:`feed`), bytes out."""
 
-    def __init__(self, endpoint: Endpoint, target: str) -> None:
+    def __init__(self, endpoint: Endpoint, target: str, *, subprotocols: Sequence[str] = ()) -> None:
+        """``subprotocols``: offered to the daemon (a shell token: ``ember.authentication.<token>``, ``ember``)."""
         self._ws = WSConnection(ConnectionType.CLIENT)
         host = "ember" if endpoint.socket else f"{endpoint.host}:{endpoint.port}"
         headers = [(k.encode(), v.encode()) for k, v in endpoint.headers.items()]
-        self.handshake = self._ws.send(Request(host=host, target=target, extra_headers=headers))
+        request = Request(host=host, target=target, extra_headers=headers, subprotocols=list(subprotocols))
+        self.handshake = self._ws.send(request)
+        self.subprotocol: str | None = None  # the one the daemon selected
         self.accepted = False
         self.exit_code: int | None = None  # set from the server's exit message
         self.signal = 0
@@ -88,6 +91,7 @@ class ShellProtocol:
     def _event(self, event: Event, out: bytearray, reply: bytearray) -> None:
         if isinstance(event, AcceptConnection):
             self.accepted = True
+            self.subprotocol = event.subprotocol
         elif isinstance(event, RejectConnection):
             self._refused = (event.status_code, list(event.headers), bytearray())
             self._refusal_done = not event.has_body

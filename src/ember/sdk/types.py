@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ember.sdk.results.lifecycle import Event, Transition
     from ember.sdk.results.logs import LogEvent, LogOutput, LogSkipped
     from ember.sdk.results.usage import TenantUsage, Usage, VmUsage
-    from ember.sdk.results.vms import Accelerator, AuthToken, VmData
+    from ember.sdk.results.vms import Accelerator, AuthToken, ShellToken, VmData
     from ember.sdk.results.webhooks import CreatedWebhook, Delivery, Webhook
 
     T = TypeVar("T")
@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 __all__ = [
     "EMPTY", "Accelerator", "ApiKey", "AuthToken", "Build", "CreatedKey", "CreatedWebhook", "Delivery", "Event",
     "ExecEvent", "ExecExit", "ExecOutput", "ExecResult", "FileEntry", "Image", "Info", "Listing", "LogEvent",
-    "LogOutput", "LogSkipped", "Process", "Tenant", "TenantUsage",
+    "LogOutput", "LogSkipped", "Process", "ShellToken", "Tenant", "TenantUsage",
     "Transition", "Usage", "VmData", "VmUsage", "Webhook", "Whoami", "decode", "decode_list", "raw_field",
 ]  # fmt: skip
 # each result type: its module in ember.sdk.results
 HOMES = {
-    "Accelerator": "vms", "VmData": "vms", "AuthToken": "vms", "Transition": "lifecycle", "Event": "lifecycle",
+    "Accelerator": "vms", "VmData": "vms", "AuthToken": "vms", "ShellToken": "vms",
+    "Transition": "lifecycle", "Event": "lifecycle",
     "ExecOutput": "exec", "ExecExit": "exec", "ExecEvent": "exec", "ExecResult": "exec", "Process": "exec",
     "FileEntry": "files", "Listing": "files",
     "Image": "images", "Build": "images", "Tenant": "account", "ApiKey": "account", "CreatedKey": "account",

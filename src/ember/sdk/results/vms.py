@@ -70,3 +70,16 @@ class AuthToken:
     kind: str = "proxy"
     endpoint: str = ""
     raw: Mapping[str, Any] = raw_field()
+
+
+@dataclass(frozen=True)
+class ShellToken:
+    """A token that opens the VM's shell alone: offer the subprotocols ``ember.authentication.<token>`` and
+    ``ember`` (or send ``?token=``) on ``GET /v1/vms/{id}/shell`` or at ``url``, the ingress's shell."""
+
+    token: str
+    vm_id: str
+    expires_at: str
+    kind: str = "shell"
+    url: str = ""
+    raw: Mapping[str, Any] = raw_field()
