@@ -87,6 +87,8 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("patch", "/v1/tenants/{name}"): {"json": {"quotas": {}}},
     ("post", "/v1/vms/{vm_id}/processes"): {"json": {"argv": ["true"]}},
     ("post", "/v1/vms/{vm_id}/processes/{pid}/kill"): {"json": {"signal": "TERM"}},
+    ("post", "/v1/vms/{vm_id}/auth-tokens"): {"json": {"expires_in_minutes": 5, "allowed_ports": "8080"}},
+    ("post", "/v1/vms/{vm_id}/shell-tokens"): {"json": {"expires_in_minutes": 5}},
 }
 ADMIN_ONLY = re.compile(r"^/v1/tenants")
 
