@@ -135,6 +135,7 @@ def settings() -> Iterator[Settings]:
             # a block of host ids of its own: a developer's daemon or another run may be up
             "EMBER_UID_BASE": str(TEST_UID_BLOCK_BASE + (os.getpid() % 200) * 2 * TEST_UID_BLOCK),
             "EMBER_UID_COUNT": str(TEST_UID_BLOCK),
+            "EMBER_NET_CIDR": "10.201.0.0/16",  # VM egress veths: not a developer daemon's (tests/vm/test_network.py)
             # the tests' registries and token services listen on 127.0.0.1 (tests.oci_images)
             "EMBER_TRUSTED_REGISTRIES": "127.0.0.1",
             # the webhook tests' receivers listen on 127.0.0.1 (tests/vm/test_webhooks.py); retries come quickly

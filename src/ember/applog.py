@@ -22,6 +22,7 @@ request before anything is used.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -82,8 +83,14 @@ async def events(
     ``{"offset", "skipped"}`` when bytes were overwritten before they were read. ``tail``: only
     the last this many bytes; without ``follow`` it ends at the end ``head`` saw."""
     offset = head.start if tail is None else max(head.start, head.end - tail)
+    loop = asyncio.get_running_loop()
     while follow or offset < head.end:
+        asked = loop.time()
         chunk = await read(offset, CHUNK, wait_s if follow else 0)
+        if follow and not chunk.data and chunk.start <= offset:
+            # nothing new: the agent waited for output; one that answers at once (a hostile guest) must
+            # not make this loop spin, so the rest of the wait is the host's
+            await asyncio.sleep(max(0.0, wait_s - (loop.time() - asked)))
         if chunk.start > offset:
             yield {"offset": offset, "skipped": chunk.start - offset}
         if chunk.data:

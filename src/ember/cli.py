@@ -105,6 +105,7 @@ def cmd_run(c: Client, a: Args) -> None:
         tags=pairs(a.tag, "--tag"), client_token=a.client_token, run_payload=payload_arg(a.payload),
         idle=IdlePolicy(timeout_s=a.idle_timeout, auto_resume=a.auto_resume, suspended_ttl_s=a.suspended_ttl,
                         max_duration_s=a.max_duration, max_duration_running_only=a.max_duration_running_only),
+        egress=a.egress, allow=a.allow,
     )  # fmt: skip
     dump(vm) if a.json else out(vm.id)
 
@@ -558,6 +559,9 @@ def parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=int, metavar="S", help="terminate it S seconds after launch")
     p.add_argument("--max-duration-running-only", action="store_true", help="--max-duration counts running time only")
     p.add_argument("--payload", metavar="@FILE|TEXT", help="the app's run hook body (at most 16 KiB)")
+    p.add_argument("--egress", choices=("none", "internet", "allow"), help="network: none (default), public "
+                   "addresses, or only --allow")  # fmt: skip
+    p.add_argument("--allow", action="append", metavar="CIDR_OR_DOMAIN", help="with --egress allow (repeatable)")
 
     p = command(sub, "exec", cmd_exec, "Run a command in a VM, streaming its output; exits with its exit code.")
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="environment variable (repeatable)")

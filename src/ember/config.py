@@ -77,6 +77,11 @@ class Settings:
     uid_base: int = _env("EMBER_UID_BASE", 640000)
     uid_count: int = _env("EMBER_UID_COUNT", 65536)
     vmm_pids_max: int = _env("EMBER_VMM_PIDS_MAX", 64)
+    # VM egress: each running VM with egress gets one address of this IPv4 range for its namespace's
+    # veth (routed on the host; daemons on one host need ranges that do not overlap).
+    net_cidr: str = _env("EMBER_NET_CIDR", "10.200.0.0/16")
+    # Most entries (CIDRs and domain names) in one VM's egress allowlist.
+    egress_max_allow: int = _env("EMBER_EGRESS_MAX_ALLOW", 32)
     # Extra host memory a VMM may use beyond guest RAM (QEMU itself, TCG code cache).
     vmm_overhead_mib: int = _env("EMBER_VMM_OVERHEAD_MIB", 256)
     # CPU time a VMM may use beyond one core per vCPU (QEMU's I/O thread), in cores (cgroup cpu quota).

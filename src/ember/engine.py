@@ -33,6 +33,7 @@ from ember.errors import (
     GuestError,
     HookFailed,
     ImageNotFound,
+    InvalidRequest,
     VmmError,
     VmNotFound,
     log_with_id,
@@ -55,6 +56,7 @@ from ember.models import (
     check_transition,
     require_running,
 )
+from ember.network.policy import NO_EGRESS, EgressPolicy
 from ember.pool import WarmPool, new_vm_id
 from ember.runtime import Host, VmLayout, finish_suspend, hand_over, move_files
 from ember.snapshot import (
@@ -118,6 +120,7 @@ class RunOptions:
     tags: Mapping[str, str] = field(default_factory=dict)
     idle: IdlePolicy = field(default_factory=IdlePolicy)  # idle policy and lifetime (ember.lifecycle)
     run_payload: bytes = b""  # the body of the app's run hook (ember.hooks)
+    egress: EgressPolicy = NO_EGRESS  # ember.network.policy
     on_record: Callable[[str], None] | None = None  # told the VM's id once its record exists
 
 
@@ -230,13 +233,15 @@ class Engine:
 
     async def _start_paused(
         self, vm_id: str, uid: int, machine: MachineConfig, image: ImageRecord, ram: RamBacking,
-        groups: tuple[int, ...],
+        groups: tuple[int, ...], egress: EgressPolicy = NO_EGRESS,
     ) -> MicroVm:  # fmt: skip
         """Start a jailed VMM waiting for a snapshot, and open (not yet use) its agent socket.
         Its disk is the VM's overlay on the image's disk (which reaches QEMU as a read-only fd)."""
         layout = self.host.layout(vm_id)
         disk = DiskChain(top=layout.disk, backing=(self.images.snapshot(image).disk,))
-        plan = VmPlan(vm_id=vm_id, machine=machine, disk=disk, ram=ram, uid=uid, groups=groups, incoming=True)
+        plan = VmPlan(
+            vm_id=vm_id, machine=machine, disk=disk, ram=ram, uid=uid, groups=groups, incoming=True, egress=egress
+        )
         vm = await MicroVm.start(self.host, plan)
         try:
             # connected before the guest runs, the port is never seen closed by the guest
@@ -246,7 +251,7 @@ class Engine:
             raise
         return vm
 
-    async def _start_clone(self, vm_id: str, uid: int, image: ImageRecord) -> MicroVm:
+    async def _start_clone(self, vm_id: str, uid: int, image: ImageRecord, egress: EgressPolicy = NO_EGRESS) -> MicroVm:
         layout = self.host.layout(vm_id)
         layout.root.mkdir(mode=0o711)
         verified = await self.images.verified_snapshot(image)
@@ -255,7 +260,7 @@ class Engine:
         )
         # the image's group reads its template RAM (0440, root-owned): mapped read-only, privately
         ram = RamBacking(self.images.snapshot(image).ram, RamMode.CLONE)
-        return await self._start_paused(vm_id, uid, image.machine, image, ram, (image.gid,))
+        return await self._start_paused(vm_id, uid, image.machine, image, ram, (image.gid,), egress)
 
     async def _activate(
         self, record: VmRecord, vm: MicroVm, load: Callable[[], Awaitable[None]], phases: Phases
@@ -332,9 +337,14 @@ class Engine:
 
     @timed(Operation.LAUNCH)
     async def run(self, image: ImageRecord, options: RunOptions) -> VmRecord:
+        if options.egress.needs_network and not image.machine.nic:
+            raise InvalidRequest(
+                f"image {image.name} was built before VMs had a network card: rebuild it to launch VMs with egress"
+            )
         snap = await self.images.verified_snapshot(image)
         phases = Phases()
-        warm = await self.pool.take(image)
+        # pooled VMMs have a NIC with no backend: a VM with egress starts its own, on a tap in its namespace
+        warm = None if options.egress.needs_network else await self.pool.take(image)
         if warm is None:
             vm_id, uid = new_vm_id(), self.host.uids.allocate()
         else:
@@ -342,7 +352,7 @@ class Engine:
         record = VmRecord(
             id=vm_id, image=image.name, state=VmState.PENDING, machine=image.machine, uid=uid,
             token=image.token, ram=RamMode.CLONE, tenant=options.tenant, env=dict(options.env),
-            tags=dict(options.tags), idle=options.idle,
+            tags=dict(options.tags), idle=options.idle, egress=options.egress,
         )  # fmt: skip
         await asyncio.to_thread(self.store.insert_vm, record)
         if options.on_record is not None:
@@ -352,7 +362,7 @@ class Engine:
             vm: MicroVm | None = warm.vm if warm is not None else None
             try:
                 if vm is None:
-                    vm = await self._start_clone(vm_id, uid, image)
+                    vm = await self._start_clone(vm_id, uid, image, options.egress)
                     phases.mark("start_vmm")
                     expected = snap.manifest.files[Snapshot.STATE]
                     token = await self._activate(
@@ -602,7 +612,7 @@ class Engine:
                 checking = asyncio.create_task(asyncio.to_thread(verify_files, manifest, checks))
                 try:
                     ram = RamBacking(layout.ram, RamMode.OWN, offset=manifest.ram_offset)
-                    vm = await self._start_paused(vm_id, record.uid, record.machine, image, ram, ())
+                    vm = await self._start_paused(vm_id, record.uid, record.machine, image, ram, (), record.egress)
                 finally:
                     await asyncio.gather(checking, return_exceptions=True)
                 checking.result()  # a damaged file stops us here, before the state loads and the guest runs
@@ -742,6 +752,7 @@ class Engine:
             await vm.detach()
         self._runtimes.clear()
         await asyncio.to_thread(self.host.cgroups.release)
+        await asyncio.to_thread(self.host.net.release)
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ class ImageStore:
         return MachineConfig(
             accel=accel, memory_mib=self.settings.memory_mib, vcpus=vcpus, kernel=str(self.guest.kernel),
             initramfs=str(self.guest.initramfs), cmdline=kernel_cmdline(accel), qemu_version=self.qemu_version,
+            nic=True,  # every VM's snapshot has its NIC: egress is chosen per VM at launch (ember.network)
         )  # fmt: skip
 
     async def ensure_base(self, progress: Progress) -> ImageRecord:

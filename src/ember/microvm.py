@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -28,8 +29,9 @@ from ember.errors import VmmError
 from ember.host.cgroup import CgroupLimits
 from ember.host.jail import JailSpec
 from ember.logs import vlog
+from ember.network.policy import NO_EGRESS, EgressPolicy
 from ember.runtime import SERIAL_LOG_CAP, Host, cap_log_fd
-from ember.vmm.machine import Accel, DiskChain, MachineConfig, RamBacking, RamMode, qemu_argv
+from ember.vmm.machine import FD_FIRST_DISK, Accel, DiskChain, MachineConfig, RamBacking, RamMode, qemu_argv
 from ember.vmm.qemu import ControlDir, QemuVmm, Vmm
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class VmPlan:
     groups: tuple[int, ...] = ()
     incoming: bool = False
     network: bool = False  # stay in the host's network namespace (build VMs: user-mode NIC, filtered by uid)
+    egress: EgressPolicy = NO_EGRESS  # a NIC on a tap in a namespace of the VM's own (ember.network), unless none
     extra_args: tuple[str, ...] = ()
     ro_paths: tuple[Path, ...] = ()  # more files or directories the VMM reads by path (e.g. read-only disks)
     rw_paths: tuple[Path, ...] = ()  # and writes (e.g. a build VM's directory of new layers)
@@ -135,6 +138,12 @@ class MicroVm:
             fds = [qmp.fileno(), agent.fileno(), self._serial_fd]
             for path in plan.disk.backing:
                 disks.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            tap: int | None = None
+            if plan.egress.needs_network and plan.machine.nic:
+                net = await asyncio.to_thread(self.host.net.create, self.id, plan.egress)
+                self._on_close("network namespace", lambda: asyncio.to_thread(self.host.net.destroy, net.namespace))
+                disks.append(net.tap_fd)  # closed with the disks' fds once QEMU has its copy
+                tap = FD_FIRST_DISK + len(disks) - 1
             limits = CgroupLimits.for_vm(settings, plan.machine.memory_mib, plan.machine.vcpus)
             procs = await asyncio.to_thread(self.host.cgroups.create, self.id, limits)
             self._on_close("cgroup", lambda: asyncio.to_thread(self.host.cgroups.destroy, self.id))
@@ -143,7 +152,9 @@ class MicroVm:
                 raise VmmError(
                     f"QEMU binary {settings.qemu_binary!r} not found: run scripts/install.sh or set EMBER_QEMU"
                 )
-            argv = qemu_argv(binary, plan.machine, plan.disk, plan.ram, incoming=plan.incoming, extra=plan.extra_args)
+            argv = qemu_argv(
+                binary, plan.machine, plan.disk, plan.ram, incoming=plan.incoming, extra=plan.extra_args, tap_fd=tap
+            )
             jail = JailSpec(
                 uid=plan.uid, gid=plan.uid, groups=plan.groups, cgroup_procs=tuple(procs),
                 new_netns=not plan.network, root=control.jail_root,
@@ -170,6 +181,8 @@ class MicroVm:
         try:
             vm._vmm = await QemuVmm.adopt(pid, vm.control)
             vm._on_close("VMM", vm._vmm.shutdown)
+            for namespace in host.net.of_vm(vm_id):  # its egress, if any: gone with the VMM
+                vm._on_close("network namespace", functools.partial(asyncio.to_thread, host.net.destroy, namespace))
             vm._on_close("cgroup", lambda: asyncio.to_thread(host.cgroups.destroy, vm_id))
             vm._on_close("control directory", lambda: asyncio.to_thread(shutil.rmtree, vm.control.path, True))
             with contextlib.suppress(OSError):

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from ember.errors import InvalidStateTransition
 from ember.imagecfg import ImageDefaults
+from ember.network.policy import EgressPolicy
 from ember.vmm.machine import MachineConfig, RamMode
 
 
@@ -192,6 +193,7 @@ class VmRecord:
     # suspended TTL and a running-only maximum duration count from them, across daemon restarts
     suspended_at: str = ""
     suspended_s: float = 0.0
+    egress: EgressPolicy = field(default_factory=EgressPolicy)  # kept across suspend/resume
 
     def moved(self, state: VmState, reason: StateReason, message: str = "", **changes: object) -> VmRecord:
         now = utcnow()

@@ -21,6 +21,7 @@ from pathlib import Path
 from ember.config import Settings
 from ember.host.cgroup import Cgroups
 from ember.host.qemuimg import QemuImg
+from ember.network.vmnet import VmNetworks
 from ember.snapshot import XXH3, Snapshot, SnapshotManifest, durable, hash_file, raise_storage
 from ember.vmm.machine import RamMode
 from ember.vmm.qemu import ControlDir
@@ -163,6 +164,7 @@ class Host:
         self.jailer = jailer
         self.uids = uids
         self.qemu_img = QemuImg.of(settings)
+        self.net = VmNetworks(settings)
 
     @property
     def run_root(self) -> Path:
@@ -179,6 +181,8 @@ class Host:
         directory. Blocking: call it off the event loop."""
         self.cgroups.destroy(vm_id)
         shutil.rmtree(self.control_dir(vm_id).path, ignore_errors=True)
+        for namespace in self.net.of_vm(vm_id):
+            self.net.destroy(namespace)
 
     def sweep(self, keep: set[str]) -> None:
         """After a daemon start: every cgroup and control directory that belongs to no VMM in
@@ -193,6 +197,7 @@ class Host:
                 if stray.name not in keep:
                     log.warning("removing the control directory of a VMM no daemon owns: %s", stray.name)
                     shutil.rmtree(stray, ignore_errors=True)
+        self.net.sweep(keep)
 
     def cgroup_pids(self, vm_id: str) -> list[int]:
         return self.cgroups.pids(vm_id)

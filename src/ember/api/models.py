@@ -54,6 +54,11 @@ class WhoAmI(BaseModel):
     key_id: str | None = Field(description="None: root on the Unix socket")
 
 
+class Egress(BaseModel):
+    mode: str = Field(description="none (no network), internet (public addresses only) or allow")
+    allow: list[str] = Field(description="With allow: the CIDRs and domain names the VM may reach")
+
+
 class Vm(BaseModel):
     id: str
     tenant: str
@@ -66,6 +71,7 @@ class Vm(BaseModel):
     vcpus: int
     env: dict[str, str]
     tags: dict[str, str]
+    egress: Egress
     pid: int | None = Field(description="Its VMM's process id while it has one")
     created_at: str
     updated_at: str

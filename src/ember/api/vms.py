@@ -50,6 +50,7 @@ from ember.errors import EmberError, InvalidRequest, VmNotFound
 from ember.imagecfg import exec_settings
 from ember.metrics import Operation
 from ember.models import EventRecord, IdlePolicy, ImageRecord, VmRecord, VmState
+from ember.network.policy import parse_policy
 from ember.tenancy import names
 from ember.tenancy.idempotency import Idempotency, Settle
 from ember.tenancy.principal import Principal
@@ -102,6 +103,10 @@ class RunBody(BaseModel):
     vcpus: int | None = Field(default=None, ge=1, le=256)
     env: EnvMap = Field(default_factory=dict)
     tags: TagMap = Field(default_factory=dict)
+    egress: str = Field(default="none", max_length=16, description="none (default), internet or allow")
+    allow: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, max_length=1000, description="With egress allow: CIDRs and domain names"
+    )
     client_token: ClientToken | None = None
     run_payload: str | None = Field(
         default=None, description="The body of the app's run hook (POST /ember/v1/run), at most "
@@ -171,7 +176,7 @@ def vm_view(vm: VmRecord) -> dict[str, Any]:
         "id": vm.id, "tenant": vm.tenant, "image": names.public(vm.image), "state": vm.state.value,
         "state_reason": vm.state_reason.value, "state_message": vm.state_message,
         "accelerator": accel_view(vm.machine.accel.value), "memory_mib": vm.machine.memory_mib,
-        "vcpus": vm.machine.vcpus, "env": vm.env, "tags": vm.tags, "pid": vm.pid or None,
+        "vcpus": vm.machine.vcpus, "env": vm.env, "tags": vm.tags, "egress": vm.egress.view(), "pid": vm.pid or None,
         "created_at": vm.created_at, "updated_at": vm.updated_at, "terminated_at": vm.terminated_at or None,
         "idle_timeout_s": vm.idle.idle_timeout_s, "auto_resume": vm.idle.auto_resume,
         "suspended_ttl_s": vm.idle.suspended_ttl_s, "max_duration_s": vm.idle.max_duration_s,
@@ -234,6 +239,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
         image = resolve_image(daemon, who, body.image, body.version)
         _check_size(image, body)
         policy = idle_policy(body, daemon.settings)
+        egress = parse_policy(body.egress, body.allow, max_entries=daemon.settings.egress_max_allow)
         asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
                 Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
 
@@ -246,6 +252,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
                 options = RunOptions(
                     tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
+                    egress=egress,
                     on_record=recorded,
                 )  # fmt: skip
                 vm = vm_view(await engine.run(image, options))

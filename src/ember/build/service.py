@@ -250,7 +250,7 @@ class BuildService:
         machine = self.images.machine(token)
         return dataclasses.replace(
             machine, initramfs=str(self.images.guest.build_initramfs), cmdline=f"{machine.cmdline} ember.build=1",
-            memory_mib=self.settings.build_memory_mib,
+            memory_mib=self.settings.build_memory_mib, nic=False,  # its NIC is QEMU's user-mode network
         )  # fmt: skip
 
     async def build(

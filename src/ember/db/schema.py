@@ -95,6 +95,7 @@ vms = Table(
     Column("max_duration_running_only", Boolean, nullable=False),
     Column("suspended_at", String(32), nullable=False),
     Column("suspended_s", Float, nullable=False),
+    Column("egress", Text, nullable=False, server_default='{"mode": "none", "allow": []}'),  # JSON: ember.network
 )
 
 events = Table(

@@ -48,6 +48,7 @@
 #include <fcntl.h>
 #include <linux/random.h>
 #include <net/if.h>
+#include <net/route.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
@@ -1780,6 +1781,70 @@ static void harden_sysctls(void) {
     }
 }
 
+/* The VM's NIC, if its machine has one (ember.network.policy): the same address, gateway and
+ * resolver in every VM (a VM with egress has a network namespace of its own; one with egress none
+ * has a NIC without a backend), set once at the template's boot and so kept in every snapshot. */
+#define NIC_GUEST_IP "169.254.0.21"
+#define NIC_GATEWAY_IP "169.254.0.22"
+#define NIC_NETMASK "255.255.255.252"
+#define NIC_RESOLV GENERATION_DIR "/resolv.conf"
+
+static void set_inet(struct sockaddr *sa, const char *address) {
+    struct sockaddr_in *sin = (struct sockaddr_in *)sa;
+    memset(sin, 0, sizeof *sin);
+    sin->sin_family = AF_INET;
+    inet_pton(AF_INET, address, &sin->sin_addr);
+}
+
+static void configure_nic(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "eth0");
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) { close(s); return; } /* no NIC: an image from before */
+    short flags = ifr.ifr_flags;
+    /* IPv4 only (the namespace lets nothing else in): no IPv6 autoconfiguration, whose timers
+     * (DAD, router solicitations) would run on in every clone */
+    int v6 = open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", O_WRONLY | O_CLOEXEC);
+    if (v6 >= 0) {
+        if (write(v6, "1", 1) != 1) logmsg("eth0: disable_ipv6: %s", strerror(errno));
+        close(v6);
+    }
+    set_inet(&ifr.ifr_addr, NIC_GUEST_IP);
+    int ok = ioctl(s, SIOCSIFADDR, &ifr) == 0;
+    set_inet(&ifr.ifr_netmask, NIC_NETMASK);
+    ok = ok && ioctl(s, SIOCSIFNETMASK, &ifr) == 0;
+    ifr.ifr_flags = flags | IFF_UP;
+    ok = ok && ioctl(s, SIOCSIFFLAGS, &ifr) == 0;
+    struct rtentry rt;
+    memset(&rt, 0, sizeof rt);
+    set_inet(&rt.rt_dst, "0.0.0.0");
+    set_inet(&rt.rt_genmask, "0.0.0.0");
+    set_inet(&rt.rt_gateway, NIC_GATEWAY_IP);
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    rt.rt_dev = ifr.ifr_name;
+    ok = ok && ioctl(s, SIOCADDRT, &rt) == 0;
+    close(s);
+    if (!ok) { logmsg("eth0: %s", strerror(errno)); return; }
+    /* the resolver is the gateway (its namespace forwards DNS to the host's); the image's own file
+     * stays underneath, as in build VMs */
+    int fd = open(NIC_RESOLV, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    static const char line[] = "nameserver " NIC_GATEWAY_IP "\n";
+    if (fd < 0 || write(fd, line, sizeof line - 1) != (ssize_t)(sizeof line - 1)) {
+        if (fd >= 0) close(fd);
+        logmsg("%s: %s", NIC_RESOLV, strerror(errno));
+        return;
+    }
+    close(fd);
+    struct stat st;
+    if (lstat("/etc", &st) < 0 || !S_ISDIR(st.st_mode)) return;
+    fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) { logmsg("/etc/resolv.conf: %s", strerror(errno)); return; }
+    close(fd);
+    if (mount(NIC_RESOLV, "/etc/resolv.conf", NULL, MS_BIND, NULL) < 0) logmsg("resolv.conf: %s", strerror(errno));
+}
+
 static void stage2(void) {
     mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
@@ -1801,6 +1866,7 @@ static void stage2(void) {
         if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) { ifr.ifr_flags |= IFF_UP; ioctl(s, SIOCSIFFLAGS, &ifr); }
         close(s);
     }
+    if (!build_mode) configure_nic();
     /* Find our virtio-serial port by name. */
     char dev[300] = "";
     for (int tries = 0; tries < 5000 && !dev[0]; tries++) {

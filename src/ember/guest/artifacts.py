@@ -21,10 +21,10 @@ from ember.errors import HostSetupError
 from ember.host.binaries import compile_static
 
 # Loaded in dependency order by the agent's stage 1 (modules.dep adds the rest).
-GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console")
-# Image-build VMs also get a network card and Ember's tools (a static busybox:
-# tar for COPY, ip, fsfreeze), kept outside the image being built.
-BUILD_MODULES = (*GUEST_MODULES, "virtio_net")
+GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_net")  # every VM has a NIC (ember.network)
+# Image-build VMs also get Ember's tools (a static busybox: tar for COPY, ip, fsfreeze), kept outside
+# the image being built.
+BUILD_MODULES = GUEST_MODULES
 BUSYBOX = Path("/bin/busybox")
 BUILD_TOOL = "/ember/busybox"
 

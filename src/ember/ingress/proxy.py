@@ -60,6 +60,7 @@ from ember.models import VmRecord, VmState
 from ember.relay import RelayClosed, TcpStream
 
 if TYPE_CHECKING:
+    from ember.agent import AgentConnection
     from ember.api.auth import Authenticator
     from ember.config import Settings
     from ember.engine import Engine
@@ -72,7 +73,7 @@ REQUESTS = Counter(
     ["outcome"], registry=REGISTRY,
 )  # fmt: skip
 _OUTCOMES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 408: "bad_request",
-             431: "bad_request", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}  # fmt: skip
+             429: "throttled", 431: "bad_request", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}  # fmt: skip
 
 
 def status_of(exc: EmberError) -> int:
@@ -146,6 +147,7 @@ class _Relay:
 
     vm_id: str
     port: int
+    agent: AgentConnection
     stream: TcpStream
     http: h11.Connection
 
@@ -266,7 +268,7 @@ class ClientConnection:
             record = store.get_vm(where.vm_id)
             if record is None or record.tenant != grant.tenant or record.state is VmState.TERMINATED:
                 raise VmNotFound(where.vm_id)
-            return record, False
+            return record, self._is_ember_key(headers)
         keys = [(k.decode(), v.decode("latin-1")) for k, v in headers if k in (b"authorization", TENANT_HEADER)]
         if not any(k == "authorization" for k, _ in keys):
             raise Unauthorized(
@@ -280,6 +282,15 @@ class ClientConnection:
             raise VmNotFound(where.vm_id)
         return record, True
 
+    def _is_ember_key(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether the Authorization header sent beside a token is an Ember API key (a client that sends
+        its key by default): it is dropped then, as when the key authorised the request. An app's own
+        credentials pass."""
+        values = [v.decode("latin-1") for k, v in headers if k == b"authorization"]
+        if not values:
+            return False
+        return not isinstance(self.server.auth.principal([("authorization", values[0])], None), EmberError)
+
     async def reach(self, record: VmRecord, where: Route) -> _Relay:
         """THE place a request reaches its VM, after it was authorised and before any byte goes in:
         the connection holds the VM busy from now until it closes or turns to another VM (an open
@@ -292,14 +303,15 @@ class ClientConnection:
             record = await engine.wake(record.id, action="reach the app in")
         except InvalidStateTransition as exc:  # not running and not resumed for us: an HTTP client's 503
             raise VmNotServing(str(exc)) from exc
+        agent = engine._agent(record, "reach the app in")
         relay = self.relay
-        if relay is not None and (relay.vm_id, relay.port) == (record.id, where.port):
+        # kept for the same VM and port, over the same agent channel (a suspend and resume since: a new one)
+        if relay is not None and (relay.vm_id, relay.port, relay.agent) == (record.id, where.port, agent):
             return relay
         self._drop_relay()
-        agent = self.server.engine._agent(record, "reach the app in")
         stream = await agent.open_tcp(where.port, timeout_s=self.settings.ingress_connect_timeout_s)
         http = h11.Connection(h11.CLIENT, max_incomplete_event_size=RESPONSE_HEAD_MAX)
-        self.relay = _Relay(record.id, where.port, stream, http)
+        self.relay = _Relay(record.id, where.port, agent, stream, http)
         return self.relay
 
     async def forward(

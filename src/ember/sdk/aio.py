@@ -202,9 +202,11 @@ class AsyncVms:
         self, image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
         env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
         run_payload: str | None = None, idle: core.IdlePolicy | None = None,
+        egress: str | None = None, allow: Sequence[str] | None = None,
     ) -> AsyncVm:  # fmt: skip
         req = core.vm_run(image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=env, tags=tags,
-                          client_token=client_token, run_payload=run_payload, idle=idle)  # fmt: skip
+                          client_token=client_token, run_payload=run_payload, idle=idle,
+                          egress=egress, allow=allow)  # fmt: skip
         return self._bind(await self.client.send(req))
 
     async def get(self, vm_id: str) -> AsyncVm:

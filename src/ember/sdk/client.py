@@ -176,9 +176,11 @@ class Vms:
         self, image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
         env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
         run_payload: str | None = None, idle: core.IdlePolicy | None = None,
+        egress: str | None = None, allow: Sequence[str] | None = None,
     ) -> Vm:  # fmt: skip
         req = core.vm_run(image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=env, tags=tags,
-                          client_token=client_token, run_payload=run_payload, idle=idle)  # fmt: skip
+                          client_token=client_token, run_payload=run_payload, idle=idle,
+                          egress=egress, allow=allow)  # fmt: skip
         return self._bind(self.client.send(req))
 
     def get(self, vm_id: str) -> Vm:

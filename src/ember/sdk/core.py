@@ -284,12 +284,13 @@ class IdlePolicy:
 def vm_run(
     image: str, *, version: int | None = None, memory_mib: int | None = None, vcpus: int | None = None,
     env: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, client_token: str | None = None,
-    run_payload: str | None = None, idle: IdlePolicy | None = None,
+    run_payload: str | None = None, idle: IdlePolicy | None = None, egress: str | None = None,
+    allow: Sequence[str] | None = None,
 ) -> Request:  # fmt: skip
     body = _drop_none(
         image=image, version=version, memory_mib=memory_mib, vcpus=vcpus, env=dict(env) if env else None,
         tags=dict(tags) if tags else None, client_token=client_token, run_payload=run_payload,
-        **(idle.fields() if idle else {}),
+        egress=egress, allow=list(allow) if allow else None, **(idle.fields() if idle else {}),
     )  # fmt: skip
     return Request("POST", "/v1/vms", json=body)
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 AGENT_PORT_NAME = "org.ember.agent"
+GUEST_MAC = "52:54:00:12:34:56"  # every VM's NIC (each VM with egress has a namespace of its own)
 # Without these, 3 of 20 TCG cold boots hung in early boot on these machines.
 TCG_TIMER_ARGS = "tsc_early_khz=2300000 lpj=9200000 tsc=reliable"
 
@@ -50,6 +51,8 @@ class MachineConfig:
     initramfs: str
     cmdline: str
     qemu_version: str
+    # A virtio-net NIC (images built before Ember had VM egress have none: from_json's default)
+    nic: bool = False
 
     def restores_on(self, qemu_version: str) -> bool:
         """Whether a snapshot of this machine loads into ``qemu_version`` (``qemu --version``'s
@@ -70,7 +73,7 @@ class MachineConfig:
 FD_QMP = 3  # a listening Unix socket the daemon bound in the VM's root-owned control directory
 FD_AGENT = 4  # likewise, for the guest agent's virtio-serial port
 FD_SERIAL = 5  # the serial log, opened by the daemon (append)
-FD_FIRST_DISK = 6  # then one read-only fd per backing file of the root disk, base last
+FD_FIRST_DISK = 6  # then one read-only fd per backing file of the root disk, base last; then the tap, if any
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def boot_args(machine: MachineConfig, *, incoming: bool) -> tuple[str, ...]:
 
 def qemu_argv(
     binary: str, machine: MachineConfig, disk: DiskChain, ram: RamBacking, *, incoming: bool,
-    extra: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (), tap_fd: int | None = None,
 ) -> list[str]:  # fmt: skip
     """QEMU's argv. Sockets and the serial log are the daemon's fds (``FD_*``): the VMM
     never opens a path in its control directory, and after a daemon restart the
@@ -170,9 +173,24 @@ def qemu_argv(
         # seccomp: no spawning (migration goes through passed fds), no setuid.
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]  # fmt: skip
+    if machine.nic:
+        argv += nic_args(tap_fd)
     if incoming:
         argv += ["-incoming", "defer"]
     return argv + list(extra)
+
+
+def nic_args(tap_fd: int | None) -> tuple[str, ...]:
+    """The VM's NIC (ember.network.policy): on a tap the daemon opened in the VM's network namespace
+    (``tap_fd``, QEMU's fd number), or with no backend at all (egress none: frames go nowhere).
+    Offloads are off, so the guest negotiates the same features on either backend and a snapshot
+    taken on one restores on the other."""
+    offloads = "csum=off,guest_csum=off,gso=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off," \
+               "host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,mrg_rxbuf=off,guest_announce=off"  # fmt: skip
+    device = f"virtio-net-device,id=nic0,mac={GUEST_MAC},{offloads}"
+    if tap_fd is None:
+        return ("-device", device)
+    return ("-netdev", f"tap,id=net0,fd={tap_fd},vhost=off", "-device", f"{device},netdev=net0")
 
 
 def user_network_args() -> tuple[str, ...]:

@@ -37,6 +37,7 @@ class VmData:
     vcpus: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    egress: Mapping[str, Any] = field(default_factory=dict)  # {"mode": none|internet|allow, "allow": [...]}
     pid: int | None = None
     created_at: str = ""
     updated_at: str = ""

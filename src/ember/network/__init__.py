@@ -1,0 +1,1 @@
+"""Per-VM networking: egress policies (policy) and the namespaces that enforce them (vmnet)."""
