@@ -43,9 +43,9 @@ def own_daemon(prefix: str, uid_base: int, *, loop_report: Path | None = None) -
         "EMBER_UID_BASE": str(uid_base), "EMBER_UID_COUNT": "4096",
     })  # fmt: skip
     log_path = data.parent / f"{data.name}-daemon.log"
-    if loop_report is None:
-        return settings, DaemonProcess(settings, log_path)
-    return settings, DaemonProcess(settings, log_path, command=("-m", "bench.loopwatch", str(loop_report)))
+    command = ("-m", "ember", "serve", "-v") if loop_report is None else ("-m", "bench.loopwatch", str(loop_report))
+    daemon = DaemonProcess(settings, log_path, command=command)
+    return daemon.settings, daemon  # its settings: with an ingress port of its own (never a real daemon's)
 
 
 def prepare_base(c: Client) -> dict[str, Any]:

@@ -206,6 +206,8 @@ class Settings:
     idle_cpu_threshold: float = _env("EMBER_IDLE_CPU_THRESHOLD", 0.1)
     # Host-side deadline of asking a guest whether it holds itself awake or asks to be suspended (ember-idle).
     idle_guest_answer_s: float = _env("EMBER_IDLE_GUEST_ANSWER_S", 5.0)
+    # Idle checks (a CPU sample and the guest's answer) the scheduler runs at once, across all tenants.
+    idle_check_concurrency: int = _env("EMBER_IDLE_CHECK_CONCURRENCY", 16)
     # Hand the host's CA bundle to every build's RUN steps, as if each asked --host-ca-certs (TLS-inspecting proxy).
     build_host_ca_certs: bool = _env("EMBER_BUILD_HOST_CA_CERTS", False)
 

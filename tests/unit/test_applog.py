@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import random
 import shutil
 import subprocess
@@ -157,3 +159,22 @@ async def test_overwritten_bytes_are_reported_as_skipped() -> None:
 async def test_a_vm_without_an_app_is_a_conflict() -> None:
     with pytest.raises(Conflict, match="no app log"):
         await applog.first_chunk(FakeGuest(0).read)
+
+
+async def test_a_guest_answering_a_followed_read_at_once_with_nothing_does_not_make_the_host_spin() -> None:
+    """A hostile agent answers every waiting read at once, empty: the follower waits out the rest of each
+    wait on the host (it made thousands of guest round trips a second, starving other VMs)."""
+    reads = 0
+
+    async def instant_empty(offset: int, limit: int, wait_s: float) -> LogChunk:
+        nonlocal reads
+        reads += 1
+        return LogChunk(offset, offset, 100, b"")
+
+    async def follow() -> None:
+        async for _ in applog.events(instant_empty, LogChunk(0, 0, 100, b""), tail=None, follow=True, wait_s=0.1):
+            pass
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(follow(), 0.5)
+    assert 3 <= reads <= 7, f"{reads} reads in 0.5 s with a 0.1 s wait"

@@ -210,3 +210,35 @@ async def test_refused_connections_and_the_relay_limit(agents: Agents) -> None:
     for s in (second, third):
         await s.close()
     assert conn.tcp_open == 0
+
+
+def test_an_ember_key_sent_beside_a_token_never_reaches_the_guest() -> None:
+    """A client that sends its API key by default and a proxy token: the token authorises the request,
+    and the key is dropped all the same (it was forwarded to the guest); an app's own Authorization passes."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from ember.ingress.http import Route
+    from ember.ingress.proxy import ClientConnection
+    from ember.models import VmState
+    from ember.tenancy.principal import Principal
+
+    key = "ember_" + "A" * 43
+    signer = TokenSigner(b"k" * 32)
+    token, _ = signer.issue(vm_id="vm-0a", tenant="acme", kind=TokenKind.PROXY, ports=Ports(8080, 8080), minutes=5)
+    record = SimpleNamespace(id="vm-0a", tenant="acme", state=VmState.RUNNING)
+
+    def principal(headers: list[tuple[str, str]], peer: object) -> object:
+        known = headers == [("authorization", f"Bearer {key}")]
+        return Principal("acme", admin=False) if known else Unauthorized("unknown key")
+
+    engine = SimpleNamespace(store=SimpleNamespace(get_vm=lambda _: record))
+    auth = SimpleNamespace(principal=principal)
+    settings = SimpleNamespace(ingress_idle_timeout_s=1)
+    server = SimpleNamespace(signer=signer, engine=engine, settings=settings, auth=auth)
+    client = ClientConnection(cast(Any, server), cast(Any, None), cast(Any, None))
+    for value, kept in ((f"Bearer {key}", False), ("Bearer the-apps-own", True), ("Basic dXNlcjpwdw==", True)):
+        headers = [(b"host", b"vm-0a.localhost"), (b"x-ember-proxy-auth", token.encode()),
+                   (b"authorization", value.encode())]  # fmt: skip
+        _, drop = client.authorize(headers, Route("vm-0a", b"/", 8080))
+        assert ((b"authorization", value.encode()) in forwarded(headers, drop_authorization=drop)) is kept, value

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -15,7 +15,7 @@ import pytest
 from ember.agent import IDLE_STATE_MAX, GuestIdleState
 from ember.api.vms import RunBody, idle_policy
 from ember.config import Settings
-from ember.errors import GuestProtocolError, InvalidRequest, InvalidStateTransition, QuotaExceeded
+from ember.errors import AgentUnavailable, GuestProtocolError, InvalidRequest, InvalidStateTransition, QuotaExceeded
 from ember.guest.protocol import Frame, Msg, Tag, encode_fields, encode_frame
 from ember.lifecycle.activity import Activity
 from ember.lifecycle.policy import (
@@ -27,7 +27,7 @@ from ember.lifecycle.policy import (
     lifetime_end,
     lived_seconds,
 )
-from ember.lifecycle.scheduler import TICKS_PER_S, stat_cpu_seconds, vmm_cpu
+from ember.lifecycle.scheduler import TICKS_PER_S, Scheduler, stat_cpu_seconds, vmm_cpu
 from ember.lifecycle.wake import Waker
 from ember.models import IdlePolicy, StateReason, VmRecord, VmState
 from ember.vmm.machine import Accel, MachineConfig
@@ -250,3 +250,100 @@ async def test_an_auto_resume_is_held_to_the_quotas_of_a_resume() -> None:
     results = await asyncio.gather(*(waker.wake("vm-1") for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, QuotaExceeded) for r in results)  # every caller: 429
     assert engine.resumes == [] and engine.record.state is VmState.SUSPENDED and asked == ["vm-1"]
+
+
+# ---- the scheduler: one tenant's slow guests delay no one ------------------------------------------------
+
+
+class SchedulerEngine:
+    """What the Scheduler uses of the engine, with the guests and apps of a hostile tenant, mallory: its agents
+    give ``mallory_says`` to the idle question, or never answer (None: each ask runs to its deadline); its app's
+    suspend and terminate hooks hang ``hang_s`` (the VM stays RUNNING meanwhile)."""
+
+    def __init__(
+        self, settings: Settings, records: list[VmRecord], *, mallory_says: GuestIdleState | None = None,
+        hang_s: float = 0.0,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.store = self
+        self.activity = Activity()
+        self.records = {r.id: r for r in records}
+        self.mallory_says = mallory_says
+        self.hang_s = hang_s
+        self.asked: list[str] = []
+        self.suspends: list[str] = []
+        self.removes: list[tuple[str, float]] = []  # (VM, seconds in)
+        self.started = asyncio.get_running_loop().time()
+
+    def list_vms(self) -> list[VmRecord]:
+        return list(self.records.values())
+
+    def has_runtime(self, vm_id: str) -> bool:
+        return self.records[vm_id].state is VmState.RUNNING
+
+    async def guest_idle_state(self, vm_id: str, timeout_s: float) -> GuestIdleState:
+        self.asked.append(vm_id)
+        if self.records[vm_id].tenant != "mallory":
+            return GuestIdleState(hold=False, suspend_now=False)
+        if self.mallory_says is None:
+            await asyncio.sleep(timeout_s)
+            raise AgentUnavailable("the guest agent did not answer in time")
+        return self.mallory_says
+
+    async def suspend(self, vm_id: str, *, reason: StateReason, message: str = "") -> None:
+        self.suspends.append(vm_id)
+        await asyncio.sleep(self.hang_s)
+        self.records[vm_id] = self.records[vm_id].moved(VmState.SUSPENDED, reason, message)
+
+    async def remove(self, vm_id: str, *, reason: StateReason, message: str = "") -> None:
+        self.removes.append((vm_id, asyncio.get_running_loop().time() - self.started))
+        if self.records[vm_id].tenant == "mallory":
+            await asyncio.sleep(self.hang_s)
+        self.records[vm_id] = self.records[vm_id].moved(VmState.TERMINATED, reason, message)
+
+
+def tenant_vm(vm_id: str, tenant: str, *, lived_s: float = 0.0, **idle: object) -> VmRecord:
+    created = (datetime.now(UTC) - timedelta(seconds=lived_s)).isoformat(timespec="milliseconds")
+    return replace(vm(**idle), id=vm_id, tenant=tenant, pid=2**22 + 1, created_at=created)
+
+
+async def run_scheduler(engine: SchedulerEngine, until: Callable[[], bool], within_s: float) -> None:
+    task = asyncio.ensure_future(Scheduler(engine).run())  # type: ignore[arg-type]
+    try:
+        for _ in range(int(within_s / 0.02)):
+            if until():
+                return
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_guests_that_never_answer_do_not_delay_another_tenants_maximum_duration() -> None:
+    # the review's reproduction: 8 agents of mallory that never answer (0.5 s each), acme's VM an hour overdue
+    settings = Settings(idle_check_s=0.2, idle_guest_answer_s=0.5, idle_check_concurrency=4)
+    mallory = [tenant_vm(f"vm-m{i}", "mallory", idle_timeout_s=60) for i in range(8)]
+    acme = tenant_vm("vm-acme", "acme", lived_s=3600 + 60, max_duration_s=60)
+    engine = SchedulerEngine(settings, [*mallory, acme])
+    await run_scheduler(engine, lambda: len(engine.asked) >= 12, within_s=5)
+    [(vm_id, when)] = engine.removes  # a failed check never moves a VM
+    assert vm_id == "vm-acme" and when < 1.0  # in the first pass (0.2 s apart); 4 s in, behind the guests, before
+    assert engine.records["vm-acme"].state_reason is StateReason.MAX_DURATION
+    assert engine.suspends == [] and all(engine.records[v.id].state is VmState.RUNNING for v in mallory)
+
+
+async def test_a_slow_suspend_blocks_no_pass_and_is_never_started_twice() -> None:
+    # mallory's guest asks to be suspended and an overdue VM of hers is terminated, and her app's hooks hang
+    # 2 s (the VMs stay RUNNING); acme's VM reaches its maximum duration 0.5 s in, passes go on every 0.1 s
+    settings = Settings(idle_check_s=0.1, idle_guest_answer_s=0.5)
+    slow = tenant_vm("vm-slow", "mallory", idle_timeout_s=60)
+    old = tenant_vm("vm-old", "mallory", lived_s=3600, max_duration_s=60)
+    acme = tenant_vm("vm-acme", "acme", lived_s=59.5, max_duration_s=60)
+    asks = GuestIdleState(hold=False, suspend_now=True)
+    engine = SchedulerEngine(settings, [slow, old, acme], mallory_says=asks, hang_s=2.0)
+    await run_scheduler(engine, lambda: len(engine.removes) == 2, within_s=3)
+    [(first, _), (then, when)] = engine.removes  # one action in flight per VM, however many passes see it RUNNING
+    assert (first, then) == ("vm-old", "vm-acme") and 0.4 < when < 1.5  # not behind mallory's hooks (2 s in, before)
+    assert engine.suspends == ["vm-slow"]
+    assert engine.records["vm-slow"].state is VmState.RUNNING

@@ -8,6 +8,12 @@ record, so they hold across daemon restarts). A RUNNING VM with an idle timeout 
 be suspended (``ember-idle``); one idle for its timeout, or asking, is suspended (reason ``idle``), or
 terminated if its suspended TTL is 0. A check that fails (no CPU sample, a guest that does not answer) never
 moves a VM: it is looked at again next pass. Every transition is the daemon's own (actor ``system``).
+
+Nothing a guest controls holds up a pass, so one tenant's VMs delay no other tenant's: a pass reads the
+records and decides the lifetimes itself (no guest is asked), and starts the rest as tasks it does not wait
+for. Each idle check is one task (EMBER_IDLE_CHECK_CONCURRENCY at once); each suspend or termination is one
+task, and :class:`_InFlight` keeps at most one check and one action per VM: a VM whose check or action is
+still running is skipped by the next pass, never given a second one.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError
 from ember.lifecycle.policy import CpuSample, IdleAction, cpu_busy, idle_action, idle_seconds, lifetime_end
@@ -59,43 +67,97 @@ class _Watch:
     last_busy: float = 0.0
 
 
+class _InFlight:
+    """The tasks of one kind (checks, or actions) running for VMs: at most one per VM. Their failures are
+    logged, never raised: a failed step is tried again by a later pass."""
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def __contains__(self, vm_id: str) -> bool:
+        return vm_id in self._tasks
+
+    def start(self, vm_id: str, work: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """Run ``work()`` for the VM unless one is already running for it (then False, and ``work`` is not
+        called)."""
+        if vm_id in self._tasks:
+            return False
+        task = asyncio.create_task(self._logged(vm_id, work()), name=f"{self._kind}-{vm_id}")
+        self._tasks[vm_id] = task
+        task.add_done_callback(partial(self._finished, vm_id))
+        return True
+
+    def _finished(self, vm_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(vm_id) is task:
+            del self._tasks[vm_id]
+
+    async def _logged(self, vm_id: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except EmberError as exc:  # e.g. a suspend that failed: the engine recorded it; next pass
+            vlog(vm_id).warning("automatic lifecycle %s failed: %s", self._kind, exc)
+        except Exception:
+            vlog(vm_id).exception("automatic lifecycle %s failed", self._kind)
+
+    async def cancel(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Scheduler:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.settings = engine.settings
         self._watches: dict[str, _Watch] = {}
+        self._checks = _InFlight("check")  # idle checks: CPU sample, guest's answer, decision
+        self._actions = _InFlight("step")  # suspends and terminations
+        self._slots = asyncio.Semaphore(self.settings.idle_check_concurrency)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:  # a busy or full database: next pass
-                log.exception("the idle scheduler's pass failed")
-            await asyncio.sleep(self.settings.idle_check_s)
+        try:
+            while True:
+                try:
+                    await self.check_all()
+                except Exception:  # a busy or full database: next pass
+                    log.exception("the idle scheduler's pass failed")
+                await asyncio.sleep(self.settings.idle_check_s)
+        finally:  # the daemon stops: so does the work in flight (as an awaited step was before)
+            await self._checks.cancel()
+            await self._actions.cancel()
 
     async def check_all(self) -> None:
+        """One pass: end expired VMs and start idle checks; waits for neither (only for the records)."""
         records = await asyncio.to_thread(self.engine.store.list_vms)
+        now = datetime.now(UTC)
         for gone in self._watches.keys() - {r.id for r in records}:
             del self._watches[gone]
         for record in records:
-            try:
-                await self.check(record)
-            except EmberError as exc:  # e.g. a suspend that failed: the engine recorded it; next pass
-                vlog(record.id).warning("automatic lifecycle step failed: %s", exc)
-            except Exception:
-                vlog(record.id).exception("automatic lifecycle step failed")
+            if record.id in self._actions:
+                continue  # its suspend or termination is still running: looked at again next pass
+            ended = lifetime_end(record, now)
+            if ended is not None:
+                vlog(record.id).info("terminating: %s", ended.value)
+                self._actions.start(record.id, partial(self._terminate, record.id, ended))
+            elif record.state is not VmState.RUNNING or record.idle.idle_timeout_s is None:
+                self._watches.pop(record.id, None)
+            elif self.engine.has_runtime(record.id):  # else not adopted (agent unreachable after a restart)
+                self._checks.start(record.id, partial(self._check_idle, record))
 
-    async def check(self, record: VmRecord) -> None:
-        ended = lifetime_end(record, datetime.now(UTC))
-        if ended is not None:
-            vlog(record.id).info("terminating: %s", ended.value)
-            await self._terminate(record.id, ended)
-            return
-        if record.state is not VmState.RUNNING or record.idle.idle_timeout_s is None:
-            self._watches.pop(record.id, None)
-            return
-        if not self.engine.has_runtime(record.id):
-            return  # not adopted (agent unreachable after a restart): nothing to measure
+    async def _check_idle(self, record: VmRecord) -> None:
+        async with self._slots:
+            decided = await self._measure(record)
+        if decided is None or not self.engine.has_runtime(record.id):
+            return  # nothing to do, or ended meanwhile
+        action, why, watch = decided
+        self._actions.start(record.id, partial(self._idle_step, record.id, action, why, watch))
+
+    async def _measure(self, record: VmRecord) -> tuple[IdleAction, str, _Watch] | None:
+        """Sample the VMM's CPU and ask the guest; what to do with the VM if it is idle (or asks), else None."""
+        if record.id in self._actions or not self.engine.has_runtime(record.id):
+            return None  # a termination started while this check waited for a slot
         now = time.monotonic()
         watch = self._watches.get(record.id)
         if watch is None or watch.pid != record.pid:
@@ -111,13 +173,13 @@ class Scheduler:
         activity = self.engine.activity
         if activity.busy(record.id):
             watch.last_busy = now
-            return
+            return None
         try:
             guest = await self.engine.guest_idle_state(record.id, self.settings.idle_guest_answer_s)
         except EmberError as exc:
             vlog(record.id).debug("no idle state from the guest (%s): not idle this pass", exc)
             watch.last_busy = now
-            return
+            return None
         if guest.hold:
             watch.last_busy = now
         idle_s = idle_seconds(
@@ -127,18 +189,20 @@ class Scheduler:
         # a guest that holds itself awake is not suspended even if it also asked (its request is dropped)
         action = idle_action(record.idle, idle_s, suspend_asked=guest.suspend_now and not guest.hold)
         if action is None:
-            return
-        async with activity.closing(record.id) as free:
+            return None
+        why = "asked by the guest (ember-idle suspend)" if guest.suspend_now else ""
+        return action, why or f"idle for {idle_s:.1f} s (timeout {record.idle.idle_timeout_s} s)", watch
+
+    async def _idle_step(self, vm_id: str, action: IdleAction, why: str, watch: _Watch) -> None:
+        async with self.engine.activity.closing(vm_id) as free:
             if not free:
-                return
-            why = "asked by the guest (ember-idle suspend)" if guest.suspend_now else ""
-            why = why or f"idle for {idle_s:.1f} s (timeout {record.idle.idle_timeout_s} s)"
-            vlog(record.id).info("%s: %s", "terminating" if action is IdleAction.TERMINATE else "suspending", why)
+                return  # used since the check: not idle
+            vlog(vm_id).info("%s: %s", "terminating" if action is IdleAction.TERMINATE else "suspending", why)
             try:
                 if action is IdleAction.TERMINATE:
-                    await self._terminate(record.id, StateReason.IDLE, why)
+                    await self._terminate(vm_id, StateReason.IDLE, why)
                 else:
-                    await self.engine.suspend(record.id, reason=StateReason.IDLE, message=why)
+                    await self.engine.suspend(vm_id, reason=StateReason.IDLE, message=why)
             finally:
                 watch.last_busy = time.monotonic()  # a failed suspend waits a whole timeout again
 
