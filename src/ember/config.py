@@ -146,8 +146,14 @@ class Settings:
     # The key signing ingress auth tokens (32 bytes, root-only, made once); empty = <data_dir>/ingress.key.
     # Replacing it revokes every token.
     ingress_key_file_override: str = _env("EMBER_INGRESS_KEY_FILE", "")
-    # Client connections the ingress serves at once; more wait in the listen backlog.
+    # Client connections the ingress serves at once; more are answered 503 (ember.ingress.admission).
     ingress_max_connections: int = _env("EMBER_INGRESS_MAX_CONNECTIONS", 1024)
+    # Of those, connections from one client address (an IPv6 client's /64); more are answered 503.
+    ingress_max_per_address: int = _env("EMBER_INGRESS_MAX_PER_ADDRESS", 128)
+    # Of those, connections with no request authorised yet (idle, head arriving); past it the oldest is closed.
+    ingress_max_unauthenticated: int = _env("EMBER_INGRESS_MAX_UNAUTHENTICATED", 256)
+    # A request body must average this many bytes/s of client time after EMBER_INGRESS_HEAD_TIMEOUT (else 408).
+    ingress_body_min_rate: int = _env("EMBER_INGRESS_BODY_MIN_RATE", 1024)
     # TCP relays (ingress connections into the guest) one VM may have open at once; each holds at most
     # 256 KiB of the VM's agent buffer, and all together at most half of it (fewer are allowed if need be).
     ingress_vm_connections: int = _env("EMBER_INGRESS_VM_CONNECTIONS", 32)

@@ -4,6 +4,11 @@ The job runs on its own: a client that reads slowly or goes away neither slows
 it down nor stops it. What waits for the client is bounded in bytes: when the
 backlog is full, its oldest lines give way to one "... N lines dropped ..."
 line. The final result (or error) event is never dropped.
+
+A stream that holds something while it runs (the VM busy, a guest exec or file
+stream) is a :class:`ReleasingResponse`: Starlette starts a body iterator only
+once the response head is sent, so a client that goes away before that would
+leave a release in the iterator's ``finally`` undone forever.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import anyio
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ember.errors import EmberError, log_with_id
 
@@ -81,6 +88,27 @@ class Backlog:
                 return final
             self._wake.clear()
             await self._wake.wait()
+
+
+class ReleasingResponse(StreamingResponse):
+    """A streamed response that runs ``release`` once it ends, however it ends: streamed to the end, the client
+    gone mid-stream or before the first byte (the body iterator then never starts), or the daemon stopping.
+    ``release`` runs shielded from cancellation, for at most ``release_timeout_s``."""
+
+    def __init__(
+        self, content: AsyncIterable[bytes], *, release: Callable[[], Awaitable[None]], release_timeout_s: float,
+        media_type: str, headers: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._release = release
+        self._release_timeout_s = release_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.move_on_after(self._release_timeout_s, shield=True):
+                await self._release()
 
 
 def internal_error(what: str, exc: Exception) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from ember.api.models import (
 from ember.api.processes import add_process_routes
 from ember.api.schema import errors, raw_body, streamed
 from ember.api.shell import add_shell_routes
-from ember.api.streaming import ndjson
+from ember.api.streaming import ReleasingResponse, ndjson
 from ember.applog import LogChunk
 from ember.config import Settings
 from ember.engine import RunOptions
@@ -445,10 +445,14 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
                     item = await anext(events, None)
             except EmberError as exc:
                 yield ndjson({"error": type(exc).__name__, "message": str(exc)})
-            finally:
-                await _end_exec(events, first, pipe, busy)
 
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        async def release() -> None:
+            await _end_exec(events, first, pipe, busy)
+
+        return ReleasingResponse(
+            stream(), release=release, release_timeout_s=daemon.settings.agent_timeout_s,
+            media_type="application/x-ndjson",
+        )  # fmt: skip
 
     async def _busy(vm_id: str, action: str) -> contextlib.AsyncExitStack:
         """Hold the VM busy (no idle suspend) and wake it (auto-resume) for a guest call; the caller closes the
@@ -536,19 +540,16 @@ def add_exec_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
             await busy.aclose()
             raise
 
-        async def streamed_file() -> AsyncIterator[bytes]:
+        async def release() -> None:
             async with busy:
-                try:
-                    async for chunk in chunks:
-                        yield chunk
-                finally:
-                    with contextlib.suppress(Exception):
-                        await chunks.aclose()  # type: ignore[attr-defined]
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()  # type: ignore[attr-defined]
 
         # the size at open time; the stream ends at EOF even if the file grew
-        return StreamingResponse(
-            streamed_file(), media_type="application/octet-stream", headers={"X-Ember-Size": str(size)}
-        )
+        return ReleasingResponse(
+            chunks, release=release, release_timeout_s=daemon.settings.agent_timeout_s,
+            media_type="application/octet-stream", headers={"X-Ember-Size": str(size)},
+        )  # fmt: skip
 
     @app.get("/v1/vms/{vm_id}/ls", response_model=Listing, responses=errors(409, 422, 503))
     async def list_files(vm: VmRecord = Depends(owned_vm), path: str = Query(...)) -> dict[str, Any]:

@@ -12,6 +12,14 @@ to upgrade (WebSocket) becomes a byte tunnel once the app answers 101; one to ``
 instead, opened with a shell token (:mod:`ember.ingress.shell`). Errors are small JSON bodies:
 400/431 bad request, 401/403 access, 404 no such VM, 502 the app failed, 503 the VM is not serving,
 504 the app took too long.
+
+What anyone who can reach the listener can hold, with no login (:mod:`ember.ingress.admission`):
+connections from one address are limited (``EMBER_INGRESS_MAX_PER_ADDRESS``), and those whose first request
+is not yet authorised are a smaller pool (``EMBER_INGRESS_MAX_UNAUTHENTICATED``) whose oldest member is
+closed to make room, so idle or half-sent heads (each cut after ``EMBER_INGRESS_HEAD_TIMEOUT``) never keep
+a prompt client out. A request body must keep up a minimum average rate (``EMBER_INGRESS_BODY_MIN_RATE``
+bytes/s of time spent waiting for the client, after a grace of ``EMBER_INGRESS_HEAD_TIMEOUT``), else 408:
+a token holder cannot hold a connection by trickling a body either.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from ember.errors import (
     VmNotServing,
     log_with_id,
 )
+from ember.ingress.admission import Admission, Limits
 from ember.ingress.http import (
     HEAD_MAX,
     TENANT_HEADER,
@@ -96,6 +105,10 @@ class IngressServer:
         self.shell = shell  # the daemon's API behind its request guard: it serves /ember/shell
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self.admission = Admission(
+            Limits(total=settings.ingress_max_connections, per_address=settings.ingress_max_per_address,
+                   unauthenticated=settings.ingress_max_unauthenticated)
+        )  # fmt: skip
 
     async def start(self) -> None:
         host, port = tcp_listener(self.settings.ingress_listen)
@@ -133,8 +146,9 @@ class IngressServer:
         self._clients.add(task)
         client = ClientConnection(self, reader, writer)
         try:
-            if len(self._clients) > self.settings.ingress_max_connections:
-                await client.refuse(503, "VmNotServing", "the ingress is at its connection limit: retry shortly")
+            refusal = self.admission.admit(client, writer.get_extra_info("peername"), writer.transport.abort)
+            if refusal is not None:
+                await client.refuse(503, "VmNotServing", refusal)
                 return
             await client.serve()
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
@@ -143,6 +157,7 @@ class IngressServer:
             log_with_id("ingress connection", exc=exc)
         finally:
             self._clients.discard(task)
+            self.admission.leave(client)
             await client.close()
 
 
@@ -252,6 +267,7 @@ class ClientConnection:
                 return False
             refuse_token_on_proxy(headers)
             record, used_key = self.authorize(headers, where)
+            self.server.admission.authorised(self)
             relay = await self.reach(record, where)
         except HeadError as exc:
             await self.refuse(exc.status, "InvalidRequest" if exc.status != 404 else "NotFound", str(exc))
@@ -411,13 +427,14 @@ class ClientConnection:
 
     async def _pump_body(self, client: h11.Connection, guest: h11.Connection, stream: TcpStream) -> None:
         """The request body, client to guest, as it arrives (and only as fast as the app reads)."""
+        pace = _Pace(self.settings.ingress_head_timeout_s, self.settings.ingress_body_min_rate)
         while True:
             try:
                 event = client.next_event()
             except h11.RemoteProtocolError as exc:
                 raise _Failed(400, "InvalidRequest", f"a malformed request body: {exc}"[:300]) from None
             if event is h11.NEED_DATA:
-                data = await self._read_client()
+                data = await self._read_client(pace)
                 client.receive_data(data)
                 continue
             if isinstance(event, h11.Data):
@@ -434,11 +451,19 @@ class ClientConnection:
             if isinstance(event, h11.EndOfMessage):
                 return
 
-    async def _read_client(self) -> bytes:
+    async def _read_client(self, pace: _Pace) -> bytes:
+        allowed = pace.left_s()
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(self.reader.read(READ_CHUNK), self.idle)
+            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), max(0.0, min(self.idle, allowed)))
         except TimeoutError:
+            if allowed < self.idle:
+                raise _Failed(408, "RequestTimeout", f"the request body came slower than {pace.min_rate} bytes/s "
+                              "(EMBER_INGRESS_BODY_MIN_RATE)") from None  # fmt: skip
             raise _Failed(408, "RequestTimeout", f"no request bytes for {self.idle:g} s") from None
+        pace.waited_s += time.monotonic() - started
+        pace.received += len(data)
+        return data
 
     async def _guest_event(self, guest: h11.Connection, stream: TcpStream) -> Any:
         while True:
@@ -534,6 +559,20 @@ class ClientConnection:
                 task.cancel()
             await asyncio.gather(*tasks, dog, return_exceptions=True)
             self._drop_relay()
+
+
+class _Pace:
+    """A request body's allowance of time spent waiting for the client (not for the app to read): ``grace_s``,
+    plus one second for every ``min_rate`` bytes received."""
+
+    def __init__(self, grace_s: float, min_rate: int) -> None:
+        self.grace_s = grace_s
+        self.min_rate = min_rate
+        self.waited_s = 0.0
+        self.received = 0
+
+    def left_s(self) -> float:
+        return self.grace_s + self.received / self.min_rate - self.waited_s
 
 
 def _skip_received_body(client: h11.Connection) -> None:
