@@ -76,7 +76,7 @@ async def ingress(tmp_path: Path, **limits: Any) -> AsyncIterator[tuple[IngressS
     settings = Settings(data_dir=tmp_path, socket_path=tmp_path / "ember.sock", ingress_listen="127.0.0.1:0", **limits)
     engine = StubEngine()
     signer = TokenSigner(os.urandom(32))
-    server = IngressServer(settings, cast("Engine", engine), cast("Authenticator", None), signer)
+    server = IngressServer(settings, cast("Engine", engine), cast("Authenticator", None), signer, shell=cast(Any, None))
     await server.start()
     running = asyncio.create_task(server.run())
     try:

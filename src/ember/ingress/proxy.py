@@ -284,7 +284,13 @@ class ClientConnection:
         self._drop_relay()
         limit = self.settings.shell_max_message_bytes
         socket = AsgiWebSocket(
-            ws, self.reader, self.writer, bytes(self.buf), max_message=limit, write_timeout_s=self.idle
+            ws,
+            self.reader,
+            self.writer,
+            bytes(self.buf),
+            max_message=limit,
+            write_timeout_s=self.idle,
+            on_accept=lambda: self.server.admission.authorised(self),  # an open shell is never evicted
         )
         self.buf.clear()
         await self.server.shell(scope, socket.receive, socket.send)

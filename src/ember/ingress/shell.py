@@ -95,9 +95,10 @@ class AsgiWebSocket:
 
     def __init__(
         self, ws: WSConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rest: bytes, *,
-        max_message: int, write_timeout_s: float,
+        max_message: int, write_timeout_s: float, on_accept: Callable[[], None] = lambda: None,
     ) -> None:  # fmt: skip
         self.ws, self.reader, self.writer = ws, reader, writer
+        self.on_accept = on_accept  # the app accepted: the connection is an authorised one (ember.ingress.admission)
         self.rest = rest  # client bytes after the head (frames sent ahead of the 101)
         self.max_message = max_message
         self.write_timeout_s = write_timeout_s
@@ -157,6 +158,7 @@ class AsgiWebSocket:
         kind = message["type"]
         if kind == "websocket.accept":
             self.answered = True
+            self.on_accept()
             headers = list(message.get("headers") or [])
             await self._write(self.ws.send(AcceptConnection(subprotocol=message.get("subprotocol"),
                                                             extra_headers=headers)))  # fmt: skip
