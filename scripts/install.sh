@@ -32,6 +32,7 @@ apt_packages=(
     mmdebstrap e2fsprogs                # the built-in Debian base image
     gcc libc6-dev                       # static guest agent and jailer
     busybox-static nftables             # image builds: tools in the build VM, its egress filter
+    iproute2                            # VM egress: network namespaces, veths, taps (ember.network)
     docker-registry skopeo              # tests: a real registry on 127.0.0.1 and a way to push to it
     postgresql                          # tests: the suite's second pass runs on it (scripts/postgres.sh)
     python3 python3-venv python3-dev
