@@ -175,6 +175,22 @@ class Settings:
     tar_max_header_bytes: int = _env("EMBER_TAR_MAX_HEADER_BYTES", 1 << 20)
     tar_max_depth: int = _env("EMBER_TAR_MAX_DEPTH", 256)
     tar_max_file_bytes: int = _env("EMBER_TAR_MAX_FILE_BYTES", 4 << 30)
+    # The AWS API's code artifacts (ember.aws.artifacts): the S3-compatible store that s3:// URIs name (its URL,
+    # e.g. "http://127.0.0.1:8333"; empty = s3:// refused), the credentials and region Ember signs with, and the
+    # deadline of one download (the object's size is capped by EMBER_MAX_BUILD_CONTEXT_BYTES).
+    s3_endpoint: str = _env("EMBER_S3_ENDPOINT", "")
+    s3_access_key_id: str = _env("EMBER_S3_ACCESS_KEY_ID", "")
+    s3_secret_access_key: str = field(default="", metadata={"env": "EMBER_S3_SECRET_ACCESS_KEY"}, repr=False)
+    s3_region: str = _env("EMBER_S3_REGION", "us-east-1")
+    s3_timeout_s: float = _env("EMBER_S3_TIMEOUT", 300.0)
+    # The host directory under which file:// code artifacts may be read (every component opened without following
+    # a symlink); empty = file:// refused. Any tenant may name any file under it.
+    aws_file_artifact_root: str = _env("EMBER_AWS_FILE_ARTIFACT_ROOT", "")
+    # A code artifact zip's most entries, and the most one entry may expand its compressed bytes (entries under
+    # 1 MiB excepted); its total unpacked bytes are capped by EMBER_MAX_BUILD_CONTEXT_BYTES, its depth by
+    # EMBER_TAR_MAX_DEPTH, one file by EMBER_TAR_MAX_FILE_BYTES.
+    zip_max_entries: int = _env("EMBER_ZIP_MAX_ENTRIES", 100_000)
+    zip_max_ratio: int = _env("EMBER_ZIP_MAX_RATIO", 200)
     # Registries (host[:port], comma-separated) pulled from over plain HTTP; loopback ones always are.
     insecure_registries: tuple[str, ...] = _env("EMBER_INSECURE_REGISTRIES", ())
     # Registry hosts (comma-separated; any port) the daemon may reach at loopback or private addresses, as

@@ -1,0 +1,169 @@
+"""Code artifacts through file://: URIs, the confined host-file open, and every hostile zip refused.
+
+The same zips through s3:// against a real object store: tests/integration/test_aws_artifacts.py."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.aws.artifacts import fetch_context
+from ember.aws.errors import ResourceNotFoundException, ValidationException
+from ember.config import Settings
+from tests.zips import DOCKER, DOCKERFILE, HOSTILE, Raw, good_zip, raw_zip
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "artifacts"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, root: Path) -> Settings:
+    return Settings(data_dir=tmp_path, aws_file_artifact_root=str(root), max_build_context_bytes=64 << 20,
+                    tar_max_file_bytes=16 << 20)  # fmt: skip
+
+
+async def fetch(settings: Settings, data: bytes, **overrides: Any) -> Path:
+    root = Path(settings.aws_file_artifact_root)
+    (root / "code.zip").write_bytes(data)
+    into = root.parent / "context"
+    into.mkdir(exist_ok=True)
+    await fetch_context(f"file://{root}/code.zip", into=into, settings=dataclasses.replace(settings, **overrides))
+    return into
+
+
+async def refused(settings: Settings, data: bytes, words: str, **overrides: Any) -> str:
+    with pytest.raises(ValidationException) as caught:
+        await fetch(settings, data, **overrides)
+    message = caught.value.message
+    assert words in message
+    assert settings.aws_file_artifact_root not in message  # never a host path
+    assert os.listdir(Path(settings.aws_file_artifact_root).parent / "context") == []  # nothing half-unpacked
+    return message
+
+
+async def test_a_zip_unpacks_into_a_build_context(settings: Settings) -> None:
+    into = await fetch(settings, good_zip())
+    assert (into / "Dockerfile").read_bytes() == DOCKERFILE
+    assert (into / "app.py").read_bytes() == b"print(42)\n"
+    assert stat.S_IMODE(os.stat(into / "lib/run.sh").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(into / "app.py").st_mode) == 0o600  # zipfile's writestr default mode
+    assert sorted(os.listdir(into)) == ["Dockerfile", "app.py", "lib"]
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+async def test_hostile_zips_are_refused_and_nothing_is_written(settings: Settings, case: str) -> None:
+    make, words = HOSTILE[case]
+    await refused(settings, make(), words)
+
+
+async def test_the_end_record_may_not_declare_more_entries_than_allowed(settings: Settings) -> None:
+    entries = [DOCKER, *(Raw(f"f{i}".encode(), b"x") for i in range(4))]
+    await refused(settings, raw_zip(entries), "declares 5 entries", zip_max_entries=3)
+    # an end record that lies about the count: the directory itself is counted too
+    await refused(settings, raw_zip(entries, count=1), "holds 5 entries", zip_max_entries=3)
+
+
+async def test_the_central_directory_is_bounded_before_it_is_read(settings: Settings) -> None:
+    await refused(settings, raw_zip([DOCKER, Raw(b"n" * 600, b"x")]), "central directory of", zip_max_entries=2)
+
+
+async def test_names_deeper_than_the_limit_are_refused(settings: Settings) -> None:
+    await refused(settings, raw_zip([DOCKER, Raw(b"a/b/c/d", b"x")]), "deeper than 3", tar_max_depth=3)
+
+
+async def test_the_unpacked_total_is_bounded(settings: Settings) -> None:
+    files = [Raw(f"z{i}".encode(), bytes(300 << 10), deflate=True) for i in range(4)]  # each under the ratio floor
+    await refused(settings, raw_zip([DOCKER, *files]), "unpacks to more than 1048576", max_build_context_bytes=1 << 20)
+
+
+async def test_an_artifact_larger_than_the_context_limit_is_refused(settings: Settings) -> None:
+    big = raw_zip([DOCKER, Raw(b"blob", os.urandom(2 << 20))])
+    await refused(settings, big, "larger than the 1048576 bytes", max_build_context_bytes=1 << 20)
+
+
+# ---- URIs and file:// ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [
+        ("ftp://host/code.zip", "neither s3:// nor file://"),
+        ("code.zip", "neither s3:// nor file://"),
+        ("file:///etc/shadow", "under the directory"),
+        ("file://evil.example/x.zip", "file:///PATH"),
+        ("file:///a/../b.zip", "plain"),
+        ("s3://bucket/key.zip", "no object store"),
+        ("file:///with space.zip", "without spaces"),
+    ],
+)
+async def test_bad_uris_are_refused(settings: Settings, uri: str, words: str, tmp_path: Path) -> None:
+    with pytest.raises(ValidationException, match=words):
+        await fetch_context(uri, into=tmp_path, settings=settings)
+
+
+async def test_file_uris_are_off_unless_the_operator_sets_a_root(settings: Settings, root: Path) -> None:
+    (root / "code.zip").write_bytes(good_zip())
+    with pytest.raises(ValidationException, match="EMBER_AWS_FILE_ARTIFACT_ROOT"):
+        await fetch_context(f"file://{root}/code.zip", into=root.parent,
+                            settings=dataclasses.replace(settings, aws_file_artifact_root=""))  # fmt: skip
+
+
+async def test_s3_buckets_and_keys_are_checked(settings: Settings, tmp_path: Path) -> None:
+    configured = dataclasses.replace(settings, s3_endpoint="http://127.0.0.1:1")
+    for uri in ("s3://UPPER/key", "s3://a/key", "s3://bucket", "s3://bucket/", "s3://b..c/key"):
+        with pytest.raises(ValidationException, match=r"bucket name|must name an object"):
+            await fetch_context(uri, into=tmp_path, settings=configured)
+
+
+async def test_a_missing_file_is_not_found(settings: Settings, root: Path) -> None:
+    for rel in ("nope.zip", "nodir/x.zip"):
+        with pytest.raises(ResourceNotFoundException):
+            await fetch_context(f"file://{root}/{rel}", into=root.parent, settings=settings)
+
+
+async def link_refused(settings: Settings, uri: str) -> None:
+    into = Path(settings.aws_file_artifact_root).parent / "context"
+    into.mkdir(exist_ok=True)
+    with pytest.raises(ValidationException, match="symbolic link") as caught:
+        await fetch_context(uri, into=into, settings=settings)
+    assert "shadow" not in caught.value.message and os.listdir(into) == []
+
+
+async def test_symlinks_under_the_root_are_never_followed(settings: Settings, root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "code.zip").write_bytes(good_zip())  # a valid zip the tenant must not reach
+    (root / "escape.zip").symlink_to(outside / "code.zip")
+    (root / "dir").symlink_to(outside)
+    (root / "inside.zip").symlink_to("escape.zip")  # even one pointing inside the root
+    await link_refused(settings, f"file://{root}/escape.zip")
+    await link_refused(settings, f"file://{root}/dir/code.zip")
+    await link_refused(settings, f"file://{root}/inside.zip")
+
+
+async def test_a_fifo_is_refused_without_being_opened(settings: Settings, root: Path) -> None:
+    fifo = root / "pipe.zip"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # were the FIFO opened for reading, this would end the wait (and the test would fail)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(5, unblock)
+    timer.start()
+    try:
+        with pytest.raises(ValidationException, match="not a regular file"):
+            await fetch_context(f"file://{root}/pipe.zip", into=root.parent, settings=settings)
+    finally:
+        timer.cancel()
