@@ -31,6 +31,7 @@ from ember.sdk import ApiError, Client, Request
 from ember.sdk.context import context_tar
 from ember.sdk.core import build_request
 from tests.databases import daemon_database_url, drop_database
+from tests.s3store import s3_store  # noqa: F401 (a real S3-compatible store for every test that asks)
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_TIMEOUT_S = 10  # the test daemon's limit on one agent request
