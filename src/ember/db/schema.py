@@ -96,6 +96,7 @@ vms = Table(
     Column("suspended_at", String(32), nullable=False),
     Column("suspended_s", Float, nullable=False),
     Column("egress", Text, nullable=False, server_default='{"mode": "none", "allow": []}'),  # JSON: ember.network
+    Column("aws", Text, nullable=False, server_default="{}"),  # JSON: a VM run through the AWS API (ember.aws)
 )
 
 events = Table(
