@@ -134,7 +134,7 @@ def test_list_pagination_connectors_and_other_tenants(
 
 
 def test_refusals_parse_as_the_models_exceptions(
-    client: Client, daemon: DaemonProcess, aws_tenant: AwsTenant, aws_client: AwsClientFactory,
+    client: Client, base_image: str, daemon: DaemonProcess, aws_tenant: AwsTenant, aws_client: AwsClientFactory,
     aws_endpoint: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     lam = aws_client(aws_tenant)
@@ -142,6 +142,8 @@ def test_refusals_parse_as_the_models_exceptions(
         lam.get_microvm(microvmIdentifier="vm-0123")
     with pytest.raises(lam.exceptions.ResourceNotFoundException, match="no microVM image"):
         lam.run_microvm(imageIdentifier="arn:aws:lambda:us-east-1:999999999999:microvm-image:debian-copy")
+    with pytest.raises(lam.exceptions.ResourceNotFoundException, match="no microVM image 'nothing-here:3'"):
+        lam.run_microvm(imageIdentifier="nothing-here", imageVersion="3")
     with pytest.raises(lam.exceptions.ValidationException, match="VPC connectors are not supported"):
         lam.run_microvm(imageIdentifier="debian", egressNetworkConnectors=["my-vpc"])
     with pytest.raises(lam.exceptions.ValidationException, match="EMBER_AWS_MAX_DURATION_S"):

@@ -27,7 +27,7 @@ class ImageRef:
     managed: bool
 
 
-def _missing(identifier: str) -> ResourceNotFoundException:
+def missing_image(identifier: str) -> ResourceNotFoundException:
     return ResourceNotFoundException(
         f"no microVM image '{identifier[:300]}': list images with ListMicrovmImages (or ListManagedMicrovmImages)",
         resourceType="MicrovmImage", resourceId=identifier[:300],
@@ -38,16 +38,16 @@ def resolve(identifier: str, version: str | None, *, account: str) -> ImageRef:
     """The image ``identifier`` names for the caller of ``account``."""
     arn = parse_image_arn(identifier)
     if arn is None and identifier.startswith("arn:"):
-        raise _missing(identifier)
+        raise missing_image(identifier)
     name = arn.name if arn is not None else identifier
     managed = name in RESERVED_NAMES and (arn is None or arn.managed)
     if arn is not None and not managed and arn.account != account:
-        raise _missing(identifier)
+        raise missing_image(identifier)
     if not names.REPO.match(name):
-        raise _missing(identifier)
+        raise missing_image(identifier)
     if managed:
         if version not in (None, MANAGED_VERSION):
-            raise _missing(f"{identifier}:{version}")
+            raise missing_image(f"{identifier}:{version}")
         return ImageRef(name, None, managed=True)
     if version is not None and not (version.isdigit() and 1 <= int(version) <= 2**31):
         raise ValidationException(

@@ -33,9 +33,9 @@ from ember.api.ingress import endpoint, issue_token
 from ember.api.limits import Limits
 from ember.api.vms import RunBody, ago, launch, owned_by, suspend_asks
 from ember.aws.errors import ResourceNotFoundException, ValidationException
-from ember.aws.imageref import resolve, shown
+from ember.aws.imageref import missing_image, resolve, shown
 from ember.aws.operations import Call, operation
-from ember.errors import VmNotFound
+from ember.errors import ImageNotFound, VmNotFound
 from ember.ingress.tokens import MAX_MINUTES, NO_PORTS, Ports, TokenKind
 from ember.metrics import Operation
 from ember.models import VmRecord, VmState, parse_time
@@ -158,7 +158,10 @@ async def run(daemon: Daemon, call: Call) -> Mapping[str, Any]:
         raise ValidationException(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
     aws = {"ingress": ingress, "egress": egress, "executionRoleArn": p.get("executionRoleArn"),
            "kmsKeyIdentifier": p.get("kmsKeyIdentifier"), "logging": p.get("logging")}  # fmt: skip
-    vm = await launch(daemon, Limits(daemon), call.principal, body, aws={k: v for k, v in aws.items() if v is not None})
+    try:
+        vm = await launch(daemon, Limits(daemon), call.principal, body, aws={k: v for k, v in aws.items() if v})
+    except ImageNotFound:
+        raise missing_image(p["imageIdentifier"] + (f":{p['imageVersion']}" if "imageVersion" in p else "")) from None
     return view(daemon, vm, call)
 
 
@@ -281,14 +284,14 @@ def _minutes(call: Call) -> int:
 @operation("CreateMicrovmAuthToken")
 async def auth_token(daemon: Daemon, call: Call) -> Mapping[str, Any]:
     """A token for the microVM's endpoint: send it as ``X-aws-proxy-auth`` (the guest port in X-aws-proxy-port)."""
-    vm = _vm(daemon, call)
-    token, _ = issue_token(daemon, vm, TokenKind.PROXY, _ports(call.params["allowedPorts"]), _minutes(call))
+    ports, minutes = _ports(call.params["allowedPorts"]), _minutes(call)  # the input first, then the microVM
+    token, _ = issue_token(daemon, _vm(daemon, call), TokenKind.PROXY, ports, minutes)
     return {"authToken": {TOKEN_HEADER: token}}
 
 
 @operation("CreateMicrovmShellAuthToken")
 async def shell_auth_token(daemon: Daemon, call: Call) -> Mapping[str, Any]:
     """A token for the microVM's shell: offer the WebSocket subprotocol ``lambda-microvms.authentication.<token>``."""
-    vm = _vm(daemon, call)
-    token, _ = issue_token(daemon, vm, TokenKind.SHELL, NO_PORTS, _minutes(call))
+    minutes = _minutes(call)
+    token, _ = issue_token(daemon, _vm(daemon, call), TokenKind.SHELL, NO_PORTS, minutes)
     return {"authToken": {TOKEN_HEADER: token}}
