@@ -75,6 +75,7 @@ class BuildRequest:
     ready_timeout_s: float = 120.0
     hooks: HookConfig | None = None  # the AWS API's hooks: they replace the image's hook LABELs (ember.hooks)
     env: tuple[tuple[str, str], ...] = ()  # set over the Dockerfile's ENV (the AWS API's environmentVariables)
+    version: int = 0  # the version's number (the AWS API never reuses one); 0: the repo's next
 
 
 def check_ready_timeout(seconds: float) -> None:
@@ -268,7 +269,7 @@ class BuildService:
         )  # its descriptor is closed when it goes
         dockerfile = parse(ctx.dockerfile_text(), dict(req.options.build_args))  # bad input fails before any record
         async with self._names:
-            version = self.store.next_version(repo)
+            version = req.version or self.store.next_version(repo)
             name = f"{repo}:{tag or version}"
             if self.store.get_build(name) is not None or self.store.get_image(name) is not None:
                 shown = names.public(name)
