@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from sqlalchemy.exc import DataError
 
 from ember.api.auth import PRINCIPAL, Authenticator
-from ember.aws import microvms  # noqa: F401 (registers its operations)
+from ember.aws import images, managed, microvms, tags  # noqa: F401 (register their operations)
 from ember.aws.errors import (
     AccessDeniedException,
     AwsError,
