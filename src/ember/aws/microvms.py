@@ -3,7 +3,8 @@ CreateMicrovmAuthToken and CreateMicrovmShellAuthToken, on the same functions as
 quotas, idempotency, events, idle lifecycle; ember.api.ingress: tokens).
 
 Mapping:
-- ``imageIdentifier``/``imageVersion``: :mod:`ember.aws.imageref`.
+- ``imageIdentifier``/``imageVersion``: :func:`ember.aws.images.resolve_runnable`; shown back as named
+  (:mod:`ember.aws.imageref`).
 - ``idlePolicy``: ``maxIdleDurationSeconds`` -> idle timeout, ``suspendedDurationSeconds`` -> suspended TTL (0:
   terminate when idle), ``autoResumeEnabled`` -> auto-resume. ``maximumDurationInSeconds`` (default and limit
   EMBER_AWS_MAX_DURATION_S) counts suspended time, as AWS's does.
@@ -33,9 +34,11 @@ from ember.api.ingress import endpoint, issue_token
 from ember.api.limits import Limits
 from ember.api.vms import RunBody, ago, launch, owned_by, suspend_asks
 from ember.aws.errors import ResourceNotFoundException, ValidationException
-from ember.aws.imageref import missing_image, resolve, shown
+from ember.aws.imageref import named, shown
+from ember.aws.images import image_name, resolve_runnable
+from ember.aws.managed import managed_name
 from ember.aws.operations import Call, operation
-from ember.errors import ImageNotFound, VmNotFound
+from ember.errors import VmNotFound
 from ember.ingress.tokens import MAX_MINUTES, NO_PORTS, Ports, TokenKind
 from ember.metrics import Operation
 from ember.models import VmRecord, VmState, parse_time
@@ -105,7 +108,7 @@ def _at(stamp: str) -> datetime | None:
 def view(daemon: Daemon, vm: VmRecord, call: Call) -> dict[str, Any]:
     """GetMicrovm's (and RunMicrovm's) output of ``vm``."""
     aws = vm.aws
-    arn, version = shown(vm.image, region=call.region, account=call.account)
+    arn, version = shown(vm.image, aws, region=call.region, account=call.account)
     idle = vm.idle
     policy = None
     if idle.idle_timeout_s is not None:
@@ -130,7 +133,10 @@ def view(daemon: Daemon, vm: VmRecord, call: Call) -> dict[str, Any]:
 @operation("RunMicrovm")
 async def run(daemon: Daemon, call: Call) -> Mapping[str, Any]:
     p, settings = call.params, daemon.settings
-    ref = resolve(p["imageIdentifier"], p.get("imageVersion"), account=call.account)
+    identifier = p["imageIdentifier"]
+    image = resolve_runnable(daemon, call, identifier, p.get("imageVersion"))
+    managed = managed_name(identifier)
+    _, version = shown(image.name, {}, region=call.region, account=call.account)
     ingress = _connectors("ingressNetworkConnectors", p.get("ingressNetworkConnectors", []), INGRESS)
     egress = _connectors("egressNetworkConnectors", p.get("egressNetworkConnectors", []), EGRESS)
     duration = p.get("maximumDurationInSeconds", min(settings.aws_max_duration_s, settings.max_duration_limit_s))
@@ -148,7 +154,7 @@ async def run(daemon: Daemon, call: Call) -> Mapping[str, Any]:
     idle = p.get("idlePolicy") or {}
     try:
         body = RunBody(
-            image=ref.public, version=ref.version, egress="internet" if egress else "none",
+            image=names.public(image.name), egress="internet" if egress else "none",
             client_token=_client_token(p.get("clientToken")), run_payload=payload,
             idle_timeout_s=idle.get("maxIdleDurationSeconds"), auto_resume=bool(idle.get("autoResumeEnabled")),
             suspended_ttl_s=idle.get("suspendedDurationSeconds"), max_duration_s=duration,
@@ -156,12 +162,10 @@ async def run(daemon: Daemon, call: Call) -> Mapping[str, Any]:
     except ValidationError as exc:
         problem = exc.errors()[0]
         raise ValidationException(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
-    aws = {"ingress": ingress, "egress": egress, "executionRoleArn": p.get("executionRoleArn"),
+    aws = {"image": managed or image_name(call, identifier), "managed": managed is not None, "imageVersion": version,
+           "ingress": ingress, "egress": egress, "executionRoleArn": p.get("executionRoleArn"),
            "kmsKeyIdentifier": p.get("kmsKeyIdentifier"), "logging": p.get("logging")}  # fmt: skip
-    try:
-        vm = await launch(daemon, Limits(daemon), call.principal, body, aws={k: v for k, v in aws.items() if v})
-    except ImageNotFound:
-        raise missing_image(p["imageIdentifier"] + (f":{p['imageVersion']}" if "imageVersion" in p else "")) from None
+    vm = await launch(daemon, Limits(daemon), call.principal, body, aws={k: v for k, v in aws.items() if v is not None})
     return view(daemon, vm, call)
 
 
@@ -191,11 +195,7 @@ async def list_microvms(daemon: Daemon, call: Call) -> Mapping[str, Any]:
     p = call.params
     limit = p.get("maxResults", PAGE)
     after = _after(p["nextToken"]) if "nextToken" in p else None
-    wanted = None
-    if "imageIdentifier" in p:
-        ref = resolve(p["imageIdentifier"], p.get("imageVersion"), account=call.account)
-        internal = ref.public if ref.managed else names.internal(call.principal.tenant, ref.public)
-        wanted = shown(internal, region=call.region, account=call.account)[0]
+    wanted = named(p["imageIdentifier"], region=call.region, account=call.account) if "imageIdentifier" in p else None
     records = await asyncio.to_thread(
         daemon.engine.store.list_vms, tenant=call.principal.tenant, terminated=True,
         terminated_since=ago(daemon.settings.terminated_retention_s),
@@ -206,7 +206,7 @@ async def list_microvms(daemon: Daemon, call: Call) -> Mapping[str, Any]:
     for vm in records:
         if after is not None and (vm.created_at, vm.id) <= after:
             continue
-        arn, version = shown(vm.image, region=call.region, account=call.account)
+        arn, version = shown(vm.image, vm.aws, region=call.region, account=call.account)
         if wanted is not None and (arn != wanted or ("imageVersion" in p and version != p["imageVersion"])):
             continue
         if len(items) == limit:
