@@ -30,6 +30,7 @@ from ember.config import Settings
 from ember.sdk import ApiError, Client, Request
 from ember.sdk.context import context_tar
 from ember.sdk.core import build_request
+from tests.awsfixtures import aws_client, aws_endpoint, aws_tenant  # noqa: F401 (fixtures for every test)
 from tests.databases import daemon_database_url, drop_database
 from tests.s3store import s3_store  # noqa: F401 (a real S3-compatible store for every test that asks)
 
@@ -149,6 +150,7 @@ def settings() -> Iterator[Settings]:
             "EMBER_RATE_LIMIT_BURST": "200",
             "EMBER_INGRESS_HEAD_TIMEOUT": "2",  # a slow request head is cut quickly (tests/vm/test_ingress.py)
             "EMBER_USAGE_SAMPLE_S": "1",  # storage usage of a VM suspended for seconds shows (tests/vm/test_usage.py)
+            "EMBER_LISTEN": f"127.0.0.1:{free_port()}",  # boto3 reaches the AWS API over TCP (tests/awsfixtures.py)
         }
     )
     shutil.rmtree(data, ignore_errors=True)

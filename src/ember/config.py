@@ -214,6 +214,12 @@ class Settings:
     min_idle_s: int = _env("EMBER_MIN_IDLE_SECONDS", 60)
     # The longest maximum duration a run may ask, in seconds (30 days; AWS allows 8 hours).
     max_duration_limit_s: int = _env("EMBER_MAX_DURATION_LIMIT", 30 * 86400)
+    # The AWS Lambda MicroVMs API (ember.aws): the largest request body it reads (before verifying its signature),
+    aws_max_body_bytes: int = _env("EMBER_AWS_MAX_BODY_BYTES", 1024 * 1024)
+    # how far a request's X-Amz-Date may be from the daemon's clock, in seconds (AWS's SigV4 allows 5 minutes),
+    aws_clock_skew_s: float = _env("EMBER_AWS_CLOCK_SKEW_S", 300.0)
+    # and the longest maximumDurationInSeconds RunMicrovm takes (AWS's 8 hours; up to EMBER_MAX_DURATION_LIMIT).
+    aws_max_duration_s: int = _env("EMBER_AWS_MAX_DURATION_S", 8 * 3600)
     # Seconds between the idle scheduler's passes (idle checks, suspended TTLs, maximum durations, guest
     # "suspend now" requests): an automatic transition comes at most this late.
     idle_check_s: float = _env("EMBER_IDLE_CHECK_S", 5.0)

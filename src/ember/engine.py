@@ -121,6 +121,7 @@ class RunOptions:
     idle: IdlePolicy = field(default_factory=IdlePolicy)  # idle policy and lifetime (ember.lifecycle)
     run_payload: bytes = b""  # the body of the app's run hook (ember.hooks)
     egress: EgressPolicy = NO_EGRESS  # ember.network.policy
+    aws: Mapping[str, Any] = field(default_factory=dict)  # run through the AWS API (ember.aws.microvms)
     on_record: Callable[[str], None] | None = None  # told the VM's id once its record exists
 
 
@@ -352,7 +353,7 @@ class Engine:
         record = VmRecord(
             id=vm_id, image=image.name, state=VmState.PENDING, machine=image.machine, uid=uid,
             token=image.token, ram=RamMode.CLONE, tenant=options.tenant, env=dict(options.env),
-            tags=dict(options.tags), idle=options.idle, egress=options.egress,
+            tags=dict(options.tags), idle=options.idle, egress=options.egress, aws=dict(options.aws),
         )  # fmt: skip
         await asyncio.to_thread(self.store.insert_vm, record)
         if options.on_record is not None:

@@ -1,6 +1,6 @@
 """App hooks: HTTP POSTs to ``/ember/v1/<hook>`` on a port the image declares (as AWS Lambda MicroVMs').
 
-An image declares them with LABELs in its Dockerfile::
+An image built with Ember's own API declares them with LABELs in its Dockerfile::
 
     LABEL ember.hooks.port=8080                      # the hook port (else ember.ready.http's port)
     LABEL ember.hooks=validate,run,resume,suspend,terminate   # the hooks the app answers (ready too)
@@ -10,6 +10,11 @@ An image declares them with LABELs in its Dockerfile::
 while they answer 503); ``run`` (its body the run payload), ``resume`` (after the restore bumped
 ``/run/ember/generation``), ``suspend`` (before the state is saved) and ``terminate`` (before the
 VM is removed) at runtime. A hook not listed is not called; an image without a hook port has none.
+
+An image created through the AWS API (ember.aws.images) gets its hooks from that API instead (the model's
+``hooks``: port, enable flags, timeouts), at AWS's paths (``/aws/lambda-microvms/runtime/v1/<hook>``,
+:data:`AWS_PREFIX`): its build record's config carries them (``"hooks"``, :meth:`HookConfig.to_json`) and
+they take the place of any hook LABEL.
 
 The request is made by the guest agent (``Msg.HOOK``) to the guest's 127.0.0.1, without blocking
 its other streams; the agent ends it at its timeout and returns at most HOOK_ANSWER_MAX bytes of
@@ -48,6 +53,9 @@ GRACE_S = 5.0  # the host waits this long past a hook's timeout for the agent's 
 POLL_INTERVAL_S = 0.25  # between two calls of a hook that answered 503
 _STATUS = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?:[ \t][^\r\n]*)?\r?\n")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+EMBER_PREFIX = "/ember/v1/"  # Ember's hook paths: the agent's default (it is sent no path)
+AWS_PREFIX = "/aws/lambda-microvms/runtime/v1/"  # images created through the AWS API
+PREFIXES = (EMBER_PREFIX, AWS_PREFIX)  # the only ones a stored config may name
 
 
 class Hook(enum.StrEnum):
@@ -78,12 +86,30 @@ class HookConfig:
     port: int
     hooks: frozenset[Hook] = frozenset()
     timeouts: Mapping[Hook, float] = field(default_factory=dict)
+    prefix: str = EMBER_PREFIX  # the hook's path is prefix + its name
 
     def has(self, hook: Hook) -> bool:
         return hook in self.hooks
 
     def timeout_s(self, hook: Hook, default_s: float) -> float:
         return self.timeouts.get(hook, default_s)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "port": self.port, "hooks": sorted(h.value for h in self.hooks), "prefix": self.prefix,
+            "timeouts": {h.value: t for h, t in sorted(self.timeouts.items())},
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> HookConfig:
+        """What :meth:`to_json` wrote (the daemon's own record); ValueError for anything else."""
+        port, names, prefix, timeouts = data["port"], data["hooks"], data["prefix"], data["timeouts"]
+        if not isinstance(port, int) or not 0 < port < 65536 or prefix not in PREFIXES:
+            raise ValueError("a hook config with a bad port or prefix")
+        if not isinstance(names, list) or not isinstance(timeouts, dict):
+            raise ValueError("a hook config with bad hooks or timeouts")
+        times = {Hook(k): float(v) for k, v in timeouts.items()}
+        return cls(port=port, hooks=frozenset(Hook(n) for n in names), timeouts=times, prefix=str(prefix))
 
 
 def _bad(message: str) -> BuildFailed:
@@ -168,14 +194,21 @@ class HookCall:
         return f"hook {self.hook.value} {self.outcome.value}{status} in {self.duration_ms:.0f} ms{detail}"[:1000]
 
 
-async def request(agent: AgentConnection, hook: Hook, port: int, timeout_s: float, body: bytes = b"") -> HookAnswer:
-    """POST ``body`` to the hook through the agent. Raises GuestError (the agent's: nothing listens, its
-    timeout passed), ValueError (not an HTTP answer), TimeoutError (the agent did not end it in time)."""
+async def request(
+    agent: AgentConnection, hook: Hook, port: int, timeout_s: float, body: bytes = b"", *, prefix: str = EMBER_PREFIX
+) -> HookAnswer:
+    """POST ``body`` to the hook (at ``prefix`` + its name) through the agent. Raises GuestError (the agent's:
+    nothing listens, its timeout passed), ValueError (not an HTTP answer), TimeoutError (the agent did not end
+    it in time)."""
     if len(body) > HOOK_BODY_MAX:
         raise ValueError(f"a hook body is at most {HOOK_BODY_MAX} bytes")
+    if prefix not in PREFIXES:
+        raise ValueError(f"no such hook path prefix: {prefix[:40]!r}")
     fields: list[Field] = [
         (Tag.PORT, port), (Tag.HOOK_NAME, hook.value), (Tag.TIMEOUT_MS, max(1, int(timeout_s * 1000))),
     ]  # fmt: skip
+    if prefix != EMBER_PREFIX:  # the agent's default is Ember's path; an older agent knows no other
+        fields.append((Tag.PATH, prefix + hook.value))
     if body:
         fields.append((Tag.HOOK_BODY, body))
     async with asyncio.timeout(timeout_s + GRACE_S):  # the agent ends it at timeout_s; this if it does not
@@ -186,7 +219,9 @@ async def request(agent: AgentConnection, hook: Hook, port: int, timeout_s: floa
     return parse_answer(answer[0])
 
 
-async def call(agent: AgentConnection, hook: Hook, port: int, timeout_s: float, body: bytes = b"") -> HookCall:
+async def call(
+    agent: AgentConnection, hook: Hook, port: int, timeout_s: float, body: bytes = b"", *, prefix: str = EMBER_PREFIX
+) -> HookCall:
     """:func:`request`, its outcome recorded; never raises for what the guest does."""
     started = time.perf_counter()
 
@@ -195,7 +230,7 @@ async def call(agent: AgentConnection, hook: Hook, port: int, timeout_s: float, 
         return HookCall(hook, outcome, status, ms, detail[:EXCERPT_CHARS])
 
     try:
-        answer = await request(agent, hook, port, timeout_s, body)
+        answer = await request(agent, hook, port, timeout_s, body, prefix=prefix)
     except ValueError as exc:
         return done(Outcome.FAILED, detail=str(exc))
     except TimeoutError:
@@ -210,14 +245,16 @@ async def call(agent: AgentConnection, hook: Hook, port: int, timeout_s: float, 
     return done(outcome, answer.status, answer.excerpt)
 
 
-async def poll(agent: AgentConnection, hook: Hook, port: int, timeout_s: float) -> HookCall:
+async def poll(
+    agent: AgentConnection, hook: Hook, port: int, timeout_s: float, *, prefix: str = EMBER_PREFIX
+) -> HookCall:
     """Call ``hook`` until it answers anything but 503 or ``timeout_s`` has passed (in all: each call
     gets what is left). Returns the last call, its duration the whole wait's."""
     started = time.perf_counter()
     deadline = started + timeout_s
     while True:
         left = max(0.001, deadline - time.perf_counter())
-        last = await call(agent, hook, port, left)
+        last = await call(agent, hook, port, left, prefix=prefix)
         waited = round((time.perf_counter() - started) * 1000, 1)
         if last.status != 503 or time.perf_counter() + POLL_INTERVAL_S >= deadline:
             if last.status == 503:
@@ -227,8 +264,8 @@ async def poll(agent: AgentConnection, hook: Hook, port: int, timeout_s: float) 
 
 
 class AppHooks:
-    """The engine's side: which hooks a VM's image declares (from its build's LABELs), calling them
-    through the VM's agent and recording each call as an event of the VM."""
+    """The engine's side: which hooks a VM's image declares (from its build's record: the AWS API's hooks,
+    else its LABELs), calling them through the VM's agent and recording each call as an event of the VM."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -238,11 +275,15 @@ class AppHooks:
     def config(self, image: str) -> HookConfig | None:
         if image not in self._configs:
             build = self.store.get_build(image)  # None: a built-in base or a fork ('ember snapshot'): no hooks
-            labels = json.loads(build.config or "{}").get("labels") or {} if build is not None else {}
+            config = json.loads(build.config or "{}") if build is not None else {}
             try:
-                self._configs[image] = hook_config({str(k): str(v) for k, v in dict(labels).items()})
-            except BuildFailed as exc:  # built before hooks existed, with a label they now refuse
-                log.warning("image %s: its hook labels are ignored: %s", image, exc)
+                if config.get("hooks") is not None:  # given by the AWS API (ember.aws.images)
+                    self._configs[image] = HookConfig.from_json(config["hooks"])
+                else:
+                    labels = config.get("labels") or {}
+                    self._configs[image] = hook_config({str(k): str(v) for k, v in dict(labels).items()})
+            except (BuildFailed, ValueError, KeyError, TypeError) as exc:  # e.g. a label hooks now refuse
+                log.warning("image %s: its hooks are ignored: %s", image, exc)
                 self._configs[image] = None
         return self._configs[image]
 
@@ -255,7 +296,7 @@ class AppHooks:
         config = self.config(record.image)
         if config is None or not config.has(hook):
             return None
-        done = await call(agent, hook, config.port, self.timeout_s(config, hook), body)
+        done = await call(agent, hook, config.port, self.timeout_s(config, hook), body, prefix=config.prefix)
         vlog(record.id).log(logging.INFO if done.ok else logging.WARNING, "%s", done.describe())
         await asyncio.to_thread(self.store.record_hook, record, done.describe())
         return done
@@ -268,4 +309,4 @@ class AppHooks:
         if config is None or hook is None:
             return None
         timeout = min(self.settings.pool_warm_timeout_s, self.timeout_s(config, hook))
-        return await poll(agent, hook, config.port, timeout)
+        return await poll(agent, hook, config.port, timeout, prefix=config.prefix)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from ember.errors import InvalidStateTransition
 from ember.imagecfg import ImageDefaults
@@ -194,6 +195,7 @@ class VmRecord:
     suspended_at: str = ""
     suspended_s: float = 0.0
     egress: EgressPolicy = field(default_factory=EgressPolicy)  # kept across suspend/resume
+    aws: dict[str, Any] = field(default_factory=dict)  # run through the AWS API: what it shows back (ember.aws)
 
     def moved(self, state: VmState, reason: StateReason, message: str = "", **changes: object) -> VmRecord:
         now = utcnow()

@@ -25,6 +25,7 @@ the store does not know.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import shutil
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 # Timeouts of the successive attempts to reach a re-adopted guest's agent (a loaded
 # TCG host can take seconds to schedule a guest that was paused or starved).
 AGENT_ATTEMPTS_S = (5.0, 15.0, 30.0)
-RETRY_EVERY_S = 30.0
+RETRY_AFTER_S = (5.0, 10.0, 20.0, 30.0)  # waits before the background tries of an unreachable VM; then every 30 s
+RECOVER_AT_ONCE = 16  # VMs recovered at the same time at start-up (each mostly waits on its VMM or guest)
 UNREACHABLE = "unreachable after a daemon restart"
 R = StateReason
 
@@ -55,18 +57,26 @@ R = StateReason
 async def recover(engine: Engine) -> None:
     """Re-adopt what a previous daemon left running; reap or fail the rest."""
     keep: set[str] = set()
-    for record in engine.store.list_vms():
-        try:
-            if await _recover_one(engine, record):
-                keep.add(record.id)
-        except Exception as exc:  # one broken VM must not stop the daemon, nor lose a live VMM
-            vlog(record.id).exception("recovery failed: %s", exc)
-            if _vmm_alive(engine, record):
-                keep.add(record.id)
-                engine.save(record.moved(record.state, R.AGENT_UNREACHABLE, f"{UNREACHABLE}: {exc}"))
-            else:
-                await asyncio.to_thread(engine.host.discard, record.id)
-                engine.save(record.moved(VmState.FAILED, R.RECOVERY_FAILED, str(exc), pid=0))
+    gate = asyncio.Semaphore(RECOVER_AT_ONCE)
+
+    async def one(record: VmRecord) -> None:
+        async with gate:
+            try:
+                if await _recover_one(engine, record):
+                    keep.add(record.id)
+            except Exception as exc:  # one broken VM must not stop the daemon, nor lose a live VMM
+                vlog(record.id).exception("recovery failed: %s", exc)
+                if _vmm_alive(engine, record):  # e.g. a VMM that did not answer QMP: kept, and tried again
+                    keep.add(record.id)
+                    engine.save(record.moved(record.state, R.AGENT_UNREACHABLE, f"{UNREACHABLE}: {exc}"))
+                    engine.spawn_chore(_keep_trying(engine, record.id))
+                else:
+                    await asyncio.to_thread(engine.host.discard, record.id)
+                    engine.save(record.moved(VmState.FAILED, R.RECOVERY_FAILED, str(exc), pid=0))
+
+    # VMs at once: a guest that does not answer costs up to the sum of AGENT_ATTEMPTS_S, and one after
+    # another a few of them kept a restarted daemon from serving for minutes
+    await asyncio.gather(*(one(record) for record in engine.store.list_vms()))
     await asyncio.to_thread(engine.host.sweep, keep)
     known = {vm.id for vm in engine.store.list_vms()}  # live ones: a TERMINATED VM has no files
     if engine.settings.vms_dir.exists():
@@ -141,7 +151,7 @@ async def _recover_one(engine: Engine, record: VmRecord) -> bool:
     except BaseException as exc:
         await vm.detach()  # never stop a live VMM here: the VM stays listed, and we try again later
         if isinstance(exc, Exception):
-            vlog(record.id).warning("%s: %s; will retry every %.0f s", UNREACHABLE, exc, RETRY_EVERY_S)
+            vlog(record.id).warning("%s: %s; will try again", UNREACHABLE, exc)
             engine.save(record.moved(VmState.RUNNING, R.AGENT_UNREACHABLE, f"{UNREACHABLE}: {exc}"))
             engine.spawn_chore(_keep_trying(engine, record.id))
             return True
@@ -181,8 +191,8 @@ async def _finish(engine: Engine, record: VmRecord, vm: MicroVm, token: str, sta
 
 async def _keep_trying(engine: Engine, vm_id: str) -> None:
     """Re-attach to a VM recovery could not reach, until it answers, its VMM dies or it is removed."""
-    while True:
-        await asyncio.sleep(RETRY_EVERY_S)
+    for attempt in itertools.count():
+        await asyncio.sleep(RETRY_AFTER_S[min(attempt, len(RETRY_AFTER_S) - 1)])
         async with engine.lock(vm_id):
             record = engine.store.get_vm(vm_id)
             if record is None or engine.has_runtime(vm_id) or record.state_reason is not R.AGENT_UNREACHABLE:
@@ -191,12 +201,19 @@ async def _keep_trying(engine: Engine, vm_id: str) -> None:
                 await asyncio.to_thread(engine.host.discard, vm_id)
                 engine.save(record.moved(VmState.FAILED, R.VMM_EXITED, pid=0))
                 return
-            vm = await MicroVm.adopt(engine.host, vm_id, record.pid)
             try:
+                vm = await MicroVm.adopt(engine.host, vm_id, record.pid)
+            except EmberError as exc:  # its VMM does not answer QMP (yet)
+                vlog(vm_id).warning("%s: %s; still retrying", UNREACHABLE, exc)
+                continue
+            try:
+                status = await vm.vmm.status()
+                if status != "running":
+                    await vm.vmm.resume()
                 token = await reach_agent(vm, record)
             except EmberError as exc:
                 await vm.detach()
                 vlog(vm_id).warning("%s: %s; still retrying", UNREACHABLE, exc)
                 continue
-            await _finish(engine, record, vm, token, "running")
+            await _finish(engine, record, vm, token, status)
             return

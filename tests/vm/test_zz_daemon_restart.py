@@ -159,3 +159,36 @@ def test_stopped_daemon_without_vms_leaves_no_cgroup(daemon: DaemonProcess, clie
         assert not leftover, f"cgroups left behind: {leftover}"
     finally:
         daemon.start()
+
+
+def test_unanswering_vmms_neither_delay_a_restart_nor_are_lost(
+    client: Client, daemon: DaemonProcess, base_image: str
+) -> None:
+    """VMMs that do not answer (stopped here; stuck, or a guest escaped into them) when the daemon restarts:
+    it serves at once rather than after one timeout per VM, lists them RUNNING as unreachable, and takes
+    them back when they answer again (they were once left unreachable for good)."""
+    stuck = [client.vms.run(base_image).id for _ in range(3)]
+    pids = [client.send(Request("GET", f"/v1/vms/{vm}"))["pid"] for vm in stuck]
+    for vm in stuck:
+        client.vms.exec(vm, ["sh", "-c", "echo kept > /root/f"])
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        daemon.kill9()
+        started = time.monotonic()
+        daemon.start()
+        took = time.monotonic() - started
+        views = [client.send(Request("GET", f"/v1/vms/{vm}")) for vm in stuck]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    # one after another, each VMM's 10 s QMP deadline made it 30 s or more
+    assert took < 25, f"the daemon took {took:.1f} s to serve with 3 stuck VMMs"
+    assert all(v["state"] == "RUNNING" and v["state_reason"] == "agent_unreachable" for v in views), views
+    deadline = time.monotonic() + 60  # the background tries come after 5, 10, 20 s, then every 30 s
+    for vm in stuck:
+        while client.send(Request("GET", f"/v1/vms/{vm}"))["state_reason"] == "agent_unreachable":
+            assert time.monotonic() < deadline, f"{vm} was not taken back after its VMM answered again"
+            time.sleep(1)
+        assert client.vms.exec(vm, ["cat", "/root/f"]).stdout == b"kept\n"
+        client.send(Request("DELETE", f"/v1/vms/{vm}"))

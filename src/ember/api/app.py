@@ -30,6 +30,7 @@ from ember.api.tenants import add_tenant_routes
 from ember.api.usage import add_usage_routes
 from ember.api.vms import accel_view, add_vm_routes
 from ember.api.webhooks import add_webhook_routes
+from ember.aws.router import add_aws_routes
 from ember.errors import EmberError, InvalidRequest, TooManyRequests, log_with_id
 
 if TYPE_CHECKING:
@@ -105,4 +106,5 @@ def create_app(daemon: Daemon, auth: Authenticator) -> FastAPI:
     add_metrics_route(app, daemon)
     add_webhook_routes(app, daemon)
     add_usage_routes(app, daemon)
+    add_aws_routes(app, daemon, auth)  # the AWS Lambda MicroVMs API (ember.aws), after every other route
     return app

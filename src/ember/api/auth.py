@@ -35,6 +35,7 @@ PRINCIPAL = "ember.principal"
 TENANT_HEADER = "x-ember-tenant"
 KEY_CACHE = 10_000  # known keys (and unknown tokens) remembered; a revocation in this daemon updates it
 TOKEN_SHAPE = re.compile(r"^(ember_)?[A-Za-z0-9_-]{32,64}$")  # an API key, or the api-token file's admin key
+ACCESS_KEY_SHAPE = re.compile(r"^AKIA[A-Z0-9]{16}$")  # a key's SigV4 access key id (ember.tenancy.keys)
 
 
 def _with_peer(protocol: Any, transport: Any) -> None:
@@ -75,12 +76,29 @@ class Authenticator:
         self.limiter = limiter
         self._keys: OrderedDict[str, KeyRecord] = OrderedDict()
         self._unknown: OrderedDict[str, None] = OrderedDict()  # hashes of tokens that are no live key
+        self._signing: OrderedDict[str, KeyRecord] = OrderedDict()  # live keys by SigV4 access key id (ember.aws)
 
     def forget(self, key_id: str) -> None:
         """A key was revoked: it stops working with the next request."""
         for digest, key in list(self._keys.items()):
             if key.key_id == key_id:
                 del self._keys[digest]
+        for access_key_id, key in list(self._signing.items()):
+            if key.key_id == key_id:
+                del self._signing[access_key_id]
+
+    def signing_key(self, access_key_id: str) -> KeyRecord | None:
+        """The live key with this SigV4 access key id (the AWS API's caller), or None; remembered like bearer keys
+        (an unknown id costs a query each time: an id seen unknown may be issued later)."""
+        key = self._signing.get(access_key_id)
+        if key is None:
+            key = self.tenants.key_by_access_key(access_key_id) if ACCESS_KEY_SHAPE.match(access_key_id) else None
+            if key is None or key.revoked_at or not key.secret_sealed:
+                return None
+            self._signing[access_key_id] = key
+            if len(self._signing) > KEY_CACHE:
+                self._signing.popitem(last=False)
+        return key
 
     def _key(self, token: str) -> KeyRecord | None:
         """The live key ``token`` is; a token of no key's shape, or one just found unknown, costs no query."""

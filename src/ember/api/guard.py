@@ -9,6 +9,9 @@
 - On both listeners: the caller is authenticated (:mod:`ember.api.auth`): root on the Unix
   socket, or a bearer API key; the principal goes into the scope and the request's context. The
   shell's WebSocket may carry a shell token instead (:mod:`ember.ingress.shelltokens`).
+- The AWS API's paths (:mod:`ember.aws.router`) pass the same checks with their own body cap
+  (EMBER_AWS_MAX_BODY_BYTES); the router verifies their SigV4 signature once it has read the body, and every
+  refusal on them is an AWS error (``x-amzn-ErrorType``, ``{"message": ...}``) that botocore parses.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.api.auth import PEER_UID, PRINCIPAL, Authenticator
+from ember.aws.errors import from_ember, render
 from ember.config import Settings
 from ember.errors import (
     EmberError,
@@ -44,6 +48,7 @@ Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _WEBSOCKETS = re.compile(r"^/v1/vms/[^/]+/shell$")  # the only WebSocket routes: any other is closed unanswered
 _STREAMED_INTO_VM = re.compile(r"^/v1/vms/[^/]+/(files|exec/stdin/[^/]+)$")  # a file upload, an exec's stdin
+AWS_PATHS = re.compile(r"^/(2025-09-09|2017-03-31)/")  # the AWS Lambda MicroVMs API's (ember.aws.router)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class BodyCaps:
     json: BodyCap
     build_context: BodyCap
     file_upload: BodyCap
+    aws: BodyCap
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BodyCaps:
@@ -75,6 +81,7 @@ class BodyCaps:
                                   "exclude files from the build context with .dockerignore"),
             file_upload=BodyCap(settings.max_file_upload_bytes, "EMBER_MAX_FILE_UPLOAD_BYTES",
                                 "send the data in parts, or raise the cap"),
+            aws=BodyCap(settings.aws_max_body_bytes, "EMBER_AWS_MAX_BODY_BYTES", "send a smaller request"),
         )  # fmt: skip
 
     def for_route(self, method: str, path: str) -> BodyCap:
@@ -82,6 +89,8 @@ class BodyCaps:
             return self.build_context
         if method == "PUT" and _STREAMED_INTO_VM.match(path):
             return self.file_upload
+        if AWS_PATHS.match(path):
+            return self.aws
         return self.json
 
 
@@ -145,8 +154,11 @@ def error_body(exc: EmberError) -> dict[str, Any]:
     return {"error": type(exc).__name__, "message": str(exc), **extra}
 
 
-def _answer(exc: EmberError) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The headers and body of ``exc`` as Ember's JSON error."""
+def _answer(exc: EmberError, *, aws: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and body of ``exc`` as Ember's JSON error (``aws``: as the AWS API's error)."""
+    if aws:
+        _, headers, body = render(from_ember(exc))
+        return headers, body
     body = json.dumps(error_body(exc)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(exc, Unauthorized):
@@ -156,9 +168,9 @@ def _answer(exc: EmberError) -> tuple[list[tuple[bytes, bytes]], bytes]:
     return headers, body
 
 
-async def reply(send: Send, exc: EmberError, *, close: bool = False) -> None:
-    """Answer with ``exc`` as Ember's JSON error."""
-    headers, body = _answer(exc)
+async def reply(send: Send, exc: EmberError, *, close: bool = False, aws: bool = False) -> None:
+    """Answer with ``exc`` as Ember's JSON error (``aws``: as the AWS API's error)."""
+    headers, body = _answer(exc, aws=aws)
     if close:  # the body was not read: the connection cannot carry another request
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
@@ -179,8 +191,9 @@ async def deny(scope: Scope, send: Send, exc: EmberError) -> None:
 class _Cut:
     """Counts a request body as it streams; past the cap it cuts it off and answers 413 itself."""
 
-    def __init__(self, cap: BodyCap, receive: Receive, send: Send) -> None:
+    def __init__(self, cap: BodyCap, receive: Receive, send: Send, *, aws: bool = False) -> None:
         self.cap, self._receive, self._send = cap, receive, send
+        self.aws = aws
         self.received = 0
         self.refused: PayloadTooLarge | None = None
         self.app_started = False
@@ -201,7 +214,7 @@ class _Cut:
             await self._send(message)
         elif not self.app_started and not self.replied:  # whatever the app answers to the cut body: our 413
             self.replied = True
-            await reply(self._send, self.refused, close=True)
+            await reply(self._send, self.refused, close=True, aws=self.aws)
 
 
 class RequestGuard:
@@ -223,15 +236,19 @@ class RequestGuard:
             await send({"type": "websocket.close", "code": 1008})  # fail closed
             return
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        aws = not websocket and bool(AWS_PATHS.match(scope["path"]))
 
         async def answer(exc: EmberError, *, close: bool = True) -> None:
-            await (deny(scope, send, exc) if websocket else reply(send, exc, close=close))
+            await (deny(scope, send, exc) if websocket else reply(send, exc, close=close, aws=aws))
 
         if self.tcp is not None and (refused := self.tcp.refusal(headers)) is not None:
             await answer(refused)
             return
         if "\x00" in scope["path"] or b"%00" in scope["query_string"].lower():
             await answer(InvalidRequest("a NUL character in the path or query: no name or id holds one"), close=False)
+            return
+        if aws:  # signed requests: ember.aws.router verifies them once it has read the (capped) body
+            await self._guarded(scope, receive, send)
             return
         if websocket:
             who = self._websocket_principal(scope, headers)
@@ -265,14 +282,15 @@ class RequestGuard:
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         cap = self.caps.for_route(scope["method"], scope["path"])
         length = next((v for k, v in headers if k == "content-length"), None)
+        aws = cap is self.caps.aws
         if length is not None and length.isdigit() and int(length) > cap.limit:
-            await reply(send, cap.refusal(int(length)), close=True)
+            await reply(send, cap.refusal(int(length)), close=True, aws=aws)
             return
-        cut = _Cut(cap, receive, send)
+        cut = _Cut(cap, receive, send, aws=aws)
         try:
             await self.app(scope, cut.receive, cut.send)
         except Exception:
             if cut.refused is None:
                 raise
         if cut.refused is not None and not cut.app_started and not cut.replied:
-            await reply(send, cut.refused, close=True)
+            await reply(send, cut.refused, close=True, aws=aws)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.api.schema import errors
 from ember.errors import InvalidStateTransition
-from ember.ingress.tokens import MAX_MINUTES, MIN_MINUTES, NO_PORTS, Ports, TokenKind
+from ember.ingress.tokens import MAX_MINUTES, MIN_MINUTES, NO_PORTS, Grant, Ports, TokenKind
 from ember.models import VmRecord, VmState
 
 if TYPE_CHECKING:
@@ -68,17 +68,31 @@ def endpoint(settings: Settings, vm_id: str) -> str | None:
     return f"http://{vm_id}.{settings.ingress_domain}:{port}/"
 
 
+# the AWS API's ingress connectors (ember.aws.microvms): a VM it ran without one takes no token of that kind
+CONNECTOR = {TokenKind.PROXY: "ALL_INGRESS", TokenKind.SHELL: "SHELL_INGRESS"}
+
+
+def issue_token(daemon: Daemon, vm: VmRecord, kind: TokenKind, ports: Ports, minutes: int) -> tuple[str, Grant]:
+    """A token of ``kind`` for ``vm`` (the /v1 routes' and the AWS API's): none for a TERMINATED VM, nor for a
+    VM the AWS API ran without the ingress connector of that kind."""
+    opens = "endpoint" if kind is TokenKind.PROXY else "shell"
+    if vm.state is VmState.TERMINATED:
+        raise InvalidStateTransition(f"VM {vm.id} is TERMINATED: it has no {opens}")
+    if vm.aws and CONNECTOR[kind] not in vm.aws.get("ingress", ()):
+        raise InvalidStateTransition(
+            f"VM {vm.id} was run without the {CONNECTOR[kind]} ingress connector: its {opens} is closed "
+            f"(run a microVM with ingressNetworkConnectors=['{CONNECTOR[kind]}'])"
+        )
+    return daemon.tokens.issue(vm_id=vm.id, tenant=vm.tenant, kind=kind, ports=ports, minutes=minutes)
+
+
 def add_token_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     @app.post("/v1/vms/{vm_id}/auth-tokens", status_code=201, response_model=AuthToken, responses=errors(409))
     async def create_auth_token(body: TokenBody, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         """A token for the VM's ingress endpoint: the ports it allows, for 1-60 minutes. It is checked by
         its signature alone: it cannot be revoked, except by removing the VM (or EMBER_INGRESS_KEY_FILE)."""
-        if vm.state is VmState.TERMINATED:
-            raise InvalidStateTransition(f"VM {vm.id} is TERMINATED: it has no endpoint")
         ports = Ports.parse(body.allowed_ports)
-        token, grant = daemon.tokens.issue(
-            vm_id=vm.id, tenant=vm.tenant, kind=TokenKind.PROXY, ports=ports, minutes=body.expires_in_minutes
-        )
+        token, grant = issue_token(daemon, vm, TokenKind.PROXY, ports, body.expires_in_minutes)
         expires = datetime.fromtimestamp(grant.expires_at, UTC).isoformat(timespec="seconds")
         return {"token": token, "kind": grant.kind.value, "vm_id": vm.id, "expires_at": expires,
                 "allowed_ports": str(ports), "endpoint": endpoint(daemon.settings, vm.id)}  # fmt: skip
@@ -87,11 +101,7 @@ def add_token_routes(app: FastAPI, daemon: Daemon, owned_vm: Any) -> None:
     async def create_shell_token(body: ShellTokenBody, vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
         """A token that opens this VM's shell (and nothing else) for 1-60 minutes, as AWS's
         CreateMicrovmShellAuthToken: on the API's shell route or the ingress's, without an API key."""
-        if vm.state is VmState.TERMINATED:
-            raise InvalidStateTransition(f"VM {vm.id} is TERMINATED: it has no shell")
-        token, grant = daemon.tokens.issue(
-            vm_id=vm.id, tenant=vm.tenant, kind=TokenKind.SHELL, ports=NO_PORTS, minutes=body.expires_in_minutes
-        )
+        token, grant = issue_token(daemon, vm, TokenKind.SHELL, NO_PORTS, body.expires_in_minutes)
         expires = datetime.fromtimestamp(grant.expires_at, UTC).isoformat(timespec="seconds")
         return {"token": token, "kind": grant.kind.value, "vm_id": vm.id, "expires_at": expires,
                 "url": shell_url(daemon.settings, vm.id)}  # fmt: skip

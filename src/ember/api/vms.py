@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -204,64 +204,85 @@ def ago(seconds: float) -> str:
     return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
 
 
+def owned_by(daemon: Daemon, vm_id: str, who: Principal) -> VmRecord:
+    """The VM ``vm_id`` if ``who`` may see it; else VmNotFound, exactly as for a missing one."""
+    record = daemon.engine.store.get_vm(vm_id) if VM_ID.match(vm_id) else None
+    if record is None or (not who.admin and record.tenant != who.tenant):
+        raise VmNotFound(vm_id[:80])
+    return record
+
+
+def _check_size(image: ImageRecord, body: RunBody) -> None:
+    machine = image.machine
+    for field, asked, has in (("memory_mib", body.memory_mib, machine.memory_mib),
+                              ("vcpus", body.vcpus, machine.vcpus)):  # fmt: skip
+        if asked is not None and asked != has:
+            raise InvalidRequest(
+                f"{field}={asked}: image {names.public(image.name)} was snapshotted running with {field}={has}, "
+                f"and a VM restored from it has exactly that; build an image with the size you need"
+            )
+
+
+async def launch(
+    daemon: Daemon, limits: Limits, who: Principal, body: RunBody, *, aws: Mapping[str, Any] | None = None
+) -> VmRecord:
+    """Run a VM (POST /v1/vms): checks, quotas, idempotency by ``body.client_token``; its record. The AWS API's
+    RunMicrovm (ember.aws.microvms) runs here too, with ``aws``: what it shows back, recorded with the VM."""
+    payload = (body.run_payload or "").encode()
+    if len(payload) > daemon.settings.run_payload_max_bytes:
+        raise InvalidRequest(
+            f"run_payload is {len(payload)} bytes: at most {daemon.settings.run_payload_max_bytes} "
+            "(pass larger input to the app through a file: 'ember cp')"
+        )
+    image = resolve_image(daemon, who, body.image, body.version)
+    _check_size(image, body)
+    policy = idle_policy(body, daemon.settings)
+    egress = parse_policy(body.egress, body.allow, max_entries=daemon.settings.egress_max_allow)
+    asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
+            Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
+
+    async def create(settle: Settle) -> VmRecord:
+        async with limits.admit(who.tenant, asks, Operation.LAUNCH) as release:
+
+            def recorded(vm_id: str) -> None:
+                settle(vm_id)
+                release()  # the PENDING record counts from here
+
+            options = RunOptions(
+                tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
+                egress=egress, aws=aws or {},
+                on_record=recorded,
+            )  # fmt: skip
+            return await daemon.engine.run(image, options)
+
+    async def existing(vm_id: str) -> VmRecord:
+        return owned_by(daemon, vm_id, who)
+
+    request = body.model_dump(mode="json") | ({"aws": aws} if aws else {})
+    return await Idempotency(daemon.tenants).create(who, "vm", body.client_token, request, create, existing)
+
+
+def suspend_asks(vm: VmRecord) -> list[Ask]:
+    """What suspending ``vm`` adds to its tenant's quotas: a suspend writes at most the guest's memory (its
+    disk's changes are on disk already)."""
+    return [Ask(Quota.SUSPENDED_VMS, 1), Ask(Quota.STORAGE_BYTES, vm.machine.memory_mib << 20)]
+
+
 def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
     engine = daemon.engine
     once = Idempotency(daemon.tenants)
 
     def owned(vm_id: str, who: Principal) -> VmRecord:
-        record = daemon.engine.store.get_vm(vm_id) if VM_ID.match(vm_id) else None
-        if record is None or (not who.admin and record.tenant != who.tenant):
-            raise VmNotFound(vm_id[:80])
-        return record
+        return owned_by(daemon, vm_id, who)
 
     async def owned_vm(vm_id: str, who: Principal = Depends(principal)) -> VmRecord:
         """FastAPI dependency: the VM, if the caller may see it (one indexed read: done inline)."""
         return owned(vm_id, who)
 
-    def _check_size(image: ImageRecord, body: RunBody) -> None:
-        machine = image.machine
-        for field, asked, has in (("memory_mib", body.memory_mib, machine.memory_mib),
-                                  ("vcpus", body.vcpus, machine.vcpus)):  # fmt: skip
-            if asked is not None and asked != has:
-                raise InvalidRequest(
-                    f"{field}={asked}: image {names.public(image.name)} was snapshotted running with {field}={has}, "
-                    f"and a VM restored from it has exactly that; build an image with the size you need"
-                )
-
     @app.post("/v1/vms", status_code=201, response_model=Vm, responses=errors(409, 503, 507), **UNSET)
     async def run_vm(body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
-        payload = (body.run_payload or "").encode()
-        if len(payload) > daemon.settings.run_payload_max_bytes:
-            raise InvalidRequest(
-                f"run_payload is {len(payload)} bytes: at most {daemon.settings.run_payload_max_bytes} "
-                "(pass larger input to the app through a file: 'ember cp')"
-            )
-        image = resolve_image(daemon, who, body.image, body.version)
-        _check_size(image, body)
-        policy = idle_policy(body, daemon.settings)
-        egress = parse_policy(body.egress, body.allow, max_entries=daemon.settings.egress_max_allow)
-        asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
-                Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
-
-        async def create(settle: Settle) -> dict[str, Any]:
-            async with limits.admit(who.tenant, asks, Operation.LAUNCH) as release:
-
-                def recorded(vm_id: str) -> None:
-                    settle(vm_id)
-                    release()  # the PENDING record counts from here
-
-                options = RunOptions(
-                    tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
-                    egress=egress,
-                    on_record=recorded,
-                )  # fmt: skip
-                vm = vm_view(await engine.run(image, options))
-                return {**vm, "endpoint": endpoint(daemon.settings, vm["id"])}
-
-        async def existing(vm_id: str) -> dict[str, Any]:
-            return {**vm_view(owned(vm_id, who)), "endpoint": endpoint(daemon.settings, vm_id)}
-
-        return await once.create(who, "vm", body.client_token, body.model_dump(mode="json"), create, existing)
+        vm = await launch(daemon, limits, who, body)
+        return {**vm_view(vm), "endpoint": endpoint(daemon.settings, vm.id)}
 
     @app.get("/v1/vms", response_model=list[Vm])
     async def list_vms(
@@ -339,9 +360,7 @@ def add_vm_routes(app: FastAPI, daemon: Daemon, limits: Limits) -> None:
 
     @app.post("/v1/vms/{vm_id}/suspend", response_model=Suspended, responses=errors(409, 503, 507), **UNSET)
     async def suspend_vm(vm: VmRecord = Depends(owned_vm)) -> dict[str, Any]:
-        # a suspend writes at most the guest's memory (its disk's changes are on disk already)
-        asks = [Ask(Quota.SUSPENDED_VMS, 1), Ask(Quota.STORAGE_BYTES, vm.machine.memory_mib << 20)]
-        async with limits.admit(vm.tenant, asks, Operation.SUSPEND):
+        async with limits.admit(vm.tenant, suspend_asks(vm), Operation.SUSPEND):
             t = await engine.suspend(vm.id)
         view = vm_view(engine.get(vm.id))
         return {**view, "elapsed_ms": round(t.total_ms, 1), "phases_ms": t.phases_ms, "snapshot_bytes": t.bytes_written}

@@ -3,7 +3,23 @@ carries ``message`` (and the shape's other members). Ember's own errors map onto
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, ClassVar
+
+from ember.errors import (
+    Conflict,
+    EmberError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    ResourceExhausted,
+    StaleSnapshot,
+    TooManyRequests,
+    Unauthorized,
+    log_with_id,
+)
 
 
 class AwsError(Exception):
@@ -57,3 +73,44 @@ class InternalServerException(AwsError):
 class InsufficientCapacityException(AwsError):
     code = "InsufficientCapacityException"
     status = 500
+
+
+def from_ember(exc: BaseException) -> AwsError:
+    """The AWS error an exception answers as. Ember's own errors keep their message (written for the
+    client); anything else is an InternalServerException that says only the id its details were logged under."""
+    if isinstance(exc, AwsError):
+        return exc
+    if isinstance(exc, EmberError):
+        message = str(exc)
+        if isinstance(exc, NotFound):
+            return ResourceNotFoundException(message)
+        if isinstance(exc, Conflict | StaleSnapshot):
+            return ConflictException(message)
+        if isinstance(exc, QuotaExceeded):
+            return ServiceQuotaExceededException(message, serviceCode="lambda", quotaCode=exc.quota)
+        if isinstance(exc, TooManyRequests):
+            throttled = ThrottlingException(message, serviceCode="lambda")
+            throttled.retry_after = exc.retry_after
+            return throttled
+        if isinstance(exc, InvalidRequest):
+            return ValidationException(message)
+        if isinstance(exc, Unauthorized | Forbidden):
+            return AccessDeniedException(message)
+        if isinstance(exc, ResourceExhausted):
+            return InsufficientCapacityException(message)
+        return InternalServerException(message)
+    error_id = log_with_id("internal error in the AWS API", exc=exc)
+    return InternalServerException(f"internal error; the daemon log has the details under id {error_id}")
+
+
+def render(exc: AwsError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The HTTP answer of ``exc`` as botocore's rest-json parser reads it: status, headers, body."""
+    body = json.dumps({"message": exc.message, **exc.members}).encode()
+    headers = [
+        (b"x-amzn-errortype", exc.code.encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    return exc.status, headers, body

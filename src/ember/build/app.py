@@ -16,13 +16,13 @@ import contextlib
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ember.agent import AgentConnection, ExecRequest, ExecResult
 from ember.build.dockerfile import ImageConfig
 from ember.config import Settings
 from ember.errors import AgentUnavailable, BuildFailed, GuestError
-from ember.hooks import Hook, HookConfig, Outcome, hook_config, poll
+from ember.hooks import EMBER_PREFIX, Hook, HookConfig, Outcome, hook_config, poll
 from ember.hooks import call as call_hook
 
 PROBE_INTERVAL_S = 0.25
@@ -46,25 +46,32 @@ class Readiness:
     kind: ReadyKind
     argv: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
+    # the ready hook's path prefix (ember.hooks); out of repr, which keys the snapshot cache, so images built
+    # before it keep their keys (an AWS image's repo only ever has AWS's prefix)
+    prefix: str = field(default=EMBER_PREFIX, repr=False)
 
     def describe(self) -> str:
         if self.kind in (ReadyKind.CMD, ReadyKind.HEALTHCHECK):
             return f"{self.kind.value} {' '.join(self.argv)[:100]!r} exits 0"
         if self.kind is ReadyKind.HTTP:
-            return f"POST /ember/v1/ready on port {self.ports[0]} answers 2xx"
+            return f"POST {self.prefix}ready on port {self.ports[0]} answers 2xx"
         if self.kind is ReadyKind.TCP:
             return f"port(s) {', '.join(map(str, self.ports))} accept connections"
         return "the app has started"
 
 
-def choose(config: ImageConfig, ready_cmd: tuple[str, ...]) -> Readiness:
+def choose(config: ImageConfig, ready_cmd: tuple[str, ...], hooks: HookConfig | None = None) -> Readiness:
+    """``hooks``: the image's hooks when an API gave them (the AWS API's: they replace its hook LABELs, and
+    an enabled ready hook comes before its HEALTHCHECK, as on AWS)."""
     if ready_cmd:
         return Readiness(ReadyKind.CMD, ready_cmd)
+    if hooks is not None and hooks.has(Hook.READY):
+        return Readiness(ReadyKind.HTTP, ports=(hooks.port,), prefix=hooks.prefix)
     if config.healthcheck is not None and config.healthcheck.argv:
         return Readiness(ReadyKind.HEALTHCHECK, config.healthcheck.argv)
-    hooks = hook_config(dict(config.labels))
+    hooks = hook_config(dict(config.labels)) if hooks is None else None
     if hooks is not None and hooks.has(Hook.READY):
-        return Readiness(ReadyKind.HTTP, ports=(hooks.port,))
+        return Readiness(ReadyKind.HTTP, ports=(hooks.port,), prefix=hooks.prefix)
     tcp = tuple(int(p.split("/")[0]) for p in config.exposed if p.endswith("/tcp"))
     if tcp:
         return Readiness(ReadyKind.TCP, ports=tcp)
@@ -187,7 +194,7 @@ async def _probe(agent: AgentConnection, readiness: Readiness, config: ImageConf
                 tail = (tail + item[1].decode(errors="replace"))[-400:]
             return False, "no exit status"
         if readiness.kind is ReadyKind.HTTP:
-            done = await call_hook(agent, Hook.READY, readiness.ports[0], READY_CALL_TIMEOUT_S)
+            done = await call_hook(agent, Hook.READY, readiness.ports[0], READY_CALL_TIMEOUT_S, prefix=readiness.prefix)
             if done.outcome is Outcome.ERROR:
                 raise AgentUnavailable(done.detail)
             return done.ok, done.describe()
@@ -207,7 +214,7 @@ async def validate(
     seconds it took. Anything but a 2xx fails the build with the answer and the app's last output."""
     timeout = hooks.timeout_s(Hook.VALIDATE, settings.validate_timeout_s)
     say(f"calling the validate hook on port {hooks.port} (timeout {timeout:.0f} s)")
-    done = await poll(agent, Hook.VALIDATE, hooks.port, timeout)
+    done = await poll(agent, Hook.VALIDATE, hooks.port, timeout, prefix=hooks.prefix)
     if done.outcome is Outcome.ERROR:
         raise AgentUnavailable(done.detail)
     if not done.ok:

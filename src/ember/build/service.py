@@ -47,7 +47,7 @@ from ember.build.unpack import remove_tree
 from ember.config import Settings
 from ember.db.store import Store
 from ember.errors import BuildFailed, EmberError, InvalidRequest, NameTaken, log_with_id
-from ember.hooks import Hook, hook_config
+from ember.hooks import Hook, HookConfig, hook_config
 from ember.imagecfg import ImageDefaults
 from ember.images import RESERVED_NAMES, ImageStore
 from ember.metrics import build_finished
@@ -73,6 +73,9 @@ class BuildRequest:
     options: BuildOptions = field(default_factory=BuildOptions)
     ready_cmd: tuple[str, ...] = ()
     ready_timeout_s: float = 120.0
+    hooks: HookConfig | None = None  # the AWS API's hooks: they replace the image's hook LABELs (ember.hooks)
+    env: tuple[tuple[str, str], ...] = ()  # set over the Dockerfile's ENV (the AWS API's environmentVariables)
+    version: int = 0  # the version's number (the AWS API never reuses one); 0: the repo's next
 
 
 def check_ready_timeout(seconds: float) -> None:
@@ -266,7 +269,7 @@ class BuildService:
         )  # its descriptor is closed when it goes
         dockerfile = parse(ctx.dockerfile_text(), dict(req.options.build_args))  # bad input fails before any record
         async with self._names:
-            version = self.store.next_version(repo)
+            version = req.version or self.store.next_version(repo)
             name = f"{repo}:{tag or version}"
             if self.store.get_build(name) is not None or self.store.get_image(name) is not None:
                 shown = names.public(name)
@@ -333,8 +336,13 @@ class BuildService:
                           lease_uid=self.uids.lease, templates=self.templates)  # fmt: skip
         built = await builder.build(dockerfile, ctx, req.options)
         config = built.layer.config
-        readiness = app_mod.choose(config, req.ready_cmd)
-        hooks = hook_config(dict(config.labels))  # a bad hook label fails the build here, naming it
+        if req.env:
+            given = dict(req.env)
+            config = dataclasses.replace(config, env=(*((k, v) for k, v in config.env if k not in given), *req.env))
+        readiness = app_mod.choose(config, req.ready_cmd, req.hooks)
+        # a bad hook label fails the build here, naming it (unless the API gave the hooks)
+        hooks = req.hooks if req.hooks is not None else hook_config(dict(config.labels))
+        recorded = config.to_json() | ({"hooks": req.hooks.to_json()} if req.hooks is not None else {})
         steps = [dataclasses.asdict(s) for s in built.steps]
         timings: dict[str, float] = {}
 
@@ -381,7 +389,7 @@ class BuildService:
         if previous is not None:
             details["snapshot_of"] = previous.name
         return dataclasses.replace(
-            record, state=BuildState.CREATED, config=json.dumps(config.to_json()), steps=json.dumps(details),
+            record, state=BuildState.CREATED, config=json.dumps(recorded), steps=json.dumps(details),
             finished_at=utcnow(), disk_bytes=image.disk_bytes, memory_bytes=image.memory_bytes,
         )  # fmt: skip
 

@@ -96,6 +96,7 @@ vms = Table(
     Column("suspended_at", String(32), nullable=False),
     Column("suspended_s", Float, nullable=False),
     Column("egress", Text, nullable=False, server_default='{"mode": "none", "allow": []}'),  # JSON: ember.network
+    Column("aws", Text, nullable=False, server_default="{}"),  # JSON: a VM run through the AWS API (ember.aws)
 )
 
 events = Table(
@@ -158,4 +159,35 @@ storage_usage = Table(
     Column("hour", String(13), primary_key=True),  # YYYY-MM-DDTHH (UTC)
     Column("image_byte_seconds", Float, nullable=False),
     Column("snapshot_byte_seconds", Float, nullable=False),
+)
+
+# Images created through the AWS Lambda MicroVMs API (ember.aws.images): each is an Ember image repo of its
+# tenant (``repo``, internal: ember.tenancy.names), with what that API must show back. ``deleted_at`` marks a
+# deleted one (its repo is gone), so that deleting it again succeeds, as the API says.
+aws_images = Table(
+    "aws_images",
+    metadata,
+    Column("tenant", String(63), primary_key=True),
+    Column("name", String(64), primary_key=True),  # the AWS name: [A-Za-z0-9_-]{1,64}, case-sensitive
+    Column("repo", String, nullable=False, unique=True),
+    Column("tags", Text, nullable=False),  # JSON object
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    Column("deleted_at", String(32), nullable=False),  # "": live
+)
+
+# Their versions: one build each (the Ember build ``repo:version``), the request that made it and its status.
+aws_image_versions = Table(
+    "aws_image_versions",
+    metadata,
+    Column("tenant", String(63), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("build_id", String(40), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),  # ACTIVE or INACTIVE (RunMicrovm refuses an INACTIVE one)
+    Column("spec", Text, nullable=False),  # JSON: the create/update request's members (ember.aws.images)
+    Column("error", Text, nullable=False),  # why it failed before its build started (fetching the code), or ""
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    Column("deleted_at", String(32), nullable=False),  # "": live
 )

@@ -61,7 +61,7 @@ def _vm_row(r: VmRecord) -> dict[str, object]:
         "terminated_at": r.terminated_at, "idle_timeout_s": r.idle.idle_timeout_s, "auto_resume": r.idle.auto_resume,
         "suspended_ttl_s": r.idle.suspended_ttl_s, "max_duration_s": r.idle.max_duration_s,
         "max_duration_running_only": r.idle.max_duration_running_only, "suspended_at": r.suspended_at,
-        "suspended_s": r.suspended_s, "egress": r.egress.to_json(),
+        "suspended_s": r.suspended_s, "egress": r.egress.to_json(), "aws": json.dumps(r.aws),
     }  # fmt: skip
 
 
@@ -80,6 +80,7 @@ def _vm(row: RowMapping) -> VmRecord:
         max_duration_running_only=bool(data.pop("max_duration_running_only")),
     )  # fmt: skip
     data["egress"] = EgressPolicy.from_json(data["egress"])
+    data["aws"] = json.loads(data["aws"])
     return VmRecord(**data)
 
 

@@ -119,6 +119,7 @@ enum { T_HOOK_NAME = 60, T_HOOK_BODY, T_HOOK_ANSWER };
 #define HOOK_BODY_MAX (64 * 1024) /* a hook request's body (the host sends at most its run payload limit) */
 #define HOOK_ANSWER_MAX 4096      /* the head of a hook's answer kept for the host: status line, headers, body start */
 #define HOOK_NAME_MAX 32
+#define HOOK_PATH_MAX 128 /* a hook's own path (T_PATH), as the host sends it */
 #define HOOK_TIMEOUT_MAX_MS 3600000ull
 
 enum kind { S_FREE = 0, S_EXEC, S_WRITE, S_READ, S_LIST, S_HOOK, S_LOGWAIT, S_TCP };
@@ -1333,7 +1334,8 @@ static void do_probe(uint32_t stream, const unsigned char *p, size_t n) {
 
 /* ---------- app hooks ---------- */
 
-/* POST /ember/v1/<name> with a body to 127.0.0.1:<port>, without ever blocking the loop: a
+/* POST /ember/v1/<name> (or the T_PATH it is given: images of the AWS API use
+ * /aws/lambda-microvms/runtime/v1/<name>) with a body to 127.0.0.1:<port>, without ever blocking the loop: a
  * non-blocking socket driven by serve() (pump_hook) until the answer ends (EOF, its
  * Content-Length, or HOOK_ANSWER_MAX bytes kept) or the deadline passes. The host gets the
  * answer's first HOOK_ANSWER_MAX bytes raw (it parses and bounds them) or an error
@@ -1342,21 +1344,34 @@ static int hook_room(void) { return connected && out_free() >= HOOK_ANSWER_MAX +
 
 static void do_hook(uint32_t stream, const unsigned char *p, size_t n) {
     uint64_t port_no = tlv_u(p, n, T_PORT, 0), timeout = tlv_u(p, n, T_TIMEOUT_MS, 0);
-    const unsigned char *name = NULL, *body = NULL;
+    const unsigned char *name = NULL, *body = NULL, *path = NULL;
     long name_len = tlv_get(p, n, T_HOOK_NAME, 0, &name), body_len = tlv_get(p, n, T_HOOK_BODY, 0, &body);
+    long path_len = tlv_get(p, n, T_PATH, 0, &path);
     struct sess *s;
     if (port_no == 0 || port_no > 65535) { reply_err(stream, EINVAL, "a hook needs a port 1-65535"); return; }
     if (timeout == 0 || timeout > HOOK_TIMEOUT_MAX_MS) { reply_err(stream, EINVAL, "a hook needs a timeout of 1 ms to 1 hour"); return; }
     if (name_len < 1 || name_len > HOOK_NAME_MAX) { reply_err(stream, EINVAL, "a hook needs a name of 1-%d letters", HOOK_NAME_MAX); return; }
     for (long i = 0; i < name_len; i++)
         if (name[i] < 'a' || name[i] > 'z') { reply_err(stream, EINVAL, "a hook name is lowercase letters"); return; }
+    if (path_len >= 0) { /* a path of its own: '/' then letters, digits, '/', '-', '_', '.' */
+        if (path_len < 2 || path_len > HOOK_PATH_MAX || path[0] != '/') {
+            reply_err(stream, EINVAL, "a hook path is '/' and at most %d characters", HOOK_PATH_MAX); return;
+        }
+        for (long i = 0; i < path_len; i++) {
+            unsigned char c = path[i];
+            if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || (c && strchr("/-_.", c)))) {
+                reply_err(stream, EINVAL, "a hook path holds letters, digits, '/', '-', '_' or '.'"); return;
+            }
+        }
+    }
     if (body_len < 0) body_len = 0;
     if (body_len > HOOK_BODY_MAX) { reply_err(stream, E2BIG, "a hook body is at most %d bytes", HOOK_BODY_MAX); return; }
     if (!(s = sess_new(stream, S_HOOK))) { reply_err(stream, EBUSY, "too many concurrent sessions or stream reused"); return; }
-    char head[256];
+    char head[512]; /* the longest head (HOOK_PATH_MAX, a 20-digit length) is well under it */
     int hl = snprintf(head, sizeof head,
-                      "POST /ember/v1/%.*s HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n"
-                      "Content-Length: %ld\r\nConnection: close\r\n\r\n", (int)name_len, (const char *)name, body_len);
+                      "POST %s%.*s HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n"
+                      "Content-Length: %ld\r\nConnection: close\r\n\r\n", path_len >= 0 ? "" : "/ember/v1/",
+                      (int)(path_len >= 0 ? path_len : name_len), (const char *)(path_len >= 0 ? path : name), body_len);
     s->req = malloc((size_t)hl + (size_t)body_len);
     s->ans = malloc(HOOK_ANSWER_MAX + 1);
     if (!s->req || !s->ans) { reply_err(stream, ENOMEM, "out of memory for a hook"); sess_free(s); return; }

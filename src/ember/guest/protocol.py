@@ -93,7 +93,7 @@ class Msg(enum.IntEnum):
     TCP_SEND = 17  # bytes for the relay's socket (within the agent's credit)
     TCP_SHUT = 18  # the host's half-close: shutdown(SHUT_WR) once the bytes before it are written
     TCP_CREDIT = 19  # SIZE more bytes the agent may send from the socket
-    HOOK = 30  # POST /ember/v1/<HOOK_NAME> with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
+    HOOK = 30  # POST /ember/v1/<HOOK_NAME> (or PATH) with HOOK_BODY to the guest's 127.0.0.1:PORT within TIMEOUT_MS
     # guest -> host
     HELLO_ACK = 64
     OK = 65

@@ -29,6 +29,9 @@ from ember.errors import VmmError, logged
 
 log = logging.getLogger(__name__)
 
+# A QMP command's answer: QEMU answers in milliseconds, but a VMM that is stuck (or a guest escaped into it)
+# may never; every caller, recovery at the daemon's start-up first, must get an error rather than wait forever.
+QMP_TIMEOUT_S = 30.0
 MAX_BANDWIDTH = 100 * 1024**3  # the default throttle made snapshots 4x slower
 
 
@@ -209,7 +212,9 @@ class QemuVmm:
 
     async def _cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         try:
-            return await self._qmp.execute(name, args)
+            return await asyncio.wait_for(self._qmp.execute(name, args), QMP_TIMEOUT_S)
+        except TimeoutError:
+            raise VmmError(f"QEMU {self.pid} did not answer QMP {name} within {QMP_TIMEOUT_S:.0f} s") from None
         except (QMPError, OSError, EOFError) as exc:
             raise VmmError(logged(f"QMP {name} failed", repr(exc))) from exc
 

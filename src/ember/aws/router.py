@@ -1,0 +1,155 @@
+"""The AWS Lambda MicroVMs API's routes: one per operation of the model, at its exact method and requestUri,
+on both of Ember's listeners (left out of Ember's OpenAPI document: the AWS model documents them).
+
+Each request: its body read (the request guard caps it: EMBER_AWS_MAX_BODY_BYTES), its SigV4 signature verified
+(:mod:`ember.aws.sigv4`) with the secret of the key it names, the key's rate limit taken, its input parsed and
+validated against the model (:mod:`ember.aws.model`), the operation's handler called
+(:data:`ember.aws.operations.HANDLERS`) as the key's tenant, and its result written as the output shape. Every
+error is an AWS error (:func:`ember.aws.errors.from_ember`); an unknown path or method under the API's prefixes
+answers UnknownOperationException.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from botocore.model import OperationModel
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from sqlalchemy.exc import DataError
+
+from ember.api.auth import PRINCIPAL, Authenticator
+from ember.aws import images, managed, microvms, tags  # noqa: F401 (register their operations)
+from ember.aws.errors import (
+    AccessDeniedException,
+    AwsError,
+    ThrottlingException,
+    ValidationException,
+    from_ember,
+    render,
+)
+from ember.aws.model import parse_input, render_output, service
+from ember.aws.operations import HANDLERS, Call
+from ember.aws.sigv4 import SignedRequest, parse, signed_at, verify
+from ember.tenancy.principal import CURRENT, DEFAULT_TENANT, Principal
+
+if TYPE_CHECKING:
+    from ember.daemon import Daemon
+
+ACCOUNTS_CACHED = 10_000  # tenants' account ids remembered (they never change)
+
+
+class UnknownOperationException(AwsError):
+    code = "UnknownOperationException"
+    status = 404
+
+
+def error_response(exc: BaseException) -> Response:
+    if isinstance(exc, DataError):  # a value the database refuses (PostgreSQL: a NUL in text)
+        exc = ValidationException("a value in the request cannot be stored (a NUL character, or a number out of range)")
+    status, headers, body = render(from_ember(exc))
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+
+
+class AwsApi:
+    def __init__(self, daemon: Daemon, auth: Authenticator) -> None:
+        self.daemon = daemon
+        self.auth = auth
+        self._accounts: OrderedDict[str, str] = OrderedDict()
+
+    def account(self, tenant: str) -> str:
+        found = self._accounts.get(tenant)
+        if found is None:
+            record = self.daemon.tenants.get_tenant(tenant)
+            if record is None:
+                raise AccessDeniedException("the key's tenant no longer exists")
+            found = self._accounts[tenant] = record.account_id
+            if len(self._accounts) > ACCOUNTS_CACHED:
+                self._accounts.popitem(last=False)
+        return found
+
+    async def authenticate(self, request: Request, body: bytes) -> tuple[Principal, str]:
+        """The principal a signed request acts as (a tenant key's tenant; an admin key's: ``default``), and the
+        region it signed for. AccessDenied or Throttling otherwise."""
+        headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.scope["headers"])
+        signed = SignedRequest(
+            method=request.method, raw_path=request.scope.get("raw_path", request.url.path.encode()).decode("latin-1"),
+            query_string=request.scope["query_string"].decode("latin-1"), headers=headers, body=body,
+        )  # fmt: skip
+        credential = parse(signed)
+        signed_at(signed, credential, now=time.time(), skew_s=self.daemon.settings.aws_clock_skew_s)
+        key = self.auth.signing_key(credential.access_key_id)
+        if key is None:
+            raise AccessDeniedException(
+                "The security token included in the request is invalid: the access key id is unknown or revoked "
+                "(make a key with 'ember key create --tenant NAME')"
+            )
+        try:
+            secret = self.daemon.secrets.open(key.secret_sealed)
+        except ValueError:
+            raise AccessDeniedException(
+                "this key's secret cannot be read (the daemon's secret key file changed): make a new key"
+            ) from None
+        verify(signed, credential, secret)
+        if key.tenant is not None:  # the operator's keys are not rate limited
+            wait = self.auth.limiter.take(key.key_id)
+            if wait > 0:
+                throttled = ThrottlingException(f"Rate exceeded: too many requests for this key; retry in {wait:.1f} s")
+                throttled.retry_after = wait
+                raise throttled
+        return Principal(key.tenant or DEFAULT_TENANT, admin=False, key_id=key.key_id), credential.region
+
+    async def serve(self, operation: OperationModel, request: Request) -> Response:
+        try:
+            body = await request.body()
+            who, region = await self.authenticate(request, body)
+        except Exception as exc:
+            return error_response(exc)
+        request.scope[PRINCIPAL] = who
+        acting = CURRENT.set(who)  # the events the call causes name the key as their actor
+        try:
+            params = parse_input(operation, request.path_params, request.scope["query_string"].decode("latin-1"), body)
+            handler = HANDLERS.get(operation.name)
+            if handler is None:
+                raise ValidationException(f"{operation.name} is not served by this Ember")
+            call = Call(operation.name, params, who, region, self.account(who.tenant))
+            result = await handler(self.daemon, call)
+            out = render_output(operation, result)
+        except Exception as exc:
+            return error_response(exc)
+        finally:
+            CURRENT.reset(acting)
+        status = int(operation.http.get("responseCode", 200))
+        return Response(out, status_code=status, media_type="application/json" if out else None)
+
+
+def _endpoint(api: AwsApi, operation: OperationModel) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await api.serve(operation, request)
+
+    return endpoint
+
+
+def add_aws_routes(app: FastAPI, daemon: Daemon, auth: Authenticator) -> None:
+    api = AwsApi(daemon, auth)
+    model = service()
+    for name in model.operation_names:
+        operation = model.operation_model(name)
+        app.add_api_route(
+            operation.http["requestUri"], _endpoint(api, operation), methods=[operation.http["method"]],
+            include_in_schema=False, name=f"aws-{name}",
+        )  # fmt: skip
+
+    async def unknown(request: Request) -> Response:
+        return error_response(
+            UnknownOperationException(
+                f"no operation of the Lambda MicroVMs API is {request.method} {request.url.path[:200]}"
+            )
+        )
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+    for prefix in ("/2025-09-09", "/2017-03-31"):  # after every operation: any other path or method under them
+        app.add_api_route(prefix + "/{rest:path}", unknown, methods=methods, include_in_schema=False)
