@@ -52,8 +52,11 @@ async def refused(settings: Settings, data: bytes, words: str, **overrides: Any)
     return message
 
 
-async def test_a_zip_unpacks_into_a_build_context(settings: Settings) -> None:
-    into = await fetch(settings, good_zip())
+async def test_a_zip_unpacks_into_a_build_context(settings: Settings, root: Path) -> None:
+    (root / "code.zip").write_bytes(good_zip())
+    into = root.parent / "new" / "context"  # made if missing (its parent must exist)
+    into.parent.mkdir()
+    await fetch_context(f"file://{root}/code.zip", into=into, settings=settings)
     assert (into / "Dockerfile").read_bytes() == DOCKERFILE
     assert (into / "app.py").read_bytes() == b"print(42)\n"
     assert stat.S_IMODE(os.stat(into / "lib/run.sh").st_mode) == 0o755

@@ -49,10 +49,11 @@ class HostFile:
 
 
 async def fetch_context(uri: str, *, into: Path, settings: Settings) -> None:
-    """Fetch the zip ``uri`` names and unpack it into the existing empty directory ``into`` (a build context
-    with a Dockerfile at its root). Raises ValidationException (a bad URI, not a zip, a hostile zip, no
-    Dockerfile), ResourceNotFoundException (no such object or file) or InternalServerException (the store
-    failed or took longer than EMBER_S3_TIMEOUT); ``into`` is left empty when it raises."""
+    """Fetch the zip ``uri`` names and unpack it into the empty directory ``into`` (made if missing; its parent
+    must exist): a build context with a Dockerfile at its root. Raises ValidationException (a bad URI, not a
+    zip, a hostile zip, no Dockerfile), ResourceNotFoundException (no such object or file) or
+    InternalServerException (the store failed or took longer than EMBER_S3_TIMEOUT); ``into`` is left empty
+    when it raises."""
     source = parse_uri(uri, settings)
     await asyncio.to_thread(_fetch, source, uri, into, settings)
 
@@ -100,6 +101,7 @@ def _host_file(rest: str, settings: Settings) -> HostFile:
 
 
 def _fetch(source: S3Object | HostFile, uri: str, into: Path, settings: Settings) -> None:
+    into.mkdir(mode=0o755, exist_ok=True)
     with tempfile.TemporaryFile(dir=into.parent) as spool:
         if isinstance(source, S3Object):
             _download(source, uri, spool, settings)
