@@ -367,10 +367,12 @@ class BuildService:
                 if key.endswith("_ms"):
                     timings[key.removesuffix("_ms") + "_s"] = value / 1000
 
-        # the same disk, config, readiness and app log size as an earlier version: its snapshot is this
-        # build's result (an image from before app logs has none: its key differs)
+        # the same disk, config, readiness, app log size and hooks the API gave as an earlier version: its
+        # snapshot is this build's result (an image from before app logs has none: its key differs; one whose
+        # hooks the API changed must run them, e.g. validate)
         log_size = {"app_log_bytes": self.settings.app_log_bytes}
-        key = step_key(built.layer.key, config.to_json(), repr(readiness), log_size)
+        api_hooks = (req.hooks.to_json(),) if req.hooks is not None else ()  # (LABELs' hooks: in the config)
+        key = step_key(built.layer.key, config.to_json(), repr(readiness), log_size, *api_hooks)
         previous = None if req.options.no_cache else self._reusable(record.repo, key)
         if previous is not None:
             shown = names.public(previous.name)
