@@ -733,6 +733,7 @@ class Engine:
                 self.store.delete_image(image.name)
                 await asyncio.to_thread(shutil.rmtree, self.images.dir(image), True)
             self.store.delete_build(each)
+            self.hooks.forget(each)
         return names
 
     def warm_up(self, image: ImageRecord) -> None:

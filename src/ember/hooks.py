@@ -270,7 +270,7 @@ class AppHooks:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self._configs: dict[str, HookConfig | None] = {}  # image name -> its hooks (an image never changes)
+        self._configs: dict[str, HookConfig | None] = {}  # image name -> its hooks (until the image is removed)
 
     def config(self, image: str) -> HookConfig | None:
         if image not in self._configs:
@@ -286,6 +286,11 @@ class AppHooks:
                 log.warning("image %s: its hooks are ignored: %s", image, exc)
                 self._configs[image] = None
         return self._configs[image]
+
+    def forget(self, image: str) -> None:
+        """The image ``image`` is removed: a later image of that name (a version number given again through
+        Ember's own API) has hooks of its own."""
+        self._configs.pop(image, None)
 
     def timeout_s(self, config: HookConfig, hook: Hook) -> float:
         default = self.settings.validate_timeout_s if hook is Hook.VALIDATE else self.settings.hook_timeout_s
