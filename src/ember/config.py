@@ -184,8 +184,11 @@ class Settings:
     s3_region: str = _env("EMBER_S3_REGION", "us-east-1")
     s3_timeout_s: float = _env("EMBER_S3_TIMEOUT", 300.0)
     # The host directory under which file:// code artifacts may be read (every component opened without following
-    # a symlink); empty = file:// refused. Any tenant may name any file under it.
+    # a symlink); empty = file:// refused. Which part of it (and of the store) a tenant may name: the next one.
     aws_file_artifact_root: str = _env("EMBER_AWS_FILE_ARTIFACT_ROOT", "")
+    # "account": a tenant's code artifacts are s3://BUCKET/<its account id>/... and <root>/<its account id>/...
+    # only; "shared" (one tenant, or tenants who trust each other): any object of the store, any file under the root.
+    aws_artifact_scope: str = _env("EMBER_AWS_ARTIFACT_SCOPE", "account")
     # A code artifact zip's most entries, and the most one entry may expand its compressed bytes (entries under
     # 1 MiB excepted); its total unpacked bytes are capped by EMBER_MAX_BUILD_CONTEXT_BYTES, its depth by
     # EMBER_TAR_MAX_DEPTH, one file by EMBER_TAR_MAX_FILE_BYTES.

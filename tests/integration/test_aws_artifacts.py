@@ -2,7 +2,7 @@
 
 No VM and no daemon: these run outside the VM lock. The zips' own checks are unit-tested through file://
 (tests/unit/test_aws_artifacts.py); here, what only a real store shows: signatures, missing objects and buckets,
-sizes, deadlines, and hostile zips arriving through s3:// too."""
+sizes, deadlines, each tenant's scope, and hostile zips arriving through s3:// too."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from tests.zips import DOCKER, DOCKERFILE, HOSTILE, Raw, good_zip, raw_zip
 
 pytestmark = pytest.mark.store_agnostic  # no database: the SQLite pass runs them once
 
+ACCOUNT = "123456789012"  # the tenant's: its objects' keys start with "123456789012/"
+OTHER = "210987654321"
+
 
 @pytest.fixture
 def settings(s3_store: S3Store, tmp_path: Path) -> Settings:
@@ -32,8 +35,8 @@ def bucket(s3_store: S3Store) -> str:
     return s3_store.bucket("code")
 
 
-def upload(s3_store: S3Store, bucket: str, data: bytes) -> str:
-    key = f"apps/{secrets.token_hex(4)}/code.zip"
+def upload(s3_store: S3Store, bucket: str, data: bytes, account: str = ACCOUNT) -> str:
+    key = f"{account}/apps/{secrets.token_hex(4)}/code.zip"
     s3_store.client().put_object(Bucket=bucket, Key=key, Body=data)
     return f"s3://{bucket}/{key}"
 
@@ -41,7 +44,7 @@ def upload(s3_store: S3Store, bucket: str, data: bytes) -> str:
 async def fetch(settings: Settings, uri: str) -> Path:
     into = settings.data_dir / "context"
     into.mkdir(exist_ok=True)
-    await fetch_context(uri, into=into, settings=settings)
+    await fetch_context(uri, into=into, settings=settings, account=ACCOUNT)
     return into
 
 
@@ -52,9 +55,28 @@ async def test_a_zip_from_the_store_becomes_a_build_context(s3_store: S3Store, b
 
 
 async def test_missing_objects_and_buckets_are_not_found(s3_store: S3Store, bucket: str, settings: Settings) -> None:
-    for uri in (f"s3://{bucket}/no/such.zip", "s3://no-such-bucket/code.zip"):
+    for uri in (f"s3://{bucket}/{ACCOUNT}/no/such.zip", f"s3://no-such-bucket/{ACCOUNT}/code.zip"):
         with pytest.raises(ResourceNotFoundException, match="upload it there first"):
             await fetch(settings, uri)
+
+
+async def test_another_accounts_object_answers_exactly_like_a_missing_one(
+    s3_store: S3Store, bucket: str, settings: Settings
+) -> None:
+    theirs = upload(s3_store, bucket, good_zip(), account=OTHER)
+    key = theirs.removeprefix(f"s3://{bucket}/{OTHER}/")
+    s3_store.client().put_object(Bucket=bucket, Key=key, Body=good_zip())  # outside every account's folder
+    mine_missing = f"s3://{bucket}/{ACCOUNT}/{key}"
+    answers = []
+    for uri in (mine_missing, theirs, f"s3://{bucket}/{key}"):
+        with pytest.raises(ResourceNotFoundException) as caught:
+            await fetch(settings, uri)
+        answers.append(caught.value.message.replace(uri, "URI"))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0].endswith(f"this account's code artifacts go under s3://{bucket}/{ACCOUNT}/")
+    shared = dataclasses.replace(settings, aws_artifact_scope="shared")  # one tenant: the whole store is its
+    await fetch(shared, theirs)
+    assert (settings.data_dir / "context" / "Dockerfile").read_bytes() == DOCKERFILE
 
 
 async def test_bad_credentials_are_refused_without_showing_them(
@@ -96,7 +118,7 @@ async def test_a_store_that_does_not_answer_is_a_server_error(settings: Settings
     (port,) = _free_ports(1)
     down = dataclasses.replace(settings, s3_endpoint=f"http://127.0.0.1:{port}")
     with pytest.raises(InternalServerException, match="did not answer") as caught:
-        await fetch(down, "s3://code/app.zip")
+        await fetch(down, f"s3://code/{ACCOUNT}/app.zip")
     assert str(port) not in caught.value.message  # the store's address is the operator's business
 
 

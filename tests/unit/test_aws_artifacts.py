@@ -1,4 +1,5 @@
-"""Code artifacts through file://: URIs, the confined host-file open, and every hostile zip refused.
+"""Code artifacts through file://: URIs, the confined host-file open, each tenant's scope, and every hostile zip
+refused.
 
 The same zips through s3:// against a real object store: tests/integration/test_aws_artifacts.py."""
 
@@ -15,16 +16,25 @@ from typing import Any
 import pytest
 
 from ember.aws.artifacts import fetch_context
-from ember.aws.errors import ResourceNotFoundException, ValidationException
+from ember.aws.errors import InternalServerException, ResourceNotFoundException, ValidationException
+from ember.build.unpack import remove_tree
 from ember.config import Settings
 from tests.zips import DOCKER, DOCKERFILE, HOSTILE, Raw, good_zip, raw_zip
+
+ACCOUNT = "123456789012"  # the tenant's: its file:// artifacts lie in <root>/123456789012/
+OTHER = "210987654321"
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     path = tmp_path / "artifacts"
-    path.mkdir()
+    (path / ACCOUNT).mkdir(parents=True)
     return path
+
+
+@pytest.fixture
+def home(root: Path) -> Path:
+    return root / ACCOUNT
 
 
 @pytest.fixture
@@ -35,10 +45,11 @@ def settings(tmp_path: Path, root: Path) -> Settings:
 
 async def fetch(settings: Settings, data: bytes, **overrides: Any) -> Path:
     root = Path(settings.aws_file_artifact_root)
-    (root / "code.zip").write_bytes(data)
+    (root / ACCOUNT / "code.zip").write_bytes(data)
     into = root.parent / "context"
     into.mkdir(exist_ok=True)
-    await fetch_context(f"file://{root}/code.zip", into=into, settings=dataclasses.replace(settings, **overrides))
+    await fetch_context(f"file://{root}/{ACCOUNT}/code.zip", into=into, account=ACCOUNT,
+                        settings=dataclasses.replace(settings, **overrides))  # fmt: skip
     return into
 
 
@@ -52,11 +63,11 @@ async def refused(settings: Settings, data: bytes, words: str, **overrides: Any)
     return message
 
 
-async def test_a_zip_unpacks_into_a_build_context(settings: Settings, root: Path) -> None:
-    (root / "code.zip").write_bytes(good_zip())
-    into = root.parent / "new" / "context"  # made if missing (its parent must exist)
+async def test_a_zip_unpacks_into_a_build_context(settings: Settings, home: Path) -> None:
+    (home / "code.zip").write_bytes(good_zip())
+    into = home.parent.parent / "new" / "context"  # made if missing (its parent must exist)
     into.parent.mkdir()
-    await fetch_context(f"file://{root}/code.zip", into=into, settings=settings)
+    await fetch_context(f"file://{home}/code.zip", into=into, settings=settings, account=ACCOUNT)
     assert (into / "Dockerfile").read_bytes() == DOCKERFILE
     assert (into / "app.py").read_bytes() == b"print(42)\n"
     assert stat.S_IMODE(os.stat(into / "lib/run.sh").st_mode) == 0o755
@@ -104,21 +115,25 @@ async def test_an_artifact_larger_than_the_context_limit_is_refused(settings: Se
         ("ftp://host/code.zip", "neither s3:// nor file://"),
         ("code.zip", "neither s3:// nor file://"),
         ("file:///etc/shadow", "under the directory"),
+        ("s3://bucket/123456789012/../210987654321/k.zip", "plain"),
+        ("s3://bucket/123456789012//k.zip", "plain"),
         ("file://evil.example/x.zip", "file:///PATH"),
         ("file:///a/../b.zip", "plain"),
-        ("s3://bucket/key.zip", "no object store"),
+        ("s3://bucket/123456789012/key.zip", "no object store"),
         ("file:///with space.zip", "without spaces"),
     ],
 )
 async def test_bad_uris_are_refused(settings: Settings, uri: str, words: str, tmp_path: Path) -> None:
+    if words != "no object store":  # (a store nothing answers for: each is refused before it is asked)
+        settings = dataclasses.replace(settings, s3_endpoint="http://127.0.0.1:1")
     with pytest.raises(ValidationException, match=words):
-        await fetch_context(uri, into=tmp_path, settings=settings)
+        await fetch_context(uri, into=tmp_path, settings=settings, account=ACCOUNT)
 
 
-async def test_file_uris_are_off_unless_the_operator_sets_a_root(settings: Settings, root: Path) -> None:
-    (root / "code.zip").write_bytes(good_zip())
+async def test_file_uris_are_off_unless_the_operator_sets_a_root(settings: Settings, home: Path) -> None:
+    (home / "code.zip").write_bytes(good_zip())
     with pytest.raises(ValidationException, match="EMBER_AWS_FILE_ARTIFACT_ROOT"):
-        await fetch_context(f"file://{root}/code.zip", into=root.parent,
+        await fetch_context(f"file://{home}/code.zip", into=home.parent, account=ACCOUNT,
                             settings=dataclasses.replace(settings, aws_file_artifact_root=""))  # fmt: skip
 
 
@@ -126,37 +141,94 @@ async def test_s3_buckets_and_keys_are_checked(settings: Settings, tmp_path: Pat
     configured = dataclasses.replace(settings, s3_endpoint="http://127.0.0.1:1")
     for uri in ("s3://UPPER/key", "s3://a/key", "s3://bucket", "s3://bucket/", "s3://b..c/key"):
         with pytest.raises(ValidationException, match=r"bucket name|must name an object"):
-            await fetch_context(uri, into=tmp_path, settings=configured)
+            await fetch_context(uri, into=tmp_path, settings=configured, account=ACCOUNT)
 
 
-async def test_a_missing_file_is_not_found(settings: Settings, root: Path) -> None:
+async def test_a_missing_file_is_not_found(settings: Settings, home: Path) -> None:
     for rel in ("nope.zip", "nodir/x.zip"):
         with pytest.raises(ResourceNotFoundException):
-            await fetch_context(f"file://{root}/{rel}", into=root.parent, settings=settings)
+            await fetch_context(f"file://{home}/{rel}", into=home.parent, settings=settings, account=ACCOUNT)
+
+
+# ---- each tenant's scope (EMBER_AWS_ARTIFACT_SCOPE) ----------------------------------------------------
+
+
+async def not_found(settings: Settings, uri: str, into: Path) -> str:
+    with pytest.raises(ResourceNotFoundException) as caught:
+        await fetch_context(uri, into=into, settings=settings, account=ACCOUNT)
+    assert os.listdir(into) == []
+    return caught.value.message
+
+
+async def test_another_accounts_files_answer_exactly_like_missing_ones(
+    settings: Settings, root: Path, tmp_path: Path
+) -> None:
+    (root / OTHER).mkdir()
+    for path in (root / OTHER / "code.zip", root / "code.zip", root / OTHER / ACCOUNT / "code.zip"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(good_zip())  # valid zips, none of them this tenant's
+    into = tmp_path / "context"
+    into.mkdir()
+    missing = await not_found(settings, f"file://{root}/{ACCOUNT}/code.zip", into)
+    assert f"folder {ACCOUNT} of the directory" in missing and str(root) not in missing
+    for path in (f"{OTHER}/code.zip", "code.zip", f"{OTHER}/{ACCOUNT}/code.zip", ACCOUNT):
+        assert await not_found(settings, f"file://{root}/{path}", into) == missing
+    shared = dataclasses.replace(settings, aws_artifact_scope="shared")  # one tenant: the whole root is its
+    for path in (f"{OTHER}/code.zip", "code.zip"):
+        await fetch_context(f"file://{root}/{path}", into=into, settings=shared, account=ACCOUNT)
+        assert (into / "Dockerfile").read_bytes() == DOCKERFILE
+        remove_tree(into)
+
+
+async def test_another_accounts_objects_are_never_asked_of_the_store(settings: Settings, tmp_path: Path) -> None:
+    nobody = dataclasses.replace(settings, s3_endpoint="http://127.0.0.1:1")  # asking it would be a server error
+    into = tmp_path / "context"
+    into.mkdir()
+    for key in (f"{OTHER}/code.zip", "code.zip", f"x/{ACCOUNT}/code.zip", f"{ACCOUNT}0/code.zip", ACCOUNT):
+        message = await not_found(nobody, f"s3://bucket/{key}", into)
+        assert message.endswith(f"this account's code artifacts go under s3://bucket/{ACCOUNT}/"), message
+    shared = dataclasses.replace(nobody, aws_artifact_scope="shared")
+    with pytest.raises(InternalServerException, match="did not answer"):  # asked: any object is the tenant's
+        await fetch_context(f"s3://bucket/{OTHER}/code.zip", into=into, settings=shared, account=ACCOUNT)
+
+
+async def test_an_unknown_scope_refuses_every_artifact(settings: Settings, home: Path) -> None:
+    (home / "code.zip").write_bytes(good_zip())
+    odd = dataclasses.replace(settings, aws_artifact_scope="Account")
+    with pytest.raises(InternalServerException, match="EMBER_AWS_ARTIFACT_SCOPE"):
+        await fetch_context(f"file://{home}/code.zip", into=home.parent / "c", settings=odd, account=ACCOUNT)
+    with pytest.raises(InternalServerException, match="12-digit"):
+        await fetch_context(f"file://{home}/code.zip", into=home.parent / "c", settings=settings, account="")
 
 
 async def link_refused(settings: Settings, uri: str) -> None:
     into = Path(settings.aws_file_artifact_root).parent / "context"
     into.mkdir(exist_ok=True)
     with pytest.raises(ValidationException, match="symbolic link") as caught:
-        await fetch_context(uri, into=into, settings=settings)
+        await fetch_context(uri, into=into, settings=settings, account=ACCOUNT)
     assert "shadow" not in caught.value.message and os.listdir(into) == []
 
 
-async def test_symlinks_under_the_root_are_never_followed(settings: Settings, root: Path, tmp_path: Path) -> None:
+async def test_symlinks_under_the_root_are_never_followed(
+    settings: Settings, root: Path, home: Path, tmp_path: Path
+) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "code.zip").write_bytes(good_zip())  # a valid zip the tenant must not reach
-    (root / "escape.zip").symlink_to(outside / "code.zip")
-    (root / "dir").symlink_to(outside)
-    (root / "inside.zip").symlink_to("escape.zip")  # even one pointing inside the root
-    await link_refused(settings, f"file://{root}/escape.zip")
-    await link_refused(settings, f"file://{root}/dir/code.zip")
-    await link_refused(settings, f"file://{root}/inside.zip")
+    (home / "escape.zip").symlink_to(outside / "code.zip")
+    (home / "dir").symlink_to(outside)
+    (home / "inside.zip").symlink_to("escape.zip")  # even one pointing inside the root
+    await link_refused(settings, f"file://{home}/escape.zip")
+    await link_refused(settings, f"file://{home}/dir/code.zip")
+    await link_refused(settings, f"file://{home}/inside.zip")
+    (root / OTHER).symlink_to(ACCOUNT)  # another account's folder: a link to this one's is still a link
+    with pytest.raises(ResourceNotFoundException):
+        await fetch_context(f"file://{root}/{OTHER}/escape.zip", into=tmp_path, settings=settings, account=ACCOUNT)
+    await link_refused(dataclasses.replace(settings, aws_artifact_scope="shared"), f"file://{root}/{OTHER}/x.zip")
 
 
-async def test_a_fifo_is_refused_without_being_opened(settings: Settings, root: Path) -> None:
-    fifo = root / "pipe.zip"
+async def test_a_fifo_is_refused_without_being_opened(settings: Settings, home: Path) -> None:
+    fifo = home / "pipe.zip"
     os.mkfifo(fifo)
 
     def unblock() -> None:  # were the FIFO opened for reading, this would end the wait (and the test would fail)
@@ -167,6 +239,6 @@ async def test_a_fifo_is_refused_without_being_opened(settings: Settings, root: 
     timer.start()
     try:
         with pytest.raises(ValidationException, match="not a regular file"):
-            await fetch_context(f"file://{root}/pipe.zip", into=root.parent, settings=settings)
+            await fetch_context(f"file://{home}/pipe.zip", into=home.parent, settings=settings, account=ACCOUNT)
     finally:
         timer.cancel()

@@ -16,6 +16,7 @@ from ember.api.builds import build_view
 from ember.api.models import UNSET, ImageItem
 from ember.api.schema import streamed
 from ember.api.streaming import Emit, stream_job
+from ember.aws.images import runnable_version
 from ember.errors import ImageNotFound
 from ember.images import BASE_IMAGE
 from ember.models import BuildRecord, ImageRecord
@@ -42,7 +43,7 @@ def image_view(image: ImageRecord) -> dict[str, Any]:
     }
 
 
-def resolve_image(daemon: Daemon, who: Principal, public: str, version: int | None = None) -> ImageRecord:
+def find_image(daemon: Daemon, who: Principal, public: str, version: int | None = None) -> ImageRecord:
     """The image ``public`` (a repo's newest version, or ``version``) as ``who`` names it."""
     wanted = f"{public}:{version}" if version is not None and ":" not in public else public
     for name in names.candidates(who.tenant, wanted):
@@ -51,6 +52,14 @@ def resolve_image(daemon: Daemon, who: Principal, public: str, version: int | No
         except ImageNotFound:
             continue
     raise ImageNotFound(wanted)
+
+
+def resolve_image(daemon: Daemon, who: Principal, public: str, version: int | None = None) -> ImageRecord:
+    """The image to run for ``public`` (:func:`find_image`): an INACTIVE or deleted version of an image of the AWS
+    API is refused here too (ConflictException, as RunMicrovm does)."""
+    image = find_image(daemon, who, public, version)
+    runnable_version(daemon, image.name)
+    return image
 
 
 def add_image_routes(app: FastAPI, daemon: Daemon) -> None:
@@ -77,7 +86,7 @@ def add_image_routes(app: FastAPI, daemon: Daemon) -> None:
             build = store.get_build(internal)
             if build is not None:
                 return with_build(build)
-        image = resolve_image(daemon, who, name)
+        image = find_image(daemon, who, name)
         build = store.get_build(image.name)
         return with_build(build) if build else {**image_view(image), "state": "CREATED"}
 

@@ -54,7 +54,7 @@ class Limits:
         images = store.list_images((tenant,))
         builds = store.list_builds((tenant,))
         image_bytes = sum(i.disk_bytes + i.memory_bytes for i in images)
-        return {
+        use = {
             Quota.RUNNING_VMS: len(running) + len(failed),
             Quota.RUNNING_VCPUS: sum(v.machine.vcpus for v in running),
             Quota.RUNNING_MEMORY_MIB: sum(v.machine.memory_mib for v in running),
@@ -63,6 +63,9 @@ class Limits:
             Quota.STORAGE_BYTES: image_bytes + sum(self._saved_bytes(v.id) for v in suspended + failed),
             Quota.CONCURRENT_BUILDS: sum(1 for b in builds if b.state is BuildState.BUILDING),
         }
+        for quota, amount in self.gate.held(tenant).items():  # taken by requests not recorded yet
+            use[quota] += amount
+        return use
 
     @asynccontextmanager
     async def admit(

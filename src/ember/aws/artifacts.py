@@ -6,6 +6,11 @@ the daemon's host, only under EMBER_AWS_FILE_ARTIFACT_ROOT, every component belo
 without following a symbolic link (the daemon is root; the path is the tenant's). Either is copied, at most
 EMBER_MAX_BUILD_CONTEXT_BYTES of it, into an unnamed file beside ``into`` (so nobody can change it while it is
 read), then unpacked by :mod:`ember.aws.codezip`. Answers never show a host path or a credential.
+
+**Scope** (EMBER_AWS_ARTIFACT_SCOPE). ``account``, the default: a tenant names only its own artifacts, the
+objects whose key starts with its 12-digit account id and a ``/`` (``s3://BUCKET/123456789012/app.zip``) and the
+files under the folder of that name below the root; anything else answers exactly like a missing object (its
+message says where the tenant's artifacts go). ``shared`` (a single tenant): any object, any file under the root.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ CHUNK = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0  # one socket read; the whole download has EMBER_S3_TIMEOUT
 NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+SCOPES = ("account", "shared")  # EMBER_AWS_ARTIFACT_SCOPE
+ACCOUNT = re.compile(r"[0-9]{12}")
 USAGE = "use s3://BUCKET/KEY.zip (Ember's object store) or file:///PATH.zip (the daemon's host)"
 
 
@@ -41,35 +48,57 @@ USAGE = "use s3://BUCKET/KEY.zip (Ember's object store) or file:///PATH.zip (the
 class S3Object:
     bucket: str
     key: str
+    account: str = ""  # the tenant's account id when its artifacts are scoped to it ("": shared)
 
 
 @dataclass(frozen=True)
 class HostFile:
     parts: tuple[str, ...]  # the components below EMBER_AWS_FILE_ARTIFACT_ROOT
+    account: str = ""  # as S3Object's
 
 
-async def fetch_context(uri: str, *, into: Path, settings: Settings) -> None:
-    """Fetch the zip ``uri`` names and unpack it into the empty directory ``into`` (made if missing; its parent
-    must exist): a build context with a Dockerfile at its root. Raises ValidationException (a bad URI, not a
-    zip, a hostile zip, no Dockerfile), ResourceNotFoundException (no such object or file) or
-    InternalServerException (the store failed or took longer than EMBER_S3_TIMEOUT); ``into`` is left empty
-    when it raises."""
-    source = parse_uri(uri, settings)
+async def fetch_context(uri: str, *, into: Path, settings: Settings, account: str) -> None:
+    """Fetch the zip ``uri`` names for the tenant of the 12-digit ``account`` id and unpack it into the empty
+    directory ``into`` (made if missing; its parent must exist): a build context with a Dockerfile at its root.
+    Raises ValidationException (a bad URI, not a zip, a hostile zip, no Dockerfile), ResourceNotFoundException
+    (no such object or file, or one outside the account's scope) or InternalServerException (the store failed or
+    took longer than EMBER_S3_TIMEOUT); ``into`` is left empty when it raises."""
+    source = parse_uri(uri, settings, account=account)
     await asyncio.to_thread(_fetch, source, uri, into, settings)
 
 
-def parse_uri(uri: str, settings: Settings) -> S3Object | HostFile:
+def parse_uri(uri: str, settings: Settings, *, account: str) -> S3Object | HostFile:
     if len(uri) > MAX_URI or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in uri):
         raise ValidationException(f"codeArtifact.uri must be at most {MAX_URI} characters without spaces: {USAGE}")
+    scope = _scope(settings, account)
     scheme, sep, rest = uri.partition("://")
     if sep and scheme.lower() == "s3":
-        return _s3_object(rest, settings)
+        return _s3_object(rest, uri, settings, scope)
     if sep and scheme.lower() == "file":
-        return _host_file(rest, settings)
+        return _host_file(rest, settings, scope)
     raise ValidationException(f"codeArtifact.uri {uri[:200]!r} is neither s3:// nor file://: {USAGE}")
 
 
-def _s3_object(rest: str, settings: Settings) -> S3Object:
+def _scope(settings: Settings, account: str) -> str:
+    """The account the artifacts are scoped to ("": shared); a setting Ember does not know refuses them all."""
+    if settings.aws_artifact_scope not in SCOPES:
+        raise InternalServerException("this Ember's code artifact scope (EMBER_AWS_ARTIFACT_SCOPE) is not one of "
+                                      f"{', '.join(SCOPES)}: ask the operator to fix it")  # fmt: skip
+    if settings.aws_artifact_scope == "shared":
+        return ""
+    if not ACCOUNT.fullmatch(account):
+        raise InternalServerException("the code artifact's account is not a 12-digit account id")
+    return account
+
+
+def _s3_missing(uri: str, source: S3Object) -> ResourceNotFoundException:
+    """No such object, or (the same answer) one outside the account's scope."""
+    where = f"; this account's code artifacts go under s3://{source.bucket}/{source.account}/" if source.account else ""
+    return ResourceNotFoundException(f"the code artifact {uri[:200]} does not exist in Ember's object store: "
+                                     f"upload it there first (e.g. aws s3 cp){where}")  # fmt: skip
+
+
+def _s3_object(rest: str, uri: str, settings: Settings, account: str) -> S3Object:
     if not settings.s3_endpoint:
         raise ValidationException("this Ember has no object store for s3:// code artifacts (its operator sets "
                                   "EMBER_S3_ENDPOINT): use a file:// URI, or ask the operator")  # fmt: skip
@@ -79,10 +108,16 @@ def _s3_object(rest: str, settings: Settings) -> S3Object:
                                   "lowercase letters, digits, '.' and '-')")  # fmt: skip
     if not key or len(key.encode()) > MAX_KEY:
         raise ValidationException(f"codeArtifact.uri must name an object: s3://{bucket}/KEY (1-{MAX_KEY} bytes)")
-    return S3Object(bucket, key)
+    if any(part in ("", ".", "..") for part in key.split("/")):  # a store may resolve them: never ambiguous
+        raise ValidationException("codeArtifact.uri: an object key here is plain (no '.', '..' or '//' in it, "
+                                  "no '/' at its ends)")  # fmt: skip
+    source = S3Object(bucket, key, account)
+    if account and not key.startswith(f"{account}/"):
+        raise _s3_missing(uri, source)  # never asked of the store: another tenant's objects are not this one's
+    return source
 
 
-def _host_file(rest: str, settings: Settings) -> HostFile:
+def _host_file(rest: str, settings: Settings, account: str) -> HostFile:
     if not settings.aws_file_artifact_root:
         raise ValidationException("file:// code artifacts are off on this Ember (its operator allows them under "
                                   "one directory with EMBER_AWS_FILE_ARTIFACT_ROOT): use an s3:// URI")  # fmt: skip
@@ -97,7 +132,10 @@ def _host_file(rest: str, settings: Settings) -> HostFile:
     if tuple(parts[: len(root)]) != root or len(parts) == len(root):
         raise ValidationException("codeArtifact.uri: file:// artifacts must be files under the directory this "
                                   "Ember's operator allows (EMBER_AWS_FILE_ARTIFACT_ROOT): ask them which")  # fmt: skip
-    return HostFile(tuple(parts[len(root) :]))
+    source = HostFile(tuple(parts[len(root) :]), account)
+    if account and (source.parts[0] != account or len(source.parts) == 1):
+        raise _file_missing(source)
+    return source
 
 
 def _fetch(source: S3Object | HostFile, uri: str, into: Path, settings: Settings) -> None:
@@ -165,8 +203,7 @@ def _download(obj: S3Object, uri: str, spool: BinaryIO, settings: Settings) -> N
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if error.get("Code") in NOT_FOUND or status == 404:
-            raise ResourceNotFoundException(f"the code artifact {uri[:200]} does not exist in Ember's object store: "
-                                            "upload it there first (e.g. aws s3 cp)") from None  # fmt: skip
+            raise _s3_missing(uri, obj) from None
         if status == 403:
             raise ValidationException(f"Ember's object store refused to hand out {uri[:200]} ({error.get('Code')}): "
                                       "the operator's credentials (EMBER_S3_ACCESS_KEY_ID) must be allowed to read "
@@ -188,6 +225,13 @@ def _download(obj: S3Object, uri: str, spool: BinaryIO, settings: Settings) -> N
 FILE = "the file:// code artifact"  # answers name no host path, not even the one asked for
 
 
+def _file_missing(source: HostFile) -> ResourceNotFoundException:
+    """No such file, or (the same answer) one outside the account's folder."""
+    where = (f"; this account's code artifacts lie in the folder {source.account} of the directory the operator allows "
+             "(EMBER_AWS_FILE_ARTIFACT_ROOT)") if source.account else ""  # fmt: skip
+    return ResourceNotFoundException(f"{FILE} does not exist on the daemon's host: check its path{where}")
+
+
 def _copy_host_file(source: HostFile, spool: BinaryIO, settings: Settings) -> None:
     fd = _open_host_file(source, settings)
     with os.fdopen(fd, "rb") as f:
@@ -196,7 +240,7 @@ def _copy_host_file(source: HostFile, spool: BinaryIO, settings: Settings) -> No
 
 def _open_host_file(source: HostFile, settings: Settings) -> int:
     """A read descriptor of the regular file ``source`` names, no component below the root a symbolic link."""
-    missing = ResourceNotFoundException(f"{FILE} does not exist on the daemon's host: check its path")
+    missing = _file_missing(source)
     try:
         fd = os.open(settings.aws_file_artifact_root, DIR_FLAGS & ~os.O_NOFOLLOW)  # the operator's own path
     except OSError:

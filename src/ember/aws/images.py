@@ -1,14 +1,17 @@
 """The AWS API's image operations on Ember's builder and image store (names, states: :mod:`ember.aws.imagestore`;
 the request's members: :mod:`ember.aws.imagespec`; managed images: :mod:`ember.aws.managed`).
 
-CreateMicrovmImage and UpdateMicrovmImage fetch the code zip (``codeArtifact.uri``: ember.aws.artifacts) and
-read its Dockerfile within the request (a missing object, a hostile zip or a bad Dockerfile is the answer's
-error, nothing is recorded), then hold the tenant's quotas (images, concurrent builds, storage: as
-``ember image build``) and ``clientToken`` (idempotency, kind ``aws-image``), record the version and start
-Ember's build, answering once its build record exists (state CREATING / UPDATING). An update while a version
-is still building is a ConflictException. Deleting an image or version removes its Ember images and builds
-(refused while VMs use them, or while it builds: ConflictException); deleting again succeeds (DELETED). The
-last live version of an image cannot be deleted on its own (delete the image).
+CreateMicrovmImage and UpdateMicrovmImage check the tenant's quotas (images, concurrent builds, storage: as
+``ember image build``) and hold one concurrent build while they fetch the code zip (``codeArtifact.uri``:
+ember.aws.artifacts, the tenant's own) and read its Dockerfile (a missing object, a hostile zip or a bad
+Dockerfile is the answer's error, nothing is recorded), then, under the tenant's lock, check again, take the
+next version number and start Ember's build; the version (and a new image) is recorded once its build record
+exists, and the answer comes then (state CREATING / UPDATING). ``clientToken``: idempotency, kind
+``aws-image``. An update while a version is still building is a ConflictException. Deleting an image or version
+removes its Ember images and builds (refused while VMs use them, or while it builds: ConflictException);
+deleting again succeeds (DELETED). The last live version of an image cannot be deleted on its own (delete the
+image). Every change of an image (create, update, delete, tags, a version's status) happens under the tenant's
+lock. Each answer holds its output shape's members only (:func:`shaped`).
 
 RunMicrovm (ember.aws.microvms) resolves what to launch with :func:`resolve_runnable`; an Ember image that is an
 INACTIVE (or deleted) version of an image of this API is refused by :func:`runnable_version`.
@@ -18,20 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
-import importlib
 import secrets
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.api.limits import Limits
+from ember.aws import artifacts
 from ember.aws.arns import image_arn, parse_image_arn
 from ember.aws.errors import ConflictException, ResourceNotFoundException, ValidationException
 from ember.aws.imagespec import build_network, environment, hook_settings, spec_of
 from ember.aws.imagestore import (
     AWS_NAME,
+    BUILDING,
+    GONE,
     AwsImage,
     AwsImageStore,
     AwsVersion,
@@ -42,6 +48,7 @@ from ember.aws.imagestore import (
     version_state,
 )  # fmt: skip
 from ember.aws.managed import check_base, managed_name
+from ember.aws.model import service
 from ember.aws.operations import Call, operation
 from ember.build.builder import BuildOptions
 from ember.build.context import BuildContext
@@ -49,7 +56,7 @@ from ember.build.dockerfile import parse
 from ember.build.service import BuildRequest
 from ember.build.tarread import TarLimits
 from ember.build.unpack import remove_tree
-from ember.errors import ImageNotFound
+from ember.errors import Conflict, ImageNotFound
 from ember.metrics import Operation
 from ember.models import BuildRecord, BuildState, ImageRecord, parse_time, utcnow
 from ember.tenancy import names
@@ -104,12 +111,28 @@ def _version(daemon: Daemon, call: Call, image: AwsImage, *, deleted: bool = Fal
     return found
 
 
+def shaped(operation: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    """``result`` cut to the members of ``operation``'s output shape (a list's items to its items' members): what
+    a view holds for another operation never reaches the answer."""
+    shape = service().operation_model(operation).output_shape
+    out: dict[str, Any] = {}
+    for name, member in shape.members.items() if shape is not None else ():
+        if name in result:
+            value = result[name]
+            if member.type_name == "list" and member.member.type_name == "structure":
+                value = [{k: v for k, v in item.items() if k in member.member.members} for item in value]
+            out[name] = value
+    return out
+
+
 def _build(daemon: Daemon, image: AwsImage, version: AwsVersion) -> BuildRecord | None:
     return daemon.engine.store.get_build(version.build_name(image.repo))
 
 
 def _states(daemon: Daemon, image: AwsImage) -> list[tuple[AwsVersion, str]]:
-    return [(v, version_state(v, _build(daemon, image, v))) for v in _store(daemon).versions(image.tenant, image.name)]
+    """Each version (oldest first) and its state; a deleted one's build is not looked up (it is gone)."""
+    versions = _store(daemon).versions(image.tenant, image.name)
+    return [(v, version_state(v, None if v.deleted_at else _build(daemon, image, v))) for v in versions]
 
 
 def _image_view(daemon: Daemon, call: Call, image: AwsImage) -> dict[str, Any]:
@@ -126,9 +149,9 @@ def _image_view(daemon: Daemon, call: Call, image: AwsImage) -> dict[str, Any]:
 
 
 def _reason(version: AwsVersion, build: BuildRecord | None) -> str | None:
-    if version.error:
-        return version.error
-    return build.error or None if build is not None else None
+    if build is None:
+        return None if version.deleted_at else GONE
+    return build.error or None
 
 
 def _version_view(daemon: Daemon, call: Call, image: AwsImage, version: AwsVersion) -> dict[str, Any]:
@@ -142,6 +165,7 @@ def _version_view(daemon: Daemon, call: Call, image: AwsImage, version: AwsVersi
 
 
 def _build_view(daemon: Daemon, call: Call, image: AwsImage, version: AwsVersion) -> dict[str, Any]:
+    """The version's build as GetMicrovmImageBuild shows it (a list's items hold fewer members: :func:`shaped`)."""
     build = _build(daemon, image, version)
     view: dict[str, Any] = {
         "imageArn": image_arn(call.region, call.account, image.name), "imageVersion": str(version.version),
@@ -167,14 +191,14 @@ def _token(params: Mapping[str, Any]) -> str | None:
     return "sha256:" + hashlib.sha256(str(token).encode()).hexdigest()[: MAX_TOKEN - 7]  # the model allows 128
 
 
-async def _fetch(daemon: Daemon, spec: Mapping[str, Any]) -> Path:
+async def _fetch(daemon: Daemon, call: Call, spec: Mapping[str, Any]) -> Path:
     """The code zip unpacked into a fresh build directory, its Dockerfile read (the caller removes it)."""
     settings = daemon.settings
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=settings.data_dir))  # swept if the daemon dies
     try:
-        # ember.aws.artifacts (the code-artifact part, on its own branch until merged): bound when first used
-        fetch_context = importlib.import_module("ember.aws.artifacts").fetch_context
-        await fetch_context(str(spec["codeArtifact"]["uri"]), into=tmp / "context", settings=settings)
+        await artifacts.fetch_context(
+            str(spec["codeArtifact"]["uri"]), into=tmp / "context", settings=settings, account=call.account
+        )
         with BuildContext(tmp / "context", TarLimits.from_settings(settings), "Dockerfile") as ctx:
             parse(ctx.dockerfile_text(), {})  # a bad Dockerfile is the answer's 400, before anything is recorded
     except BaseException:
@@ -183,43 +207,58 @@ async def _fetch(daemon: Daemon, spec: Mapping[str, Any]) -> Path:
     return tmp
 
 
+ASKS = [Ask(Quota.IMAGES, 1), Ask(Quota.CONCURRENT_BUILDS, 1), Ask(Quota.STORAGE_BYTES, 0)]
+
+
 async def _new_version(daemon: Daemon, call: Call, name: str, spec: dict[str, Any], settle: Settle) -> dict[str, Any]:
     """Record a new version of the image ``name`` (created if it is new) and start its build."""
     tenant, store = call.principal.tenant, _store(daemon)
     check_base(spec["baseImageArn"], spec.get("baseImageVersion"))
     hooks, ready_timeout = hook_settings(spec)
     first = call.operation == "CreateMicrovmImage"
-    _check_name(daemon, call, name, first=first)  # before the download; again under the tenant's lock
-    tmp = await _fetch(daemon, spec)
-    started = False
-    asks = [Ask(Quota.IMAGES, 1), Ask(Quota.CONCURRENT_BUILDS, 1), Ask(Quota.STORAGE_BYTES, 0)]
+    limits = Limits(daemon)
+    async with limits.admit(tenant, ASKS, Operation.BUILD):  # before the download, which holds a build meanwhile
+        await asyncio.to_thread(_check_name, daemon, call, name, first=first)
+        held = daemon.quotas.hold(tenant, Quota.CONCURRENT_BUILDS)
     try:
-        async with Limits(daemon).admit(tenant, asks, Operation.BUILD) as release:
-            image = _check_name(daemon, call, name, first=first)
-            now = utcnow()
-            if image is None or image.deleted_at:
-                store.forget_versions(tenant, name)
-                image = AwsImage(
-                    tenant, name, names.new_repo(tenant, repo_for(name)), dict(call.params.get("tags") or {}), now, now
-                )
-            image = AwsImage(**{**image.__dict__, "updated_at": now})
-            numbers = [v.version for v in store.versions(tenant, name)] + [
-                daemon.engine.store.next_version(image.repo) - 1
-            ]
-            version = AwsVersion(tenant, name, max(numbers) + 1, f"b-{secrets.token_hex(10)}", "ACTIVE", spec, now, now)
-            store.put(image)
-            store.put_version(version)
-            settle(f"{name}:{version.version}")
-            req = BuildRequest(
-                name=names.public(image.repo), tenant=tenant, options=BuildOptions(network=build_network(spec)),
-                ready_timeout_s=ready_timeout, hooks=hooks, env=environment(spec), version=version.version,
-            )  # fmt: skip
-            await _start(daemon, req, tmp, release)
-            started = True  # the build removes its directory
+        tmp = await _fetch(daemon, call, spec)
+        started = False
+        try:
+            # the same checks under the tenant's lock (the held build counts as the one asked for)
+            async with limits.admit(tenant, [*ASKS[:1], Ask(Quota.CONCURRENT_BUILDS, 0), *ASKS[2:]], Operation.BUILD):
+                found = await asyncio.to_thread(_check_name, daemon, call, name, first=first)
+                now = utcnow()
+                fresh = found is None or bool(found.deleted_at)
+                if found is None or fresh:
+                    store.forget_versions(tenant, name)
+                    repo = found.repo if found is not None else names.new_repo(tenant, repo_for(name))
+                    tags = dict(call.params.get("tags") or {})
+                    given = found.last_version if found is not None else 0
+                    found = AwsImage(tenant, name, repo, tags, now, now, deleted_at=now, last_version=given)  # hidden
+                number = max(found.last_version, daemon.engine.store.next_version(found.repo) - 1) + 1
+                image = dataclasses.replace(found, updated_at=now, last_version=number)
+                store.put(image)  # the number is taken, whatever happens to its build
+                version = AwsVersion(tenant, name, number, f"b-{secrets.token_hex(10)}", "ACTIVE", spec, now, now)
+                req = BuildRequest(
+                    name=names.public(image.repo), tenant=tenant, options=BuildOptions(network=build_network(spec)),
+                    ready_timeout_s=ready_timeout, hooks=hooks, env=environment(spec), version=number,
+                )  # fmt: skip
+
+                def record() -> None:  # once its build record exists
+                    store.put_version(version)
+                    if fresh:
+                        store.put(dataclasses.replace(image, deleted_at=""))
+                    settle(f"{name}:{number}")
+
+                started = True  # the build removes its directory, whatever happens to it
+                await _start(daemon, req, tmp, record)
+        finally:
+            if not started:
+                await asyncio.to_thread(remove_tree, tmp)
     finally:
-        if not started:
-            await asyncio.to_thread(remove_tree, tmp)
-    return {**_image_view(daemon, call, image), **spec, "imageVersion": str(version.version)}
+        held()  # the build's record counts from here
+    view = await asyncio.to_thread(_image_view, daemon, call, dataclasses.replace(image, deleted_at=""))
+    return {**view, **spec, "imageVersion": str(number)}
 
 
 def _check_name(daemon: Daemon, call: Call, name: str, *, first: bool) -> AwsImage | None:
@@ -230,7 +269,7 @@ def _check_name(daemon: Daemon, call: Call, name: str, *, first: bool) -> AwsIma
                                 resourceId=name, resourceType="MicrovmImage")  # fmt: skip
     if not first and not live:
         raise _not_found(f"image {name}")
-    if image is not None and live and any(s in ("PENDING", "IN_PROGRESS") for _, s in _states(daemon, image)):
+    if image is not None and live and any(s == BUILDING for _, s in _states(daemon, image)):
         raise ConflictException(f"image {name} has a version being built: update it when that build ends",
                                 resourceId=name, resourceType="MicrovmImage")  # fmt: skip
     if first:
@@ -244,18 +283,22 @@ def _check_name(daemon: Daemon, call: Call, name: str, *, first: bool) -> AwsIma
     return image
 
 
-async def _start(daemon: Daemon, req: BuildRequest, tmp: Path, release: Any) -> None:
-    """Run the build in the background; returns once its record exists (or raises what refused it)."""
+async def _start(daemon: Daemon, req: BuildRequest, tmp: Path, record: Callable[[], None]) -> None:
+    """Run the build in the background; ``record()`` is called as soon as its build record exists, then this
+    returns (or raises what refused the build, or what ``record`` raised)."""
     recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_record(_: BuildRecord) -> None:
-        release()  # its record makes its use count: the tenant's next request is checked against it
-        if not recorded.done():
+        try:
+            record()
+        except Exception as exc:  # the answer's error; the build goes on (its record counts)
+            recorded.set_exception(exc)
+        else:
             recorded.set_result(None)
 
     async def work() -> None:
         try:
-            record = await daemon.builds.build(req, tmp / "context", lambda _line: None, on_record)
+            built = await daemon.builds.build(req, tmp / "context", lambda _line: None, on_record)
         except Exception as exc:  # refused before its record (the build catches everything after)
             if not recorded.done():
                 recorded.set_exception(exc)
@@ -264,7 +307,7 @@ async def _start(daemon: Daemon, req: BuildRequest, tmp: Path, release: Any) -> 
             if not recorded.done():
                 recorded.cancel()
             await asyncio.to_thread(remove_tree, tmp)
-        image = daemon.engine.store.get_image(record.name) if record.state is BuildState.CREATED else None
+        image = daemon.engine.store.get_image(built.name) if built.state is BuildState.CREATED else None
         if image is not None:
             daemon.engine.warm_up(image)
 
@@ -279,7 +322,7 @@ async def _create_or_update(daemon: Daemon, call: Call, name: str) -> Mapping[st
     async def start(settle: Settle) -> dict[str, Any]:
         return await _new_version(daemon, call, name, spec, settle)
 
-    async def existing(resource: str) -> dict[str, Any]:
+    def existing_view(resource: str) -> dict[str, Any]:
         image = _store(daemon).get(call.principal.tenant, name)
         number = int(resource.rpartition(":")[2])
         version = next((v for v in _store(daemon).versions(call.principal.tenant, name) if v.version == number), None)
@@ -287,7 +330,11 @@ async def _create_or_update(daemon: Daemon, call: Call, name: str) -> Mapping[st
             raise _not_found(f"image {name}")
         return {**_image_view(daemon, call, image), **version.spec, "imageVersion": str(number)}
 
-    return await Idempotency(daemon.tenants).create(call.principal, KIND, _token(call.params), body, start, existing)
+    async def existing(resource: str) -> dict[str, Any]:
+        return await asyncio.to_thread(existing_view, resource)
+
+    result = await Idempotency(daemon.tenants).create(call.principal, KIND, _token(call.params), body, start, existing)
+    return shaped(call.operation, result)
 
 
 @operation("CreateMicrovmImage")
@@ -300,82 +347,105 @@ async def create_image(daemon: Daemon, call: Call) -> Mapping[str, Any]:
 
 @operation("UpdateMicrovmImage")
 async def update_image(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call)
+    image = await asyncio.to_thread(_image, daemon, call)
     return await _create_or_update(daemon, call, image.name)
 
 
-# ---- read ------------------------------------------------------------------------------------------------
+# ---- read (the store's reads off the event loop) ------------------------------------------------------------
+
+
+async def _read(call: Call, view: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    """``view()`` in a thread, its answer shaped as the operation's output."""
+    return await asyncio.to_thread(lambda: shaped(call.operation, view()))
 
 
 @operation("GetMicrovmImage")
 async def get_image(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    return _image_view(daemon, call, _image(daemon, call))
+    return await _read(call, lambda: _image_view(daemon, call, _image(daemon, call)))
 
 
 @operation("ListMicrovmImages")
 async def list_images(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    wanted = call.params.get("nameFilter")
-    images = [i for i in _store(daemon).images(call.principal.tenant) if wanted is None or wanted in i.name]
-    shown, token = page(images, lambda i: i.name, call.params.get("maxResults"), call.params.get("nextToken"))
-    summary = ("imageArn", "name", "state", "latestActiveImageVersion", "latestFailedImageVersion", "createdAt")
-    items = [{k: v for k, v in _image_view(daemon, call, i).items() if k in summary} for i in shown]
-    return {"items": items, "nextToken": token}
+    def view() -> dict[str, Any]:
+        wanted = call.params.get("nameFilter")
+        images = [i for i in _store(daemon).images(call.principal.tenant) if wanted is None or wanted in i.name]
+        shown, token = page(images, lambda i: i.name, call.params.get("maxResults"), call.params.get("nextToken"))
+        return {"items": [_image_view(daemon, call, i) for i in shown], "nextToken": token}
+
+    return await _read(call, view)
 
 
 @operation("GetMicrovmImageVersion")
 async def get_version(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call)
-    return _version_view(daemon, call, image, _version(daemon, call, image))
+    def view() -> dict[str, Any]:
+        image = _image(daemon, call)
+        return _version_view(daemon, call, image, _version(daemon, call, image))
+
+    return await _read(call, view)
 
 
 @operation("ListMicrovmImageVersions")
 async def list_versions(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call)
-    live = [v for v in _store(daemon).versions(image.tenant, image.name) if not v.deleted_at]
-    shown, token = page(
-        live, lambda v: f"{v.version:010d}", call.params.get("maxResults"), call.params.get("nextToken")
-    )
-    return {"items": [_version_view(daemon, call, image, v) for v in shown], "nextToken": token}
+    def view() -> dict[str, Any]:
+        image = _image(daemon, call)
+        live = [v for v in _store(daemon).versions(image.tenant, image.name) if not v.deleted_at]
+        shown, token = page(
+            live, lambda v: f"{v.version:010d}", call.params.get("maxResults"), call.params.get("nextToken")
+        )
+        return {"items": [_version_view(daemon, call, image, v) for v in shown], "nextToken": token}
+
+    return await _read(call, view)
 
 
 @operation("GetMicrovmImageBuild")
 async def get_build(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call)
-    version = _version(daemon, call, image)
-    if call.params["buildId"] != version.build_id:
-        raise ResourceNotFoundException(
-            f"no build {str(call.params['buildId'])[:60]}", resourceType="MicrovmImageBuild"
-        )
-    return _build_view(daemon, call, image, version)
+    def view() -> dict[str, Any]:
+        image = _image(daemon, call)
+        version = _version(daemon, call, image)
+        if call.params["buildId"] != version.build_id:
+            raise ResourceNotFoundException(
+                f"no build {str(call.params['buildId'])[:60]}", resourceType="MicrovmImageBuild"
+            )
+        return _build_view(daemon, call, image, version)
+
+    return await _read(call, view)
 
 
 @operation("ListMicrovmImageBuilds")
 async def list_builds(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call)
-    version = _version(daemon, call, image)
-    p = call.params
-    wanted = all(p.get(k) in (None, ARCH[k]) for k in ("architecture", "chipset", "chipsetGeneration"))
-    builds = [_build_view(daemon, call, image, version)] if wanted else []
-    shown, token = page(builds, lambda b: str(b["buildId"]), p.get("maxResults"), p.get("nextToken"))
-    return {"items": shown, "nextToken": token}
+    def view() -> dict[str, Any]:
+        image = _image(daemon, call)
+        version = _version(daemon, call, image)
+        p = call.params
+        wanted = all(p.get(k) in (None, ARCH[k]) for k in ("architecture", "chipset", "chipsetGeneration"))
+        builds = [_build_view(daemon, call, image, version)] if wanted else []
+        shown, token = page(builds, lambda b: str(b["buildId"]), p.get("maxResults"), p.get("nextToken"))
+        return {"items": shown, "nextToken": token}
+
+    return await _read(call, view)
 
 
-# ---- status, delete --------------------------------------------------------------------------------------
+# ---- status, delete (under the tenant's lock) ----------------------------------------------------------------
 
 
 @operation("UpdateMicrovmImageVersion")
 async def update_version(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call)
-    version = _version(daemon, call, image)
-    version = AwsVersion(**{**version.__dict__, "status": str(call.params["status"]), "updated_at": utcnow()})
-    _store(daemon).put_version(version)
-    return _version_view(daemon, call, image, version)
+    async with daemon.quotas.lock(call.principal.tenant):
+
+        def view() -> dict[str, Any]:
+            image = _image(daemon, call)
+            version = _version(daemon, call, image)
+            version = dataclasses.replace(version, status=str(call.params["status"]), updated_at=utcnow())
+            _store(daemon).put_version(version)
+            return _version_view(daemon, call, image, version)
+
+        return await _read(call, view)
 
 
 async def _remove(daemon: Daemon, image: AwsImage, versions: list[AwsVersion]) -> None:
     """Remove the versions' Ember images and builds (Conflict while VMs use one) and mark them deleted."""
     for version in versions:
-        if version_state(version, _build(daemon, image, version)) in ("PENDING", "IN_PROGRESS"):
+        if version_state(version, _build(daemon, image, version)) == BUILDING:
             why = f"version {version.version} of image {image.name} is being built: delete it when that build ends"
             raise ConflictException(why, resourceId=image.name, resourceType="MicrovmImage")
     names_ = [v.build_name(image.repo) for v in versions]
@@ -385,51 +455,56 @@ async def _remove(daemon: Daemon, image: AwsImage, versions: list[AwsVersion]) -
                                 resourceId=image.name, resourceType="MicrovmImage")  # fmt: skip
     now = utcnow()
     for version, name in zip(versions, names_, strict=True):
-        with contextlib.suppress(ImageNotFound):  # its build failed before it was recorded, or it is gone
+        with contextlib.suppress(ImageNotFound):  # its build record is gone (removed through Ember's own API)
             await daemon.engine.remove_image(name)
         daemon.builds.log_path(name).unlink(missing_ok=True)
-        _store(daemon).put_version(AwsVersion(**{**version.__dict__, "deleted_at": now, "updated_at": now}))
+        _store(daemon).put_version(dataclasses.replace(version, deleted_at=now, updated_at=now))
 
 
 @operation("DeleteMicrovmImageVersion")
 async def delete_version(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call, deleted=True)
-    version = _version(daemon, call, image, deleted=True)
-    if not version.deleted_at:
-        live = [v for v in _store(daemon).versions(image.tenant, image.name) if not v.deleted_at]
-        if len(live) == 1:
-            raise ConflictException(f"version {version.version} is the only version of image {image.name}: "
-                                    "delete the image (DeleteMicrovmImage)", resourceId=image.name)  # fmt: skip
-        await _remove(daemon, image, [version])
-    return {"imageIdentifier": call.params["imageIdentifier"], "imageVersion": str(version.version), "state": "DELETED"}
+    async with daemon.quotas.lock(call.principal.tenant):  # no create, update or other delete meanwhile
+        image = await asyncio.to_thread(_image, daemon, call, deleted=True)
+        version = await asyncio.to_thread(_version, daemon, call, image, deleted=True)
+        if not version.deleted_at:
+            versions = await asyncio.to_thread(_store(daemon).versions, image.tenant, image.name)
+            if len([v for v in versions if not v.deleted_at]) == 1:
+                raise ConflictException(f"version {version.version} is the only version of image {image.name}: "
+                                        "delete the image (DeleteMicrovmImage)", resourceId=image.name)  # fmt: skip
+            await _remove(daemon, image, [version])
+    return shaped(call.operation, {"imageIdentifier": call.params["imageIdentifier"],
+                                   "imageVersion": str(version.version), "state": "DELETED"})  # fmt: skip
 
 
 @operation("DeleteMicrovmImage")
 async def delete_image(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    image = _image(daemon, call, deleted=True)
-    if not image.deleted_at:
-        live = [v for v in _store(daemon).versions(image.tenant, image.name) if not v.deleted_at]
-        await _remove(daemon, image, live)
-        now = utcnow()
-        _store(daemon).put(AwsImage(**{**image.__dict__, "deleted_at": now, "updated_at": now}))
-    return {"imageIdentifier": call.params["imageIdentifier"], "state": "DELETED"}
+    async with daemon.quotas.lock(call.principal.tenant):  # no create, update or other delete meanwhile
+        image = await asyncio.to_thread(_image, daemon, call, deleted=True)
+        if not image.deleted_at:
+            versions = await asyncio.to_thread(_store(daemon).versions, image.tenant, image.name)
+            await _remove(daemon, image, [v for v in versions if not v.deleted_at])
+            now = utcnow()
+            _store(daemon).put(dataclasses.replace(image, deleted_at=now, updated_at=now))
+    return shaped(call.operation, {"imageIdentifier": call.params["imageIdentifier"], "state": "DELETED"})
 
 
 # ---- for RunMicrovm ----------------------------------------------------------------------------------------
 
 
 def runnable_version(daemon: Daemon, image: str) -> None:
-    """Refuse (ConflictException) to launch the Ember image ``image`` (internal ``repo:version``) when it is a
-    version of an image of this API whose status is INACTIVE (or which is deleted); any other image passes."""
+    """Refuse (Conflict; the AWS API's ConflictException) to launch the Ember image ``image`` (internal
+    ``repo:version``) when it is a version of an image of this API whose status is INACTIVE (or which is deleted),
+    whichever API asks (RunMicrovm, /v1/vms: ember.api.images.resolve_image); any other image passes."""
     repo, _, number = image.rpartition(":")
     owner = _store(daemon).by_repo(repo)
     if owner is None or not number.isdigit():
         return
     version = next((v for v in _store(daemon).versions(owner.tenant, owner.name) if v.version == int(number)), None)
-    if version is not None and (version.status != "ACTIVE" or version.deleted_at or owner.deleted_at):
-        raise ConflictException(f"version {number} of image {owner.name} is INACTIVE: activate it "
-                                "(UpdateMicrovmImageVersion status=ACTIVE) or run another version",
-                                resourceId=owner.name, resourceType="MicrovmImageVersion")  # fmt: skip
+    if version is not None and (version.deleted_at or owner.deleted_at):
+        raise Conflict(f"version {number} of image {owner.name} is deleted: run another version")
+    if version is not None and version.status != "ACTIVE":
+        raise Conflict(f"version {number} of image {owner.name} is INACTIVE: activate it "
+                       "(UpdateMicrovmImageVersion status=ACTIVE) or run another version")  # fmt: skip
 
 
 def resolve_runnable(daemon: Daemon, call: Call, identifier: str, version: str | None) -> ImageRecord:

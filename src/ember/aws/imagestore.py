@@ -9,13 +9,18 @@ characters>-<8 hex of the name's SHA-256>`` (``MyApp`` -> ``aws-myapp-0b3f...``)
 lowercase name. The mapping is recorded (``aws_images.repo``), never recomputed, and a repo the tenant
 already uses (an image built with ``ember image build``) makes the create a ConflictException.
 
-**States.** Each version is one Ember build (``repo:version``; ``imageVersion`` is that number as a string,
-``buildId`` a random id of the build). A version's state: PENDING until its build record exists, IN_PROGRESS
-while BUILDING, SUCCESSFUL when CREATED, FAILED when CREATE_FAILED, DELETED once deleted (its build and files
-are gone). The image's state follows its newest live version: CREATING / CREATED / CREATE_FAILED while that is
-its first version, UPDATING / UPDATED / UPDATE_FAILED after an update; DELETED once deleted (deletion is
-synchronous: DELETING is never shown). Builds map as versions do (PENDING, IN_PROGRESS, SUCCESSFUL, FAILED),
-on X86_64 / INTEL only.
+**Numbers.** Each version is one Ember build (``repo:version``; ``imageVersion`` is that number as a string,
+``buildId`` a random id of the build). The image keeps the highest number it gave (``last_version``), also once
+deleted, so a number is never given twice, not even to an image deleted and made again (whose VMs' hooks and
+snapshots are then never taken for the old one's).
+
+**States.** A version is recorded once its build record exists (a build refused before that records nothing,
+and a new image is not shown before its first version is). Its state: IN_PROGRESS while BUILDING, SUCCESSFUL
+when CREATED, FAILED when CREATE_FAILED or when its build record is gone (removed through Ember's own API),
+DELETED once deleted (its build and files are gone). The image's state follows its newest live version:
+CREATING / CREATED / CREATE_FAILED while that is its first version, UPDATING / UPDATED / UPDATE_FAILED after an
+update; DELETED once deleted (deletion is synchronous: DELETING is never shown). Builds map as versions do
+(IN_PROGRESS, SUCCESSFUL, FAILED), on X86_64 / INTEL only.
 
 **Status.** Every version is ACTIVE when made; UpdateMicrovmImageVersion sets INACTIVE (or back): an INACTIVE
 version cannot be run (:func:`ember.aws.images.runnable_version`).
@@ -65,7 +70,8 @@ class AwsImage:
     tags: dict[str, str]
     created_at: str
     updated_at: str
-    deleted_at: str = ""
+    deleted_at: str = ""  # also while its first version's build is being started (not shown before)
+    last_version: int = 0  # the highest version number it gave
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,6 @@ class AwsVersion:
     spec: dict[str, Any]  # the create/update request's members, as the API shows them back
     created_at: str
     updated_at: str
-    error: str = ""  # it failed before its build started
     deleted_at: str = ""
 
     def build_name(self, repo: str) -> str:
@@ -131,7 +136,7 @@ class AwsImageStore:
             c.execute(insert(aws_image_versions).values(**row))
 
     def forget_versions(self, tenant: str, name: str) -> None:
-        """A deleted image made again starts with no versions (its numbers go on from its repo's builds)."""
+        """A deleted image made again starts with no versions (its numbers go on from its ``last_version``)."""
         t = aws_image_versions.c
         with write_transaction(self.engine) as c:
             c.execute(delete(aws_image_versions).where(and_(t.tenant == tenant, t.name == name)))
@@ -149,14 +154,13 @@ def _version(row: Any) -> AwsVersion:
 
 _BUILD_STATES = {BuildState.BUILDING: "IN_PROGRESS", BuildState.CREATED: "SUCCESSFUL",
                  BuildState.CREATE_FAILED: "FAILED"}  # fmt: skip
-RUNNING_STATES = frozenset({"PENDING", "IN_PROGRESS"})
+BUILDING = "IN_PROGRESS"
+GONE = "its build record is gone (removed through Ember's own API): delete this version"
 
 
 def build_state(version: AwsVersion, build: BuildRecord | None) -> str:
-    """The model's BuildState of the version's one build."""
-    if version.error:
-        return "FAILED"
-    return "PENDING" if build is None else _BUILD_STATES[build.state]
+    """The model's BuildState of the version's one build (None: its record is gone, :data:`GONE`)."""
+    return "FAILED" if build is None else _BUILD_STATES[build.state]
 
 
 def version_state(version: AwsVersion, build: BuildRecord | None) -> str:
@@ -173,7 +177,7 @@ def image_state(image: AwsImage, states: Sequence[tuple[AwsVersion, str]]) -> st
         return "CREATE_FAILED"  # (an image keeps a live version: the last one cannot be deleted)
     newest, state = live[-1]
     first = newest.version == min(v.version for v, _ in states)
-    if state in RUNNING_STATES:
+    if state == BUILDING:
         return "CREATING" if first else "UPDATING"
     if state == "SUCCESSFUL":
         return "CREATED" if first else "UPDATED"

@@ -1,10 +1,12 @@
 """TagResource, UntagResource, ListTags: the tags of an image of this API (the model's taggable resources of
 Lambda MicroVMs are images: ``arn:aws:lambda:<region>:<account>:microvm-image:<name>``). At most 50 per image;
-another account's ARN, a deleted or missing image answer ResourceNotFoundException.
+another account's ARN, a deleted or missing image answer ResourceNotFoundException. Tags change under the
+tenant's lock, as every change of its images does (ember.aws.images).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -36,18 +38,20 @@ async def list_tags(daemon: Daemon, call: Call) -> Mapping[str, Any]:
 
 @operation("TagResource")
 async def tag_resource(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    store, image = _tagged(daemon, call)
-    tags = {**image.tags, **dict(call.params["Tags"])}
-    if len(tags) > MAX_TAGS:
-        raise ValidationException(f"an image has at most {MAX_TAGS} tags (it would have {len(tags)})")
-    store.put(AwsImage(**{**image.__dict__, "tags": tags, "updated_at": utcnow()}))
+    async with daemon.quotas.lock(call.principal.tenant):  # a create or update writing the image waits
+        store, image = _tagged(daemon, call)
+        tags = {**image.tags, **dict(call.params["Tags"])}
+        if len(tags) > MAX_TAGS:
+            raise ValidationException(f"an image has at most {MAX_TAGS} tags (it would have {len(tags)})")
+        store.put(dataclasses.replace(image, tags=tags, updated_at=utcnow()))
     return {}
 
 
 @operation("UntagResource")
 async def untag_resource(daemon: Daemon, call: Call) -> Mapping[str, Any]:
-    store, image = _tagged(daemon, call)
-    gone = set(call.params["TagKeys"])
-    store.put(AwsImage(**{**image.__dict__, "tags": {k: v for k, v in image.tags.items() if k not in gone},
-                          "updated_at": utcnow()}))  # fmt: skip
+    async with daemon.quotas.lock(call.principal.tenant):
+        store, image = _tagged(daemon, call)
+        gone = set(call.params["TagKeys"])
+        store.put(dataclasses.replace(image, tags={k: v for k, v in image.tags.items() if k not in gone},
+                                      updated_at=utcnow()))  # fmt: skip
     return {}

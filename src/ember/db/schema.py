@@ -174,6 +174,7 @@ aws_images = Table(
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     Column("deleted_at", String(32), nullable=False),  # "": live
+    Column("last_version", Integer, nullable=False, server_default="0"),  # the highest version number it gave
 )
 
 # Their versions: one build each (the Ember build ``repo:version``), the request that made it and its status.
@@ -186,7 +187,6 @@ aws_image_versions = Table(
     Column("build_id", String(40), nullable=False, unique=True),
     Column("status", String(16), nullable=False),  # ACTIVE or INACTIVE (RunMicrovm refuses an INACTIVE one)
     Column("spec", Text, nullable=False),  # JSON: the create/update request's members (ember.aws.images)
-    Column("error", Text, nullable=False),  # why it failed before its build started (fetching the code), or ""
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     Column("deleted_at", String(32), nullable=False),  # "": live

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ember.config import Settings
@@ -60,10 +60,32 @@ def check(limits: Mapping[Quota, int], usage: Mapping[Quota, int], asks: list[As
 
 
 class QuotaGate:
-    """One lock per tenant: a quota check and the write that makes its use count happen under it."""
+    """One lock per tenant: a quota check and the write that makes its use count happen under it. What a request
+    takes before any record of it exists (the AWS API's code download before its build) is held here meanwhile."""
 
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
+        self._held: dict[tuple[str, Quota], int] = {}
 
     def lock(self, tenant: str) -> asyncio.Lock:
         return self._locks.setdefault(tenant, asyncio.Lock())
+
+    def hold(self, tenant: str, quota: Quota, amount: int = 1) -> Callable[[], None]:
+        """Count ``amount`` more of ``quota`` as the tenant's use until the callable returned is called (once)."""
+        key = (tenant, quota)
+        self._held[key] = self._held.get(key, 0) + amount
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self._held.pop(key) - amount
+                if left:
+                    self._held[key] = left
+
+        return release
+
+    def held(self, tenant: str) -> dict[Quota, int]:
+        """What the tenant's requests hold (read from the quota checks' threads: a copy first)."""
+        return {quota: amount for (who, quota), amount in dict(self._held).items() if who == tenant}
