@@ -208,6 +208,7 @@ async def _fetch(daemon: Daemon, call: Call, spec: Mapping[str, Any]) -> Path:
 
 
 ASKS = [Ask(Quota.IMAGES, 1), Ask(Quota.CONCURRENT_BUILDS, 1), Ask(Quota.STORAGE_BYTES, 0)]
+ASKS_HELD = [Ask(Quota.IMAGES, 1), Ask(Quota.CONCURRENT_BUILDS, 0), Ask(Quota.STORAGE_BYTES, 0)]  # a build held
 
 
 async def _new_version(daemon: Daemon, call: Call, name: str, spec: dict[str, Any], settle: Settle) -> dict[str, Any]:
@@ -225,7 +226,7 @@ async def _new_version(daemon: Daemon, call: Call, name: str, spec: dict[str, An
         started = False
         try:
             # the same checks under the tenant's lock (the held build counts as the one asked for)
-            async with limits.admit(tenant, [*ASKS[:1], Ask(Quota.CONCURRENT_BUILDS, 0), *ASKS[2:]], Operation.BUILD):
+            async with limits.admit(tenant, ASKS_HELD, Operation.BUILD):
                 found = await asyncio.to_thread(_check_name, daemon, call, name, first=first)
                 now = utcnow()
                 fresh = found is None or bool(found.deleted_at)
@@ -244,7 +245,8 @@ async def _new_version(daemon: Daemon, call: Call, name: str, spec: dict[str, An
                     ready_timeout_s=ready_timeout, hooks=hooks, env=environment(spec), version=number,
                 )  # fmt: skip
 
-                def record() -> None:  # once its build record exists
+                def record() -> None:  # once its build record exists (which counts as a concurrent build now)
+                    held()
                     store.put_version(version)
                     if fresh:
                         store.put(dataclasses.replace(image, deleted_at=""))
@@ -256,7 +258,7 @@ async def _new_version(daemon: Daemon, call: Call, name: str, spec: dict[str, An
             if not started:
                 await asyncio.to_thread(remove_tree, tmp)
     finally:
-        held()  # the build's record counts from here
+        held()  # (once: also if the build was refused)
     view = await asyncio.to_thread(_image_view, daemon, call, dataclasses.replace(image, deleted_at=""))
     return {**view, **spec, "imageVersion": str(number)}
 
