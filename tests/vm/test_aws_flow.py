@@ -121,7 +121,7 @@ def wait_for_image(lam: Any, name: str, done: str) -> None:
 
 
 def app_state(daemon: DaemonProcess, vm: dict[str, Any], token: dict[str, str]) -> dict[str, Any]:
-    """What the app shows at GET / through the microVM's endpoint (the auth token in X-aws-proxy-auth)."""
+    """What the app shows at GET /state through the microVM's endpoint (the auth token in X-aws-proxy-auth)."""
     status, body = through_endpoint(vm["endpoint"], daemon.settings.ingress_listen, token, "/state")
     assert status == 200, body[:500]
     seen: dict[str, Any] = json.loads(body)
