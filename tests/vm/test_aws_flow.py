@@ -121,7 +121,7 @@ def wait_for_image(lam: Any, name: str, done: str) -> None:
 
 
 def app_state(daemon: DaemonProcess, vm: dict[str, Any], token: dict[str, str]) -> dict[str, Any]:
-    """What the app shows at GET / through the microVM's endpoint (the auth token in X-aws-proxy-auth)."""
+    """What the app shows at GET /state through the microVM's endpoint (the auth token in X-aws-proxy-auth)."""
     status, body = through_endpoint(vm["endpoint"], daemon.settings.ingress_listen, token, "/state")
     assert status == 200, body[:500]
     seen: dict[str, Any] = json.loads(body)
@@ -156,12 +156,21 @@ def lam(tenant: AwsTenant, aws_client: AwsClientFactory) -> Any:
     return aws_client(tenant)
 
 
+def file_artifact(daemon: DaemonProcess, tenant: AwsTenant) -> str:
+    """The file:// URI of the code zip on the daemon's host, in the tenant's directory under the root."""
+    return f"file://{daemon.settings.aws_file_artifact_root}/{tenant.account_id}/app.zip"
+
+
 @pytest.fixture(scope="module")
-def image(base_image: str, s3_store: S3Store, tenant: AwsTenant, lam: Any) -> dict[str, Any]:
-    """The module's image: its code zip uploaded with boto3 under the tenant's account id, built with hooks."""
+def image(daemon: DaemonProcess, base_image: str, s3_store: S3Store, tenant: AwsTenant, lam: Any) -> dict[str, Any]:
+    """The module's image: its code zip uploaded with boto3 under the tenant's account id, built with hooks (and
+    the same zip on the daemon's host, in the tenant's directory under the file:// root, for the update)."""
     bucket = s3_store.bucket("ember-flow")
     key = f"{tenant.account_id}/app.zip"  # code artifacts are scoped per tenant: <account>/...
     s3_store.client().put_object(Bucket=bucket, Key=key, Body=code_zip())
+    mine = Path(daemon.settings.aws_file_artifact_root) / tenant.account_id
+    mine.mkdir()
+    (mine / "app.zip").write_bytes(code_zip())
     created = lam.create_microvm_image(
         name=NAME, baseImageArn=DEBIAN, buildRoleArn=ROLE, codeArtifact={"uri": f"s3://{bucket}/{key}"},
         description="the flow test's app", hooks=HOOKS, environmentVariables={"APP_VERSION": "1"},
@@ -176,8 +185,9 @@ def image(base_image: str, s3_store: S3Store, tenant: AwsTenant, lam: Any) -> di
 
 
 def test_run_reach_suspend_resume_terminate_with_hooks(
-    client: Client, daemon: DaemonProcess, image: dict[str, Any], lam: Any, aws_client: AwsClientFactory
-) -> None:
+    client: Client, daemon: DaemonProcess, image: dict[str, Any], tenant: AwsTenant, lam: Any,
+    aws_client: AwsClientFactory,
+) -> None:  # fmt: skip
     got = lam.get_microvm_image(imageIdentifier=image["imageArn"])
     assert (got["state"], got["latestActiveImageVersion"], got["name"]) == ("CREATED", "1", NAME)
     assert "latestFailedImageVersion" not in got
@@ -256,6 +266,12 @@ def test_run_reach_suspend_resume_terminate_with_hooks(
     assert [m.split()[1] for m in hook_events(client, vm_id)] == ["run", "suspend", "resume", "terminate"]
     assert all(" ok, HTTP 200 " in m for m in hook_events(client, vm_id))
 
+    # nor can it build from this tenant's code artifacts, in the store or on the host: as if they did not exist
+    for uri in (image["codeArtifact"]["uri"], file_artifact(daemon, tenant)):
+        with pytest.raises(stranger.exceptions.ResourceNotFoundException):
+            stranger.create_microvm_image(name=NAME, baseImageArn=DEBIAN, buildRoleArn=ROLE, codeArtifact={"uri": uri})
+    assert stranger.list_microvm_images()["items"] == []
+
 
 def test_tags(image: dict[str, Any], lam: Any) -> None:
     arn = image["imageArn"]
@@ -271,10 +287,7 @@ def test_update_inactive_versions_builds_delete(
     daemon: DaemonProcess, image: dict[str, Any], tenant: AwsTenant, lam: Any
 ) -> None:
     # version 2 from a file:// zip on the daemon's host, under the root's directory of the tenant's account
-    root = Path(daemon.settings.aws_file_artifact_root)
-    (root / tenant.account_id).mkdir(exist_ok=True)
-    (root / tenant.account_id / "app-v2.zip").write_bytes(code_zip())
-    uri = f"file://{root}/{tenant.account_id}/app-v2.zip"
+    uri = file_artifact(daemon, tenant)
     updated = lam.update_microvm_image(
         imageIdentifier=NAME, baseImageArn=DEBIAN, buildRoleArn=ROLE, codeArtifact={"uri": uri}, hooks=HOOKS,
         environmentVariables={"APP_VERSION": "2"},
