@@ -32,7 +32,7 @@ from ember.sdk.context import context_tar
 from ember.sdk.core import build_request
 from tests.awsfixtures import aws_client, aws_endpoint, aws_tenant  # noqa: F401 (fixtures for every test)
 from tests.databases import daemon_database_url, drop_database
-from tests.s3store import s3_store  # noqa: F401 (a real S3-compatible store for every test that asks)
+from tests.s3store import S3Store, s3_store  # noqa: F401 (a real S3-compatible store for every test that asks)
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_TIMEOUT_S = 10  # the test daemon's limit on one agent request
@@ -119,11 +119,12 @@ def vm_tests_possible() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def settings() -> Iterator[Settings]:
+def settings(s3_store: S3Store) -> Iterator[Settings]:  # noqa: F811 (the fixture imported above)
     reason = vm_tests_possible()
     if reason:
         pytest.fail(reason)  # never skip silently: CI must boot real VMs
     data = Path(tempfile.mkdtemp(prefix="ember-test-"))
+    artifacts = Path(tempfile.mkdtemp(prefix="ember-test-artifacts-"))  # file:// code artifacts: <root>/<account>/
     cache = os.environ.get("EMBER_TEST_CACHE", "/var/cache/ember-test")
     database_url = daemon_database_url("session")  # "": SQLite in the data directory (tests.databases)
     yield Settings.from_env(
@@ -151,9 +152,13 @@ def settings() -> Iterator[Settings]:
             "EMBER_INGRESS_HEAD_TIMEOUT": "2",  # a slow request head is cut quickly (tests/vm/test_ingress.py)
             "EMBER_USAGE_SAMPLE_S": "1",  # storage usage of a VM suspended for seconds shows (tests/vm/test_usage.py)
             "EMBER_LISTEN": f"127.0.0.1:{free_port()}",  # boto3 reaches the AWS API over TCP (tests/awsfixtures.py)
+            # the AWS API's code artifacts: s3:// in the session's SeaweedFS, file:// under a root of the session's
+            **s3_store.env(),
+            "EMBER_AWS_FILE_ARTIFACT_ROOT": str(artifacts),
         }
     )
     shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(artifacts, ignore_errors=True)
     if database_url:
         drop_database(database_url)
 

@@ -87,7 +87,7 @@ async def assemble(settings: Settings) -> Daemon:
     os.chown(layers, 0, settings.layer_gid)
     os.chmod(layers, 0o710)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # start-up races are retried and reported by us
-    for chatty in ("httpx", "httpcore"):  # a line per webhook request and connection: the delivery log has them
+    for chatty in ("httpx", "httpcore", "botocore", "s3transfer"):  # a line per webhook request, connection, S3 event
         logging.getLogger(chatty).setLevel(logging.WARNING)
     db = await asyncio.to_thread(connect, settings.db_url)  # migrated to this release's schema
     if not settings.database_url:
