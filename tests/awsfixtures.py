@@ -65,11 +65,12 @@ def aws_endpoint(daemon: Any) -> str:
 @pytest.fixture(scope="session")
 def aws_client(aws_endpoint: str) -> Iterator[AwsClientFactory]:
     """``aws_client(tenant, region=..., **config)`` -> ``boto3.client("lambda-microvms")`` signing as
-    ``tenant`` (an :class:`AwsTenant`); botocore retries nothing unless ``config`` says so."""
+    ``tenant`` (an :class:`AwsTenant`); botocore retries nothing unless ``config`` says so (its
+    ``max_attempts`` counts retries, ``total_max_attempts`` attempts)."""
     made: list[Any] = []
 
     def factory(tenant: AwsTenant, *, region: str = REGION, secret: str | None = None, **config: Any) -> Any:
-        options: dict[str, Any] = {"retries": {"max_attempts": 1, "mode": "standard"}, "read_timeout": 120}
+        options: dict[str, Any] = {"retries": {"total_max_attempts": 1, "mode": "standard"}, "read_timeout": 120}
         lam = boto3.client(
             "lambda-microvms", endpoint_url=aws_endpoint, region_name=region,
             aws_access_key_id=tenant.access_key_id,

@@ -223,6 +223,10 @@ class Settings:
     aws_clock_skew_s: float = _env("EMBER_AWS_CLOCK_SKEW_S", 300.0)
     # and the longest maximumDurationInSeconds RunMicrovm takes (AWS's 8 hours; up to EMBER_MAX_DURATION_LIMIT).
     aws_max_duration_s: int = _env("EMBER_AWS_MAX_DURATION_S", 8 * 3600)
+    # Refused AWS API requests (AccessDenied) one peer address may cause per second, and its burst; past them
+    # its requests answer ThrottlingException before any key is looked up or body read.
+    aws_denied_per_s: float = _env("EMBER_AWS_DENIED_PER_S", 2.0)
+    aws_denied_burst: int = _env("EMBER_AWS_DENIED_BURST", 50)
     # Seconds between the idle scheduler's passes (idle checks, suspended TTLs, maximum durations, guest
     # "suspend now" requests): an automatic transition comes at most this late.
     idle_check_s: float = _env("EMBER_IDLE_CHECK_S", 5.0)

@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from botocore.awsrequest import HeadersDict
+from botocore.awsrequest import AWSResponse, HeadersDict
 from botocore.parsers import RestJSONParser
+from botocore.retries.standard import ExponentialBackoff, RetryContext
 
 from ember.aws.errors import (
     AccessDeniedException,
@@ -25,9 +26,11 @@ from ember.aws.errors import (
 )
 from ember.aws.model import parse_input, render_output, service
 from ember.errors import (
+    Conflict,
     Forbidden,
     IdempotencyConflict,
     InvalidRequest,
+    InvalidStateTransition,
     QuotaExceeded,
     RateLimited,
     ResourceExhausted,
@@ -171,3 +174,53 @@ def test_error_members_and_retry_after_reach_botocore() -> None:
     assert throttled["retryAfterSeconds"] == 3
     internal = botocore_error(RuntimeError("boom"))
     assert "under id" in internal["Message"] and "boom" not in internal["Message"]
+
+
+@pytest.mark.parametrize(
+    "exc,words",
+    [
+        (VmNotFound("vm-1"), "ListMicrovms"),
+        (IdempotencyConflict("t"), "clientToken"),
+        (QuotaExceeded("max_running_vms", 1, 1), "terminate or suspend microVMs"),
+        (InvalidRequest("idle_timeout_s=5: the shortest idle timeout is 60 seconds"), "maxIdleDurationSeconds=5"),
+        (InvalidRequest("max_duration_s=9: the longest"), "maximumDurationInSeconds=9"),
+        (
+            InvalidRequest("suspended_ttl_s=0 terminates the VM when it is idle: it needs idle_timeout_s"),
+            "idlePolicy.suspendedDurationSeconds=0",
+        ),
+        (
+            InvalidStateTransition(
+                "cannot suspend VM vm-1 while it is FAILED: it has failed; inspect it with "
+                "'ember inspect vm-1' and remove it with 'ember rm vm-1'"
+            ),
+            "TerminateMicrovm",
+        ),
+        (InvalidStateTransition("it was removed; launch a new one with 'ember run'"), "RunMicrovm"),
+        (Conflict("ask for it with 'ember key create --tenant x'"), "the operator's tools"),
+    ],
+)
+def test_errors_from_ember_name_the_apis_members_and_operations(exc: BaseException, words: str) -> None:
+    message = botocore_error(exc)["Message"]
+    assert words in message and "'ember" not in message, message
+    assert not any(name in message for name in ("idle_timeout_s", "max_duration_s", "suspended_ttl_s", "client_token"))
+
+
+def test_throttling_says_when_to_retry_as_botocore_reads_it() -> None:
+    """botocore's standard retry mode waits what x-amz-retry-after says (milliseconds), never less."""
+    _, headers, _ = render(from_ember(RateLimited(1.5)))
+    fields = HeadersDict({k.decode(): v.decode() for k, v in headers})
+    assert (fields["retry-after"], fields["x-amz-retry-after"]) == ("2", "1500")
+    response = AWSResponse("http://x", 429, fields, None)
+    context = RetryContext(attempt_number=1, http_response=response)
+    backoff = ExponentialBackoff(random=lambda: 0.0)
+    assert backoff.delay_amount(context) == 1.5
+    endless = ThrottlingException("never")
+    endless.retry_after = float("inf")  # a bucket that never refills
+    assert dict(render(endless)[1])[b"retry-after"] == b"86400"
+
+
+def test_uri_labels_are_decoded_from_the_raw_path() -> None:
+    get = service().operation_model("GetMicrovm")
+    assert parse_input(get, {"microvmIdentifier": "vm-1%2F..%2Fx"}, "", b"") == {"microvmIdentifier": "vm-1/../x"}
+    with pytest.raises(ValidationException, match="microvmIdentifier: is not UTF-8"):
+        parse_input(get, {"microvmIdentifier": "vm-%FF"}, "", b"")

@@ -1,5 +1,6 @@
 """SigV4 verification (ember.aws.sigv4) against botocore's own signer: what boto3 signs verifies; any change to
-what was signed, another secret, a stale date, or a signature that skips host or x-amz-date is refused."""
+what was signed, another secret, a stale date, a signature that skips host or x-amz-date, a session token, or a
+path with segments the canonical path collapses is refused."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from ember.aws.errors import AccessDeniedException
-from ember.aws.sigv4 import SignedRequest, parse, signed_at, verify
+from ember.aws.errors import AccessDeniedException, ValidationException
+from ember.aws.sigv4 import SignedRequest, parse, routable_path, signed_at, verify
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 KEY = "AKIAEXAMPLE000000000"
@@ -118,3 +119,27 @@ def test_a_payload_hash_header_must_be_the_body_hash() -> None:
     lying = replace(request, headers=(*request.headers, ("x-amz-content-sha256", "UNSIGNED-PAYLOAD")))
     with pytest.raises(AccessDeniedException, match="SHA-256"):
         verify(lying, parse(lying), SECRET)
+
+
+def test_temporary_credentials_are_refused() -> None:
+    """A session token (STS) signed along: Ember has none to check it against."""
+    request = AWSRequest(method="GET", url="http://h:1/2025-09-09/microvms", data=b"")
+    SigV4Auth(Credentials(KEY, SECRET, token="FwoGZXIvYXdzE"), "lambda", "us-east-1").add_auth(request)
+    headers = (*((k.lower(), v) for k, v in request.headers.items()), ("host", "h:1"))
+    assert "x-amz-security-token" in dict(request.headers.items()).get("Authorization", "")
+    with pytest.raises(AccessDeniedException, match="no temporary credentials"):
+        check(SignedRequest("GET", "/2025-09-09/microvms", "", headers, b""))
+
+
+@pytest.mark.parametrize("path", ["/MyApp/versions/..", "/MyApp/versions/.", "/MyApp//", "/MyApp/", "/./MyApp",
+                                  "/MyApp/versions/%2E%2E", "/MyApp/versions/%2e"])  # fmt: skip
+def test_dot_and_empty_segments_are_refused_before_they_verify(path: str) -> None:
+    """The canonical path collapses them and routing would not: DELETE .../MyApp/versions/.. would verify with
+    the signature of DELETE .../MyApp (another operation)."""
+    request = signed("DELETE", "http://h:1/2025-09-09/microvm-images/MyApp", b"")
+    tampered = replace(request, raw_path="/2025-09-09/microvm-images" + path)
+    with pytest.raises(ValidationException, match="'\\.\\.' segment"):
+        check(tampered)
+    with pytest.raises(ValidationException):
+        routable_path(tampered.raw_path)
+    assert routable_path("/2025-09-09/microvms/vm-1%2F..%2Fx") == "/2025-09-09/microvms/vm-1%2F..%2Fx"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.api.auth import Authenticator
+from ember.api.auth import UNKNOWN_ACCESS_KEY_S, Authenticator
 from ember.daemon import forget_before
 from ember.db.store import Store, connect
 from ember.db.tenants import KeyRecord, TenantStore
@@ -216,3 +216,41 @@ def test_the_list_of_terminated_vms_ends_at_the_retention(tmp_path: Path) -> Non
     listed = store.list_vms(terminated=True, terminated_since="2026-11-10T00:00:00.000+00:00")
     assert [v.id for v in listed] == ["vm-2"]
     assert len(store.list_vms(terminated=True)) == 2
+
+
+class CountingStore:
+    """A TenantStore that counts its access key look-ups."""
+
+    def __init__(self, tenants: TenantStore) -> None:
+        self.tenants, self.lookups = tenants, 0
+
+    def key_by_access_key(self, access_key_id: str) -> KeyRecord | None:
+        self.lookups += 1
+        return self.tenants.key_by_access_key(access_key_id)
+
+
+def test_unknown_and_revoked_access_key_ids_cost_one_query_a_minute(tenants: TenantStore) -> None:
+    now = [1000.0]
+    store = CountingStore(tenants)
+    auth = Authenticator(store, RateLimiter(1000, 1000), clock=lambda: now[0])  # type: ignore[arg-type]
+    unknown = "AKIA" + "Q" * 16
+    assert [auth.signing_key(unknown) for _ in range(5)] == [None] * 5 and store.lookups == 1
+    assert auth.signing_key("not-a-key-id") is None and store.lookups == 1  # no key's shape: no query at all
+    now[0] += UNKNOWN_ACCESS_KEY_S + 1  # not forever: looked up again
+    assert auth.signing_key(unknown) is None and store.lookups == 2
+    key = add_key(tenants, "acme")
+    assert auth.signing_key(key.access_key_id) is not None and store.lookups == 3
+    assert auth.signing_key(key.access_key_id) is not None and store.lookups == 3  # a live key: remembered
+    tenants.revoke_key(key.key_id)
+    auth.forget(key.key_id)
+    assert [auth.signing_key(key.access_key_id) for _ in range(3)] == [None] * 3 and store.lookups == 4
+
+
+def test_a_bucket_can_be_read_without_spending() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2.0, 1, clock=lambda: now[0])
+    assert limiter.wait("peer") == 0.0 and limiter.wait("peer") == 0.0
+    assert limiter.take("peer") == 0.0
+    assert limiter.wait("peer") == pytest.approx(0.5) and limiter.take("peer") == pytest.approx(0.5)
+    now[0] += 0.5
+    assert limiter.wait("peer") == 0.0

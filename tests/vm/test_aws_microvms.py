@@ -1,26 +1,36 @@
 """The AWS Lambda MicroVMs API's microVM operations, driven by boto3 against the real test daemon: run (the
 managed base by ARN, connectors, idle policy, client token), get, HTTP through the endpoint with the auth token
-in X-aws-proxy-auth, suspend, resume, terminate, list with pagination, another tenant's microVMs answering
-ResourceNotFound, and every refusal parsed by botocore as the model's exception."""
+in X-aws-proxy-auth, the shell on the ingress with AWS's subprotocols, suspend, resume, terminate, list with
+pagination, another tenant's microVMs answering ResourceNotFound, a client token answering its retry after a
+newer version of the image, every refusal parsed by botocore as the model's exception; and, on a daemon of
+their own with tiny limits, per-key throttling that botocore's retries wait out and per-peer refusal limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import boto3
 import botocore.auth
 import httpx
 import pytest
+from botocore.config import Config
 
+from ember.config import Settings
 from ember.sdk import Client
-from tests.awsfixtures import AwsClientFactory, AwsTenant, new_aws_tenant
-from tests.conftest import DaemonProcess, remove_quietly
+from tests.awsfixtures import REGION, AwsClientFactory, AwsTenant, new_aws_tenant
+from tests.conftest import TEST_UID_BLOCK, DaemonProcess, build, free_port, remove_quietly
+from tests.databases import daemon_database_url, drop_database
 from tests.vm.test_ingress import start_app
+from tests.vm.test_shell_tokens import open_shell, run_in
 
 DEBIAN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian"
 IDLE = {"maxIdleDurationSeconds": 600, "suspendedDurationSeconds": 3600, "autoResumeEnabled": True}
@@ -85,6 +95,15 @@ def test_run_get_http_suspend_resume_terminate(
     assert through_endpoint(vm["endpoint"], listen, {**parts, "X-aws-proxy-port": "8081"}, "/headers")[0] == 403
     shell = lam.create_microvm_shell_auth_token(microvmIdentifier=vm_id, expirationInMinutes=1)["authToken"]
     assert shell["X-aws-proxy-auth"] != parts["X-aws-proxy-auth"]
+    # the shell on the endpoint, with the subprotocols AWS's clients offer: a command runs, its output comes back
+    protocols = [f"lambda-microvms.authentication.{shell['X-aws-proxy-auth']}", "lambda-microvms",
+                 "lambda-microvms.port.8022"]  # fmt: skip
+    target = "/ember/shell?command=sh&command=-c&command=echo+ran-%24((40%2B2))%3B+exit+5"
+    opened, proto = open_shell(daemon, "ingress", target, host=str(urlsplit(vm["endpoint"]).hostname),
+                               subprotocols=protocols)  # fmt: skip
+    with opened:
+        out, code = run_in(opened)
+    assert b"ran-42" in out and code == 5 and proto.subprotocol == "lambda-microvms", out
 
     lam.suspend_microvm(microvmIdentifier=vm_id)
     assert lam.get_microvm(microvmIdentifier=vm_id)["state"] == "SUSPENDED"
@@ -174,6 +193,19 @@ def test_refusals_parse_as_the_models_exceptions(
     with pytest.raises(gone.exceptions.AccessDeniedException, match="unknown or revoked"):
         gone.list_microvms()
 
+    # temporary credentials: Ember has none
+    temporary = boto3.client(
+        "lambda-microvms", endpoint_url=aws_endpoint, region_name=REGION, aws_access_key_id=aws_tenant.access_key_id,
+        aws_secret_access_key=aws_tenant.secret_access_key, aws_session_token="FwoGZXIvYXdzEXAMPLE",
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+    )  # fmt: skip
+    with pytest.raises(temporary.exceptions.AccessDeniedException, match="no temporary credentials"):
+        temporary.list_microvms()
+    # an identifier with a '/' (boto3 sends %2F) is one that cannot exist, not another path
+    for call in (lam.get_microvm, lam.terminate_microvm):
+        with pytest.raises(lam.exceptions.ResourceNotFoundException, match="vm-0/x"):
+            call(microvmIdentifier="vm-0/x")
+
     # a bearer key, no signature, an oversized body, an unknown path: AWS error shapes too
     with httpx.Client(base_url=aws_endpoint, timeout=30) as h:
         answer = h.get("/2025-09-09/microvms", headers={"Authorization": f"Bearer {aws_tenant.api_key}"})
@@ -187,3 +219,90 @@ def test_refusals_parse_as_the_models_exceptions(
         )
         answer = h.get("/2025-09-09/nothing-here")
         assert (answer.status_code, answer.headers["x-amzn-errortype"]) == (404, "UnknownOperationException")
+    # segments the signature's canonical path would collapse: refused before routing or verifying (sent as they
+    # are: httpx would remove them)
+    host, port = urlsplit(aws_endpoint).netloc.rsplit(":", 1)
+    for path in ("/2025-09-09/microvm-images/MyApp/versions/..", "/2025-09-09/microvms//suspend"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("DELETE", path)
+            answer = conn.getresponse()
+            assert (answer.status, answer.getheader("x-amzn-errortype")) == (400, "ValidationException"), path
+            assert "'..' segment" in json.loads(answer.read())["message"]
+        finally:
+            conn.close()
+
+
+def test_a_client_token_answers_its_retry_after_a_newer_version(
+    daemon: DaemonProcess, base_image: str, tenant_vms: AwsTenant, aws_client: AwsClientFactory, tmp_path: Path
+) -> None:
+    """The token is checked first, over the request as given: a retry after the image got a newer version (built
+    with Ember's own API) is the same request, not a ConflictException."""
+    lam = aws_client(tenant_vms)
+    token = secrets.token_hex(8)
+    with Client(api_key=tenant_vms.api_key, settings=daemon.settings) as own:
+        for version in (1, 2):
+            (tmp_path / "Dockerfile").write_text(f"FROM debian\nENV VERSION={version}\n")
+            assert build(own, tmp_path, "tokenapp")[0]["state"] == "CREATED"
+            if version == 1:
+                vm_id = lam.run_microvm(imageIdentifier="tokenapp", clientToken=token)["microvmId"]
+        assert lam.run_microvm(imageIdentifier="tokenapp", clientToken=token)["microvmId"] == vm_id
+        with pytest.raises(lam.exceptions.ConflictException, match="clientToken was used for a different request"):
+            lam.run_microvm(imageIdentifier="tokenapp", imageVersion="2", clientToken=token)
+
+
+@pytest.fixture
+def tiny_daemon(settings: Settings, tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon of its own (no VM: no pool, nothing built) with tiny limits: a key's rate (one request, then one
+    every 2 s), refusals per peer (3), the shortest idle timeout (120 s) and the longest duration (100 s)."""
+    data = tmp_path / "aws-tiny"
+    own = dataclasses.replace(
+        settings, data_dir=data, socket_path=data / "ember.sock", listen=f"127.0.0.1:{free_port()}",
+        uid_base=settings.uid_base + TEST_UID_BLOCK, pool_size=0, database_url=daemon_database_url("awstiny"),
+        rate_limit_per_s=0.5, rate_limit_burst=1, aws_denied_per_s=0.01, aws_denied_burst=3, min_idle_s=120,
+        max_duration_limit_s=100,
+    )  # fmt: skip
+    d = DaemonProcess(own, tmp_path / "aws-tiny.log")
+    d.start()
+    yield d
+    d.stop()
+    if own.database_url:
+        drop_database(own.database_url)
+
+
+def test_throttling_is_waited_out_by_botocore_and_refusals_are_limited_per_peer(tiny_daemon: DaemonProcess) -> None:
+    def lam(tenant: AwsTenant, attempts: int = 1, secret: str | None = None) -> Any:
+        return boto3.client(
+            "lambda-microvms", endpoint_url=f"http://{tiny_daemon.settings.listen}", region_name=REGION,
+            aws_access_key_id=tenant.access_key_id, aws_secret_access_key=secret or tenant.secret_access_key,
+            config=Config(retries={"total_max_attempts": attempts, "mode": "standard"}),  # botocore: the first one too
+        )  # fmt: skip
+
+    with Client(settings=tiny_daemon.settings) as admin:
+        tenants = [new_aws_tenant(admin) for _ in range(4)]
+    once = lam(tenants[0])
+    once.list_microvms()
+    with pytest.raises(once.exceptions.ThrottlingException) as throttled:
+        once.list_microvms()
+    headers = throttled.value.response["ResponseMetadata"]["HTTPHeaders"]
+    assert int(headers["retry-after"]) == 2 and 1000 < int(headers["x-amz-retry-after"]) <= 2000
+    # botocore's standard retries wait what x-amz-retry-after says: the second attempt passes
+    patient = lam(tenants[1], attempts=2)
+    patient.list_microvms()
+    began = time.monotonic()
+    assert patient.list_microvms()["items"] == []
+    assert time.monotonic() - began >= 1.5
+    # Ember's bounds, named by the API's members (checked before the image is looked for)
+    idle, long = lam(tenants[2]), lam(tenants[3])
+    with pytest.raises(idle.exceptions.ValidationException, match=r"idlePolicy\.maxIdleDurationSeconds=60"):
+        idle.run_microvm(imageIdentifier="debian", idlePolicy={**IDLE, "maxIdleDurationSeconds": 60})
+    with pytest.raises(long.exceptions.ValidationException, match="maximumDurationInSeconds=200: at most 100"):
+        long.run_microvm(imageIdentifier="debian", maximumDurationInSeconds=200)
+    # refusals: three from this address, then throttled before any key is looked up (a valid key's request too)
+    for _ in range(3):
+        unknown = lam(AwsTenant("x", "0", "k", "", "AKIA" + secrets.token_hex(8).upper(), "s" * 40))
+        with pytest.raises(unknown.exceptions.AccessDeniedException):
+            unknown.list_microvms()
+    for blocked in (lam(tenants[0], secret="wrong" * 8), lam(tenants[1])):
+        with pytest.raises(blocked.exceptions.ThrottlingException, match="refused requests"):
+            blocked.list_microvms()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import socket
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -36,6 +37,7 @@ TENANT_HEADER = "x-ember-tenant"
 KEY_CACHE = 10_000  # known keys (and unknown tokens) remembered; a revocation in this daemon updates it
 TOKEN_SHAPE = re.compile(r"^(ember_)?[A-Za-z0-9_-]{32,64}$")  # an API key, or the api-token file's admin key
 ACCESS_KEY_SHAPE = re.compile(r"^AKIA[A-Z0-9]{16}$")  # a key's SigV4 access key id (ember.tenancy.keys)
+UNKNOWN_ACCESS_KEY_S = 60.0  # an access key id found unknown or revoked costs no query again for this long
 
 
 def _with_peer(protocol: Any, transport: Any) -> None:
@@ -71,12 +73,14 @@ class PeerCredWSProtocol(WSProtocol):
 
 
 class Authenticator:
-    def __init__(self, tenants: TenantStore, limiter: RateLimiter) -> None:
+    def __init__(self, tenants: TenantStore, limiter: RateLimiter, clock: Callable[[], float] = time.monotonic) -> None:
         self.tenants = tenants
         self.limiter = limiter
+        self._now = clock
         self._keys: OrderedDict[str, KeyRecord] = OrderedDict()
         self._unknown: OrderedDict[str, None] = OrderedDict()  # hashes of tokens that are no live key
         self._signing: OrderedDict[str, KeyRecord] = OrderedDict()  # live keys by SigV4 access key id (ember.aws)
+        self._unsigned: OrderedDict[str, float] = OrderedDict()  # access key ids found no live key -> until when
 
     def forget(self, key_id: str) -> None:
         """A key was revoked: it stops working with the next request."""
@@ -88,16 +92,28 @@ class Authenticator:
                 del self._signing[access_key_id]
 
     def signing_key(self, access_key_id: str) -> KeyRecord | None:
-        """The live key with this SigV4 access key id (the AWS API's caller), or None; remembered like bearer keys
-        (an unknown id costs a query each time: an id seen unknown may be issued later)."""
+        """The live key with this SigV4 access key id (the AWS API's caller), or None; remembered like bearer keys.
+        An id of no key's shape costs no query; one found unknown or revoked, none for UNKNOWN_ACCESS_KEY_S (ids
+        are random: one seen unknown is all but never issued later, but a cached refusal must not outlive that)."""
         key = self._signing.get(access_key_id)
-        if key is None:
-            key = self.tenants.key_by_access_key(access_key_id) if ACCESS_KEY_SHAPE.match(access_key_id) else None
-            if key is None or key.revoked_at or not key.secret_sealed:
+        if key is not None:
+            return key
+        if not ACCESS_KEY_SHAPE.match(access_key_id):
+            return None
+        until = self._unsigned.get(access_key_id)
+        if until is not None:
+            if until > self._now():
                 return None
-            self._signing[access_key_id] = key
-            if len(self._signing) > KEY_CACHE:
-                self._signing.popitem(last=False)
+            del self._unsigned[access_key_id]
+        key = self.tenants.key_by_access_key(access_key_id)
+        if key is None or key.revoked_at or not key.secret_sealed:
+            self._unsigned[access_key_id] = self._now() + UNKNOWN_ACCESS_KEY_S
+            if len(self._unsigned) > KEY_CACHE:
+                self._unsigned.popitem(last=False)
+            return None
+        self._signing[access_key_id] = key
+        if len(self._signing) > KEY_CACHE:
+            self._signing.popitem(last=False)
         return key
 
     def _key(self, token: str) -> KeyRecord | None:

@@ -10,7 +10,8 @@
   socket, or a bearer API key; the principal goes into the scope and the request's context. The
   shell's WebSocket may carry a shell token instead (:mod:`ember.ingress.shelltokens`).
 - The AWS API's paths (:mod:`ember.aws.router`) pass the same checks with their own body cap
-  (EMBER_AWS_MAX_BODY_BYTES); the router verifies their SigV4 signature once it has read the body, and every
+  (EMBER_AWS_MAX_BODY_BYTES); they are routed as sent, percent-encoded (a path with an empty, ``.`` or ``..``
+  segment refused: :func:`ember.aws.sigv4.routable_path`); the router verifies their SigV4 signature, and every
   refusal on them is an AWS error (``x-amzn-ErrorType``, ``{"message": ...}``) that botocore parses.
 """
 
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.api.auth import PEER_UID, PRINCIPAL, Authenticator
-from ember.aws.errors import from_ember, render
+from ember.aws.errors import AwsError, from_ember, render
+from ember.aws.sigv4 import routable_path
 from ember.config import Settings
 from ember.errors import (
     EmberError,
@@ -248,6 +250,14 @@ class RequestGuard:
             await answer(InvalidRequest("a NUL character in the path or query: no name or id holds one"), close=False)
             return
         if aws:  # signed requests: ember.aws.router verifies them once it has read the (capped) body
+            try:  # routed as sent: a label's %2F stays in its segment
+                scope["path"] = routable_path((scope.get("raw_path") or scope["path"].encode()).decode("latin-1"))
+            except AwsError as exc:
+                status, answer_headers, body = render(exc)
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [*answer_headers, (b"connection", b"close")]})  # fmt: skip
+                await send({"type": "http.response.body", "body": body})
+                return
             await self._guarded(scope, receive, send)
             return
         if websocket:

@@ -223,11 +223,27 @@ def _check_size(image: ImageRecord, body: RunBody) -> None:
             )
 
 
-async def launch(
-    daemon: Daemon, limits: Limits, who: Principal, body: RunBody, *, aws: Mapping[str, Any] | None = None
-) -> VmRecord:
-    """Run a VM (POST /v1/vms): checks, quotas, idempotency by ``body.client_token``; its record. The AWS API's
-    RunMicrovm (ember.aws.microvms) runs here too, with ``aws``: what it shows back, recorded with the VM."""
+async def launch(daemon: Daemon, limits: Limits, who: Principal, body: RunBody) -> VmRecord:
+    """Run a VM (POST /v1/vms): checks, quotas, idempotency by ``body.client_token``; its record."""
+
+    async def existing(vm_id: str) -> VmRecord:
+        return owned_by(daemon, vm_id, who)
+
+    async def create(settle: Settle) -> VmRecord:
+        return await start(daemon, limits, who, body, settle=settle)
+
+    return await Idempotency(daemon.tenants).create(
+        who, "vm", body.client_token, body.model_dump(mode="json"), create, existing
+    )
+
+
+async def start(
+    daemon: Daemon, limits: Limits, who: Principal, body: RunBody, *, settle: Settle,
+    aws: Mapping[str, Any] | None = None,
+) -> VmRecord:  # fmt: skip
+    """Run a VM without idempotency (``settle(id)`` once its record exists): checks, quotas, the engine. The AWS
+    API's RunMicrovm (ember.aws.microvms) runs here too, within its own client token's claim, with ``aws``: what
+    it shows back, recorded with the VM."""
     payload = (body.run_payload or "").encode()
     if len(payload) > daemon.settings.run_payload_max_bytes:
         raise InvalidRequest(
@@ -240,26 +256,18 @@ async def launch(
     egress = parse_policy(body.egress, body.allow, max_entries=daemon.settings.egress_max_allow)
     asks = [Ask(Quota.RUNNING_VMS, 1), Ask(Quota.RUNNING_VCPUS, image.machine.vcpus),
             Ask(Quota.RUNNING_MEMORY_MIB, image.machine.memory_mib)]  # fmt: skip
+    async with limits.admit(who.tenant, asks, Operation.LAUNCH) as release:
 
-    async def create(settle: Settle) -> VmRecord:
-        async with limits.admit(who.tenant, asks, Operation.LAUNCH) as release:
+        def recorded(vm_id: str) -> None:
+            settle(vm_id)
+            release()  # the PENDING record counts from here
 
-            def recorded(vm_id: str) -> None:
-                settle(vm_id)
-                release()  # the PENDING record counts from here
-
-            options = RunOptions(
-                tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
-                egress=egress, aws=aws or {},
-                on_record=recorded,
-            )  # fmt: skip
-            return await daemon.engine.run(image, options)
-
-    async def existing(vm_id: str) -> VmRecord:
-        return owned_by(daemon, vm_id, who)
-
-    request = body.model_dump(mode="json") | ({"aws": aws} if aws else {})
-    return await Idempotency(daemon.tenants).create(who, "vm", body.client_token, request, create, existing)
+        options = RunOptions(
+            tenant=who.tenant, env=body.env, tags=body.tags, run_payload=payload, idle=policy,
+            egress=egress, aws=aws or {},
+            on_record=recorded,
+        )  # fmt: skip
+        return await daemon.engine.run(image, options)
 
 
 def suspend_asks(vm: VmRecord) -> list[Ask]:

@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from ember.api import vms as v1
 from ember.api.ingress import endpoint, issue_token
 from ember.api.limits import Limits
-from ember.api.vms import RunBody, ago, launch, owned_by, suspend_asks
-from ember.aws.errors import ResourceNotFoundException, ValidationException
+from ember.api.vms import RunBody, ago, owned_by, suspend_asks
+from ember.aws.errors import ResourceNotFoundException, ValidationException, aws_words
 from ember.aws.imageref import named, shown
 from ember.aws.images import image_name, resolve_runnable
 from ember.aws.managed import managed_name
@@ -43,7 +44,7 @@ from ember.ingress.tokens import MAX_MINUTES, NO_PORTS, Ports, TokenKind
 from ember.metrics import Operation
 from ember.models import VmRecord, VmState, parse_time
 from ember.tenancy import names
-from ember.tenancy.idempotency import MAX_TOKEN
+from ember.tenancy.idempotency import MAX_TOKEN, Idempotency, Settle
 from ember.tenancy.keys import token_hash
 
 if TYPE_CHECKING:
@@ -130,20 +131,18 @@ def view(daemon: Daemon, vm: VmRecord, call: Call) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@operation("RunMicrovm")
-async def run(daemon: Daemon, call: Call) -> Mapping[str, Any]:
+def _checked(daemon: Daemon, call: Call) -> tuple[list[str], list[str], int]:
+    """RunMicrovm's input checked against this Ember's bounds (named by the API's members): its ingress and egress
+    connectors and its maximum duration."""
     p, settings = call.params, daemon.settings
-    identifier = p["imageIdentifier"]
-    image = resolve_runnable(daemon, call, identifier, p.get("imageVersion"))
-    managed = managed_name(identifier)
-    _, version = shown(image.name, {}, region=call.region, account=call.account)
     ingress = _connectors("ingressNetworkConnectors", p.get("ingressNetworkConnectors", []), INGRESS)
     egress = _connectors("egressNetworkConnectors", p.get("egressNetworkConnectors", []), EGRESS)
-    duration = p.get("maximumDurationInSeconds", min(settings.aws_max_duration_s, settings.max_duration_limit_s))
-    if duration > settings.aws_max_duration_s:
+    most = min(settings.aws_max_duration_s, settings.max_duration_limit_s)
+    duration = p.get("maximumDurationInSeconds", most)
+    if duration > most:
         raise ValidationException(
-            f"maximumDurationInSeconds={duration}: at most {settings.aws_max_duration_s} on this Ember "
-            "(EMBER_AWS_MAX_DURATION_S)"
+            f"maximumDurationInSeconds={duration}: at most {most} on this Ember "
+            "(EMBER_AWS_MAX_DURATION_S, EMBER_MAX_DURATION_LIMIT)"
         )
     payload = p.get("runHookPayload")
     if payload is not None and len(payload.encode()) > settings.run_payload_max_bytes:
@@ -152,20 +151,50 @@ async def run(daemon: Daemon, call: Call) -> Mapping[str, Any]:
             "(EMBER_RUN_PAYLOAD_MAX_BYTES)"
         )
     idle = p.get("idlePolicy") or {}
-    try:
-        body = RunBody(
-            image=names.public(image.name), egress="internet" if egress else "none",
-            client_token=_client_token(p.get("clientToken")), run_payload=payload,
-            idle_timeout_s=idle.get("maxIdleDurationSeconds"), auto_resume=bool(idle.get("autoResumeEnabled")),
-            suspended_ttl_s=idle.get("suspendedDurationSeconds"), max_duration_s=duration,
-        )  # fmt: skip
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        raise ValidationException(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
-    aws = {"image": managed or image_name(call, identifier), "managed": managed is not None, "imageVersion": version,
-           "ingress": ingress, "egress": egress, "executionRoleArn": p.get("executionRoleArn"),
-           "kmsKeyIdentifier": p.get("kmsKeyIdentifier"), "logging": p.get("logging")}  # fmt: skip
-    vm = await launch(daemon, Limits(daemon), call.principal, body, aws={k: v for k, v in aws.items() if v is not None})
+    if idle.get("maxIdleDurationSeconds", settings.min_idle_s) < settings.min_idle_s:
+        raise ValidationException(
+            f"idlePolicy.maxIdleDurationSeconds={idle['maxIdleDurationSeconds']}: at least {settings.min_idle_s} "
+            "on this Ember (EMBER_MIN_IDLE_SECONDS)"
+        )
+    return ingress, egress, duration
+
+
+@operation("RunMicrovm")
+async def run(daemon: Daemon, call: Call) -> Mapping[str, Any]:
+    """A microVM; a ``clientToken`` seen before answers with its microVM (checked before the image is resolved:
+    a retry after a newer version became ACTIVE is the same request), or Conflict for other parameters."""
+    p = call.params
+    ingress, egress, duration = _checked(daemon, call)
+
+    async def create(settle: Settle) -> VmRecord:
+        identifier = p["imageIdentifier"]
+        image = resolve_runnable(daemon, call, identifier, p.get("imageVersion"))
+        managed = managed_name(identifier)
+        _, version = shown(image.name, {}, region=call.region, account=call.account)
+        idle = p.get("idlePolicy") or {}
+        try:
+            body = RunBody(
+                image=names.public(image.name), egress="internet" if egress else "none",
+                run_payload=p.get("runHookPayload"), idle_timeout_s=idle.get("maxIdleDurationSeconds"),
+                auto_resume=bool(idle.get("autoResumeEnabled")), suspended_ttl_s=idle.get("suspendedDurationSeconds"),
+                max_duration_s=duration,
+            )  # fmt: skip
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            raise ValidationException(aws_words(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}")) from None
+        aws = {"image": managed or image_name(call, identifier), "managed": managed is not None,
+               "imageVersion": version, "ingress": ingress, "egress": egress,
+               "executionRoleArn": p.get("executionRoleArn"), "kmsKeyIdentifier": p.get("kmsKeyIdentifier"),
+               "logging": p.get("logging")}  # fmt: skip
+        shown_back = {k: v for k, v in aws.items() if v is not None}
+        return await v1.start(daemon, Limits(daemon), call.principal, body, settle=settle, aws=shown_back)
+
+    async def existing(vm_id: str) -> VmRecord:
+        return owned_by(daemon, vm_id, call.principal)
+
+    request = {k: v for k, v in p.items() if k != "clientToken"}  # as given: the same request hashes the same
+    token = _client_token(p.get("clientToken"))
+    vm = await Idempotency(daemon.tenants).create(call.principal, "vm", token, request, create, existing)
     return view(daemon, vm, call)
 
 

@@ -174,8 +174,17 @@ def parse_query(query_string: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _label(name: str, raw: str) -> str:
+    """A URI label as sent (percent-encoded: the API routes raw paths), decoded."""
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise _refuse(name, "is not UTF-8") from None
+
+
 def parse_input(operation: OperationModel, labels: Mapping[str, str], query_string: str, body: bytes) -> dict[str, Any]:
-    """The operation's input members from a request: its URI ``labels`` (decoded), query string and body."""
+    """The operation's input members from a request: its URI ``labels`` (percent-encoded, as routed), query
+    string and body."""
     shape = operation.input_shape
     if shape is None:
         return {}
@@ -185,7 +194,7 @@ def parse_input(operation: OperationModel, labels: Mapping[str, str], query_stri
         location = member.serialization.get("location")
         wire = member.serialization.get("name", name)
         if location == "uri":
-            located[name] = _from_text(name, labels[wire], member)
+            located[name] = _from_text(name, _label(name, labels[wire]), member)
         elif location == "querystring":
             by_location[wire] = name
     query: dict[str, list[str]] = {}

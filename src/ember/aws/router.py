@@ -1,12 +1,15 @@
 """The AWS Lambda MicroVMs API's routes: one per operation of the model, at its exact method and requestUri,
 on both of Ember's listeners (left out of Ember's OpenAPI document: the AWS model documents them).
 
-Each request: its body read (the request guard caps it: EMBER_AWS_MAX_BODY_BYTES), its SigV4 signature verified
-(:mod:`ember.aws.sigv4`) with the secret of the key it names, the key's rate limit taken, its input parsed and
+Each request: its path routed as sent (percent-encoded: a label keeps its ``%2F``; the request guard refuses
+empty, ``.`` and ``..`` segments first), its SigV4 headers checked (the algorithm, the date, the key it names:
+all before its body is read), its body read (the request guard caps it: EMBER_AWS_MAX_BODY_BYTES), its
+signature verified (:mod:`ember.aws.sigv4`) with the key's secret, the key's rate limit taken, its input parsed and
 validated against the model (:mod:`ember.aws.model`), the operation's handler called
 (:data:`ember.aws.operations.HANDLERS`) as the key's tenant, and its result written as the output shape. Every
 error is an AWS error (:func:`ember.aws.errors.from_ember`); an unknown path or method under the API's prefixes
-answers UnknownOperationException.
+answers UnknownOperationException. A peer address whose requests are refused (AccessDenied) more often than
+EMBER_AWS_DENIED_PER_S (burst EMBER_AWS_DENIED_BURST) gets ThrottlingException, before any key is looked up.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from botocore.model import OperationModel
@@ -21,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from sqlalchemy.exc import DataError
 
-from ember.api.auth import PRINCIPAL, Authenticator
+from ember.api.auth import PEER_UID, PRINCIPAL, Authenticator
 from ember.aws import images, managed, microvms, tags  # noqa: F401 (register their operations)
 from ember.aws.errors import (
     AccessDeniedException,
@@ -35,6 +39,7 @@ from ember.aws.model import parse_input, render_output, service
 from ember.aws.operations import HANDLERS, Call
 from ember.aws.sigv4 import SignedRequest, parse, signed_at, verify
 from ember.tenancy.principal import CURRENT, DEFAULT_TENANT, Principal
+from ember.tenancy.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from ember.daemon import Daemon
@@ -45,6 +50,20 @@ ACCOUNTS_CACHED = 10_000  # tenants' account ids remembered (they never change)
 class UnknownOperationException(AwsError):
     code = "UnknownOperationException"
     status = 404
+
+
+def throttled(wait: float, why: str) -> ThrottlingException:
+    exc = ThrottlingException(f"Rate exceeded: {why}; retry in {wait:.1f} s", serviceCode="lambda")
+    exc.retry_after = wait
+    return exc
+
+
+def peer(request: Request) -> str:
+    """Who a request comes from, for the limit on refusals: its address (TCP), or its uid (the Unix socket)."""
+    client = request.scope.get("client")
+    if client:
+        return f"ip:{client[0]}"
+    return f"uid:{request.scope.get(PEER_UID)}"
 
 
 def error_response(exc: BaseException) -> Response:
@@ -59,6 +78,8 @@ class AwsApi:
         self.daemon = daemon
         self.auth = auth
         self._accounts: OrderedDict[str, str] = OrderedDict()
+        settings = daemon.settings
+        self.denied = RateLimiter(settings.aws_denied_per_s, settings.aws_denied_burst)  # refusals per peer
 
     def account(self, tenant: str) -> str:
         found = self._accounts.get(tenant)
@@ -71,13 +92,13 @@ class AwsApi:
                 self._accounts.popitem(last=False)
         return found
 
-    async def authenticate(self, request: Request, body: bytes) -> tuple[Principal, str]:
-        """The principal a signed request acts as (a tenant key's tenant; an admin key's: ``default``), and the
-        region it signed for. AccessDenied or Throttling otherwise."""
+    async def authenticate(self, request: Request) -> tuple[Principal, str, bytes]:
+        """The principal a signed request acts as (a tenant key's tenant; an admin key's: ``default``), the
+        region it signed for, and its body (read once the headers passed). AccessDenied or Throttling otherwise."""
         headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.scope["headers"])
         signed = SignedRequest(
             method=request.method, raw_path=request.scope.get("raw_path", request.url.path.encode()).decode("latin-1"),
-            query_string=request.scope["query_string"].decode("latin-1"), headers=headers, body=body,
+            query_string=request.scope["query_string"].decode("latin-1"), headers=headers, body=b"",
         )  # fmt: skip
         credential = parse(signed)
         signed_at(signed, credential, now=time.time(), skew_s=self.daemon.settings.aws_clock_skew_s)
@@ -85,27 +106,32 @@ class AwsApi:
         if key is None:
             raise AccessDeniedException(
                 "The security token included in the request is invalid: the access key id is unknown or revoked "
-                "(make a key with 'ember key create --tenant NAME')"
+                "(an operator makes keys: each has an access key id and a secret access key)"
             )
         try:
             secret = self.daemon.secrets.open(key.secret_sealed)
         except ValueError:
             raise AccessDeniedException(
-                "this key's secret cannot be read (the daemon's secret key file changed): make a new key"
+                "this key's secret cannot be read (the daemon's secret key file changed): ask for a new key"
             ) from None
-        verify(signed, credential, secret)
+        body = await request.body()
+        verify(replace(signed, body=body), credential, secret)
         if key.tenant is not None:  # the operator's keys are not rate limited
             wait = self.auth.limiter.take(key.key_id)
             if wait > 0:
-                throttled = ThrottlingException(f"Rate exceeded: too many requests for this key; retry in {wait:.1f} s")
-                throttled.retry_after = wait
-                raise throttled
-        return Principal(key.tenant or DEFAULT_TENANT, admin=False, key_id=key.key_id), credential.region
+                raise throttled(wait, "too many requests for this key")
+        return Principal(key.tenant or DEFAULT_TENANT, admin=False, key_id=key.key_id), credential.region, body
 
     async def serve(self, operation: OperationModel, request: Request) -> Response:
+        source = peer(request)
+        wait = self.denied.wait(source)
+        if wait > 0:
+            return error_response(throttled(wait, "too many refused requests (bad signatures, unknown keys) from here"))
         try:
-            body = await request.body()
-            who, region = await self.authenticate(request, body)
+            who, region, body = await self.authenticate(request)
+        except AccessDeniedException as exc:
+            wait = self.denied.take(source)
+            return error_response(exc if wait == 0 else throttled(wait, "too many refused requests from here"))
         except Exception as exc:
             return error_response(exc)
         request.scope[PRINCIPAL] = who

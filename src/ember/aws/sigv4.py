@@ -5,7 +5,12 @@ SignedHeaders=<h1;h2;...>, Signature=<hex>`` and ``X-Amz-Date``. The signature i
 as it arrived (the canonical request of botocore's ``SigV4Auth``: its raw path re-encoded, its query sorted, the
 signed headers, the body's SHA-256) and compared in constant time. Any region is accepted; the service must be
 ``lambda``; ``host`` and ``x-amz-date`` must be signed; the date must be within the allowed skew; the body's hash
-is always computed here (``UNSIGNED-PAYLOAD`` is refused). Every refusal is an AccessDeniedException.
+is always computed here (``UNSIGNED-PAYLOAD`` is refused); temporary credentials (``X-Amz-Security-Token``) are
+refused, as Ember has none. Every refusal is an AccessDeniedException.
+
+A path with an empty, ``.`` or ``..`` segment is refused before it is routed or verified
+(:func:`routable_path`): the canonical path collapses such segments and routing would not, so a signature for
+one operation would verify for another.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from urllib.parse import quote, unquote
 
 from botocore.utils import normalize_url_path
 
-from ember.aws.errors import AccessDeniedException
+from ember.aws.errors import AccessDeniedException, ValidationException
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "lambda"
@@ -72,8 +77,26 @@ def _one(request: SignedRequest, name: str) -> str | None:
     return values[0] if values else None
 
 
+def routable_path(raw_path: str) -> str:
+    """``raw_path`` (percent-encoded, as sent) if no segment of it is empty, ``.`` or ``..`` (encoded or not);
+    else ValidationException. The API's routes match this raw form: a label keeps its ``%2F``."""
+    segments = raw_path.split("/")[1:]
+    if not raw_path.startswith("/") or any(unquote(s) in ("", ".", "..") for s in segments):
+        raise ValidationException(
+            "the request path has an empty, '.' or '..' segment: no operation's path has one (send each "
+            "identifier as one segment, '/' encoded as %2F)"
+        )
+    return raw_path
+
+
 def parse(request: SignedRequest) -> Credential:
-    """The credential the request claims; AccessDenied for a missing or malformed signature."""
+    """The credential the request claims; AccessDenied for a missing or malformed signature, or one made with
+    temporary credentials (a session token)."""
+    if _one(request, "x-amz-security-token") is not None:
+        raise AccessDeniedException(
+            "The security token included in the request is invalid: Ember has no temporary credentials (no STS "
+            "session tokens); sign with a key's access key id and secret access key, without a session token"
+        )
     value = _one(request, "authorization")
     if value is None or not value.startswith(ALGORITHM):
         raise AccessDeniedException(
@@ -121,7 +144,8 @@ def canonical_query(query_string: str) -> str:
 
 
 def canonical_request(request: SignedRequest, credential: Credential, payload_hash: str) -> str:
-    lines = [request.method.upper(), quote(normalize_url_path(request.raw_path), safe="/~"),
+    path = routable_path(request.raw_path)  # no segment that normalisation would collapse
+    lines = [request.method.upper(), quote(normalize_url_path(path), safe="/~"),
              canonical_query(request.query_string)]  # fmt: skip
     for name in sorted(set(credential.signed_headers)):
         values = [v for k, v in request.headers if k == name]

@@ -23,8 +23,8 @@ class RateLimiter:
         self._now = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
-    def take(self, key: str) -> float:
-        """Spend one token of ``key``'s bucket: 0.0 if allowed, else the seconds until one is there."""
+    def _bucket(self, key: str) -> _Bucket:
+        """``key``'s bucket, refilled up to now."""
         now = self._now()
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -35,7 +35,20 @@ class RateLimiter:
             self._buckets.move_to_end(key)
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.per_s)
             bucket.at = now
+        return bucket
+
+    def _until(self, bucket: _Bucket) -> float:
+        return (1.0 - bucket.tokens) / self.per_s if self.per_s > 0 else math.inf
+
+    def take(self, key: str) -> float:
+        """Spend one token of ``key``'s bucket: 0.0 if allowed, else the seconds until one is there."""
+        bucket = self._bucket(key)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
-        return (1.0 - bucket.tokens) / self.per_s if self.per_s > 0 else math.inf
+        return self._until(bucket)
+
+    def wait(self, key: str) -> float:
+        """The seconds until ``key``'s bucket has a token (0.0: it has one now), spending none."""
+        bucket = self._bucket(key)
+        return 0.0 if bucket.tokens >= 1.0 else self._until(bucket)
