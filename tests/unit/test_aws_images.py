@@ -114,6 +114,8 @@ def test_the_build_network_and_environment() -> None:
     assert build_network(
         {"egressNetworkConnectors": ["arn:aws:lambda:eu-west-1:aws:network-connector:INTERNET_EGRESS"]}
     )
+    documented = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"  # AWS's docs
+    assert build_network({"egressNetworkConnectors": [documented]})
     assert build_network({"egressNetworkConnectors": []}) is False
     assert environment({"environmentVariables": {"B": "2", "A": "1"}}) == (("A", "1"), ("B", "2"))
 

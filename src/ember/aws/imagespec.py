@@ -21,10 +21,10 @@ The router has already checked them against the model (types, enums, lengths, pa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from ember.aws.arns import connector_name
 from ember.aws.errors import ValidationException
 from ember.config import Settings
 from ember.hooks import AWS_PREFIX, Hook, HookConfig
@@ -38,7 +38,6 @@ DEFAULT_HOOK_PORT = 9000  # AWS's, when hooks.port is not given
 DEFAULT_READY_TIMEOUT_S = 120.0  # Ember's build default
 MAX_DESCRIPTION = 1024  # characters (the model sets no limit)
 INTERNET_EGRESS = "INTERNET_EGRESS"
-_EGRESS_ARN = re.compile(r"^arn:aws:lambda:[a-z0-9-]*:aws:network-connector:INTERNET_EGRESS$")
 _RUNTIME = {Hook.RUN: "run", Hook.RESUME: "resume", Hook.SUSPEND: "suspend", Hook.TERMINATE: "terminate"}
 _BUILD = {Hook.READY: "ready", Hook.VALIDATE: "validate"}
 
@@ -75,7 +74,7 @@ def build_network(spec: Mapping[str, Any]) -> bool:
     if connectors is None:
         return True
     for connector in connectors:
-        if connector != INTERNET_EGRESS and not _EGRESS_ARN.match(connector):
+        if connector_name(connector) != INTERNET_EGRESS:
             raise ValidationException(
                 f"egress network connector {connector[:100]!r}: Ember has the managed {INTERNET_EGRESS} "
                 "connector only (none: build without a network)"

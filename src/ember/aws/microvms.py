@@ -10,7 +10,7 @@ Mapping:
   EMBER_AWS_MAX_DURATION_S) counts suspended time, as AWS's does.
 - connectors: ``INTERNET_EGRESS`` -> egress ``internet`` (none: no network); ``ALL_INGRESS`` -> the ingress
   endpoint takes auth tokens; ``SHELL_INGRESS`` -> shell tokens. Names or managed ARNs
-  (``arn:aws:lambda:<region>:aws:network-connector:<NAME>``); any other connector is refused.
+  (:func:`ember.aws.arns.connector_name`); any other connector is refused.
 - ``executionRoleArn``, ``kmsKeyIdentifier``, ``logging``: accepted, recorded and shown back, not used (no IAM,
   KMS or CloudWatch here: the app's output stays in Ember's log API).
 - States: Ember's RESUMING shows as PENDING, FAILED as TERMINATED (``stateReason`` says FAILED: terminate it to
@@ -34,6 +34,7 @@ from ember.api import vms as v1
 from ember.api.ingress import endpoint, issue_token
 from ember.api.limits import Limits
 from ember.api.vms import RunBody, ago, owned_by, suspend_asks
+from ember.aws.arns import connector_name
 from ember.aws.errors import ResourceNotFoundException, ValidationException, aws_words
 from ember.aws.imageref import named, shown
 from ember.aws.images import image_name, resolve_runnable
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
 INGRESS = frozenset({"ALL_INGRESS", "SHELL_INGRESS"})
 EGRESS = frozenset({"INTERNET_EGRESS"})
-_CONNECTOR_ARN = re.compile(r"^arn:aws:lambda:[a-z0-9-]*:aws:network-connector:([A-Z_]{1,32})$")
 _MICROVM_ARN = re.compile(r"^arn:aws:lambda:[a-z0-9-]*:([0-9]{12}):microvm:(vm-[0-9a-f]{1,64})$")
 STATES = {
     VmState.PENDING: "PENDING", VmState.RUNNING: "RUNNING", VmState.SUSPENDING: "SUSPENDING",
@@ -67,8 +67,7 @@ TOKEN_HEADER = "X-aws-proxy-auth"  # the key of TokenParts: the header (shell: t
 def _connectors(where: str, given: list[str], allowed: frozenset[str]) -> list[str]:
     out: list[str] = []
     for item in given:
-        found = _CONNECTOR_ARN.match(item)
-        name = found[1] if found else item
+        name = connector_name(item)
         if name not in allowed:
             raise ValidationException(
                 f"{where}: {item[:200]!r} is no connector of this Ember; it has {', '.join(sorted(allowed))} "
