@@ -10,7 +10,8 @@ import os
 import secrets
 import socket
 import stat
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -55,6 +56,18 @@ class Daemon:
     uid_lock: int  # held for the daemon's lifetime
     webhooks: WebhookDispatcher  # started here; the API's lifespan closes it
     tokens: TokenSigner  # VM auth tokens of the ingress
+    listeners: list[uvicorn.Server] = field(default_factory=list)  # the uvicorn servers: drained before VMs are let go
+
+    async def drain(self) -> None:
+        """Every listener stops taking requests and finishes those in flight, for at most DRAIN_S. uvicorn
+        shuts its servers down one after another (a SIGTERM reaches one, which re-raises it for the next),
+        and the first one's shutdown must not detach VMs under requests another one is still serving (a
+        suspend on the socket while the TCP listener stopped first ended FAILED)."""
+        for server in self.listeners:
+            server.should_exit = True
+        deadline = time.monotonic() + DRAIN_S
+        while any(server.server_state.tasks for server in self.listeners) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
 
 def lock_uid_range(settings: Settings) -> int:
@@ -126,6 +139,7 @@ async def assemble(settings: Settings) -> Daemon:
 
 
 PURGE_EVERY_S = 3600.0
+DRAIN_S = 60.0  # what a stopping daemon gives requests in flight on its other listeners
 
 
 def forget_before(now: datetime, retention_s: float) -> str:
@@ -222,6 +236,8 @@ async def serve(settings: Settings) -> None:
         ingress = IngressServer(settings, daemon.engine, auth, daemon.tokens, shell=shell)
         await ingress.start()
         daemon.engine.spawn_chore(ingress.run())
+    if tcp is not None:  # before the socket is bound: a caller that can connect finds the key file written
+        daemon.tenants.put_admin_key(ADMIN_FILE_KEY, token_hash(api_token(settings.api_token_path)))
     unix = bind_unix_socket(settings.socket_path)
     # WebSockets (the shell): wsproto, each message at most EMBER_SHELL_MAX_MESSAGE_BYTES before it is read
     ws_max = settings.shell_max_message_bytes
@@ -234,12 +250,12 @@ async def serve(settings: Settings) -> None:
     )
     servers: list[tuple[uvicorn.Server, list[socket.socket] | None]] = [(uvicorn.Server(on_socket), [unix])]
     if tcp is not None:
-        daemon.tenants.put_admin_key(ADMIN_FILE_KEY, token_hash(api_token(settings.api_token_path)))
         log.info("TCP listener %s; the admin key is in %s", settings.listen, settings.api_token_path)
         guarded = RequestGuard(app, caps, TcpPolicy.for_listener(settings.listen), auth, daemon.tokens)
         config = uvicorn.Config(
             guarded, host=tcp[0], port=tcp[1], log_level="warning", ws="wsproto", ws_max_size=ws_max
         )
         servers.append((uvicorn.Server(config), None))
+    daemon.listeners.extend(server for server, _ in servers)
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")
     await asyncio.gather(*(server.serve(sockets=sockets) for server, sockets in servers))

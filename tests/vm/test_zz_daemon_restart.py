@@ -147,6 +147,35 @@ def test_graceful_restart_keeps_vms_and_drops_the_pool(client: Client, daemon: D
     client.send(Request("DELETE", f"/v1/vms/{vm}"))
 
 
+def test_a_graceful_stop_finishes_requests_on_every_listener(
+    client: Client, daemon: DaemonProcess, base_image: str
+) -> None:
+    """The daemon listens on its socket and on TCP; uvicorn stops them one after another. An exec in flight
+    on the socket must end with its output, and its VM stay re-adoptable (the first listener's shutdown
+    once let the VMs go under the other's requests: a suspend there ended FAILED)."""
+    assert daemon.settings.listen, "this test needs a second listener"
+    vm = client.vms.run(base_image).id
+    result: list[object] = []
+
+    def slow_exec() -> None:
+        try:
+            result.append(client.vms.exec(vm, ["sh", "-c", "sleep 3; echo done"]))
+        except Exception as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=slow_exec)
+    worker.start()
+    time.sleep(1.0)
+    daemon.stop()  # SIGTERM while the exec runs
+    worker.join(30)
+    assert len(result) == 1 and not isinstance(result[0], Exception), result
+    assert result[0].stdout == b"done\n"  # type: ignore[attr-defined]
+    daemon.start()
+    view = client.send(Request("GET", f"/v1/vms/{vm}"))
+    assert view["state"] == "RUNNING" and view["state_reason"] != "agent_unreachable", view
+    client.send(Request("DELETE", f"/v1/vms/{vm}"))
+
+
 def test_stopped_daemon_without_vms_leaves_no_cgroup(daemon: DaemonProcess, client: Client, base_image: str) -> None:
     from ember.host.cgroup import group_for
 

@@ -80,7 +80,9 @@ def create_app(daemon: Daemon, auth: Authenticator) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         # inside uvicorn's graceful shutdown: it re-raises SIGTERM afterwards, so later
-        # cleanup would never run. Running VMs are left for the next daemon to re-adopt.
+        # cleanup would never run. Running VMs are left for the next daemon to re-adopt, once no
+        # listener serves a request any more.
+        await daemon.drain()
         await engine.close()
         await daemon.webhooks.close()
 
