@@ -211,8 +211,9 @@ class QemuVmm:
         self.alive()  # reaps our child
 
     async def _cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        try:
-            return await asyncio.wait_for(self._qmp.execute(name, args), QMP_TIMEOUT_S)
+        try:  # asyncio.timeout, not wait_for: a cancellation (a shutdown) is never swallowed by a late answer
+            async with asyncio.timeout(QMP_TIMEOUT_S):
+                return await self._qmp.execute(name, args)
         except TimeoutError:
             raise VmmError(f"QEMU {self.pid} did not answer QMP {name} within {QMP_TIMEOUT_S:.0f} s") from None
         except (QMPError, OSError, EOFError) as exc:
