@@ -22,7 +22,7 @@ from ember.guest.protocol import hello_answers, hello_frames
 from ember.sdk import Client, Request
 from tests.conftest import DaemonProcess, build, remove_quietly
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]  # the agent channel's token: SQLite pass only
 
 
 def _tokens(settings: Settings, vm_id: str) -> set[str]:

@@ -27,7 +27,7 @@ from ember.sdk.core import build_request
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, process_alive, vm_tests_possible
 from tests.databases import daemon_database_url, drop_database
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]  # the build sandbox's limits: SQLite pass only
 
 STEP_TIMEOUT_S = 50
 LOG_CAP = 1024 * 1024
