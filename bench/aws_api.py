@@ -45,36 +45,11 @@ from ember.sdk import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import log, machine, own_daemon, pcts, prepare_base
+from bench.serverless import APP  # the same app: it answers GET and the hooks (POST) alike
 from tests.awsfixtures import REGION, new_aws_tenant
 from tests.conftest import free_port
 
 HOOKS = "/aws/lambda-microvms/runtime/v1/"
-APP = """\
-import http.server
-
-BODY = b'{"ok": true}'
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    wbufsize = 1 << 16  # the head and the body in one write
-
-    def answer(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    do_GET = do_POST = answer  # the hooks (POST) run the GET's code: a pool clone is warm for it
-
-    def log_message(self, *args):
-        pass
-
-
-http.server.ThreadingHTTPServer(("127.0.0.1", 8080), Handler).serve_forever()
-"""
 DOCKERFILE = """\
 FROM ember:debian-python3
 COPY app.py /app/app.py
