@@ -62,6 +62,7 @@ def run_shell(client: Client, vm_id: str, command: Sequence[str], *, user: str, 
         if saved is not None:
             tty.setraw(fd_in, termios.TCSANOW)
         reading = True
+        _write_all(fd_out, shell.take_held())  # a prompt (or the whole output) that came with the handshake
         while not shell.ended:
             ready, _, _ = select.select([shell, wake_r, *([fd_in] if reading else [])], [], [])
             if wake_r in ready:

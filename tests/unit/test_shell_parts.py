@@ -4,7 +4,9 @@ request guard on WebSocket handshakes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from ember.guest.protocol import Msg, Tag, encode_fields
 from ember.ingress.tokens import TokenSigner
 from ember.sdk import NotFound, ProtocolError
 from ember.sdk.core import Endpoint
-from ember.sdk.shell import ShellProtocol, shell_target
+from ember.sdk.shell import AsyncShell, Shell, ShellProtocol, shell_target
 from ember.tenancy.ratelimit import RateLimiter
 
 
@@ -91,6 +93,48 @@ def test_sdk_shell_protocol_output_exit_and_close() -> None:
     out, reply = client.feed(data)
     assert (out, client.exit_code, client.ended) == (b"hello world", 3, True) and reply  # the close answered
     assert client.input(b"late") == b""  # nothing is sent on a closed socket
+
+
+def _whole_answer(server: WSConnection, accept: bytes) -> bytes:
+    """The 101, a fast command's whole output, its exit and the close, as one read can bring them."""
+    data = accept + server.send(BytesMessage(data=b"ran-42\r\n"))
+    data += server.send(TextMessage(data=json.dumps({"type": "exit", "code": 3, "signal": 0})))
+    return data + server.send(CloseConnection(code=1000))
+
+
+def test_sdk_shells_keep_output_that_came_with_the_handshake() -> None:
+    """Sent in the same read as the 101, the output was dropped (the ingress's shell test saw b"" once)."""
+    mine, theirs = socket.socketpair()
+    with theirs:
+        proto = ShellProtocol(Endpoint(socket="/run/ember.sock"), "/v1/vms/vm-1/shell")
+        server = WSConnection(ConnectionType.SERVER)
+        server.receive_data(proto.handshake)  # what Shell will send, answered before it reads
+        next(server.events())
+        theirs.sendall(_whole_answer(server, server.send(AcceptConnection())))
+        shell = Shell(mine, proto)
+        assert (shell.recv(), shell.recv(), shell.exit_code) == (b"ran-42\r\n", b"", 3)
+        shell.close()
+
+
+async def test_the_async_shell_keeps_output_that_came_with_the_handshake(tmp_path: Path) -> None:
+    path = str(tmp_path / "sock")
+    answered = asyncio.Event()
+
+    async def daemon(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = WSConnection(ConnectionType.SERVER)
+        server.receive_data(await reader.read(65536))
+        next(server.events())
+        writer.write(_whole_answer(server, server.send(AcceptConnection())))
+        await writer.drain()
+        answered.set()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    async with await asyncio.start_unix_server(daemon, path):
+        shell = await AsyncShell.open(Endpoint(socket=path), "/v1/vms/vm-1/shell")
+        await answered.wait()
+        assert (await shell.recv(), await shell.recv(), shell.exit_code) == (b"ran-42\r\n", b"", 3)
+        await shell.close()
 
 
 def test_sdk_shell_protocol_refusals_raise_typed_errors() -> None:

@@ -83,11 +83,11 @@ def test_a_shell_token_opens_the_shell_on_both_listeners_in_both_forms(daemon: D
             shell, proto = open_shell(daemon, name, command(shell_vm.id, name), subprotocols=protocols)
             with shell:
                 out, code = run_in(shell)
-            assert b"ran-42" in out and code == 7 and proto.subprotocol == selected, (name, out)
+            assert b"ran-42" in out and code == 7 and proto.subprotocol == selected, (name, out, code)
         shell, proto = open_shell(daemon, name, command(shell_vm.id, name, token=made.token, code=3))
         with shell:
             out, code = run_in(shell)
-        assert b"ran-42" in out and code == 3 and proto.subprotocol is None, (name, out)
+        assert b"ran-42" in out and code == 3 and proto.subprotocol is None, (name, out, code)
     # the Host form of the ingress, and an interactive exchange
     host = f"{shell_vm.id}.localhost"
     target = "/ember/shell?command=sh&command=-c&command=read+x%3B+echo+got-%24x%3B+exit+4"

@@ -67,6 +67,7 @@ class ShellProtocol:
         self.signal = 0
         self.close_reason = ""  # why the daemon closed the socket without an exit status (idle, too big...)
         self.ended = False  # the socket was closed (by either side) or the exit message came
+        self._held = bytearray()  # output that came in the same reads as the handshake's answer
         self._refused: tuple[int, list[tuple[bytes, bytes]], bytearray] | None = None
         self._refusal_done = False
         self._text = bytearray()
@@ -87,6 +88,15 @@ class ShellProtocol:
         if not data:
             self.ended = True
         return bytes(out), bytes(reply)
+
+    def hold(self, out: bytes) -> None:
+        """Keep output read while waiting for the handshake's answer (a fast command's whole output, its exit
+        and the close can come in the same read as the 101): :meth:`take_held` gives it back once."""
+        self._held += out
+
+    def take_held(self) -> bytes:
+        held, self._held = bytes(self._held), bytearray()
+        return held
 
     def _event(self, event: Event, out: bytearray, reply: bytearray) -> None:
         if isinstance(event, AcceptConnection):
@@ -160,7 +170,7 @@ class Shell:
         try:
             sock.sendall(proto.handshake)
             while not proto.accepted:
-                self.pump()
+                proto.hold(self.pump())
         except BaseException:
             sock.close()
             raise
@@ -180,6 +190,11 @@ class Shell:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def take_held(self) -> bytes:
+        """Output that came with the handshake's answer (once): :meth:`recv` returns it first; a caller that
+        reads with :meth:`pump` takes it here."""
+        return self._proto.take_held()
+
     @property
     def exit_code(self) -> int | None:
         return self._proto.exit_code
@@ -198,6 +213,8 @@ class Shell:
 
     def recv(self) -> bytes:
         """What the terminal printed (blocks until something comes); b"" once the shell ended."""
+        if held := self._proto.take_held():
+            return held
         while not self._proto.ended:
             out = self.pump()
             if out:
@@ -245,7 +262,7 @@ class AsyncShell:
         try:
             writer.write(proto.handshake)
             while not proto.accepted:
-                await shell._pump()
+                proto.hold(await shell._pump())
         except BaseException:
             writer.close()
             raise
@@ -285,6 +302,8 @@ class AsyncShell:
 
     async def recv(self) -> bytes:
         """What the terminal printed; b"" once the shell ended."""
+        if held := self._proto.take_held():
+            return held
         while not self._proto.ended:
             out = await self._pump()
             if out:
