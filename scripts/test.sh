@@ -38,8 +38,9 @@ ARGS=(--durations=20 "$@") # the slowest tests of each pass, to keep CI inside i
 RESULTS=()
 FIRST_FAILURE=0
 pass sqlite env EMBER_TEST_DATABASE_URL=
-# the PostgreSQL pass: everything that goes through the store; the store-agnostic modules (the guest agent, the
-# jail, the build sandbox: pyproject.toml's markers) ran in the first pass and use the database as the rest do
+# the PostgreSQL pass: everything that goes through the store; the store-agnostic tests (the guest agent, the
+# jail, the build sandbox, the warm pool: pyproject.toml's markers; unit tests that reach no PostgreSQL database,
+# marked by tests/conftest.py) ran in the first pass and use the database as the rest do, or not at all
 ARGS+=(-m "not store_agnostic")
 pass postgresql scripts/postgres.sh run
 for r in "${RESULTS[@]}"; do

@@ -235,6 +235,27 @@ def vm(request: pytest.FixtureRequest, client: Client, base_image: str) -> Itera
     remove_quietly(client, vm_id)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that boot nothing and reach no database of :mod:`tests.databases` (pure logic, or a SQLite file of
+    their own in both passes) are store-agnostic: the PostgreSQL pass would run them exactly as the SQLite
+    pass did. Only :mod:`tests.databases` hands out PostgreSQL databases, and only the ``settings`` fixture's
+    daemon (and modules that use :mod:`tests.databases`) reach one."""
+    for item in items:
+        if item.get_closest_marker("vm") or item.get_closest_marker("store_agnostic"):
+            continue
+        module = getattr(item, "module", None)
+        if "settings" in getattr(item, "fixturenames", ()) or module is None or _reaches_test_databases(module):
+            continue
+        item.add_marker(pytest.mark.store_agnostic)
+
+
+def _reaches_test_databases(module: object) -> bool:
+    return any(
+        getattr(value, "__module__", None) == "tests.databases" or getattr(value, "__name__", None) == "tests.databases"
+        for value in vars(module).values()
+    )
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report = yield

@@ -27,7 +27,7 @@ from ember.sdk import Client
 from tests.conftest import TEST_UID_BLOCK, TEST_UID_BLOCK_BASE, DaemonProcess, build, vm_tests_possible
 from tests.databases import daemon_database_url, drop_database
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.store_agnostic]  # the build sandbox's certificates: SQLite pass only
 
 FETCH = r"""
 import http.server, os, ssl, threading, urllib.request

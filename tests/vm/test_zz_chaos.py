@@ -493,6 +493,7 @@ def no_vmm_of(settings: Settings, image: str) -> bool:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.store_agnostic  # the warm pool's VMMs: nothing of it is in the database
 def test_image_rm_during_pool_refill_leaves_no_qemu(daemon: DaemonProcess, base_image: str) -> None:
     """A fork's first launch starts filling its warm pool; the image is removed at several
     moments of that refill, on a loaded machine: no VMM of it is left, nor started later."""
@@ -518,6 +519,7 @@ def test_image_rm_during_pool_refill_leaves_no_qemu(daemon: DaemonProcess, base_
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.store_agnostic  # the warm pool's VMMs: nothing of it is in the database
 def test_warm_pool_heals_after_failed_prestarts(daemon: DaemonProcess, base_image: str) -> None:
     """Pre-starts fail while their VMMs get almost no CPU (the issue: "could not pre-start a
     VMM ... the guest agent did not answer", then every launch cold until a restart); once the
