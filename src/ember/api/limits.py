@@ -76,9 +76,12 @@ class Limits:
         requests cannot both take the last unit."""
         lock = self.gate.lock(tenant)
         await lock.acquire()
+        held = True  # an asyncio.Lock knows no owner: only this request's own hold may be let go, and once
 
         def release() -> None:
-            if lock.locked():
+            nonlocal held
+            if held:
+                held = False
                 lock.release()
 
         try:
