@@ -5,20 +5,26 @@ The same zips through s3:// against a real object store: tests/integration/test_
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
 import stat
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from ember.aws import images
 from ember.aws.artifacts import fetch_context
 from ember.aws.errors import InternalServerException, ResourceNotFoundException, ValidationException
+from ember.aws.operations import Call
 from ember.build.unpack import remove_tree
 from ember.config import Settings
+from ember.tenancy.principal import Principal
 from tests.zips import DOCKER, DOCKERFILE, HOSTILE, Raw, good_zip, raw_zip
 
 ACCOUNT = "123456789012"  # the tenant's: its file:// artifacts lie in <root>/123456789012/
@@ -242,3 +248,29 @@ async def test_a_fifo_is_refused_without_being_opened(settings: Settings, home: 
             await fetch_context(f"file://{home}/pipe.zip", into=home.parent, settings=settings, account=ACCOUNT)
     finally:
         timer.cancel()
+
+
+async def test_a_dockerfile_slow_to_parse_never_stalls_the_daemon(settings: Settings, home: Path) -> None:
+    """A 1 KiB zip holding a 1 MiB Dockerfile of continued lines takes seconds to parse: that happens in a
+    thread, while the daemon's loop goes on serving (it stalled 2.7 s on the loop)."""
+    text = ("FROM debian\nRUN " + "a \\\n" * (1 << 18))[: (1 << 20) - 1]
+    (home / "slow.zip").write_bytes(good_zip({"Dockerfile": text.encode()}))
+    daemon = SimpleNamespace(settings=settings)
+    call = Call("CreateMicrovmImage", {}, Principal("acme", admin=False), "us-east-1", ACCOUNT)
+    worst, done = 0.0, False
+
+    async def ticker() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+
+    ticking = asyncio.create_task(ticker())
+    uri = f"file://{settings.aws_file_artifact_root}/{ACCOUNT}/slow.zip"
+    built = await images._fetch(daemon, call, {"codeArtifact": {"uri": uri}})  # type: ignore[arg-type]
+    done = True
+    await ticking
+    remove_tree(built)
+    assert worst < 0.5, f"the daemon's loop stalled {worst:.2f} s"

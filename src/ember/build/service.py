@@ -208,6 +208,13 @@ class BuildLog:
         self.written += len(data)
 
 
+def check_dockerfile(context: Path, limits: TarLimits, dockerfile: str, build_args: dict[str, str]) -> None:
+    """Parse the context's Dockerfile (DockerfileError, a 400, for a bad one) before anything is recorded.
+    Blocking, and CPU-bound for seconds on a hostile 1 MiB Dockerfile: call it in a thread, never on the loop."""
+    with BuildContext(context, limits, dockerfile) as ctx:
+        parse(ctx.dockerfile_text(), build_args)
+
+
 class BuildService:
     def __init__(
         self, store: Store, images: ImageStore, *, allocate_uid: Callable[[], int], release_uid: Callable[[int], None]
@@ -264,10 +271,13 @@ class BuildService:
         repo, tag = split_name(req.name)
         repo = names.new_repo(req.tenant, repo)
         check_ready_timeout(req.ready_timeout_s)
-        ctx = BuildContext(
-            context, TarLimits.from_settings(self.settings), req.dockerfile, scan_s=self.settings.build_tool_timeout_s
-        )  # its descriptor is closed when it goes
-        dockerfile = parse(ctx.dockerfile_text(), dict(req.options.build_args))  # bad input fails before any record
+
+        def prepare() -> tuple[BuildContext, Dockerfile]:  # bad input fails before any record
+            limits, scan_s = TarLimits.from_settings(self.settings), self.settings.build_tool_timeout_s
+            ctx = BuildContext(context, limits, req.dockerfile, scan_s=scan_s)  # its descriptor is closed when it goes
+            return ctx, parse(ctx.dockerfile_text(), dict(req.options.build_args))
+
+        ctx, dockerfile = await asyncio.to_thread(prepare)  # a 1 MiB Dockerfile parses in seconds: not on the loop
         async with self._names:
             version = req.version or self.store.next_version(repo)
             name = f"{repo}:{tag or version}"
