@@ -227,7 +227,7 @@ def _ended(code: int | None, signal: int | None) -> str:
 
 
 def cmd_kill(c: Client, a: Args) -> None:
-    c.vms.kill(a.vm_id, a.pid, int(a.signal) if a.signal.isdigit() else a.signal)
+    c.vms.kill(a.vm_id, a.pid, int(a.signal) if a.signal.isascii() and a.signal.isdigit() else a.signal)
 
 
 def _split_remote(spec: str) -> tuple[str, str] | None:

@@ -173,6 +173,18 @@ async def test_version_numbers_are_never_given_twice(daemon: SimpleNamespace) ->
     assert [v["imageVersion"] for v in versions["items"]] == ["3"]
 
 
+async def test_a_version_that_is_no_ascii_number_is_not_found(daemon: SimpleNamespace) -> None:
+    """"²" is a digit to str.isdigit and no number to int(): it answered InternalServerException (500)."""
+    await call(daemon, "CreateMicrovmImage", **create_params(daemon))
+    await settled(daemon)
+    for operation, extra in (("GetMicrovmImageVersion", {}), ("DeleteMicrovmImageVersion", {}),
+                             ("UpdateMicrovmImageVersion", {"status": "INACTIVE"}), ("ListMicrovmImageBuilds", {}),
+                             ("GetMicrovmImageBuild", {"buildId": "b"})):  # fmt: skip
+        for version in ("\u00b2", "\u0663", "1\u00b2"):
+            with pytest.raises(ResourceNotFoundException):
+                await call(daemon, operation, imageIdentifier="MyApp", imageVersion=version, **extra)
+
+
 async def test_a_removed_image_takes_its_hooks_along(engine: Engine) -> None:  # noqa: F811
     def built(port: int) -> None:
         config = {"hooks": HookConfig(port, frozenset({Hook.RUN})).to_json()}

@@ -54,7 +54,7 @@ def test_control_messages() -> None:
 
 def test_signals_by_name_or_number() -> None:
     assert [parse_signal(s) for s in ("TERM", "sigkill", "SIGINT", "hup", 15, "9")] == [15, 9, 2, 1, 15, 9]
-    for bad in ("NOPE", "SIG_DFL", 0, 65, "1000", "TERM;", ""):
+    for bad in ("NOPE", "SIG_DFL", 0, 65, "1000", "TERM;", "", "²", "٣"):
         with pytest.raises(InvalidRequest):
             parse_signal(bad)
 

@@ -102,7 +102,7 @@ _UNSPECIFIED = {"0.0.0.0", "::", "[::]"}  # the names of "every address"
 def tcp_listener(listen: str) -> tuple[str, int]:
     """EMBER_LISTEN as (host without brackets, port)."""
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not (port.isascii() and port.isdigit()):
         raise HostSetupError(f"EMBER_LISTEN={listen!r} is not HOST:PORT (e.g. 127.0.0.1:7070)")
     return host.strip("[]"), int(port)
 
@@ -293,7 +293,7 @@ class RequestGuard:
         cap = self.caps.for_route(scope["method"], scope["path"])
         length = next((v for k, v in headers if k == "content-length"), None)
         aws = cap is self.caps.aws
-        if length is not None and length.isdigit() and int(length) > cap.limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > cap.limit:
             await reply(send, cap.refusal(int(length)), close=True, aws=aws)
             return
         cut = _Cut(cap, receive, send, aws=aws)

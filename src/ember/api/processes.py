@@ -53,7 +53,7 @@ class Process(BaseModel):
 
 def parse_signal(value: str | int) -> int:
     """A signal by name (TERM, SIGTERM, any case) or number (1-64)."""
-    if isinstance(value, int) or value.isdigit():
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):  # "²" is a digit int() refuses
         number = int(value)
         if not 1 <= number <= 64:
             raise InvalidRequest(f"signal {number}: signals are 1-64")

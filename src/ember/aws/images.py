@@ -100,7 +100,7 @@ def _image(daemon: Daemon, call: Call, *, deleted: bool = False) -> AwsImage:
 
 def _version(daemon: Daemon, call: Call, image: AwsImage, *, deleted: bool = False) -> AwsVersion:
     text = str(call.params["imageVersion"])
-    number = int(text) if text.isdigit() and len(text) <= 9 else -1
+    number = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else -1  # "²" is a digit int() refuses
     found = next((v for v in _store(daemon).versions(image.tenant, image.name) if v.version == number), None)
     if found is None or (found.deleted_at and not deleted):
         raise ResourceNotFoundException(
@@ -497,7 +497,7 @@ def runnable_version(daemon: Daemon, image: str) -> None:
     whichever API asks (RunMicrovm, /v1/vms: ember.api.images.resolve_image); any other image passes."""
     repo, _, number = image.rpartition(":")
     owner = _store(daemon).by_repo(repo)
-    if owner is None or not number.isdigit():
+    if owner is None or not (number.isascii() and number.isdigit()):
         return
     version = next((v for v in _store(daemon).versions(owner.tenant, owner.name) if v.version == int(number)), None)
     if version is not None and (version.deleted_at or owner.deleted_at):

@@ -147,7 +147,7 @@ def _check_structure(where: str, value: Any, shape: Shape, located: Mapping[str,
 def _from_text(where: str, text: str, shape: Shape) -> Any:
     """A URI label's or query value's text as its shape's type."""
     if shape.type_name in ("integer", "long"):
-        if not text.lstrip("-").isdigit() or len(text) > 20:
+        if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 20:  # int() takes "٣", not "²"
             raise _refuse(where, "must be an integer")
         return _check_number(where, int(text), shape)
     if shape.type_name == "boolean":

@@ -264,7 +264,7 @@ def _base36(n: int) -> str:
 
 def _slot(name: str) -> int | None:
     tail = name.rpartition("-")[2]
-    return int(tail) if tail.isdigit() else None
+    return int(tail) if tail.isascii() and tail.isdigit() else None
 
 
 def _in_namespace(name: str, rules: str) -> int:
