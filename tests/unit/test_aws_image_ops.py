@@ -174,7 +174,7 @@ async def test_version_numbers_are_never_given_twice(daemon: SimpleNamespace) ->
 
 
 async def test_a_version_that_is_no_ascii_number_is_not_found(daemon: SimpleNamespace) -> None:
-    """"²" is a digit to str.isdigit and no number to int(): it answered InternalServerException (500)."""
+    """A version "²" is a digit to str.isdigit and no number to int(): it answered InternalServerException (500)."""
     await call(daemon, "CreateMicrovmImage", **create_params(daemon))
     await settled(daemon)
     for operation, extra in (("GetMicrovmImageVersion", {}), ("DeleteMicrovmImageVersion", {}),
