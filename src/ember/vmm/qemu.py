@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # A QMP command's answer: QEMU answers in milliseconds, but a VMM that is stuck (or a guest escaped into it)
 # may never; every caller, recovery at the daemon's start-up first, must get an error rather than wait forever.
 QMP_TIMEOUT_S = 30.0
+MIGRATION_STALL_S = 60.0  # a save that moves nothing for this long is given up (QemuVmm._migrated)
 MAX_BANDWIDTH = 100 * 1024**3  # the default throttle made snapshots 4x slower
 
 
@@ -165,7 +166,8 @@ class QemuVmm:
                 raise VmmError(logged("QEMU exited during start-up", f"its log: {tail}"))
             try:  # the socket exists from the start: a slow QEMU answers its greeting late, a dead one never
                 attempt_s = min(2.0, max(0.1, deadline - time.monotonic()))
-                await asyncio.wait_for(self._qmp.connect(str(self.control.qmp_socket)), attempt_s)
+                async with asyncio.timeout(attempt_s):  # not wait_for: a cancellation is never swallowed
+                    await self._qmp.connect(str(self.control.qmp_socket))
                 return
             except (QMPError, OSError, TimeoutError):
                 with contextlib.suppress(Exception):
@@ -210,12 +212,17 @@ class QemuVmm:
             os.close(pidfd)
         self.alive()  # reaps our child
 
-    async def _cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+    async def _execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """One QMP command, answered within QMP_TIMEOUT_S (VmmError otherwise); QEMU's own errors as they come."""
         try:  # asyncio.timeout, not wait_for: a cancellation (a shutdown) is never swallowed by a late answer
             async with asyncio.timeout(QMP_TIMEOUT_S):
                 return await self._qmp.execute(name, args)
         except TimeoutError:
             raise VmmError(f"QEMU {self.pid} did not answer QMP {name} within {QMP_TIMEOUT_S:.0f} s") from None
+
+    async def _cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self._execute(name, args)
         except (QMPError, OSError, EOFError) as exc:
             raise VmmError(logged(f"QMP {name} failed", repr(exc))) from exc
 
@@ -245,6 +252,9 @@ class QemuVmm:
             await self._cmd("remove-fd", {"fdset-id": fdset})
 
     async def _migrated(self) -> None:
+        """Wait for the migration to complete; VmmError if it fails or makes no progress (its state and the RAM
+        it moved) for MIGRATION_STALL_S: a stuck QEMU never holds the VMM's lock for good."""
+        seen, since = None, time.monotonic()
         while True:
             info = await self._cmd("query-migrate")
             state = info.get("status")
@@ -252,6 +262,12 @@ class QemuVmm:
                 return
             if state in ("failed", "cancelled"):
                 raise VmmError(f"saving VM state failed: {info.get('error-desc', state)}")
+            ram = info.get("ram") or {}
+            progress = (state, ram.get("transferred"), ram.get("remaining"), ram.get("dirty-sync-count"))
+            if progress != seen:
+                seen, since = progress, time.monotonic()
+            elif time.monotonic() - since > MIGRATION_STALL_S:
+                raise VmmError(f"saving VM state made no progress for {MIGRATION_STALL_S:.0f} s (QEMU is stuck)")
             await asyncio.sleep(0.002)
 
     async def _loaded(self) -> None:
@@ -268,7 +284,7 @@ class QemuVmm:
 
     async def _pass_fd(self, fd: int, name: str) -> None:
         with contextlib.suppress(QMPError, OSError, EOFError):  # usually gone: a migration closes its fd
-            await self._qmp.execute("closefd", {"fdname": name})
+            await self._execute("closefd", {"fdname": name})
         self._qmp.send_fd_scm(fd)
         await self._cmd("getfd", {"fdname": name})
 
