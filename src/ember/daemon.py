@@ -245,6 +245,7 @@ async def serve(settings: Settings) -> None:
         RequestGuard(app, caps, None, auth, daemon.tokens),
         http=PeerCredProtocol,
         log_level="warning",
+        proxy_headers=False,  # no X-Forwarded-For decides who a peer is
         ws=PeerCredWSProtocol,
         ws_max_size=ws_max,
     )
@@ -253,8 +254,9 @@ async def serve(settings: Settings) -> None:
         log.info("TCP listener %s; the admin key is in %s", settings.listen, settings.api_token_path)
         guarded = RequestGuard(app, caps, TcpPolicy.for_listener(settings.listen), auth, daemon.tokens)
         config = uvicorn.Config(
-            guarded, host=tcp[0], port=tcp[1], log_level="warning", ws="wsproto", ws_max_size=ws_max
-        )
+            guarded, host=tcp[0], port=tcp[1], log_level="warning", ws="wsproto", ws_max_size=ws_max,
+            proxy_headers=False,  # a loopback client's X-Forwarded-For would choose its address (refusal limits)
+        )  # fmt: skip
         servers.append((uvicorn.Server(config), None))
     daemon.listeners.extend(server for server, _ in servers)
     log.info("listening on %s%s", settings.socket_path, f" and {settings.listen}" if settings.listen else "")

@@ -12,8 +12,11 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from starlette.requests import Request
 
+from ember.api.auth import PEER_UID
 from ember.aws.errors import AccessDeniedException, ValidationException
+from ember.aws.router import peer
 from ember.aws.sigv4 import SignedRequest, parse, routable_path, signed_at, verify
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -148,3 +151,12 @@ def test_dot_and_empty_segments_are_refused_before_they_verify(path: str) -> Non
     with pytest.raises(ValidationException):
         routable_path(tampered.raw_path)
     assert routable_path("/2025-09-09/microvms/vm-1%2F..%2Fx") == "/2025-09-09/microvms/vm-1%2F..%2Fx"
+
+
+def test_refusals_are_counted_per_address_and_ipv6_slash_64() -> None:
+    def of(client: tuple[str, int] | None, uid: int | None = None) -> str:
+        return peer(Request({"type": "http", "client": client, PEER_UID: uid, "headers": []}))
+
+    assert of(("2001:db8::1", 1)) == of(("2001:db8::ffff:2", 2)) != of(("2001:db8:0:1::1", 1))
+    assert of(("::ffff:192.0.2.1", 1)) == of(("192.0.2.1", 2)) != of(("192.0.2.2", 1))
+    assert of(None, 1000) == "uid:1000" != of(None, 0)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import botocore.auth
+import botocore.exceptions
 import httpx
 import pytest
 from botocore.config import Config
@@ -298,11 +299,29 @@ def test_throttling_is_waited_out_by_botocore_and_refusals_are_limited_per_peer(
         idle.run_microvm(imageIdentifier="debian", idlePolicy={**IDLE, "maxIdleDurationSeconds": 60})
     with pytest.raises(long.exceptions.ValidationException, match="maximumDurationInSeconds=200: at most 100"):
         long.run_microvm(imageIdentifier="debian", maximumDurationInSeconds=200)
-    # refusals: three from this address, then throttled before any key is looked up (a valid key's request too)
+
+    # refusals of unknown access key ids: three from this address, then throttled before any lookup, whatever
+    # X-Forwarded-For says (the listeners trust no proxy header)
+    def unknown(forwarded: str = "") -> Any:
+        client = lam(AwsTenant("x", "0", "k", "", "AKIA" + secrets.token_hex(8).upper(), "s" * 40))
+        if forwarded:
+            client.meta.events.register("before-sign.*.*", lambda request, **_: request.headers.add_header(
+                "X-Forwarded-For", forwarded))  # fmt: skip
+        return client
+
     for _ in range(3):
-        unknown = lam(AwsTenant("x", "0", "k", "", "AKIA" + secrets.token_hex(8).upper(), "s" * 40))
-        with pytest.raises(unknown.exceptions.AccessDeniedException):
-            unknown.list_microvms()
-    for blocked in (lam(tenants[0], secret="wrong" * 8), lam(tenants[1])):
+        with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+            unknown().list_microvms()
+    for forwarded in ("", "198.51.100.1", "198.51.100.2"):
+        with pytest.raises(botocore.exceptions.ClientError, match=r"ThrottlingException.*refused requests"):
+            unknown(forwarded).list_microvms()
+    # ... which slows down neither a live key's valid requests nor refusals of a live key's bad signatures,
+    # counted for that key from this address: three, then throttled, its valid requests from here too
+    assert lam(tenants[1], attempts=3).list_microvms()["items"] == []
+    guess = lam(tenants[0], secret="wrong" * 8)
+    for _ in range(3):
+        with pytest.raises(guess.exceptions.AccessDeniedException):
+            guess.list_microvms()
+    for blocked in (guess, lam(tenants[0], attempts=1)):
         with pytest.raises(blocked.exceptions.ThrottlingException, match="refused requests"):
             blocked.list_microvms()

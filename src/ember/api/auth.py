@@ -91,6 +91,10 @@ class Authenticator:
             if key.key_id == key_id:
                 del self._signing[access_key_id]
 
+    def remembered_signing_key(self, access_key_id: str) -> KeyRecord | None:
+        """The live key with this access key id if it is remembered (no query): a caller known to be real."""
+        return self._signing.get(access_key_id)
+
     def signing_key(self, access_key_id: str) -> KeyRecord | None:
         """The live key with this SigV4 access key id (the AWS API's caller), or None; remembered like bearer keys.
         An id of no key's shape costs no query; one found unknown or revoked, none for UNKNOWN_ACCESS_KEY_S (ids

@@ -8,8 +8,14 @@ signature verified (:mod:`ember.aws.sigv4`) with the key's secret, the key's rat
 validated against the model (:mod:`ember.aws.model`), the operation's handler called
 (:data:`ember.aws.operations.HANDLERS`) as the key's tenant, and its result written as the output shape. Every
 error is an AWS error (:func:`ember.aws.errors.from_ember`); an unknown path or method under the API's prefixes
-answers UnknownOperationException. A peer address whose requests are refused (AccessDenied) more often than
-EMBER_AWS_DENIED_PER_S (burst EMBER_AWS_DENIED_BURST) gets ThrottlingException, before any key is looked up.
+answers UnknownOperationException.
+
+Refusals (AccessDenied) are limited to EMBER_AWS_DENIED_PER_S (burst EMBER_AWS_DENIED_BURST), then answered
+ThrottlingException before anything is looked up or verified, in two kinds of buckets: one per peer (an IPv4
+address, an IPv6 /64, a uid on the socket) for requests naming no live key (malformed, stale, unknown or revoked
+access key ids: guessing ids), and one per peer and key for requests naming a live key (bad signatures: guessing
+its secret). A client refused for guesses from a shared address so slows down neither other keys' holders nor,
+once their key is remembered, anyone else's valid requests.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from ember.aws.errors import (
 )
 from ember.aws.model import parse_input, render_output, service
 from ember.aws.operations import HANDLERS, Call
-from ember.aws.sigv4 import SignedRequest, parse, signed_at, verify
+from ember.aws.sigv4 import Credential, SignedRequest, parse, signed_at, verify
+from ember.ingress.admission import address_key
 from ember.tenancy.principal import CURRENT, DEFAULT_TENANT, Principal
 from ember.tenancy.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from ember.daemon import Daemon
+    from ember.db.tenants import KeyRecord
 
 ACCOUNTS_CACHED = 10_000  # tenants' account ids remembered (they never change)
 
@@ -58,11 +66,20 @@ def throttled(wait: float, why: str) -> ThrottlingException:
     return exc
 
 
+class _Refused(Exception):
+    """An AccessDenied and the refusal bucket it counts in."""
+
+    def __init__(self, bucket: str, exc: AccessDeniedException) -> None:
+        super().__init__(bucket)
+        self.bucket, self.exc = bucket, exc
+
+
 def peer(request: Request) -> str:
-    """Who a request comes from, for the limit on refusals: its address (TCP), or its uid (the Unix socket)."""
+    """Who a request comes from, for the limit on refusals: its address (TCP; an IPv6 client's /64, as the
+    ingress counts clients), or its uid (the Unix socket). Never a header: the listeners trust no proxy."""
     client = request.scope.get("client")
     if client:
-        return f"ip:{client[0]}"
+        return f"ip:{address_key(tuple(client))}"
     return f"uid:{request.scope.get(PEER_UID)}"
 
 
@@ -79,7 +96,7 @@ class AwsApi:
         self.auth = auth
         self._accounts: OrderedDict[str, str] = OrderedDict()
         settings = daemon.settings
-        self.denied = RateLimiter(settings.aws_denied_per_s, settings.aws_denied_burst)  # refusals per peer
+        self.denied = RateLimiter(settings.aws_denied_per_s, settings.aws_denied_burst)  # refusals (module doc)
 
     def account(self, tenant: str) -> str:
         found = self._accounts.get(tenant)
@@ -94,15 +111,42 @@ class AwsApi:
 
     async def authenticate(self, request: Request) -> tuple[Principal, str, bytes]:
         """The principal a signed request acts as (a tenant key's tenant; an admin key's: ``default``), the
-        region it signed for, and its body (read once the headers passed). AccessDenied or Throttling otherwise."""
+        region it signed for, and its body (read once the headers passed). AccessDenied or Throttling otherwise
+        (refusals limited as the module says)."""
+        try:
+            return await self._authenticate(request)
+        except _Refused as refused:
+            wait = self.denied.take(refused.bucket)
+            raise refused.exc if wait == 0 else throttled(wait, "too many refused requests from here") from None
+
+    async def _authenticate(self, request: Request) -> tuple[Principal, str, bytes]:
         headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.scope["headers"])
         signed = SignedRequest(
             method=request.method, raw_path=request.scope.get("raw_path", request.url.path.encode()).decode("latin-1"),
             query_string=request.scope["query_string"].decode("latin-1"), headers=headers, body=b"",
         )  # fmt: skip
-        credential = parse(signed)
-        signed_at(signed, credential, now=time.time(), skew_s=self.daemon.settings.aws_clock_skew_s)
+        source = peer(request)
+        try:
+            credential = parse(signed)
+            signed_at(signed, credential, now=time.time(), skew_s=self.daemon.settings.aws_clock_skew_s)
+        except AccessDeniedException as exc:
+            raise _Refused(source, exc) from None
+        too_many = "too many refused requests (bad signatures, unknown keys) from here"
+        remembered = self.auth.remembered_signing_key(credential.access_key_id) is not None
+        if not remembered and (wait := self.denied.wait(source)) > 0:  # before any query: guessing ids
+            raise throttled(wait, too_many)
         key = self.auth.signing_key(credential.access_key_id)
+        bucket = source if key is None else f"{source} key:{key.key_id}"
+        if key is not None and (wait := self.denied.wait(bucket)) > 0:  # before any verification: guessing a secret
+            raise throttled(wait, too_many)
+        try:
+            return await self._verify(request, signed, credential, key)
+        except AccessDeniedException as exc:
+            raise _Refused(bucket, exc) from None
+
+    async def _verify(
+        self, request: Request, signed: SignedRequest, credential: Credential, key: KeyRecord | None
+    ) -> tuple[Principal, str, bytes]:
         if key is None:
             raise AccessDeniedException(
                 "The security token included in the request is invalid: the access key id is unknown or revoked "
@@ -123,15 +167,8 @@ class AwsApi:
         return Principal(key.tenant or DEFAULT_TENANT, admin=False, key_id=key.key_id), credential.region, body
 
     async def serve(self, operation: OperationModel, request: Request) -> Response:
-        source = peer(request)
-        wait = self.denied.wait(source)
-        if wait > 0:
-            return error_response(throttled(wait, "too many refused requests (bad signatures, unknown keys) from here"))
         try:
             who, region, body = await self.authenticate(request)
-        except AccessDeniedException as exc:
-            wait = self.denied.take(source)
-            return error_response(exc if wait == 0 else throttled(wait, "too many refused requests from here"))
         except Exception as exc:
             return error_response(exc)
         request.scope[PRINCIPAL] = who
