@@ -223,8 +223,9 @@ class Settings:
     aws_clock_skew_s: float = _env("EMBER_AWS_CLOCK_SKEW_S", 300.0)
     # and the longest maximumDurationInSeconds RunMicrovm takes (AWS's 8 hours; up to EMBER_MAX_DURATION_LIMIT).
     aws_max_duration_s: int = _env("EMBER_AWS_MAX_DURATION_S", 8 * 3600)
-    # Refused AWS API requests (AccessDenied) one peer address may cause per second, and its burst; past them
-    # its requests answer ThrottlingException before any key is looked up or body read.
+    # Refused AWS API requests (AccessDenied) per second, and their burst, that one peer address (an IPv6 /64)
+    # may cause naming no live key, and again for each live key it sends bad signatures for; past them such
+    # requests answer ThrottlingException before any key is looked up or body read (ember.aws.router).
     aws_denied_per_s: float = _env("EMBER_AWS_DENIED_PER_S", 2.0)
     aws_denied_burst: int = _env("EMBER_AWS_DENIED_BURST", 50)
     # Seconds between the idle scheduler's passes (idle checks, suspended TTLs, maximum durations, guest
