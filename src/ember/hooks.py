@@ -117,7 +117,7 @@ def _bad(message: str) -> BuildFailed:
 
 
 def _port(label: str, raw: str) -> int:
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 65536:
         raise _bad(f"LABEL {label}={raw[:40]}: expected a port number 1-65535")
     return int(raw)
 
@@ -145,7 +145,7 @@ def hook_config(labels: Mapping[str, str]) -> HookConfig | None:
             raise _bad(f"LABEL {key}: no such hook timeout (ready's is the build's ready_timeout)")
         hook = Hook(match[1])
         most = MAX_TIMEOUT_S.get(hook, RUNTIME_MAX_TIMEOUT_S)
-        if not raw.isdigit() or not 1 <= int(raw) <= most:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
             raise _bad(f"LABEL {key}={raw[:40]}: expected whole seconds 1-{most}")
         timeouts[hook] = float(raw)
     if not port:

@@ -116,7 +116,8 @@ def test_body_and_query_are_bounded() -> None:
     listing = service().operation_model("ListMicrovms")
     assert parse_input(listing, {}, "maxResults=2&nextToken=a%2Bb", b"") == {"maxResults": 2, "nextToken": "a+b"}
     for query, complaint in [("maxResults=51", "at most 50"), ("maxResults=x", "an integer"),
-                             ("maxResults=%C2%B2", "an integer"), ("foo=1", "not one ListMicrovms takes"),
+                             ("maxResults=%C2%B2", "an integer"), ("maxResults=--5", "an integer"),
+                             ("foo=1", "not one ListMicrovms takes"),
                              ("maxResults=1&maxResults=2", "give it once"),
                              ("&".join(["a=1"] * 65), "more than 64")]:  # fmt: skip
         with pytest.raises(ValidationException, match=complaint):

@@ -278,7 +278,8 @@ class StageBuild:
             ports = list(cfg.exposed)
             for word in expand_words(ins.args, variables, esc, False):
                 port, _, proto = word.partition("/")
-                if not port.isdigit() or not 0 < int(port) < 65536 or proto not in ("", "tcp", "udp"):
+                number = int(port) if port.isascii() and port.isdigit() else 0
+                if not 0 < number < 65536 or proto not in ("", "tcp", "udp"):
                     raise ins.error(f"'{word}' is not a port like 8080 or 8080/tcp")
                 if f"{port}/{proto or 'tcp'}" not in ports:
                     ports.append(f"{port}/{proto or 'tcp'}")

@@ -155,7 +155,7 @@ class Dockerfile:
 
     def stage(self, ref: str) -> Stage | None:
         for stage in self.stages:
-            if stage.name == ref.lower() or (ref.isdigit() and int(ref) == stage.index):
+            if stage.name == ref.lower() or (ref.isascii() and ref.isdigit() and int(ref) == stage.index):
                 return stage
         return None
 
@@ -328,7 +328,7 @@ def parse_healthcheck(ins: Instruction, shell: tuple[str, ...]) -> Healthcheck:
     rest = args[1:]
     argv = tuple(rest) if ins.json else (*shell, " ".join(rest))
     retries = ins.flag("retries", "3")
-    if not retries.isdigit() or int(retries) > MAX_RETRIES:
+    if not (retries.isascii() and retries.isdigit()) or int(retries) > MAX_RETRIES:
         raise ins.error(f"--retries={retries} is not a number from 0 to {MAX_RETRIES}")
     return Healthcheck(
         argv=argv,
