@@ -19,7 +19,7 @@ from ember.api.models import ClientToken
 from ember.api.schema import errors, raw_body, streamed
 from ember.api.streaming import Emit, stream_job
 from ember.build.builder import BuildOptions
-from ember.build.service import MAX_READY_TIMEOUT_S, BuildRequest, BuildService, check_dockerfile, split_name
+from ember.build.service import MAX_READY_TIMEOUT_S, BuildRequest, BuildService, split_name
 from ember.build.tarread import ArchiveError, TarLimits
 from ember.build.unpack import Capacity, Tree, remove_tree
 from ember.engine import Engine
@@ -124,7 +124,7 @@ def add_build_routes(app: FastAPI, engine: Engine, builds: BuildService, limits:
             tar_limits = TarLimits.from_settings(builds.settings)
             capacity = Capacity(builds.settings.max_build_context_bytes, "EMBER_MAX_BUILD_CONTEXT_BYTES")
             await _receive_context(request, tmp, tar_limits, capacity)
-            await asyncio.to_thread(check_dockerfile, tmp / "context", tar_limits, dockerfile, dict(args))
+            await builds.parser.check(tmp / "context", dockerfile, dict(args))
         except BaseException:
             await asyncio.to_thread(remove_tree, tmp)
             raise

@@ -51,8 +51,7 @@ from ember.aws.managed import check_base, managed_name
 from ember.aws.model import service
 from ember.aws.operations import Call, operation
 from ember.build.builder import BuildOptions
-from ember.build.service import BuildRequest, check_dockerfile
-from ember.build.tarread import TarLimits
+from ember.build.service import BuildRequest
 from ember.build.unpack import remove_tree
 from ember.errors import Conflict, ImageNotFound
 from ember.metrics import Operation
@@ -198,7 +197,7 @@ async def _fetch(daemon: Daemon, call: Call, spec: Mapping[str, Any]) -> Path:
             str(spec["codeArtifact"]["uri"]), into=tmp / "context", settings=settings, account=call.account
         )
         # a bad Dockerfile is the answer's 400, before anything is recorded
-        await asyncio.to_thread(check_dockerfile, tmp / "context", TarLimits.from_settings(settings), "Dockerfile", {})
+        await daemon.builds.parser.check(tmp / "context", "Dockerfile", {})
     except BaseException:
         await asyncio.to_thread(remove_tree, tmp)
         raise

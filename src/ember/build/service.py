@@ -29,6 +29,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -208,11 +209,32 @@ class BuildLog:
         self.written += len(data)
 
 
-def check_dockerfile(context: Path, limits: TarLimits, dockerfile: str, build_args: dict[str, str]) -> None:
-    """Parse the context's Dockerfile (DockerfileError, a 400, for a bad one) before anything is recorded.
-    Blocking, and CPU-bound for seconds on a hostile 1 MiB Dockerfile: call it in a thread, never on the loop."""
-    with BuildContext(context, limits, dockerfile) as ctx:
-        parse(ctx.dockerfile_text(), build_args)
+class DockerfileParser:
+    """Tenants' Dockerfiles parsed one at a time in a thread of its own: a hostile 1 MiB one costs seconds of CPU
+    (and the GIL), so never on the event loop, nor in the default pool every other blocking call shares."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-dockerfile")
+
+    async def open(self, context: Path, dockerfile: str, build_args: dict[str, str]) -> tuple[BuildContext, Dockerfile]:
+        """The build context and its parsed Dockerfile (DockerfileError, a 400, for a bad one)."""
+
+        def prepare() -> tuple[BuildContext, Dockerfile]:
+            limits, scan_s = TarLimits.from_settings(self.settings), self.settings.build_tool_timeout_s
+            ctx = BuildContext(context, limits, dockerfile, scan_s=scan_s)
+            try:
+                return ctx, parse(ctx.dockerfile_text(), build_args)
+            except BaseException:
+                ctx.close()
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, prepare)
+
+    async def check(self, context: Path, dockerfile: str, build_args: dict[str, str]) -> None:
+        """Parse the context's Dockerfile before anything is recorded (DockerfileError for a bad one)."""
+        ctx, _ = await self.open(context, dockerfile, build_args)
+        ctx.close()
 
 
 class BuildService:
@@ -233,6 +255,7 @@ class BuildService:
         self.uids = BuildUids(allocate_uid, release_uid, egress)
         self.templates = BuilderTemplates(images.host, lambda: self._build_machine(""))
         self._names = asyncio.Lock()
+        self.parser = DockerfileParser(self.settings)
 
     def log_path(self, name: str) -> Path:
         return self.logs_dir / f"{name}.log"
@@ -271,13 +294,8 @@ class BuildService:
         repo, tag = split_name(req.name)
         repo = names.new_repo(req.tenant, repo)
         check_ready_timeout(req.ready_timeout_s)
-
-        def prepare() -> tuple[BuildContext, Dockerfile]:  # bad input fails before any record
-            limits, scan_s = TarLimits.from_settings(self.settings), self.settings.build_tool_timeout_s
-            ctx = BuildContext(context, limits, req.dockerfile, scan_s=scan_s)  # its descriptor is closed when it goes
-            return ctx, parse(ctx.dockerfile_text(), dict(req.options.build_args))
-
-        ctx, dockerfile = await asyncio.to_thread(prepare)  # a 1 MiB Dockerfile parses in seconds: not on the loop
+        # bad input fails before any record; the context's descriptor is closed when it goes
+        ctx, dockerfile = await self.parser.open(context, req.dockerfile, dict(req.options.build_args))
         async with self._names:
             version = req.version or self.store.next_version(repo)
             name = f"{repo}:{tag or version}"
