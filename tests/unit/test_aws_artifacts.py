@@ -274,13 +274,15 @@ async def test_a_dockerfile_slow_to_parse_never_stalls_the_daemon(settings: Sett
 
     ticking = asyncio.create_task(ticker())
     uri = f"file://{settings.aws_file_artifact_root}/{ACCOUNT}/slow.zip"
+    started = time.perf_counter()
     fetching = asyncio.create_task(images._fetch(daemon, call, {"codeArtifact": {"uri": uri}}))  # type: ignore[arg-type]
     await asyncio.sleep(0.5)  # parsing by now (the zip unpacks in milliseconds)
     began = time.perf_counter()
     await asyncio.wait_for(asyncio.to_thread(lambda: None), 10)
     waited = time.perf_counter() - began
     remove_tree(await fetching)
+    took = time.perf_counter() - started  # mostly the parse (2.6 s here): the bounds below scale with the machine
     done = True
     await ticking
-    assert worst < 0.5, f"the daemon's loop stalled {worst:.2f} s"
-    assert waited < 0.5, f"a blocking call waited {waited:.2f} s for the default thread pool"
+    assert worst < took / 4, f"the daemon's loop stalled {worst:.2f} s of the fetch's {took:.2f} s"
+    assert waited < took / 4, f"a blocking call waited {waited:.2f} s (of {took:.2f} s) for the default pool"

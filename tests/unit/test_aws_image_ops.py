@@ -20,7 +20,8 @@ from ember.aws import artifacts, images, managed, tags
 from ember.aws.errors import ConflictException, ResourceNotFoundException
 from ember.aws.model import render_output, service
 from ember.aws.operations import HANDLERS, Call
-from ember.build.service import BuildRequest
+from ember.build.service import BuildRequest, DockerfileParser
+from ember.config import Settings
 from ember.db.store import Store
 from ember.db.tenants import TenantStore
 from ember.engine import Engine
@@ -49,9 +50,10 @@ MACHINE = MachineConfig(Accel.TCG, 256, 1, "/k", "/i", "", "QEMU emulator versio
 class Builds:
     """Ember's BuildService as the handlers see it: the record first (BUILDING), then the end the test sets."""
 
-    def __init__(self, store: Store, logs: Path) -> None:
+    def __init__(self, store: Store, logs: Path, settings: Settings) -> None:
         self.store = store
         self.logs = logs
+        self.parser = DockerfileParser(settings)  # the real one: a bad Dockerfile is refused before the record
         self.refuse: Exception | None = None  # raised before the record, as build() does (a name taken, a scan)
         self.end = BuildState.CREATED
         self.release = asyncio.Event()  # set: builds end (settled())
@@ -87,7 +89,7 @@ def daemon(engine: Engine, tmp_path: Path) -> SimpleNamespace:  # noqa: F811
     (root / ACCOUNT).mkdir(parents=True)
     (root / ACCOUNT / "app.zip").write_bytes(good_zip())
     settings = dataclasses.replace(engine.settings, aws_file_artifact_root=str(root))
-    builds = Builds(engine.store, tmp_path)
+    builds = Builds(engine.store, tmp_path, settings)
     return SimpleNamespace(engine=engine, images=engine.images, settings=settings, builds=builds, quotas=QuotaGate(),
                            tenants=TenantStore(engine.store.engine), root=root)  # fmt: skip
 
