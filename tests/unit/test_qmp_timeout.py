@@ -52,7 +52,8 @@ async def test_a_silent_vmm_fails_a_command_in_bounded_time(tmp_path: Path, monk
 
 
 def answering(answers: dict[str, Any]) -> Any:
-    """A QMP server that answers each command from ``answers`` by name (a command not there: never)."""
+    """A QMP server that answers each command from ``answers`` by name (a value, or a callable making it; a
+    command not there: never)."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(json.dumps(GREETING).encode() + b"\r\n")
@@ -67,7 +68,8 @@ def answering(answers: dict[str, Any]) -> Any:
                 if name == "qmp_capabilities":
                     writer.write(json.dumps({"return": {}, "id": command.get("id")}).encode() + b"\r\n")
                 elif name in answers:
-                    writer.write(json.dumps({"return": answers[name], "id": command.get("id")}).encode() + b"\r\n")
+                    answer = answers[name]() if callable(answers[name]) else answers[name]
+                    writer.write(json.dumps({"return": answer, "id": command.get("id")}).encode() + b"\r\n")
             await writer.drain()
         writer.close()
 
@@ -108,6 +110,39 @@ async def test_closing_a_stale_fd_is_bounded_too(tmp_path: Path, monkeypatch: py
     finally:
         os.close(r)
         os.close(w)
+        await qmp.disconnect()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_given_up_save_is_cancelled_in_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Giving up on a stalled save left QEMU's migration running: completed later, it would stop a guest the
+    engine had resumed. QEMU is now told migrate_cancel, and the save ends once QEMU says it is over."""
+    monkeypatch.setattr(qemu, "MIGRATION_STALL_S", 0.3)
+    migration = {"status": "active", "ram": {"transferred": 4096, "remaining": 1 << 20, "dirty-sync-count": 1}}
+    cancels: list[bool] = []
+
+    def cancel() -> dict[str, Any]:
+        cancels.append(True)
+        migration["status"] = "cancelling"  # then cancelled, two queries later
+        return {}
+
+    polls = 0
+
+    def query() -> dict[str, Any]:
+        nonlocal polls
+        if migration["status"] == "cancelling":
+            polls += 1
+            if polls > 2:
+                migration["status"] = "cancelled"
+        return migration
+
+    vmm, qmp, server = await vmm_on(tmp_path, {"query-migrate": query, "migrate_cancel": cancel})
+    try:
+        with pytest.raises(VmmError, match="made no progress"):
+            await asyncio.wait_for(vmm._saved(), 10)
+        assert cancels == [True] and migration["status"] == "cancelled"
+    finally:
         await qmp.disconnect()
         server.close()
         await server.wait_closed()

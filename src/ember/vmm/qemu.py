@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # may never; every caller, recovery at the daemon's start-up first, must get an error rather than wait forever.
 QMP_TIMEOUT_S = 30.0
 MIGRATION_STALL_S = 60.0  # a save that moves nothing for this long is given up (QemuVmm._migrated)
+CANCEL_WAIT_S = 5.0  # a given-up save's migrate_cancel, until QEMU says it is over
 MAX_BANDWIDTH = 100 * 1024**3  # the default throttle made snapshots 4x slower
 
 
@@ -270,6 +271,25 @@ class QemuVmm:
                 raise VmmError(f"saving VM state made no progress for {MIGRATION_STALL_S:.0f} s (QEMU is stuck)")
             await asyncio.sleep(0.002)
 
+    async def _saved(self) -> None:
+        """:meth:`_migrated`; a save given up (stalled, failed, or its caller's deadline) is cancelled in QEMU too,
+        else it would go on and, if it ever completed, stop a guest the engine has resumed."""
+        try:
+            await self._migrated()
+        except BaseException:
+            await asyncio.shield(self._cancel_migration())
+            raise
+
+    async def _cancel_migration(self) -> None:
+        with contextlib.suppress(VmmError, TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await self._cmd("migrate_cancel")
+                over = ("cancelled", "failed", "completed", None)
+                while (await self._cmd("query-migrate")).get("status") not in over:
+                    await asyncio.sleep(0.01)
+                return
+        log.warning("QEMU %d: a given-up save could not be cancelled within %.0f s", self.pid, CANCEL_WAIT_S)
+
     async def _loaded(self) -> None:
         deadline = time.monotonic() + 60
         while True:
@@ -300,7 +320,7 @@ class QemuVmm:
             await self._cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
             await self._pass_fd(fd, "ember-save")
             await self._cmd("migrate", {"uri": "fd:ember-save"})
-            await self._migrated()
+            await self._saved()
 
     async def load_state(self, fd: int, ignore_shared: bool) -> None:
         """Feed a saved state into a QEMU started with ``-incoming defer``; leaves it paused."""
@@ -321,7 +341,7 @@ class QemuVmm:
             fdset = await self._add_fd(fd)
             try:
                 await self._cmd("migrate", {"uri": f"file:/dev/fdset/{fdset}"})
-                await self._migrated()
+                await self._saved()
             finally:
                 await self._remove_fdset(fdset)
 
